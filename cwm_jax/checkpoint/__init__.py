@@ -1,0 +1,1 @@
+"""Checkpoints: orbax manager, name maps and released-format conversion."""

@@ -1,0 +1,23 @@
+"""Who may attend to whom: the single definition used by every backend.
+
+A query at index q in segment s may see key k iff the key is in the same
+segment, not in the future, and inside the layer's window: `q - k < window`
+(the window counts the query itself, as in Meta's and Hugging Face's code).
+Segment ids are >= 0 for real tokens; kernels pad with negative ids.
+"""
+
+import jax.numpy as jnp
+
+
+def allowed(q_idx, k_idx, q_seg, k_seg, window):
+  """Boolean mask, broadcasting `[..., T, 1]` queries against `[..., 1, S]` keys."""
+  delta = q_idx - k_idx
+  return (q_seg == k_seg) & (delta >= 0) & (delta < window)
+
+
+def self_mask_BTS(segment_ids_BT, window):
+  """[B, T, T] mask for self-attention over one packed row."""
+  t = segment_ids_BT.shape[1]
+  idx = jnp.arange(t)
+  return allowed(idx[:, None], idx[None, :], segment_ids_BT[:, :, None],
+                 segment_ids_BT[:, None, :], window)

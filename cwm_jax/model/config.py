@@ -1,0 +1,175 @@
+"""Model architecture: a frozen, validated dataclass with named presets.
+
+`ModelConfig` holds the architecture (shapes, RoPE, per-layer attention
+windows) and the numerics/execution policy (dtypes, attention backend, scan,
+remat). It is hashable so it can be a static argument of jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+ATTENTION_IMPLS = ("reference", "chunked")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A configuration is invalid; the message names the fields and the fix."""
+
+
+def meta_layer_windows(n_layers: int, local_window: int, global_window: int,
+                       pattern: int = 4, global_last_layer: bool = True
+                      ) -> tuple[int, ...]:
+  """Meta's rule: global where `i % pattern == 0`, and the last layer global."""
+  windows = [global_window if i % pattern == 0 else local_window
+             for i in range(n_layers)]
+  if global_last_layer and n_layers:
+    windows[-1] = global_window
+  return tuple(windows)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """llama3-style RoPE frequency scaling (shared/SPEC.md)."""
+  factor: float = 16.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_context: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """CWM decoder architecture plus execution policy.
+
+  `layer_windows[i]` is the number of keys (the query included) layer i may
+  see: `q - k < layer_windows[i]`. Layers whose window equals
+  `global_window` are global; others are local.
+  """
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  ffn_dim: int
+  layer_windows: tuple[int, ...]
+  global_window: int
+  norm_eps: float = 1e-5
+  rope_theta: float = 1e6
+  rope_scaling: RopeScaling | None = RopeScaling()
+  max_seq_len: int = 131072
+  # Execution policy.
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  attention_impl: str = "reference"
+  attention_chunk: int = 512
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    errors = []
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
+                 "head_dim", "ffn_dim", "global_window", "attention_chunk"):
+      if getattr(self, name) < 1:
+        errors.append(f"{name}={getattr(self, name)} must be >= 1")
+    if self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads:
+      errors.append(f"n_heads={self.n_heads} must be divisible by "
+                    f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+    if self.head_dim % 2:
+      errors.append(f"head_dim={self.head_dim} must be even for RoPE")
+    if len(self.layer_windows) != self.n_layers:
+      errors.append(f"layer_windows has {len(self.layer_windows)} entries but "
+                    f"n_layers={self.n_layers}; give one window per layer")
+    bad = [w for w in self.layer_windows if w < 1]
+    if bad:
+      errors.append(f"layer_windows has windows < 1: {sorted(set(bad))}")
+    if any(w > self.global_window for w in self.layer_windows):
+      errors.append("a layer window exceeds global_window="
+                    f"{self.global_window}; raise global_window")
+    for name, allowed in (("param_dtype", DTYPES), ("compute_dtype", DTYPES),
+                          ("attention_impl", ATTENTION_IMPLS),
+                          ("remat_policy", REMAT_POLICIES)):
+      if getattr(self, name) not in allowed:
+        errors.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+    if errors:
+      raise ConfigError("invalid ModelConfig: " + "; ".join(errors))
+
+  @property
+  def q_per_kv(self) -> int:
+    return self.n_heads // self.n_kv_heads
+
+  @property
+  def global_layers(self) -> tuple[int, ...]:
+    return tuple(i for i, w in enumerate(self.layer_windows) if w >= self.global_window)
+
+  def replace(self, **kw: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def param_count(self) -> int:
+    """Exact parameter count (no biases, untied embeddings)."""
+    d, h = self.dim, self.head_dim
+    attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+    mlp = 3 * d * self.ffn_dim
+    per_layer = attn + mlp + 2 * d
+    return self.n_layers * per_layer + 2 * self.vocab_size * d + d
+
+  def effective_windows(self, seq_len: int) -> tuple[int, ...]:
+    """Per-layer windows clipped to a sequence length."""
+    return tuple(min(w, seq_len) for w in self.layer_windows)
+
+
+def ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float, ffn_exp: float = 4.0) -> int:
+  """Meta's FFN size rule (shared/SPEC.md)."""
+  hidden = int(2 * ffn_exp * dim / 3)
+  return multiple_of * math.ceil(ffn_dim_multiplier * hidden / multiple_of)
+
+
+def cwm_32b(**overrides: Any) -> ModelConfig:
+  """The released CWM 32B architecture (17 global layers, Meta's pattern)."""
+  cfg = dict(vocab_size=128256, dim=6144, n_layers=64, n_heads=48, n_kv_heads=8,
+             head_dim=128, ffn_dim=21504, global_window=131072,
+             layer_windows=meta_layer_windows(64, 8192, 131072),
+             norm_eps=1e-5, rope_theta=1e6, rope_scaling=RopeScaling(),
+             max_seq_len=131072, param_dtype="float32", compute_dtype="bfloat16",
+             attention_impl="chunked", remat_policy="full")
+  cfg.update(overrides)
+  return ModelConfig(**cfg)
+
+
+def cwm_1b(**overrides: Any) -> ModelConfig:
+  """A ~1B CWM-shaped model for single-accelerator throughput work."""
+  cfg = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4,
+             head_dim=128, ffn_dim=7168, global_window=131072,
+             layer_windows=meta_layer_windows(16, 8192, 131072),
+             compute_dtype="bfloat16", attention_impl="chunked")
+  cfg.update(overrides)
+  return ModelConfig(**cfg)
+
+
+def tiny(**overrides: Any) -> ModelConfig:
+  """A CPU-sized CWM: 4 layers (global, local, local, global), window 16."""
+  n_layers = overrides.pop("n_layers", 4)
+  local = overrides.pop("local_window", 16)
+  glob = overrides.pop("global_window", 4096)
+  cfg = dict(vocab_size=512, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+             head_dim=16, ffn_dim=128, global_window=glob,
+             layer_windows=meta_layer_windows(n_layers, local, glob),
+             rope_scaling=RopeScaling(factor=4.0, original_context=64),
+             max_seq_len=glob, attention_chunk=8)
+  cfg.update(overrides)
+  return ModelConfig(**cfg)
+
+
+PRESETS = {"cwm_32b": cwm_32b, "cwm_1b": cwm_1b, "tiny": tiny}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  if name not in PRESETS:
+    raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  return PRESETS[name](**overrides)

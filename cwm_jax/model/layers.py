@@ -1,0 +1,96 @@
+"""Building blocks: parameters with logical axes, RMSNorm, embedding, SwiGLU.
+
+Legend: B batch, T query length, S key length, D model, N query heads,
+K kv heads, G queries per kv head, H head dim, F ffn, V vocab, L layers.
+Parameters carry logical axis names only; `constrain` maps activation names
+to the mesh through the rules set by `nnx.logical_axis_rules` (if any).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+
+INIT_STD = 0.02
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def param(rngs: nnx.Rngs, shape, names, dtype, init=None) -> nnx.Param:
+  """A parameter annotated with logical axis `names` (no eager sharding)."""
+  init = init or nnx.initializers.normal(INIT_STD)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(names),
+                   eager_sharding=False)
+
+
+def logical_to_spec(names, rules) -> jax.sharding.PartitionSpec:
+  """Maps logical axis names to a PartitionSpec with a {logical: mesh} table."""
+  table = dict(rules)
+  used, out = set(), []
+  for name in names:
+    axes = table.get(name)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else (axes or None))
+  return jax.sharding.PartitionSpec(*out)
+
+
+def constrain(x, names):
+  """Sharding constraint from logical names; a no-op without mesh and rules."""
+  rules = flax_spmd.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh is None or mesh.empty:
+    return x
+  spec = logical_to_spec(names, rules)
+  spec = jax.sharding.PartitionSpec(*[_only_mesh_axes(a, mesh) for a in spec])
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _only_mesh_axes(axes, mesh):
+  if axes is None:
+    return None
+  axes = (axes,) if isinstance(axes, str) else axes
+  kept = tuple(a for a in axes if a in mesh.axis_names)
+  return kept[0] if len(kept) == 1 else (kept or None)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, (dim,), ("norm",), param_dtype, nnx.initializers.ones)
+
+  def __call__(self, x_BTD):
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+class Embed(nnx.Module):
+  def __init__(self, vocab: int, dim: int, param_dtype, rngs: nnx.Rngs):
+    self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype)
+
+  def __call__(self, tokens_BT, dtype):
+    return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+  def __init__(self, dim: int, hidden: int, param_dtype, rngs: nnx.Rngs):
+    self.w1 = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype)
+    self.w3 = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype)
+    self.w2 = param(rngs, (hidden, dim), ("mlp", "embed"), param_dtype)
+
+  def __call__(self, x_BTD):
+    dt = x_BTD.dtype
+    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w1[...].astype(dt))
+    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w3[...].astype(dt))
+    h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "act_mlp"))
+    return jnp.einsum("BTF,FD->BTD", h_BTF, self.w2[...].astype(dt))

@@ -1,0 +1,1 @@
+"""cwm_jax.train."""
