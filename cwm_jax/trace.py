@@ -1,0 +1,64 @@
+"""Trace one call of a Python function in CWM's execution-trace format.
+
+  python -m cwm_jax.trace FILE.py:FUNCTION --args '(1, "a")' [--kwargs '{}'] [--format json]
+
+Prints the trace document (prompt with the `# << START_OF_TRACE` marker, then the
+frames) or, with --format json, a JSON list of frames. The call runs in the
+sandbox (cwm_jax.data.traces.sandbox). Exit codes: 0 traced, 1 the sandbox
+reported a limit or an error (status on stderr), 2 bad arguments.
+"""
+
+import ast
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from cwm_jax.data import traces
+
+_ARGS = flags.DEFINE_string('args', '()', 'positional arguments: a Python literal tuple')
+_KWARGS = flags.DEFINE_string('kwargs', '{}', 'keyword arguments: a Python literal dict')
+_FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'json'], 'output format')
+_TIMEOUT = flags.DEFINE_float('timeout_s', 10.0, 'wall-clock limit of the traced run')
+_MEMORY = flags.DEFINE_integer('memory_mb', 1024, 'address-space limit of the traced run')
+
+
+def _literal(text, kind, flag):
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise app.UsageError(f'--{flag} is not a Python literal ({e}): {text!r}', exitcode=2)
+  if not isinstance(value, kind):
+    raise app.UsageError(f'--{flag} must be a {kind.__name__} literal such as '
+                         f'{"(1,)" if kind is tuple else "{}"}; got {text!r}', exitcode=2)
+  return value
+
+
+def main(argv):
+  if len(argv) != 2 or ':' not in argv[1]:
+    raise app.UsageError('give exactly one FILE.py:FUNCTION', exitcode=2)
+  path, function = argv[1].rsplit(':', 1)
+  args = _literal(_ARGS.value, tuple, 'args')
+  kwargs = _literal(_KWARGS.value, dict, 'kwargs')
+  try:
+    with open(path, encoding='utf-8') as f:
+      source = f.read()
+    limits = traces.Limits(timeout_s=_TIMEOUT.value, memory_mb=_MEMORY.value)
+    result = traces.trace_call(source, function, args, kwargs, limits)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise app.UsageError(str(e), exitcode=2)
+  if result.status != 'ok':
+    print(f'trace {result.status}: {result.message}', file=sys.stderr)
+    return 1
+  if _FORMAT.value == 'json':
+    print(json.dumps(result.frames, indent=1, ensure_ascii=False))
+  else:
+    print(traces.format_trace(source, function, result.frames))
+  if result.message:
+    print(result.message, file=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)
