@@ -1,0 +1,67 @@
+"""Per-token log-probabilities of a token sequence under a checkpoint.
+
+  python -m cwm_jax.score --checkpoint DIR --token_ids 5,17,9 --output lp.npy
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from cwm_jax.checkpoint.load import load_model
+from cwm_jax.model.config import ConfigError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Hugging Face, Meta or orbax checkpoint directory.")
+flags.DEFINE_string("token_ids", None, "Comma-separated token ids (at least 2).")
+flags.DEFINE_string("output", None, "Where to write the float32 .npy of length T-1.")
+flags.DEFINE_integer("step", None, "Orbax checkpoint step (default: latest).")
+
+
+def token_logprobs(model, tokens_T) -> np.ndarray:
+  """log p(tokens[t] | tokens[:t]) for t >= 1, float32 [T-1]."""
+  tokens_1T = jnp.asarray(tokens_T, jnp.int32)[None]
+  logits_1TV = jax.jit(lambda t: model(t))(tokens_1T)
+  logp_1TV = jax.nn.log_softmax(logits_1TV[:, :-1], axis=-1)
+  picked = jnp.take_along_axis(logp_1TV, tokens_1T[:, 1:, None], axis=-1)
+  return np.asarray(picked[0, :, 0], np.float32)
+
+
+def parse_ids(text: str, vocab_size: int) -> list[int]:
+  try:
+    ids = [int(t) for t in text.split(",") if t.strip()]
+  except ValueError as e:
+    raise ConfigError(f"--token_ids must be comma-separated integers: {e}") from None
+  if len(ids) < 2:
+    raise ConfigError("--token_ids needs at least 2 tokens to score")
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ConfigError(f"--token_ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+  return ids
+
+
+def main(argv):
+  del argv
+  try:
+    if not (FLAGS.checkpoint and FLAGS.token_ids and FLAGS.output):
+      raise ConfigError("--checkpoint, --token_ids and --output are required")
+    cfg, model = load_model(FLAGS.checkpoint, FLAGS.step)
+    ids = parse_ids(FLAGS.token_ids, cfg.vocab_size)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"score: {e}", file=sys.stderr)
+    sys.exit(2)
+  lp = token_logprobs(model, ids)
+  np.save(FLAGS.output, lp)
+  print(f"wrote {lp.shape[0]} log-probs to {FLAGS.output} (sum {lp.sum():.4f})")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

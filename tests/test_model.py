@@ -1,0 +1,211 @@
+"""Model invariants and parity with transformers' CwmForCausalLM."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cwm_jax.checkpoint.hf import config_to_hf, load_hf
+from cwm_jax.model import (ConfigError, ModelConfig, init_model, meta_layer_windows,
+                           model_from_params, tiny)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROPE = dict(rope_theta=1e6, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=32, rope_type="llama3")
+HF_CASES = {
+    # default transformers pattern (i % 4 == 0 global), T > window, GQA 2
+    "default_pattern": dict(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16, sliding_window=8),
+    # Meta's pattern with the last layer global, GQA 4
+    "last_layer_global": dict(num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                              head_dim=8, sliding_window=12,
+                              layer_types=["full_attention" if i % 4 == 0 or i == 5
+                                           else "sliding_attention" for i in range(6)]),
+    # an arbitrary custom pattern, no RoPE scaling, MHA
+    "custom_types": dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                         head_dim=16, sliding_window=5,
+                         layer_types=["sliding_attention", "full_attention",
+                                      "sliding_attention", "sliding_attention"],
+                         rope_parameters=dict(rope_theta=10000.0, rope_type="default")),
+}
+
+
+def _forward(model, *args):
+  return np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *map(jnp.asarray, args)))
+
+
+def _hf_checkpoint(tmp_path, name, **kw):
+  torch.manual_seed(sum(map(ord, name)))
+  fields = dict(vocab_size=301, hidden_size=64, intermediate_size=96,
+                max_position_embeddings=256, rope_parameters=ROPE, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+  fields.update(kw)
+  model = transformers.CwmForCausalLM(transformers.CwmConfig(**fields)).eval()
+  path = tmp_path / name
+  model.save_pretrained(path)
+  return model, str(path)
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_parity_with_transformers(tmp_path, case):
+  ref_model, path = _hf_checkpoint(tmp_path, case, **HF_CASES[case])
+  ids = torch.randint(0, 301, (2, 37), generator=torch.Generator().manual_seed(0))
+  with torch.no_grad():
+    ref = ref_model(ids).logits.double()
+  ref_lp = torch.log_softmax(ref, -1).numpy()
+  cfg, params = load_hf(path)
+  assert [w < cfg.global_window for w in cfg.layer_windows] == [
+      t == "sliding_attention" for t in ref_model.config.layer_types]
+  for impl in ("reference", "chunked"):
+    model = model_from_params(cfg.replace(attention_impl=impl, attention_chunk=8), params)
+    logits = _forward(model, ids.numpy()).astype(np.float64)
+    np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4, rtol=0)
+    lp = np.asarray(jax.nn.log_softmax(logits, -1))
+    np.testing.assert_allclose(lp, ref_lp, atol=1e-4, rtol=0)
+
+
+def test_score_cli_matches_transformers(tmp_path):
+  ref_model, path = _hf_checkpoint(tmp_path, "score", **HF_CASES["default_pattern"])
+  ids = [5, 17, 9, 200, 3, 3, 42, 7, 100, 11, 12, 250]
+  out = tmp_path / "lp.npy"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "cwm_jax.score", f"--checkpoint={path}",
+                         f"--token_ids={','.join(map(str, ids))}", f"--output={out}"],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  with torch.no_grad():
+    ref = torch.log_softmax(ref_model(torch.tensor([ids])).logits.double(), -1)[0]
+  expected = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+  got = np.load(out)
+  assert got.dtype == np.float32 and got.shape == (len(ids) - 1,)
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+  bad = subprocess.run([sys.executable, "-m", "cwm_jax.score", f"--checkpoint={path}",
+                        "--token_ids=5,99999", f"--output={out}"], capture_output=True,
+                       text=True, env=env, timeout=300)
+  assert bad.returncode == 2 and "outside the vocabulary" in bad.stderr
+
+
+def test_hf_config_roundtrip_keeps_layer_pattern():
+  cfg = tiny(n_layers=6)
+  hf = config_to_hf(cfg)
+  assert hf["layer_types"][-1] == "full_attention"  # Meta's last-layer-global rule
+  from cwm_jax.checkpoint.hf import config_from_hf
+  assert config_from_hf(hf, attention_chunk=cfg.attention_chunk) == cfg
+
+
+def _packed_inputs(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  docs = [rng.integers(0, 512, n) for n in lengths]
+  tokens = np.concatenate(docs)[None]
+  segs = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None]
+  pos = np.concatenate([np.arange(n) for n in lengths])[None]
+  return docs, tokens, segs, pos
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_packed_documents_equal_separate_runs(impl):
+  model = init_model(tiny(attention_impl=impl), seed=1)
+  docs, tokens, segs, pos = _packed_inputs([7, 23, 13])
+  packed = _forward(model, tokens, pos, segs)[0]
+  start = 0
+  for doc in docs:
+    alone = _forward(model, doc[None])[0]
+    np.testing.assert_allclose(packed[start:start + len(doc)], alone, atol=1e-5)
+    start += len(doc)
+
+
+def test_causality():
+  model = init_model(tiny(), seed=2)
+  tokens = np.random.default_rng(0).integers(0, 512, (1, 30))
+  base = _forward(model, tokens)
+  for t in (0, 11, 29):
+    changed = tokens.copy()
+    changed[0, t] = (changed[0, t] + 1) % 512
+    out = _forward(model, changed)
+    np.testing.assert_array_equal(out[:, :t], base[:, :t])
+    assert np.abs(out[:, t] - base[:, t]).max() > 1e-6
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_grads(cfg, params, tokens, segs, pos):
+  def loss(p):
+    logits = model_from_params(cfg, p)(tokens, pos, segs)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+  return jax.value_and_grad(loss)(params)
+
+
+def test_execution_variants_agree():
+  """scan == unrolled, remat == no remat, chunked == reference (loss and grads)."""
+  base_cfg = tiny(local_window=6)  # T=29 is not a multiple of the chunk (8)
+  params = nnx.to_pure_dict(nnx.state(init_model(base_cfg, seed=3), nnx.Param))
+  _, tokens, segs, pos = _packed_inputs([9, 17, 3])
+  tokens, segs, pos = map(jnp.asarray, (tokens, segs, pos))
+  ref_loss, ref_grads = _loss_and_grads(base_cfg.replace(scan_layers=False), params,
+                                        tokens, segs, pos)
+  variants = [dict(remat_policy="full"),
+              dict(attention_impl="chunked", remat_policy="save_attention_out"),
+              dict(attention_impl="chunked", scan_layers=False, remat_policy="dots")]
+  for v in variants:
+    loss, grads = _loss_and_grads(base_cfg.replace(**v), params, tokens, segs, pos)
+    np.testing.assert_allclose(loss, ref_loss, atol=1e-6, err_msg=str(v))
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, atol=1e-5, err_msg=str(v))
+
+
+def test_jit_equals_eager():
+  model = init_model(tiny(scan_layers=False), seed=4)
+  _, tokens, segs, pos = _packed_inputs([5, 8])
+  eager = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(segs)))
+  np.testing.assert_allclose(_forward(model, tokens, pos, segs), eager, atol=1e-6)
+
+
+def test_bfloat16_policy():
+  full = init_model(tiny(), seed=0)
+  cfg = tiny(param_dtype="bfloat16", compute_dtype="bfloat16")
+  model = model_from_params(cfg, nnx.to_pure_dict(nnx.state(full, nnx.Param)))
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  tokens = jnp.arange(8, dtype=jnp.int32)[None]
+  logits, h = nnx.jit(lambda m, t: (m(t), m.hidden(t)))(model, tokens)
+  assert logits.dtype == jnp.float32 and h.dtype == jnp.bfloat16
+  np.testing.assert_allclose(logits, _forward(full, tokens), atol=0.05)
+
+
+def test_params_carry_logical_axes_only():
+  abstract = nnx.state(nnx.eval_shape(lambda: init_model(tiny())), nnx.Param)
+  names = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers"}
+  specs = nnx.get_partition_spec(abstract)
+  for path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(
+      x, jax.sharding.PartitionSpec)):
+    assert spec is not None and set(spec) <= names, (path, spec)
+  assert nnx.get_partition_spec(abstract)["layers"]["attention"]["wq"] == \
+      jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
+
+
+def test_cwm_32b_preset_matches_spec():
+  from cwm_jax.model import cwm_32b
+  cfg = cwm_32b()
+  assert cfg.param_count() == 32_581_097_472
+  assert len(cfg.global_layers) == 17 and cfg.global_layers[-1] == 63
+  assert cfg.layer_windows == meta_layer_windows(64, 8192, 131072)
+  state = nnx.state(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param)
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == 32_581_097_472
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_heads=6, n_kv_heads=4), "divisible by n_kv_heads"),
+    (dict(head_dim=15), "head_dim=15 must be even"),
+    (dict(layer_windows=(16, 0, 16, 16)), "windows < 1"),
+    (dict(layer_windows=(16, 16, 16)), "one window per layer"),
+    (dict(attention_impl="magic"), "attention_impl"),
+])
+def test_invalid_configs_raise(bad, message):
+  with pytest.raises(ConfigError, match=message):
+    tiny(**bad)
