@@ -1,10 +1,21 @@
-"""Attention kernels: the masking rule and the backends that apply it."""
+"""Attention kernels: the masking rule and the backends that apply it.
+
+Backends (all match `reference_attention`): 'reference' (dense mask),
+'chunked' (pure-JAX flash attention, block-sparse over the window),
+'cudnn' (`jax.nn.dot_product_attention` on GPU), 'splash' (Pallas TPU).
+`context_parallel` runs attention sharded along the sequence mesh axis.
+"""
 
 from cwm_jax.kernels.masks import allowed
 from cwm_jax.kernels.reference import reference_attention
-from cwm_jax.kernels.chunked import chunked_attention
+from cwm_jax.kernels.chunked import chunked_attention, flash_attention
+from cwm_jax.kernels.cudnn import cudnn_attention
+from cwm_jax.kernels.splash import splash_attention
 
-__all__ = ["allowed", "reference_attention", "chunked_attention", "attend"]
+IMPLS = ("reference", "chunked", "cudnn", "splash")
+
+__all__ = ["allowed", "reference_attention", "chunked_attention", "flash_attention",
+           "cudnn_attention", "splash_attention", "attend", "IMPLS"]
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
@@ -16,4 +27,8 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
   if impl == "chunked":
     return chunked_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
                              chunk=chunk)
-  raise ValueError(f"unknown attention impl {impl!r}; use 'reference' or 'chunked'")
+  if impl == "cudnn":
+    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window)
+  if impl == "splash":
+    return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, block=chunk)
+  raise ValueError(f"unknown attention impl {impl!r}; use one of {IMPLS}")

@@ -1,64 +1,218 @@
-"""Blockwise sliding-window attention in pure JAX.
+"""Flash-style blockwise attention in pure JAX, with a custom VJP.
 
-Queries are cut into blocks of C. Query block i only reads the keys
-`[i*C - (nb-1)*C, (i+1)*C)`, with `nb = ceil((W-1)/C) + 1` key blocks, so a
-local layer costs O(T * (W + C)) instead of O(T^2). Blocks run one after the
-other under `lax.map` with rematerialisation, so live memory is one block's
-[B, N, C, nb*C] scores, never a T x T matrix.
+Queries and keys are cut into blocks of C rows. `block_pairs` lists, in
+Python, the (query block, key block) pairs that can hold a causal in-window
+key, so compiled FLOPs follow the window: a local layer costs about
+T * (W + C) score entries, a global one T^2 / 2. The forward pass scans the
+pairs with an online softmax and keeps only the output and the log-sum-exp;
+the backward pass recomputes each pair's probabilities and accumulates
+dq, dk, dv. Live memory is O(T) plus one [B, C, N, C] block of scores.
+Pairs whose block has no allowed (query, key) at run time, e.g. two packed
+documents, are skipped by `lax.cond`.
+
+Legend: B batch, T query length, S key length, K kv heads, G queries per kv
+head, N = K*G, H head dim, C block rows.
 """
 
+from __future__ import annotations
+
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cwm_jax.kernels.reference import gqa_combine, gqa_scores, masked_softmax
 from cwm_jax.kernels.masks import allowed
 
-PAD_SEGMENT = -1
+NEG_INF = -1e30
+PAD_Q_SEGMENT = -1  # padded query rows; never equal to a key's segment
+PAD_K_SEGMENT = -2  # padded key rows
 
 
-def key_blocks(window: int, chunk: int, n_blocks: int) -> int:
-  """Key blocks each query block reads (its own block included)."""
-  return min(n_blocks, math.ceil((window - 1) / chunk) + 1)
+def block_pairs(n_q: int, n_k: int, chunk: int, window: int | None, q_offset: int = 0
+                ) -> tuple[tuple[int, int], ...]:
+  """Static (i, j) pairs where query block i may see key block j.
+
+  Query row r sits at position `q_offset + r`, key row c at position c.
+  `window=None` keeps every pair (relative positions unknown at trace time).
+  """
+  pairs = []
+  for i in range(n_q):
+    q_lo, q_hi = q_offset + i * chunk, q_offset + (i + 1) * chunk - 1
+    for j in range(n_k):
+      k_lo, k_hi = j * chunk, (j + 1) * chunk - 1
+      if window is None or (q_hi - k_lo >= 0 and q_lo - k_hi < window):
+        pairs.append((i, j))
+  return tuple(pairs)
 
 
-def chunked_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int):
-  """Self-attention over packed rows; matches `reference_attention`."""
+def ideal_pairs(t: int, window: int) -> int:
+  """Number of (query, key) pairs a self-attention layer really needs."""
+  w = min(window, t)
+  return w * (w + 1) // 2 + (t - w) * w
+
+
+def _pad_rows(x, rows, value):
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, rows)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _pad_1d(x, rows):
+  return jnp.concatenate([x, x[-1] + 1 + jnp.arange(rows, dtype=x.dtype)]) if rows else x
+
+
+def _slice(x, block, c):
+  return jax.lax.dynamic_slice_in_dim(x, block * c, c, axis=1)
+
+
+def _put(x, update, block, c):
+  return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), block * c, axis=1)
+
+
+def _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, window):
+  """[B, C, C] allowed mask of query block i against key block j."""
+  sq, sk = _slice(q_seg, i, c), _slice(k_seg, j, c)
+  qi = jax.lax.dynamic_slice_in_dim(q_idx, i * c, c)
+  kj = jax.lax.dynamic_slice_in_dim(k_idx, j * c, c)
+  return allowed(qi[None, :, None], kj[None, None, :], sq[:, :, None], sk[:, None, :], window)
+
+
+def _scores(q_BTKGH, k_BSKH, mask_BTS):
+  h = q_BTKGH.shape[-1]
+  s = jnp.einsum("BTKGH,BSKH->BTKGS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  return jnp.where(mask_BTS[:, :, None, None, :], s * (h ** -0.5), NEG_INF)
+
+
+def _scan(step, carry, pairs, unroll):
+  xs = (jnp.asarray([p[0] for p in pairs], jnp.int32), jnp.asarray([p[1] for p in pairs], jnp.int32))
+  carry, _ = jax.lax.scan(lambda c, ij: (step(c, ij), None), carry, xs,
+                          unroll=len(pairs) if unroll else 1)
+  return carry
+
+
+def _forward(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  """Online softmax over the pairs: (out [B,T,K,G,H] f32, lse [B,T,K,G] f32)."""
+  b, t, kv, g, h = q.shape
+
+  def step(carry, ij):
+    acc, m, l = carry
+    i, j = ij
+    mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, window)
+    m_old, l_old, acc_old = _slice(m, i, c), _slice(l, i, c), _slice(acc, i, c)
+
+    def compute(_):
+      s = _scores(_slice(q, i, c), _slice(k, j, c), mask)
+      m_new = jnp.maximum(m_old, s.max(-1))
+      p = jnp.where(mask[:, :, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m_old - m_new)
+      pv = jnp.einsum("BTKGS,BSKH->BTKGH", p.astype(v.dtype), _slice(v, j, c),
+                      preferred_element_type=jnp.float32)
+      return acc_old * corr[..., None] + pv, m_new, l_old * corr + p.sum(-1)
+
+    if skip_empty:
+      a, mm, ll = jax.lax.cond(mask.any(), compute, lambda _: (acc_old, m_old, l_old), None)
+    else:
+      a, mm, ll = compute(None)
+    return _put(acc, a, i, c), _put(m, mm, i, c), _put(l, ll, i, c)
+
+  init = (jnp.zeros((b, t, kv, g, h), jnp.float32), jnp.full((b, t, kv, g), NEG_INF, jnp.float32),
+          jnp.zeros((b, t, kv, g), jnp.float32))
+  acc, m, l = _scan(step, init, pairs, unroll)
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  lse = jnp.where(empty, NEG_INF, m + jnp.log(l_safe))
+  return acc / l_safe[..., None], lse
+
+
+def _backward(c, window, pairs, skip_empty, unroll, res, do, dlse):
+  q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse = res
+  d_row = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1) - dlse
+  h = q.shape[-1]
+
+  def step(carry, ij):
+    dq, dk, dv = carry
+    i, j = ij
+    mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, window)
+    dq_old, dk_old, dv_old = _slice(dq, i, c), _slice(dk, j, c), _slice(dv, j, c)
+
+    def compute(_):
+      q_i, k_j, v_j, do_i = _slice(q, i, c), _slice(k, j, c), _slice(v, j, c), _slice(do, i, c)
+      s = _scores(q_i, k_j, mask)
+      p = jnp.where(mask[:, :, None, None, :], jnp.exp(s - _slice(lse, i, c)[..., None]), 0.0)
+      dv_j = jnp.einsum("BTKGS,BTKGH->BSKH", p.astype(do_i.dtype), do_i,
+                        preferred_element_type=jnp.float32)
+      dp = jnp.einsum("BTKGH,BSKH->BTKGS", do_i, v_j, preferred_element_type=jnp.float32)
+      ds = (p * (dp - _slice(d_row, i, c)[..., None]) * (h ** -0.5)).astype(q.dtype)
+      dq_i = jnp.einsum("BTKGS,BSKH->BTKGH", ds, k_j, preferred_element_type=jnp.float32)
+      dk_j = jnp.einsum("BTKGS,BTKGH->BSKH", ds, q_i, preferred_element_type=jnp.float32)
+      return dq_old + dq_i, dk_old + dk_j, dv_old + dv_j
+
+    if skip_empty:
+      a, bb, cc = jax.lax.cond(mask.any(), compute, lambda _: (dq_old, dk_old, dv_old), None)
+    else:
+      a, bb, cc = compute(None)
+    return _put(dq, a, i, c), _put(dk, bb, j, c), _put(dv, cc, j, c)
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+          jnp.zeros(v.shape, jnp.float32))
+  dq, dk, dv = _scan(step, init, pairs, unroll)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _flash(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  out, lse = _forward(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  return out.astype(q.dtype), lse
+
+
+def _flash_fwd(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  out, lse = _forward(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  out = out.astype(q.dtype)
+  return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse)
+
+
+def _flash_bwd(c, window, pairs, skip_empty, unroll, res, cotangents):
+  do, dlse = cotangents
+  dq, dk, dv = _backward(c, window, pairs, skip_empty, unroll, res, do, dlse)
+  return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S, *,
+                    window: int, chunk: int, pairs=None, q_offset: int | None = 0,
+                    skip_empty: bool = True, unroll: bool = False):
+  """Attention with explicit positions; returns (out [B,T,N,H], lse [B,T,N] f32).
+
+  `q_idx_T`/`k_idx_S` are the positions the mask compares (may be traced).
+  Static block pairs come from `pairs`, else from `window` with queries
+  starting at static key position `q_offset` (None: keep all pairs).
+  Both outputs are differentiable, so partial results can be merged by
+  log-sum-exp (ring attention).
+  """
   b, t, n, h = q_BTNH.shape
-  c = min(chunk, t)
-  nq = -(-t // c)
-  tp = nq * c
-  nb = key_blocks(min(window, tp), c, nq)
-  front = (nb - 1) * c
-  pad_t = tp - t
+  s, kv = k_BSKH.shape[1], k_BSKH.shape[2]
+  c = min(chunk, max(t, s))
+  pad_t, pad_s = -t % c, -s % c
+  if pairs is None:
+    pairs = block_pairs((t + pad_t) // c, (s + pad_s) // c, c,
+                        None if q_offset is None else window, q_offset or 0)
+  q = _pad_rows(q_BTNH, pad_t, 0).reshape(b, t + pad_t, kv, n // kv, h)
+  out, lse = _flash(c, window, tuple(pairs), skip_empty, unroll, q,
+                    _pad_rows(k_BSKH, pad_s, 0), _pad_rows(v_BSKH, pad_s, 0),
+                    _pad_rows(q_seg_BT, pad_t, PAD_Q_SEGMENT),
+                    _pad_rows(k_seg_BS, pad_s, PAD_K_SEGMENT),
+                    _pad_1d(jnp.asarray(q_idx_T, jnp.int32), pad_t),
+                    _pad_1d(jnp.asarray(k_idx_S, jnp.int32), pad_s))
+  return out.reshape(b, t + pad_t, n, h)[:, :t], lse.reshape(b, t + pad_t, n)[:, :t]
 
-  def pad(x, before, after, value=0):
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (before, after)
-    return jnp.pad(x, widths, constant_values=value)
 
-  q = pad(q_BTNH, 0, pad_t)
-  seg_q = pad(segment_ids_BT, 0, pad_t, PAD_SEGMENT)
-  k = pad(k_BTKH, front, pad_t)
-  v = pad(v_BTKH, front, pad_t)
-  seg_k = pad(segment_ids_BT, front, pad_t, PAD_SEGMENT)
-
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def block(i):
-    start = i * c
-    q_blk = jax.lax.dynamic_slice_in_dim(q, start, c, axis=1)
-    sq = jax.lax.dynamic_slice_in_dim(seg_q, start, c, axis=1)
-    k_blk = jax.lax.dynamic_slice_in_dim(k, start, nb * c, axis=1)
-    v_blk = jax.lax.dynamic_slice_in_dim(v, start, nb * c, axis=1)
-    sk = jax.lax.dynamic_slice_in_dim(seg_k, start, nb * c, axis=1)
-    q_idx = start + jnp.arange(c)
-    k_idx = start - front + jnp.arange(nb * c)
-    mask = allowed(q_idx[:, None], k_idx[None, :], sq[:, :, None], sk[:, None, :], window)
-    probs = masked_softmax(gqa_scores(q_blk, k_blk), mask[:, None, None])
-    return gqa_combine(probs, v_blk)
-
-  out_QBCNH = jax.lax.map(block, jnp.arange(nq))
-  out = jnp.moveaxis(out_QBCNH, 0, 1).reshape(b, tp, n, h)
-  return out[:, :t]
+def chunked_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int,
+                      skip_empty: bool = True, unroll: bool = False):
+  """Self-attention over packed rows; matches `reference_attention`."""
+  idx = np.arange(q_BTNH.shape[1])
+  out, _ = flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT, idx, idx,
+                           window=window, chunk=chunk, skip_empty=skip_empty, unroll=unroll)
+  return out

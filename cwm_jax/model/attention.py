@@ -5,14 +5,18 @@ Legend: B batch, T length, D model, N query heads, K kv heads, H head dim.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as flax_spmd
 
 from cwm_jax import kernels
+from cwm_jax.kernels import context_parallel
 from cwm_jax.model.config import ModelConfig
-from cwm_jax.model.layers import constrain, dtype_of, param
+from cwm_jax.model.layers import constrain, dtype_of, logical_to_spec, param
 from cwm_jax.model.rope import apply_rope
 
 
@@ -49,11 +53,7 @@ class Attention(nnx.Module):
     into the static tuple `windows` of the distinct windows of the model.
     """
     q, k, v = self.project_qkv(x_BTD, positions_BT)
-    cfg = self.cfg
-
-    def run(w):
-      return lambda q, k, v, s: kernels.attend(q, k, v, s, window=w, impl=cfg.attention_impl,
-                                              chunk=cfg.attention_chunk)
+    run = functools.partial(attention_kernel, self.cfg)
 
     if windows is None:
       o_BTNH = run(window)(q, k, v, segment_ids_BT)
@@ -63,3 +63,35 @@ class Attention(nnx.Module):
       o_BTNH = jax.lax.switch(window, [run(w) for w in windows], q, k, v, segment_ids_BT)
     o_BTNH = checkpoint_name(o_BTNH, "attention_out")
     return self.project_out(o_BTNH)
+
+
+def attention_kernel(cfg: ModelConfig, window: int):
+  """`f(q, k, v, segment_ids) -> o` for one static window: backend by layer kind,
+  through sequence-sharded context parallelism when the mesh and config ask."""
+  impl = cfg.attention_impl
+  if window >= cfg.global_window:
+    impl = cfg.global_attention_impl or impl
+  mesh = jax.sharding.get_abstract_mesh()
+  axis = context_parallel.AXIS
+  if (cfg.context_parallel != "none" and mesh is not None and not mesh.empty
+      and dict(mesh.shape).get(axis, 1) > 1):
+    specs = [_manual_spec(names, mesh, axis) for names in
+             (("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None),
+              ("batch", "seq"))]
+    return functools.partial(context_parallel.sharded_attention, window=window,
+                             chunk=cfg.attention_chunk, mode=cfg.context_parallel,
+                             q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis)
+  return lambda q, k, v, s: kernels.attend(q, k, v, s, window=window, impl=impl,
+                                           chunk=cfg.attention_chunk)
+
+
+def _manual_spec(names, mesh, seq_axis):
+  """PartitionSpec from the logical rules, with the sequence dim on `seq_axis`."""
+  rules = flax_spmd.get_logical_axis_rules()
+  spec = list(logical_to_spec(names, rules)) if rules else [None] * len(names)
+  out = []
+  for i, axes in enumerate(spec):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.axis_names and a != seq_axis)
+    out.append(seq_axis if i == 1 else (axes[0] if len(axes) == 1 else (axes or None)))
+  return jax.sharding.PartitionSpec(*out)

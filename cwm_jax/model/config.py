@@ -12,7 +12,8 @@ import math
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("reference", "chunked")
+ATTENTION_IMPLS = ("reference", "chunked", "cudnn", "splash")
+CONTEXT_PARALLEL = ("none", "allgather", "ring")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -68,6 +69,12 @@ class ModelConfig:
   attention_chunk: int = 512
   scan_layers: bool = True
   remat_policy: str = "none"
+  # Backend for global layers ("" = attention_impl); local layers use attention_impl.
+  global_attention_impl: str = ""
+  # Sequence-axis context parallelism for global layers: 'none' (off), 'allgather'
+  # or 'ring'. Active only when the mesh has a `sequence` axis of size > 1; local
+  # layers then exchange only a window-sized K/V halo.
+  context_parallel: str = "none"
 
   def __post_init__(self):
     object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
@@ -94,7 +101,9 @@ class ModelConfig:
                     f"{self.global_window}; raise global_window")
     for name, allowed in (("param_dtype", DTYPES), ("compute_dtype", DTYPES),
                           ("attention_impl", ATTENTION_IMPLS),
-                          ("remat_policy", REMAT_POLICIES)):
+                          ("remat_policy", REMAT_POLICIES),
+                          ("global_attention_impl", ("",) + ATTENTION_IMPLS),
+                          ("context_parallel", CONTEXT_PARALLEL)):
       if getattr(self, name) not in allowed:
         errors.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
     if errors:

@@ -113,5 +113,5 @@ def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
   """A model holding `params` (a nested dict of arrays, as `nnx.state(m).to_pure_dict()`)."""
   graphdef, state = nnx.split(abstract_model(cfg))
   dtype = dtype_of(cfg.param_dtype)
-  state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
   return nnx.merge(graphdef, state)

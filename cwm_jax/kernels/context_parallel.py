@@ -1,0 +1,128 @@
+"""Context parallelism: attention with activations sharded along the sequence.
+
+Each device of the `sequence` mesh axis holds T/n consecutive rows of q, k,
+v and segment ids. Local layers (window W < T) fetch only the halo they
+need, the last W - 1 key rows before their shard, with `ppermute` from the
+preceding shard(s); a halo longer than a shard spans several hops. Global
+layers either all-gather K/V ('allgather') or pass K/V around a ring,
+merging partial results by log-sum-exp ('ring'). Packed documents may cross
+shard boundaries: segment ids travel with the keys, positions in the mask
+are absolute. Compute is the block-sparse flash kernel of `chunked`.
+
+Legend: B batch, T local length, N query heads, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from cwm_jax.kernels.chunked import NEG_INF, PAD_K_SEGMENT, flash_attention
+
+AXIS = "sequence"
+MODES = ("allgather", "ring")
+
+
+def halo_rows(window: int, t_local: int, n_shards: int) -> int:
+  """Key rows a shard needs from before its start (W - 1, capped by the sequence)."""
+  return min(window - 1, (n_shards - 1) * t_local)
+
+
+def _halo(x, rows, r, axis, n, fill):
+  """The last `rows` rows before this shard, from 1..ceil(rows/T) shards back."""
+  t = x.shape[1]
+  parts = []
+  for hop in range(math.ceil(rows / t), 0, -1):
+    take = min(t, rows - (hop - 1) * t)
+    got = jax.lax.ppermute(x[:, t - take:], axis, [(s, s + hop) for s in range(n - hop)])
+    if fill is not None:  # shards with no source get padding segment ids
+      got = jnp.where(r >= hop, got, fill)
+    parts.append(got)
+  return jnp.concatenate(parts, axis=1)
+
+
+def _local(q, k, v, seg, window, chunk, axis, n):
+  t = q.shape[1]
+  r = jax.lax.axis_index(axis)
+  rows = halo_rows(window, t, n)
+  c = min(chunk, t)
+  front = -rows % c  # aligns query blocks to key blocks; local padding, not sent
+  pad = lambda x, value: jnp.pad(x, [(0, 0), (front, 0)] + [(0, 0)] * (x.ndim - 2),
+                                 constant_values=value)
+  k_all = pad(jnp.concatenate([_halo(k, rows, r, axis, n, None), k], axis=1), 0)
+  v_all = pad(jnp.concatenate([_halo(v, rows, r, axis, n, None), v], axis=1), 0)
+  s_all = pad(jnp.concatenate([_halo(seg, rows, r, axis, n, PAD_K_SEGMENT), seg], axis=1),
+              PAD_K_SEGMENT)
+  offset = front + rows
+  out, _ = flash_attention(q, k_all, v_all, seg, s_all, offset + np.arange(t),
+                           np.arange(offset + t), window=window, chunk=c, q_offset=offset)
+  return out
+
+
+def _allgather(q, k, v, seg, window, chunk, axis, n):
+  t = q.shape[1]
+  r = jax.lax.axis_index(axis)
+  gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+  q_idx = r * t + jnp.arange(t)
+  out, _ = flash_attention(q, gather(k), gather(v), seg, gather(seg), q_idx,
+                           jnp.arange(n * t), window=window, chunk=chunk, q_offset=None)
+  return out
+
+
+def _ring(q, k, v, seg, window, chunk, axis, n):
+  """Ring attention: step s sees the K/V of shard r - s; future shards are skipped."""
+  t = q.shape[1]
+  r = jax.lax.axis_index(axis)
+  idx = np.arange(t)
+  out, lse = flash_attention(q, k, v, seg, seg, idx, idx, window=window, chunk=chunk)
+  out = out.astype(jnp.float32)
+  kvs = (k, v, seg)
+  for step in range(1, n):
+    kvs = jax.lax.ppermute(kvs, axis, [(s, (s + 1) % n) for s in range(n)])
+    src = (r - step) % n
+
+    def past(kvs, src=src):
+      k_s, v_s, seg_s = kvs
+      o, l = flash_attention(q, k_s, v_s, seg, seg_s, r * t + idx, src * t + idx,
+                             window=window, chunk=chunk, q_offset=None)
+      return o.astype(jnp.float32), l
+
+    def future(kvs):
+      return jnp.zeros(out.shape, jnp.float32), jnp.full(lse.shape, NEG_INF, jnp.float32)
+
+    o_s, lse_s = jax.lax.cond(src < r, past, future, kvs)
+    new = jnp.logaddexp(lse, lse_s)
+    out = (out * jnp.exp(lse - new)[..., None] + o_s * jnp.exp(lse_s - new)[..., None])
+    lse = new
+  return out.astype(q.dtype)
+
+
+def sharded_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int,
+                      mode: str, q_spec: P, kv_spec: P, seg_spec: P, axis: str = AXIS):
+  """Self-attention of global arrays under the current mesh, sharded on `axis`.
+
+  Specs name the mesh axes of each operand (the sequence dimension must be
+  `axis`); the mesh comes from `jax.set_mesh`. Returns [B, T, N, H] sharded
+  like q.
+  """
+  if mode not in MODES:
+    raise ValueError(f"context_parallel={mode!r}: use one of {MODES} (or 'none' to disable)")
+  mesh = jax.sharding.get_abstract_mesh()
+  n = mesh.shape[axis]
+  t = q_BTNH.shape[1]
+  if t % n:
+    raise ValueError(f"sequence length {t} is not divisible by the {axis!r} mesh axis "
+                     f"size {n}; pad the batch to a multiple of {n}")
+  if window < t:
+    body = lambda q, k, v, s: _local(q, k, v, s, window, chunk, axis, n)
+  elif mode == "allgather":
+    body = lambda q, k, v, s: _allgather(q, k, v, s, window, chunk, axis, n)
+  else:
+    body = lambda q, k, v, s: _ring(q, k, v, s, window, chunk, axis, n)
+  fn = jax.shard_map(body, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                     check_vma=False)
+  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)

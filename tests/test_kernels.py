@@ -1,0 +1,120 @@
+"""Every attention backend matches the dense reference: windows, GQA, packed
+documents, gradients; the chunked kernel's block list covers exactly the window."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cwm_jax import kernels
+from cwm_jax.kernels.chunked import block_pairs, ideal_pairs
+from cwm_jax.kernels.masks import allowed
+from cwm_jax.model.config import ConfigError, tiny
+
+
+def _inputs(b, t, n, k, h, n_docs, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  kk = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
+  seg = np.sort(rng.integers(0, n_docs, size=(b, t)), axis=1)
+  return q, kk, v, jnp.asarray(seg, jnp.int32)
+
+
+def _value_and_grads(attn, q, k, v):
+  """Output and gradients of a fixed random projection of it."""
+  proj = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  loss = lambda q, k, v: jnp.sum(attn(q, k, v) * proj)
+  return attn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _assert_close(got, want, atol):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
+
+
+def test_chunked_matches_reference_windows_gqa_documents_gradients():
+  # T=45 is not a multiple of the chunk (8); windows: self only, < chunk, spans blocks, global.
+  q, k, v, seg = _inputs(2, 45, 6, 2, 8, n_docs=4)
+
+  @jax.jit
+  def both(q, k, v):
+    out = {}
+    for w in (1, 5, 19, 64):
+      ref = lambda q, k, v, w=w: kernels.attend(q, k, v, seg, window=w, impl="reference")
+      chk = lambda q, k, v, w=w: kernels.attend(q, k, v, seg, window=w, impl="chunked", chunk=8)
+      out[w] = (_value_and_grads(ref, q, k, v), _value_and_grads(chk, q, k, v))
+    return out
+
+  for w, (ref, chk) in both(q, k, v).items():
+    _assert_close(chk, ref, atol=2e-6)
+
+
+def test_chunked_never_mixes_documents():
+  # Changing document 1's keys must not change document 2's outputs.
+  q, k, v, _ = _inputs(1, 32, 4, 2, 8, n_docs=1)
+  seg = jnp.asarray([[1] * 12 + [2] * 20], jnp.int32)
+  attn = jax.jit(lambda k: kernels.attend(q, k, v, seg, window=16, impl="chunked", chunk=8))
+  moved = attn(k.at[:, :12].multiply(-3.0))
+  np.testing.assert_array_equal(np.asarray(attn(k))[:, 12:], np.asarray(moved)[:, 12:])
+
+
+@pytest.mark.parametrize("t,w,c,offset", [(37, 9, 8, 0), (64, 20, 8, 0), (16, 11, 4, 12)])
+def test_block_pairs_cover_exactly_the_blocks_with_allowed_pairs(t, w, c, offset):
+  nq, nk = -(-t // c), -(-(t + offset) // c)
+  qi, ki = np.arange(nq * c)[:, None] + offset, np.arange(nk * c)[None, :]
+  mask = np.asarray(allowed(qi, ki, 0, 0, w))
+  needed = {(i, j) for i in range(nq) for j in range(nk)
+            if mask[i * c:(i + 1) * c, j * c:(j + 1) * c].any()}
+  assert set(block_pairs(nq, nk, c, w, offset)) == needed
+
+
+def test_block_pairs_are_near_ideal_for_cwm_local_layers():
+  t, w, c = 32768, 8192, 512
+  computed = len(block_pairs(t // c, t // c, c, w)) * c * c
+  assert ideal_pairs(t, w) == sum(min(i + 1, w) for i in range(t))
+  assert computed / ideal_pairs(t, w) < 1.1
+
+
+def test_cudnn_module_xla_path_matches_reference():
+  q, k, v, seg = _inputs(2, 24, 4, 2, 8, n_docs=3)
+  for w in (6, 24):
+    ref = lambda q, k, v: kernels.attend(q, k, v, seg, window=w, impl="reference")
+    xla = lambda q, k, v: kernels.cudnn_attention(q, k, v, seg, window=w, implementation="xla")
+    _assert_close(jax.jit(lambda *a: _value_and_grads(xla, *a))(q, k, v),
+                  jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v), atol=2e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_matches_reference_on_gpu():
+  q, k, v, seg = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
+                  for x in _inputs(2, 256, 8, 2, 64, n_docs=3))
+  for w in (64, 256):
+    got = kernels.attend(q, k, v, seg, window=w, impl="cudnn")
+    want = kernels.attend(q, k, v, seg, window=w, impl="reference")
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=2e-2)
+
+
+def test_cudnn_off_gpu_is_a_clear_error():
+  if jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  q, k, v, seg = _inputs(1, 8, 2, 1, 8, n_docs=1)
+  with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
+    kernels.attend(q, k, v, seg, window=4, impl="cudnn")
+
+
+def test_splash_interpret_matches_reference():
+  # Pallas interpret mode is slow: one 128-row block, local window, GQA, 3 documents.
+  q, k, v, seg = _inputs(1, 128, 4, 2, 128, n_docs=3)
+  splash = lambda q, k, v: kernels.attend(q, k, v, seg, window=40, impl="splash", chunk=128)
+  ref = lambda q, k, v: kernels.attend(q, k, v, seg, window=40, impl="reference")
+  _assert_close(_value_and_grads(splash, q, k, v), _value_and_grads(ref, q, k, v), atol=1e-5)
+
+
+def test_config_names_the_attention_choices():
+  assert tiny(attention_impl="splash", global_attention_impl="chunked").global_attention_impl
+  with pytest.raises(ConfigError, match="attention_impl='flash' must be one of"):
+    tiny(attention_impl="flash")
+  with pytest.raises(ConfigError, match="context_parallel='halo' must be one of"):
+    tiny(context_parallel="halo")
