@@ -1,15 +1,18 @@
-"""Hugging Face CWM checkpoints: config.json <-> ModelConfig, safetensors -> params."""
+"""Hugging Face CWM checkpoints: config.json <-> ModelConfig, safetensors read and streamed write."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any
+import struct
+from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from cwm_jax.checkpoint.names import HF, external_names
+from cwm_jax.checkpoint.names import HF, external_names, gather
 from cwm_jax.model.config import ConfigError, ModelConfig, RopeScaling
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -75,6 +78,22 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "bfloat16", **token_ids: Any) ->
   return out
 
 
+ST_DTYPES = {"F32": np.dtype("float32"), "F16": np.dtype("float16"),
+             "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype("float64")}
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+def _read_header(path: str) -> dict[str, Any]:
+  """The JSON header of a safetensors file (no tensor data is read)."""
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  return header
+
+
 class SafetensorsReader:
   """Lazy access to the tensors of one or many safetensors files."""
 
@@ -87,14 +106,30 @@ class SafetensorsReader:
       files = sorted(p for p in os.listdir(directory) if p.endswith(".safetensors"))
       if not files:
         raise FileNotFoundError(f"no *.safetensors files in {directory}")
-      weight_map = {}
-      for fname in files:
-        with safe_open(os.path.join(directory, fname), framework="numpy") as f:
-          weight_map.update({k: fname for k in f.keys()})
+      weight_map = {k: fname for fname in files
+                    for k in _read_header(os.path.join(directory, fname))}
     self.directory, self.weight_map = directory, weight_map
+    self._headers: dict[str, dict] = {}
 
   def names(self) -> list[str]:
     return sorted(self.weight_map)
+
+  def _info(self, name: str) -> dict:
+    fname = self.weight_map[name]
+    if fname not in self._headers:
+      self._headers[fname] = _read_header(os.path.join(self.directory, fname))
+    if name not in self._headers[fname]:
+      raise ConfigError(f"{self.directory}: the index puts {name!r} in {fname}, which lacks it")
+    return self._headers[fname][name]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._info(name)["shape"])
+
+  def dtype(self, name: str) -> np.dtype:
+    code = self._info(name)["dtype"]
+    if code not in ST_DTYPES:
+      raise ConfigError(f"{name} has dtype {code}; expected one of {sorted(ST_DTYPES)}")
+    return ST_DTYPES[code]
 
   def get(self, name: str) -> np.ndarray:
     """One tensor as numpy; bfloat16 arrives as ml_dtypes.bfloat16."""
@@ -112,15 +147,54 @@ def load_hf(directory: str, **overrides: Any) -> tuple[ModelConfig, dict]:
   if expected - present or present - expected:
     raise ConfigError(f"{directory}: tensors missing {sorted(expected - present)[:5]}, "
                       f"unexpected {sorted(present - expected)[:5]}; is this a CWM checkpoint?")
-  params: dict = {}
-  for e in HF:
-    if e.stacked:
-      value = np.stack([e.to_ours(reader.get(e.theirs.format(i=i)), cfg)
-                        for i in range(cfg.n_layers)])
-    else:
-      value = e.to_ours(reader.get(e.theirs), cfg)
-    node = params
-    for key in e.ours[:-1]:
-      node = node.setdefault(key, {})
-    node[e.ours[-1]] = value
-  return cfg, params
+  return cfg, gather(HF, reader.get, cfg)
+
+
+def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int
+                ) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+  """Greedy split of (name, shape, dtype) into shards of at most max_shard_bytes
+  (a tensor larger than the limit gets a shard of its own)."""
+  shards, size = [[]], 0
+  for spec in specs:
+    nbytes = math.prod(spec[1]) * spec[2].itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
+    size += nbytes
+  return shards
+
+
+def write_safetensors(directory: str, specs, fetch: Callable[[str], np.ndarray],
+                      max_shard_bytes: int = 5 * 10**9) -> dict[str, str]:
+  """Streams tensors into sharded safetensors files plus the index.
+
+  The header of each shard is written first from `specs` (name, shape, dtype),
+  then tensors are fetched and appended one at a time. Returns the weight map.
+  """
+  code = {v: k for k, v in ST_DTYPES.items()}
+  shards = plan_shards(list(specs), max_shard_bytes)
+  weight_map, total = {}, 0
+  for n, shard in enumerate(shards):
+    fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in shard:
+      nbytes = math.prod(shape) * dtype.itemsize
+      header[name] = {"dtype": code[dtype], "shape": list(shape),
+                      "data_offsets": [offset, offset + nbytes]}
+      offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(os.path.join(directory, fname), "wb") as f:
+      f.write(struct.pack("<Q", len(blob)) + blob)
+      for name, shape, dtype in shard:
+        value = fetch(name)
+        if value.shape != tuple(shape) or value.dtype != dtype:
+          raise ValueError(f"{name}: produced {value.shape} {value.dtype}, "
+                           f"planned {tuple(shape)} {dtype}")
+        f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
+        weight_map[name] = fname
+    total += offset
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return weight_map

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from cwm_jax.model.config import ConfigError, ModelConfig
+from cwm_jax.checkpoint.convert import detect_format
+from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.transformer import Transformer, model_from_params
-
-
-def detect_format(directory: str) -> str:
-  """'hf' (config.json + safetensors), 'orbax' (a training workdir or checkpoints dir), 'meta'."""
-  if not os.path.isdir(directory):
-    raise ConfigError(f"checkpoint directory {directory!r} does not exist")
-  names = set(os.listdir(directory))
-  if "config.json" in names and any(n.endswith(".safetensors") for n in names):
-    return "hf"
-  if "params.json" in names and (".metadata" in names or any(n.endswith(".distcp") for n in names)):
-    return "meta"
-  if "checkpoints" in names or any(n.isdigit() for n in names):
-    return "orbax"
-  raise ConfigError(f"{directory!r} is not a Hugging Face (config.json + *.safetensors), Meta "
-                    "(params.json + DCP) or orbax (checkpoints/<step>/) checkpoint")
 
 
 def load_params(directory: str, step: int | None = None, **overrides: Any

@@ -1,0 +1,100 @@
+"""The CWM 32B recipe (shared/SPEC.md): pre-train -> mid-train -> SFT (-> RL).
+
+Every stage runs in WORKDIR/STAGE/ of one schedule root, so each launch below
+starts from the previous stage's final checkpoint (GCS paths work as workdirs):
+
+  # pre-train: 8T tokens at 8192, plain RoPE (theta 1e6, no scaling)
+  python -m cwm_jax.train --config configs/cwm_32b.py:stage=pretrain --workdir $ROOT
+  # mid-train: 5T tokens at 131072, llama3 RoPE scaling on; optimizer + LR schedule carried
+  python -m cwm_jax.train --config configs/cwm_32b.py:stage=midtrain --workdir $ROOT
+  # SFT: 100B tokens at 32768, fresh optimizer, prompt tokens out of the loss
+  python -m cwm_jax.train --config configs/cwm_32b.py:stage=sft --workdir $ROOT
+  # all three in order (resumable): configs/cwm_32b.py:schedule=all
+  # RL (~172B tokens, GRPO recipe in config.rl) is run by the RL trainer from $ROOT/sft.
+
+On a cluster wrap the same command with launch/{slurm.sbatch,tpu_pod.sh,k8s_jobset.py};
+check memory first with `python -m cwm_jax.plan --config configs/cwm_32b.py:stage=pretrain
+--devices 512 --hbm_gb 80`. Start from Meta's released weights instead of
+scratch with `--config.schedule.stages.sft.start_from=DIR` (a directory made
+by `python -m cwm_jax.convert --to orbax`).
+
+Figures that are NOT public (learning rates, batch sizes, warmup, weight
+decay, meshes) are fields with the stated defaults below: plausible values
+for a dense 32B model at ~16M tokens per step, not Meta's.
+"""
+
+import ml_collections
+
+from cwm_jax.model.config import ConfigError
+from cwm_jax.train.config import base_config, parse_variant
+
+STAGES = ("pretrain", "midtrain", "sft", "rl")
+T, B = 1e12, 1e9
+
+# Data mixtures (weights per corpus; SPEC: mid-train 30% CWM data, 40% code, 30% rehearsal).
+PRETRAIN_MIX = dict(code=0.30, text=0.70)
+MIDTRAIN_MIX = dict(traces=0.10, agentic=0.08, pull_requests=0.06, compiler_ir=0.02,
+                    kernels=0.02, lean=0.02, code=0.40, rehearsal=0.30)
+SFT_MIX = dict(reasoning=0.6, chat=0.2, agentic=0.1, traces=0.1)
+
+
+def _stages() -> dict:
+  """Stage fields; unknown figures are marked (default)."""
+  return dict(
+      pretrain=dict(tokens=8 * T, seq_len=8192, global_window=8192, rope_scaling=False,
+                    batch_size=2048,                                   # (default) 16.8M tok/step
+                    mesh=dict(data=-1, fsdp=64, tensor=1, sequence=1),  # (default)
+                    optimizer=dict(lr=3e-4, warmup_steps=2000, schedule="cosine",  # (default)
+                                   min_lr_ratio=0.1, weight_decay=0.1),
+                    data=dict(mixture=PRETRAIN_MIX), remat="full", start_from="scratch"),
+      midtrain=dict(tokens=5 * T, seq_len=131072, global_window=131072, rope_scaling=True,
+                    batch_size=128,                                    # (default) 16.8M tok/step
+                    mesh=dict(data=-1, fsdp=64, tensor=1, sequence=8),  # (default)
+                    data=dict(mixture=MIDTRAIN_MIX), remat="full", carry_optimizer=True),
+      sft=dict(tokens=100 * B, seq_len=32768, global_window=131072, rope_scaling=True,
+               batch_size=256,                                         # (default) 8.4M tok/step
+               mesh=dict(data=-1, fsdp=64, tensor=1, sequence=2),      # (default)
+               optimizer=dict(lr=1e-5, warmup_steps=100, schedule="cosine",  # (default)
+                              min_lr_ratio=0.1, weight_decay=0.1),
+               data=dict(mixture=SFT_MIX, prompt_loss_weight=0.0), remat="full"),
+      rl=dict(tokens=172 * B, seq_len=131072, global_window=131072, rope_scaling=True,
+              batch_size=64, mesh=dict(data=-1, fsdp=64, tensor=1, sequence=8),  # (default)
+              optimizer=dict(lr=1e-6, warmup_steps=0, schedule="constant"),     # (default)
+              remat="full", trainer="rl"),
+  )
+
+
+def _rl() -> ml_collections.ConfigDict:
+  """SPEC's GRPO variant; group size and max length are (default)."""
+  return ml_collections.ConfigDict(dict(
+      advantage="reward_minus_group_mean",  # R - mean(R), no std normalisation
+      eps_low=0.2, eps_high=0.25, kl_coef=0.0, skip_zero_advantage_groups=True,
+      loss_normalizer="fixed_max_length", max_length=131072,
+      reward_pass=1.0, reward_fail=-1.0, drop_stale_rollouts=True,
+      group_size=8))                        # (default)
+
+
+def get_config(arg: str | None = None):
+  variant = parse_variant(arg)
+  unknown = sorted(set(variant) - {"stage", "schedule"})
+  stage = variant.get("stage", "")
+  if unknown or (stage and stage not in STAGES) or variant.get("schedule", "all") != "all":
+    raise ConfigError(f"configs/cwm_32b.py: use stage={'|'.join(STAGES)} or schedule=all "
+                      f"(got {arg!r})")
+  c = base_config()
+  c.model.preset = "cwm_32b"
+  c.model.overrides = ml_collections.ConfigDict(dict(
+      param_dtype="float32", compute_dtype="bfloat16", attention_impl="chunked",
+      attention_chunk=1024, scan_layers=True, remat_policy="full"))
+  c.rules = [list(r) for r in c.rules]
+  c.checkpoint_every = 1000               # (default)
+  c.log_every = 10
+  c.loss.chunk = 1024                     # vocab projection in chunks of 1024 tokens
+  c.optimizer.update(dict(b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))  # (default)
+  c.data.source = "grain"
+  c.checkpoint.max_to_keep = 3
+  c.rl = _rl()
+  order = "pretrain,midtrain,sft" if stage != "rl" else ",".join(STAGES)
+  c.schedule = ml_collections.ConfigDict(dict(order=order, only=stage, finish=False,
+                                              stages=_stages()))
+  return c

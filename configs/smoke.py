@@ -1,0 +1,97 @@
+"""Smoke training config: a tiny CWM on synthetic packed data, minutes on a CPU.
+
+  python -m cwm_jax.train --config configs/smoke.py --workdir /tmp/smoke
+  python -m cwm_jax.train --config configs/smoke.py:dtype=bfloat16,accum=2 \
+      --workdir /tmp/smoke --config.total_steps=20 --config.mesh.fsdp=4
+
+Variants (`:key=value,...`): dtype=float32|bfloat16 (compute dtype),
+accum=K (gradient accumulation), remat=POLICY, schedule=cosine|linear|wsd|constant,
+source=synthetic|grain.
+
+Stage schedule (cwm_jax.train.stages): `schedule=all` runs pretrain (T=64,
+plain RoPE) -> midtrain (T=128, RoPE scaling on, optimizer and LR schedule
+carried over) -> sft (T=96, fresh optimizer, prompt tokens out of the loss),
+each in WORKDIR/STAGE/, resumable; `stage=NAME` runs only that stage:
+
+  python -m cwm_jax.train --config configs/smoke.py:schedule=all --workdir runs/smoke
+  python -m cwm_jax.train --config configs/smoke.py:stage=midtrain --workdir runs/smoke
+
+`stage=rl` runs the RL stage (cwm_jax.rl: GRPO on the embedded code/math/trace/toy
+tasks with sandboxed verifiers) from scratch, after a short supervised warmup on the
+tasks' reference answers:
+
+  python -m cwm_jax.train --config configs/smoke.py:stage=rl --workdir runs/smoke_rl
+"""
+
+import ml_collections
+
+from cwm_jax.model.config import ConfigError
+from cwm_jax.train.config import base_config, parse_variant
+
+VARIANTS = ("dtype", "accum", "remat", "schedule", "source", "stage")
+STAGES = ("pretrain", "midtrain", "sft")
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  variant = parse_variant(arg)
+  unknown = sorted(set(variant) - set(VARIANTS))
+  if unknown:
+    raise ConfigError(f"configs/smoke.py: unknown variant keys {unknown}; known: {VARIANTS}")
+  c.model.preset = "tiny"
+  c.model.overrides.update(dict(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                                ffn_dim=128, vocab_size=512, local_window=16))
+  c.model.overrides.compute_dtype = variant.get("dtype", "float32")
+  c.model.overrides.remat_policy = variant.get("remat", "none")
+  c.grad_accum = int(variant.get("accum", 1))
+  schedule = variant.get("schedule", "cosine")
+  c.optimizer.schedule = "cosine" if schedule == "all" else schedule
+  c.data.source = variant.get("source", "synthetic")
+  if c.data.source == "grain":  # the grain pipeline's fields; then set data.mixture
+    from cwm_jax.data.pipeline import default_data_config  # pylint: disable=g-import-not-at-top
+    c.data.update(default_data_config())
+  if variant.get("stage") == "rl":
+    return add_rl_stage(c)
+  if schedule == "all" or "stage" in variant:
+    add_stages(c, only=variant.get("stage", ""))
+  return c
+
+
+def add_stages(c, only: str = ""):
+  """The tiny pre -> mid -> SFT schedule (meshes differ so stages reshard)."""
+  if only and only not in STAGES:
+    raise ConfigError(f"configs/smoke.py: stage={only!r} must be one of {STAGES}")
+  c.checkpoint_every = 4
+  # The project tokenizer's vocabulary, so the final model can sample a trace prediction.
+  c.model.overrides.vocab_size = 4352
+  stages = dict(
+      pretrain=dict(seq_len=64, batch_size=8, steps=8, global_window=64, rope_scaling=False,
+                    mesh=dict(data=1, fsdp=-1), start_from="scratch",
+                    optimizer=dict(lr=3e-3, warmup_steps=2, schedule="cosine")),
+      midtrain=dict(seq_len=128, batch_size=8, steps=6, global_window=128, rope_scaling=True,
+                    mesh=dict(data=-1, fsdp=1), carry_optimizer=True),
+      sft=dict(seq_len=96, batch_size=8, steps=6, global_window=128, rope_scaling=True,
+               mesh=dict(data=1, fsdp=-1), data=dict(prompt_fraction=0.5),
+               optimizer=dict(lr=1e-3, warmup_steps=1, schedule="constant")),
+  )
+  c.schedule = ml_collections.ConfigDict(dict(order=",".join(STAGES), only=only, finish=True,
+                                              sample_tokens=48, stages=stages))
+  return c
+
+
+def add_rl_stage(c):
+  """The schedule plus an `rl` stage (trainer='rl'), selected alone. It starts from scratch
+  (the smoke SFT model is trained on synthetic tokens, so it knows no more than a fresh
+  one); a real recipe sets start_from='previous' to continue from SFT."""
+  from cwm_jax.rl.loop import rl_config  # pylint: disable=g-import-not-at-top
+  add_stages(c)
+  c.rl = rl_config()
+  c.rl.update(tasks="toy,math,code", group_size=4, max_new_tokens=24, warmup_steps=30,
+              sandbox_timeout_s=2.0)  # add 'trace' with seq_len >= 320 (longer prompts)
+  c.schedule.stages.rl = dict(
+      seq_len=80, batch_size=32, steps=60, global_window=128, rope_scaling=True,
+      mesh=dict(data=-1, fsdp=1), start_from="scratch", trainer="rl",
+      optimizer=dict(lr=1e-2, warmup_steps=2, schedule="constant", weight_decay=0.0))
+  c.schedule.order += ",rl"
+  c.schedule.only = "rl"
+  return c

@@ -1,0 +1,264 @@
+"""Streaming checkpoint conversion between orbax, Hugging Face and Meta (DCP).
+
+Every source is viewed as per-layer tensors in our layout (`Source.read(path,
+layer)`); every writer pulls them one at a time, so host memory stays near
+one tensor (plus its transformed copy) whatever the model size. Sources are
+validated against their config (names, shapes, dtypes) before anything is
+written; output goes to a hidden temporary directory beside the destination
+that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from cwm_jax.checkpoint import _orbax_io, hf, manager, meta
+from cwm_jax.checkpoint.names import HF, META, Entry, locate
+from cwm_jax.model.config import ConfigError, ModelConfig
+
+FORMATS = ("orbax", "hf", "meta")
+DTYPES = {"float32": np.dtype("float32"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+KILL_AFTER_ENV = "CWM_JAX_CONVERT_KILL_AFTER"   # test hook: SIGKILL self after N tensors
+Path = tuple[str, ...]
+
+
+class ConvertError(ConfigError):
+  """A checkpoint cannot be converted as asked; the message says why and what to do."""
+
+
+def detect_format(directory: str) -> str:
+  """'hf', 'meta' or 'orbax', from the files in `directory`."""
+  if not os.path.isdir(directory):
+    raise ConvertError(f"source {directory!r} does not exist or is not a directory")
+  names = set(os.listdir(directory))
+  if "config.json" in names and any(n.endswith(".safetensors") for n in names):
+    return "hf"
+  if "params.json" in names and ".metadata" in names:
+    return "meta"
+  if _orbax_io.steps(_orbax_io.checkpoints_dir(directory)):
+    return "orbax"
+  raise ConvertError(f"{directory!r} is not a Hugging Face (config.json + *.safetensors), "
+                     "Meta (params.json + DCP .metadata) or orbax (<step>/state) checkpoint")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
+  """Our param paths and full (stacked) shapes for `cfg`."""
+  flat = jax.tree_util.tree_flatten_with_path(manager.params_target(cfg))[0]
+  return {tuple(k.key for k in kp): tuple(leaf.shape) for kp, leaf in flat}
+
+
+class Source:
+  """A checkpoint seen as our per-layer tensors: read(path, layer) in the source dtype."""
+
+  def __init__(self, fmt: str, cfg: ModelConfig, read: Callable, dtypes: dict[Path, np.dtype],
+               token_ids: dict[str, Any], tokenizer_files: list[str], step: int | None = None):
+    self.fmt, self.cfg, self.read, self.dtypes = fmt, cfg, read, dtypes
+    self.token_ids, self.tokenizer_files, self.step = token_ids, tokenizer_files, step
+
+
+def _check_external(directory, entries, store, cfg, declared: np.dtype | None):
+  """Names, shapes and dtypes of an HF/Meta store against `cfg`; per-path dtypes."""
+  where = locate(entries, cfg)
+  present = set(store.names())
+  missing, extra = sorted(set(where) - present), sorted(present - set(where))
+  if missing or extra:
+    raise ConvertError(f"{directory}: tensors missing {missing[:5]} ({len(missing)} in all), "
+                       f"unexpected {extra[:5]} ({len(extra)} in all) for the config's "
+                       f"{cfg.n_layers} layers; is the config from the same checkpoint?")
+  dtypes: dict[Path, np.dtype] = {}
+  for name, (e, _) in where.items():
+    shape, dtype = store.shape(name), store.dtype(name)
+    if shape != e.shape(cfg):
+      raise ConvertError(f"{directory}: {name} has shape {shape}; the config implies "
+                         f"{e.shape(cfg)}")
+    if declared is not None and dtype != declared:
+      raise ConvertError(f"{directory}: {name} is {dtype} but the config declares {declared}")
+    dtypes[e.ours] = dtype
+  return dtypes
+
+
+def _external_reader(entries: tuple[Entry, ...], store, cfg):
+  by_path = {e.ours: e for e in entries}
+
+  def read(path: Path, layer: int | None) -> np.ndarray:
+    e = by_path[path]
+    return e.to_ours(store.get(e.theirs.format(i=layer) if e.stacked else e.theirs), cfg)
+  return read
+
+
+def _files(directory: str, names) -> list[str]:
+  return [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
+
+
+def open_source(directory: str, step: int | None = None) -> Source:
+  """Opens and validates a checkpoint of any supported format (reads no tensor data)."""
+  fmt = detect_format(directory)
+  if fmt == "hf":
+    with open(os.path.join(directory, "config.json")) as f:
+      config = json.load(f)
+    cfg = hf.config_from_hf(config)
+    store = hf.SafetensorsReader(directory)
+    declared = config.get("dtype") or config.get("torch_dtype")
+    dtypes = _check_external(directory, HF, store, cfg, DTYPES.get(declared))
+    ids = {k: config[k] for k in hf.TOKEN_ID_KEYS if config.get(k) is not None}
+    return Source(fmt, cfg, _external_reader(HF, store, cfg), dtypes, ids,
+                  _files(directory, hf.TOKENIZER_FILES))
+  if fmt == "meta":
+    with open(os.path.join(directory, "params.json")) as f:
+      cfg = meta.config_from_meta(json.load(f))
+    store = meta.DcpReader(directory)
+    dtypes = _check_external(directory, META, store, cfg, None)
+    return Source(fmt, cfg, _external_reader(META, store, cfg), dtypes, {},
+                  _files(directory, ("tokenizer.model",)))
+  reader = _orbax_io.OrbaxReader(directory, step)
+  cfg, want = reader.cfg, expected_shapes(reader.cfg)
+  missing, extra = sorted(set(want) - set(reader.paths())), sorted(set(reader.paths()) - set(want))
+  if missing or extra:
+    raise ConvertError(f"{directory} step {reader.step}: params missing {missing[:5]}, "
+                       f"unexpected {extra[:5]} for its model config")
+  for path, shape in want.items():
+    if reader.shape(path) != shape or reader.dtype(path) != DTYPES[cfg.param_dtype]:
+      raise ConvertError(f"{directory} step {reader.step}: params/{'/'.join(path)} is "
+                         f"{reader.shape(path)} {reader.dtype(path)}; its config implies "
+                         f"{shape} {cfg.param_dtype}")
+  tok = os.path.join(reader.root, "tokenizer")
+  return Source(fmt, cfg, reader.read, {p: reader.dtype(p) for p in want},
+                dict(reader.meta.get("config", {}).get("token_ids", {})),
+                _files(tok, sorted(os.listdir(tok))) if os.path.isdir(tok) else [], reader.step)
+
+
+def _out_dtype(src: Source, dtype: str | None) -> np.dtype:
+  if dtype is not None:
+    if dtype not in DTYPES:
+      raise ConvertError(f"--dtype {dtype!r} must be one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+  found = sorted({d.name for d in src.dtypes.values()})
+  if len(found) != 1 or found[0] not in DTYPES:
+    raise ConvertError(f"source tensors are {found}; pass --dtype float32 or --dtype bfloat16")
+  return DTYPES[found[0]]
+
+
+class _Counter:
+  """Counts tensors written; the test hook SIGKILLs the process after N of them."""
+
+  def __init__(self):
+    self.tensors, self.bytes = 0, 0
+    self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    self.tensors += 1
+    self.bytes += x.nbytes
+    if self.kill_after and self.tensors > self.kill_after:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def _write_orbax(src: Source, out: str, dtype: np.dtype, step: int, count: _Counter) -> None:
+  cfg = src.cfg.replace(param_dtype=dtype.name)
+  params: dict = {}
+  for path, shape in expected_shapes(cfg).items():
+    def fetch(i, path=path):
+      return count(src.read(path, i).astype(dtype, copy=False))
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = _orbax_io.LazyArray(shape, dtype, fetch, stacked=path[0] == "layers")
+  _orbax_io.save_streaming(out, cfg, params, step,
+                           {"converted_from": src.fmt, "token_ids": src.token_ids})
+  if src.tokenizer_files:
+    _copy(src.tokenizer_files, os.path.join(out, "tokenizer"))
+
+
+def _external_specs(entries, src: Source, dtype: np.dtype, count: _Counter):
+  """(specs, fetch) for writing `src` under `entries`' names, one layer at a time."""
+  cfg, where = src.cfg, locate(entries, src.cfg)
+  specs = [(name, e.shape(cfg), dtype) for name, (e, _) in where.items()]
+
+  def fetch(name: str) -> np.ndarray:
+    e, layer = where[name]
+    return count(e.to_theirs(src.read(e.ours, layer).astype(dtype, copy=False), cfg))
+  return specs, fetch
+
+
+def _copy(files: list[str], directory: str) -> None:
+  os.makedirs(directory, exist_ok=True)
+  for path in files:
+    shutil.copy2(path, os.path.join(directory, os.path.basename(path)))
+
+
+def _write_hf(src, out, dtype, count, max_shard_bytes):
+  specs, fetch = _external_specs(HF, src, dtype, count)
+  hf.write_safetensors(out, specs, fetch, max_shard_bytes)
+  _copy(src.tokenizer_files, out)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf.config_to_hf(src.cfg, dtype=dtype.name, **src.token_ids), f, indent=2)
+
+
+def _write_meta(src, out, dtype, count):
+  specs, fetch = _external_specs(META, src, dtype, count)
+  meta.write_dcp(out, specs, fetch)
+  _copy([p for p in src.tokenizer_files if p.endswith("tokenizer.model")], out)
+  with open(os.path.join(out, "params.json"), "w") as f:
+    json.dump(meta.config_to_meta(src.cfg), f, indent=2)
+
+
+@contextlib.contextmanager
+def staging(dst: str):
+  """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
+  dst = os.path.abspath(dst)
+  if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+    raise ConvertError(f"destination {dst!r} exists and is not empty; choose a new directory")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  os.replace(tmp, dst)
+
+
+def convert(src_dir: str, dst_dir: str, to: str, *, dtype: str | None = None,
+            step: int | None = None, max_shard_bytes: int = 5 * 10**9) -> dict[str, Any]:
+  """Converts `src_dir` (format detected) to format `to` in `dst_dir`; returns a summary.
+
+  Args:
+    dtype: 'float32' or 'bfloat16' for every output tensor (default: the source's).
+    step: orbax step to read (default latest) or, converting to orbax, to write
+      (default: the source's step, else 0).
+    max_shard_bytes: upper bound on one safetensors file (one larger tensor gets its own).
+  """
+  if to not in FORMATS:
+    raise ConvertError(f"--to {to!r} must be one of {FORMATS}")
+  src_abs, dst_abs = os.path.abspath(src_dir), os.path.abspath(dst_dir)
+  if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
+    raise ConvertError(f"destination {dst_dir!r} must be outside the source {src_dir!r}")
+  start = time.perf_counter()
+  src = open_source(src_dir, step if detect_format(src_dir) == "orbax" else None)
+  out_dtype, count = _out_dtype(src, dtype), _Counter()
+  out_step = step if step is not None else (src.step or 0)
+  with staging(dst_dir) as tmp:
+    if to == "orbax":
+      _write_orbax(src, tmp, out_dtype, out_step, count)
+    elif to == "hf":
+      _write_hf(src, tmp, out_dtype, count, max_shard_bytes)
+    else:
+      _write_meta(src, tmp, out_dtype, count)
+  seconds = time.perf_counter() - start
+  return {"from": src.fmt, "to": to, "dst": dst_abs, "dtype": out_dtype.name,
+          "tensors": count.tensors, "bytes": count.bytes, "seconds": round(seconds, 3),
+          "gb_per_s": round(count.bytes / 1e9 / max(seconds, 1e-9), 3),
+          **({"step": out_step} if to == "orbax" else {})}

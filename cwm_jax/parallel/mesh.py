@@ -1,0 +1,79 @@
+"""The device mesh: axes `data`, `fsdp`, `tensor`, `sequence` sized by config.
+
+A size of -1 fills the devices left over by the other axes (at most one -1).
+Errors are `MeshError` (a `ConfigError`) naming the `mesh.*` fields.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+from cwm_jax.model.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+BATCH_AXES = ("data", "fsdp")
+
+
+class MeshError(ConfigError):
+  """The mesh shape does not fit the devices."""
+
+
+def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
+  """Resolves `{axis: size}` (one size may be -1) to a shape over `n_devices`."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise MeshError(f"unknown mesh axes {unknown}; the axes are {MESH_AXES}")
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  fill = [a for a, s in zip(MESH_AXES, shape) if s == -1]
+  bad = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, shape) if s == 0 or s < -1]
+  if bad or len(fill) > 1:
+    raise MeshError(f"invalid mesh sizes {bad or fill}: use sizes >= 1 and at most one -1")
+  fixed = math.prod(s for s in shape if s != -1)
+  desc = ",".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, shape))
+  if fill:
+    if n_devices % fixed:
+      raise MeshError(f"{desc}: the fixed axes (product {fixed}) do not divide the "
+                      f"{n_devices} devices; change mesh.* so their product divides it")
+    shape[MESH_AXES.index(fill[0])] = n_devices // fixed
+  elif fixed != n_devices:
+    raise MeshError(f"{desc}: product {fixed} != {n_devices} devices; set one "
+                    "mesh.* size to -1 or make the product equal the device count")
+  return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with Auto axis types over `devices` (default: all devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(sizes, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def axis_size(mesh_sizes: Mapping[str, int], axes: Sequence[str]) -> int:
+  """Product of the resolved sizes of `axes`."""
+  return math.prod(mesh_sizes[a] for a in axes)
+
+
+def initialize_distributed(coordinator: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """`jax.distributed.initialize` from arguments or JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID; a no-op for a single process.
+
+  CPU processes use gloo collectives.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  if process_id < 0:
+    process_id = int(os.environ.get("JAX_PROCESS_ID", "-1"))
+  if not coordinator or num_processes <= 1:
+    return
+  if process_id < 0:
+    raise MeshError("multi-process run needs a process id: --process_id or JAX_PROCESS_ID")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)

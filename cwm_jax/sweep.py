@@ -1,0 +1,43 @@
+"""Expand a sweep over a run config and launch (or print) one run per point.
+
+  python -m cwm_jax.sweep --config configs/smoke.py --sweep configs/sweeps/smoke_lr.py \
+      --launcher local --workdir runs/sweep [--dry_run] [--launcher_flags=--nodes=4]
+
+Every point is parsed and validated before anything is launched; an invalid
+point exits 2 naming the point and the field.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from cwm_jax import sweeps
+
+_CONFIG = flags.DEFINE_string("config", None, "Run config file[:arg].", required=True)
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep().", required=True)
+_LAUNCHER = flags.DEFINE_enum("launcher", "local", sweeps.LAUNCHERS, "Where to launch the runs.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/sweeps", "Parent of the runs' workdirs.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the launch commands only.")
+_LAUNCHER_FLAGS = flags.DEFINE_multi_string(
+    "launcher_flags", [], "Extra argument for the launcher script (repeatable), e.g. --nodes=4.")
+
+
+def main(argv):
+  del argv
+  from cwm_jax.model.config import ConfigError
+  try:
+    sweeps.run_sweep(_CONFIG.value, _SWEEP.value, _LAUNCHER.value, _WORKDIR.value,
+                     dry_run=_DRY_RUN.value, launcher_flags=_LAUNCHER_FLAGS.value)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,198 @@
+"""Hyperparameter sweeps: expand, validate every point, then launch or print.
+
+A sweep file (`configs/sweeps/NAME.py`) defines `get_sweep()` returning a list
+of points, each a `{dotted.config.field: value}` dict, built with `axis`,
+`product` and `zip_`:
+
+  def get_sweep():
+    return product(axis("optimizer.lr", [1e-4, 3e-4]),
+                   zip_(axis("model.dim", [64, 128]), axis("model.n_heads", [4, 8])))
+
+Each point becomes `--config.FIELD=VALUE` flags on the training command and
+is parsed by the same `config_flags` parser as `python -m cwm_jax.train`, so
+a typo or a wrongly typed value fails here, before anything is launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from typing import Any, Callable, Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from cwm_jax.model.config import ConfigError
+
+Point = dict[str, Any]
+LAUNCHERS = ("local", "slurm", "tpu", "k8s")
+
+
+class SweepError(ConfigError):
+  """A sweep definition or one of its points is invalid."""
+
+
+def axis(field: str, values: Sequence[Any]) -> list[Point]:
+  """One field swept over `values`."""
+  if not values:
+    raise SweepError(f"axis {field!r} has no values")
+  return [{field: v} for v in values]
+
+
+def product(*axes: list[Point]) -> list[Point]:
+  """Every combination of the axes' points."""
+  return [_merge(combo) for combo in itertools.product(*axes)]
+
+
+def zip_(*axes: list[Point]) -> list[Point]:
+  """Points taken together, position by position; the axes must be equally long."""
+  lengths = {len(a) for a in axes}
+  if len(lengths) > 1:
+    raise SweepError(f"zip_ of axes with different lengths {sorted(lengths)}")
+  return [_merge(combo) for combo in zip(*axes)]
+
+
+def _merge(points) -> Point:
+  out: Point = {}
+  for p in points:
+    clash = set(out) & set(p)
+    if clash:
+      raise SweepError(f"field(s) {sorted(clash)} swept twice in one point")
+    out.update(p)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  workdir: str
+  overrides: tuple[str, ...]  # `--config.FIELD=VALUE` flags
+  point: tuple[tuple[str, Any], ...]
+
+
+def load_sweep(path: str) -> list[Point]:
+  """Calls `get_sweep()` of the sweep file at `path`."""
+  if not os.path.isfile(path):
+    raise SweepError(f"sweep file {path!r} not found")
+  spec = importlib.util.spec_from_file_location("cwm_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise SweepError(f"{path} defines no get_sweep()")
+  points = list(module.get_sweep())
+  if not points:
+    raise SweepError(f"{path}: get_sweep() returned no points")
+  return points
+
+
+def flag_value(value: Any) -> str:
+  """A value as `config_flags` parses it for a field of that type."""
+  if isinstance(value, str):
+    return value
+  return repr(tuple(value) if isinstance(value, list) else value)
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def expand(points: list[Point], sweep_name: str, workdir: str) -> list[Run]:
+  """Unique run names and workdirs: `NAME-IDX-field-value...` (DNS-1123 safe)."""
+  runs = []
+  for i, point in enumerate(points):
+    tag = "-".join(f"{k.rsplit('.', 1)[-1]}-{flag_value(v)}" for k, v in sorted(point.items()))
+    name = _slug(f"{sweep_name}-{i:03d}-{tag}")[:63].rstrip("-")
+    overrides = tuple(f"--config.{k}={flag_value(v)}" for k, v in point.items())
+    runs.append(Run(name, os.path.join(workdir, name), overrides, tuple(point.items())))
+  if len({r.name for r in runs}) != len(runs):
+    raise SweepError("sweep points produce duplicate run names")
+  return runs
+
+
+def parse_config(config_arg: str, overrides: Sequence[str] = ()):
+  """The config exactly as `python -m cwm_jax.train --config=ARG OVERRIDES` parses it."""
+  fv = flags.FlagValues()
+  argv = ["train", f"--config={config_arg}", *overrides]
+  config_flags.DEFINE_config_file("config", None, "run config", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  try:
+    fv(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    raise SweepError(f"{config_arg} with {' '.join(overrides) or 'no overrides'}: {e}") from e
+  return fv.config
+
+
+def validate(config_arg: str, runs: list[Run], check: Callable[[Any], None] | None) -> None:
+  """Parses and checks every run's config; the first bad point raises SweepError."""
+  for run in runs:
+    config = parse_config(config_arg, run.overrides)
+    if check is not None:
+      try:
+        check(config)
+      except ConfigError as e:
+        raise SweepError(f"sweep point {run.name} ({' '.join(run.overrides)}): {e}") from e
+
+
+def check_point(config, launcher: str = "local") -> None:
+  """Validates a run config (every stage of a schedule) as the trainer would.
+
+  The device count is the mesh's product; a -1 axis counts as this machine's
+  devices for the local launcher and as 1 (the smallest fitting cluster) otherwise.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from cwm_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from cwm_jax.train import flops_plan  # pylint: disable=g-import-not-at-top
+  for name, c in flops_plan.train_configs(config):
+    fixed = math.prod(int(s) for s in dict(c.mesh).values() if int(s) != -1)
+    fill = any(int(s) == -1 for s in dict(c.mesh).values())
+    n = fixed * (max(jax.device_count() // fixed, 1) if fill and launcher == "local" else 1)
+    try:
+      config_lib.validate(c, config_lib.model_config(c), n, 1)
+    except ConfigError as e:
+      raise ConfigError(f"{name}: {e}") from e
+
+
+def launch_command(launcher: str, config_arg: str, run: Run,
+                   launcher_flags: Sequence[str] = ()) -> list[str]:
+  """The argv that launches `run` with `launcher`."""
+  py = sys.executable
+  passthrough = ["--", *run.overrides] if run.overrides else []
+  common = ["--config", config_arg, "--workdir", run.workdir, *launcher_flags]
+  if launcher == "local":
+    return [py, "-m", "cwm_jax.train", f"--config={config_arg}", f"--workdir={run.workdir}",
+            *launcher_flags, *run.overrides]
+  if launcher == "slurm":
+    # Launcher flags are sbatch options (--nodes=, --partition=, ...).
+    return ["sbatch", f"--job-name={run.name}", *launcher_flags, "launch/slurm.sbatch",
+            "--config", config_arg, "--workdir", run.workdir, *passthrough]
+  if launcher == "tpu":
+    return ["bash", "launch/tpu_pod.sh", *common, *passthrough]
+  if launcher == "k8s":
+    return [py, "launch/k8s_jobset.py", "--name", run.name, *common, *passthrough]
+  raise SweepError(f"unknown launcher {launcher!r}; choose one of {LAUNCHERS}")
+
+
+def run_sweep(config_arg: str, sweep_path: str, launcher: str, workdir: str, *,
+              dry_run: bool = False, launcher_flags: Sequence[str] = (),
+              check: Callable[[Any], None] | None = None, out=sys.stdout) -> list[list[str]]:
+  """Expands, validates all points, then prints (dry run) or runs each launch."""
+  if launcher not in LAUNCHERS:
+    raise SweepError(f"unknown launcher {launcher!r}; choose one of {LAUNCHERS}")
+  name = os.path.splitext(os.path.basename(sweep_path))[0]
+  runs = expand(load_sweep(sweep_path), name, workdir)
+  validate(config_arg, runs, check or (lambda c: check_point(c, launcher)))
+  commands = [launch_command(launcher, config_arg, r, launcher_flags) for r in runs]
+  for run, cmd in zip(runs, commands):
+    print(shlex.join(cmd), file=out, flush=True)
+    if not dry_run:
+      if launcher == "local":
+        os.makedirs(run.workdir, exist_ok=True)
+      subprocess.run(cmd, check=True)
+  return commands

@@ -1,0 +1,46 @@
+"""Train: `python -m cwm_jax.train --config configs/smoke.py[:ARGS] --workdir DIR`.
+
+Multi-host: --coordinator_address/--num_processes/--process_id (or the
+JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment).
+Exits 2 on a bad config, before anything is compiled.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cwm_jax.model.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+_COORD = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", 0, "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", -1, "This process's id.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietOrbax:
+  """Drops orbax's INFO chatter so the progress line stays readable."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def main(argv):
+  del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  from cwm_jax.parallel.mesh import initialize_distributed  # pylint: disable=g-import-not-at-top
+  from cwm_jax.train.stages import run  # pylint: disable=g-import-not-at-top
+  try:
+    initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    run(_CONFIG.value, _WORKDIR.value)  # a schedule config runs its stages
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,85 @@
+"""The planner: exact 32B count, FLOPs against brute force, AOT memory and the fit check."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from cwm_jax import planner
+from cwm_jax.kernels.masks import allowed
+from cwm_jax.model.config import cwm_32b, meta_layer_windows, tiny
+from cwm_jax.train import flops as train_flops
+from test_launch import ROOT
+
+
+def test_cwm_32b_analytic_plan():
+  plan = planner.analytic_plan(cwm_32b(), seq_len=8192)
+  assert plan["params"] == 32_581_097_472
+  assert plan["layers"] == list(meta_layer_windows(64, 8192, 131072))
+  assert len(plan["global_layers"]) == 17
+  assert plan["param_bytes"] == 4 * 32_581_097_472  # float32 params
+  assert plan["optimizer_state_bytes"] >= 2 * plan["param_bytes"]  # AdamW mu + nu in float32
+
+
+def test_flops_per_token_matches_brute_force_counts():
+  cfg = tiny(n_layers=5, local_window=4)
+  t = 11
+  q = np.arange(t)
+  keys = {w: int(np.asarray(allowed(q[:, None], q[None, :], np.ones(t), np.ones(t), w)).sum())
+          for w in set(cfg.layer_windows)}
+  attention = sum(12 * cfg.n_heads * cfg.head_dim * keys[w] / t for w in cfg.layer_windows)
+  shapes = planner.abstract_params(cfg)
+  matmul = sum(int(np.prod(x.shape)) for path, x in _flat(shapes)  # no gather, no norms
+               if "embed/" not in path and "norm" not in path)
+  np.testing.assert_allclose(planner.flops_per_token(cfg, t), 6 * matmul + attention, rtol=1e-12)
+  # The training loop's own per-batch count (independent code) agrees on one full document.
+  pos, seg = q[None, :], np.ones((1, t), np.int32)
+  np.testing.assert_allclose(train_flops.batch_flops(cfg, pos, seg) / t,
+                             planner.flops_per_token(cfg, t), rtol=1e-12)
+
+
+def _flat(tree, prefix=""):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flat(v, f"{prefix}{k}/")
+    else:
+      yield prefix + k, v
+
+
+def _plan(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  return subprocess.run([sys.executable, "-m", "cwm_jax.plan", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True)
+
+
+def test_preset_cli_prints_exact_count():
+  out = _plan("--preset", "cwm_32b")
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout)["params"] == 32_581_097_472
+
+
+def test_cwm_32b_pretrain_on_64_devices_reports_memory_and_exits_2_when_too_small():
+  # One compile serves both checks: the plan JSON is printed before the fit check fails.
+  out = _plan("--config", "configs/cwm_32b.py:stage=pretrain", "--devices", "64",
+              "--config.grad_accum=32", "--hbm_gb", "2")
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "does not fit 2.0 GB per device" in out.stderr
+  plan = json.loads(out.stdout)["stages"]["pretrain"]
+  assert plan["devices"] == 64 and plan["params"] == 32_581_097_472
+  # Arguments are the sharded train state: params + AdamW mu, nu (float32): 12 B/param.
+  assert abs(plan["argument_gb_per_device"] - 12 * 32_581_097_472 / 64 / 1e9) < 0.1
+  assert plan["total_gb_per_device"] > 2 and plan["temp_gb_per_device"] > 0
+  assert plan["flops_per_step"] == planner.flops_per_token(
+      cwm_32b(layer_windows=(8192,) * 64, global_window=8192), 8192) * 2048 * 8192
+  assert plan["step_seconds_at_50pct_mfu"] == 2 * plan["step_seconds_at_100pct_mfu"]
+
+
+def test_smoke_stage_plan_fits():
+  out = _plan("--config", "configs/smoke.py:stage=midtrain", "--devices", "4", "--hbm_gb", "1")
+  assert out.returncode == 0, out.stderr[-2000:]
+  plans = json.loads(out.stdout)["stages"]
+  assert list(plans) == ["midtrain"] and plans["midtrain"]["total_gb_per_device"] < 1
+  assert plans["midtrain"]["seq_len"] == 128 and plans["midtrain"]["rope_scaling"]
+  assert plans["midtrain"]["mesh"]["data"] == 4
