@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from cwm_jax.cli import run_main
 from cwm_jax.checkpoint.convert import FORMATS, convert
 from cwm_jax.model.config import ConfigError
 
@@ -43,7 +44,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_main(main)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from cwm_jax.cli import run_main
+
 _PRESET = flags.DEFINE_string("preset", None, "Model preset name (cwm_32b, cwm_1b, tiny).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config file[:arg], e.g. configs/cwm_32b.py:stage=pretrain; "
@@ -104,7 +106,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_main(main)
 
 
 if __name__ == "__main__":

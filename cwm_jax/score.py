@@ -10,8 +10,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from cwm_jax.cli import run_main
 from cwm_jax.checkpoint.load import load_model
 from cwm_jax.model.config import ConfigError
 
@@ -60,7 +61,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_main(main)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from cwm_jax.cli import run_main
 from cwm_jax import sweeps
 
 _CONFIG = flags.DEFINE_string("config", None, "Run config file[:arg].", required=True)
@@ -36,7 +37,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_main(main)
 
 
 if __name__ == "__main__":

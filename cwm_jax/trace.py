@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
+from cwm_jax.cli import run_main
 from cwm_jax.data import traces
 
 _ARGS = flags.DEFINE_string('args', '()', 'positional arguments: a Python literal tuple')
@@ -61,4 +62,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_main(main)

@@ -7,9 +7,10 @@ Exits 2 on a bad config, before anything is compiled.
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from cwm_jax.cli import run_main
 from cwm_jax.model.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

@@ -1,0 +1,27 @@
+"""Shared entry-point runner: absl flags, with every bad input exiting 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import app, flags
+
+from cwm_jax.model.config import ConfigError
+
+
+def _parse_or_exit(argv: list[str]) -> list[str]:
+  """Parses flags (config files included); a bad flag or config exits 2, not 1."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ConfigError, AttributeError, KeyError, TypeError, ValueError) as e:
+    cause = e.__cause__ or e
+    print(f"error: {type(cause).__name__}: {cause}\n"
+          f"Pass --helpfull to see the flags; fix the flag or config field named above.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)` with flag and config errors mapped to exit code 2."""
+  app.run(main, flags_parser=_parse_or_exit)
