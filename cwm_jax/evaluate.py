@@ -1,0 +1,57 @@
+"""Trace-prediction accuracy and per-source perplexity of a checkpoint, as JSON.
+
+  python -m cwm_jax.evaluate --checkpoint DIR [--max_programs 8] [--nogenerate]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+from cwm_jax.infer.evaluate import EvalConfig, evaluate, held_out_cases
+from cwm_jax.infer.loading import load_for_inference
+from cwm_jax.model.config import ConfigError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory (orbax workdir, HF or Meta).")
+flags.DEFINE_integer("step", None, "Orbax checkpoint step (default: latest).")
+flags.DEFINE_string("tokenizer", None, "Rank file (default: the checkpoint's, else the "
+                    "project BPE).")
+flags.DEFINE_string("programs_dir", None, "Programs with INPUTS (default: the shipped ones).")
+flags.DEFINE_integer("max_programs", EvalConfig.max_programs, "Held-out calls to evaluate.")
+flags.DEFINE_integer("max_new_tokens", EvalConfig.max_new_tokens, "Tokens per predicted trace.")
+flags.DEFINE_integer("max_tokens", EvalConfig.max_tokens, "Teacher-forced length cap.")
+flags.DEFINE_integer("batch_size", EvalConfig.batch_size, "Sequences per forward / generate.")
+flags.DEFINE_bool("generate", True, "Generate traces (exact-match metrics).")
+flags.DEFINE_bool("perplexity", True, "Per-source perplexity.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"evaluate: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    if not FLAGS.checkpoint:
+      raise ConfigError("--checkpoint DIR is required")
+    config = EvalConfig(programs_dir=FLAGS.programs_dir, max_programs=FLAGS.max_programs,
+                        max_new_tokens=FLAGS.max_new_tokens, max_tokens=FLAGS.max_tokens,
+                        batch_size=FLAGS.batch_size, generate=FLAGS.generate,
+                        perplexity=FLAGS.perplexity)
+    # Trace the held-out programs (cached) before JAX starts its threads.
+    held_out_cases(config.programs_dir, config.max_programs, config.timeout_s)
+    model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)
+    metrics = evaluate(model, tok, config)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"evaluate: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,174 @@
+"""KV-cache sampler: cached logits == full forward, greedy == transformers, ring shapes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cwm_jax.checkpoint.hf import config_to_hf, load_hf
+from cwm_jax.infer import cache as kv
+from cwm_jax.infer import sampler
+from cwm_jax.model import cwm_32b, model_from_params, tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(**kw):
+  fields = dict(n_layers=3, local_window=6, vocab_size=96, dim=32, ffn_dim=64, global_window=64)
+  fields.update(kw)
+  return tiny(**fields)
+
+
+# Every generate call below uses these shapes (2 prompts, <= 32 tokens, 14 new), so the
+# jitted loop compiles once per sharding.
+PROMPT_LENGTHS, NEW = (3, 11), 14   # shorter and longer than the window (6)
+
+
+def test_ring_buffer_shapes():
+  cfg = cwm_32b()
+  cache = jax.eval_shape(lambda: kv.init_cache(cfg, jnp.zeros((2,), jnp.int32), 20000,
+                                               jnp.bfloat16))
+  by_window = dict(zip(cache.layout.windows, cache.k))
+  assert by_window[8192].shape == (47, 2, 8192, 8, 128)   # local layers: O(window)
+  assert by_window[131072].shape == (17, 2, 20000, 8, 128)  # global layers: whole sequence
+  layout = kv.cache_layout(_cfg(), 5)  # shorter than the window: no bigger than needed
+  assert layout.sizes == (5, 5) and layout.groups == (1, 0, 1) and layout.slots == (0, 0, 1)
+
+
+def test_slot_columns_by_hand():
+  # After 6 writes into 4 slots: columns 4, 5 overwrote slots 0, 1.
+  np.testing.assert_array_equal(kv.slot_columns(6, 4), [4, 5, 2, 3])
+  np.testing.assert_array_equal(kv.slot_columns(2, 4), [0, 1, -1, -1])
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+  """A random transformers CwmForCausalLM (global, local, local layers; window 6), saved
+  with save_pretrained, and the same model loaded through load_hf."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg = _cfg()
+  torch.manual_seed(0)
+  hf = transformers.CwmForCausalLM(
+      transformers.CwmConfig(**config_to_hf(cfg, dtype="float32", bos_token_id=1,
+                                            eos_token_id=2, pad_token_id=0))).eval()
+  with torch.no_grad():  # a larger init keeps greedy choices far from ties
+    for p in hf.parameters():
+      if p.dim() > 1:
+        p.normal_(0, 0.2)
+  path = str(tmp_path_factory.mktemp("hf"))
+  hf.save_pretrained(path)
+  cfg, params = load_hf(path)
+  return hf, cfg, params, model_from_params(cfg, params)
+
+
+def _hf_logprobs(hf, tokens):
+  import torch
+  with torch.no_grad():
+    return torch.log_softmax(hf(torch.tensor([tokens])).logits[0], -1).numpy()
+
+
+def test_cached_decoding_matches_full_forward(hf_pair):
+  hf, cfg, _, model = hf_pair
+  rng = np.random.RandomState(0)
+  prompts = [rng.randint(0, 96, n).tolist() for n in PROMPT_LENGTHS]
+  feed = rng.randint(0, 96, (2, NEW))   # 14 steps wrap the 6-slot ring twice
+  tokens, start = sampler.left_pad(prompts, 8)
+  cache = kv.init_cache(cfg, jnp.asarray(start), tokens.shape[1] + NEW, jnp.float32)
+  logits, cache = nnx.jit(sampler.prefill)(model, cache, jnp.asarray(tokens))
+  decode = nnx.jit(sampler.decode_step)
+  got = [logits]
+  for t in range(NEW):
+    logits, cache = decode(model, cache, jnp.asarray(feed[:, t], jnp.int32))
+    got.append(logits)
+  got = jax.nn.log_softmax(np.stack(got, 1), -1)  # [B, NEW + 1, V]
+  for b, prompt in enumerate(prompts):   # full forward pass of the unpadded row
+    want = _hf_logprobs(hf, prompt + feed[b].tolist())[len(prompt) - 1:]
+    np.testing.assert_allclose(got[b], want, atol=1e-4, rtol=0)
+
+
+def test_greedy_and_logprobs_match_transformers(hf_pair):
+  import torch
+  hf, cfg, _, model = hf_pair
+  rng = np.random.RandomState(1)
+  prompts = [rng.randint(0, 96, n).tolist() for n in PROMPT_LENGTHS]
+  result = sampler.generate(model, prompts, max_new_tokens=NEW)
+  for prompt, tokens, logprobs in zip(prompts, result.tokens, result.logprobs):
+    ids = torch.tensor([prompt])
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                       do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert tokens == want
+    logp = _hf_logprobs(hf, prompt + tokens)[len(prompt) - 1:-1]
+    np.testing.assert_allclose(logprobs, logp[np.arange(NEW), tokens], atol=1e-4)
+  # Stop tokens: row 0 stops at its 5th token (kept); row 1 at its first occurrence, if any.
+  stop = result.tokens[0][4]
+  stopped = sampler.generate(model, prompts, max_new_tokens=NEW, stop_ids=[stop])
+  for full, cut in zip(result.tokens, stopped.tokens):
+    n = full.index(stop) + 1 if stop in full else len(full)
+    assert cut == full[:n]
+  assert len(stopped.tokens[0]) == result.tokens[0].index(stop) + 1
+  # The same generation with the model and cache sharded over a data x tensor mesh.
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:4])
+  rules = (("batch", "data"), ("act_kv_heads", "tensor"), ("act_heads", "tensor"),
+           ("kv_heads", "tensor"), ("heads", "tensor"))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    cache = jax.jit(lambda s: kv.init_cache(cfg, s, 16, jnp.float32))(jnp.zeros((2,), jnp.int32))
+    for buf in cache.k + cache.v:
+      assert buf.sharding.is_equivalent_to(
+          NamedSharding(mesh, P(None, "data", None, "tensor", None)), buf.ndim)
+    assert sampler.generate(model, prompts, max_new_tokens=NEW).tokens == result.tokens
+
+
+def test_top_p_filter_by_hand():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(sampler.top_p_filter(logits, 0.7)))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])   # 0.5 < 0.7 <= 0.8
+  kept = np.isfinite(np.asarray(sampler.top_p_filter(logits, 0.5)))
+  np.testing.assert_array_equal(kept, [[True, False, False, False]])
+  assert np.isfinite(np.asarray(sampler.top_p_filter(logits, 1.0))).all()
+
+
+def test_sampling_frequencies():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 4000)
+  draw = jax.jit(jax.vmap(
+      lambda k: sampler.sample_token(logits, k, 0.5, 0.95, greedy=False)[0][0]))
+  freq = np.bincount(np.asarray(draw(keys)), minlength=4) / 4000
+  p = np.array([0.5, 0.3, 0.15, 0.05]) ** 2      # temperature 0.5 squares the probabilities
+  p /= p.sum()                                     # [0.685, 0.247, 0.062, 0.007]
+  p[3] = 0                                         # top-p 0.95 drops the last token
+  np.testing.assert_allclose(freq, p / p.sum(), atol=0.03)
+
+
+def test_bad_inputs_are_named(hf_pair):
+  model = hf_pair[3]
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    sampler.generate(model, [[1, 500]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="empty prompt"):
+    sampler.generate(model, [[]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="max_seq_len"):
+    sampler.generate(model, [[1]], max_new_tokens=100)
+
+
+def test_sample_cli_on_orbax_checkpoint(tmp_path, hf_pair):
+  from cwm_jax.checkpoint.manager import save_params_checkpoint
+  _, cfg, params, model = hf_pair
+  save_params_checkpoint(str(tmp_path / "ckpt"), cfg, params)
+  want = sampler.generate(model, [[5, 17, 9], [1]], max_new_tokens=NEW)
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  run = lambda *a: subprocess.run([sys.executable, "-m", "cwm_jax.sample", *a], cwd=REPO,
+                                  env=env, capture_output=True, text=True, timeout=300)
+  out = run("--checkpoint", str(tmp_path / "ckpt"), "--prompt_ids", "5,17,9",
+            "--max_new_tokens", str(NEW), "--json")
+  assert out.returncode == 0, out.stderr
+  got = json.loads(out.stdout)
+  assert got["tokens"] == want.tokens[0]
+  np.testing.assert_allclose(got["logprobs"], want.logprobs[0], atol=1e-5)
