@@ -19,8 +19,8 @@ def load_params(directory: str, step: int | None = None, **overrides: Any
   if fmt == "meta":
     from cwm_jax.checkpoint import meta
     return meta.load_meta(directory, **overrides)
-  from cwm_jax.checkpoint import manager
-  cfg, params = manager.restore_params(directory, step=step)
+  from cwm_jax.checkpoint import _orbax_io, manager
+  cfg, params = manager.restore_params(_orbax_io.checkpoints_dir(directory), step=step)
   return (cfg.replace(**overrides) if overrides else cfg), params
 
 

@@ -34,8 +34,7 @@ def load_for_inference(checkpoint: str, step: int | None = None,
 
   An orbax training workdir is accepted as well as its `checkpoints/` folder.
   """
-  nested = os.path.join(checkpoint, "checkpoints")
-  cfg, model = load_model(nested if os.path.isdir(nested) else checkpoint, step)
+  cfg, model = load_model(checkpoint, step)
   if not need_tokenizer:
     return model, None
   tokenizer = load_tokenizer(checkpoint, tokenizer_path)
