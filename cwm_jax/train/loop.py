@@ -17,6 +17,7 @@ import threading
 import time
 
 import jax
+from flax import nnx
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -176,6 +177,18 @@ class _Logger:
     self.records.append({"step": step, **scalars})
 
 
+def _evaluate(config, cfg: ModelConfig, params, step: int, writer: MetricsWriter) -> None:
+  """Runs `cwm_jax.infer.evaluate` on the current params; logs `eval/*` at `step`."""
+  from cwm_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from cwm_jax.infer.evaluate import evaluate  # pylint: disable=g-import-not-at-top
+  from cwm_jax.model.transformer import model_from_params  # pylint: disable=g-import-not-at-top
+  path = config.data.get("tokenizer", "")
+  tokenizer = Tokenizer.from_rank_file(path) if path else Tokenizer.default()
+  with nnx.logical_axis_rules([tuple(r) for r in config.rules]):
+    metrics = evaluate(model_from_params(cfg, params), tokenizer, config.eval)
+  writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+
+
 def _peak(config, mesh) -> float:
   per_device = config.metrics.peak_flops or flops.peak_flops(mesh.devices.flat[0].device_kind)
   return per_device * mesh.devices.size
@@ -214,6 +227,9 @@ def train(config, workdir: str, devices=None) -> dict:
         step += 1
         if step % config.log_every == 0 or step == config.total_steps:
           log.defer(step, metrics)  # fetches the previous record, not this one
+        if config.eval_every and step % config.eval_every == 0:
+          log.flush()
+          _evaluate(config, cfg, state["params"], step, writer)
         preempted = preempt.reached(step)
         if preempted or (config.checkpoint_every and step % config.checkpoint_every == 0):
           ckpt.save(step, state, data_iter=source, meta=meta)

@@ -43,11 +43,18 @@ class MetricsWriter:
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(f"train/{k}", float(v), step)
-    logging.info("%s", progress_line(record, self.total))
+    logging.info("%s", progress_line(record, self.total) if "loss" in record
+                 else eval_line(record))
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def eval_line(r: dict) -> str:
+  """'eval step 10 | trace_nll 1.2345 | ...' for an evaluation record."""
+  items = [f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(r.items()) if k != "step"]
+  return " | ".join([f"eval step {r['step']}"] + items)
 
 
 def progress_line(r: dict, total: int | None = None) -> str:
