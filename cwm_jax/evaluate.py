@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from cwm_jax.cli import run_main
 from cwm_jax.infer.evaluate import EvalConfig, evaluate, held_out_cases
 from cwm_jax.infer.loading import load_for_inference
 from cwm_jax.model.config import ConfigError
@@ -50,7 +51,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_main(main)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import ast
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from cwm_jax.cli import run_main
 from cwm_jax.infer.loading import load_for_inference
 from cwm_jax.infer.trace_predict import TraceError, predict_frames, real_trace, side_by_side
 from cwm_jax.model.config import ConfigError
@@ -63,7 +64,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_main(main)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from cwm_jax.cli import run_main
 from cwm_jax.infer.loading import load_for_inference
 from cwm_jax.infer.sampler import generate
 from cwm_jax.model.config import ConfigError
@@ -77,7 +78,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_main(main)
 
 
 if __name__ == "__main__":
