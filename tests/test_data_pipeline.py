@@ -119,6 +119,55 @@ def test_packing_epoch_invariants(corpus, packing):
     assert got == collections.Counter(t for d in expected for t in d[:-1])
 
 
+@pytest.mark.parametrize('window', [0, 4])
+def test_split_long_documents_keeps_every_weighted_token_once(tmp_path,
+                                                              window):
+  tok = Tokenizer.default()
+  rng = np.random.default_rng(3)
+  records = [{'text': ' '.join(f'w{j}x{rng.integers(99)}' for j in range(n))}
+             for n in (3, 40, 150, 400)]
+  records.append(formats.chat_record([  # weights 0 then 1, across pieces
+      {'role': 'user', 'content': 'question ' * 90},
+      {'role': 'assistant', 'content': 'answer ' * 120}]))
+  path = _write_jsonl(tmp_path / 'long.jsonl', records)
+  docs = [formats.example_from_record(tok, r) for r in records]
+  n_long = sum(len(ids) - 1 > SEQ for ids, _ in docs)
+  assert n_long == 4
+  _, skipped = _epoch(_config(path, num_epochs=1))  # default: skip
+  assert skipped['too_long'] == n_long
+  batches, bad = _epoch(_config(path, num_epochs=1, long_documents='split',
+                                shuffle_window=window))
+  assert not any(bad.values())
+  expected = []  # (inputs, targets, weights) of each piece of <= SEQ targets
+  dropped = 0
+  for ids, w in docs:
+    for i in range(0, len(ids) - 1, SEQ):
+      piece = (tuple(ids[:-1][i:i + SEQ]), tuple(ids[1:][i:i + SEQ]),
+               tuple(w[1:][i:i + SEQ]))
+      if any(piece[2]):
+        expected.append(piece)
+      else:  # no loss weight: dropped (only inside the long chat prompt)
+        dropped += len(piece[0])
+  assert dropped > 0
+  got = []
+  for batch in batches:
+    for b in range(batch['inputs'].shape[0]):
+      seg = batch['segment_ids'][b]
+      for s in sorted(set(seg.tolist()) - {0}):
+        idx = np.flatnonzero(seg == s)
+        np.testing.assert_array_equal(batch['positions'][b, idx],
+                                      np.arange(len(idx)))
+        got.append(tuple(tuple(batch[k][b, idx].tolist())
+                         for k in ('inputs', 'targets', 'weights')))
+  assert sorted(got) == sorted(expected)
+  assert sum(len(p[0]) for p in got) + dropped == sum(
+      len(ids) - 1 for ids, _ in docs)
+  assert sum(sum(p[2]) for p in got) == sum(w[1:].sum() for _, w in docs)
+  with pytest.raises(ConfigError, match='long_documents'):
+    pipeline.make_iterator(_config(path, long_documents='cut'), seq_len=8,
+                           global_batch=2)
+
+
 def test_same_seed_same_batches_and_mixture(corpus):
   cfg = _config(corpus['a'], corpus['b'])
   cfg['mixture'][0]['weight'], cfg['mixture'][1]['weight'] = 3.0, 1.0
@@ -139,8 +188,10 @@ def test_same_seed_same_batches_and_mixture(corpus):
   assert 0.65 < from_a / (from_a + from_b) < 0.85  # weights 3:1
 
 
-def test_restore_continues_with_exact_next_batch(corpus):
-  cfg = _config(corpus['a'], corpus['b'])
+@pytest.mark.parametrize('extra', [{}, {'long_documents': 'split',
+                                      'shuffle_window': 8}])
+def test_restore_continues_with_exact_next_batch(corpus, extra):
+  cfg = _config(corpus['a'], corpus['b'], **extra)
   it = pipeline.make_iterator(cfg, seq_len=SEQ, global_batch=2, seed=1)
   for _ in range(7):
     next(it)

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.model.config import ConfigError, cwm_32b
 from cwm_jax.train import stages
 from cwm_jax.train.config import model_config
@@ -18,7 +19,7 @@ from test_launch import ROOT
 from test_sweep import sweeps
 
 
-def smoke(arg="schedule=all"):
+def smoke(arg="schedule=all,source=synthetic"):  # the 20-step plumbing schedule
   return sweeps.parse_config(f"configs/smoke.py:{arg}")
 
 
@@ -40,8 +41,30 @@ def test_smoke_stage_configs():
   assert (sft.init_from.path, sft.init_from.step, sft.init_from.params_only) == \
       ("/w/midtrain/checkpoints", 14, True)
   assert sft.data.prompt_fraction == 0.5 and pre.data.prompt_fraction == 0.0
-  only = smoke("stage=midtrain")
+  only = smoke("stage=midtrain,source=synthetic")
   assert [s.name for s in stages.selected(only, stages.stages_from_config(only))] == ["midtrain"]
+
+
+def test_smoke_schedule_reads_the_embedded_corpora(tmp_path):
+  c = smoke("schedule=all")
+  pre, mid, sft = (stages.stage_config(c, i, str(tmp_path)) for i in range(3))
+  assert model_config(pre).vocab_size == Tokenizer.default().vocab_size == 4352
+  kinds = lambda sc: [(m["kind"], m["name"]) for m in sc.data.mixture]
+  assert kinds(pre) == [("corpus", "code")]
+  assert kinds(mid) == [("corpus", "traces"), ("corpus", "code")]
+  assert kinds(sft) == [("corpus", "sft")]
+  assert pre.data.source == "grain" and pre.data.long_documents == "split"
+  # A corpus whose manifest exists is not rebuilt: the entry just points at its folder.
+  os.makedirs(tmp_path / "data" / "code")
+  (tmp_path / "data" / "code" / "manifest.json").write_text("{}")
+  resolved = stages.with_corpora(pre, str(tmp_path))
+  assert resolved.data.mixture == [{"kind": "array_record", "path": str(tmp_path / "data" / "code"),
+                                    "weight": 1.0}]
+  with pytest.raises(ConfigError, match="must be one of"):
+    with c.unlocked():
+      c.schedule.only = "sft"
+      c.schedule.stages.sft.data.mixture = [{"kind": "corpus", "name": "novels"}]
+    stages.prepare_data(c, str(tmp_path))
 
 
 def test_bad_stage_definitions_are_config_errors():
@@ -87,7 +110,7 @@ def _train(workdir, *extra):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   return subprocess.run([sys.executable, "-m", "cwm_jax.train", "--config",
-                         "configs/smoke.py:schedule=all", "--workdir", str(workdir),
+                         "configs/smoke.py:schedule=all,source=synthetic", "--workdir", str(workdir),
                          "--config.schedule.finish=False", "--config.model.overrides.vocab_size=512",
                          *extra],
                         cwd=ROOT, env=env, capture_output=True, text=True)

@@ -13,13 +13,21 @@ directly plus `DIR/manifest.json`; read it with a pipeline source of kind
 `--writer tfds` runs a tensorflow-datasets `GeneratorBasedBuilder`
 (`file_format='array_record'`, feature `record`: the JSON text) under DIR;
 read it with a source of kind `tfds` and `path:` the printed builder folder.
+
+Training configs may name a corpus instead of a path: a mixture entry
+`{kind: 'corpus', name: NAME, limit: N, weight: W}` is built on demand, once,
+by `resolve_corpora` (called by `cwm_jax.train` before training, with
+DATA_DIR = WORKDIR/data) into `DATA_DIR/NAME/` and replaced by
+`{kind: 'array_record', path: DATA_DIR/NAME}`.
 """
 
 import json
 import os
+import shutil
 
 from absl import app
 from absl import flags
+from absl import logging
 from array_record.python import array_record_module
 import tensorflow_datasets as tfds
 
@@ -116,6 +124,54 @@ def build_corpus(corpus: str, out: str, *, limit: int | None = None,
     return write_tfds(corpus, out, limit)
   return write_array_record(corpora.corpus_records(corpus, limit), out,
                             corpus, num_shards)
+
+
+def corpus_entries(mixture) -> list[dict]:
+  """The embedded-corpus entries of a data mixture, validated."""
+  if not isinstance(mixture, (list, tuple)):
+    return []  # e.g. a {name: weight} table of a recipe config
+  entries = [dict(m) for m in mixture if dict(m).get('kind') == 'corpus']
+  for e in entries:
+    unknown = sorted(set(e) - {'kind', 'name', 'limit', 'weight'})
+    if e.get('name') not in corpora.CORPORA or unknown:
+      raise ConfigError(f'data.mixture entry {e}: name must be one of '
+                        f'{corpora.CORPORA}; fields are kind, name, limit '
+                        '(files/calls cap, None = all), weight')
+  return entries
+
+
+def ensure_corpus(name: str, out: str, limit: int | None = None) -> str:
+  """Builds corpus `name` into `out` unless `out/manifest.json` exists
+  (delete `out` to rebuild, e.g. with another limit). Returns `out`."""
+  if os.path.isfile(os.path.join(out, 'manifest.json')):
+    return out
+  tmp = f'{out}.tmp{os.getpid()}'  # renamed when complete: no half builds
+  shutil.rmtree(tmp, ignore_errors=True)
+  manifest = build_corpus(name, tmp, limit=limit)
+  logging.info('built corpus %s (%d records, limit %s) in %s', name,
+               manifest['records'], limit, out)
+  try:
+    os.rename(tmp, out)
+  except OSError:  # built meanwhile by another process
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out
+
+
+def resolve_corpora(mixture, data_dir: str):
+  """`mixture` with each `{kind: 'corpus', name, limit, weight}` entry built
+  (`ensure_corpus` into `data_dir/NAME`) and replaced by its array_record
+  source; other entries and non-list mixtures are returned unchanged."""
+  if not corpus_entries(mixture):
+    return mixture
+  out = []
+  for m in map(dict, mixture):
+    if m.get('kind') == 'corpus':
+      path = ensure_corpus(m['name'], os.path.join(data_dir, m['name']),
+                           m.get('limit'))
+      m = {'kind': 'array_record', 'path': path,
+           'weight': m.get('weight', 1.0)}
+    out.append(m)
+  return out
 
 
 _CORPUS = flags.DEFINE_string('corpus', None, f'One of {corpora.CORPORA}.')

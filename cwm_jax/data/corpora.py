@@ -14,6 +14,7 @@ Each corpus is an iterator of record dicts in the JSON schema of
 """
 
 from collections.abc import Iterator
+import functools
 import itertools
 import json
 import os
@@ -59,7 +60,17 @@ def _calls(limit: int | None):
 
 def traced_calls(limit: int | None = None) -> Iterator[dict]:
   """Traces of `limit` calls that ran to completion: dicts with source,
-  function, args, kwargs, origin, frames and the formatted prompt/frames."""
+  function, args, kwargs, origin, frames and the formatted prompt/frames.
+  The last list is kept, so building `traces` then `sft` traces once."""
+  yield from _traced(limit)
+
+
+@functools.lru_cache(maxsize=1)
+def _traced(limit: int | None) -> tuple[dict, ...]:
+  return tuple(_trace_calls(limit))
+
+
+def _trace_calls(limit: int | None) -> Iterator[dict]:
   from cwm_jax.data import traces  # pylint: disable=g-import-not-at-top
   for call in _calls(limit):
     result = traces.trace_call(call.source, call.function, call.args,

@@ -12,14 +12,26 @@ inputs=d[:-1], targets=d[1:] before packing, so no target crosses
 documents), positions (restart at 0 per document), segment_ids (1..n per
 row, 0 = padding), weights (float32; 0 on padding and SFT prompt tokens).
 
-Bad records (invalid UTF-8, empty, longer than `seq_len`, wrong schema) are
-skipped and counted; `bad_record_counts(it)` returns the totals. The counts
+Bad records (invalid UTF-8, empty, wrong schema, and with
+`long_documents='skip'` documents longer than `seq_len`) are skipped and
+counted; `bad_record_counts(it)` returns the totals. The counts
 travel inside each batch (`_bad`, `_worker`, stripped by `DataIterator`) so
 that they are exact with worker processes and restored with the state.
 
 data config (ml_collections.ConfigDict or dict; see `default_data_config`):
   mixture: list of {kind: array_record|tfds|jsonl, path, split, weight}
+    ({kind: corpus, name, limit, weight} entries are built and replaced by
+    cwm_jax.train, see cwm_jax.data.build)
   packing: first_fit | concat_then_split
+  long_documents: skip (default: a document of more than seq_len targets is
+    a 'too_long' bad record) | split (it becomes consecutive pieces of at
+    most seq_len targets, each packed as its own document: positions restart
+    at 0 and attention does not cross pieces; weights are kept per token;
+    a piece with no loss weight, e.g. inside a long SFT prompt, is dropped
+    as it would train nothing)
+  shuffle_window: with shuffle, shuffle documents/pieces again in windows of
+    this many (0: off) so that the pieces of one long document spread over
+    many batches
   num_packing_bins: first-fit bins per packing round (0: batch rows)
   tokenizer: rank file ('' = the project's shipped BPE)
   shuffle, num_epochs (None = forever), worker_count, worker_buffer_size,
@@ -41,13 +53,15 @@ from cwm_jax.model.config import ConfigError
 
 REASONS = ('invalid_utf8', 'empty', 'too_long', 'schema')
 PACKINGS = ('first_fit', 'concat_then_split')
+LONG_DOCUMENTS = ('skip', 'split')
 _FEATURES = ('inputs', 'targets', 'weights')
 _FOREIGN_KEYS = ('source', 'mean_doc_len', 'prompt_fraction')  # train's keys
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      mixture=[], packing='first_fit', num_packing_bins=0, tokenizer='',
+      mixture=[], packing='first_fit', long_documents='skip', shuffle_window=0,
+      num_packing_bins=0, tokenizer='',
       shuffle=True, num_epochs=None, worker_count=0, worker_buffer_size=2,
       read_threads=4))
 
@@ -64,6 +78,8 @@ class Component:
 class DataConfig:
   mixture: tuple[Component, ...]
   packing: str = 'first_fit'
+  long_documents: str = 'skip'
+  shuffle_window: int = 0
   num_packing_bins: int = 0
   tokenizer: str = ''
   shuffle: bool = True
@@ -85,6 +101,12 @@ class DataConfig:
                         f'{sorted(known)}')
     comps = []
     for i, c in enumerate(d.get('mixture') or ()):
+      if dict(c).get('kind') == 'corpus':
+        raise ConfigError(
+            f'data.mixture[{i}] is an embedded corpus entry {dict(c)}: build '
+            'it first (cwm_jax.train resolves these into WORKDIR/data/NAME; '
+            'or run `python -m cwm_jax.data.build --corpus NAME --out DIR` '
+            'and use {kind: array_record, path: DIR})')
       try:
         comps.append(Component(**dict(c)))
       except TypeError as e:
@@ -106,18 +128,24 @@ class DataConfig:
         errors.append(f'data.mixture[{i}].weight={c.weight} must be > 0')
     if self.packing not in PACKINGS:
       errors.append(f'data.packing={self.packing!r} not in {PACKINGS}')
+    if self.long_documents not in LONG_DOCUMENTS:
+      errors.append(f'data.long_documents={self.long_documents!r} not in '
+                    f'{LONG_DOCUMENTS}')
     if self.num_epochs is not None and self.num_epochs < 1:
       errors.append('data.num_epochs must be None or >= 1')
-    if self.worker_count < 0 or self.num_packing_bins < 0:
-      errors.append('data.worker_count and num_packing_bins must be >= 0')
+    if min(self.worker_count, self.num_packing_bins, self.shuffle_window) < 0:
+      errors.append('data.worker_count, num_packing_bins and shuffle_window '
+                    'must be >= 0')
     if errors:
       raise ConfigError('; '.join(errors))
 
 
 class Tokenize(grain.transforms.Map):
-  """Raw record -> {inputs, targets, weights} or {'bad': reason index}."""
+  """Raw record -> {inputs, targets, weights} or {'bad': reason index}.
 
-  def __init__(self, rank_file: str, seq_len: int):
+  `seq_len=None` keeps documents of any length (for `SplitLong`)."""
+
+  def __init__(self, rank_file: str, seq_len: int | None):
     self._rank_file, self._seq_len, self._tok = rank_file, seq_len, None
 
   def __getstate__(self):
@@ -137,9 +165,28 @@ class Tokenize(grain.transforms.Map):
       return {'bad': np.int32(REASONS.index(e.reason))}
     if len(ids) < 2:
       return {'bad': np.int32(REASONS.index('empty'))}
-    if len(ids) - 1 > self._seq_len:
+    if self._seq_len is not None and len(ids) - 1 > self._seq_len:
       return {'bad': np.int32(REASONS.index('too_long'))}
     return {'inputs': ids[:-1], 'targets': ids[1:], 'weights': weights[1:]}
+
+
+class SplitLong(grain.experimental.FlatMapTransform):
+  """A document of more than `seq_len` targets -> consecutive pieces of at
+  most `seq_len` (no token repeated; pieces without loss weight are dropped,
+  so no weighted target is lost; bad records pass through)."""
+
+  max_fan_out = 2**31 - 1  # unused by IterDataset flat maps
+
+  def __init__(self, seq_len: int):
+    self._seq_len = seq_len
+
+  def flat_map(self, element):
+    n = len(element.get('inputs', ()))
+    if n <= self._seq_len:
+      return [element]
+    return [{k: v[i:i + self._seq_len] for k, v in element.items()}
+            for i in range(0, n, self._seq_len)
+            if element['weights'][i:i + self._seq_len].any()]
 
 
 class _SkipBadIterator(grain.DatasetIterator):
@@ -255,7 +302,7 @@ def _to_contract(packed: dict, rows: int) -> dict[str, np.ndarray]:
 
 
 def _component(comp: Component, index: int, cfg: DataConfig, tokenize,
-               process_index: int, process_count: int, seed: int):
+               seq_len: int, process_index: int, process_count: int, seed: int):
   ds = grain.MapDataset.source(sources.make_source(comp.kind, comp.path,
                                                    comp.split))
   ds = ds[process_index::process_count]
@@ -264,7 +311,13 @@ def _component(comp: Component, index: int, cfg: DataConfig, tokenize,
   ds = ds.repeat(cfg.num_epochs).map(tokenize)
   read = grain.ReadOptions(num_threads=cfg.read_threads,
                            prefetch_buffer_size=4 * max(cfg.read_threads, 1))
-  return SkipBad(ds.to_iter_dataset(read))
+  ds = ds.to_iter_dataset(read)
+  if cfg.long_documents == 'split':
+    ds = grain.experimental.FlatMapIterDataset(ds, SplitLong(seq_len))
+  if cfg.shuffle and cfg.shuffle_window:
+    ds = grain.experimental.WindowShuffleIterDataset(
+        ds, window_size=cfg.shuffle_window, seed=seed + 7919 * index + 1)
+  return SkipBad(ds)
 
 
 def _pack(ds, cfg: DataConfig, seq_len: int, rows: int, seed: int):
@@ -279,8 +332,10 @@ def _pack(ds, cfg: DataConfig, seq_len: int, rows: int, seed: int):
 def build_dataset(cfg: DataConfig, *, seq_len: int, rows: int,
                   process_index: int, process_count: int, seed: int):
   """The grain IterDataset of contract batches (with count side fields)."""
-  tokenize = Tokenize(cfg.tokenizer, seq_len)
-  parts = [_component(c, i, cfg, tokenize, process_index, process_count, seed)
+  tokenize = Tokenize(cfg.tokenizer,
+                      seq_len if cfg.long_documents == 'skip' else None)
+  parts = [_component(c, i, cfg, tokenize, seq_len, process_index,
+                      process_count, seed)
            for i, c in enumerate(cfg.mixture)]
   ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(
       parts, [c.weight for c in cfg.mixture])

@@ -12,6 +12,12 @@ every stage of such a chain trains on one schedule whose decay ends at the
 chain's last step, each stage running its own segment of it. Any other stage
 restores params only and starts a fresh optimizer at step 0. Restores are
 made onto the new stage's mesh, so moving between stages reshards.
+
+Data mixtures may name the embedded corpora (`{kind: 'corpus', name: 'code',
+limit: N, weight: W}`, see `cwm_jax.data.build`): before the first stage
+runs, those of the selected stages are built once into `WORKDIR/data/NAME/`
+(kept across stages and resumes), and each stage reads that folder's
+array_record files.
 """
 
 from __future__ import annotations
@@ -198,6 +204,7 @@ def run_schedule(config, workdir: str) -> dict[str, Any]:
   from absl import logging  # pylint: disable=g-import-not-at-top
   from cwm_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   results: dict[str, Any] = {}
+  prepare_data(config, workdir)
   for st, sc in plan_stages(config, workdir):
     stage_dir = os.path.join(workdir, st.name)
     done = _latest_step(os.path.join(stage_dir, "checkpoints"))
@@ -210,6 +217,7 @@ def run_schedule(config, workdir: str) -> dict[str, Any]:
       from cwm_jax.rl.loop import run as run_stage  # pylint: disable=g-import-not-at-top
     if sc.init_from.path and done is None:
       _check_start(st, sc)
+    sc = with_corpora(sc, workdir)
     logging.info("stage %s: steps %d..%d, seq_len %d, rope_scaling %s, init_from %s",
                  st.name, sc.stage.first_step, sc.total_steps, sc.seq_len,
                  sc.model.overrides.rope_scaling is not None, sc.init_from.path or "scratch")
@@ -218,6 +226,34 @@ def run_schedule(config, workdir: str) -> dict[str, Any]:
     if out.get("preempted"):
       break
   return results
+
+
+def _names_corpora(config) -> bool:
+  mixture = config.data.get("mixture")
+  return isinstance(mixture, (list, tuple)) and any(
+      dict(m).get("kind") == "corpus" for m in mixture)
+
+
+def prepare_data(config, workdir: str) -> None:
+  """Builds the corpora the selected stages name. Runs before JAX starts its
+  threads: the trace builder forks sandboxed interpreters."""
+  stages = stages_from_config(config)
+  for st in selected(config, stages):
+    try:
+      with_corpora(stage_config(config, stages.index(st), workdir), workdir)
+    except ConfigError as e:
+      raise ConfigError(f"stage {st.name}: {e}") from e
+
+
+def with_corpora(config, workdir: str):
+  """`config` with its embedded-corpus mixture entries built into
+  `workdir/data/NAME` and replaced by array_record sources."""
+  if not _names_corpora(config):
+    return config
+  from cwm_jax.data import build  # pylint: disable=g-import-not-at-top
+  config.data.mixture = build.resolve_corpora(config.data.mixture,
+                                              os.path.join(workdir, "data"))
+  return config
 
 
 def _check_start(st: Stage, sc) -> None:
@@ -237,4 +273,4 @@ def run(config, workdir: str) -> dict[str, Any]:
     results.update(finish.after_schedule(config, workdir, results))
     return results
   from cwm_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-  return train(config, workdir)
+  return train(with_corpora(config, workdir), workdir)
