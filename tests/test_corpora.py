@@ -120,3 +120,13 @@ def test_tfds_writer_feeds_the_pipeline(tmp_path):
         docs.append(batch['inputs'][b, idx].tolist()
                     + [int(batch['targets'][b, idx[-1]])])
   assert sorted(docs) == expected
+
+
+def test_training_corpora_skip_the_held_out_programs():
+  from cwm_jax.data.traces.examples import is_held_out, program_calls
+  calls = program_calls()
+  held = {os.path.basename(c.origin) for c in calls if is_held_out(c.origin)}
+  assert held and len(held) < len({os.path.basename(c.origin) for c in calls})
+  used = {os.path.basename(c.origin) for c in corpora._calls(limit=None)
+          if c.origin.endswith('.py')}
+  assert used and not used & held

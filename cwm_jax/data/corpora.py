@@ -45,9 +45,10 @@ def code_records(limit: int | None = None) -> Iterator[dict]:
 
 
 def _calls(limit: int | None):
-  """(Call, origin) pairs: shipped programs first, then stdlib doctests."""
+  """(Call, origin) pairs: shipped programs first (held-out files skipped), then doctests."""
   from cwm_jax.data import traces  # pylint: disable=g-import-not-at-top
-  calls = list(traces.program_calls())
+  from cwm_jax.data.traces.examples import is_held_out  # pylint: disable=g-import-not-at-top
+  calls = [c for c in traces.program_calls() if not is_held_out(c.origin)]
   for module in traces.DOCTEST_MODULES:
     if limit is not None and len(calls) >= limit:
       break

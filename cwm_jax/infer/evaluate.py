@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 from typing import Any, Mapping
@@ -35,12 +34,12 @@ from flax import nnx
 
 from cwm_jax.data import formats
 from cwm_jax.data.traces import examples
+from cwm_jax.data.traces.examples import HOLD_OUT_MODULUS, is_held_out
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer import trace_predict
 from cwm_jax.model.config import ConfigError
 
-HOLD_OUT_MODULUS = 5
 MIN_BUCKET = 256   # teacher-forced rows pad to a power of two >= this (few compilations)
 
 
@@ -70,11 +69,6 @@ class EvalConfig:
     for name in ("max_programs", "max_new_tokens", "max_tokens", "batch_size"):
       if getattr(self, name) < 1:
         raise ConfigError(f"eval config {name}={getattr(self, name)} must be >= 1")
-
-
-def is_held_out(filename: str) -> bool:
-  digest = hashlib.sha256(os.path.basename(filename).encode()).hexdigest()
-  return int(digest, 16) % HOLD_OUT_MODULUS == 0
 
 
 @functools.lru_cache(maxsize=4)

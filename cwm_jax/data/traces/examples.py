@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import doctest
+import hashlib
 import importlib
 import inspect
 import os
@@ -41,6 +42,17 @@ def program_inputs(source: str, origin: str = '<program>') -> dict[str, list[tup
         raise ValueError(f'{origin}: INPUTS must map function names to lists of argument tuples')
       return inputs
   raise ValueError(f'{origin}: no module-level INPUTS dict; add INPUTS = {{"f": [(args...)]}}')
+
+
+# Held-out rule shared by the corpora (which skip these files) and the evaluation
+# (which uses only these): sha256 of the file name, so adding programs never moves
+# an existing one between the sets.
+HOLD_OUT_MODULUS = 5
+
+
+def is_held_out(filename: str) -> bool:
+  digest = hashlib.sha256(os.path.basename(filename).encode()).hexdigest()
+  return int(digest, 16) % HOLD_OUT_MODULUS == 0
 
 
 def program_calls(programs_dir: str | None = None) -> list[Call]:
