@@ -20,21 +20,7 @@ from cwm_jax.checkpoint.manager import restore_params
 from cwm_jax.infer.sampler import generate
 from cwm_jax.model.transformer import init_model, model_from_params
 from cwm_jax.rl import loop, tasks
-from cwm_jax.train.config import base_config, model_config
-
-
-def toy_config(steps: int, seed: int):
-  c = base_config()
-  c.seed = seed
-  c.model.overrides.update(dict(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, head_dim=16,
-                                ffn_dim=64, vocab_size=16, local_window=8, global_window=32))
-  c.seq_len, c.batch_size, c.total_steps = 8, 128, steps
-  c.checkpoint_every, c.checkpoint.async_save, c.metrics.tensorboard = 0, False, False
-  c.optimizer.update(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0)
-  c.mesh.update(data=-1, fsdp=1)
-  c.rl = loop.rl_config()
-  c.rl.update(tasks="digits", group_size=8, max_new_tokens=1)
-  return c
+from cwm_jax.train.config import model_config
 
 
 def greedy_eval(model, seed: int) -> dict:
@@ -51,7 +37,7 @@ def main():
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  config = toy_config(args.steps, args.seed)
+  config = loop.toy_config(args.steps, args.seed)
   cfg = model_config(config)
   before = greedy_eval(init_model(cfg, args.seed), args.seed)  # the RL run's initial params
   with tempfile.TemporaryDirectory() as workdir:

@@ -19,7 +19,6 @@ from cwm_jax.infer.sampler import GenerateResult
 from cwm_jax.infer.trace_predict import real_trace
 from cwm_jax.model.config import ConfigError
 from cwm_jax.rl import grpo, loop, rewards, rollout, tasks
-from cwm_jax.train.config import base_config
 
 FAST = Limits(timeout_s=1.0, memory_mb=256, output_bytes=10_000)
 
@@ -160,22 +159,9 @@ def test_async_rollouts_drop_stale_batches():
   assert not any(t.name == "rl-rollouts" and t.is_alive() for t in threading.enumerate())
 
 
-def _toy_config(steps: int):
-  c = base_config()
-  c.model.overrides.update(dict(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, head_dim=16,
-                                ffn_dim=64, vocab_size=16, local_window=8, global_window=32))
-  c.seq_len, c.batch_size, c.total_steps = 8, 128, steps
-  c.checkpoint_every, c.checkpoint.async_save, c.metrics.tensorboard = 0, False, False
-  c.optimizer.update(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0)
-  c.mesh.update(data=-1, fsdp=1)
-  c.rl = loop.rl_config()
-  c.rl.update(tasks="digits", group_size=8, max_new_tokens=1)
-  return c
-
-
 def test_toy_task_reward_rises(tmp_path):
   """From random init, 'output the digit in the prompt' (1/16 by chance) is learned by RL."""
-  out = loop.run(_toy_config(30), str(tmp_path))
+  out = loop.run(loop.toy_config(30), str(tmp_path))
   rewards_ = [r["reward_mean"] for r in out["records"]]
   before, after = np.mean(rewards_[:5]), np.mean(rewards_[-5:])
   assert before < -0.5 and after > before + 0.6, (before, after, rewards_)
@@ -191,11 +177,11 @@ def test_toy_task_reward_rises(tmp_path):
 
 
 def test_bad_rl_configs():
-  c = _toy_config(2)
+  c = loop.toy_config(2)
   c.rl.group_size = 3  # 128 rollouts do not split into groups of 3
   with pytest.raises(ConfigError, match="group_size"):
     loop.validate_rl(c)
-  c = _toy_config(2)
+  c = loop.toy_config(2)
   c.rl.temperature = 0.0
   with pytest.raises(ConfigError, match="temperature"):
     loop.validate_rl(c)

@@ -44,19 +44,25 @@ def stdlib_files() -> list[str]:
   return files
 
 
-def stdlib_texts(max_bytes: int | None = None) -> Iterator[str]:
-  """Yields decodable stdlib sources in a fixed order, up to `max_bytes`."""
-  total = 0
+def stdlib_sources() -> Iterator[tuple[str, str]]:
+  """Yields (path, text) of the decodable stdlib sources in a fixed order."""
   for path in stdlib_files():
     with open(path, 'rb') as f:
       data = f.read()
     try:
-      text = data.decode('utf-8')
+      yield path, data.decode('utf-8')
     except UnicodeDecodeError:
       continue
-    if max_bytes is not None and total + len(data) > max_bytes:
+
+
+def stdlib_texts(max_bytes: int | None = None) -> Iterator[str]:
+  """Yields decodable stdlib sources in a fixed order, up to `max_bytes` (UTF-8)."""
+  total = 0
+  for _, text in stdlib_sources():
+    size = len(text.encode('utf-8'))
+    if max_bytes is not None and total + size > max_bytes:
       return
-    total += len(data)
+    total += size
     yield text
 
 

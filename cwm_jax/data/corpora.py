@@ -32,13 +32,7 @@ _MAX_REASONING_STEPS = 48
 def code_records(limit: int | None = None) -> Iterator[dict]:
   """Standard-library sources, one 'text' record per decodable file."""
   root = sysconfig.get_paths()['stdlib']
-  for path in itertools.islice(bpe.stdlib_files(), limit):
-    with open(path, 'rb') as f:
-      data = f.read()
-    try:
-      text = data.decode('utf-8')
-    except UnicodeDecodeError:
-      continue
+  for path, text in itertools.islice(bpe.stdlib_sources(), limit):
     if text.strip():
       yield {'format': 'text', 'text': text,
              'source': os.path.relpath(path, root)}

@@ -57,6 +57,22 @@ def rl_config() -> ml_collections.ConfigDict:
       verifier_workers=2, sandbox_timeout_s=3.0, sandbox_memory_mb=512))
 
 
+def toy_config(steps: int, seed: int = 0) -> ml_collections.ConfigDict:
+  """The learnable-from-scratch toy RL run: 16-token vocab, 'which digit' task."""
+  from cwm_jax.train.config import base_config  # pylint: disable=g-import-not-at-top
+  c = base_config()
+  c.seed = seed
+  c.model.overrides.update(dict(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, head_dim=16,
+                                ffn_dim=64, vocab_size=16, local_window=8, global_window=32))
+  c.seq_len, c.batch_size, c.total_steps = 8, 128, steps
+  c.checkpoint_every, c.checkpoint.async_save, c.metrics.tensorboard = 0, False, False
+  c.optimizer.update(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0)
+  c.mesh.update(data=-1, fsdp=1)
+  c.rl = rl_config()
+  c.rl.update(tasks="digits", group_size=8, max_new_tokens=1)
+  return c
+
+
 def validate_rl(config) -> None:
   rl, errors = config.rl, []
   if rl.group_size < 2:

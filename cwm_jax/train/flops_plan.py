@@ -20,13 +20,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
 from cwm_jax import planner
 from cwm_jax.model.config import ConfigError
 from cwm_jax.parallel import mesh as mesh_lib
-from cwm_jax.parallel import sharding
-from cwm_jax.train import optimizer, state as state_lib, step as step_lib
+from cwm_jax.train import state as state_lib, step as step_lib
+from cwm_jax.train.loop import step_parts
 from cwm_jax.train.config import model_config, validate
 
 GB = 1e9
@@ -78,14 +77,7 @@ def devices_needed(config, mesh_text: str | None) -> int:
 
 
 def _compile(config, cfg, mesh):
-  tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
-  abstract = state_lib.abstract_state(cfg, tx, config.seed)
-  shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
-  batch_sh = NamedSharding(mesh, sharding.batch_spec(config.rules))
-  fn = step_lib.make_train_step(cfg, tx, schedule, grad_accum=config.grad_accum,
-                                z_loss=config.loss.z_loss, loss_chunk=config.loss.chunk,
-                                rules=sharding.normalize_rules(config.rules))
-  jitted = step_lib.jit_train_step(fn, shardings, batch_sh)
+  _, abstract, shardings, batch_sh, jitted = step_parts(config, cfg, mesh)
   shape = (config.batch_size, config.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
                                    sharding=batch_sh) for k in step_lib.BATCH_KEYS}

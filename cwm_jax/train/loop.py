@@ -64,8 +64,8 @@ def _setup(config, cfg: ModelConfig, devices=None) -> _Setup:
   return _SETUPS[key]
 
 
-def _build(config, cfg: ModelConfig, devices) -> _Setup:
-  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
+def step_parts(config, cfg: ModelConfig, mesh, compiler_options=None):
+  """(tx, abstract state, state shardings, batch sharding, jitted train step) on `mesh`."""
   tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
   abstract = state_lib.abstract_state(cfg, tx, config.seed)
   shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
@@ -73,10 +73,16 @@ def _build(config, cfg: ModelConfig, devices) -> _Setup:
   fn = step_lib.make_train_step(cfg, tx, schedule, grad_accum=config.grad_accum,
                                 z_loss=config.loss.z_loss, loss_chunk=config.loss.chunk,
                                 rules=sharding.normalize_rules(config.rules))
+  jitted = step_lib.jit_train_step(fn, shardings, batch_sh, compiler_options)
+  return tx, abstract, shardings, batch_sh, jitted
+
+
+def _build(config, cfg: ModelConfig, devices) -> _Setup:
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   options = _compiler_options(config)
+  tx, abstract, shardings, batch_sh, step_fn = step_parts(config, cfg, mesh, options)
   init_fn = state_lib.jit_init(cfg, tx, config.seed, shardings, options)
-  return _Setup(mesh, tx, abstract, shardings, batch_sh,
-                step_lib.jit_train_step(fn, shardings, batch_sh, options), init_fn)
+  return _Setup(mesh, tx, abstract, shardings, batch_sh, step_fn, init_fn)
 
 
 def _compiler_options(config) -> dict:
