@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cwm_jax import planner
 from cwm_jax.kernels.masks import allowed
@@ -83,3 +84,20 @@ def test_smoke_stage_plan_fits():
   assert list(plans) == ["midtrain"] and plans["midtrain"]["total_gb_per_device"] < 1
   assert plans["midtrain"]["seq_len"] == 128 and plans["midtrain"]["rope_scaling"]
   assert plans["midtrain"]["mesh"]["data"] == 4
+
+
+@pytest.mark.parametrize("stage, devices, mesh, accum, seq_len", [
+    ("midtrain", 64, "data=1,fsdp=8,tensor=1,sequence=8", 16, 131072),
+    ("sft", 128, "data=1,fsdp=64,tensor=1,sequence=2", 4, 32768),
+])
+def test_cwm_32b_long_context_stages_compile(stage, devices, mesh, accum, seq_len):
+  """Mid-training (131k, context parallel over `sequence`) and SFT plan in CI-sized form."""
+  out = _plan("--config", f"configs/cwm_32b.py:stage={stage}", "--devices", str(devices),
+              "--mesh", mesh, f"--config.grad_accum={accum}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  plan = json.loads(out.stdout)["stages"][stage]
+  assert plan["seq_len"] == seq_len and plan["rope_scaling"] and plan["devices"] == devices
+  assert plan["layers"].count(131072) == 17 and plan["layers"][-1] == 131072
+  assert abs(plan["argument_gb_per_device"] - 12 * 32_581_097_472 / (devices / int(
+      mesh.split("sequence=")[1])) / 1e9) < 0.1  # state sharded over fsdp, replicated over seq
+  assert plan["temp_gb_per_device"] > 0
