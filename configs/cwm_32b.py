@@ -32,13 +32,20 @@ STAGES = ("pretrain", "midtrain", "sft", "rl")
 T, B = 1e12, 1e9
 
 # Data mixtures (weights per corpus; SPEC: mid-train 30% CWM data, 40% code, 30% rehearsal).
+# Each corpus is read as ArrayRecord shards from DATA_ROOT/NAME (variant `data_root=`); build
+# them with `python -m cwm_jax.data.build` or any writer of the records in README "Records".
+DATA_ROOT = "/data/cwm"                     # (default)
 PRETRAIN_MIX = dict(code=0.30, text=0.70)
 MIDTRAIN_MIX = dict(traces=0.10, agentic=0.08, pull_requests=0.06, compiler_ir=0.02,
                     kernels=0.02, lean=0.02, code=0.40, rehearsal=0.30)
 SFT_MIX = dict(reasoning=0.6, chat=0.2, agentic=0.1, traces=0.1)
 
 
-def _stages() -> dict:
+def _mixture(weights: dict, root: str) -> list[dict]:
+  return [dict(kind="array_record", path=f"{root}/{name}", weight=w) for name, w in weights.items()]
+
+
+def _stages(root: str) -> dict:
   """Stage fields; unknown figures are marked (default)."""
   return dict(
       pretrain=dict(tokens=8 * T, seq_len=8192, global_window=8192, rope_scaling=False,
@@ -46,17 +53,17 @@ def _stages() -> dict:
                     mesh=dict(data=-1, fsdp=64, tensor=1, sequence=1),  # (default)
                     optimizer=dict(lr=3e-4, warmup_steps=2000, schedule="cosine",  # (default)
                                    min_lr_ratio=0.1, weight_decay=0.1),
-                    data=dict(mixture=PRETRAIN_MIX), remat="full", start_from="scratch"),
+                    data=dict(mixture=_mixture(PRETRAIN_MIX, root)), remat="full", start_from="scratch"),
       midtrain=dict(tokens=5 * T, seq_len=131072, global_window=131072, rope_scaling=True,
                     batch_size=128,                                    # (default) 16.8M tok/step
                     mesh=dict(data=-1, fsdp=64, tensor=1, sequence=8),  # (default)
-                    data=dict(mixture=MIDTRAIN_MIX), remat="full", carry_optimizer=True),
+                    data=dict(mixture=_mixture(MIDTRAIN_MIX, root)), remat="full", carry_optimizer=True),
       sft=dict(tokens=100 * B, seq_len=32768, global_window=131072, rope_scaling=True,
                batch_size=256,                                         # (default) 8.4M tok/step
                mesh=dict(data=-1, fsdp=64, tensor=1, sequence=2),      # (default)
                optimizer=dict(lr=1e-5, warmup_steps=100, schedule="cosine",  # (default)
                               min_lr_ratio=0.1, weight_decay=0.1),
-               data=dict(mixture=SFT_MIX, prompt_loss_weight=0.0), remat="full"),
+               data=dict(mixture=_mixture(SFT_MIX, root)), remat="full"),
       rl=dict(tokens=172 * B, seq_len=131072, global_window=131072, rope_scaling=True,
               batch_size=64, mesh=dict(data=-1, fsdp=64, tensor=1, sequence=8),  # (default)
               optimizer=dict(lr=1e-6, warmup_steps=0, schedule="constant"),     # (default)
@@ -76,10 +83,11 @@ def _rl() -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None):
   variant = parse_variant(arg)
-  unknown = sorted(set(variant) - {"stage", "schedule"})
+  unknown = sorted(set(variant) - {"stage", "schedule", "data_root"})
   stage = variant.get("stage", "")
   if unknown or (stage and stage not in STAGES) or variant.get("schedule", "all") != "all":
     raise ConfigError(f"configs/cwm_32b.py: use stage={'|'.join(STAGES)} or schedule=all "
+                      "[,data_root=DIR] "
                       f"(got {arg!r})")
   c = base_config()
   c.model.preset = "cwm_32b"
@@ -96,5 +104,5 @@ def get_config(arg: str | None = None):
   c.rl = _rl()
   order = "pretrain,midtrain,sft" if stage != "rl" else ",".join(STAGES)
   c.schedule = ml_collections.ConfigDict(dict(order=order, only=stage, finish=False,
-                                              stages=_stages()))
+                                              stages=_stages(variant.get("data_root", DATA_ROOT))))
   return c

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from cwm_jax.data.pipeline import DataConfig
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.model.config import ConfigError, cwm_32b
 from cwm_jax.train import stages
@@ -98,8 +99,11 @@ def test_cwm_32b_recipe():
   assert m_sft.rope_scaling is not None and sft.seq_len == 32768
   assert m_mid.param_count() == 32_581_097_472
   assert not mid.init_from.params_only and sft.init_from.params_only
-  assert sft.data.prompt_loss_weight == 0.0
-  assert abs(sum(mid.data.mixture.values()) - 1) < 1e-9 and mid.data.mixture["code"] == 0.4
+  weights = {m["path"].rsplit("/", 1)[1]: m["weight"] for m in mid.data.mixture}
+  assert abs(sum(weights.values()) - 1) < 1e-9 and weights["code"] == 0.4
+  assert weights["rehearsal"] == 0.3 and mid.data.mixture[0]["path"].startswith("/data/cwm/")
+  for sc in (pre, mid, sft):  # every stage's data section is a valid pipeline config
+    DataConfig.from_config(sc.data)
   rl = sweeps.parse_config("configs/cwm_32b.py:stage=rl")
   assert (rl.rl.eps_low, rl.rl.eps_high, rl.rl.kl_coef) == (0.2, 0.25, 0.0)
   with pytest.raises(ConfigError, match="stage="):
