@@ -258,3 +258,15 @@ def test_cli_text_and_json():
   assert json.loads(as_json.stdout) == expected.frames
   bad = _cli(f'{path}:binary_search', '--args', '5')
   assert bad.returncode == 2 and 'tuple' in bad.stderr
+
+
+def test_sandbox_never_forks_the_jax_parent():
+  """Limits are applied by the child itself: no fork-with-threads from a JAX process."""
+  import warnings
+  import jax.numpy as jnp
+  jnp.ones(2).block_until_ready()  # JAX's threads are running
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', RuntimeWarning)
+    result = traces.run_python('import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0])',
+                               limits=traces.Limits(memory_mb=300))
+  assert result.status == 'ok' and int(result.stdout) == 300 << 20

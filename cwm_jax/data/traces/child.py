@@ -1,7 +1,7 @@
 """Child side of the sandbox: block the network, then run or trace a program.
 
-Started by sandbox.py as `python -s child.py request.json` inside a scratch
-directory, with resource limits already applied. Stdlib only: the package is
+Started by sandbox.py as `python -s child.py request.json AS,CPU,FSIZE` inside
+a scratch directory; it applies those resource limits before anything else. Stdlib only: the package is
 not importable here. The request (JSON) holds 'mode' ('run' or 'trace'),
 'program' (a file in the scratch directory) and, for 'trace', 'function',
 'args' / 'kwargs' (Python literals), the recorder limits and 'result' (the
@@ -124,7 +124,22 @@ def run(request):
     sys.exit(1)
 
 
+def apply_limits(spec):
+  """Applies 'AS,CPU,FSIZE' resource limits (bytes, seconds, bytes) to this process.
+
+  Done here, first thing, rather than in a `preexec_fn`: the parent may be a
+  multithreaded JAX process, where fork-then-run-Python is unsafe.
+  """
+  import resource
+  memory, cpu, fsize = (int(v) for v in spec.split(','))
+  resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+  resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+  resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+  resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def main():
+  apply_limits(sys.argv[2])
   if sys.path and os.path.abspath(sys.path[0]) == _HERE:
     del sys.path[0]  # the program must not import the sandbox's own modules
   with open(sys.argv[1], encoding='utf-8') as f:

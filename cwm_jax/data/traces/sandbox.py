@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import resource
 import selectors
 import shutil
 import signal
@@ -105,26 +104,20 @@ def _environment(scratch: str) -> dict[str, str]:
           'PYTHONIOENCODING': 'utf-8', 'PYTHONDONTWRITEBYTECODE': '1'}
 
 
-def _limit_resources(limits: Limits):
+def _limit_spec(limits: Limits) -> str:
+  """'AS,CPU,FSIZE' for child.apply_limits (address space bytes, CPU s, file bytes)."""
   cpu = math.ceil(limits.cpu_s or limits.timeout_s + 1)
-  memory = limits.memory_mb << 20
-
-  def apply():  # runs in the forked child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-  return apply
+  return f'{limits.memory_mb << 20},{cpu},{limits.file_bytes}'
 
 
 def _spawn(scratch: str, stdin: bytes, limits: Limits) -> SandboxResult:
   prefix = _unshare_prefix() if limits.network_namespace else ()
   command = [*prefix, sys.executable, '-s', *(() if limits.site_packages else ('-S',)), CHILD,
-             'request.json']
+             'request.json', _limit_spec(limits)]
   deadline = time.monotonic() + limits.timeout_s
   proc = subprocess.Popen(command, cwd=scratch, env=_environment(scratch), stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                          start_new_session=True, preexec_fn=_limit_resources(limits))
+                          start_new_session=True)
   try:
     stdout, stderr, status = _communicate(proc, stdin, limits.output_bytes, deadline)
     if status is None:
