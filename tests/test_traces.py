@@ -270,3 +270,15 @@ def test_sandbox_never_forks_the_jax_parent():
     result = traces.run_python('import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0])',
                                limits=traces.Limits(memory_mb=300))
   assert result.status == 'ok' and int(result.stdout) == 300 << 20
+
+
+def test_line_event_limit_counts_line_events_only():
+  # f(n) makes n calls with one line event each (plus call/return events): 3n events in all.
+  source = 'def g(i):\n    return i\n\ndef f(n):\n    for i in range(n):\n        g(i)\n'
+  lines = 31 + 30  # f: the `for` line 31 times (30 passes + the exit), its body 30 times
+  total_lines = lines + 30  # g: one line event per call
+  ok = traces.trace_call(source, 'f', (30,), limits=traces.Limits(max_events=total_lines))
+  assert ok.status == 'ok'
+  assert sum(fr['event'] == 'line' for fr in ok.frames) == total_lines < len(ok.frames)
+  over = traces.trace_call(source, 'f', (30,), limits=traces.Limits(max_events=total_lines - 1))
+  assert over.status == 'too_long'

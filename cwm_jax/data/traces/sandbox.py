@@ -35,7 +35,7 @@ class Limits:
   memory_mb: int = 1024  # address space (RLIMIT_AS)
   output_bytes: int = 1_000_000  # stdout + stderr
   file_bytes: int = 64 << 20  # largest file the program may write
-  max_events: int = 10_000  # longer traces are dropped ('too_long')
+  max_events: int = 10_000  # traces with more line events are dropped ('too_long')
   max_trace_bytes: int = 1_000_000  # formatted trace text; larger ones are dropped
   max_value_chars: int = 1000  # longer value encodings are truncated
   network_namespace: bool = True  # also use `unshare --net` when it works

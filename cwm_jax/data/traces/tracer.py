@@ -174,7 +174,7 @@ class Recorder:
     self.lines = source.split('\n')
     self.max_events, self.max_bytes, self.max_value_chars = max_events, max_bytes, max_value_chars
     self.abort = abort  # called with a TraceAborted; must not return
-    self.frames, self.size, self._last = [], 0, {}
+    self.frames, self.size, self.line_events, self._last = [], 0, 0, {}
 
   def global_trace(self, frame, event, arg):
     if frame.f_code.co_filename != self.filename:
@@ -216,8 +216,9 @@ class Recorder:
         self._last.pop(frame, None)
     self.size += len(line) + 16
     self.frames.append(out)
-    if len(self.frames) > self.max_events:
-      raise TraceAborted('too_long', 'more than %d events' % self.max_events)
+    self.line_events += event == 'line'
+    if self.line_events > self.max_events:  # CWM's rule: over 10k line events
+      raise TraceAborted('too_long', 'more than %d line events' % self.max_events)
     if self.size > self.max_bytes:
       raise TraceAborted('too_long', 'more than %d bytes' % self.max_bytes)
 
