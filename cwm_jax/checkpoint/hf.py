@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from cwm_jax.checkpoint.names import HF, external_names, gather
+from cwm_jax.checkpoint.names import HF, read_params
 from cwm_jax.model.config import ConfigError, ModelConfig, RopeScaling
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -143,11 +143,7 @@ def load_hf(directory: str, **overrides: Any) -> tuple[ModelConfig, dict]:
   with open(os.path.join(directory, "config.json")) as f:
     cfg = config_from_hf(json.load(f), **overrides)
   reader = SafetensorsReader(directory)
-  expected, present = set(external_names(HF, cfg)), set(reader.names())
-  if expected - present or present - expected:
-    raise ConfigError(f"{directory}: tensors missing {sorted(expected - present)[:5]}, "
-                      f"unexpected {sorted(present - expected)[:5]}; is this a CWM checkpoint?")
-  return cfg, gather(HF, reader.get, cfg)
+  return cfg, read_params(HF, cfg, reader.names(), reader.get, directory)
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int

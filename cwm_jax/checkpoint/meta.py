@@ -19,7 +19,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from cwm_jax.checkpoint.names import META, external_names, gather
+from cwm_jax.checkpoint.names import META, read_params
 from cwm_jax.model.config import ConfigError, ModelConfig, RopeScaling
 
 PREFIX = "model."
@@ -252,8 +252,4 @@ def load_meta(directory: str, **overrides: Any) -> tuple[ModelConfig, dict]:
   with open(os.path.join(directory, "params.json")) as f:
     cfg = config_from_meta(json.load(f), **overrides)
   reader = DcpReader(directory)
-  expected, present = set(external_names(META, cfg)), set(reader.names())
-  if expected - present or present - expected:
-    raise ConfigError(f"{directory}: tensors missing {sorted(expected - present)[:5]}, "
-                      f"unexpected {sorted(present - expected)[:5]}; is this a CWM checkpoint?")
-  return cfg, gather(META, reader.get, cfg)
+  return cfg, read_params(META, cfg, reader.names(), reader.get, directory)

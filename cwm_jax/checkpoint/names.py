@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from cwm_jax.model.config import ModelConfig
+from cwm_jax.model.config import ConfigError, ModelConfig
 
 Shape = tuple[int, ...]
 
@@ -177,3 +177,13 @@ def gather(entries, get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
       node = node.setdefault(key, {})
     node[e.ours[-1]] = value
   return params
+
+
+def read_params(entries, cfg: ModelConfig, present, get, where: str) -> dict:
+  """Checks that the tensor names `present` are exactly those of `entries` for `cfg`,
+  then gathers our param tree with `get(name)`."""
+  expected, present = set(external_names(entries, cfg)), set(present)
+  if expected - present or present - expected:
+    raise ConfigError(f"{where}: tensors missing {sorted(expected - present)[:5]}, "
+                      f"unexpected {sorted(present - expected)[:5]}; is this a CWM checkpoint?")
+  return gather(entries, get, cfg)
