@@ -61,5 +61,9 @@ def main(argv):
   return 0
 
 
-if __name__ == '__main__':
+def run():
   run_main(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -123,3 +123,21 @@ def test_checked_in_jobset_matches_generator():
              "--workdir", "/ckpt/cwm32b", "--name", "cwm-pretrain", "--num_hosts", "64",
              "--dry_run"])
   assert yaml.safe_load(out) == checked_in
+
+
+def test_console_scripts_point_at_run_functions():
+  """Every console script of setup.cfg names a module with that top-level function
+  (read with ast: the CLI modules define absl flags and cannot share one process)."""
+  import ast
+  import configparser
+  import importlib.util
+  parser = configparser.ConfigParser()
+  parser.read(os.path.join(ROOT, "setup.cfg"))
+  lines = parser["options.entry_points"]["console_scripts"].strip().splitlines()
+  assert len(lines) >= 9
+  for line in lines:
+    name, target = (x.strip() for x in line.split("="))
+    module, func = target.split(":")
+    with open(importlib.util.find_spec(module).origin) as f:
+      tree = ast.parse(f.read())
+    assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, name

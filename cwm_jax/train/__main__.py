@@ -43,5 +43,9 @@ def main(argv):
     sys.exit(2)
 
 
-if __name__ == "__main__":
+def run():
   run_main(main)
+
+
+if __name__ == "__main__":
+  run()
