@@ -22,6 +22,13 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def run_main(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)` with flag and config errors mapped to exit code 2."""
-  app.run(main, flags_parser=_parse_or_exit)
+def run_main(main: Callable[[list[str]], None], errors: tuple[type, ...] = ()) -> None:
+  """`app.run(main)` where bad flags, bad configs (`ConfigError`), missing files and
+  `errors` raised by `main` print one line and exit 2."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (ConfigError, FileNotFoundError, *errors) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  app.run(guarded, flags_parser=_parse_or_exit)

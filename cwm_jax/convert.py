@@ -32,14 +32,10 @@ def main(argv):
   if len(argv) > 1:
     print(f"convert: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
-  try:
-    if not (FLAGS.src and FLAGS.dst and FLAGS.to):
-      raise ConfigError("--src, --dst and --to are required")
-    summary = convert(FLAGS.src, FLAGS.dst, FLAGS.to, dtype=FLAGS.dtype, step=FLAGS.step,
-                      max_shard_bytes=int(FLAGS.max_shard_gb * 1e9))
-  except (ConfigError, FileNotFoundError) as e:
-    print(f"convert: {e}", file=sys.stderr)
-    sys.exit(2)
+  if not (FLAGS.src and FLAGS.dst and FLAGS.to):
+    raise ConfigError("--src, --dst and --to are required")
+  summary = convert(FLAGS.src, FLAGS.dst, FLAGS.to, dtype=FLAGS.dtype, step=FLAGS.step,
+                    max_shard_bytes=int(FLAGS.max_shard_gb * 1e9))
   print(json.dumps(summary))
 
 

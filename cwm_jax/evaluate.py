@@ -33,20 +33,16 @@ def main(argv):
   if len(argv) > 1:
     print(f"evaluate: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
-  try:
-    if not FLAGS.checkpoint:
-      raise ConfigError("--checkpoint DIR is required")
-    config = EvalConfig(programs_dir=FLAGS.programs_dir, max_programs=FLAGS.max_programs,
-                        max_new_tokens=FLAGS.max_new_tokens, max_tokens=FLAGS.max_tokens,
-                        batch_size=FLAGS.batch_size, generate=FLAGS.generate,
-                        perplexity=FLAGS.perplexity)
-    # Trace the held-out programs (cached) before JAX starts its threads.
-    held_out_cases(config.programs_dir, config.max_programs, config.timeout_s)
-    model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)
-    metrics = evaluate(model, tok, config)
-  except (ConfigError, FileNotFoundError) as e:
-    print(f"evaluate: {e}", file=sys.stderr)
-    sys.exit(2)
+  if not FLAGS.checkpoint:
+    raise ConfigError("--checkpoint DIR is required")
+  config = EvalConfig(programs_dir=FLAGS.programs_dir, max_programs=FLAGS.max_programs,
+                      max_new_tokens=FLAGS.max_new_tokens, max_tokens=FLAGS.max_tokens,
+                      batch_size=FLAGS.batch_size, generate=FLAGS.generate,
+                      perplexity=FLAGS.perplexity)
+  # Trace the held-out programs (cached) before JAX starts its threads.
+  held_out_cases(config.programs_dir, config.max_programs, config.timeout_s)
+  model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)
+  metrics = evaluate(model, tok, config)
   print(json.dumps(metrics, indent=1, sort_keys=True))
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import json
-import sys
 
 from absl import flags
 
@@ -45,17 +44,13 @@ def parse_target(argv) -> tuple[str, str, tuple, dict]:
 
 
 def main(argv):
-  try:
-    if not FLAGS.checkpoint:
-      raise ConfigError("--checkpoint DIR is required")
-    source, function, args, kwargs = parse_target(argv)
-    frames = real_trace(source, function, args, kwargs)  # before JAX starts its threads
-    model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)
-    pred = predict_frames(model, tok, [(source, function, frames)],
-                          max_new_tokens=FLAGS.max_new_tokens)[0]
-  except (ConfigError, TraceError, FileNotFoundError, ValueError) as e:
-    print(f"predict_trace: {e}", file=sys.stderr)
-    sys.exit(2)
+  if not FLAGS.checkpoint:
+    raise ConfigError("--checkpoint DIR is required")
+  source, function, args, kwargs = parse_target(argv)
+  frames = real_trace(source, function, args, kwargs)  # before JAX starts its threads
+  model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)
+  pred = predict_frames(model, tok, [(source, function, frames)],
+                        max_new_tokens=FLAGS.max_new_tokens)[0]
   if FLAGS.json:
     print(json.dumps({"real": pred.real, "predicted": pred.predicted, "finished": pred.finished,
                       "first_divergence": pred.divergence, "return_match": pred.return_match}))
@@ -64,7 +59,7 @@ def main(argv):
 
 
 def run():
-  run_main(main)
+  run_main(main, errors=(TraceError, ValueError))
 
 
 if __name__ == "__main__":

@@ -66,11 +66,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"sample: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
-  try:
-    out = run_sample()
-  except (ConfigError, FileNotFoundError) as e:
-    print(f"sample: {e}", file=sys.stderr)
-    sys.exit(2)
+  out = run_sample()
   if FLAGS.json:
     print(json.dumps(out))
   else:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +46,10 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
 
 def main(argv):
   del argv
-  try:
-    if not (FLAGS.checkpoint and FLAGS.token_ids and FLAGS.output):
-      raise ConfigError("--checkpoint, --token_ids and --output are required")
-    cfg, model = load_model(FLAGS.checkpoint, FLAGS.step)
-    ids = parse_ids(FLAGS.token_ids, cfg.vocab_size)
-  except (ConfigError, FileNotFoundError) as e:
-    print(f"score: {e}", file=sys.stderr)
-    sys.exit(2)
+  if not (FLAGS.checkpoint and FLAGS.token_ids and FLAGS.output):
+    raise ConfigError("--checkpoint, --token_ids and --output are required")
+  cfg, model = load_model(FLAGS.checkpoint, FLAGS.step)
+  ids = parse_ids(FLAGS.token_ids, cfg.vocab_size)
   lp = token_logprobs(model, ids)
   np.save(FLAGS.output, lp)
   print(f"wrote {lp.shape[0]} log-probs to {FLAGS.output} (sum {lp.sum():.4f})")

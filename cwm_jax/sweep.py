@@ -9,7 +9,6 @@ point exits 2 naming the point and the field.
 
 from __future__ import annotations
 
-import sys
 
 from absl import flags
 
@@ -27,13 +26,8 @@ _LAUNCHER_FLAGS = flags.DEFINE_multi_string(
 
 def main(argv):
   del argv
-  from cwm_jax.model.config import ConfigError
-  try:
-    sweeps.run_sweep(_CONFIG.value, _SWEEP.value, _LAUNCHER.value, _WORKDIR.value,
-                     dry_run=_DRY_RUN.value, launcher_flags=_LAUNCHER_FLAGS.value)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  sweeps.run_sweep(_CONFIG.value, _SWEEP.value, _LAUNCHER.value, _WORKDIR.value,
+                   dry_run=_DRY_RUN.value, launcher_flags=_LAUNCHER_FLAGS.value)
 
 
 def run():

@@ -5,13 +5,10 @@ JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment).
 Exits 2 on a bad config, before anything is compiled.
 """
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
 
 from cwm_jax.cli import run_main
-from cwm_jax.model.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -35,12 +32,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   from cwm_jax.parallel.mesh import initialize_distributed  # pylint: disable=g-import-not-at-top
   from cwm_jax.train.stages import run  # pylint: disable=g-import-not-at-top
-  try:
-    initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    run(_CONFIG.value, _WORKDIR.value)  # a schedule config runs its stages
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  run(_CONFIG.value, _WORKDIR.value)  # a schedule config runs its stages
 
 
 def run():
