@@ -1,29 +1,134 @@
-"""cuDNN flash attention through `jax.nn.dot_product_attention`.
+"""GPU flash attention over packed documents: cuDNN's ragged (THD) layout, no T x T mask.
 
-Causal with `local_window_size=(W - 1, 0)` for local layers (the query
-itself counts, as in `masks.allowed`) and a boolean same-segment mask for
-packed documents. `implementation='cudnn'` needs an NVIDIA GPU; the same
-call with `implementation='xla'` runs anywhere and is what the CPU tests
-compare against the reference. Importing this module never touches a GPU.
+Packed rows go to cuDNN as per-document lengths and offsets (`packing.py`,
+O(B*M) int32 side inputs, M = `max_segments` documents per row) through the
+pinned JAX's `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`:
+mask type PADDING_CAUSAL, `sliding_window_length=W` (cuDNN keeps keys in
+`(q - W, q]`, the query included, as `masks.allowed`), GQA natively (K < N kv
+heads). The public `jax.nn.dot_product_attention` takes only one length per row,
+so packed documents there need a dense [B, 1, T, S] mask (O(T^2) memory).
 
-Legend: B batch, T length, N query heads, K kv heads, H head dim.
+cuDNN keeps a float32 softmax statistic of shape [B*M, N, T] for the backward
+pass, so M trades memory against how many documents a row may hold. A row with
+more than M documents, or a segment id used by two separate runs, cannot be
+described by the layout: then the whole batch runs `chunked_attention` (pure-JAX
+flash attention reading segment ids, O(T) memory) under `lax.cond`, so results
+always equal `reference_attention`; only speed depends on M.
+
+cuDNN flash attention needs bfloat16 or float16 inputs: `check_gpu_dtypes`
+validates a configured compute dtype (`ConfigError`) and the kernel checks the
+arrays it gets. `implementation='xla'` runs the same layout through a dense,
+portable emulation of cuDNN's reading of it (tests, CPU); it accepts float32.
+
+Legend: B batch, T length, N query heads, K kv heads, H head dim, M max
+documents per row.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+
+from cwm_jax.base import ConfigError
+from cwm_jax.kernels import packing
+from cwm_jax.kernels.chunked import chunked_attention
+from cwm_jax.kernels.masks import allowed
+from cwm_jax.kernels.reference import gqa_combine, gqa_scores, masked_softmax
+
+GPU_DTYPES = ("bfloat16", "float16")
+DEFAULT_MAX_SEGMENTS = 64
+IMPLEMENTATIONS = ("cudnn", "xla")
 
 
-def cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int,
-                    implementation: str = "cudnn"):
-  """Self-attention over packed rows; matches `reference_attention`."""
-  t = q_BTNH.shape[1]
-  if implementation == "cudnn" and jax.default_backend() != "gpu":
+def check_gpu_dtypes(compute_dtype) -> None:
+  """ConfigError unless `compute_dtype` is one cuDNN flash attention accepts."""
+  try:
+    name = jnp.dtype(compute_dtype).name
+  except TypeError:
+    name = str(compute_dtype)
+  if name not in GPU_DTYPES:
+    raise ConfigError(
+        f"attention_impl='cudnn' needs compute_dtype in {GPU_DTYPES} (cuDNN flash "
+        f"attention has no float32 kernel); got {name!r}. Set compute_dtype='bfloat16', "
+        "or use attention_impl='chunked' for float32.")
+
+
+def default_max_segments(t: int) -> int:
+  """Documents per row the fast path holds: 64, or T if shorter (never below 2)."""
+  return max(2, min(DEFAULT_MAX_SEGMENTS, t))
+
+
+def require_gpu() -> None:
+  """RuntimeError unless JAX's default backend is a GPU."""
+  if jax.default_backend() != "gpu":
     raise RuntimeError("attention_impl='cudnn' needs an NVIDIA GPU (backend is "
                        f"{jax.default_backend()!r}); use 'chunked' on CPU/TPU")
-  mask_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-  local = (window - 1, 0) if window < t else None
-  return jax.nn.dot_product_attention(
-      q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, is_causal=True,
-      local_window_size=local, implementation=implementation)
+
+
+def cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int = 512,
+                    max_segments: int | None = None, implementation: str = "cudnn"):
+  """Self-attention over packed rows; matches `reference_attention`.
+
+  Args:
+    q_BTNH, k_BTKH, v_BTKH: queries, keys, values (bf16/fp16 for 'cudnn').
+    segment_ids_BT: document id per token; documents are contiguous runs.
+    window: keys a query may see, itself included (`q - k < window`).
+    chunk: block rows of the `chunked_attention` fallback.
+    max_segments: static cap M on documents per row (default
+      `default_max_segments(T)`); rows beyond it take the fallback.
+    implementation: 'cudnn' (GPU) or 'xla' (dense portable emulation).
+  Returns:
+    [B, T, N, H] attention output in the dtype of `q_BTNH`.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}; use one of {IMPLEMENTATIONS}")
+  if implementation == "cudnn":
+    require_gpu()
+    _check_arrays(q_BTNH, k_BTKH, v_BTKH)
+  t = q_BTNH.shape[1]
+  m = default_max_segments(t) if max_segments is None else max_segments
+  layout = packing.packed_layout(segment_ids_BT, m)
+  packed = packed_cudnn_attention if implementation == "cudnn" else packed_xla_attention
+
+  def fast(q, k, v, seg):
+    del seg
+    return packed(q, k, v, layout.seqlen_BM, layout.offsets_BM1, window=window)
+
+  def fallback(q, k, v, seg):
+    return chunked_attention(q, k, v, seg, window=window, chunk=chunk).astype(q.dtype)
+
+  return jax.lax.cond(jnp.all(layout.fits_B), fast, fallback,
+                      q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
+
+def _check_arrays(q_BTNH, k_BTKH, v_BTKH):
+  dtypes = {jnp.dtype(x.dtype).name for x in (q_BTNH, k_BTKH, v_BTKH)}
+  if len(dtypes) != 1 or not dtypes <= set(GPU_DTYPES):
+    raise ConfigError(
+        f"cuDNN attention got q/k/v dtypes {sorted(dtypes)}; it needs one of {GPU_DTYPES} "
+        "for all three. Run the model with compute_dtype='bfloat16', or use "
+        "attention_impl='chunked' for float32.")
+
+
+def packed_cudnn_attention(q_BTNH, k_BTKH, v_BTKH, seqlen_BM, offsets_BM1, *, window: int):
+  """cuDNN flash attention over the documents `seqlen_BM`/`offsets_BM1` describe."""
+  t, h = q_BTNH.shape[1], q_BTNH.shape[3]
+  return cudnn_fmha.dot_product_attention(
+      q_BTNH, k_BTKH, v_BTKH, None, None, seqlen_BM, seqlen_BM, offsets_BM1, offsets_BM1,
+      scale=h ** -0.5, mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL,
+      sliding_window_length=window if window < t else None)
+
+
+def packed_xla_attention(q_BTNH, k_BTKH, v_BTKH, seqlen_BM, offsets_BM1, *, window: int):
+  """What `packed_cudnn_attention` computes, as a dense portable program.
+
+  Reads only the layout (never segment ids): a token sees keys of its own run,
+  at or before it in the run, inside the window. Rows no run covers see nothing.
+  """
+  t = q_BTNH.shape[1]
+  slot_BT, local_BT = packing.decode_layout(packing.PackedLayout(seqlen_BM, offsets_BM1, None), t)
+  mask_BTS = allowed(local_BT[:, :, None], local_BT[:, None, :], slot_BT[:, :, None],
+                     slot_BT[:, None, :], window) & (slot_BT >= 0)[:, :, None]
+  probs = masked_softmax(gqa_scores(q_BTNH, k_BTKH), mask_BTS[:, None, None])
+  return gqa_combine(probs, v_BTKH)
