@@ -2,7 +2,7 @@
 
 Backends (all match `reference_attention`): 'reference' (dense mask),
 'chunked' (pure-JAX flash attention, block-sparse over the window),
-'cudnn' (`jax.nn.dot_product_attention` on GPU), 'splash' (Pallas TPU).
+'cudnn' (cuDNN flash attention over packed documents, GPU), 'splash' (Pallas TPU).
 `context_parallel` runs attention sharded along the sequence mesh axis.
 """
 
@@ -28,7 +28,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
     return chunked_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
                              chunk=chunk)
   if impl == "cudnn":
-    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window)
+    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, chunk=chunk)
   if impl == "splash":
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, block=chunk)
   raise ValueError(f"unknown attention impl {impl!r}; use one of {IMPLS}")
