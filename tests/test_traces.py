@@ -176,7 +176,8 @@ def test_network_is_blocked_in_traced_code():
             '    except OSError as e:\n        err = e\n'
             '    raw = socket.socket.__mro__[-2]  # the C socket type, behind the patched names\n'
             '    return raw()\n')
-  result = traces.trace_call(source, 'fetch', limits=traces.Limits(network_namespace=False))
+  result = traces.trace_call(source, 'fetch', limits=traces.Limits(namespaces=False,
+                                                                        allow_no_isolation=True))
   assert result.status == 'ok'
   raised = [f['value'] for f in result.frames if f['event'] == 'exception']
   assert len(raised) == 2 and all('network access is disabled' in v for v in raised)

@@ -1,15 +1,23 @@
-"""trace_call: trace one call of a function of a program inside the sandbox."""
+"""trace_call: trace one call of a function of a program inside the sandbox.
+
+The trace arrives over the sandbox's record channel (nonce-tagged, see channel.py) and is
+checked strictly before it is believed: exactly one record {'status', 'frames', 'message'},
+a status from the known set, frames of the exact schema, events properly nested (a scope opens
+with 'call' and closes with 'return'; all scopes closed at the end), line numbers inside the
+source and line texts equal to the source's lines. Any defect is status 'error' with a reason.
+"""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces import sandbox
 
 TRACE_STATUSES = ('ok', 'timeout', 'memory', 'output_limit', 'error', 'too_long')
+_WORKER_STATUSES = ('ok', 'error', 'memory', 'too_long')
+_FRAME_KEYS = {'event', 'lineno', 'line', 'locals', 'value'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,28 +45,94 @@ def trace_call(source: str, function: str, args: tuple = (), kwargs: dict | None
   """Runs `function(*args, **kwargs)` of the program `source` in the sandbox and records it.
 
   The program's top level runs first, untraced. Raises ValueError for arguments that are not
-  literals or a function missing from the source; everything the program does is a status.
+  literals or a function missing from the source, SandboxRefused where code cannot be
+  isolated (and Limits.allow_no_isolation is off); everything the program does is a status.
   """
   source = trace_format.normalize_newlines(source)
   trace_format.check_source(source)
   trace_format.entry_lineno(source, function)
-  request = {'mode': 'trace', 'function': function, 'result': 'result.json',
+  request = {'mode': 'trace', 'function': function,
              'args': literal_text(tuple(args), 'args'),
              'kwargs': literal_text(dict(kwargs or {}), 'kwargs'),
              'max_events': limits.max_events, 'max_bytes': limits.max_trace_bytes,
              'max_value_chars': limits.max_value_chars}
-  run, data = sandbox.run_child(request, source, limits=limits, collect='result.json',
-                                collect_bytes=4 * limits.max_trace_bytes + (1 << 16))
+  run, records = sandbox.run_child(request, source, limits=limits,
+                                   record_bytes=4 * limits.max_trace_bytes + (1 << 16))
   if run.status in ('timeout', 'memory', 'output_limit'):
     return TraceResult(run.status, [], f'the traced program hit its {run.status} limit')
-  if data is None:
+  if records.overflow:
+    return TraceResult('too_long', [], 'the recorded trace is too large')
+  if records.error:
+    return TraceResult('error', [], 'the trace channel is damaged: ' + records.error)
+  if not records.records:
     status = 'memory' if run.status == 'memory' else 'error'
     return TraceResult(status, [], 'the traced program exited without a trace: '
                        + run.stderr.strip()[-2000:])
-  if len(data) > 4 * limits.max_trace_bytes + (1 << 16):
-    return TraceResult('too_long', [], 'the recorded trace is too large')
-  result = json.loads(data)
-  frames = result['frames'] if result['status'] == 'ok' else []
-  if len(trace_format.format_frames(frames).encode('utf-8')) > limits.max_trace_bytes:
+  result = _checked(records.records, source)
+  if result.status == 'ok' and len(trace_format.format_frames(result.frames).encode(
+      'utf-8')) > limits.max_trace_bytes:
     return TraceResult('too_long', [], f'the trace text exceeds {limits.max_trace_bytes} bytes')
-  return TraceResult(result['status'], frames, result['message'])
+  return result
+
+
+def _checked(records: list[dict], source: str) -> TraceResult:
+  """The one result record, validated against `source`; any defect is an 'error'."""
+  if len(records) != 1:
+    return TraceResult('error', [], f'expected one trace record, got {len(records)}')
+  record = records[0]
+  if set(record) != {'status', 'frames', 'message'}:
+    return TraceResult('error', [], f'the trace record has keys {sorted(record)}')
+  status, frames, message = record['status'], record['frames'], record['message']
+  if status not in _WORKER_STATUSES or not isinstance(message, str):
+    return TraceResult('error', [], f'the trace record has status {str(status)[:50]!r}')
+  if not isinstance(frames, list) or (status != 'ok' and frames):
+    return TraceResult('error', [], 'the trace record\'s frames are not a list, or not empty '
+                       f'with status {status!r}')
+  if status != 'ok':
+    return TraceResult(status, [], message)
+  problem = frames_problem(frames, source.split('\n'))
+  if problem:
+    return TraceResult('error', [], 'the trace is invalid: ' + problem)
+  return TraceResult('ok', frames, message)
+
+
+def _frame_problem(frame, lines: list[str]) -> str:
+  if not isinstance(frame, dict) or set(frame) != _FRAME_KEYS:
+    return 'a frame does not have exactly the keys ' + ', '.join(sorted(_FRAME_KEYS))
+  event, lineno = frame['event'], frame['lineno']
+  if event not in ('call', 'line', 'return', 'exception'):
+    return f'unknown event {str(event)[:30]!r}'
+  if type(lineno) is not int or not 0 < lineno <= len(lines):
+    return f'line number {str(lineno)[:30]} is outside the source'
+  if frame['line'] != lines[lineno - 1]:
+    return f'the text of line {lineno} differs from the source'
+  if event in ('call', 'line'):
+    local_vars = frame['locals']
+    if frame['value'] is not None or not isinstance(local_vars, dict) or not all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, str)
+        for k, v in local_vars.items()):
+      return f'a {event} frame needs locals {{name: text}} and no value'
+  elif frame['locals'] is not None or not isinstance(frame['value'], str):
+    return f'a {event} frame needs a value text and no locals'
+  return ''
+
+
+def frames_problem(frames: list, lines: list[str]) -> str:
+  """'' if `frames` is a well-formed trace of the program with `lines`, else what is wrong."""
+  if not frames:
+    return 'the called function produced no frames'
+  depth = 0
+  for i, frame in enumerate(frames):
+    problem = _frame_problem(frame, lines)
+    if problem:
+      return f'frame {i}: {problem}'
+    event = frame['event']
+    if event == 'call':
+      depth += 1
+    elif depth == 0:
+      return f'frame {i}: a {event} event outside any call'
+    elif event == 'return':
+      depth -= 1
+  if depth:
+    return f'{depth} call(s) never returned (the trace was cut or tampered with)'
+  return ''

@@ -1,11 +1,14 @@
-"""Runs untrusted Python in a child process with time, memory, output and network limits.
+"""Runs untrusted Python in an isolated child process with time, memory, output and disk limits.
 
-The child (`child.py`) starts in a fresh scratch directory (removed afterwards)
-in its own session, with a minimal environment, `setrlimit` limits on address
-space, CPU time, file size and core dumps, and the network blocked in-process
-(an audit hook plus replaced `socket` functions); where `unshare --net` works
-it also runs in an empty network namespace. Hitting a limit gives a status,
-never an exception in the caller.
+Caller side. Each run starts `child.py` (the supervisor) in fresh PID, mount and network
+namespaces where the kernel allows (isolation.py; otherwise the run is refused unless
+`Limits.allow_no_isolation`): the program cannot see or signal the caller, every process it
+starts dies with the run, the filesystem is read-only except a size-capped tmpfs scratch that
+vanishes with the namespace, and a root caller's program runs as uid 65534 without
+capabilities. The supervisor gets its request over a private socket that is also its lifeline
+(the run ends when the caller dies) and reports the program's wait status on it; records
+(traces, test verdicts) come over a pipe, tagged with a per-run nonce (channel.py). Hitting a
+limit gives a status, never an exception in the caller.
 """
 
 from __future__ import annotations
@@ -16,15 +19,21 @@ import json
 import math
 import os
 import selectors
-import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'child.py')
+from cwm_jax.data.traces import channel
+from cwm_jax.data.traces import isolation
+from cwm_jax.data.traces.isolation import CHILD, SandboxRefused
+
 STATUSES = ('ok', 'error', 'timeout', 'memory', 'output_limit')
+_GRACE_S = 2.0  # the supervisor ends the run at timeout_s; the caller's backstop waits longer
+
+__all__ = ['CHILD', 'Limits', 'STATUSES', 'SandboxRefused', 'SandboxResult', 'run_child',
+           'run_python']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +44,14 @@ class Limits:
   memory_mb: int = 1024  # address space (RLIMIT_AS)
   output_bytes: int = 1_000_000  # stdout + stderr
   file_bytes: int = 64 << 20  # largest file the program may write
+  disk_bytes: int = 128 << 20  # all files the program may write (the scratch tmpfs)
+  disk_inodes: int = 4096  # files and directories in the scratch tmpfs
   max_events: int = 10_000  # traces with more line events are dropped ('too_long')
   max_trace_bytes: int = 1_000_000  # formatted trace text; larger ones are dropped
   max_value_chars: int = 1000  # longer value encodings are truncated
-  network_namespace: bool = True  # also use `unshare --net` when it works
+  namespaces: bool = True  # PID/mount/network namespaces where the kernel allows them
+  allow_no_isolation: bool = False  # run even without them (the network is then only blocked
+  # in-process, and a program with the caller's uid may signal it); otherwise SandboxRefused
   site_packages: bool = False  # let the program import installed packages (~0.2 s slower start)
 
   def __post_init__(self):
@@ -56,6 +69,14 @@ class SandboxResult:
   returncode: int | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """What the worker sent over the record channel, decoded strictly."""
+  records: list[dict]
+  error: str  # '' or what was wrong with the channel's bytes
+  overflow: bool  # more than the allowed bytes arrived (the rest was dropped)
+
+
 def run_python(source: str, *, stdin: str = '', limits: Limits = Limits()) -> SandboxResult:
   """Runs `source` as `__main__` in the sandbox, feeding it `stdin`."""
   result, _ = run_child({'mode': 'run'}, source, stdin=stdin, limits=limits)
@@ -63,45 +84,47 @@ def run_python(source: str, *, stdin: str = '', limits: Limits = Limits()) -> Sa
 
 
 def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
-              collect: str | None = None, collect_bytes: int = 0) -> tuple[SandboxResult, bytes | None]:
-  """Runs child.py on `request` with `source` as program.py; returns its result and the
-  first `collect_bytes` + 1 bytes of the scratch file `collect` (None if absent)."""
-  scratch = tempfile.mkdtemp(prefix='cwm_sandbox_')
+              record_bytes: int = 1 << 20) -> tuple[SandboxResult, Records]:
+  """Runs the worker on `request` ('mode': run/trace/test, ...) with `source` as program.py;
+  returns its result and the records it sent (at most `record_bytes` bytes)."""
+  iso = isolation.check(limits.namespaces, limits.allow_no_isolation)
+  if not iso.namespaces:
+    _sweep_once()
+  nonce = os.urandom(channel.NONCE_BYTES)
+  request = dict(request, source=source, nonce=nonce.hex(), namespaces=iso.namespaces,
+                 uid=iso.uid, timeout_s=limits.timeout_s, limits=_limit_spec(limits),
+                 disk_bytes=limits.disk_bytes, disk_inodes=limits.disk_inodes)
+  ours, theirs = socket.socketpair()
+  record_r, record_w = os.pipe()
+  command = [*iso.prefix, sys.executable, '-s', *(() if limits.site_packages else ('-S',)),
+             CHILD, str(theirs.fileno()), str(record_w)]
   try:
-    with open(os.path.join(scratch, 'program.py'), 'w', encoding='utf-8') as f:
-      f.write(source)
-    with open(os.path.join(scratch, 'request.json'), 'w', encoding='utf-8') as f:
-      json.dump(dict(request, program='program.py'), f)
-    result = _spawn(scratch, stdin.encode('utf-8'), limits)
-    collected = None
-    if collect and os.path.isfile(os.path.join(scratch, collect)):
-      with open(os.path.join(scratch, collect), 'rb') as f:
-        collected = f.read(collect_bytes + 1)
-    return result, collected
+    proc = subprocess.Popen(command, cwd='/', env=_environment(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                            start_new_session=True, pass_fds=(theirs.fileno(), record_w))
   finally:
-    shutil.rmtree(scratch, ignore_errors=True)
+    theirs.close()
+    os.close(record_w)
+  with ours, open(record_r, 'rb', buffering=0) as records:
+    try:
+      _send(ours, request)
+      out = _communicate(proc, ours, records, stdin.encode('utf-8'), limits,
+                         record_bytes)
+    finally:
+      _end(proc, ours, iso.namespaces)
+  return _result(proc, out, limits), _decode(out['records'], nonce, record_bytes)
 
 
 @functools.lru_cache(maxsize=None)
-def _unshare_prefix() -> tuple[str, ...]:
-  """The command prefix that puts the child in an empty network namespace, or () if none works."""
-  unshare = shutil.which('unshare')
-  if not unshare:
-    return ()
-  prefix = (unshare, '--net') if os.geteuid() == 0 else (unshare, '--net', '--map-root-user')
-  try:
-    ok = subprocess.run([*prefix, 'true'], capture_output=True, timeout=10).returncode == 0
-  except (OSError, subprocess.SubprocessError):
-    ok = False
-  return prefix if ok else ()
+def _sweep_once() -> int:
+  return isolation.sweep_stale_scratch()
 
 
-def _environment(scratch: str) -> dict[str, str]:
+def _environment() -> dict[str, str]:
   # -I would ignore PYTHONHASHSEED; the environment is minimal anyway, and a fixed
-  # hash seed makes set iteration (hence traces) reproducible.
-  return {'PATH': '/usr/local/bin:/usr/bin:/bin', 'HOME': scratch, 'TMPDIR': scratch,
-          'LANG': 'C.UTF-8', 'LC_ALL': 'C.UTF-8', 'PYTHONHASHSEED': '0',
-          'PYTHONIOENCODING': 'utf-8', 'PYTHONDONTWRITEBYTECODE': '1'}
+  # hash seed makes set iteration (hence traces) reproducible. HOME/TMPDIR: the scratch.
+  return {'PATH': '/usr/local/bin:/usr/bin:/bin', 'LANG': 'C.UTF-8', 'LC_ALL': 'C.UTF-8',
+          'PYTHONHASHSEED': '0', 'PYTHONIOENCODING': 'utf-8', 'PYTHONDONTWRITEBYTECODE': '1'}
 
 
 def _limit_spec(limits: Limits) -> str:
@@ -110,54 +133,44 @@ def _limit_spec(limits: Limits) -> str:
   return f'{limits.memory_mb << 20},{cpu},{limits.file_bytes}'
 
 
-def _spawn(scratch: str, stdin: bytes, limits: Limits) -> SandboxResult:
-  prefix = _unshare_prefix() if limits.network_namespace else ()
-  command = [*prefix, sys.executable, '-s', *(() if limits.site_packages else ('-S',)), CHILD,
-             'request.json', _limit_spec(limits)]
-  deadline = time.monotonic() + limits.timeout_s
-  proc = subprocess.Popen(command, cwd=scratch, env=_environment(scratch), stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                          start_new_session=True)
+def _send(sock: socket.socket, request: dict) -> None:
+  data = json.dumps(request).encode('utf-8')
   try:
-    stdout, stderr, status = _communicate(proc, stdin, limits.output_bytes, deadline)
-    if status is None:
-      try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        status = 'timeout'
-  finally:
-    _kill_group(proc)
-  text_out = stdout[:limits.output_bytes].decode('utf-8', errors='replace')
-  text_err = stderr[:limits.output_bytes].decode('utf-8', errors='replace')
-  return SandboxResult(status or _exit_status(proc.returncode, text_err), text_out, text_err,
-                       proc.returncode)
+    sock.sendall(len(data).to_bytes(4, 'big') + data)
+  except OSError:
+    pass  # the child died before reading: its stderr and exit status say why
 
 
-def _communicate(proc, stdin: bytes, max_output: int, deadline: float):
-  """Feeds stdin and reads stdout/stderr until EOF, the deadline or `max_output` bytes."""
-  buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+def _communicate(proc, sock, records, stdin: bytes, limits: Limits, record_bytes: int) -> dict:
+  """Feeds stdin; reads stdout, stderr, records and the supervisor's report until all end,
+  the deadline, or too much output. Returns the bytes read and the caller-side status."""
+  streams = {proc.stdout.fileno(): 'stdout', proc.stderr.fileno(): 'stderr',
+             records.fileno(): 'records', sock.fileno(): 'report'}
+  out = {name: bytearray() for name in streams.values()}
   selector = selectors.DefaultSelector()
-  for fd in buffers:
+  for fd in streams:
     selector.register(fd, selectors.EVENT_READ)
   if stdin:
     os.set_blocking(proc.stdin.fileno(), False)
     selector.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
   else:
     proc.stdin.close()
-  sent, status = 0, None
+  deadline, sent, status = time.monotonic() + limits.timeout_s + _GRACE_S, 0, None
   with selector:
-    while selector.get_map() and status is None:
+    while status is None and any(k.fd in streams for k in selector.get_map().values()):
       remaining = deadline - time.monotonic()
       if remaining <= 0:
         status = 'timeout'
         break
       for key, _ in selector.select(remaining):
-        if key.fd in buffers:
+        if key.fd in streams:
+          name = streams[key.fd]
           data = os.read(key.fd, 1 << 16)
           if not data:
             selector.unregister(key.fd)
-          buffers[key.fd].extend(data)
-          if sum(map(len, buffers.values())) > max_output:
+          if name != 'records' or len(out[name]) <= record_bytes:
+            out[name].extend(data)  # records past the cap are drained, decoded as overflow
+          if len(out['stdout']) + len(out['stderr']) > limits.output_bytes:
             status = 'output_limit'
           continue
         try:
@@ -169,17 +182,61 @@ def _communicate(proc, stdin: bytes, max_output: int, deadline: float):
           proc.stdin.close()
   if not proc.stdin.closed:
     proc.stdin.close()
-  return bytes(buffers[proc.stdout.fileno()]), bytes(buffers[proc.stderr.fileno()]), status
+  return dict(out, status=status)
 
 
-def _kill_group(proc):
+def _end(proc, sock, namespaces: bool) -> None:
+  """Ends the run: closing the socket tells the supervisor to kill everything and leave."""
   try:
-    os.killpg(proc.pid, signal.SIGKILL)  # also ends anything the program started
+    sock.shutdown(socket.SHUT_RDWR)
+  except OSError:
+    pass
+  if not namespaces:  # the supervisor kills the processes that left its process group
+    try:
+      proc.wait(timeout=_GRACE_S)
+    except subprocess.TimeoutExpired:
+      pass
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)  # with namespaces: the kernel ends the rest
   except (ProcessLookupError, PermissionError):
     pass
   proc.wait()
   for stream in (proc.stdout, proc.stderr):
     stream.close()
+
+
+def _report(data: bytes) -> dict | None:
+  """The supervisor's {'wait_status': int | None, 'timeout': bool}, or None if absent/garbled."""
+  try:
+    report = json.loads(data)
+  except (ValueError, UnicodeDecodeError, RecursionError):
+    return None
+  if (isinstance(report, dict) and isinstance(report.get('timeout'), bool)
+      and (report.get('wait_status') is None or type(report['wait_status']) is int)):
+    return report
+  return None
+
+
+def _result(proc, out: dict, limits: Limits) -> SandboxResult:
+  text_out = bytes(out['stdout'][:limits.output_bytes]).decode('utf-8', errors='replace')
+  text_err = bytes(out['stderr'][:limits.output_bytes]).decode('utf-8', errors='replace')
+  report = _report(bytes(out['report']))
+  if out['status']:
+    return SandboxResult(out['status'], text_out, text_err, None)
+  if report is None:
+    return SandboxResult('error', text_out, text_err + f'\nsandbox supervisor ended without a '
+                         f'report (exit status {proc.returncode})', proc.returncode)
+  if report['timeout']:
+    return SandboxResult('timeout', text_out, text_err, None)
+  code = os.waitstatus_to_exitcode(report['wait_status'])
+  return SandboxResult(_exit_status(code, text_err), text_out, text_err, code)
+
+
+def _decode(data: bytearray, nonce: bytes, record_bytes: int) -> Records:
+  if len(data) > record_bytes:
+    return Records([], f'more than {record_bytes} bytes of records', True)
+  found, error = channel.decode(bytes(data), nonce)
+  return Records(found, error, False)
 
 
 def _exit_status(returncode: int, stderr: str) -> str:

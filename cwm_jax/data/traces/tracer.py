@@ -169,11 +169,13 @@ class TraceAborted(Exception):
 class Recorder:
   """Records the events of code compiled from `filename` (whose text is `source`)."""
 
-  def __init__(self, filename, source, *, max_events, max_bytes, max_value_chars, abort):
+  def __init__(self, filename, source, *, max_events, max_bytes, max_value_chars, abort,
+               settrace=sys.settrace):
     self.filename = filename
     self.lines = source.split('\n')
     self.max_events, self.max_bytes, self.max_value_chars = max_events, max_bytes, max_value_chars
     self.abort = abort  # called with a TraceAborted; must not return
+    self._settrace = settrace  # bound before the program ran: it may replace sys.settrace
     self.frames, self.size, self.line_events, self._last = [], 0, 0, {}
 
   def global_trace(self, frame, event, arg):
@@ -224,11 +226,11 @@ class Recorder:
 
   def run(self, function, args, kwargs):
     """Calls function(*args, **kwargs) under the trace; a generator result is drained."""
-    sys.settrace(self.global_trace)
+    self._settrace(self.global_trace)
     try:
       result = function(*args, **kwargs)
       if hasattr(result, '__next__') and hasattr(result, 'gi_frame'):
         result = list(result)
     finally:
-      sys.settrace(None)
+      self._settrace(None)
     return result

@@ -1,0 +1,55 @@
+"""The record channel from the sandboxed worker to the caller: framed, nonce-tagged JSON.
+
+Stdlib only: the child loads this file by path. A record on the wire is
+  NONCE (16 bytes) | LENGTH (4 bytes, big-endian) | LENGTH bytes of UTF-8 JSON (an object)
+written to a pipe that only the sandbox's own code is handed. The nonce is fresh per run and
+reaches the child over a private socket, never through files or the environment. The writer
+binds `os.write` and `json.dumps` when this module loads, before the program runs, so a
+program that replaces `json.dump`, `os.write` or `sys.settrace` cannot change what is sent.
+`decode` is strict and never raises: every defect becomes an error string.
+"""
+
+import json
+import os
+
+NONCE_BYTES = 16
+_HEADER = NONCE_BYTES + 4
+_dumps = json.dumps
+_loads = json.loads
+_write = os.write
+
+
+class Writer:
+  """Writes records to file descriptor `fd`, each tagged with `nonce`."""
+
+  def __init__(self, fd, nonce):
+    self._fd, self._nonce = fd, nonce
+
+  def send(self, record):
+    data = _dumps(record, ensure_ascii=False, allow_nan=False).encode('utf-8', 'surrogatepass')
+    view = memoryview(self._nonce + len(data).to_bytes(4, 'big') + data)
+    while view:
+      view = view[_write(self._fd, view):]
+
+
+def decode(data, nonce):
+  """(records, error): the records framed in `data`; error is '' or says what is wrong."""
+  records, at = [], 0
+  while at < len(data):
+    if len(data) - at < _HEADER:
+      return records, 'a record header is cut short'
+    if data[at:at + NONCE_BYTES] != nonce:
+      return records, 'a record does not carry this run\'s nonce'
+    size = int.from_bytes(data[at + NONCE_BYTES:at + _HEADER], 'big')
+    body = data[at + _HEADER:at + _HEADER + size]
+    if len(body) != size:
+      return records, 'a record is cut short'
+    try:
+      record = _loads(body.decode('utf-8', 'surrogatepass'))
+    except (ValueError, RecursionError) as e:
+      return records, 'a record is not JSON (%s)' % e
+    if not isinstance(record, dict):
+      return records, 'a record is not a JSON object'
+    records.append(record)
+    at += _HEADER + size
+  return records, ''

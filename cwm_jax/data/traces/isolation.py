@@ -1,0 +1,112 @@
+"""What isolation this machine allows the sandbox, detected once per process.
+
+`probe()` tries `unshare --pid --fork --mount-proc --net --mount` (plus `--user
+--map-root-user` for a caller that is not root) around `child.py --probe`, which makes the
+mounts read-only, mounts a capped tmpfs and drops the worker's privileges. When that works,
+every run gets fresh PID, mount and network namespaces; a root caller's program also runs as
+uid 65534. When it does not, running untrusted code is refused (`SandboxRefused`) unless the
+caller opts in with `Limits(allow_no_isolation=True)`: the program then runs with resource
+limits, the in-process network block and, for root callers, the uid drop, but can reach the
+network through what Python cannot intercept (ctypes), and signal its caller if uids match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from cwm_jax.base import ConfigError
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'child.py')
+UNPRIVILEGED_UID = 65534  # 'nobody'
+_NAMESPACE_FLAGS = ('--pid', '--fork', '--kill-child', '--mount-proc', '--net', '--mount')
+
+
+class SandboxRefused(ConfigError):
+  """Untrusted code cannot be isolated from the network here, and the caller did not opt in."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Isolation:
+  """What a sandboxed run gets on this machine."""
+  namespaces: bool  # fresh PID, mount and network namespaces, read-only mounts, capped tmpfs
+  prefix: tuple[str, ...]  # the `unshare` command line that creates them; () without
+  uid: int | None  # the uid the program runs as (root callers), None: the caller's own
+  reason: str = ''  # why there are no namespaces
+  details: dict = dataclasses.field(default_factory=dict)  # what the probe saw
+
+  def describe(self) -> dict:
+    return {'namespaces': self.namespaces, 'unshare': ' '.join(self.prefix) or None,
+            'program_uid': self.uid if self.uid is not None else os.geteuid(),
+            'user_namespace': '--user' in self.prefix, 'network_isolated': self.namespaces,
+            'reason': self.reason, **self.details}
+
+
+def _unshare_prefix() -> tuple[str, ...] | None:
+  unshare = shutil.which('unshare')
+  if not unshare:
+    return None
+  user = () if os.geteuid() == 0 else ('--user', '--map-root-user')
+  return (unshare, *user, *_NAMESPACE_FLAGS)
+
+
+@functools.lru_cache(maxsize=None)
+def probe() -> Isolation:
+  """Detects (once) whether namespaces work here; see the module docstring."""
+  uid = UNPRIVILEGED_UID if os.geteuid() == 0 else None
+  prefix = _unshare_prefix()
+  if prefix is None:
+    return Isolation(False, (), uid, 'no `unshare` executable on PATH (util-linux)')
+  try:
+    done = subprocess.run([*prefix, sys.executable, '-s', '-S', CHILD, '--probe'],
+                          capture_output=True, text=True, timeout=60, cwd='/')
+  except (OSError, subprocess.SubprocessError) as e:
+    return Isolation(False, (), uid, f'`unshare` failed: {e}')
+  if done.returncode != 0:
+    return Isolation(False, (), uid, f'`{" ".join(prefix)}` failed: '
+                     f'{done.stderr.strip()[-300:] or done.returncode}')
+  details = json.loads(done.stdout.strip().splitlines()[-1])
+  if not details.pop('worker', False):
+    return Isolation(False, (), uid, 'the worker could not drop its privileges')
+  details.pop('pid', None)
+  details.pop('uid', None)
+  return Isolation(True, prefix, uid, '', details)
+
+
+def check(namespaces: bool, allow_no_isolation: bool) -> Isolation:
+  """The isolation of the next run; SandboxRefused if there is none and no opt-in."""
+  iso = probe() if namespaces else dataclasses.replace(
+      probe(), namespaces=False, prefix=(), reason='namespaces turned off (Limits.namespaces)')
+  if not iso.namespaces and iso.uid is not None and not _traversable(sys.base_prefix):
+    iso = dataclasses.replace(iso, uid=None)  # the dropped uid could not import the stdlib
+  if not iso.namespaces and not allow_no_isolation:
+    raise SandboxRefused(
+        f'refusing to run untrusted code without network isolation: {iso.reason}. Run where '
+        '`unshare --pid --fork --mount-proc --net --mount` works (as root, or with '
+        'unprivileged user namespaces), or opt in with Limits(allow_no_isolation=True) / '
+        '--allow_no_isolation to run it with in-process network blocking only.')
+  return iso
+
+
+def _traversable(path: str) -> bool:
+  """Whether every directory above `path` lets other users through (o+x)."""
+  parts = os.path.abspath(path).split(os.sep)[1:]
+  return all(os.stat(os.sep + os.sep.join(parts[:i])).st_mode & 0o001
+             for i in range(1, len(parts)))
+
+
+def sweep_stale_scratch() -> int:
+  """Removes scratch directories of runs without namespaces whose supervisor is gone."""
+  removed = 0
+  for path in glob.glob(os.path.join('/tmp', 'cwm_sandbox_*_*')):
+    pid = os.path.basename(path).split('_')[2]
+    if pid.isdigit() and not os.path.exists(f'/proc/{pid}'):
+      shutil.rmtree(path, ignore_errors=True)
+      removed += 1
+  return removed

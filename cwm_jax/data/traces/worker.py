@@ -1,0 +1,201 @@
+"""The sandbox's worker process: block the network, then run, trace or test the program.
+
+Stdlib only, loaded by child.py by path (before the uid drop) and run in the forked worker as
+`main(request, record_fd)`, with the scratch directory as working directory. Modes:
+  run    program.py runs as `__main__`; its exit code is the run's (no records);
+  trace  the program's top level runs untraced, then `function(*args, **kwargs)` is recorded
+         by tracer.py; one record {'status', 'frames', 'message'} goes to the caller;
+  test   the program runs as `__main__`, then each top-level statement of `tests`, one by one,
+         in a namespace whose builtins are the pristine ones; one record {'status': 'ok',
+         'passed', 'total', 'message'}; nothing else (exit code, output) counts as a pass.
+Everything the worker needs (json, os.write, settrace, exec) is bound before the program runs.
+"""
+
+import ast
+import builtins
+import importlib.util
+import os
+import sys
+import traceback
+import types
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_settrace, _setprofile, _exec, _exit = sys.settrace, sys.setprofile, exec, os._exit
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location('_cwm_' + name, os.path.join(_HERE, name + '.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_channel = _load('channel')
+_tracer = _load('tracer')
+
+
+class NetworkDisabled(PermissionError):
+  """Raised by every attempt to create or use a socket in the sandbox."""
+
+
+def _deny_sockets(event, args):
+  if event.startswith('socket.'):
+    raise NetworkDisabled('network access is disabled in the sandbox (%s)' % event)
+
+
+def block_network():
+  """Makes socket creation, lookup or connection raise NetworkDisabled (clear errors; the
+  network namespace, where there is one, is what actually isolates)."""
+  import _socket
+  import socket
+
+  def refuse(*args, **kwargs):
+    raise NetworkDisabled('network access is disabled in the sandbox')
+
+  class BlockedSocket(socket.socket):
+
+    def __init__(self, *args, **kwargs):
+      refuse()
+
+  for module in (socket, _socket):
+    for name in ('socket', 'SocketType'):
+      setattr(module, name, BlockedSocket)
+    for name in ('socketpair', 'fromfd', 'create_connection', 'create_server', 'getaddrinfo',
+                 'gethostbyname', 'gethostbyname_ex', 'gethostbyaddr'):
+      if hasattr(module, name):
+        setattr(module, name, refuse)
+  sys.addaudithook(_deny_sockets)
+
+
+def _tail(exc):
+  return ''.join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _main_module(path):
+  with open(path, encoding='utf-8') as f:
+    source = f.read()
+  module = types.ModuleType('__main__')
+  module.__file__ = path
+  sys.modules['__main__'] = module
+  return module, source
+
+
+def run(request, writer):
+  path = os.path.abspath('program.py')
+  sys.argv = [path]
+  module, source = _main_module(path)
+  try:
+    _exec(compile(source, path, 'exec'), module.__dict__)
+  except SystemExit:
+    raise
+  except BaseException as e:
+    traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+    sys.stderr.flush()
+    sys.exit(1)
+
+
+def trace(request, writer):
+  path = os.path.abspath('program.py')
+  try:
+    with open(path, encoding='utf-8') as f:
+      source = f.read()
+    module = types.ModuleType('program')
+    module.__file__ = path
+    sys.modules['program'] = module
+    _exec(compile(source, path, 'exec'), module.__dict__)
+    function = module
+    for part in request['function'].split('.'):
+      function = getattr(function, part)
+    args, kwargs = ast.literal_eval(request['args']), ast.literal_eval(request['kwargs'])
+  except BaseException as e:  # the program's top level may raise anything, even SystemExit
+    return writer.send({'status': 'error', 'frames': [],
+                        'message': 'loading the program failed: ' + _tail(e)})
+
+  def abort(e):
+    _settrace(None)
+    writer.send({'status': e.status, 'frames': [], 'message': e.message})
+    _exit(0)
+
+  recorder = _tracer.Recorder(path, source, max_events=request['max_events'],
+                              max_bytes=request['max_bytes'],
+                              max_value_chars=request['max_value_chars'], abort=abort,
+                              settrace=_settrace)
+  message = ''
+  try:
+    recorder.run(function, args, kwargs)
+  except MemoryError:
+    return writer.send({'status': 'memory', 'frames': [],
+                        'message': 'the traced call ran out of memory'})
+  except BaseException as e:  # the trace shows it; the run itself succeeded
+    message = 'raised ' + _tail(e)
+  writer.send({'status': 'ok', 'frames': recorder.frames, 'message': message})
+
+
+def _strict_equal(a, b):
+  """`a == b`, where `b` holds only builtin values, and so must `a` (no always-equal objects)."""
+  kinds = (type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset)
+
+  def plain(x, depth=0):
+    if type(x) not in kinds or depth > 100:
+      return False
+    if type(x) is dict:
+      return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
+    if type(x) in (tuple, list, set, frozenset):
+      return all(plain(v, depth + 1) for v in x)
+    return True
+
+  if plain(b):
+    return plain(a) and a == b
+  return a == b
+
+
+class _StrictEquality(ast.NodeTransformer):
+  """`assert x == y` -> `assert __cwm_equal__(x, y)`."""
+
+  def visit_Assert(self, node):
+    test = node.test
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
+      call = ast.Call(ast.Name('__cwm_equal__', ast.Load()), [test.left, test.comparators[0]], [])
+      node.test = ast.copy_location(call, test)
+    return node
+
+
+def test(request, writer):
+  statements = ast.parse(request['tests']).body
+  total, pristine = len(statements), dict(builtins.__dict__)
+  compiled = [compile(ast.fix_missing_locations(ast.Module([_StrictEquality().visit(s)], [])),
+                      '<tests>', 'exec') for s in statements]
+  try:
+    run(request, writer)
+  except BaseException as e:  # exit(), sys.exit(0), os._exit(...) before the tests: no pass
+    return writer.send({'status': 'ok', 'passed': 0, 'total': total,
+                        'message': 'the program stopped before the tests: ' + _tail(e)})
+  _settrace(None)
+  _setprofile(None)
+  builtins.__dict__.clear()
+  builtins.__dict__.update(pristine)
+  namespace = {k: v for k, v in sys.modules['__main__'].__dict__.items()
+               if k not in pristine and not k.startswith('__')}
+  namespace.update(__builtins__=dict(pristine), __name__='__tests__', __cwm_equal__=_strict_equal)
+  for i, code in enumerate(compiled):
+    try:
+      _exec(code, namespace)
+    except BaseException as e:
+      return writer.send({'status': 'ok', 'passed': i, 'total': total,
+                          'message': 'test %d failed: %s' % (i + 1, _tail(e)[:500])})
+  writer.send({'status': 'ok', 'passed': total, 'total': total, 'message': ''})
+  for stream in (sys.__stdout__, sys.__stderr__):
+    try:
+      stream.flush()
+    except BaseException:  # pylint: disable=broad-except
+      pass
+  _exit(0)  # no atexit handler of the program runs after the verdict
+
+
+def main(request, record_fd):
+  writer = _channel.Writer(record_fd, bytes.fromhex(request['nonce']))
+  if not hasattr(builtins, 'exit'):  # `python -S` skips site, which defines these
+    builtins.exit = builtins.quit = sys.exit
+  if request.get('block_network', True):
+    block_network()
+  {'run': run, 'trace': trace, 'test': test}[request['mode']](request, writer)
