@@ -1,12 +1,15 @@
 """MFU of the ~1B config (`cwm_1b`) at 8k context with cuDNN attention, on one GPU.
 
-  python benchmarks/gpu_mfu.py [--seq 8192] [--batch 1] [--steps 10] [--impl cudnn]
+  python benchmarks/gpu_mfu.py [--seq 8192] [--batch 1] [--docs 1] [--steps 10]
+      [--impl cudnn] [--remat none] [--loss_chunk 0]
 
 Runs `cwm_jax.train.step` (forward + backward + AdamW, bfloat16 compute,
-float32 params, no remat) and reports model FLOPs utilisation: useful FLOPs
-from `cwm_jax.train.flops.batch_flops` (6 x params per token plus attention
-at each layer's real window, padding excluded) over step time and the
-device's peak bf16 FLOP/s. Without a GPU it prints a JSON object saying so
+float32 params) on rows of `--docs` packed documents (positions restart per
+document) and reports model FLOPs utilisation: useful FLOPs from
+`cwm_jax.train.flops.batch_flops` (6 x matmul params per real token plus
+12*N*H per (query, key) pair at each layer's real window, per document,
+padding excluded) over the mean step time and the device's peak dense bf16
+FLOP/s (`flops.peak_flops`). Without a GPU it prints a JSON object saying so
 and exits 0. Prints one JSON object.
 """
 
@@ -20,53 +23,89 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cwm_jax.model import init_model
+from cwm_jax.kernels.cudnn import check_gpu_dtypes
 from cwm_jax.model.config import cwm_1b
+from cwm_jax.model.execution import Execution
+from cwm_jax.model.transformer import init_model
 from cwm_jax.train.flops import batch_flops, peak_flops
 from cwm_jax.train.step import make_train_step
+
+
+def packed_batch(vocab: int, batch: int, seq: int, docs: int, seed: int = 0) -> dict:
+  """Rows of `docs` random-length documents, ids 1..docs, positions per document."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+  segments = np.empty((batch, seq), np.int32)
+  positions = np.empty((batch, seq), np.int32)
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, seq), docs - 1, replace=False)) if docs > 1 else []
+    lengths = np.diff(np.r_[0, cuts, seq]).astype(int)
+    segments[row] = np.repeat(np.arange(1, docs + 1), lengths)
+    positions[row] = np.concatenate([np.arange(n) for n in lengths])
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
+          "segment_ids": segments, "weights": np.ones((batch, seq), np.float32)}
+
+
+def measure(a) -> dict:
+  cfg = cwm_1b()
+  run = Execution(param_dtype="float32", compute_dtype="bfloat16", attention_impl=a.impl,
+                  remat_policy=a.remat)
+  if a.impl == "cudnn":
+    check_gpu_dtypes(run.compute_dtype)
+  tx = optax.adamw(1e-4, weight_decay=0.1)
+
+  @jax.jit
+  def init():
+    params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0, run), nnx.Param))
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jnp.zeros((2,), jnp.uint32)}
+
+  state = init()
+  host = packed_batch(cfg.vocab_size, a.batch, a.seq, a.docs)
+  batch = {k: jnp.asarray(v) for k, v in host.items()}
+  step = jax.jit(make_train_step(cfg, tx, lambda s: 1e-4, loss_chunk=a.loss_chunk,
+                                 execution=run), donate_argnums=0)
+  start = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics["loss"])
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(a.steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics["loss"])
+  step_s = (time.perf_counter() - start) / a.steps
+  dev = jax.devices()[0]
+  flops = batch_flops(cfg, host["positions"], host["segment_ids"])
+  peak = peak_flops(dev.device_kind)
+  stats = dev.memory_stats() or {}
+  return {
+      "mfu": round(flops / step_s / peak, 4) if peak else None, "step_s": round(step_s, 4),
+      "first_step_s": round(compile_s, 1), "tokens_per_s": round(a.batch * a.seq / step_s, 1),
+      "model_flops_per_step": flops, "device": dev.device_kind, "peak_flops": peak,
+      "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
+      "config": "cwm_1b", "params": cfg.param_count(), "seq": a.seq, "batch": a.batch,
+      "docs_per_row": a.docs, "attention_impl": a.impl, "remat": a.remat,
+      "loss_chunk": a.loss_chunk, "loss": float(metrics["loss"]),
+  }
 
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--seq", type=int, default=8192)
   p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--docs", type=int, default=1, help="documents packed per row")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--impl", default="cudnn")
   p.add_argument("--remat", default="none")
+  p.add_argument("--loss_chunk", type=int, default=0)
   a = p.parse_args()
+  if not 1 <= a.docs <= a.seq:
+    p.error(f"--docs={a.docs} must be in [1, --seq]")
   if jax.default_backend() != "gpu":
     print(json.dumps({"mfu": None, "skipped": f"needs an NVIDIA GPU; backend is "
                       f"{jax.default_backend()!r}", "config": "cwm_1b", "seq": a.seq}))
     return
-  cfg = cwm_1b(attention_impl=a.impl, remat_policy=a.remat)
-  tx = optax.adamw(1e-4, weight_decay=0.1)
-  params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0), nnx.Param))
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-           "rng": jnp.zeros((2,), jnp.uint32)}
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1)).astype(np.int32)
-  positions = np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq))
-  segments = np.ones((a.batch, a.seq), np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
-           "segment_ids": segments, "weights": np.ones((a.batch, a.seq), np.float32)}
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  step = jax.jit(make_train_step(cfg, tx, lambda s: 1e-4), donate_argnums=0)
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics["loss"])
-  start = time.perf_counter()
-  for _ in range(a.steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics["loss"])
-  step_s = (time.perf_counter() - start) / a.steps
-  kind = jax.devices()[0].device_kind
-  flops = batch_flops(cfg, positions, segments)
-  print(json.dumps({
-      "mfu": round(flops / step_s / peak_flops(kind), 4), "step_s": round(step_s, 4),
-      "tokens_per_s": round(a.batch * a.seq / step_s, 1), "model_flops_per_step": flops,
-      "device": kind, "peak_flops": peak_flops(kind), "config": "cwm_1b",
-      "params": cfg.param_count(), "seq": a.seq, "batch": a.batch, "attention_impl": a.impl,
-      "remat": a.remat, "loss": float(metrics["loss"]),
-  }))
+  print(json.dumps(measure(a)))
 
 
 if __name__ == "__main__":

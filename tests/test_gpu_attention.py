@@ -14,7 +14,9 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 
 from cwm_jax import kernels
@@ -195,3 +197,25 @@ def test_cudnn_matches_reference_on_gpu_bf16(window):
   for g, w in zip(got[1], want[1]):
     scale = float(jnp.max(jnp.abs(w)))
     _assert_close(g.astype(jnp.float32) / scale, w / scale, atol=2e-2)
+
+
+def test_train_step_built_for_cuda_holds_no_t_by_t_array(monkeypatch):
+  # A whole bf16 train step (tiny CWM: global, local, local, global) lowered for cuda.
+  from cwm_jax.model.config import tiny
+  from cwm_jax.model.execution import Execution
+  from cwm_jax.model.transformer import abstract_model
+  from cwm_jax.train.step import make_train_step
+  b, t = 2, 768  # T above every other dimension (vocab 512)
+  cfg = tiny(local_window=64)
+  run = Execution(compute_dtype="bfloat16", attention_impl="cudnn", attention_chunk=128)
+  tx = optax.adamw(1e-3)
+  params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(abstract_model(cfg, run), nnx.Param)))
+  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "weights" else jnp.int32)
+           for k in ("inputs", "targets", "positions", "segment_ids", "weights")}
+  step = make_train_step(cfg, tx, lambda s: 1e-3, execution=run)
+  jaxpr, text = _cuda_lowering(monkeypatch, step, state, batch)
+  assert text.count("__cudnn$fmhaSoftmaxBackward(") >= 2  # local and global kernels
+  assert _square_arrays(_jaxpr_shapes(jaxpr), t) == []
+  assert _square_arrays(_module_shapes(text), t) == []
