@@ -250,8 +250,8 @@ def with_corpora(config, workdir: str):
   `workdir/data/NAME` and replaced by array_record sources."""
   if not _names_corpora(config):
     return config
-  from cwm_jax.data import build  # pylint: disable=g-import-not-at-top
-  config.data.mixture = build.resolve_corpora(config.data.mixture,
+  from cwm_jax.data import corpus_build  # pylint: disable=g-import-not-at-top
+  config.data.mixture = corpus_build.resolve_corpora(config.data.mixture,
                                               os.path.join(workdir, "data"))
   return config
 
