@@ -16,10 +16,12 @@ project = the stdlib folder minus unittest/test/GUI packages, tests = Lib/test/t
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import json
 import os
+import sys
 import sysconfig
 
 from absl import logging
@@ -47,6 +49,7 @@ class RepoLimits:
   module_timeout_s: float = 300.0
   memory_mb: int = 4096
   output_bytes: int = 256 << 20  # everything the session reports (traces included)
+  max_project_bytes: int = 64 << 20  # a project outside the interpreter's folders is copied
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -106,8 +109,38 @@ def _read(path: str) -> str:
     return f.read()
 
 
+_SKIP_DIRS = ('.git', '.hg', '.venv', 'venv', '__pycache__', 'node_modules', 'build', 'dist',
+              'site-packages', '.tox', '.mypy_cache', '.pytest_cache')
+
+
+def project_files(root: str, max_bytes: int) -> dict[str, str]:
+  """{relative path: base64 content} of a project, to recreate it inside the sandbox (whose
+  filesystem need not show the caller's folders)."""
+  files, total = {}, 0
+  for folder, dirs, names in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+    for name in sorted(names):
+      path = os.path.join(folder, name)
+      size = os.path.getsize(path)
+      total += size
+      if total > max_bytes:
+        raise ValueError(f'{root}: the project is larger than {max_bytes} bytes; trace a '
+                         'smaller folder or raise RepoLimits.max_project_bytes')
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, root)] = base64.b64encode(f.read()).decode('ascii')
+  return files
+
+
+def _shipped(root: str) -> bool:
+  """Projects outside the interpreter's folders are copied into the sandbox."""
+  real = os.path.realpath(root)
+  return not any(real == p or real.startswith(p + os.sep) for p in
+                 {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)})
+
+
 def _request(item: TestModuleItem, limits: RepoLimits, trace_limits: traces.Limits) -> dict:
-  return {'root': item.root, 'tests': [item.path], 'exclude': list(item.exclude),
+  files = project_files(item.root, limits.max_project_bytes) if _shipped(item.root) else None
+  return {'root': item.root, 'tests': [item.path], 'exclude': list(item.exclude), 'files': files,
           'tracer': _read(TRACER), 'per_test_timeout_s': limits.per_test_timeout_s,
           'max_traces_per_test': limits.max_traces_per_test,
           'max_traces_per_function': limits.max_traces_per_function,
@@ -120,10 +153,10 @@ def trace_test_module(item: TestModuleItem, limits: RepoLimits = RepoLimits(),
                       ) -> tuple[list[Candidate], collections.Counter]:
   """Runs one test module under the tracer; returns its candidate traces and counters
   (tests by outcome, calls not traced by reason, and `session_STATUS` if the session failed)."""
+  request = _request(item, limits, trace_limits)
   box = sandbox.Limits(timeout_s=limits.module_timeout_s, memory_mb=limits.memory_mb,
                        output_bytes=limits.output_bytes, site_packages=True)
-  run = sandbox.run_python(_read(CHILD), stdin=json.dumps(_request(item, limits, trace_limits)),
-                           limits=box)
+  run = sandbox.run_python(_read(CHILD), stdin=json.dumps(request), limits=box)
   sources, candidates, counts = {}, [], collections.Counter()
   origin = os.path.relpath(item.path, item.root)
   done = False
@@ -136,10 +169,9 @@ def trace_test_module(item: TestModuleItem, limits: RepoLimits = RepoLimits(),
     if kind == 'source':
       sources[message['file']] = message['text']
     elif kind == 'trace':
-      rel = os.path.relpath(message['file'], item.root)
       candidates.append(Candidate(
           message['status'], sources[message['file']], message['function'], message['frames'],
-          f"{rel}:{message['function']} <- {message['test']}", message['message']))
+          f"{message['rel']}:{message['function']} <- {message['test']}", message['message']))
     elif kind == 'skip':
       counts[message['reason']] += 1
     elif kind == 'test':

@@ -6,13 +6,15 @@ pytest and the project's dependencies import); the parent is `cwm_jax.data.repo_
 JSON request on stdin:
   root        the project directory (added to sys.path)
   tests       test files to run (absolute paths)
+  files       None, or {relative path: base64 content}: the project is recreated under the
+              working directory (the sandbox's scratch) and `root`/`tests` are mapped into it
   exclude     fnmatch patterns of paths under root that are not project code (e.g. 'unittest/*')
   tracer      the text of cwm_jax/data/traces/tracer.py (run as a module here)
   per_test_timeout_s, max_traces_per_test, max_traces_per_function (whole session),
   max_events, max_bytes, max_value_chars
 and writes JSON lines on stdout (pytest's own output goes to stderr):
   {"kind": "source", "file", "text"}               once per project file, before its first trace
-  {"kind": "trace", "file", "function", "test", "status", "frames", "message"}
+  {"kind": "trace", "file", "rel", "function", "test", "status", "frames", "message"}
   {"kind": "skip", "reason", "test", "function"}   a call that was not traced ('unsupported',
                                                    'capped' by a per-test/per-function limit)
   {"kind": "test", "test", "outcome"}              one per test ('passed', 'failed', 'timeout')
@@ -23,6 +25,7 @@ under `root`; everything the entry calls in the same file is recorded with it, a
 `trace_call`. Generators and nested functions are 'unsupported' entries.
 """
 
+import base64
 import fnmatch
 import inspect
 import json
@@ -151,7 +154,9 @@ class RepoTracer:
     if status is None and entry.dead:
       status, message = entry.dead
     frames = entry.recorder.frames if status is None else []
-    self.emit({'kind': 'trace', 'file': entry.frame.f_code.co_filename,
+    filename = entry.frame.f_code.co_filename
+    self.emit({'kind': 'trace', 'file': filename,
+               'rel': os.path.relpath(os.path.realpath(filename), self.root),
                'function': entry.function, 'test': entry.test, 'status': status or 'ok',
                'frames': frames, 'message': message})
 
@@ -201,6 +206,19 @@ def _load_tracer(source):
   return module
 
 
+def _recreate(request):
+  """Writes the shipped project under ./project and points root and tests there."""
+  root = os.path.realpath('project')
+  for rel, data in request['files'].items():
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(base64.b64decode(data))
+  request['tests'] = [os.path.join(root, os.path.relpath(t, request['root']))
+                      for t in request['tests']]
+  request['root'] = root
+
+
 def main():
   request = json.load(sys.stdin)
   out = os.fdopen(os.dup(1), 'w', encoding='utf-8')
@@ -210,6 +228,8 @@ def main():
     out.write(json.dumps(message) + '\n')
     out.flush()
 
+  if request.get('files'):
+    _recreate(request)
   sys.path.insert(0, request['root'])
   tracer = RepoTracer(request, _load_tracer(request['tracer']), emit)
   plugin = Plugin(tracer, emit, request['per_test_timeout_s'])
