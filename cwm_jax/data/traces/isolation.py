@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import glob
 import json
+import marshal
 import os
 import shutil
 import subprocess
@@ -23,7 +24,9 @@ import sys
 
 from cwm_jax.base import ConfigError
 
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'child.py')
+_HERE = os.path.dirname(os.path.abspath(__file__))
+CHILD = os.path.join(_HERE, 'child.py')
+CHILD_MODULES = ('supervisor', 'worker', 'channel', 'tracer')  # stdlib-only, run in the child
 UNPRIVILEGED_UID = 65534  # 'nobody'
 _NAMESPACE_FLAGS = ('--pid', '--fork', '--kill-child', '--mount-proc', '--net', '--mount')
 
@@ -48,6 +51,17 @@ class Isolation:
             'reason': self.reason, **self.details}
 
 
+@functools.lru_cache(maxsize=None)
+def child_modules() -> dict:
+  """{name: code} of CHILD_MODULES, compiled once per process and shipped with each request."""
+  out = {}
+  for name in CHILD_MODULES:
+    path = os.path.join(_HERE, name + '.py')
+    with open(path, encoding='utf-8') as f:
+      out[name] = compile(f.read(), path, 'exec', dont_inherit=True)
+  return out
+
+
 def _unshare_prefix() -> tuple[str, ...] | None:
   unshare = shutil.which('unshare')
   if not unshare:
@@ -64,14 +78,16 @@ def probe() -> Isolation:
   if prefix is None:
     return Isolation(False, (), uid, 'no `unshare` executable on PATH (util-linux)')
   try:
+    request = marshal.dumps({'uid': uid, 'modules': child_modules()})
     done = subprocess.run([*prefix, sys.executable, '-s', '-S', CHILD, '--probe'],
-                          capture_output=True, text=True, timeout=60, cwd='/')
+                          input=len(request).to_bytes(4, 'big') + request, capture_output=True,
+                          timeout=60, cwd='/')
   except (OSError, subprocess.SubprocessError) as e:
     return Isolation(False, (), uid, f'`unshare` failed: {e}')
   if done.returncode != 0:
     return Isolation(False, (), uid, f'`{" ".join(prefix)}` failed: '
-                     f'{done.stderr.strip()[-300:] or done.returncode}')
-  details = json.loads(done.stdout.strip().splitlines()[-1])
+                     f'{done.stderr.decode(errors="replace").strip()[-300:] or done.returncode}')
+  details = json.loads(done.stdout.decode().strip().splitlines()[-1])
   if not details.pop('worker', False):
     return Isolation(False, (), uid, 'the worker could not drop its privileges')
   details.pop('pid', None)

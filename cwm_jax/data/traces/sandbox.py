@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import marshal
 import math
 import os
 import selectors
@@ -93,7 +93,8 @@ def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
   nonce = os.urandom(channel.NONCE_BYTES)
   request = dict(request, source=source, nonce=nonce.hex(), namespaces=iso.namespaces,
                  uid=iso.uid, timeout_s=limits.timeout_s, limits=_limit_spec(limits),
-                 disk_bytes=limits.disk_bytes, disk_inodes=limits.disk_inodes)
+                 disk_bytes=limits.disk_bytes, disk_inodes=limits.disk_inodes,
+                 modules=isolation.child_modules())
   ours, theirs = socket.socketpair()
   record_r, record_w = os.pipe()
   command = [*iso.prefix, sys.executable, '-s', *(() if limits.site_packages else ('-S',)),
@@ -134,7 +135,7 @@ def _limit_spec(limits: Limits) -> str:
 
 
 def _send(sock: socket.socket, request: dict) -> None:
-  data = json.dumps(request).encode('utf-8')
+  data = marshal.dumps(request)
   try:
     sock.sendall(len(data).to_bytes(4, 'big') + data)
   except OSError:
@@ -205,15 +206,13 @@ def _end(proc, sock, namespaces: bool) -> None:
     stream.close()
 
 
-def _report(data: bytes) -> dict | None:
-  """The supervisor's {'wait_status': int | None, 'timeout': bool}, or None if absent/garbled."""
-  try:
-    report = json.loads(data)
-  except (ValueError, UnicodeDecodeError, RecursionError):
-    return None
-  if (isinstance(report, dict) and isinstance(report.get('timeout'), bool)
-      and (report.get('wait_status') is None or type(report['wait_status']) is int)):
-    return report
+def _report(data: bytes) -> tuple[bool, int] | None:
+  """The supervisor's report (timed out, wait status), or None if absent or garbled."""
+  if data == b'timeout':
+    return True, 0
+  words = data.split()
+  if len(words) == 2 and words[0] == b'exit' and words[1].isdigit() and len(words[1]) < 8:
+    return False, int(words[1])
   return None
 
 
@@ -226,9 +225,13 @@ def _result(proc, out: dict, limits: Limits) -> SandboxResult:
   if report is None:
     return SandboxResult('error', text_out, text_err + f'\nsandbox supervisor ended without a '
                          f'report (exit status {proc.returncode})', proc.returncode)
-  if report['timeout']:
+  timed_out, wait_status = report
+  if timed_out:
     return SandboxResult('timeout', text_out, text_err, None)
-  code = os.waitstatus_to_exitcode(report['wait_status'])
+  try:
+    code = os.waitstatus_to_exitcode(wait_status)
+  except ValueError:
+    return SandboxResult('error', text_out, text_err, None)
   return SandboxResult(_exit_status(code, text_err), text_out, text_err, code)
 
 

@@ -1,7 +1,7 @@
 """The sandbox's worker process: block the network, then run, trace or test the program.
 
-Stdlib only, loaded by child.py by path (before the uid drop) and run in the forked worker as
-`main(request, record_fd)`, with the scratch directory as working directory. Modes:
+Stdlib only, loaded by child.py (before the uid drop) and run in the forked worker as
+`main(request, record_fd, load)`, with the scratch directory as working directory. Modes:
   run    program.py runs as `__main__`; its exit code is the run's (no records);
   trace  the program's top level runs untraced, then `function(*args, **kwargs)` is recorded
          by tracer.py; one record {'status', 'frames', 'message'} goes to the caller;
@@ -13,25 +13,12 @@ Everything the worker needs (json, os.write, settrace, exec) is bound before the
 
 import ast
 import builtins
-import importlib.util
 import os
 import sys
 import traceback
 import types
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 _settrace, _setprofile, _exec, _exit = sys.settrace, sys.setprofile, exec, os._exit
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location('_cwm_' + name, os.path.join(_HERE, name + '.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_channel = _load('channel')
-_tracer = _load('tracer')
 
 
 class NetworkDisabled(PermissionError):
@@ -80,7 +67,7 @@ def _main_module(path):
   return module, source
 
 
-def run(request, writer):
+def run(request, writer, tracer=None):
   path = os.path.abspath('program.py')
   sys.argv = [path]
   module, source = _main_module(path)
@@ -94,7 +81,7 @@ def run(request, writer):
     sys.exit(1)
 
 
-def trace(request, writer):
+def trace(request, writer, tracer):
   path = os.path.abspath('program.py')
   try:
     with open(path, encoding='utf-8') as f:
@@ -116,7 +103,7 @@ def trace(request, writer):
     writer.send({'status': e.status, 'frames': [], 'message': e.message})
     _exit(0)
 
-  recorder = _tracer.Recorder(path, source, max_events=request['max_events'],
+  recorder = tracer.Recorder(path, source, max_events=request['max_events'],
                               max_bytes=request['max_bytes'],
                               max_value_chars=request['max_value_chars'], abort=abort,
                               settrace=_settrace)
@@ -160,7 +147,7 @@ class _StrictEquality(ast.NodeTransformer):
     return node
 
 
-def test(request, writer):
+def test(request, writer, tracer=None):
   statements = ast.parse(request['tests']).body
   total, pristine = len(statements), dict(builtins.__dict__)
   compiled = [compile(ast.fix_missing_locations(ast.Module([_StrictEquality().visit(s)], [])),
@@ -192,10 +179,13 @@ def test(request, writer):
   _exit(0)  # no atexit handler of the program runs after the verdict
 
 
-def main(request, record_fd):
-  writer = _channel.Writer(record_fd, bytes.fromhex(request['nonce']))
+def main(request, record_fd, load):
+  writer = None
+  if request['mode'] != 'run':  # before the program: it may replace json, os.write, ...
+    writer = load('channel').Writer(record_fd, bytes.fromhex(request['nonce']))
   if not hasattr(builtins, 'exit'):  # `python -S` skips site, which defines these
     builtins.exit = builtins.quit = sys.exit
+  tracer = load('tracer') if request['mode'] == 'trace' else None
   if request.get('block_network', True):
     block_network()
-  {'run': run, 'trace': trace, 'test': test}[request['mode']](request, writer)
+  {'run': run, 'trace': trace, 'test': test}[request['mode']](request, writer, tracer)
