@@ -218,7 +218,7 @@ def build_corpus(corpus: str, out: str, *, limit: int | None = None, num_shards:
   if corpus in TRACE_CORPORA:
     try:
       items = trace_items(corpus, limit=limit, **sources)
-    except ValueError as e:  # bad JSONL line, missing repository, no stdlib tests, ...
+    except (ValueError, OSError) as e:  # bad JSONL, missing repository, no stdlib tests, ...
       raise ConfigError(str(e)) from e
     return build_trace_corpus(corpus, items, out, config or TraceBuildConfig(), num_shards)
   if sources:
