@@ -29,7 +29,7 @@ def _args():
   return p.parse_args()
 
 
-def _ours(cfg, batch_np, lr):
+def _ours(cfg, run, batch_np, lr):
   import jax
   import jax.numpy as jnp
   import optax
@@ -38,10 +38,10 @@ def _ours(cfg, batch_np, lr):
   from cwm_jax.train.step import make_train_step
 
   tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1)
-  params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0), nnx.Param))
+  params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0, run), nnx.Param))
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
            "rng": jnp.zeros((2,), jnp.uint32)}
-  step = jax.jit(make_train_step(cfg, tx, lambda s: lr), donate_argnums=0)
+  step = jax.jit(make_train_step(cfg, tx, lambda s: lr, execution=run), donate_argnums=0)
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
   holder = {"state": state}
 
@@ -89,16 +89,16 @@ def main():
   os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
                         f"intra_op_parallelism_threads={a.threads}")
   import numpy as np
-  from cwm_jax.model import preset
+  from cwm_jax.model import Execution, preset
 
-  cfg = preset(a.preset, attention_impl=a.impl)
+  cfg, run = preset(a.preset), Execution(attention_impl=a.impl)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
            "segment_ids": np.ones((a.batch, a.seq), np.int32),
            "weights": np.ones((a.batch, a.seq), np.float32)}
-  ours, theirs = _ours(cfg, batch, 1e-3), _theirs(cfg, batch, 1e-3, a.threads)
+  ours, theirs = _ours(cfg, run, batch, 1e-3), _theirs(cfg, batch, 1e-3, a.threads)
   start = time.perf_counter()
   ours(1)
   compile_s = time.perf_counter() - start

@@ -25,7 +25,7 @@ for a dense 32B model at ~16M tokens per step, not Meta's.
 
 import ml_collections
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 from cwm_jax.train.config import base_config, parse_variant
 
 STAGES = ("pretrain", "midtrain", "sft", "rl")
@@ -91,9 +91,9 @@ def get_config(arg: str | None = None):
                       f"(got {arg!r})")
   c = base_config()
   c.model.preset = "cwm_32b"
-  c.model.overrides = ml_collections.ConfigDict(dict(
-      param_dtype="float32", compute_dtype="bfloat16", attention_impl="chunked",
-      attention_chunk=1024, scan_layers=True, remat_policy="full"))
+  c.execution.update(dict(param_dtype="float32", compute_dtype="bfloat16",
+                         attention_impl="chunked", attention_chunk=1024, scan_layers=True,
+                         remat_policy="full"))
   c.rules = [list(r) for r in c.rules]
   c.checkpoint_every = 1000               # (default)
   c.log_every = 10

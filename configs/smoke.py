@@ -31,7 +31,7 @@ tasks' reference answers:
 
 import ml_collections
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 from cwm_jax.train.config import base_config, parse_variant
 
 VARIANTS = ("dtype", "accum", "remat", "schedule", "source", "stage", "corpus_limit")
@@ -52,8 +52,8 @@ def get_config(arg: str | None = None):
   c.model.preset = "tiny"
   c.model.overrides.update(dict(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
                                 ffn_dim=128, vocab_size=512, local_window=16))
-  c.model.overrides.compute_dtype = variant.get("dtype", "float32")
-  c.model.overrides.remat_policy = variant.get("remat", "none")
+  c.execution.compute_dtype = variant.get("dtype", "float32")
+  c.execution.remat_policy = variant.get("remat", "none")
   c.grad_accum = int(variant.get("accum", 1))
   schedule = variant.get("schedule", "cosine")
   c.optimizer.schedule = "cosine" if schedule == "all" else schedule

@@ -7,7 +7,7 @@ from typing import Callable
 
 from absl import app, flags
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 
 def _parse_or_exit(argv: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from absl import flags
 
 from cwm_jax.cli import run_main
 from cwm_jax.checkpoint.convert import FORMATS, convert
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "Source checkpoint directory (format detected).")

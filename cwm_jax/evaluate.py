@@ -13,7 +13,7 @@ from absl import flags
 from cwm_jax.cli import run_main
 from cwm_jax.infer.evaluate import EvalConfig, evaluate, held_out_cases
 from cwm_jax.infer.loading import load_for_inference
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (orbax workdir, HF or Meta).")

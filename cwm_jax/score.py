@@ -13,7 +13,7 @@ from absl import flags
 
 from cwm_jax.cli import run_main
 from cwm_jax.checkpoint.load import load_model
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Hugging Face, Meta or orbax checkpoint directory.")

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from cwm_jax import kernels
 from cwm_jax.kernels.context_parallel import halo_rows, sharded_attention
-from cwm_jax.model import init_model, tiny
+from cwm_jax.model import Execution, init_model, tiny
 from cwm_jax.parallel.mesh import make_mesh
 from cwm_jax.parallel.sharding import DEFAULT_RULES
 
@@ -50,9 +50,10 @@ def test_model_with_sequence_parallelism_matches_unsharded():
     return jnp.mean(logits * proj), logits
 
   step = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
-  (_, want_logits), want_grads = step(init_model(cfg.replace(attention_impl="reference"), 0))
+  (_, want_logits), want_grads = step(init_model(cfg, 0, Execution(attention_impl="reference")))
   mesh = make_mesh({"sequence": 8})
-  model = init_model(cfg.replace(attention_impl="chunked", context_parallel="allgather"), 0)
+  model = init_model(cfg, 0, Execution(attention_impl="chunked", attention_chunk=8,
+                                       context_parallel="allgather"))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
     (_, logits), grads = step(model)
     graphdef, state = nnx.split(model)

@@ -20,7 +20,8 @@ import transformers
 from cwm_jax.checkpoint import convert as cv
 from cwm_jax.checkpoint import hf, manager, meta
 from cwm_jax.checkpoint.names import HF, META
-from cwm_jax.model.config import ConfigError, cwm_32b, tiny
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import cwm_32b, tiny
 from cwm_jax.model.rope import inv_frequencies
 from cwm_jax.model.transformer import model_from_params
 
@@ -59,13 +60,12 @@ def _torch_logits(model):
 
 def _our_logits(directory):
   cfg, params = manager.restore_params(directory)
-  return np.asarray(model_from_params(cfg.replace(param_dtype="float32"), params)(TOKENS))
+  return np.asarray(model_from_params(cfg, params)(TOKENS))
 
 
 def _arch(cfg):
-  """The architecture part of a config (execution policy reset)."""
-  return cfg.replace(param_dtype="float32", compute_dtype="float32", attention_impl="reference",
-                     attention_chunk=512, scan_layers=True, remat_policy="none")
+  """The architecture (ModelConfig holds nothing else)."""
+  return cfg
 
 
 def _bits(a):

@@ -11,7 +11,7 @@ from cwm_jax.data import formats
 from cwm_jax.data import pipeline
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.kernels import masks
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 SEQ = 64
 BAD = [  # (raw line, reason)

@@ -9,7 +9,8 @@ import pytest
 from cwm_jax import kernels
 from cwm_jax.kernels.chunked import block_pairs, ideal_pairs
 from cwm_jax.kernels.masks import allowed
-from cwm_jax.model.config import ConfigError, tiny
+from cwm_jax.base import ConfigError
+from cwm_jax.model.execution import Execution
 
 
 def _inputs(b, t, n, k, h, n_docs, seed=0):
@@ -113,8 +114,8 @@ def test_splash_interpret_matches_reference():
 
 
 def test_config_names_the_attention_choices():
-  assert tiny(attention_impl="splash", global_attention_impl="chunked").global_attention_impl
+  assert Execution(attention_impl="splash", global_attention_impl="chunked").global_attention_impl
   with pytest.raises(ConfigError, match="attention_impl='flash' must be one of"):
-    tiny(attention_impl="flash")
+    Execution(attention_impl="flash")
   with pytest.raises(ConfigError, match="context_parallel='halo' must be one of"):
-    tiny(context_parallel="halo")
+    Execution(context_parallel="halo")

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from cwm_jax.checkpoint.hf import config_to_hf, load_hf
-from cwm_jax.model import (ConfigError, ModelConfig, init_model, meta_layer_windows,
+from cwm_jax.base import ConfigError
+from cwm_jax.model import (Execution, ModelConfig, init_model, meta_layer_windows,
                            model_from_params, tiny)
 
 torch = pytest.importorskip("torch")
@@ -65,7 +66,7 @@ def test_parity_with_transformers(tmp_path, case):
   assert [w < cfg.global_window for w in cfg.layer_windows] == [
       t == "sliding_attention" for t in ref_model.config.layer_types]
   for impl in ("reference", "chunked"):
-    model = model_from_params(cfg.replace(attention_impl=impl, attention_chunk=8), params)
+    model = model_from_params(cfg, params, Execution(attention_impl=impl, attention_chunk=8))
     logits = _forward(model, ids.numpy()).astype(np.float64)
     np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4, rtol=0)
     lp = np.asarray(jax.nn.log_softmax(logits, -1))
@@ -98,7 +99,7 @@ def test_hf_config_roundtrip_keeps_layer_pattern():
   hf = config_to_hf(cfg)
   assert hf["layer_types"][-1] == "full_attention"  # Meta's last-layer-global rule
   from cwm_jax.checkpoint.hf import config_from_hf
-  assert config_from_hf(hf, attention_chunk=cfg.attention_chunk) == cfg
+  assert config_from_hf(hf) == cfg
 
 
 def _packed_inputs(lengths, seed=0):
@@ -112,7 +113,7 @@ def _packed_inputs(lengths, seed=0):
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
 def test_packed_documents_equal_separate_runs(impl):
-  model = init_model(tiny(attention_impl=impl), seed=1)
+  model = init_model(tiny(), seed=1, execution=Execution(attention_impl=impl, attention_chunk=8))
   docs, tokens, segs, pos = _packed_inputs([7, 23, 13])
   packed = _forward(model, tokens, pos, segs)[0]
   start = 0
@@ -134,10 +135,10 @@ def test_causality():
     assert np.abs(out[:, t] - base[:, t]).max() > 1e-6
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _loss_and_grads(cfg, params, tokens, segs, pos):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss_and_grads(cfg, run, params, tokens, segs, pos):
   def loss(p):
-    logits = model_from_params(cfg, p)(tokens, pos, segs)
+    logits = model_from_params(cfg, p, run)(tokens, pos, segs)
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
   return jax.value_and_grad(loss)(params)
 
@@ -148,20 +149,21 @@ def test_execution_variants_agree():
   params = nnx.to_pure_dict(nnx.state(init_model(base_cfg, seed=3), nnx.Param))
   _, tokens, segs, pos = _packed_inputs([9, 17, 3])
   tokens, segs, pos = map(jnp.asarray, (tokens, segs, pos))
-  ref_loss, ref_grads = _loss_and_grads(base_cfg.replace(scan_layers=False), params,
+  ref_loss, ref_grads = _loss_and_grads(base_cfg, Execution(scan_layers=False), params,
                                         tokens, segs, pos)
   variants = [dict(remat_policy="full"),
               dict(attention_impl="chunked", remat_policy="save_attention_out"),
               dict(attention_impl="chunked", scan_layers=False, remat_policy="dots")]
   for v in variants:
-    loss, grads = _loss_and_grads(base_cfg.replace(**v), params, tokens, segs, pos)
+    run = Execution(attention_chunk=8, **v)
+    loss, grads = _loss_and_grads(base_cfg, run, params, tokens, segs, pos)
     np.testing.assert_allclose(loss, ref_loss, atol=1e-6, err_msg=str(v))
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       np.testing.assert_allclose(g, r, atol=1e-5, err_msg=str(v))
 
 
 def test_jit_equals_eager():
-  model = init_model(tiny(scan_layers=False), seed=4)
+  model = init_model(tiny(), seed=4, execution=Execution(scan_layers=False))
   _, tokens, segs, pos = _packed_inputs([5, 8])
   eager = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(segs)))
   np.testing.assert_allclose(_forward(model, tokens, pos, segs), eager, atol=1e-6)
@@ -169,8 +171,8 @@ def test_jit_equals_eager():
 
 def test_bfloat16_policy():
   full = init_model(tiny(), seed=0)
-  cfg = tiny(param_dtype="bfloat16", compute_dtype="bfloat16")
-  model = model_from_params(cfg, nnx.to_pure_dict(nnx.state(full, nnx.Param)))
+  model = model_from_params(tiny(), nnx.to_pure_dict(nnx.state(full, nnx.Param)),
+                            Execution(param_dtype="bfloat16", compute_dtype="bfloat16"))
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   tokens = jnp.arange(8, dtype=jnp.int32)[None]
   logits, h = nnx.jit(lambda m, t: (m(t), m.hidden(t)))(model, tokens)
@@ -204,8 +206,32 @@ def test_cwm_32b_preset_matches_spec():
     (dict(head_dim=15), "head_dim=15 must be even"),
     (dict(layer_windows=(16, 0, 16, 16)), "windows < 1"),
     (dict(layer_windows=(16, 16, 16)), "one window per layer"),
-    (dict(attention_impl="magic"), "attention_impl"),
 ])
 def test_invalid_configs_raise(bad, message):
   with pytest.raises(ConfigError, match=message):
     tiny(**bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(attention_impl="magic"), "attention_impl='magic' must be one of"),
+    (dict(remat_policy="most"), "remat_policy='most' must be one of"),
+    (dict(attention_chunk=0), "attention_chunk=0 must be >= 1"),
+])
+def test_invalid_execution_raises(bad, message):
+  with pytest.raises(ConfigError, match=message):
+    Execution(**bad)
+  with pytest.raises(ConfigError, match="unknown fields"):
+    Execution.from_mapping({"attention_backend": "chunked"})
+
+
+def test_model_config_holds_architecture_only():
+  """Execution choices are not ModelConfig fields, and checkpoint metadata written
+  before the split (with them inside) still reads."""
+  with pytest.raises(TypeError):
+    tiny(attention_impl="chunked")
+  old = dict(tiny().to_dict(), attention_impl="chunked", remat_policy="full",
+             param_dtype="bfloat16", scan_layers=True, attention_chunk=8,
+             compute_dtype="bfloat16", global_attention_impl="", context_parallel="none")
+  assert ModelConfig.from_dict(old) == tiny()
+  with pytest.raises(ConfigError, match="unknown ModelConfig fields"):
+    ModelConfig.from_dict(dict(tiny().to_dict(), colour="blue"))

@@ -17,7 +17,7 @@ from cwm_jax.data.traces import PROGRAMS_DIR, format_frames
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.sampler import GenerateResult
 from cwm_jax.infer.trace_predict import real_trace
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 from cwm_jax.rl import grpo, loop, rewards, rollout, tasks
 
 FAST = Limits(timeout_s=1.0, memory_mb=256, output_bytes=10_000)

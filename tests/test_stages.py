@@ -13,7 +13,8 @@ import pytest
 
 from cwm_jax.data.pipeline import DataConfig
 from cwm_jax.data.tokenizer import Tokenizer
-from cwm_jax.model.config import ConfigError, cwm_32b
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import cwm_32b
 from cwm_jax.train import stages
 from cwm_jax.train.config import model_config
 from test_launch import ROOT

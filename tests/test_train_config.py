@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from cwm_jax.model.config import ConfigError, tiny
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import tiny
 from cwm_jax.train import config as config_lib, flops
 from cwm_jax.train.synthetic import SyntheticSource
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 from cwm_jax.train import config as config_lib, loop
 
 

@@ -24,7 +24,8 @@ from etils import epath
 from orbax.checkpoint import type_handlers
 
 from cwm_jax.checkpoint import manager
-from cwm_jax.model.config import ConfigError, ModelConfig
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,8 @@ import numpy as np
 
 from cwm_jax.checkpoint import _orbax_io, hf, manager, meta
 from cwm_jax.checkpoint.names import HF, META, Entry, locate
-from cwm_jax.model.config import ConfigError, ModelConfig
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import ModelConfig
 
 FORMATS = ("orbax", "hf", "meta")
 DTYPES = {"float32": np.dtype("float32"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -126,11 +127,12 @@ def open_source(directory: str, step: int | None = None) -> Source:
   if missing or extra:
     raise ConvertError(f"{directory} step {reader.step}: params missing {missing[:5]}, "
                        f"unexpected {extra[:5]} for its model config")
+  stored = reader.dtype(next(iter(want)))
   for path, shape in want.items():
-    if reader.shape(path) != shape or reader.dtype(path) != DTYPES[cfg.param_dtype]:
+    if reader.shape(path) != shape or reader.dtype(path) != stored or stored not in DTYPES.values():
       raise ConvertError(f"{directory} step {reader.step}: params/{'/'.join(path)} is "
                          f"{reader.shape(path)} {reader.dtype(path)}; its config implies "
-                         f"{shape} {cfg.param_dtype}")
+                         f"{shape}, in the checkpoint's one dtype ({stored}), float32 or bfloat16")
   tok = os.path.join(reader.root, "tokenizer")
   return Source(fmt, cfg, reader.read, {p: reader.dtype(p) for p in want},
                 dict(reader.meta.get("config", {}).get("token_ids", {})),
@@ -164,7 +166,7 @@ class _Counter:
 
 
 def _write_orbax(src: Source, out: str, dtype: np.dtype, step: int, count: _Counter) -> None:
-  cfg = src.cfg.replace(param_dtype=dtype.name)
+  cfg = src.cfg
   params: dict = {}
   for path, shape in expected_shapes(cfg).items():
     def fetch(i, path=path):

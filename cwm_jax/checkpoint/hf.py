@@ -13,7 +13,8 @@ import numpy as np
 from safetensors import safe_open
 
 from cwm_jax.checkpoint.names import HF, read_params
-from cwm_jax.model.config import ConfigError, ModelConfig, RopeScaling
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import ModelConfig, RopeScaling
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 

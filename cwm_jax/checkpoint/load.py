@@ -6,6 +6,7 @@ from typing import Any
 
 from cwm_jax.checkpoint.convert import detect_format
 from cwm_jax.model.config import ModelConfig
+from cwm_jax.model.execution import Execution
 from cwm_jax.model.transformer import Transformer, model_from_params
 
 
@@ -24,7 +25,8 @@ def load_params(directory: str, step: int | None = None, **overrides: Any
   return (cfg.replace(**overrides) if overrides else cfg), params
 
 
-def load_model(directory: str, step: int | None = None, **overrides: Any
-               ) -> tuple[ModelConfig, Transformer]:
+def load_model(directory: str, step: int | None = None, execution: Execution = Execution(),
+               **overrides: Any) -> tuple[ModelConfig, Transformer]:
+  """(architecture, model) from a checkpoint, run with `execution`."""
   cfg, params = load_params(directory, step, **overrides)
-  return cfg, model_from_params(cfg, params)
+  return cfg, model_from_params(cfg, params, execution)

@@ -25,13 +25,16 @@ _STATE, _DATA, _META = "state", "data", "meta"
 
 
 def model_config_to_dict(cfg: ModelConfig) -> dict:
-  d = dataclasses.asdict(cfg)
+  """The architecture as stored in checkpoint metadata (no execution choices)."""
+  d = cfg.to_dict()
   d["layer_windows"] = list(cfg.layer_windows)
   return d
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-  return ModelConfig(**d)
+  """Reads checkpoint metadata, including that of checkpoints written before the
+  architecture/execution split (their execution fields are ignored)."""
+  return ModelConfig.from_dict(d)
 
 
 def _is_grain(it) -> bool:

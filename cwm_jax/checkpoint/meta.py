@@ -20,7 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from cwm_jax.checkpoint.names import META, read_params
-from cwm_jax.model.config import ConfigError, ModelConfig, RopeScaling
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import ModelConfig, RopeScaling
 
 PREFIX = "model."
 

@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from cwm_jax.model.config import ConfigError, ModelConfig
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import ModelConfig
 
 Shape = tuple[int, ...]
 

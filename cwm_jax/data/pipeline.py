@@ -49,7 +49,7 @@ import numpy as np
 from cwm_jax.data import formats
 from cwm_jax.data import sources
 from cwm_jax.data import tokenizer as tokenizer_lib
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 REASONS = ('invalid_utf8', 'empty', 'too_long', 'schema')
 PACKINGS = ('first_fit', 'concat_then_split')

@@ -12,7 +12,7 @@ import os
 
 import grain
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 KINDS = ('array_record', 'tfds', 'jsonl')
 

@@ -38,7 +38,7 @@ from cwm_jax.data.traces.examples import HOLD_OUT_MODULUS, is_held_out
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer import trace_predict
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 MIN_BUCKET = 256   # teacher-forced rows pad to a power of two >= this (few compilations)
 

@@ -7,7 +7,7 @@ import os
 
 from cwm_jax.checkpoint.load import load_model
 from cwm_jax.data.tokenizer import Tokenizer
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 RANK_FILES = ("tokenizer.model", "*.tiktoken")
 

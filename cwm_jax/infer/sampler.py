@@ -59,20 +59,20 @@ def prefill(model, cache: kv.KVCache, tokens_BP):
 
   Returns float32 logits [B, V] of the last column and the cache.
   """
-  cfg = model.cfg
+  cfg, run = model.cfg, model.execution
   b, p = tokens_BP.shape
   cols_P = jnp.arange(p, dtype=jnp.int32)
   real_BP = cols_P[None] >= cache.start_B[:, None]
   positions_BP = jnp.where(real_BP, cols_P[None] - cache.start_B[:, None], 0)
   segment_BP = real_BP.astype(jnp.int32)
-  x_BTD = model.embed(tokens_BP, dtype_of(cfg.compute_dtype))
+  x_BTD = model.embed(tokens_BP, dtype_of(run.compute_dtype))
   for layer, block in enumerate(_blocks(model)):
     def attention(h_BTD, block=block, layer=layer):
       nonlocal cache
       q, k, v = block.attention.project_qkv(h_BTD, positions_BP)
       cache = kv.write(cache, layer, k, v, 0)
       o = kernels.attend(q, k, v, segment_BP, window=cache.layout.window(layer),
-                         impl=cfg.attention_impl, chunk=cfg.attention_chunk)
+                         impl=run.attention_impl, chunk=run.attention_chunk)
       return block.attention.project_out(o)
     x_BTD = _residual(block, x_BTD, attention)
   cache = cache.replace(length=jnp.asarray(p, jnp.int32))
@@ -82,10 +82,9 @@ def prefill(model, cache: kv.KVCache, tokens_BP):
 
 def decode_step(model, cache: kv.KVCache, token_B):
   """Feeds one token per row at column `cache.length`; logits [B, V] and the cache."""
-  cfg = model.cfg
   col = cache.length
   positions_B1 = (col - cache.start_B)[:, None]
-  x_BTD = model.embed(token_B[:, None], dtype_of(cfg.compute_dtype))
+  x_BTD = model.embed(token_B[:, None], dtype_of(model.execution.compute_dtype))
   for layer, block in enumerate(_blocks(model)):
     def attention(h_BTD, block=block, layer=layer):
       nonlocal cache
@@ -124,7 +123,7 @@ def _generate(graphdef, state, tokens_BP, start_B, key, temperature, top_p, stop
               *, max_new: int, greedy: bool):
   model = nnx.merge(graphdef, state)
   b, p = tokens_BP.shape
-  cache = kv.init_cache(model.cfg, start_B, p + max_new, dtype_of(model.cfg.compute_dtype))
+  cache = kv.init_cache(model.cfg, start_B, p + max_new, dtype_of(model.execution.compute_dtype))
   logits_BV, cache = prefill(model, cache, tokens_BP)
 
   def pick(step, logits_BV, done_B, out):

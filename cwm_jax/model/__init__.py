@@ -1,15 +1,16 @@
-"""CWM model: configuration, layers and the decoder.
+"""CWM model: architecture config, execution policy, layers and the decoder.
 
 The config names import without jax; the module classes load on first use, so
-light processes (data workers, sandboxes) can use `ConfigError` cheaply.
+light processes (data workers, sandboxes) can import the configs cheaply.
 """
 
-from cwm_jax.model.config import (ConfigError, ModelConfig, RopeScaling, cwm_32b, meta_layer_windows,
-                                  preset, tiny)
+from cwm_jax.model.config import (ModelConfig, RopeScaling, cwm_32b, meta_layer_windows, preset,
+                                  tiny)
+from cwm_jax.model.execution import Execution
 
 _LAZY = ("Transformer", "abstract_model", "init_model", "model_from_params")
 
-__all__ = ["ConfigError", "ModelConfig", "RopeScaling", "cwm_32b", "meta_layer_windows", "preset",
+__all__ = ["Execution", "ModelConfig", "RopeScaling", "cwm_32b", "meta_layer_windows", "preset",
            "tiny", *_LAZY]
 
 

@@ -16,15 +16,16 @@ from flax.core import spmd as flax_spmd
 from cwm_jax import kernels
 from cwm_jax.kernels import context_parallel
 from cwm_jax.model.config import ModelConfig
+from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain, dtype_of, logical_to_spec, param
 from cwm_jax.model.rope import apply_rope
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    pd = dtype_of(cfg.param_dtype)
+  def __init__(self, cfg: ModelConfig, execution: Execution, rngs: nnx.Rngs):
+    pd = dtype_of(execution.param_dtype)
     d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    self.cfg = cfg
+    self.cfg, self.execution = cfg, execution
     self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd)
     self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
     self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
@@ -53,7 +54,7 @@ class Attention(nnx.Module):
     into the static tuple `windows` of the distinct windows of the model.
     """
     q, k, v = self.project_qkv(x_BTD, positions_BT)
-    run = functools.partial(attention_kernel, self.cfg)
+    run = functools.partial(attention_kernel, self.cfg, self.execution)
 
     if windows is None:
       o_BTNH = run(window)(q, k, v, segment_ids_BT)
@@ -65,24 +66,24 @@ class Attention(nnx.Module):
     return self.project_out(o_BTNH)
 
 
-def attention_kernel(cfg: ModelConfig, window: int):
+def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
   """`f(q, k, v, segment_ids) -> o` for one static window: backend by layer kind,
   through sequence-sharded context parallelism when the mesh and config ask."""
-  impl = cfg.attention_impl
+  impl = run.attention_impl
   if window >= cfg.global_window:
-    impl = cfg.global_attention_impl or impl
+    impl = run.global_attention_impl or impl
   mesh = jax.sharding.get_abstract_mesh()
   axis = context_parallel.AXIS
-  if (cfg.context_parallel != "none" and mesh is not None and not mesh.empty
+  if (run.context_parallel != "none" and mesh is not None and not mesh.empty
       and dict(mesh.shape).get(axis, 1) > 1):
     specs = [_manual_spec(names, mesh, axis) for names in
              (("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None),
               ("batch", "seq"))]
     return functools.partial(context_parallel.sharded_attention, window=window,
-                             chunk=cfg.attention_chunk, mode=cfg.context_parallel,
+                             chunk=run.attention_chunk, mode=run.context_parallel,
                              q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis)
   return lambda q, k, v, s: kernels.attend(q, k, v, s, window=window, impl=impl,
-                                           chunk=cfg.attention_chunk)
+                                           chunk=run.attention_chunk)
 
 
 def _manual_spec(names, mesh, seq_axis):

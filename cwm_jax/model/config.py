@@ -1,8 +1,9 @@
 """Model architecture: a frozen, validated dataclass with named presets.
 
-`ModelConfig` holds the architecture (shapes, RoPE, per-layer attention
-windows) and the numerics/execution policy (dtypes, attention backend, scan,
-remat). It is hashable so it can be a static argument of jitted functions.
+`ModelConfig` holds the architecture only (shapes, RoPE, per-layer attention
+windows): what a checkpoint's config.json or params.json describes. How the
+model runs (dtypes, attention backend, scan, remat) is `execution.Execution`.
+It is hashable so it can be a static argument of jitted functions.
 """
 
 from __future__ import annotations
@@ -11,14 +12,8 @@ import dataclasses
 import math
 from typing import Any
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("reference", "chunked", "cudnn", "splash")
-CONTEXT_PARALLEL = ("none", "allgather", "ring")
-DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """A configuration is invalid; the message names the fields and the fix."""
+from cwm_jax.base import ConfigError
+from cwm_jax.model import execution
 
 
 def meta_layer_windows(n_layers: int, local_window: int, global_window: int,
@@ -43,7 +38,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """CWM decoder architecture plus execution policy.
+  """CWM decoder architecture.
 
   `layer_windows[i]` is the number of keys (the query included) layer i may
   see: `q - k < layer_windows[i]`. Layers whose window equals
@@ -62,19 +57,6 @@ class ModelConfig:
   rope_theta: float = 1e6
   rope_scaling: RopeScaling | None = RopeScaling()
   max_seq_len: int = 131072
-  # Execution policy.
-  param_dtype: str = "float32"
-  compute_dtype: str = "float32"
-  attention_impl: str = "reference"
-  attention_chunk: int = 512
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  # Backend for global layers ("" = attention_impl); local layers use attention_impl.
-  global_attention_impl: str = ""
-  # Sequence-axis context parallelism for global layers: 'none' (off), 'allgather'
-  # or 'ring'. Active only when the mesh has a `sequence` axis of size > 1; local
-  # layers then exchange only a window-sized K/V halo.
-  context_parallel: str = "none"
 
   def __post_init__(self):
     object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
@@ -82,7 +64,7 @@ class ModelConfig:
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
     errors = []
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
-                 "head_dim", "ffn_dim", "global_window", "attention_chunk"):
+                 "head_dim", "ffn_dim", "global_window"):
       if getattr(self, name) < 1:
         errors.append(f"{name}={getattr(self, name)} must be >= 1")
     if self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads:
@@ -99,13 +81,6 @@ class ModelConfig:
     if any(w > self.global_window for w in self.layer_windows):
       errors.append("a layer window exceeds global_window="
                     f"{self.global_window}; raise global_window")
-    for name, allowed in (("param_dtype", DTYPES), ("compute_dtype", DTYPES),
-                          ("attention_impl", ATTENTION_IMPLS),
-                          ("remat_policy", REMAT_POLICIES),
-                          ("global_attention_impl", ("",) + ATTENTION_IMPLS),
-                          ("context_parallel", CONTEXT_PARALLEL)):
-      if getattr(self, name) not in allowed:
-        errors.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
     if errors:
       raise ConfigError("invalid ModelConfig: " + "; ".join(errors))
 
@@ -119,6 +94,20 @@ class ModelConfig:
 
   def replace(self, **kw: Any) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    """From `to_dict` output; execution fields stored by checkpoints written before
+    the architecture/execution split are dropped, anything else unknown is an error."""
+    d = {k: v for k, v in d.items() if k not in execution.FIELDS}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
   def param_count(self) -> int:
     """Exact parameter count (no biases, untied embeddings)."""
@@ -145,8 +134,7 @@ def cwm_32b(**overrides: Any) -> ModelConfig:
              head_dim=128, ffn_dim=21504, global_window=131072,
              layer_windows=meta_layer_windows(64, 8192, 131072),
              norm_eps=1e-5, rope_theta=1e6, rope_scaling=RopeScaling(),
-             max_seq_len=131072, param_dtype="float32", compute_dtype="bfloat16",
-             attention_impl="chunked", remat_policy="full")
+             max_seq_len=131072)
   cfg.update(overrides)
   return ModelConfig(**cfg)
 
@@ -155,8 +143,7 @@ def cwm_1b(**overrides: Any) -> ModelConfig:
   """A ~1B CWM-shaped model for single-accelerator throughput work."""
   cfg = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4,
              head_dim=128, ffn_dim=7168, global_window=131072,
-             layer_windows=meta_layer_windows(16, 8192, 131072),
-             compute_dtype="bfloat16", attention_impl="chunked")
+             layer_windows=meta_layer_windows(16, 8192, 131072))
   cfg.update(overrides)
   return ModelConfig(**cfg)
 
@@ -170,7 +157,7 @@ def tiny(**overrides: Any) -> ModelConfig:
              head_dim=16, ffn_dim=128, global_window=glob,
              layer_windows=meta_layer_windows(n_layers, local, glob),
              rope_scaling=RopeScaling(factor=4.0, original_context=64),
-             max_seq_len=glob, attention_chunk=8)
+             max_seq_len=glob)
   cfg.update(overrides)
   return ModelConfig(**cfg)
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from cwm_jax.model.attention import Attention
 from cwm_jax.model.config import ModelConfig
+from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import MLP, Embed, RMSNorm, constrain, dtype_of, param
 
 _POLICIES = {
@@ -31,10 +32,10 @@ def remat(fn, policy: str):
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    pd = dtype_of(cfg.param_dtype)
+  def __init__(self, cfg: ModelConfig, execution: Execution, rngs: nnx.Rngs):
+    pd = dtype_of(execution.param_dtype)
     self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, pd, rngs)
-    self.attention = Attention(cfg, rngs)
+    self.attention = Attention(cfg, execution, rngs)
     self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, pd, rngs)
     self.mlp = MLP(cfg.dim, cfg.ffn_dim, pd, rngs)
 
@@ -47,17 +48,21 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """CWM decoder-only LM. Layers are stacked on a leading 'layers' axis."""
+  """CWM decoder-only LM. Layers are stacked on a leading 'layers' axis.
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    pd = dtype_of(cfg.param_dtype)
+  `cfg` is the architecture, `execution` how it runs (dtypes, backend, scan,
+  remat); only `execution.param_dtype` affects the parameters themselves.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: Execution = Execution()):
+    self.cfg, self.execution = cfg, execution
+    pd = dtype_of(execution.param_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.dim, pd, rngs)
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs):
-      return Block(cfg, rngs)
+      return Block(cfg, execution, rngs)
 
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(cfg.dim, cfg.norm_eps, pd, rngs)
@@ -65,28 +70,28 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     """Final-normed hidden states [B, T, D] in the compute dtype."""
-    cfg = self.cfg
+    cfg, run = self.cfg, self.execution
     b, t = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.zeros((b, t), jnp.int32)
-    x_BTD = constrain(self.embed(tokens_BT, dtype_of(cfg.compute_dtype)),
+    x_BTD = constrain(self.embed(tokens_BT, dtype_of(run.compute_dtype)),
                       ("batch", "seq", "act_embed"))
     graphdef, stacked = nnx.split(self.layers)
 
     def apply(x, layer_state, window, windows=None):
       return nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, window, windows)
 
-    if cfg.scan_layers:
+    if run.scan_layers:
       windows = tuple(sorted(set(cfg.layer_windows)))
       index_L = jnp.asarray([windows.index(w) for w in cfg.layer_windows], jnp.int32)
-      body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows), None), cfg.remat_policy)
+      body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows), None), run.remat_policy)
       x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, index_L))
     else:
       for i, w in enumerate(cfg.layer_windows):
         layer_i = jax.tree.map(lambda a, i=i: a[i], stacked)
-        x_BTD = remat(functools.partial(apply, window=w), cfg.remat_policy)(x_BTD, layer_i)
+        x_BTD = remat(functools.partial(apply, window=w), run.remat_policy)(x_BTD, layer_i)
     return self.norm(x_BTD)
 
   def logits(self, h_BTD):
@@ -100,18 +105,21 @@ class Transformer(nnx.Module):
     return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT))
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-  return Transformer(cfg, nnx.Rngs(params=seed))
+def init_model(cfg: ModelConfig, seed: int = 0, execution: Execution = Execution()
+              ) -> Transformer:
+  return Transformer(cfg, nnx.Rngs(params=seed), execution)
 
 
-def abstract_model(cfg: ModelConfig) -> Transformer:
+def abstract_model(cfg: ModelConfig, execution: Execution = Execution()) -> Transformer:
   """The model's structure with ShapeDtypeStruct leaves; allocates nothing."""
-  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0), execution))
 
 
-def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
-  """A model holding `params` (a nested dict of arrays, as `nnx.state(m).to_pure_dict()`)."""
-  graphdef, state = nnx.split(abstract_model(cfg))
-  dtype = dtype_of(cfg.param_dtype)
+def model_from_params(cfg: ModelConfig, params: dict, execution: Execution = Execution()
+                      ) -> Transformer:
+  """A model holding `params` (a nested dict of arrays, as `nnx.state(m).to_pure_dict()`),
+  cast to `execution.param_dtype`."""
+  graphdef, state = nnx.split(abstract_model(cfg, execution))
+  dtype = dtype_of(execution.param_dtype)
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
   return nnx.merge(graphdef, state)

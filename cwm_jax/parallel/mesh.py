@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from cwm_jax.model.config import ModelConfig
+from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain
 from cwm_jax.model.transformer import abstract_model
 
@@ -71,10 +72,10 @@ def grpo_loss(logp_BT, old_logp_BT, advantages_B, mask_BT, *, max_len: int,
 
 def make_rl_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule, *,
                  max_len: int, eps_low: float = EPS_LOW, eps_high: float = EPS_HIGH,
-                 rules=None):
+                 rules=None, execution: Execution = Execution()):
   """The pure `rl_step(state, batch) -> (state, metrics)` on the train state of
   `cwm_jax.train.state`; jit it with `jit_rl_step`."""
-  graphdef = nnx.split(abstract_model(cfg), nnx.Param)[0]
+  graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
 
   def objective(params, batch):
     model = nnx.merge(graphdef, params)

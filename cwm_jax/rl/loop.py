@@ -32,13 +32,14 @@ from jax.sharding import NamedSharding
 
 from cwm_jax.checkpoint.manager import Checkpointer, model_config_to_dict
 from cwm_jax.data.traces.sandbox import Limits
-from cwm_jax.model.config import ConfigError, ModelConfig
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.transformer import abstract_model
 from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.parallel import sharding
 from cwm_jax.rl import grpo, rollout, tasks as tasks_lib
 from cwm_jax.train import optimizer, state as state_lib, step as step_lib
-from cwm_jax.train.config import model_config, validate
+from cwm_jax.train.config import execution_config, model_config, validate
 from cwm_jax.train.metrics import MetricsWriter
 
 
@@ -116,19 +117,21 @@ class _Trainer:
 def _build(config, cfg: ModelConfig) -> _Trainer:
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
-  abstract = state_lib.abstract_state(cfg, tx, config.seed)
+  run = execution_config(config)
+  abstract = state_lib.abstract_state(cfg, tx, config.seed, run)
   shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
   batch_sh = NamedSharding(mesh, sharding.batch_spec(config.rules))
   rules = sharding.normalize_rules(config.rules)
   options = dict(config.compiler_options)
   rl_fn = grpo.make_rl_step(cfg, tx, schedule, rules=rules,
                             max_len=config.rl.loss_max_len or config.rl.max_new_tokens,
-                            eps_low=config.rl.eps_low, eps_high=config.rl.eps_high)
-  sft_fn = step_lib.make_train_step(cfg, tx, schedule, rules=rules)
+                            eps_low=config.rl.eps_low, eps_high=config.rl.eps_high,
+                            execution=run)
+  sft_fn = step_lib.make_train_step(cfg, tx, schedule, rules=rules, execution=run)
   return _Trainer(cfg, mesh, tx, abstract, shardings, batch_sh, schedule,
                   grpo.jit_rl_step(rl_fn, shardings, batch_sh, options),
                   step_lib.jit_train_step(sft_fn, shardings, batch_sh, options),
-                  nnx.split(abstract_model(cfg), nnx.Param)[0])
+                  nnx.split(abstract_model(cfg, run), nnx.Param)[0])
 
 
 def _initial_state(config, t: _Trainer, ckpt: Checkpointer) -> tuple[dict, int]:

@@ -24,7 +24,7 @@ import numpy as np
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces import program_calls
 from cwm_jax.infer.trace_predict import TraceError, prompt_text, real_trace
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 from cwm_jax.rl import rewards
 
 KINDS = ("code", "math", "trace", "toy")

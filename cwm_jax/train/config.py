@@ -8,10 +8,14 @@ anything is compiled and raises `ConfigError` naming every bad field.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from flax import nnx
 
-from cwm_jax.model.config import ConfigError, ModelConfig, preset
+from cwm_jax.base import ConfigError
+from cwm_jax.model.config import ModelConfig, preset
+from cwm_jax.model.execution import Execution
 from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.model.transformer import abstract_model
 from cwm_jax.parallel import sharding
@@ -30,10 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum = 1             # micro-batches per step (batch_size / grad_accum each)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
   c.rules = [list(r) for r in sharding.DEFAULT_RULES]
-  c.model = ml_collections.ConfigDict(dict(
-      preset="tiny",
-      overrides=dict(param_dtype="float32", compute_dtype="float32",
-                     remat_policy="none", scan_layers=True, attention_impl="reference")))
+  # The architecture: a preset plus ModelConfig field overrides.
+  c.model = ml_collections.ConfigDict(dict(preset="tiny", overrides={}))
+  # How it runs (cwm_jax.model.execution.Execution fields); never stored in checkpoints.
+  c.execution = ml_collections.ConfigDict(dataclasses.asdict(Execution()))
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       schedule="cosine", warmup_steps=2, decay_steps=0, min_lr_ratio=0.1,
@@ -74,7 +78,14 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   try:
     return preset(config.model.preset, **overrides)
   except TypeError as e:
-    raise ConfigError(f"model.overrides: {e}; use ModelConfig field names") from e
+    raise ConfigError(f"model.overrides: {e}; use ModelConfig field names (execution "
+                      "choices such as attention_impl go in the `execution` section)") from e
+
+
+def execution_config(config: ml_collections.ConfigDict) -> Execution:
+  """The `Execution` of `config.execution` (defaults where the section is absent)."""
+  section = config.get("execution")
+  return Execution.from_mapping(section.to_dict() if section is not None else {})
 
 
 def _eval_errors(config) -> list[str]:
@@ -93,6 +104,10 @@ def _eval_errors(config) -> list[str]:
 def validate(config, model_cfg: ModelConfig, n_devices: int, n_processes: int) -> dict:
   """Checks the run config against the devices; returns the resolved mesh sizes."""
   errors = []
+  try:
+    execution_config(config)
+  except ConfigError as e:
+    errors.append(str(e))
   for name in ("total_steps", "log_every", "batch_size", "seq_len", "grad_accum"):
     if config[name] < 1:
       errors.append(f"{name}={config[name]} must be >= 1")

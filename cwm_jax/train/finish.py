@@ -65,7 +65,7 @@ _PROGRAM = "def f(n):\n  total = 0\n  for i in range(n):\n    total += i\n  retu
 def sample_trace(config, workdir: str, ckpt_dir: str) -> dict[str, Any]:
   """Greedy trace prediction of a tiny program by the final model (text and match)."""
   from cwm_jax.infer import loading, trace_predict  # pylint: disable=g-import-not-at-top
-  from cwm_jax.model.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from cwm_jax.base import ConfigError  # pylint: disable=g-import-not-at-top
   del workdir
   try:
     model, tokenizer = loading.load_for_inference(ckpt_dir)

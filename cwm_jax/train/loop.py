@@ -28,7 +28,7 @@ from cwm_jax.model.config import ModelConfig
 from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.parallel import sharding
 from cwm_jax.train import flops, optimizer, sources, state as state_lib, step as step_lib
-from cwm_jax.train.config import model_config, validate
+from cwm_jax.train.config import execution_config, model_config, validate
 from cwm_jax.train.metrics import MetricsWriter
 
 
@@ -49,7 +49,7 @@ _SETUPS: dict = {}  # compiled steps reused by later train() calls with the same
 def _setup_key(config, cfg: ModelConfig, devices) -> str:
   parts = {k: config[k] for k in ("total_steps", "batch_size", "seq_len", "grad_accum",
                                   "seed")}
-  for k in ("mesh", "optimizer", "loss", "compiler_options"):
+  for k in ("mesh", "optimizer", "loss", "compiler_options", "execution"):
     parts[k] = config[k].to_dict()
   ids = [d.id for d in (devices if devices is not None else jax.devices())]
   return json.dumps([parts, list(map(list, config.rules)), repr(cfg), ids], sort_keys=True,
@@ -67,12 +67,13 @@ def _setup(config, cfg: ModelConfig, devices=None) -> _Setup:
 def step_parts(config, cfg: ModelConfig, mesh, compiler_options=None):
   """(tx, abstract state, state shardings, batch sharding, jitted train step) on `mesh`."""
   tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
-  abstract = state_lib.abstract_state(cfg, tx, config.seed)
+  run = execution_config(config)
+  abstract = state_lib.abstract_state(cfg, tx, config.seed, run)
   shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
   batch_sh = NamedSharding(mesh, sharding.batch_spec(config.rules))
   fn = step_lib.make_train_step(cfg, tx, schedule, grad_accum=config.grad_accum,
                                 z_loss=config.loss.z_loss, loss_chunk=config.loss.chunk,
-                                rules=sharding.normalize_rules(config.rules))
+                                rules=sharding.normalize_rules(config.rules), execution=run)
   jitted = step_lib.jit_train_step(fn, shardings, batch_sh, compiler_options)
   return tx, abstract, shardings, batch_sh, jitted
 
@@ -81,7 +82,8 @@ def _build(config, cfg: ModelConfig, devices) -> _Setup:
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   options = _compiler_options(config)
   tx, abstract, shardings, batch_sh, step_fn = step_parts(config, cfg, mesh, options)
-  init_fn = state_lib.jit_init(cfg, tx, config.seed, shardings, options)
+  init_fn = state_lib.jit_init(cfg, tx, config.seed, shardings, options,
+                               execution_config(config))
   return _Setup(mesh, tx, abstract, shardings, batch_sh, step_fn, init_fn)
 
 
@@ -191,7 +193,8 @@ def _evaluate(config, cfg: ModelConfig, params, step: int, writer: MetricsWriter
   path = config.data.get("tokenizer", "")
   tokenizer = Tokenizer.from_rank_file(path) if path else Tokenizer.default()
   with nnx.logical_axis_rules([tuple(r) for r in config.rules]):
-    metrics = evaluate(model_from_params(cfg, params), tokenizer, config.eval)
+    metrics = evaluate(model_from_params(cfg, params, execution_config(config)), tokenizer,
+                       config.eval)
   writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 from cwm_jax.train.synthetic import SyntheticSource
 
 

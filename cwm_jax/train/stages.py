@@ -29,7 +29,7 @@ from typing import Any
 
 import ml_collections
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 from cwm_jax.train.config import model_config
 
 SCRATCH, PREVIOUS = "scratch", "previous"
@@ -156,7 +156,7 @@ def stage_config(config, i: int, workdir: str) -> ml_collections.ConfigDict:
       rope_scaling=(dataclasses.asdict(base_model.rope_scaling)
                     if st.rope_scaling and base_model.rope_scaling else None)))
   if st.remat:
-    c.model.overrides.remat_policy = st.remat
+    c.execution.remat_policy = st.remat
   c.init_from = ml_collections.ConfigDict(dict(path="", params_only=True, step=-1))
   if st.start_from == PREVIOUS:
     prev = stages[i - 1]

@@ -17,20 +17,23 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cwm_jax.model.config import ModelConfig
+from cwm_jax.model.execution import Execution
 from cwm_jax.model.transformer import init_model
 from cwm_jax.parallel import sharding
 
 
-def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> dict:
-  params = nnx.to_pure_dict(nnx.state(init_model(cfg, seed), nnx.Param))
+def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+          execution: Execution = Execution()) -> dict:
+  params = nnx.to_pure_dict(nnx.state(init_model(cfg, seed, execution), nnx.Param))
   return {"params": params, "opt_state": tx.init(params),
           "step": jnp.zeros((), jnp.int32),
           "rng": jax.random.key_data(jax.random.PRNGKey(seed))}
 
 
-def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int = 0) -> dict:
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int = 0,
+                   execution: Execution = Execution()) -> dict:
   """ShapeDtypeStruct tree of the train state; allocates nothing."""
-  return jax.eval_shape(functools.partial(_init, cfg, tx, seed))
+  return jax.eval_shape(functools.partial(_init, cfg, tx, seed, execution))
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, rules,
@@ -52,13 +55,15 @@ def with_shardings(abstract: dict, shardings: dict) -> dict:
 
 
 def jit_init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-             shardings: dict, compiler_options: dict | None = None):
+             shardings: dict, compiler_options: dict | None = None,
+             execution: Execution = Execution()):
   """The jitted initializer: `jit_init(...)()` is a fresh, sharded state."""
-  return jax.jit(functools.partial(_init, cfg, tx, seed), out_shardings=shardings,
+  return jax.jit(functools.partial(_init, cfg, tx, seed, execution), out_shardings=shardings,
                  compiler_options=compiler_options or None)
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-               shardings: dict, compiler_options: dict | None = None) -> dict:
+               shardings: dict, compiler_options: dict | None = None,
+               execution: Execution = Execution()) -> dict:
   """A freshly initialised, sharded train state."""
-  return jit_init(cfg, tx, seed, shardings, compiler_options)()
+  return jit_init(cfg, tx, seed, shardings, compiler_options, execution)()

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from cwm_jax.model.config import ModelConfig
+from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain
 from cwm_jax.model.transformer import abstract_model
 
@@ -66,9 +67,9 @@ def _micro_batches(batch: dict, k: int) -> dict:
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule,
                     *, grad_accum: int = 1, z_loss: float = 0.0, loss_chunk: int = 0,
-                    rules=None):
+                    rules=None, execution: Execution = Execution()):
   """The pure train step; jit it with `jit_train_step`."""
-  graphdef = nnx.split(abstract_model(cfg), nnx.Param)[0]
+  graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
 
   def objective(params, micro):
     model = nnx.merge(graphdef, params)

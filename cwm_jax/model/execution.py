@@ -1,0 +1,69 @@
+"""How a model runs, apart from what it is: dtypes, attention backend, scan, remat.
+
+`Execution` holds every execution choice; `ModelConfig` holds the architecture
+(what config.json / params.json describe). Checkpoints and exports store the
+architecture only, so one checkpoint runs under any execution: a bf16 scanned
+step with splash attention on a TPU pod, a float32 unrolled reference on a CPU.
+Training configs carry it as their `execution` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from cwm_jax.base import ConfigError
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+ATTENTION_IMPLS = ("reference", "chunked", "cudnn", "splash")
+CONTEXT_PARALLEL = ("none", "allgather", "ring")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """Execution policy of a model; hashable, so it can be static under jit.
+
+  `global_attention_impl` ("" = `attention_impl`) is the backend of global
+  layers. `context_parallel` shards global layers' attention over the mesh's
+  `sequence` axis ('allgather' or 'ring'; local layers then exchange only a
+  window-sized K/V halo); it is active only when that axis has size > 1.
+  """
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  attention_impl: str = "reference"
+  global_attention_impl: str = ""
+  attention_chunk: int = 512
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  context_parallel: str = "none"
+
+  def __post_init__(self):
+    errors = []
+    if self.attention_chunk < 1:
+      errors.append(f"attention_chunk={self.attention_chunk} must be >= 1")
+    for name, allowed in (("param_dtype", DTYPES), ("compute_dtype", DTYPES),
+                          ("attention_impl", ATTENTION_IMPLS),
+                          ("global_attention_impl", ("",) + ATTENTION_IMPLS),
+                          ("remat_policy", REMAT_POLICIES),
+                          ("context_parallel", CONTEXT_PARALLEL)):
+      if getattr(self, name) not in allowed:
+        errors.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+    if errors:
+      raise ConfigError("invalid execution config: " + "; ".join(errors))
+
+  def replace(self, **kw: Any) -> "Execution":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any] | None) -> "Execution":
+    """From a config section; unknown fields are a ConfigError naming them."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"execution: unknown fields {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Execution))
