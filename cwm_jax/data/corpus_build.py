@@ -123,11 +123,16 @@ def trace_locally(items: list, cfg: TraceBuildConfig):
       yield candidates, counts
 
 
+def eval_programs(cfg: TraceBuildConfig) -> dict[str, str]:
+  """The held-out programs plus the user's evaluation set."""
+  return {**dedup.held_out_programs(), **dedup.read_eval_set(cfg.eval_paths)}
+
+
 class TraceFilter:
   """Drops failed, oversized, duplicate and contaminated candidates; counts why."""
 
   def __init__(self, cfg: TraceBuildConfig):
-    eval_docs = {**dedup.held_out_programs(), **dedup.read_eval_set(cfg.eval_paths)}
+    eval_docs = eval_programs(cfg)
     self.decontaminator = dedup.Decontaminator(eval_docs, n=cfg.ngram,
                                                threshold=cfg.contamination_threshold)
     self.eval_programs = len(eval_docs)
@@ -153,12 +158,13 @@ class TraceFilter:
     return record
 
 
-def trace_manifest(flt: TraceFilter, counts: collections.Counter, cfg: TraceBuildConfig,
-                   items: int, seconds: float) -> dict:
+def trace_manifest(dropped: collections.Counter, contaminated_by: collections.Counter,
+                   candidates: int, eval_programs: int, counts: collections.Counter,
+                   cfg: TraceBuildConfig, items: int, seconds: float) -> dict:
   """The statistics of a trace build (merged into manifest.json)."""
-  dropped = {r: flt.dropped.get(r, 0) for r in DROP_REASONS}
-  dropped.update({r: n for r, n in flt.dropped.items() if r not in dropped})
-  traced = flt.candidates
+  dropped = {r: dropped.get(r, 0) for r in DROP_REASONS} | {
+      r: n for r, n in dropped.items() if r not in DROP_REASONS}
+  traced = candidates
   return {
       'runner': cfg.runner, 'workers': cfg.workers, 'items': items, 'candidates': traced,
       'kept': traced - sum(dropped.values()), 'dropped': dropped,
@@ -169,10 +175,10 @@ def trace_manifest(flt: TraceFilter, counts: collections.Counter, cfg: TraceBuil
                           if k.startswith('session_')},
       'dedup': {'duplicates': dropped['duplicate'],
                 'key': 'sha256(normalised source, function, inputs, sha256(trace))'},
-      'decontamination': {'eval_programs': flt.eval_programs, 'ngram': cfg.ngram,
+      'decontamination': {'eval_programs': eval_programs, 'ngram': cfg.ngram,
                           'threshold': cfg.contamination_threshold,
                           'contaminated': dropped['contaminated'],
-                          'by_program': dict(sorted(flt.contaminated_by.items()))},
+                          'by_program': dict(sorted(contaminated_by.items()))},
       'seconds': round(seconds, 2), 'traces_per_s': round(traced / max(seconds, 1e-9), 2),
       'traces_per_s_per_worker': round(traced / max(seconds, 1e-9) / cfg.workers, 2)}
 
@@ -183,7 +189,11 @@ def build_trace_corpus(name: str, items: list, out: str, cfg: TraceBuildConfig,
   if cfg.workers < 1:
     raise ConfigError(f'--workers={cfg.workers}: give at least 1')
   if cfg.runner != 'local':
-    from cwm_jax.data import beam_build  # pylint: disable=g-import-not-at-top
+    try:
+      from cwm_jax.data import beam_build  # pylint: disable=g-import-not-at-top
+    except ModuleNotFoundError as e:
+      raise ConfigError(f'--runner={cfg.runner} needs apache-beam ({e}); install it with '
+                        "`pip install 'cwm_jax[beam]'` or use --runner=local") from e
     return beam_build.build(name, items, out, cfg, num_shards)
   start = time.monotonic()
   flt, counts = TraceFilter(cfg), collections.Counter()
@@ -194,11 +204,9 @@ def build_trace_corpus(name: str, items: list, out: str, cfg: TraceBuildConfig,
       yield from filter(None, map(flt, candidates))
 
   manifest = write_array_record(records(), out, name, num_shards)
-  stats = trace_manifest(flt, counts, cfg, len(items), time.monotonic() - start)
-  return _rewrite_manifest(out, {**manifest, **stats})
-
-
-def _rewrite_manifest(out: str, manifest: dict) -> dict:
+  stats = trace_manifest(flt.dropped, flt.contaminated_by, flt.candidates, flt.eval_programs,
+                         counts, cfg, len(items), time.monotonic() - start)
+  manifest.update(stats)
   with open(os.path.join(out, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=1)
   return manifest
