@@ -5,9 +5,12 @@
   trace_reward(completion, real)      the predicted trace ends like the interpreter's
   choice_reward(completion, a)        the completion, stripped, is exactly `a` (toy tasks)
 
-Untrusted programs only ever run in `cwm_jax.data.traces.run_python` (a child
-process with time, memory and output limits and no network): an endless loop
-is a 'timeout', an unbounded allocation a 'memory' status, both reward -1.
+Untrusted programs only ever run in the sandbox (`cwm_jax.data.traces`: isolated
+namespaces, time, memory, output and disk limits, no network): an endless loop is a
+'timeout', an unbounded allocation a 'memory' status, both reward -1. A code reward is +1
+only when the sandbox's test harness reports that every test statement ran and passed
+(`harness.run_tests`): exiting early, killing the harness, shadowing builtins, always-equal
+objects or printing what a pass looks like all earn -1.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import fractions
 import re
 
 from cwm_jax.data.traces import format as trace_format
-from cwm_jax.data.traces.sandbox import Limits, run_python
+from cwm_jax.data.traces.harness import run_tests
+from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.trace_predict import outcome
 
 PASS, FAIL = 1.0, -1.0
@@ -57,13 +61,13 @@ def _compiles(source: str) -> bool:
 
 
 def code_reward(completion: str, tests: str, limits: Limits = DEFAULT_LIMITS) -> Reward:
-  """+1 iff the completion's code followed by `tests` (asserts) exits cleanly in the sandbox."""
-  program = extract_code(completion).rstrip() + "\n\n" + tests.strip() + "\n"
+  """+1 iff the harness reports that every statement of `tests` (asserts) ran and passed
+  after the completion's code; status 'error' when a test failed or never ran."""
+  program = extract_code(completion).rstrip() + "\n"
   if not _compiles(program):
     return _verdict(False, "syntax")  # no process spawned for code that cannot run
-  result = run_python(program, limits=limits)
-  passed = result.status == "ok" and result.returncode == 0
-  return _verdict(passed, result.status)
+  result = run_tests(program, tests, limits=limits)
+  return _verdict(result.passed, "error" if result.status == "failed" else result.status)
 
 
 def final_answer(completion: str) -> str:

@@ -161,6 +161,9 @@ def _start_worker(request, sock, record_fd, scratch, load):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code & 0xff)
+  except MemoryError:
+    print('MemoryError', file=sys.stderr)  # the caller's 'memory' status
+    os._exit(1)
   except BaseException as e:  # the worker's own failure: say so, never fall back into this
     print('sandbox worker failed: %r' % e, file=sys.stderr)
     os._exit(70)

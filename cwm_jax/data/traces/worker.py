@@ -167,6 +167,8 @@ def test(request, writer, tracer=None):
   for i, code in enumerate(compiled):
     try:
       _exec(code, namespace)
+    except MemoryError:
+      raise  # the run's 'memory' status, not a failed test
     except BaseException as e:
       return writer.send({'status': 'ok', 'passed': i, 'total': total,
                           'message': 'test %d failed: %s' % (i + 1, _tail(e)[:500])})

@@ -1,0 +1,371 @@
+"""The sandbox against an attacker: isolation, the trace channel, and what survives a run.
+
+Each attack runs from a separate caller process (so a successful attack could only kill that
+process, never pytest), as root and as uid 65534 ("nobody", then through a user namespace), with
+namespaces available and with their absence simulated (`Limits(namespaces=False)`, which the
+caller must opt into with `allow_no_isolation=True`; without it the run is refused).
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from cwm_jax.data import traces
+from cwm_jax.data.traces import channel, driver, isolation, sandbox
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.geteuid() == 0
+needs_namespaces = pytest.mark.skipif(not isolation.probe().namespaces,
+                                      reason='this kernel allows no namespaces')
+needs_root = pytest.mark.skipif(not ROOT, reason='switching to uid 65534 needs root')
+
+# Runs one sandbox call in a fresh caller process; prints its result as JSON on the last line.
+_CALLER = textwrap.dedent('''
+    import dataclasses, json, os, sys
+    from cwm_jax.data import traces
+    kind, source, limits, extra = json.loads(sys.argv[1])
+    limits = traces.Limits(**limits)
+    if kind == 'run':
+      result = traces.run_python(source, limits=limits)
+    else:
+      result = traces.trace_call(source, 'f', limits=limits)
+    print(json.dumps(dataclasses.asdict(result)), flush=True)
+''')
+
+
+def _unprivileged_prefix(tmp):
+  """A command prefix that runs as uid 65534 with this interpreter reachable (root only)."""
+  hidden = next((a for a in _ancestors(sys.base_prefix) if not os.stat(a).st_mode & 0o001), None)
+  drop = ['setpriv', '--reuid', '65534', '--regid', '65534', '--clear-groups', '--inh-caps=-all']
+  if hidden is None:
+    return drop
+  keep = os.path.join(tmp, 'keep')
+  os.makedirs(keep, exist_ok=True)
+  script = (f'mount --bind {sys.base_prefix} {keep} && mount -t tmpfs -o mode=755 tmpfs {hidden} '
+            f'&& mkdir -p {sys.base_prefix} && mount --move {keep} {sys.base_prefix} && exec "$@"')
+  return ['unshare', '--mount', 'sh', '-c', script, 'sh', *drop]
+
+
+def _ancestors(path):
+  parts = os.path.abspath(path).split(os.sep)[1:]
+  return [os.sep + os.sep.join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _call(kind, source, *, user='root', tmp='/tmp', env=None, **limits):
+  prefix = _unprivileged_prefix(tmp) if user == 'nobody' else []
+  command = [*prefix, sys.executable, '-c', _CALLER, json.dumps([kind, source, limits, None])]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **(env or {})))
+  assert done.returncode == 0, f'the caller died ({done.returncode}): {done.stderr[-2000:]}'
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _marker():
+  return f'{random.randint(10**6, 10**7)}.{random.randint(1, 999)}'
+
+
+def _alive(marker):
+  """Host processes whose command line holds `marker` (e.g. `sleep MARKER`)."""
+  found = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/cmdline', 'rb') as f:
+        if marker.encode() in f.read() and entry.isdigit() and int(entry) != os.getpid():
+          found.append(int(entry))
+    except OSError:
+      pass
+  return found
+
+
+def _gone(marker, within_s=20.0):
+  deadline = time.monotonic() + within_s  # a fail-safe: they are normally gone at once
+  while _alive(marker) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  return not _alive(marker)
+
+
+_ESCAPE = """
+import os, subprocess, sys
+subprocess.Popen(['sleep', '{m}'], start_new_session=True)  # setsid
+if os.fork() == 0:
+    os.setpgid(0, 0)
+    os.execvp('sleep', ['sleep', '{m}'])
+{kill}
+print('still here')
+"""
+# Inside namespaces the program may try its worst: the caller is out of sight and reach.
+_KILL = """
+for pid in (os.getppid(), -1):  # the parent; then everything it may signal
+    try:
+        os.kill(pid, 9)
+    except OSError:
+        pass
+"""
+
+
+def _escape(marker, kill=_KILL):
+  return _ESCAPE.format(m=marker, kill=kill)
+
+
+@needs_namespaces
+@pytest.mark.parametrize('user', ['root', pytest.param('nobody', marks=needs_root)])
+def test_killing_the_caller_and_escaping_children_fail(user, tmp_path):
+  marker = _marker()
+  trace_program = 'def f():\n    exec(' + repr(_escape(marker)) + ')\n    return 1\n'
+  for kind, source in (('run', _escape(marker)), ('trace', trace_program)):
+    result = _call(kind, source, user=user, tmp=str(tmp_path))
+    assert _gone(marker), f'{kind}: processes of the run survive it'
+    assert result['status'] == 'ok', result  # PID 1 of the namespace ignores the kill
+    assert kind == 'trace' or result['stdout'] == 'still here\n'
+
+
+@pytest.mark.parametrize('user', ['root', pytest.param('nobody', marks=needs_root)])
+def test_without_namespaces_children_still_die_with_the_run(user, tmp_path):
+  """The opt-in fallback: the supervisor is a subreaper and kills what the program left."""
+  marker = _marker()
+  result = _call('run', _escape(marker, kill=''), user=user, tmp=str(tmp_path),
+                 namespaces=False, allow_no_isolation=True)
+  assert result['status'] == 'ok' and result['stdout'] == 'still here\n', result
+  assert _gone(marker)
+
+
+@pytest.mark.parametrize('namespaces', [True, False])
+def test_refused_without_isolation_unless_opted_in(namespaces, monkeypatch):
+  absent = isolation.Isolation(False, (), None, 'simulated: unshare is not permitted')
+  monkeypatch.setattr(isolation, 'probe', lambda: absent)
+  with pytest.raises(traces.SandboxRefused, match='allow_no_isolation'):
+    traces.run_python('print(1)', limits=traces.Limits(namespaces=namespaces))
+  with pytest.raises(traces.SandboxRefused, match='network isolation'):
+    traces.trace_call('def f():\n    return 1\n', 'f')
+  opted = traces.run_python('print(1)', limits=traces.Limits(allow_no_isolation=True))
+  assert opted.status == 'ok' and opted.stdout == '1\n'
+
+
+@needs_namespaces
+@pytest.mark.parametrize('user', ['root', pytest.param('nobody', marks=needs_root)])
+def test_no_network_no_other_processes_no_privileges(user, tmp_path):
+  listener = socket.socket()
+  listener.bind(('127.0.0.1', 0))
+  listener.listen(1)
+  listener.setblocking(False)
+  port = listener.getsockname()[1]
+  program = textwrap.dedent(f'''
+      import os, subprocess, sys
+      # a fresh interpreter has no audit hook and no patched socket module
+      net = subprocess.run([sys.executable, '-c', 'import socket; socket.create_connection(("127.0.0.1", {port}), timeout=2)'], capture_output=True)
+      print('net', net.returncode)
+      print('pids', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+      enter = subprocess.run(['nsenter', '-t', '1', '-n', '-m', 'true'], capture_output=True)
+      print('nsenter', enter.returncode)
+      try:
+          open('/proc/1/environ', 'rb').read()
+          print('environ readable')
+      except OSError:
+          print('environ closed')
+      for path in ('/etc/passwd-x', os.path.expanduser('~/x'), '/var/tmp/x', '/dev/shm/x'):
+          try:
+              open(path, 'w').write('x')
+              print('wrote', path)
+          except OSError as e:
+              print('denied', path)
+  ''')
+  result = _call('run', program, user=user, tmp=str(tmp_path), env={'CWM_SECRET': 'hunter2'})
+  out = result['stdout']
+  assert result['status'] == 'ok', result
+  assert 'net 1' in out and 'Network is unreachable' not in out
+  with pytest.raises(BlockingIOError):
+    listener.accept()  # nothing reached the host's listener
+  pids = json.loads(out.split('pids ')[1].split('\n')[0])
+  assert pids[:2] == [1, 2] and len(pids) <= 4, pids  # the supervisor, the program, children
+  assert 'nsenter 0' not in out and 'environ closed' in out
+  assert 'denied /etc/passwd-x' in out and 'hunter2' not in out
+
+
+@needs_namespaces
+def test_disk_writes_are_capped_and_scratch_disappears():
+  program = textwrap.dedent('''
+      import os
+      total = 0
+      try:
+          for i in range(1000):
+              with open(f'f{i}', 'wb') as f:
+                  f.write(b'x' * (1 << 20))
+              total += 1 << 20
+      except OSError as e:
+          print(type(e).__name__, e.errno)
+      print(total, os.getcwd())
+  ''')
+  before = set(os.listdir('/tmp'))
+  result = traces.run_python(program, limits=traces.Limits(disk_bytes=8 << 20))
+  assert result.status == 'ok', result
+  total = int(result.stdout.split()[-2])
+  assert 'OSError 28' in result.stdout and total <= 8 << 20  # ENOSPC at the cap
+  assert not any(name.startswith('cwm_sandbox_') for name in set(os.listdir('/tmp')) - before)
+
+
+def test_scratch_and_processes_end_when_the_caller_is_killed(tmp_path):
+  for namespaces in ([True, False] if isolation.probe().namespaces else [False]):
+    marker, before = _marker(), set(os.listdir('/tmp'))
+    program = (f'import subprocess, time\nsubprocess.Popen(["sleep", "{marker}"], '
+               'start_new_session=True)\nprint("started", flush=True)\ntime.sleep(60)\n')
+    caller = subprocess.Popen(
+        [sys.executable, '-c', _CALLER, json.dumps(['run', program, {
+            'namespaces': namespaces, 'allow_no_isolation': True, 'timeout_s': 60}, None])],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not _alive(marker) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    time.sleep(0.3)  # the scratch directory exists by now
+    scratch = [p for p in set(os.listdir('/tmp')) - before
+               if re.fullmatch(r'cwm_sandbox_\d+_\w+', p)]
+    assert bool(scratch) == (not namespaces)  # with namespaces it never shows on the host
+    caller.send_signal(signal.SIGKILL)
+    caller.wait()
+    caller.stdout.close()
+    assert _gone(marker), 'the run outlived its killed caller'
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(os.path.join('/tmp', p)) for p in scratch) and (
+        time.monotonic() < deadline):
+      time.sleep(0.05)
+    assert not any(os.path.exists(os.path.join('/tmp', p)) for p in scratch)
+
+
+def test_stale_scratch_is_swept(tmp_path):
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  stale = os.path.join('/tmp', f'cwm_sandbox_{dead.pid}_test')
+  os.makedirs(os.path.join(stale, 'sub'))
+  assert isolation.sweep_stale_scratch() >= 1 and not os.path.exists(stale)
+
+
+# --- the trace channel ---------------------------------------------------------------------------
+
+_SIMPLE = 'def f():\n    x = 1\n    return x + 1\n'
+
+
+def _trace(source, **limits):
+  return traces.trace_call(source, 'f', limits=traces.Limits(**limits))
+
+
+@pytest.mark.parametrize('namespaces', [True, False])
+def test_the_program_cannot_forge_or_suppress_its_trace(namespaces):
+  limits = dict(namespaces=namespaces, allow_no_isolation=True)
+  honest = _trace(_SIMPLE, **limits)
+  assert honest.status == 'ok' and [f['event'] for f in honest.frames] == [
+      'call', 'line', 'line', 'return']
+  forged_file = ('import json, os\njson.dump({"status": "ok", "frames": [], "message": ""}, '
+                 'open("result.json", "w"))\nos._exit(0)\n' + _SIMPLE)
+  assert _trace(forged_file, **limits).status == 'error'
+  patched = ('import json, sys\njson.dump = json.dumps = lambda *a, **k: "{}"\n'
+             'sys.settrace = lambda f: None\n' + _SIMPLE)
+  result = _trace(patched, **limits)
+  assert result.status == 'ok' and [(f['event'], f['lineno'] - 3) for f in result.frames] == [
+      (f['event'], f['lineno']) for f in honest.frames]
+  spray = ('import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b"\\x00" * 16 + '
+           'b"\\x00\\x00\\x00\\x02{}")\n    except OSError:\n        pass\n' + _SIMPLE)
+  sprayed = _trace(spray, **limits)
+  assert sprayed.status == 'error' and 'nonce' in sprayed.message
+  cut = 'import sys\ndef f():\n    sys.settrace(None)\n    return 1\n'
+  unbalanced = _trace(cut, **limits)
+  assert unbalanced.status == 'error' and 'never returned' in unbalanced.message
+  quits = 'import os\ndef f():\n    os._exit(0)\n'
+  assert _trace(quits, **limits).status == 'error'
+
+
+def _frames(*events):
+  return [{'event': e, 'lineno': n, 'line': line, 'locals': {} if e in ('call', 'line') else None,
+           'value': None if e in ('call', 'line') else '1'} for e, n, line in events]
+
+
+def test_strict_parsing_turns_every_defect_into_an_error():
+  lines = _SIMPLE.split('\n')
+  good = _frames(('call', 1, lines[0]), ('line', 2, lines[1]), ('return', 3, lines[2]))
+  assert driver.frames_problem(good, lines) == ''
+  bad = {
+      'no frames': [],
+      'line outside': _frames(('call', 1, lines[0]), ('line', 99, ''), ('return', 3, lines[2])),
+      'line text': _frames(('call', 1, lines[0]), ('line', 2, 'forged'), ('return', 3, lines[2])),
+      'nesting': _frames(('line', 2, lines[1])),
+      'unclosed': _frames(('call', 1, lines[0]), ('line', 2, lines[1])),
+      'event': _frames(('jump', 1, lines[0])),
+      'lineno type': [dict(good[0], lineno=True)] + good[1:],
+      'locals type': [dict(good[0], locals=[1])] + good[1:],
+      'extra key': [dict(good[0], extra=1)] + good[1:],
+  }
+  for name, frames in bad.items():
+    assert driver.frames_problem(frames, lines), name
+  records = [
+      [], [{'status': 'ok'}], [{'status': 'pwned', 'frames': [], 'message': ''}],
+      [{'status': 'ok', 'frames': 'x', 'message': ''}],
+      [{'status': 'too_long', 'frames': good, 'message': ''}],
+      [{'status': 'ok', 'frames': good, 'message': ''}] * 2,
+  ]
+  for rs in records:
+    assert driver._checked(rs, _SIMPLE).status == 'error', rs
+  assert driver._checked([{'status': 'ok', 'frames': good, 'message': ''}], _SIMPLE).status == 'ok'
+
+
+def test_channel_decode_never_raises():
+  nonce = os.urandom(channel.NONCE_BYTES)
+  good = nonce + (8).to_bytes(4, 'big') + b'{"a": 1}'
+  assert channel.decode(good, nonce) == ([{'a': 1}], '')
+  assert channel.decode(nonce + (7).to_bytes(4, 'big') + b'{"a": 1', nonce)[1]  # not JSON
+  assert channel.decode(good + good[:10], nonce)[1] == 'a record header is cut short'
+  assert 'nonce' in channel.decode(good, os.urandom(channel.NONCE_BYTES))[1]
+  assert channel.decode(nonce + (3).to_bytes(4, 'big') + b'[1]', nonce)[1]  # not an object
+  assert channel.decode(nonce + (99).to_bytes(4, 'big') + b'{}', nonce)[1]  # cut short
+  rng = random.Random(0)
+  for _ in range(300):
+    blob = nonce + bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+    records, error = channel.decode(blob, nonce)
+    assert isinstance(records, list) and isinstance(error, str)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+def _cli(*argv):
+  return subprocess.run([sys.executable, '-m', 'cwm_jax.trace', *argv], capture_output=True,
+                        text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120,
+                        cwd=REPO)
+
+
+def test_cli_sandbox_info_and_attacks(tmp_path):
+  info = _cli('--sandbox_info')
+  assert info.returncode == 0, info.stderr
+  described = json.loads(info.stdout)
+  assert described['namespaces'] == isolation.probe().namespaces
+  assert described['program_uid'] == (65534 if ROOT else os.geteuid())
+  marker = _marker()
+  path = tmp_path / 'attack.py'
+  path.write_text('def f():\n    exec(' + repr(_escape(marker)) + ')\n    return 1\n')
+  if isolation.probe().namespaces:  # (without them, kill(-1) as root would end this machine)
+    done = _cli(f'{path}:f')
+    assert done.returncode == 0 and _gone(marker), done.stderr
+  forged = tmp_path / 'forged.py'
+  forged.write_text('import os\nos.write(4, b"x" * 100)\nos._exit(0)\ndef f():\n    return 1\n')
+  done = _cli(f'{forged}:f', *(() if isolation.probe().namespaces else ('--allow_no_isolation',)))
+  assert done.returncode == 1 and 'trace error' in done.stderr
+  if isolation.probe().namespaces:
+    refused = _cli(f'{path}:f', '--nonamespaces')
+    assert refused.returncode == 2 and 'allow_no_isolation' in refused.stderr
+
+
+def test_sandbox_info_matches_the_kernel():
+  info = isolation.probe().describe()
+  works = subprocess.run(['unshare', *(() if ROOT else ('--user', '--map-root-user')), '--pid',
+                          '--fork', '--mount-proc', '--net', '--mount', 'true'],
+                         capture_output=True).returncode == 0 if shutil.which('unshare') else False
+  assert info['namespaces'] == works and info['network_isolated'] == works
+  if works and ROOT:
+    assert info['program_uid'] == 65534 and info['read_only']
+  assert sandbox.Limits().allow_no_isolation is False
