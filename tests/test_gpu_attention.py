@@ -131,13 +131,14 @@ def test_only_bf16_and_fp16_pass_the_gpu_dtype_rule(monkeypatch):
 def _cuda_lowering(monkeypatch, f, *args):
   """StableHLO text of `f` lowered for the cuda platform on a machine without a GPU.
 
-  JAX asks the local backend for the cuDNN version and compute capability while
-  tracing; those two questions get a Hopper GPU's answers (test-only hook).
+  JAX asks for the cuDNN version (the CUDA plugin is not installed here, so the
+  test answers 9.10) and the compute capability (`cudnn.compiling_for` answers
+  for a Hopper target) while tracing.
   """
   monkeypatch.setattr(cudnn, "require_gpu", lambda: None)
   monkeypatch.setattr(cudnn_fmha, "check_cudnn_version", lambda: 91000)
-  monkeypatch.setattr(cudnn_fmha, "check_compute_capability", lambda capability: True)
-  traced = jax.jit(f).trace(*args)
+  with cudnn.compiling_for("9.0"):
+    traced = jax.jit(f).trace(*args)
   return traced.jaxpr, traced.lower(lowering_platforms=("cuda",)).as_text()
 
 

@@ -26,6 +26,8 @@ documents per row.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
@@ -60,10 +62,33 @@ def default_max_segments(t: int) -> int:
 
 
 def require_gpu() -> None:
-  """RuntimeError unless JAX's default backend is a GPU."""
-  if jax.default_backend() != "gpu":
+  """RuntimeError unless JAX runs on a GPU or has the CUDA plugin (ahead-of-time
+  compilation for GPU targets from a CPU host)."""
+  if jax.default_backend() != "gpu" and cudnn_fmha.cuda_versions is None:
     raise RuntimeError("attention_impl='cudnn' needs an NVIDIA GPU (backend is "
                        f"{jax.default_backend()!r}); use 'chunked' on CPU/TPU")
+
+
+@contextlib.contextmanager
+def compiling_for(capability: str = "9.0"):
+  """Trace for a GPU target of this CUDA compute capability from a host without one.
+
+  JAX's cuDNN attention asks the local backend for the compute capability while
+  tracing (the packed layout needs Hopper, 9.0); ahead-of-time compilation for
+  compile-only GPU devices answers for the target instead. Not thread-safe.
+  """
+  target = tuple(int(x) for x in capability.split("."))
+  answers = {"check_compute_capability": lambda c: target >= tuple(int(x) for x in c.split(".")),
+             "is_cuda_compute_capability_equal":
+                 lambda c: target == tuple(int(x) for x in c.split("."))}
+  saved = {name: getattr(cudnn_fmha, name) for name in answers}
+  try:
+    for name, fn in answers.items():
+      setattr(cudnn_fmha, name, fn)
+    yield
+  finally:
+    for name, fn in saved.items():
+      setattr(cudnn_fmha, name, fn)
 
 
 def cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int = 512,
