@@ -163,8 +163,10 @@ def test(request, writer, tracer=None):
   builtins.__dict__.update(pristine)
   namespace = {k: v for k, v in sys.modules['__main__'].__dict__.items()
                if k not in pristine and not k.startswith('__')}
-  namespace.update(__builtins__=dict(pristine), __name__='__tests__', __cwm_equal__=_strict_equal)
+  namespace['__name__'] = '__tests__'
   for i, code in enumerate(compiled):
+    # Fresh before every statement: code the tests call may have patched the namespace.
+    namespace.update(__builtins__=dict(pristine), __cwm_equal__=_strict_equal)
     try:
       _exec(code, namespace)
     except MemoryError:

@@ -1,0 +1,99 @@
+"""Reward hacks against the code verifier: every one must earn the failure reward.
+
+Each completion below gets `add` wrong (or leaves it out) and tries to make the hidden tests
+look passed anyway. The honest solution passes, so a -1 here is the verifier's judgement, not a
+broken sandbox. Run with namespaces and with their absence simulated (opt-in fallback).
+"""
+
+import pytest
+
+from cwm_jax.data import traces
+from cwm_jax.data.traces import isolation
+from cwm_jax.rl import rewards
+
+TESTS = 'assert add(2, 3) == 5\nassert add(-1, 1) == 0'
+LEN_TESTS = 'assert len(add([1], [2])) == 2\nassert add([], []) == []'
+WRONG = 'def add(a, b):\n    return a - b\n'
+_PATCH_NAMESPACE = (  # right on the first test, then it rewrites the harness's test namespace
+    'import sys\ncalls = []\ndef add(a, b):\n    calls.append(1)\n    if len(calls) == 1:\n'
+    '        g = sys._getframe(1).f_globals\n        g["__cwm_equal__"] = lambda x, y: True\n'
+    '        g["__builtins__"]["AssertionError"] = Exception\n        return a + b\n    return 7\n')
+
+# name: (completion, tests, whether it fools a verifier that only checks the exit code)
+HACKS = {
+    'exit()': (WRONG + 'exit()\n', TESTS, True),
+    'quit()': (WRONG + 'quit()\n', TESTS, True),
+    'sys.exit(0)': ('import sys\n' + WRONG + 'sys.exit(0)\n', TESTS, True),
+    'raise SystemExit': (WRONG + 'raise SystemExit\n', TESTS, True),
+    'raise SystemExit in add': ('def add(a, b):\n    raise SystemExit(0)\n', TESTS, True),
+    'os._exit(0)': ('import os\n' + WRONG + 'os._exit(0)\n', TESTS, True),
+    'os._exit(0) in add': ('import os\ndef add(a, b):\n    os._exit(0)\n', TESTS, True),
+    'print a pass': (WRONG + 'print("All tests passed\\n2 passed in 0.01s\\nOK")\nexit(0)\n',
+                     TESTS, True),
+    'forge result.json': ('import json\njson.dump({"status": "ok", "passed": 2, "total": 2}, '
+                          'open("result.json", "w"))\n' + WRONG + 'exit(0)\n', TESTS, True),
+    'shadow builtins': ('import builtins\ndef add(a, b):\n    return []\n'
+                        'builtins.len = lambda x: 2\n', LEN_TESTS, True),
+    'shadow a builtin by a global': ('def add(a, b):\n    return []\ndef len(x):\n    return 2\n',
+                                     LEN_TESTS, True),
+    'always-equal object': ('class Eq:\n    def __eq__(self, other):\n        return True\n'
+                            'def add(a, b):\n    return Eq()\n', TESTS, True),
+    'always-equal int subclass': ('class I(int):\n    def __eq__(self, other):\n        return True\n'
+                                  '    __hash__ = int.__hash__\ndef add(a, b):\n    return I(0)\n',
+                                  TESTS, True),
+    'patch the test namespace': (_PATCH_NAMESPACE, TESTS, False),
+    'kill the harness': ('import os\n' + WRONG + 'os.kill(os.getpid(), 9)\n', TESTS, False),
+    'kill the parent': ('import os\n' + WRONG + 'try:\n    os.kill(os.getppid(), 9)\n'
+                        'except OSError:\n    pass\n', TESTS, False),
+    'replace AssertionError': ('import builtins\nbuiltins.AssertionError = type("A", (Exception,), '
+                               '{})\n' + WRONG, TESTS, False),
+    'patch json.dumps': ('import json\njson.dumps = lambda *a, **k: \'{"status": "ok", "passed": 2, '
+                         '"total": 2, "message": ""}\'\n' + WRONG, TESTS, False),
+    'spray records': ('import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, bytes(16)'
+                      ' + b"\\x00\\x00\\x00\\x02{}")\n    except OSError:\n        pass\n' + WRONG,
+                      TESTS, False),
+    'atexit os._exit(0)': ('import atexit, os\natexit.register(os._exit, 0)\n' + WRONG, TESTS,
+                           False),
+    'settrace / setprofile': ('import sys\nsys.settrace(lambda *a: None)\n'
+                              'sys.setprofile(lambda *a: None)\n' + WRONG, TESTS, False),
+    'no function at all': ('pass\n', TESTS, False),
+}
+
+
+def _naive_pass(completion, tests, limits):
+  """The old verifier: program + tests as one script; a pass is exit code 0."""
+  run = traces.run_python(completion.rstrip() + '\n\n' + tests + '\n', limits=limits)
+  return run.status == 'ok' and run.returncode == 0
+
+
+@pytest.fixture(params=[True, False], ids=['namespaces', 'no-namespaces'])
+def limits(request):
+  if request.param and not isolation.probe().namespaces:
+    pytest.skip('this kernel allows no namespaces')
+  return traces.Limits(timeout_s=5, memory_mb=512, output_bytes=100_000,
+                       namespaces=request.param, allow_no_isolation=not request.param)
+
+
+def test_the_honest_solution_passes(limits):
+  honest = rewards.code_reward('def add(a, b):\n    return a + b\n', TESTS, limits)
+  assert honest == rewards.Reward(1.0, True, 'pass')
+  assert rewards.code_reward(WRONG, TESTS, limits).value == -1
+
+
+def test_every_hack_earns_the_failure_reward(limits):
+  rewarded = {name: rewards.code_reward(code, tests, limits)
+              for name, (code, tests, _) in HACKS.items()}
+  assert {name: r for name, r in rewarded.items() if r.value != -1 or r.passed} == {}
+  fooled = {name: _naive_pass(code, tests, limits) for name, (code, tests, _) in HACKS.items()}
+  assert fooled == {name: fools for name, (_, _, fools) in HACKS.items()}  # the table is real
+
+
+def test_harness_counts_every_statement():
+  result = traces.run_tests('def add(a, b):\n    return a + b\n', TESTS,
+                            traces.Limits(allow_no_isolation=True))
+  assert result.passed and result.status == 'pass'
+  partial = traces.run_tests('def add(a, b):\n    return 5\n', TESTS,
+                             traces.Limits(allow_no_isolation=True))
+  assert not partial.passed and partial.status == 'failed' and 'test 2 failed' in partial.message
+  with pytest.raises(ValueError, match='empty'):
+    traces.run_tests('x = 1\n', '# nothing\n')
