@@ -11,6 +11,7 @@ import pytest
 
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import cudnn
+from cwm_jax.recipe.stages import stage_configs
 from cwm_jax.train import gpu_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +68,7 @@ def test_smoke_stage_compiles_for_h100s_with_cudnn_attention():
   config = _smoke_config("midtrain")
   config.execution.attention_impl = "cudnn"
   config.execution.compute_dtype = "bfloat16"
-  plan = gpu_topology.gpu_plan(config, "h100x2", mesh_text="data=2")
+  plan = gpu_topology.gpu_plan(stage_configs(config), "h100x2", mesh_text="data=2")
   plan = plan.get("stages", {}).get("midtrain", plan)
   assert plan["device_kind"] == "NVIDIA H100 80GB HBM3" and plan["devices"] == 2
   assert plan["fits"] and 0 < plan["total_gb_per_device"] < 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from typing import Any
 
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import cudnn
@@ -122,9 +123,9 @@ def devices(spec: Cluster) -> list:
   return list(desc.devices)
 
 
-def gpu_plan(config, gpus: str, mesh_text: str | None = None, hbm_gb: float | None = None,
-             step_builders: dict | None = None) -> dict:
-  """Plans every selected stage for a GPU cluster with the real GPU compiler.
+def gpu_plan(configs: list[tuple[str, Any]], gpus: str, mesh_text: str | None = None,
+             hbm_gb: float | None = None, step_builders: dict | None = None) -> dict:
+  """Plans each (name, training config) for a GPU cluster with the real GPU compiler.
 
   Fits when the compiled total per GPU is within its memory (or `hbm_gb`);
   otherwise `planning.NotFitting` naming the stage and the figures.
@@ -136,5 +137,5 @@ def gpu_plan(config, gpus: str, mesh_text: str | None = None, hbm_gb: float | No
                peak_tflops_per_gpu=spec.gpu.peak_tflops)
   with cudnn.compiling_for(spec.gpu.capability):
     return planning._plan_stages(  # pylint: disable=protected-access
-        config, lambda c: mesh_lib.make_mesh(dict(c.mesh), devs), spec.gpu.peak_tflops, limit,
+        configs, lambda c: mesh_lib.make_mesh(dict(c.mesh), devs), spec.gpu.peak_tflops, limit,
         mesh_text, step_builders, spec.name, extra)
