@@ -8,10 +8,11 @@ to `pad_multiple` to limit recompilation). Row b's real tokens sit in columns
 same cache column at each decode step and one ring slot serves the whole
 batch; padding is masked by segment ids (cache.py).
 
-The layer stack is run unrolled over layers (a Python loop inside jit), each
-layer reading/writing its own slice of its window group's cache, so global
-and local layers can keep differently sized buffers; the decode loop itself
-is one `lax.while_loop` that stops when every row hit a stop token.
+Prefill and decode step are the model's own forward pass (`hidden_cached`):
+the layers are scanned, each writing its slot of its window group's ring
+buffer (global and local layers keep differently sized buffers), so compile
+time does not grow with depth; the decode loop is one `lax.while_loop` that
+stops when every row hit a stop token.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cwm_jax import kernels
 from cwm_jax.infer import cache as kv
-from cwm_jax.model.layers import constrain, dtype_of
+from cwm_jax.model.layers import dtype_of
 
 PAD_ID = 0
 
@@ -40,61 +40,22 @@ class GenerateResult:
   logprobs: list[list[float]]
 
 
-def _blocks(model):
-  """The stacked layers as a list of per-layer `Block` modules."""
-  graphdef, stacked = nnx.split(model.layers)
-  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
-          for i in range(model.cfg.n_layers)]
-
-
-def _residual(block, x_BTD, attention):
-  x_BTD = x_BTD + attention(block.attention_norm(x_BTD))
-  x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
-  x_BTD = x_BTD + block.mlp(block.ffn_norm(x_BTD))
-  return constrain(x_BTD, ("batch", "seq", "act_embed"))
-
-
 def prefill(model, cache: kv.KVCache, tokens_BP):
   """Runs left-padded prompts through the model, filling an empty cache.
 
   Returns float32 logits [B, V] of the last column and the cache.
   """
-  cfg, run = model.cfg, model.execution
-  b, p = tokens_BP.shape
-  cols_P = jnp.arange(p, dtype=jnp.int32)
-  real_BP = cols_P[None] >= cache.start_B[:, None]
-  positions_BP = jnp.where(real_BP, cols_P[None] - cache.start_B[:, None], 0)
-  segment_BP = real_BP.astype(jnp.int32)
-  x_BTD = model.embed(tokens_BP, dtype_of(run.compute_dtype))
-  for layer, block in enumerate(_blocks(model)):
-    def attention(h_BTD, block=block, layer=layer):
-      nonlocal cache
-      q, k, v = block.attention.project_qkv(h_BTD, positions_BP)
-      cache = kv.write(cache, layer, k, v, 0)
-      o = kernels.attend(q, k, v, segment_BP, window=cache.layout.window(layer),
-                         impl=run.attention_impl, chunk=run.attention_chunk)
-      return block.attention.project_out(o)
-    x_BTD = _residual(block, x_BTD, attention)
-  cache = cache.replace(length=jnp.asarray(p, jnp.int32))
-  logits = model.logits(model.norm(x_BTD[:, -1:]))
-  return logits[:, 0], cache
+  if not cache.empty:
+    raise ValueError("prefill needs an empty cache (from init_cache); "
+                     "feed further tokens with decode_step")
+  h_BPD, cache = model.hidden_cached(tokens_BP, cache)
+  return model.logits(h_BPD[:, -1:])[:, 0], cache
 
 
 def decode_step(model, cache: kv.KVCache, token_B):
   """Feeds one token per row at column `cache.length`; logits [B, V] and the cache."""
-  col = cache.length
-  positions_B1 = (col - cache.start_B)[:, None]
-  x_BTD = model.embed(token_B[:, None], dtype_of(model.execution.compute_dtype))
-  for layer, block in enumerate(_blocks(model)):
-    def attention(h_BTD, block=block, layer=layer):
-      nonlocal cache
-      q, k, v = block.attention.project_qkv(h_BTD, positions_B1)
-      cache = kv.write(cache, layer, k, v, col)
-      o = kv.attend(cache, layer, q, col[None], col + 1)
-      return block.attention.project_out(o)
-    x_BTD = _residual(block, x_BTD, attention)
-  cache = cache.replace(length=col + 1)
-  return model.logits(model.norm(x_BTD))[:, 0], cache
+  h_B1D, cache = model.hidden_cached(token_B[:, None], cache)
+  return model.logits(h_B1D)[:, 0], cache
 
 
 def top_p_filter(logits_BV, top_p):

@@ -1,4 +1,4 @@
-"""Grouped-query self-attention with RoPE and a per-layer window.
+"""Grouped-query self-attention with RoPE and a per-layer window, with an optional KV cache.
 
 Legend: B batch, T length, D model, N query heads, K kv heads, H head dim.
 """
@@ -15,6 +15,7 @@ from flax.core import spmd as flax_spmd
 
 from cwm_jax import kernels
 from cwm_jax.kernels import context_parallel
+from cwm_jax.model import cache as kv_cache
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain, dtype_of, logical_to_spec, param
@@ -47,15 +48,23 @@ class Attention(nnx.Module):
   def project_out(self, o_BTNH):
     return jnp.einsum("BTNH,NHD->BTD", o_BTNH, self.wo[...].astype(o_BTNH.dtype))
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, window, windows=None):
-    """Self-attention over packed rows.
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, window, windows=None, cache=None):
+    """Self-attention over packed rows; `(out [B, T, D], cache)`.
 
     `window` is a Python int (unrolled layers) or, under scan, a traced index
     into the static tuple `windows` of the distinct windows of the model.
+    `cache` is None (training) or the layer's `cache.LayerCache`: the new keys
+    and values are written to it; a prefill (empty cache) attends among the new
+    tokens with the training kernels, a decode step over the cached keys.
     """
     q, k, v = self.project_qkv(x_BTD, positions_BT)
+    if cache is not None:
+      group = window if windows is not None else cache.cache.layout.windows.index(window)
+      cache = kv_cache.write(cache, group, k, v)
+      if not cache.cache.empty:
+        o_BTNH = kv_cache.attend(cache, group, q)
+        return self.project_out(o_BTNH), cache
     run = functools.partial(attention_kernel, self.cfg, self.execution)
-
     if windows is None:
       o_BTNH = run(window)(q, k, v, segment_ids_BT)
     elif len(windows) == 1:
@@ -63,7 +72,7 @@ class Attention(nnx.Module):
     else:
       o_BTNH = jax.lax.switch(window, [run(w) for w in windows], q, k, v, segment_ids_BT)
     o_BTNH = checkpoint_name(o_BTNH, "attention_out")
-    return self.project_out(o_BTNH)
+    return self.project_out(o_BTNH), cache
 
 
 def attention_kernel(cfg: ModelConfig, run: Execution, window: int):

@@ -1,5 +1,10 @@
 """The CWM decoder: pre-norm blocks, a scanned layer stack, untied head.
 
+One forward pass serves training and decoding: `hidden` (packed rows, no
+cache) and `hidden_cached` (left-padded rows writing a `cache.KVCache`) run
+the same blocks, scanned over layers with the distinct windows chosen by
+`lax.switch`; the cached scan carries the whole cache.
+
 Legend: B batch, T length, D model, V vocab, L layers.
 """
 
@@ -11,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cwm_jax.model import cache as kv_cache
 from cwm_jax.model.attention import Attention
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
@@ -39,12 +45,13 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, pd, rngs)
     self.mlp = MLP(cfg.dim, cfg.ffn_dim, pd, rngs)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, window, windows=None):
-    h = self.attention(self.attention_norm(x_BTD), positions_BT, segment_ids_BT,
-                       window, windows)
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, window, windows=None, cache=None):
+    """`(x [B, T, D], cache)`: one pre-norm block; `cache` as in `Attention`."""
+    h, cache = self.attention(self.attention_norm(x_BTD), positions_BT, segment_ids_BT,
+                              window, windows, cache)
     x_BTD = constrain(x_BTD + h, ("batch", "seq", "act_embed"))
     x_BTD = x_BTD + self.mlp(self.ffn_norm(x_BTD))
-    return constrain(x_BTD, ("batch", "seq", "act_embed"))
+    return constrain(x_BTD, ("batch", "seq", "act_embed")), cache
 
 
 class Transformer(nnx.Module):
@@ -70,29 +77,66 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     """Final-normed hidden states [B, T, D] in the compute dtype."""
-    cfg, run = self.cfg, self.execution
     b, t = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.zeros((b, t), jnp.int32)
-    x_BTD = constrain(self.embed(tokens_BT, dtype_of(run.compute_dtype)),
-                      ("batch", "seq", "act_embed"))
+    x_BTD, _ = self._stack(self._embed(tokens_BT), positions_BT, segment_ids_BT, None)
+    return self.norm(x_BTD)
+
+  def hidden_cached(self, tokens_BT, cache: kv_cache.KVCache):
+    """Feeds T new tokens per row at the cache's next columns (a left-padded prompt into
+    an empty cache, or one token per row); `(hidden [B, T, D], cache)`.
+
+    Row b's real tokens start at column `cache.start_B[b]`: positions count from
+    there and earlier columns (padding) are segment 0, real ones segment 1.
+    """
+    if cache.layout.windows != kv_cache.distinct_windows(self.cfg):
+      raise ValueError(f"the cache's windows {cache.layout.windows} are not the model's "
+                       f"{kv_cache.distinct_windows(self.cfg)}; build it with init_cache(model.cfg)")
+    t = tokens_BT.shape[1]
+    cols_BT = (cache.length + jnp.arange(t, dtype=jnp.int32))[None]
+    real_BT = cols_BT >= cache.start_B[:, None]
+    positions_BT = jnp.where(real_BT, cols_BT - cache.start_B[:, None], 0)
+    x_BTD, cache = self._stack(self._embed(tokens_BT), positions_BT, real_BT.astype(jnp.int32),
+                               cache)
+    return self.norm(x_BTD), cache.replace(length=cache.length + t, empty=False)
+
+  def _embed(self, tokens_BT):
+    x_BTD = self.embed(tokens_BT, dtype_of(self.execution.compute_dtype))
+    return constrain(x_BTD, ("batch", "seq", "act_embed"))
+
+  def _stack(self, x_BTD, positions_BT, segment_ids_BT, cache):
+    """The layer stack, scanned (windows by `lax.switch`) or unrolled; threads `cache`."""
+    cfg, run = self.cfg, self.execution
     graphdef, stacked = nnx.split(self.layers)
 
-    def apply(x, layer_state, window, windows=None):
-      return nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, window, windows)
+    def apply(x, layer_state, window, windows=None, layer_cache=None):
+      return nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, window, windows,
+                                              layer_cache)
 
-    if run.scan_layers:
-      windows = tuple(sorted(set(cfg.layer_windows)))
-      index_L = jnp.asarray([windows.index(w) for w in cfg.layer_windows], jnp.int32)
-      body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows), None), run.remat_policy)
+    windows = kv_cache.distinct_windows(cfg)
+    index_L = jnp.asarray([windows.index(w) for w in cfg.layer_windows], jnp.int32)
+    if run.scan_layers and cache is None:   # training: remat around each layer
+      body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows)[0], None), run.remat_policy)
       x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, index_L))
+    elif run.scan_layers:   # cached: the whole cache is carried, each layer writes its slot
+      def body(carry, xs):
+        x, layer_cache = apply(carry[0], xs[0], xs[1], windows,
+                               kv_cache.LayerCache(carry[1], xs[2]))
+        return (x, layer_cache.cache), None
+      slot_L = jnp.asarray(cache.layout.slots, jnp.int32)
+      (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (stacked, index_L, slot_L))
     else:
       for i, w in enumerate(cfg.layer_windows):
         layer_i = jax.tree.map(lambda a, i=i: a[i], stacked)
-        x_BTD = remat(functools.partial(apply, window=w), run.remat_policy)(x_BTD, layer_i)
-    return self.norm(x_BTD)
+        layer_cache = None if cache is None else kv_cache.LayerCache(cache, cache.layout.slots[i])
+        fn = functools.partial(apply, window=w, layer_cache=layer_cache)
+        x_BTD, layer_cache = (fn if cache is not None else remat(fn, run.remat_policy))(
+            x_BTD, layer_i)
+        cache = None if layer_cache is None else layer_cache.cache
+    return x_BTD, cache
 
   def logits(self, h_BTD):
     """Float32 logits [B, T, V] from hidden states."""
