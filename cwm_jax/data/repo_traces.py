@@ -35,7 +35,7 @@ CHILD = os.path.join(_HERE, 'repo_child.py')
 TRACER = os.path.join(_HERE, 'tracer.py')
 # Small, fast stdlib test modules whose pure-Python code is exercised by their tests.
 STDLIB_EXAMPLE = ('test_bisect', 'test_colorsys', 'test_textwrap', 'test_fnmatch', 'test_shlex',
-                  'test_heapq')
+                  'test_string')
 STDLIB_EXCLUDE = ('unittest/*', 'test/*', 'idlelib/*', 'tkinter/*', 'lib2to3/*', 'turtledemo/*',
                   'doctest.py', 'pdb.py', 'bdb.py', 'trace.py', 'cProfile.py', 'profile.py')
 

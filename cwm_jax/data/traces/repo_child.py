@@ -146,6 +146,8 @@ class RepoTracer:
   def _abort(self, error):
     if self.entry is not None and self.entry.dead is None:
       self.entry.dead = (error.status, error.message)
+      for frame in self.entry.frames:  # only call/return events from now on: the rest is cheap
+        frame.f_trace_lines = False
 
   def finish(self, status=None, message=''):
     entry, self.entry = self.entry, None
