@@ -7,7 +7,9 @@
 Variants (`:key=value,...`): dtype=float32|bfloat16 (compute dtype),
 accum=K (gradient accumulation), remat=POLICY, schedule=cosine|linear|wsd|constant,
 source=synthetic|grain (default: synthetic, grain for the stage schedule),
-corpus_limit=N (stage schedule: at most N files/calls per embedded corpus).
+corpus_limit=N (stage schedule: at most N files/calls per embedded corpus),
+traces=programs|repo (midtrain traces: shipped programs + doctests, or the repository traces
+of a few standard-library test modules, `repo_traces`).
 
 Stage schedule (cwm_jax.train.stages): `schedule=all` runs pretrain (T=64,
 plain RoPE) -> midtrain (T=128, RoPE scaling on, optimizer and LR schedule
@@ -34,10 +36,10 @@ import ml_collections
 from cwm_jax.base import ConfigError
 from cwm_jax.train.config import base_config, parse_variant
 
-VARIANTS = ("dtype", "accum", "remat", "schedule", "source", "stage", "corpus_limit")
+VARIANTS = ("dtype", "accum", "remat", "schedule", "source", "stage", "corpus_limit", "traces")
 STAGES = ("pretrain", "midtrain", "sft")
 # Caps of the embedded corpora (stdlib files / traced calls) so they build in seconds.
-CORPUS_LIMITS = dict(code=200, traces=56, sft=56)
+CORPUS_LIMITS = dict(code=200, traces=56, sft=56, repo_traces=6)  # repo_traces: test modules
 # (pretrain, midtrain, sft) steps and checkpoint interval: a few CPU minutes on the corpora;
 # synthetic data only checks the plumbing (stage hand-offs, resume) in seconds.
 STEPS = dict(grain=((300, 150, 150), 50), synthetic=((8, 6, 6), 4))
@@ -68,11 +70,12 @@ def get_config(arg: str | None = None):
     return add_rl_stage(c)
   if schedule == "all" or "stage" in variant:
     limit = int(variant.get("corpus_limit", 0)) or None
-    add_stages(c, only=variant.get("stage", ""), corpus_limit=limit)
+    add_stages(c, only=variant.get("stage", ""), corpus_limit=limit,
+               traces=variant.get("traces", "programs"))
   return c
 
 
-def add_stages(c, only: str = "", corpus_limit: int | None = None):
+def add_stages(c, only: str = "", corpus_limit: int | None = None, traces: str = "programs"):
   """The tiny pre -> mid -> SFT schedule (meshes differ so stages reshard)."""
   if only and only not in STAGES:
     raise ConfigError(f"configs/smoke.py: stage={only!r} must be one of {STAGES}")
@@ -80,7 +83,7 @@ def add_stages(c, only: str = "", corpus_limit: int | None = None):
   # The project tokenizer's vocabulary (4352), so the model reads the corpora and can sample.
   from cwm_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   c.model.overrides.vocab_size = Tokenizer.default().vocab_size
-  data = stage_data(c.data.source, corpus_limit)
+  data = stage_data(c.data.source, corpus_limit, traces)
   stages = dict(
       pretrain=dict(seq_len=64, batch_size=8, steps=pre, global_window=64, rope_scaling=False,
                     mesh=dict(data=1, fsdp=-1), start_from="scratch", data=data["pretrain"],
@@ -96,18 +99,21 @@ def add_stages(c, only: str = "", corpus_limit: int | None = None):
   return c
 
 
-def stage_data(source: str, corpus_limit: int | None = None) -> dict:
+def stage_data(source: str, corpus_limit: int | None = None, traces: str = "programs") -> dict:
   """Per-stage data: the embedded corpora (grain; built into WORKDIR/data/NAME on first use,
   at most `corpus_limit` files/calls each) or synthetic tokens with half of each SFT
   document as zero-weight prompt."""
+  if traces not in ("programs", "repo"):
+    raise ConfigError(f"configs/smoke.py: traces={traces!r} must be programs or repo")
   if source != "grain":
     return dict(pretrain={}, midtrain={}, sft=dict(prompt_fraction=0.5))
+  trace_corpus = "repo_traces" if traces == "repo" else "traces"
   corpus = lambda name, weight=1.0: dict(
       kind="corpus", name=name, weight=weight,
       limit=min(CORPUS_LIMITS[name], corpus_limit or CORPUS_LIMITS[name]))
   return dict(pretrain=dict(mixture=[corpus("code")]),
               # CWM mid-train: world-model (trace) data mixed with code.
-              midtrain=dict(mixture=[corpus("traces", 0.6), corpus("code", 0.4)]),
+              midtrain=dict(mixture=[corpus(trace_corpus, 0.6), corpus("code", 0.4)]),
               # Trace/output-prediction dialogs; only assistant turns carry loss weight.
               sft=dict(mixture=[corpus("sft")]))
 
