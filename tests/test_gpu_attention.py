@@ -220,3 +220,23 @@ def test_train_step_built_for_cuda_holds_no_t_by_t_array(monkeypatch):
   assert text.count("__cudnn$fmhaSoftmaxBackward(") >= 2  # local and global kernels
   assert _square_arrays(_jaxpr_shapes(jaxpr), t) == []
   assert _square_arrays(_module_shapes(text), t) == []
+
+
+def test_sharded_rows_and_heads_match_reference():
+  # 8 simulated devices: rows over data x fsdp, heads over tensor; one shard's rows need the
+  # fallback (too many documents), the others take the layout path.
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  q, k, v = _qkv(4, 64, 4, 2, 8, seed=7)
+  seg = jnp.concatenate([_runs(3, 64, 3, seed=4), _runs(1, 64, 12, seed=5)])
+  packed = lambda q, k, v: cudnn.cudnn_attention(q, k, v, seg, window=20, chunk=16,
+                                                 max_segments=4, implementation="xla")
+  ref = lambda q, k, v: kernels.attend(q, k, v, seg, window=20, impl="reference")
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda *a: _value_and_grads(packed, *a))(q, k, v)
+    text = jax.jit(packed).lower(q, k, v).as_text()
+  assert "sdy.manual_computation" in text  # per-shard call
+  _assert_close(got, jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v), atol=2e-6)
+  assert cudnn.shard_specs(mesh, 4, 4, 2)[0] == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None, "tensor", None)
+  assert cudnn.shard_specs(mesh, 2, 4, 3)[1] == jax.sharding.PartitionSpec("data", None, None, None)

@@ -15,6 +15,10 @@ described by the layout: then the whole batch runs `chunked_attention` (pure-JAX
 flash attention reading segment ids, O(T) memory) under `lax.cond`, so results
 always equal `reference_attention`; only speed depends on M.
 
+Under a mesh of more than one device the call runs per shard in `jax.shard_map`
+(rows over `data`/`fsdp`, heads over `tensor`; `shard_specs`), so each shard
+builds its own layout and picks its own path.
+
 cuDNN flash attention needs bfloat16 or float16 inputs: `check_gpu_dtypes`
 validates a configured compute dtype (`ConfigError`) and the kernel checks the
 arrays it gets. `implementation='xla'` runs the same layout through a dense,
@@ -31,6 +35,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+from jax.sharding import PartitionSpec as P
 
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import packing
@@ -39,6 +44,8 @@ from cwm_jax.kernels.masks import allowed
 from cwm_jax.kernels.reference import gqa_combine, gqa_scores, masked_softmax
 
 GPU_DTYPES = ("bfloat16", "float16")
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
 DEFAULT_MAX_SEGMENTS = 64
 IMPLEMENTATIONS = ("cudnn", "xla")
 
@@ -113,18 +120,47 @@ def cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chun
     _check_arrays(q_BTNH, k_BTKH, v_BTKH)
   t = q_BTNH.shape[1]
   m = default_max_segments(t) if max_segments is None else max_segments
-  layout = packing.packed_layout(segment_ids_BT, m)
   packed = packed_cudnn_attention if implementation == "cudnn" else packed_xla_attention
 
-  def fast(q, k, v, seg):
-    del seg
-    return packed(q, k, v, layout.seqlen_BM, layout.offsets_BM1, window=window)
+  def attend(q, k, v, seg):
+    layout = packing.packed_layout(seg, m)
 
-  def fallback(q, k, v, seg):
-    return chunked_attention(q, k, v, seg, window=window, chunk=chunk).astype(q.dtype)
+    def fast(q, k, v, seg):
+      del seg
+      return packed(q, k, v, layout.seqlen_BM, layout.offsets_BM1, window=window)
 
-  return jax.lax.cond(jnp.all(layout.fits_B), fast, fallback,
-                      q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    def fallback(q, k, v, seg):
+      return chunked_attention(q, k, v, seg, window=window, chunk=chunk).astype(q.dtype)
+
+    return jax.lax.cond(jnp.all(layout.fits_B), fast, fallback, q, k, v, seg)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+  q_spec, kv_spec, seg_spec = shard_specs(mesh, *q_BTNH.shape[:1], q_BTNH.shape[2],
+                                          k_BTKH.shape[2])
+  return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                       out_specs=q_spec, check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
+
+def shard_specs(mesh, b: int, n: int, k: int):
+  """(q/out, kv, segment ids) PartitionSpecs of the per-shard kernel call.
+
+  Rows over the mesh's batch axes whose running product divides B; query and
+  kv heads over `tensor` when it divides both N and K (else heads stay whole:
+  cuDNN's own partitioner wants q, k and v sharded alike). The sequence is
+  whole on every shard (context parallelism splits it, elsewhere).
+  """
+  sizes = dict(mesh.shape)
+  used, prod = [], 1
+  for axis in BATCH_AXES:
+    if sizes.get(axis, 1) > 1 and b % (prod * sizes[axis]) == 0:
+      used.append(axis)
+      prod *= sizes[axis]
+  rows = tuple(used) if len(used) > 1 else (used[0] if used else None)
+  tp = sizes.get(HEAD_AXIS, 1)
+  heads = HEAD_AXIS if tp > 1 and n % tp == 0 and k % tp == 0 else None
+  return P(rows, None, heads, None), P(rows, None, heads, None), P(rows, None)
 
 
 def _check_arrays(q_BTNH, k_BTKH, v_BTKH):
