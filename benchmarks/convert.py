@@ -27,7 +27,7 @@ from cwm_jax.model.config import ModelConfig, meta_layer_windows
 
 CHILD = """
 import json, resource, sys, psutil
-from cwm_jax.checkpoint.convert import convert
+from cwm_jax.checkpoint.conversion import convert
 base = psutil.Process().memory_info().rss
 out = convert(sys.argv[1], sys.argv[2], sys.argv[3])
 out["baseline_rss_bytes"] = base

@@ -19,7 +19,8 @@ import numpy as np
 from cwm_jax.checkpoint.manager import restore_params
 from cwm_jax.infer.sampler import generate
 from cwm_jax.model.transformer import init_model, model_from_params
-from cwm_jax.rl import loop, tasks
+from cwm_jax.rl import tasks
+from cwm_jax.rl import trainer
 from cwm_jax.train.config import model_config
 
 
@@ -37,12 +38,12 @@ def main():
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  config = loop.toy_config(args.steps, args.seed)
+  config = trainer.toy_config(args.steps, args.seed)
   cfg = model_config(config)
   before = greedy_eval(init_model(cfg, args.seed), args.seed)  # the RL run's initial params
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
-    out = loop.run(config, workdir)
+    out = trainer.run(config, workdir)
     wall = time.perf_counter() - t0
     _, params = restore_params(os.path.join(workdir, "checkpoints"))
   after = greedy_eval(model_from_params(cfg, params), args.seed)

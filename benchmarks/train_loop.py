@@ -2,7 +2,7 @@
 
   python benchmarks/train_loop.py [--steps 30] [--devices 1] [--mesh fsdp=1] [--arg dtype=float32]
 
-Runs `cwm_jax.train.loop.train` (checkpoint only at the end) and reports the
+Runs `cwm_jax.train.lm.train` (checkpoint only at the end) and reports the
 median tokens/s, step time and MFU of the logged steps after the first two
 (which include compilation), plus the wall time of the first step. Prints one
 JSON object.
@@ -31,7 +31,7 @@ def main():
   os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
   import importlib.util  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from cwm_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  from cwm_jax.train.lm import train  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("smoke", os.path.join(root, "configs/smoke.py"))
   smoke = importlib.util.module_from_spec(spec)

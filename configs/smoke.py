@@ -11,7 +11,7 @@ corpus_limit=N (stage schedule: at most N files/calls per embedded corpus),
 traces=programs|repo (midtrain traces: shipped programs + doctests, or the repository traces
 of a few standard-library test modules, `repo_traces`).
 
-Stage schedule (cwm_jax.train.stages): `schedule=all` runs pretrain (T=64,
+Stage schedule (cwm_jax.recipe.stages): `schedule=all` runs pretrain (T=64,
 plain RoPE) -> midtrain (T=128, RoPE scaling on, optimizer and LR schedule
 carried over) -> sft (T=96, fresh optimizer, prompt tokens out of the loss),
 each in WORKDIR/STAGE/, resumable; `stage=NAME` runs only that stage. With
@@ -122,7 +122,7 @@ def add_rl_stage(c):
   """The schedule plus an `rl` stage (trainer='rl'), selected alone. It starts from scratch
   (the smoke SFT model is trained on synthetic tokens, so it knows no more than a fresh
   one); a real recipe sets start_from='previous' to continue from SFT."""
-  from cwm_jax.rl.loop import rl_config  # pylint: disable=g-import-not-at-top
+  from cwm_jax.rl.trainer import rl_config  # pylint: disable=g-import-not-at-top
   add_stages(c)
   c.rl = rl_config()
   c.rl.update(tasks="toy,math,code", group_size=4, max_new_tokens=24, warmup_steps=30,

@@ -16,7 +16,7 @@ import sys
 from absl import flags
 
 from cwm_jax.cli import run_main
-from cwm_jax.checkpoint.convert import FORMATS, convert
+from cwm_jax.checkpoint.conversion import FORMATS, convert
 from cwm_jax.base import ConfigError
 
 FLAGS = flags.FLAGS

@@ -11,7 +11,7 @@ import sys
 from absl import flags
 
 from cwm_jax.cli import run_main
-from cwm_jax.infer.evaluate import EvalConfig, evaluate, held_out_cases
+from cwm_jax.infer.evaluation import EvalConfig, evaluate, held_out_cases
 from cwm_jax.infer.loading import load_for_inference
 from cwm_jax.base import ConfigError
 

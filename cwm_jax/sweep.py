@@ -13,11 +13,11 @@ from __future__ import annotations
 from absl import flags
 
 from cwm_jax.cli import run_main
-from cwm_jax import sweeps
+from cwm_jax.recipe import grids
 
 _CONFIG = flags.DEFINE_string("config", None, "Run config file[:arg].", required=True)
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep().", required=True)
-_LAUNCHER = flags.DEFINE_enum("launcher", "local", sweeps.LAUNCHERS, "Where to launch the runs.")
+_LAUNCHER = flags.DEFINE_enum("launcher", "local", grids.LAUNCHERS, "Where to launch the runs.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sweeps", "Parent of the runs' workdirs.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the launch commands only.")
 _LAUNCHER_FLAGS = flags.DEFINE_multi_string(
@@ -26,7 +26,7 @@ _LAUNCHER_FLAGS = flags.DEFINE_multi_string(
 
 def main(argv):
   del argv
-  sweeps.run_sweep(_CONFIG.value, _SWEEP.value, _LAUNCHER.value, _WORKDIR.value,
+  grids.run_sweep(_CONFIG.value, _SWEEP.value, _LAUNCHER.value, _WORKDIR.value,
                    dry_run=_DRY_RUN.value, launcher_flags=_LAUNCHER_FLAGS.value)
 
 

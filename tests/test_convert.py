@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import transformers
 
-from cwm_jax.checkpoint import convert as cv
+from cwm_jax.checkpoint import conversion as cv
 from cwm_jax.checkpoint import hf, manager, meta
 from cwm_jax.checkpoint.names import HF, META
 from cwm_jax.base import ConfigError
@@ -240,7 +240,10 @@ def _cli(args, env=None):
 def test_killed_conversion_leaves_nothing_loadable(hf32, orbax32, tmp_path, to):
   src = orbax32 if to == "hf" else hf32[0]
   dst = str(tmp_path / "out")
-  r = _cli(["--src", src, "--dst", dst, "--to", to], {cv.KILL_AFTER_ENV: "4"})
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "faults.py"), "convert",
+                      "--kill_after_tensors=4", "--src", src, "--dst", dst, "--to", to],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == -9, r.stderr[-2000:]
   assert not os.path.exists(dst)
   leftovers = os.listdir(tmp_path)

@@ -88,7 +88,7 @@ def test_main_job_trains_every_stage_on_the_corpora(tmp_path):
     assert isinstance(json.load(f)["sample"]["text"], str)
 
   # The trained model beats an untrained one on the held-out trace eval (teacher-forced).
-  from cwm_jax.infer.evaluate import EvalConfig, evaluate
+  from cwm_jax.infer.evaluation import EvalConfig, evaluate
   from cwm_jax.model import init_model, model_from_params
   eval_cfg = EvalConfig(max_programs=2, max_tokens=512, generate=False, perplexity=False)
   trained = evaluate(model_from_params(cfg, params), tok, eval_cfg)

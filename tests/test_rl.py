@@ -18,7 +18,9 @@ from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.sampler import GenerateResult
 from cwm_jax.infer.trace_predict import real_trace
 from cwm_jax.base import ConfigError
-from cwm_jax.rl import grpo, loop, rewards, rollout, tasks
+from cwm_jax.rl import grpo, rewards, rollout, tasks
+
+from cwm_jax.rl import trainer
 
 FAST = Limits(timeout_s=1.0, memory_mb=256, output_bytes=10_000)
 
@@ -161,7 +163,7 @@ def test_async_rollouts_drop_stale_batches():
 
 def test_toy_task_reward_rises(tmp_path):
   """From random init, 'output the digit in the prompt' (1/16 by chance) is learned by RL."""
-  out = loop.run(loop.toy_config(30), str(tmp_path))
+  out = trainer.run(trainer.toy_config(30), str(tmp_path))
   rewards_ = [r["reward_mean"] for r in out["records"]]
   before, after = np.mean(rewards_[:5]), np.mean(rewards_[-5:])
   assert before < -0.5 and after > before + 0.6, (before, after, rewards_)
@@ -177,14 +179,14 @@ def test_toy_task_reward_rises(tmp_path):
 
 
 def test_bad_rl_configs():
-  c = loop.toy_config(2)
+  c = trainer.toy_config(2)
   c.rl.group_size = 3  # 128 rollouts do not split into groups of 3
   with pytest.raises(ConfigError, match="group_size"):
-    loop.validate_rl(c)
-  c = loop.toy_config(2)
+    trainer.validate(c)
+  c = trainer.toy_config(2)
   c.rl.temperature = 0.0
   with pytest.raises(ConfigError, match="temperature"):
-    loop.validate_rl(c)
+    trainer.validate(c)
   with pytest.raises(ConfigError, match="unknown kinds"):
     tasks.task_set("code,poetry", max_prompt_len=64)
   with pytest.raises(ConfigError, match="cannot be mixed"):
@@ -194,8 +196,8 @@ def test_bad_rl_configs():
 def test_smoke_rl_stage_config():
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
   import smoke  # pylint: disable=import-outside-toplevel
-  from cwm_jax.train import stages  # pylint: disable=import-outside-toplevel
+  from cwm_jax.recipe import stages  # pylint: disable=import-outside-toplevel
   c = smoke.get_config("stage=rl")
   plan = stages.plan_stages(c, "/nonexistent")
   assert [st.name for st, _ in plan] == ["rl"] and plan[0][0].trainer == "rl"
-  loop.validate_rl(plan[0][1])
+  trainer.validate(plan[0][1])

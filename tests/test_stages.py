@@ -15,14 +15,14 @@ from cwm_jax.data.pipeline import DataConfig
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.base import ConfigError
 from cwm_jax.model.config import cwm_32b
-from cwm_jax.train import stages
+from cwm_jax.recipe import schedule, stages
 from cwm_jax.train.config import model_config
 from test_launch import ROOT
-from test_sweep import sweeps
+from cwm_jax.recipe import grids
 
 
 def smoke(arg="schedule=all,source=synthetic"):  # the 20-step plumbing schedule
-  return sweeps.parse_config(f"configs/smoke.py:{arg}")
+  return grids.parse_config(f"configs/smoke.py:{arg}")
 
 
 def test_smoke_stage_configs():
@@ -59,14 +59,14 @@ def test_smoke_schedule_reads_the_embedded_corpora(tmp_path):
   # A corpus whose manifest exists is not rebuilt: the entry just points at its folder.
   os.makedirs(tmp_path / "data" / "code")
   (tmp_path / "data" / "code" / "manifest.json").write_text("{}")
-  resolved = stages.with_corpora(pre, str(tmp_path))
+  resolved = schedule.with_corpora(pre, str(tmp_path))
   assert resolved.data.mixture == [{"kind": "array_record", "path": str(tmp_path / "data" / "code"),
                                     "weight": 1.0}]
   with pytest.raises(ConfigError, match="must be one of"):
     with c.unlocked():
       c.schedule.only = "sft"
       c.schedule.stages.sft.data.mixture = [{"kind": "corpus", "name": "novels"}]
-    stages.prepare_data(c, str(tmp_path))
+    schedule.prepare_data(c, str(tmp_path))
 
 
 def test_bad_stage_definitions_are_config_errors():
@@ -86,7 +86,7 @@ def test_bad_stage_definitions_are_config_errors():
 
 
 def test_cwm_32b_recipe():
-  c = sweeps.parse_config("configs/cwm_32b.py:stage=pretrain")
+  c = grids.parse_config("configs/cwm_32b.py:stage=pretrain")
   all_stages = stages.stages_from_config(c)
   assert [s.name for s in all_stages] == ["pretrain", "midtrain", "sft"]
   pre, mid, sft = (stages.stage_config(c, i, "/w") for i in range(3))
@@ -105,16 +105,18 @@ def test_cwm_32b_recipe():
   assert weights["rehearsal"] == 0.3 and mid.data.mixture[0]["path"].startswith("/data/cwm/")
   for sc in (pre, mid, sft):  # every stage's data section is a valid pipeline config
     DataConfig.from_config(sc.data)
-  rl = sweeps.parse_config("configs/cwm_32b.py:stage=rl")
+  rl = grids.parse_config("configs/cwm_32b.py:stage=rl")
   assert (rl.rl.eps_low, rl.rl.eps_high, rl.rl.kl_coef) == (0.2, 0.25, 0.0)
   with pytest.raises(ConfigError, match="stage="):
-    sweeps.parse_config("configs/cwm_32b.py:stage=posttrain")
+    grids.parse_config("configs/cwm_32b.py:stage=posttrain")
 
 
-def _train(workdir, *extra):
+def _train(workdir, *extra, kill_at_step=0):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  return subprocess.run([sys.executable, "-m", "cwm_jax.train", "--config",
+  program = (["-m", "cwm_jax.train"] if not kill_at_step else
+             [os.path.join(ROOT, "tests", "faults.py"), "train", f"--kill_at_step={kill_at_step}"])
+  return subprocess.run([sys.executable, *program, "--config",
                          "configs/smoke.py:schedule=all,source=synthetic", "--workdir", str(workdir),
                          "--config.schedule.finish=False", "--config.model.overrides.vocab_size=512",
                          *extra],
@@ -132,7 +134,7 @@ def _meta(workdir, stage, step):
 
 
 def test_schedule_runs_all_stages_and_resumes_after_a_kill(tmp_path):
-  killed = _train(tmp_path, "--config.debug.kill_at_step=13")  # in mid-train, after ckpt 12
+  killed = _train(tmp_path, kill_at_step=13)  # in mid-train, after ckpt 12
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / "midtrain" / "checkpoints")) == ["12"]
   pre_records = _records(tmp_path / "pretrain" / "metrics.jsonl")

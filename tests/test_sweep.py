@@ -7,23 +7,23 @@ import sys
 
 import pytest
 
-from cwm_jax import sweeps
+from cwm_jax.recipe import grids
 from test_launch import ROOT, parse_train_argv, train_argv
 
 
 def test_product_and_zip():
-  points = sweeps.product(sweeps.axis("a", [1, 2]),
-                          sweeps.zip_(sweeps.axis("b", ["x", "y"]), sweeps.axis("c", [3, 4])))
+  points = grids.product(grids.axis("a", [1, 2]),
+                          grids.zip_(grids.axis("b", ["x", "y"]), grids.axis("c", [3, 4])))
   assert points == [{"a": 1, "b": "x", "c": 3}, {"a": 1, "b": "y", "c": 4},
                     {"a": 2, "b": "x", "c": 3}, {"a": 2, "b": "y", "c": 4}]
-  with pytest.raises(sweeps.SweepError, match="different lengths"):
-    sweeps.zip_(sweeps.axis("b", [1, 2]), sweeps.axis("c", [3]))
-  with pytest.raises(sweeps.SweepError, match="swept twice"):
-    sweeps.product(sweeps.axis("a", [1]), sweeps.axis("a", [2]))
+  with pytest.raises(grids.SweepError, match="different lengths"):
+    grids.zip_(grids.axis("b", [1, 2]), grids.axis("c", [3]))
+  with pytest.raises(grids.SweepError, match="swept twice"):
+    grids.product(grids.axis("a", [1]), grids.axis("a", [2]))
 
 
 def test_expand_names_workdirs_and_flags():
-  runs = sweeps.expand([{"optimizer.lr": 1e-3, "model.preset": "tiny"},
+  runs = grids.expand([{"optimizer.lr": 1e-3, "model.preset": "tiny"},
                         {"optimizer.lr": 3e-3, "model.preset": "tiny"}], "My_Sweep", "/w")
   assert [r.name for r in runs] == ["my-sweep-000-preset-tiny-lr-0-001",
                                     "my-sweep-001-preset-tiny-lr-0-003"]
@@ -64,7 +64,7 @@ def test_cluster_launchers_wrap_the_scripts(tmp_path):
 
 def test_invalid_point_fails_before_anything_launches(tmp_path):
   sweep = tmp_path / "bad.py"
-  sweep.write_text("from cwm_jax.sweeps import axis\n"
+  sweep.write_text("from cwm_jax.recipe.grids import axis\n"
                    "def get_sweep():\n"
                    "  return axis('batch_size', [8, 8, 7])\n")  # 7: not divisible by grad_accum=2
   out = _sweep("--config", "configs/smoke.py:accum=2", "--sweep", str(sweep), "--launcher", "local",
@@ -73,7 +73,7 @@ def test_invalid_point_fails_before_anything_launches(tmp_path):
   assert "bad-002" in out.stderr and "batch_size=7" in out.stderr
   assert out.stdout == "" and not (tmp_path / "runs").exists()  # the valid points did not run
   typo = tmp_path / "typo.py"
-  typo.write_text("from cwm_jax.sweeps import axis\n"
+  typo.write_text("from cwm_jax.recipe.grids import axis\n"
                   "def get_sweep():\n"
                   "  return axis('optimizer.learning_rate', [1e-3])\n")
   out = _sweep("--config", "configs/smoke.py", "--sweep", str(typo), "--dry_run")

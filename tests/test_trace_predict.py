@@ -13,7 +13,7 @@ from flax import nnx
 
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import format as trace_format
-from cwm_jax.infer import evaluate as ev
+from cwm_jax.infer import evaluation as ev
 from cwm_jax.infer import trace_predict as tp
 from cwm_jax.infer.sampler import GenerateResult
 from cwm_jax.model import abstract_model, model_from_params, tiny

@@ -35,12 +35,12 @@ def test_cli_bad_mesh_exits_2_before_compiling(tmp_path):
     (dict(batch_size=6, mesh=dict(data=4, fsdp=2)), ["batch_size=6", "mesh.data*mesh.fsdp=8"]),
 ])
 def test_train_rejects_heads_and_batch_before_compiling(tmp_path, update, names):
-  from cwm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from cwm_jax.train import lm  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.mesh.update(update.pop("mesh"))
   c.update(update)
   with pytest.raises(ConfigError) as e:
-    loop.train(c, str(tmp_path / "run"))
+    lm.train(c, str(tmp_path / "run"))
   assert all(n in str(e.value) for n in names), str(e.value)
   assert not (tmp_path / "run").exists()
 

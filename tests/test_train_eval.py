@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from cwm_jax.base import ConfigError
-from cwm_jax.train import config as config_lib, loop
+from cwm_jax.recipe import trainers
+from cwm_jax.train import config as config_lib
+from cwm_jax.train import lm
 
 
 def _config(**kw):
@@ -24,7 +26,9 @@ def _config(**kw):
 
 
 def test_eval_every_logs_eval_records(tmp_path):
-  out = loop.train(_config(), str(tmp_path), devices=jax.devices()[:1])
+  c = _config()
+  out = lm.train(c, str(tmp_path), devices=jax.devices()[:1],
+                 hooks=[trainers.evaluation_hook(c)])
   assert out["step"] == 2
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   evals = [r for r in records if "eval/trace_nll" in r]
@@ -38,8 +42,8 @@ def test_eval_every_logs_eval_records(tmp_path):
 
 
 def test_bad_eval_config_fails_before_training(tmp_path):
-  c = _config()
+  c = _config(batch_size=8)  # validated against all 8 test devices
   c.eval.max_programs = 0
   with pytest.raises(ConfigError, match="max_programs"):
-    loop.train(c, str(tmp_path), devices=jax.devices()[:1])
+    trainers.TRAINERS["lm"].validate(c)
   assert not (tmp_path / "metrics.jsonl").exists()

@@ -16,7 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from cwm_jax.train import loop, sources
+from cwm_jax.train import sources
+
+from cwm_jax.train import lm
 from cwm_jax.train.synthetic import SyntheticSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +52,7 @@ def _losses(workdir) -> list[float]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("ref"))
-  out = loop.train(_config(), workdir, devices=jax.devices()[:1])
+  out = lm.train(_config(), workdir, devices=jax.devices()[:1])
   assert out["step"] == 5 and not out["preempted"]
   rec = out["records"][-1]
   assert {"loss", "grad_norm", "lr", "tokens_per_sec", "step_time", "mfu"} <= set(rec)
@@ -79,10 +81,10 @@ def test_sigterm_saves_then_resume_is_exact(reference, tmp_path):
   sources.register_source("sigterm_at_2", _sigterm_source(2))
   c = _config()
   c.data.source = "sigterm_at_2"
-  out = loop.train(c, str(tmp_path), devices=jax.devices()[:1])
+  out = lm.train(c, str(tmp_path), devices=jax.devices()[:1])
   assert out["preempted"] and out["step"] == 3
   assert os.listdir(tmp_path / "checkpoints") == ["3"]
-  out = loop.train(_config(), str(tmp_path), devices=jax.devices()[:1])
+  out = lm.train(_config(), str(tmp_path), devices=jax.devices()[:1])
   assert out["step"] == 5
   np.testing.assert_allclose(_losses(tmp_path), reference, rtol=1e-6)
 
@@ -90,9 +92,9 @@ def test_sigterm_saves_then_resume_is_exact(reference, tmp_path):
 def test_sharded_meshes_match_and_restore_reshards(reference, tmp_path):
   c = _config(fsdp=4, tensor=2)
   c.total_steps = 3  # the schedule is fixed by optimizer.decay_steps
-  loop.train(c, str(tmp_path))
+  lm.train(c, str(tmp_path))
   np.testing.assert_allclose(_losses(tmp_path), reference[:3], rtol=1e-5)
-  out = loop.train(_config(data=2, fsdp=2, tensor=2), str(tmp_path))  # restores step 3
+  out = lm.train(_config(data=2, fsdp=2, tensor=2), str(tmp_path))  # restores step 3
   assert out["step"] == 5 and [r["step"] for r in out["records"]] == [4, 5]
   np.testing.assert_allclose(_losses(tmp_path), reference, rtol=1e-5)
 
@@ -104,8 +106,10 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _cli(workdir, *extra):
-  return [sys.executable, "-m", "cwm_jax.train", "--config", os.path.join(ROOT, "configs/smoke.py"),
+def _cli(workdir, *extra, kill_at_step=0):
+  program = (["-m", "cwm_jax.train"] if not kill_at_step else
+             [os.path.join(ROOT, "tests", "faults.py"), "train", f"--kill_at_step={kill_at_step}"])
+  return [sys.executable, *program, "--config", os.path.join(ROOT, "configs/smoke.py"),
           "--workdir", str(workdir), *FLAGS,
           "--config.compiler_options.xla_backend_optimization_level=0", *extra]
 
@@ -116,7 +120,7 @@ def test_sigkill_then_restart_matches(reference, tmp_path):
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   killed = subprocess.run(_cli(tmp_path / "run", *one, "--config.checkpoint_every=3",
-                               "--config.debug.kill_at_step=4"),
+                               kill_at_step=4),
                           env=env, capture_output=True, text=True, timeout=600)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert os.listdir(tmp_path / "run" / "checkpoints") == ["3"]

@@ -5,7 +5,7 @@
       --launcher_flags=--nodes=64 --dry_run
 """
 
-from cwm_jax.sweeps import axis, product
+from cwm_jax.recipe.grids import axis, product
 
 
 def get_sweep():

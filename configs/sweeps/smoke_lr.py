@@ -4,7 +4,7 @@
       --launcher local --workdir runs/sweeps [--dry_run]
 """
 
-from cwm_jax.sweeps import axis, product, zip_
+from cwm_jax.recipe.grids import axis, product, zip_
 
 
 def get_sweep():

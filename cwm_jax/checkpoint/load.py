@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cwm_jax.checkpoint.convert import detect_format
+from cwm_jax.checkpoint.conversion import detect_format
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.transformer import Transformer, model_from_params

@@ -26,14 +26,15 @@ class _QuietOrbax:
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 
-def main(argv):
+def main(argv, hooks=()):
+  """Runs the config (a schedule runs its stages); `hooks` run after every step."""
   del argv
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_QuietOrbax())
   from cwm_jax.parallel.mesh import initialize_distributed  # pylint: disable=g-import-not-at-top
-  from cwm_jax.train.stages import run  # pylint: disable=g-import-not-at-top
+  from cwm_jax.recipe.schedule import run  # pylint: disable=g-import-not-at-top
   initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-  run(_CONFIG.value, _WORKDIR.value)  # a schedule config runs its stages
+  run(_CONFIG.value, _WORKDIR.value, hooks)
 
 
 def run():

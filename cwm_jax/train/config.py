@@ -48,12 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, async_save=True))
   c.init_from = ml_collections.ConfigDict(dict(path="", params_only=True, step=-1))
   c.metrics = ml_collections.ConfigDict(dict(peak_flops=0.0, tensorboard=True))
-  # In-training evaluation (cwm_jax.infer.evaluate): every `eval_every` steps (0 = off),
-  # logged to metrics.jsonl as `eval/*` records; `eval` holds EvalConfig fields.
+  # In-training evaluation (a hook of cwm_jax.recipe.trainers): every `eval_every` steps
+  # (0 = off), logged to metrics.jsonl as `eval/*` records; `eval` holds EvalConfig fields.
   c.eval_every = 0
   c.eval = ml_collections.ConfigDict(dict(max_programs=4, max_new_tokens=256, max_tokens=512,
                                           batch_size=4, generate=True, perplexity=True))
-  c.debug = ml_collections.ConfigDict(dict(kill_at_step=0))  # SIGKILL self (resume tests)
   # XLA options for the init and step jits; an entry of -1 means XLA's default
   # (level 0 compiles the tiny test models ~3x faster on CPU).
   c.compiler_options = ml_collections.ConfigDict(dict(xla_backend_optimization_level=-1))
@@ -86,19 +85,6 @@ def execution_config(config: ml_collections.ConfigDict) -> Execution:
   """The `Execution` of `config.execution` (defaults where the section is absent)."""
   section = config.get("execution")
   return Execution.from_mapping(section.to_dict() if section is not None else {})
-
-
-def _eval_errors(config) -> list[str]:
-  if config.get("eval_every", 0) < 0:
-    return [f"eval_every={config.eval_every} must be >= 0 (0 turns evaluation off)"]
-  if not config.get("eval_every", 0):
-    return []
-  from cwm_jax.infer.evaluate import EvalConfig  # pylint: disable=g-import-not-at-top
-  try:
-    EvalConfig.from_mapping(config.eval)
-  except (ConfigError, TypeError) as e:
-    return [f"eval: {e}"]
-  return []
 
 
 def validate(config, model_cfg: ModelConfig, n_devices: int, n_processes: int) -> dict:
@@ -146,7 +132,8 @@ def validate(config, model_cfg: ModelConfig, n_devices: int, n_processes: int) -
                   f"max_seq_len={model_cfg.max_seq_len}")
   if config.loss.chunk and config.seq_len % config.loss.chunk:
     errors.append(f"seq_len={config.seq_len} is not divisible by loss.chunk={config.loss.chunk}")
-  errors += _eval_errors(config)
+  if config.get("eval_every", 0) < 0:
+    errors.append(f"eval_every={config.eval_every} must be >= 0 (0 turns evaluation off)")
   if not errors:
     shapes = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg), nnx.Param))
     errors += sharding.indivisible(shapes, sharding.param_specs(model_cfg, config.rules), sizes)

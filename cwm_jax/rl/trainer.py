@@ -1,14 +1,16 @@
-"""The RL stage: rollouts -> verifier rewards -> GRPO update, repeated.
+"""The RL trainer: rollouts -> verifier rewards -> GRPO update, on the training runtime.
 
 `run(config, workdir)` takes an ordinary training config (`cwm_jax.train.config`)
 plus an `rl` section (`rl_config()`); `batch_size` counts rollouts per update
 (`batch_size / rl.group_size` prompts, each sampled `rl.group_size` times) and
-`seq_len` bounds prompt + response. It reuses the trainer's pieces: the
-optimizer, the sharded train state and its checkpoints, the metrics writer.
-The state starts from `WORKDIR/checkpoints` (resume), else `init_from` (params
-only: RL starts a fresh optimizer), else scratch. `rl.warmup_steps` first runs
-supervised steps on the tasks' reference answers (the ordinary train step),
-which gives a from-scratch smoke model something to reinforce.
+`seq_len` bounds prompt + response. The runtime (`cwm_jax.train.runtime`) gives
+it what the LM trainer has: the mesh and sharded state, resume, `init_from`
+(set `init_from.params_only`: RL normally starts a fresh optimizer), SIGTERM
+save, the checkpoint cadence and non-blocking metrics. `rl.warmup_steps` first
+runs supervised steps on the tasks' reference answers (the ordinary train
+step), which gives a from-scratch smoke model something to reinforce. In-flight
+async rollouts are dropped at a save: a resumed run samples afresh from the
+restored params.
 
 Each logged step carries loss, grad_norm, lr, reward_mean, pass_rate,
 clip_fraction, response_length, groups_kept (and reward_<kind>, ratio_mean,
@@ -30,17 +32,11 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from cwm_jax.checkpoint.manager import Checkpointer, model_config_to_dict
-from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.base import ConfigError
-from cwm_jax.model.config import ModelConfig
+from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.model.transformer import abstract_model
-from cwm_jax.parallel import mesh as mesh_lib
-from cwm_jax.parallel import sharding
 from cwm_jax.rl import grpo, rollout, tasks as tasks_lib
-from cwm_jax.train import optimizer, state as state_lib, step as step_lib
-from cwm_jax.train.config import execution_config, model_config, validate
-from cwm_jax.train.metrics import MetricsWriter
+from cwm_jax.train import config as config_lib, runtime, step as step_lib
 
 
 def rl_config() -> ml_collections.ConfigDict:
@@ -60,8 +56,7 @@ def rl_config() -> ml_collections.ConfigDict:
 
 def toy_config(steps: int, seed: int = 0) -> ml_collections.ConfigDict:
   """The learnable-from-scratch toy RL run: 16-token vocab, 'which digit' task."""
-  from cwm_jax.train.config import base_config  # pylint: disable=g-import-not-at-top
-  c = base_config()
+  c = config_lib.base_config()
   c.seed = seed
   c.model.overrides.update(dict(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, head_dim=16,
                                 ffn_dim=64, vocab_size=16, local_window=8, global_window=32))
@@ -74,8 +69,15 @@ def toy_config(steps: int, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-def validate_rl(config) -> None:
+def validate(config, n_devices: int | None = None) -> None:
+  """Every check `run` makes before compiling: the training config, then the `rl` section
+  (unknown `rl` fields are errors)."""
+  config_lib.validate(config, config_lib.model_config(config), n_devices or jax.device_count(),
+                      jax.process_count())
   rl, errors = config.rl, []
+  unknown = sorted(set(rl.keys()) - set(rl_config().keys()))
+  if unknown:
+    errors.append(f"unknown rl fields {unknown}; known: {sorted(rl_config().keys())}")
   if rl.group_size < 2:
     errors.append(f"rl.group_size={rl.group_size} must be >= 2 (advantages compare samples)")
   elif config.batch_size % rl.group_size:
@@ -98,62 +100,6 @@ def validate_rl(config) -> None:
     errors.append("the RL loop runs on one process (rollouts are not split across hosts yet)")
   if errors:
     raise ConfigError("invalid RL config: " + "; ".join(errors))
-
-
-@dataclasses.dataclass
-class _Trainer:
-  cfg: ModelConfig
-  mesh: jax.sharding.Mesh
-  tx: object
-  abstract: dict
-  shardings: dict
-  batch_sharding: NamedSharding
-  schedule: object
-  rl_step: object
-  sft_step: object
-  graphdef: object
-
-
-def _build(config, cfg: ModelConfig) -> _Trainer:
-  mesh = mesh_lib.make_mesh(dict(config.mesh))
-  tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
-  run = execution_config(config)
-  abstract = state_lib.abstract_state(cfg, tx, config.seed, run)
-  shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
-  batch_sh = NamedSharding(mesh, sharding.batch_spec(config.rules))
-  rules = sharding.normalize_rules(config.rules)
-  options = dict(config.compiler_options)
-  rl_fn = grpo.make_rl_step(cfg, tx, schedule, rules=rules,
-                            max_len=config.rl.loss_max_len or config.rl.max_new_tokens,
-                            eps_low=config.rl.eps_low, eps_high=config.rl.eps_high,
-                            execution=run)
-  sft_fn = step_lib.make_train_step(cfg, tx, schedule, rules=rules, execution=run)
-  return _Trainer(cfg, mesh, tx, abstract, shardings, batch_sh, schedule,
-                  grpo.jit_rl_step(rl_fn, shardings, batch_sh, options),
-                  step_lib.jit_train_step(sft_fn, shardings, batch_sh, options),
-                  nnx.split(abstract_model(cfg, run), nnx.Param)[0])
-
-
-def _initial_state(config, t: _Trainer, ckpt: Checkpointer) -> tuple[dict, int]:
-  """Resume, else params from `init_from` with a fresh optimizer, else a fresh state."""
-  target = state_lib.with_shardings(t.abstract, t.shardings)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    logging.info("resuming RL from %s step %d", ckpt.directory, latest)
-    return ckpt.restore(latest, target), latest
-  init = state_lib.jit_init(t.cfg, t.tx, config.seed, t.shardings)
-  if not config.init_from.path:
-    return init(), 0
-  src = Checkpointer(config.init_from.path, max_to_keep=None, async_save=False)
-  try:
-    step = config.init_from.step if config.init_from.step >= 0 else src.latest_step()
-    if step is None:
-      raise ConfigError(f"init_from.path={config.init_from.path!r} holds no checkpoint")
-    params = src.restore(step, {"params": target["params"]}, partial=True)["params"]
-  finally:
-    src.close()
-  logging.info("RL starts from the params of %s step %d", config.init_from.path, step)
-  return dict(init(), params=params), 0
 
 
 def _sft_batch(tasks, rng, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -179,14 +125,14 @@ def _pick(tasks, config, step: int):
 class _Sampler:
   """Rollout batch of one step: pick prompts, sample groups with given params, score."""
 
-  def __init__(self, config, t: _Trainer, tokenizer, tasks, scorer):
-    self.config, self.t, self.tokenizer, self.tasks, self.scorer = (
-        config, t, tokenizer, tasks, scorer)
+  def __init__(self, config, graphdef, tokenizer, tasks, scorer):
+    self.config, self.graphdef, self.tokenizer, self.tasks, self.scorer = (
+        config, graphdef, tokenizer, tasks, scorer)
     self.pad = max(len(task.prompt_ids) for task in tasks)  # one prompt shape: one compile
 
   def __call__(self, params, version: int):
     rl, t0 = self.config.rl, time.perf_counter()
-    model = nnx.merge(self.t.graphdef, params)
+    model = nnx.merge(self.graphdef, params)
     groups = rollout.collect(
         model, _pick(self.tasks, self.config, version), group_size=rl.group_size,
         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
@@ -224,32 +170,78 @@ class _Feed:
       self.async_.close()
 
 
-def _rl_steps(config, t: _Trainer, feed: _Feed, state, step: int):
-  """One rollout batch and its optimizer steps; yields (state, step, scalars) per step."""
-  (batch, stats), staleness = feed.get(state["params"], step)
-  stats.update(stale_dropped=feed.dropped, staleness=staleness)
-  if stats["groups_kept"] == 0:  # no group carries signal: no update
-    state = dict(state, step=state["step"] + 1)
-    yield state, step + 1, dict(stats, loss=0.0, grad_norm=0.0, clip_fraction=0.0, skipped=1.0,
-                                lr=float(t.schedule(step)))
-    return
-  device_batch = {k: jax.device_put(v, t.batch_sharding if v.ndim == 2 else NamedSharding(
-      t.mesh, jax.sharding.PartitionSpec(t.batch_sharding.spec[0]))) for k, v in batch.items()}
-  for _ in range(min(config.rl.updates_per_rollout, config.total_steps - step)):
-    t0 = time.perf_counter()
-    state, metrics = t.rl_step(state, device_batch)
-    metrics = jax.device_get(metrics)
-    step += 1
-    feed.publish(state["params"], step)
-    yield state, step, dict(stats, **metrics, update_time=time.perf_counter() - t0, skipped=0.0)
+class RLTrainer:
+  """Supervised warmup steps, then rollout batches and their GRPO steps."""
+
+  data_iter = None  # tasks are drawn by step number: resuming needs no iterator state
+
+  def __init__(self, rt: runtime.Runtime, tokenizer, tasks):
+    self.rt, config = rt, rt.config
+    self.config, self.tasks = config, tasks
+    rl = config.rl
+    self.rl_step = rt.cached("rl_step", lambda: grpo.jit_rl_step(grpo.make_rl_step(
+        rt.cfg, rt.tx, rt.schedule, rules=rt.rules,
+        max_len=rl.loss_max_len or rl.max_new_tokens, eps_low=rl.eps_low,
+        eps_high=rl.eps_high, execution=rt.execution), rt.shardings, rt.batch_sharding,
+        rt.compiler_options))
+    self.sft_step = rt.cached("sft_step", lambda: step_lib.jit_train_step(
+        step_lib.make_train_step(rt.cfg, rt.tx, rt.schedule, rules=rt.rules,
+                                 execution=rt.execution),
+        rt.shardings, rt.batch_sharding, rt.compiler_options))
+    graphdef = nnx.split(abstract_model(rt.cfg, rt.execution), nnx.Param)[0]
+    self.scorer = rollout.Scorer(rl.verifier_workers)
+    self.feed = _Feed(config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer))
+    self.published = None
+
+  def iterate(self, state: dict, step: int):
+    if self.published is None:
+      self.feed.publish(state["params"], step)
+      self.published = step
+    if step < self.config.rl.warmup_steps:
+      yield self._warmup(state, step)
+    else:
+      yield from self._rl_steps(state, step)
+
+  def _warmup(self, state, step: int) -> runtime.Update:
+    config = self.config
+    rng = np.random.default_rng([config.seed, step, 1])
+    batch = _sft_batch(self.tasks, rng, config.batch_size, config.seq_len)
+    state, metrics = self.sft_step(state, {k: jax.device_put(v, self.rt.batch_sharding)
+                                           for k, v in batch.items()})
+    self.feed.publish(state["params"], step + 1)
+    return runtime.Update(state, step + 1, dict(metrics, warmup=1.0))
+
+  def _rl_steps(self, state, step: int):
+    """One rollout batch and its optimizer steps."""
+    rt, config = self.rt, self.config
+    (batch, stats), staleness = self.feed.get(state["params"], step)
+    stats.update(stale_dropped=self.feed.dropped, staleness=staleness)
+    if stats["groups_kept"] == 0:  # no group carries signal: no update
+      state = dict(state, step=state["step"] + 1)
+      yield runtime.Update(state, step + 1, dict(stats, loss=0.0, grad_norm=0.0,
+                                                 clip_fraction=0.0, skipped=1.0,
+                                                 lr=float(rt.schedule(step))))
+      return
+    row = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
+    device_batch = {k: jax.device_put(v, rt.batch_sharding if v.ndim == 2 else row)
+                    for k, v in batch.items()}
+    for _ in range(min(config.rl.updates_per_rollout, config.total_steps - step)):
+      t0 = time.perf_counter()
+      state, metrics = self.rl_step(state, device_batch)
+      step += 1
+      self.feed.publish(state["params"], step)
+      yield runtime.Update(state, step, dict(stats, **metrics, skipped=0.0,
+                                             update_time=time.perf_counter() - t0))
+
+  def close(self) -> None:
+    self.feed.close()
+    self.scorer.close()
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, hooks=()) -> dict:
   """Runs RL until step `config.total_steps`; returns {'step', 'records', 'preempted'}."""
-  cfg = model_config(config)
-  validate(config, cfg, jax.device_count(), jax.process_count())
-  validate_rl(config)
-  rl = config.rl
+  validate(config)
+  rl, cfg = config.rl, config_lib.model_config(config)
   limits = Limits(timeout_s=rl.sandbox_timeout_s, memory_mb=rl.sandbox_memory_mb,
                   output_bytes=100_000)
   tokenizer, tasks = tasks_lib.task_set(rl.tasks, max_prompt_len=config.seq_len
@@ -257,48 +249,5 @@ def run(config, workdir: str) -> dict:
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ConfigError(f"rl.tasks={rl.tasks!r} needs vocab_size >= {tokenizer.vocab_size}, the "
                       f"model has {cfg.vocab_size}; set model.overrides.vocab_size")
-  t = _build(config, cfg)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                      max_to_keep=config.checkpoint.max_to_keep,
-                      async_save=config.checkpoint.async_save)
-  writer = MetricsWriter(workdir, tensorboard=config.metrics.tensorboard,
-                         total_steps=config.total_steps)
-  scorer = rollout.Scorer(rl.verifier_workers)
-  meta = {"model": model_config_to_dict(cfg), "config": config.to_dict()}
-  feed, records = None, []
-  try:
-    with jax.set_mesh(t.mesh):
-      state, step = _initial_state(config, t, ckpt)
-      writer.truncate_after(step)
-      feed = _Feed(config, _Sampler(config, t, tokenizer, tasks, scorer))
-      feed.publish(state["params"], step)
-      saved = step
-      while step < config.total_steps:
-        for state, step, scalars in _iteration(config, t, feed, state, step, tasks):
-          writer.write(step, scalars)
-          records.append({"step": step, **scalars})
-          if config.checkpoint_every and step % config.checkpoint_every == 0:
-            ckpt.save(step, state, meta=meta)
-            saved = step
-      if saved != step:
-        ckpt.save(step, state, meta=meta)
-      ckpt.wait()
-  finally:
-    for closer in (feed, scorer, ckpt, writer):
-      if closer is not None:
-        closer.close()
-  return {"step": step, "records": records, "preempted": False}
-
-
-def _iteration(config, t: _Trainer, feed: _Feed, state, step: int, tasks):
-  """A supervised warmup step while step < rl.warmup_steps, else a rollout's RL steps."""
-  if step >= config.rl.warmup_steps:
-    yield from _rl_steps(config, t, feed, state, step)
-    return
-  rng = np.random.default_rng([config.seed, step, 1])
-  batch = _sft_batch(tasks, rng, config.batch_size, config.seq_len)
-  state, metrics = t.sft_step(state, {k: jax.device_put(v, t.batch_sharding)
-                                      for k, v in batch.items()})
-  step += 1
-  feed.publish(state["params"], step)
-  yield state, step, {"warmup": 1.0, **jax.device_get(metrics)}
+  rt = runtime.setup(config)
+  return runtime.run(rt, workdir, RLTrainer(rt, tokenizer, tasks), hooks)

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import time
 from typing import Any, Callable
 
@@ -29,7 +28,6 @@ from cwm_jax.model.config import ModelConfig
 
 FORMATS = ("orbax", "hf", "meta")
 DTYPES = {"float32": np.dtype("float32"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-KILL_AFTER_ENV = "CWM_JAX_CONVERT_KILL_AFTER"   # test hook: SIGKILL self after N tensors
 Path = tuple[str, ...]
 
 
@@ -151,17 +149,14 @@ def _out_dtype(src: Source, dtype: str | None) -> np.dtype:
 
 
 class _Counter:
-  """Counts tensors written; the test hook SIGKILLs the process after N of them."""
+  """Counts the tensors and bytes written."""
 
   def __init__(self):
     self.tensors, self.bytes = 0, 0
-    self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
     self.tensors += 1
     self.bytes += x.nbytes
-    if self.kill_after and self.tensors > self.kill_after:
-      os.kill(os.getpid(), signal.SIGKILL)
     return x
 
 

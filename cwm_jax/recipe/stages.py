@@ -1,10 +1,10 @@
-"""Training stages as first-class objects, and the schedule that runs them.
+"""Training stages as first-class objects: a schedule config -> validated stage configs.
 
 A schedule config is an ordinary training config (the defaults every stage
 inherits) plus `schedule.order` ('pretrain,midtrain,sft'), `schedule.only`
 (run just these stages; '' = all) and one `schedule.stages.NAME` section per
 stage holding the `Stage` fields. `stage_config` turns a stage into the plain
-training config that `cwm_jax.train.loop.train` runs in `WORKDIR/NAME/`.
+training config that its trainer (`cwm_jax.recipe.trainers`) runs in `WORKDIR/NAME/`.
 
 Steps are absolute. A stage with `carry_optimizer` restores the previous
 stage's full state (params, optimizer, step) and continues its LR schedule:
@@ -12,12 +12,7 @@ every stage of such a chain trains on one schedule whose decay ends at the
 chain's last step, each stage running its own segment of it. Any other stage
 restores params only and starts a fresh optimizer at step 0. Restores are
 made onto the new stage's mesh, so moving between stages reshards.
-
-Data mixtures may name the embedded corpora (`{kind: 'corpus', name: 'code',
-limit: N, weight: W}`, see `cwm_jax.data.build`): before the first stage
-runs, those of the selected stages are built once into `WORKDIR/data/NAME/`
-(kept across stages and resumes), and each stage reads that folder's
-array_record files.
+`cwm_jax.recipe.schedule` runs them.
 """
 
 from __future__ import annotations
@@ -30,10 +25,10 @@ from typing import Any
 import ml_collections
 
 from cwm_jax.base import ConfigError
+from cwm_jax.recipe import trainers
 from cwm_jax.train.config import model_config
 
 SCRATCH, PREVIOUS = "scratch", "previous"
-TRAINERS = ("lm", "rl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +56,8 @@ class Stage:
       errors.append("seq_len and batch_size must be >= 1")
     if self.steps < 1 and self.tokens <= 0:
       errors.append("give steps >= 1 or a token budget tokens > 0")
-    if self.trainer not in TRAINERS:
-      errors.append(f"trainer={self.trainer!r} must be one of {TRAINERS}")
+    if self.trainer not in trainers.TRAINERS:
+      errors.append(f"trainer={self.trainer!r} must be one of {sorted(trainers.TRAINERS)}")
     if self.carry_optimizer and self.start_from != PREVIOUS:
       errors.append("carry_optimizer needs start_from='previous'")
     if self.carry_optimizer and self.optimizer:
@@ -169,7 +164,21 @@ def stage_config(config, i: int, workdir: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _latest_step(directory: str) -> int | None:
+def stage_configs(config, workdir: str = "/plan") -> list[tuple[str, ml_collections.ConfigDict]]:
+  """[(name, plain training config)] of the selected stages, each with its trainer in
+  `stage.trainer`; a config without a schedule is [('train', config)]. Not validated."""
+  if "schedule" not in config:
+    return [("train", config)]
+  stages = stages_from_config(config)
+  out = []
+  for st in selected(config, stages):
+    sc = stage_config(config, stages.index(st), workdir)
+    sc.stage.trainer = st.trainer
+    out.append((st.name, sc))
+  return out
+
+
+def latest_step(directory: str) -> int | None:
   """Latest finished checkpoint step under `directory` (None if none)."""
   if not os.path.isdir(directory):
     return None
@@ -179,98 +188,13 @@ def _latest_step(directory: str) -> int | None:
 
 def plan_stages(config, workdir: str) -> list[tuple[Stage, ml_collections.ConfigDict]]:
   """Every selected stage with its training config, all validated before any runs."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from cwm_jax.train import config as config_lib, sources  # pylint: disable=g-import-not-at-top
   stages = stages_from_config(config)
   out = []
   for st in selected(config, stages):
     sc = stage_config(config, stages.index(st), workdir)
     try:
-      config_lib.validate(sc, model_config(sc), jax.device_count(), jax.process_count())
-      sources.check_source(sc)
+      trainers.TRAINERS[st.trainer].validate(sc)
     except ConfigError as e:
       raise ConfigError(f"stage {st.name}: {e}") from e
     out.append((st, sc))
   return out
-
-
-def run_schedule(config, workdir: str) -> dict[str, Any]:
-  """Runs the selected stages in order, each in `workdir/NAME`; resumable at any point.
-
-  A finished stage (its checkpoint at the stage's last step exists) is
-  skipped; an unfinished one resumes from its own checkpoints, or starts from
-  its `start_from`. Returns {stage name: train() result or 'done'}.
-  """
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from cwm_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-  results: dict[str, Any] = {}
-  prepare_data(config, workdir)
-  for st, sc in plan_stages(config, workdir):
-    stage_dir = os.path.join(workdir, st.name)
-    done = _latest_step(os.path.join(stage_dir, "checkpoints"))
-    if done is not None and done >= sc.total_steps:
-      logging.info("stage %s: finished (step %d), skipping", st.name, done)
-      results[st.name] = "done"
-      continue
-    run_stage = train
-    if st.trainer == "rl":  # the RL loop (cwm_jax.rl) takes the same (config, workdir)
-      from cwm_jax.rl.loop import run as run_stage  # pylint: disable=g-import-not-at-top
-    if sc.init_from.path and done is None:
-      _check_start(st, sc)
-    sc = with_corpora(sc, workdir)
-    logging.info("stage %s: steps %d..%d, seq_len %d, rope_scaling %s, init_from %s",
-                 st.name, sc.stage.first_step, sc.total_steps, sc.seq_len,
-                 sc.model.overrides.rope_scaling is not None, sc.init_from.path or "scratch")
-    out = run_stage(sc, stage_dir)
-    results[st.name] = out
-    if out.get("preempted"):
-      break
-  return results
-
-
-def _names_corpora(config) -> bool:
-  mixture = config.data.get("mixture")
-  return isinstance(mixture, (list, tuple)) and any(
-      dict(m).get("kind") == "corpus" for m in mixture)
-
-
-def prepare_data(config, workdir: str) -> None:
-  """Builds the corpora the selected stages name. Runs before JAX starts its
-  threads: the trace builder forks sandboxed interpreters."""
-  stages = stages_from_config(config)
-  for st in selected(config, stages):
-    try:
-      with_corpora(stage_config(config, stages.index(st), workdir), workdir)
-    except ConfigError as e:
-      raise ConfigError(f"stage {st.name}: {e}") from e
-
-
-def with_corpora(config, workdir: str):
-  """`config` with its embedded-corpus mixture entries built into
-  `workdir/data/NAME` and replaced by array_record sources."""
-  if not _names_corpora(config):
-    return config
-  from cwm_jax.data import corpus_build  # pylint: disable=g-import-not-at-top
-  config.data.mixture = corpus_build.resolve_corpora(config.data.mixture,
-                                              os.path.join(workdir, "data"))
-  return config
-
-
-def _check_start(st: Stage, sc) -> None:
-  step = _latest_step(sc.init_from.path)
-  want = sc.init_from.step
-  if step is None or (want >= 0 and step < want):
-    raise ConfigError(f"stage {st.name} starts from {sc.init_from.path} step {want}, which does "
-                      "not exist yet; run the previous stage first (or set "
-                      f"schedule.stages.{st.name}.start_from to a checkpoint directory)")
-
-
-def run(config, workdir: str) -> dict[str, Any]:
-  """`python -m cwm_jax.train`: a schedule config runs its stages, any other config trains once."""
-  if "schedule" in config:
-    results = run_schedule(config, workdir)
-    from cwm_jax.train import finish  # pylint: disable=g-import-not-at-top
-    results.update(finish.after_schedule(config, workdir, results))
-    return results
-  from cwm_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-  return train(with_corpora(config, workdir), workdir)

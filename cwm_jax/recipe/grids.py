@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 Point = dict[str, Any]
 LAUNCHERS = ("local", "slurm", "tpu", "k8s")
@@ -148,8 +148,8 @@ def check_point(config, launcher: str = "local") -> None:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from cwm_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  from cwm_jax.train import flops_plan  # pylint: disable=g-import-not-at-top
-  for name, c in flops_plan.train_configs(config):
+  from cwm_jax.recipe import stages  # pylint: disable=g-import-not-at-top
+  for name, c in stages.stage_configs(config):
     fixed = math.prod(int(s) for s in dict(c.mesh).values() if int(s) != -1)
     fill = any(int(s) == -1 for s in dict(c.mesh).values())
     n = fixed * (max(jax.device_count() // fixed, 1) if fill and launcher == "local" else 1)

@@ -1,0 +1,1 @@
+"""The recipe layer: stages, schedules, the trainer registry, finish (export + sample), sweeps."""

@@ -1,0 +1,310 @@
+"""The training runtime: one loop under every trainer.
+
+A trainer (the LM trainer in `cwm_jax.train.lm`, the RL trainer in
+`cwm_jax.rl.trainer`) is a step function plus a batch source; everything else
+lives here, once:
+
+- `setup`: validates the config against the devices (`ConfigError` before
+  anything compiles), builds the mesh, the optimizer, the abstract train state,
+  its shardings and the jitted sharded initializer (no host ever holds the
+  whole model); cached, so a later run with the same shapes reuses it;
+- `run`: the initial state (resume from `WORKDIR/checkpoints`, else
+  `init_from`, params only or everything, else scratch), the step loop,
+  metrics of step n-1 fetched after step n is dispatched (the host never waits
+  on the device to log), hooks (in-loop evaluation) after each step, the
+  checkpoint cadence (state + the trainer's data iterator + metadata), and
+  SIGTERM (or a multi-host preemption notice): save, then return.
+
+A trainer yields `Update`s; one `iterate` call may yield several (an RL
+rollout feeds several optimizer steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
+from cwm_jax.base import ConfigError
+from cwm_jax.checkpoint.manager import Checkpointer, model_config_to_dict
+from cwm_jax.model.config import ModelConfig
+from cwm_jax.model.execution import Execution
+from cwm_jax.parallel import mesh as mesh_lib
+from cwm_jax.parallel import sharding
+from cwm_jax.train import flops, optimizer, state as state_lib
+from cwm_jax.train.config import execution_config, model_config, validate
+from cwm_jax.train.metrics import MetricsWriter
+
+
+@dataclasses.dataclass
+class Runtime:
+  """What every trainer builds on: the model, the mesh and the sharded train state."""
+  config: Any
+  cfg: ModelConfig
+  execution: Execution
+  mesh: jax.sharding.Mesh
+  tx: Any
+  schedule: Callable
+  abstract: dict
+  shardings: dict
+  batch_sharding: NamedSharding
+  init_fn: Callable
+  compiler_options: dict
+  cache: dict = dataclasses.field(default_factory=dict)  # the trainers' jitted steps
+
+  @property
+  def rules(self):
+    return sharding.normalize_rules(self.config.rules)
+
+  def cached(self, name: str, build: Callable[[], Any]) -> Any:
+    """`build()` once per runtime (a jitted step survives later runs of the same shapes)."""
+    if name not in self.cache:
+      self.cache[name] = build()
+    return self.cache[name]
+
+
+@dataclasses.dataclass
+class Update:
+  """One optimizer step: the new state, its step, and what to log about it.
+
+  `metrics` may hold device arrays: they are fetched one update later.
+  `tokens` / `flops` (host numbers) feed the throughput and MFU figures.
+  """
+  state: dict
+  step: int
+  metrics: dict
+  tokens: float = 0.0
+  flops: float = 0.0
+
+
+class Trainer(Protocol):
+  """A step function plus a batch source on top of a `Runtime`."""
+  data_iter: Any  # checkpointed with the state (a grain iterator), or None
+
+  def iterate(self, state: dict, step: int) -> Iterator[Update]:
+    ...
+
+  def close(self) -> None:
+    ...
+
+
+@dataclasses.dataclass
+class HookContext:
+  step: int
+  state: dict
+  runtime: Runtime
+  checkpointer: Checkpointer
+
+
+# A hook runs after every step; it returns metrics to log at that step, or None.
+Hook = Callable[[HookContext], "dict[str, float] | None"]
+
+_RUNTIMES: dict = {}  # at most one setup kept alive (its compiled steps are reused)
+
+
+def _setup_key(config, cfg: ModelConfig, devices) -> str:
+  parts = {k: config[k] for k in ("total_steps", "batch_size", "seq_len", "grad_accum", "seed")}
+  for k in ("mesh", "optimizer", "loss", "compiler_options", "execution"):
+    parts[k] = config[k].to_dict()
+  for k in ("rl",):
+    if k in config:
+      parts[k] = config[k].to_dict()
+  ids = [d.id for d in (devices if devices is not None else jax.devices())]
+  return json.dumps([parts, list(map(list, config.rules)), repr(cfg), ids], sort_keys=True,
+                    default=str)
+
+
+def setup(config, devices=None) -> Runtime:
+  """Validates `config` for the devices, then builds (or reuses) its runtime."""
+  cfg = model_config(config)
+  n_devices = len(devices) if devices is not None else jax.device_count()
+  validate(config, cfg, n_devices, jax.process_count())
+  key = _setup_key(config, cfg, devices)
+  if key not in _RUNTIMES:
+    _RUNTIMES.clear()
+    _RUNTIMES[key] = _build(config, cfg, devices)
+  rt = _RUNTIMES[key]
+  rt.config = config  # same shapes; fields such as workdir-relative paths may differ
+  return rt
+
+
+def _build(config, cfg: ModelConfig, devices) -> Runtime:
+  run = execution_config(config)
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
+  options = {k: v for k, v in config.compiler_options.items() if v != -1}
+  tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
+  abstract = state_lib.abstract_state(cfg, tx, config.seed, run)
+  shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
+  batch_sh = NamedSharding(mesh, sharding.batch_spec(config.rules))
+  init_fn = state_lib.jit_init(cfg, tx, config.seed, shardings, options, run)
+  return Runtime(config, cfg, run, mesh, tx, schedule, abstract, shardings, batch_sh, init_fn,
+                 options)
+
+
+def _init_from(rt: Runtime) -> dict:
+  """State from `config.init_from`: params only (fresh optimizer) or everything."""
+  config = rt.config
+  src = Checkpointer(config.init_from.path, max_to_keep=None, async_save=False)
+  try:
+    step = config.init_from.step if config.init_from.step >= 0 else src.latest_step()
+    if step is None:
+      raise ConfigError(f"init_from.path={config.init_from.path!r} holds no checkpoint")
+    target = state_lib.with_shardings(rt.abstract, rt.shardings)
+    logging.info("initialising from %s step %d (params_only=%s)", config.init_from.path, step,
+                 config.init_from.params_only)
+    if not config.init_from.params_only:
+      return src.restore(step, target)
+    params = src.restore(step, {"params": target["params"]}, partial=True)["params"]
+  finally:
+    src.close()
+  fresh = lambda p: {"params": p, "opt_state": rt.tx.init(p),
+                     "step": jax.numpy.zeros((), "int32"),
+                     "rng": jax.random.key_data(jax.random.PRNGKey(config.seed))}
+  return jax.jit(fresh, out_shardings=rt.shardings, donate_argnums=0)(params)
+
+
+def initial_state(rt: Runtime, ckpt: Checkpointer, data_iter=None) -> tuple[dict, int]:
+  """Resume from `ckpt`, else `init_from`, else a fresh sharded state."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s step %d", ckpt.directory, latest)
+    target = state_lib.with_shardings(rt.abstract, rt.shardings)
+    return ckpt.restore(latest, target, data_iter=data_iter), latest
+  if rt.config.init_from.path:
+    state = _init_from(rt)
+    return state, int(state["step"])
+  return rt.init_fn(), 0
+
+
+class _Preemption:
+  """SIGTERM flag (one process) or JAX's preemption sync point (many)."""
+
+  def __init__(self):
+    self.flag, self._old = False, None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and exiting")
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+class _Logger:
+  """Turns step-(n-1) metrics into records once step n is dispatched."""
+
+  def __init__(self, writer: MetricsWriter, peak: float, start: int):
+    self.writer, self.peak = writer, peak
+    self.pending, self.records = None, []
+    self.tokens = self.flops = 0.0
+    self.t0, self.step0 = time.perf_counter(), start
+
+  def count(self, update: Update) -> None:
+    self.tokens += update.tokens
+    self.flops += update.flops
+
+  def defer(self, step: int, metrics) -> None:
+    self.flush()
+    self.pending = (step, metrics, self.tokens, self.flops)
+    self.tokens = self.flops = 0.0
+
+  def flush(self) -> None:
+    if self.pending is None:
+      return
+    step, metrics, tokens, fl = self.pending
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    dt = max(now - self.t0, 1e-9)
+    if tokens:
+      scalars.update(tokens_per_sec=tokens / dt, step_time=dt / max(step - self.step0, 1),
+                     mfu=fl / dt / self.peak if self.peak else 0.0)
+    self.t0, self.step0, self.pending = now, step, None
+    self.write(step, scalars)
+
+  def write(self, step: int, scalars: dict) -> None:
+    self.writer.write(step, scalars)
+    self.records.append({"step": step, **scalars})
+
+
+def _peak(config, mesh) -> float:
+  per_device = config.metrics.peak_flops or flops.peak_flops(mesh.devices.flat[0].device_kind)
+  return per_device * mesh.devices.size
+
+
+def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ()) -> dict:
+  """Runs `trainer` until step `config.total_steps`; returns {'step', 'records', 'preempted'}."""
+  config = rt.config
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                      max_to_keep=config.checkpoint.max_to_keep,
+                      async_save=config.checkpoint.async_save)
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                         tensorboard=config.metrics.tensorboard, total_steps=config.total_steps)
+  meta = {"model": model_config_to_dict(rt.cfg), "config": config.to_dict()}
+  preempt = _Preemption()
+  try:
+    with jax.set_mesh(rt.mesh):
+      state, step = initial_state(rt, ckpt, trainer.data_iter)
+      writer.truncate_after(step)
+      log = _Logger(writer, _peak(config, rt.mesh), step)
+      saved, preempted = step, False
+      while step < config.total_steps and not preempted:
+        for update in trainer.iterate(state, step):
+          state, step = update.state, update.step
+          log.count(update)
+          if step % config.log_every == 0 or step == config.total_steps:
+            log.defer(step, update.metrics)  # fetches the previous record, not this one
+          preempted = preempt.reached(step)
+          if preempted or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
+            saved = step
+          _run_hooks(hooks, HookContext(step, state, rt, ckpt), log)
+          if preempted or step >= config.total_steps:
+            break
+      log.flush()
+      if saved != step:
+        ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
+      ckpt.wait()
+  finally:
+    preempt.close()
+    trainer.close()
+    ckpt.close()
+    writer.close()
+  return {"step": step, "records": log.records, "preempted": preempted}
+
+
+def _run_hooks(hooks: Sequence[Hook], ctx: HookContext, log: _Logger) -> None:
+  for hook in hooks:
+    out = hook(ctx)
+    if out:
+      log.flush()
+      log.write(ctx.step, out)
+
+
+def host_scalars(metrics: dict) -> dict[str, float]:
+  """Device metrics as Python floats (for trainers that need them on the host now)."""
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def put_batch(local: dict[str, np.ndarray], rt: Runtime, global_shape) -> dict:
+  """This process's rows of a global batch as sharded arrays."""
+  return {k: jax.make_array_from_process_local_data(rt.batch_sharding, v, global_shape)
+          for k, v in local.items()}
