@@ -29,7 +29,7 @@ def _row(manifest: dict) -> dict:
       'kept_fraction': round(manifest['kept'] / n, 4),
       'dropped_fraction': {r: round(c / n, 4) for r, c in manifest['dropped'].items()},
       'dropped': manifest['dropped'], 'not_traced': manifest['not_traced'],
-      'tests': manifest['tests']}
+      'tests': manifest['tests'], 'sessions_failed': manifest['sessions_failed']}
 
 
 def main():
