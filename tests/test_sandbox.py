@@ -33,13 +33,18 @@ needs_root = pytest.mark.skipif(not ROOT, reason='switching to uid 65534 needs r
 _CALLER = textwrap.dedent('''
     import dataclasses, json, os, sys
     from cwm_jax.data import traces
-    kind, source, limits, extra = json.loads(sys.argv[1])
-    limits = traces.Limits(**limits)
-    if kind == 'run':
-      result = traces.run_python(source, limits=limits)
-    else:
-      result = traces.trace_call(source, 'f', limits=limits)
-    print(json.dumps(dataclasses.asdict(result)), flush=True)
+    out = []
+    for kind, source, limits, extra in json.loads(sys.argv[1]):
+      limits = traces.Limits(**limits)
+      if kind == 'run':
+        result = traces.run_python(source, limits=limits)
+      elif kind == 'reward':
+        from cwm_jax.rl import rewards
+        result = rewards.code_reward(source, extra, limits)
+      else:
+        result = traces.trace_call(source, 'f', limits=limits)
+      out.append(dataclasses.asdict(result))
+    print(json.dumps(out), flush=True)
 ''')
 
 
@@ -61,13 +66,18 @@ def _ancestors(path):
   return [os.sep + os.sep.join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _call(kind, source, *, user='root', tmp='/tmp', env=None, **limits):
+def _calls(jobs, *, user='root', tmp='/tmp', env=None):
+  """Results of [(kind, source, limits, extra)] run one after another by one caller process."""
   prefix = _unprivileged_prefix(tmp) if user == 'nobody' else []
-  command = [*prefix, sys.executable, '-c', _CALLER, json.dumps([kind, source, limits, None])]
-  done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO,
+  command = [*prefix, sys.executable, '-c', _CALLER, json.dumps(jobs)]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
                         env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **(env or {})))
   assert done.returncode == 0, f'the caller died ({done.returncode}): {done.stderr[-2000:]}'
   return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _call(kind, source, *, user='root', tmp='/tmp', env=None, extra=None, **limits):
+  return _calls([(kind, source, limits, extra)], user=user, tmp=tmp, env=env)[0]
 
 
 def _marker():
@@ -219,8 +229,8 @@ def test_scratch_and_processes_end_when_the_caller_is_killed(tmp_path):
     program = (f'import subprocess, time\nsubprocess.Popen(["sleep", "{marker}"], '
                'start_new_session=True)\nprint("started", flush=True)\ntime.sleep(60)\n')
     caller = subprocess.Popen(
-        [sys.executable, '-c', _CALLER, json.dumps(['run', program, {
-            'namespaces': namespaces, 'allow_no_isolation': True, 'timeout_s': 60}, None])],
+        [sys.executable, '-c', _CALLER, json.dumps([['run', program, {
+            'namespaces': namespaces, 'allow_no_isolation': True, 'timeout_s': 60}, None]])],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not _alive(marker) and time.monotonic() < deadline:
@@ -279,6 +289,25 @@ def test_the_program_cannot_forge_or_suppress_its_trace(namespaces):
   assert unbalanced.status == 'error' and 'never returned' in unbalanced.message
   quits = 'import os\ndef f():\n    os._exit(0)\n'
   assert _trace(quits, **limits).status == 'error'
+
+
+@needs_root
+@pytest.mark.parametrize('namespaces', [True, False])
+def test_as_nobody_traces_and_verdicts_cannot_be_forged(namespaces, tmp_path):
+  if namespaces and not isolation.probe().namespaces:
+    pytest.skip('no namespaces here')
+  limits = dict(namespaces=namespaces, allow_no_isolation=not namespaces)
+  spray = ('import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, bytes(20))\n'
+           '    except OSError:\n        pass\nos._exit(0)\n' + _SIMPLE)
+  tests = 'assert add(2, 3) == 5\nassert add(1, 1) == 2'
+  hacks = ('exit()', 'import os\nos._exit(0)', 'print("2 passed")\nraise SystemExit(0)')
+  jobs = [('trace', _SIMPLE, limits, None), ('trace', spray, limits, None),
+          ('reward', 'def add(a, b):\n    return a + b\n', limits, tests)]
+  jobs += [('reward', 'def add(a, b):\n    return 0\n' + hack, limits, tests) for hack in hacks]
+  honest, sprayed, good, *hacked = _calls(jobs, user='nobody', tmp=str(tmp_path))
+  assert honest['status'] == 'ok' and len(honest['frames']) == 4, honest
+  assert sprayed['status'] == 'error'
+  assert good['value'] == 1 and [r['value'] for r in hacked] == [-1] * len(hacks), hacked
 
 
 def _frames(*events):
