@@ -14,7 +14,7 @@ from cwm_jax.data import dedup
 from cwm_jax.data import sources_functions
 from cwm_jax.data import traces
 from cwm_jax.data.traces import examples
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 PROGRAM = '''\
 import time

@@ -23,8 +23,10 @@ from absl import flags
 from cwm_jax.data import corpus_build
 from cwm_jax.data import repo_traces
 from cwm_jax.data import traces
-from cwm_jax.data.corpus_build import build_corpus, ensure_corpus, resolve_corpora  # pylint: disable=unused-import
-from cwm_jax.model.config import ConfigError
+from cwm_jax import cli
+from cwm_jax.base import ConfigError
+# Re-exported for callers of the former single-module build.
+from cwm_jax.data.corpus_build import build_corpus, ensure_corpus, resolve_corpora  # noqa: F401
 
 _CORPUS = flags.DEFINE_string('corpus', None, f'One of {corpus_build.CORPORA}.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder.')
@@ -91,5 +93,9 @@ def main(argv):
   print(json.dumps(manifest))
 
 
+def run():
+  cli.run_main(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -36,7 +36,7 @@ from cwm_jax.data import dedup
 from cwm_jax.data import repo_traces
 from cwm_jax.data import sources_functions as functions
 from cwm_jax.data import traces
-from cwm_jax.model.config import ConfigError
+from cwm_jax.base import ConfigError
 
 TRACE_CORPORA = ('functions', 'repo_traces')
 CORPORA = corpora.CORPORA + TRACE_CORPORA
