@@ -4,7 +4,8 @@
 
 Traces the first N_CALLS (default: all) calls of the shipped programs followed by the
 statistics/difflib/textwrap doctest calls, one after another, and times an empty
-`run_python` (the sandbox's fixed cost: process start, limits, network block).
+`run_python` (the sandbox's fixed cost: namespaces, process start, limits, network block).
+`namespaces` says whether the runs were isolated in namespaces (see --sandbox_info).
 """
 
 import collections
@@ -13,6 +14,7 @@ import sys
 import time
 
 from cwm_jax.data import traces
+from cwm_jax.data.traces import isolation
 
 
 def main(n_calls=None):
@@ -39,7 +41,7 @@ def main(n_calls=None):
       'traces_per_s': round(len(calls) / elapsed, 2),
       'frames_mean': round(sum(frames) / max(len(frames), 1), 1), 'frames_max': max(frames),
       'trace_bytes_mean': round(sum(text_bytes) / max(len(text_bytes), 1)),
-      'run_python_empty_s': round(empty, 3)}))
+      'run_python_empty_s': round(empty, 3), 'namespaces': isolation.probe().namespaces}))
 
 
 if __name__ == '__main__':

@@ -239,8 +239,9 @@ def supervise(request, sock, record_fd, load):
   pid = _start_worker(request, sock, record_fd, scratch, load)
   status, timed_out, gone = _wait(pid, sock, request['timeout_s'])
   if request['namespaces'] and not gone:
-    os.kill(pid, signal.SIGKILL) if status is None else None
-    status = os.waitpid(pid, 0)[1] if status is None else status
+    if status is None:  # timed out
+      os.kill(pid, signal.SIGKILL)
+      status = os.waitpid(pid, 0)[1]
   else:
     _kill_all(pid)
     import shutil  # pylint: disable=g-import-not-at-top
