@@ -186,6 +186,8 @@ def test_stdlib_test_suite_is_an_example_source():
   assert traces.trace_call(c.source, c.function, args).frames == c.frames
   with pytest.raises(ValueError, match='no standard-library test module'):
     repo_traces.stdlib_test_items(['test_no_such_module'])
+  whole = repo_traces.stdlib_test_items(None)  # the whole suite, on request
+  assert len(whole) > 100 and item in whole
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
