@@ -86,7 +86,7 @@ def test_layout_decodes_back_to_each_tokens_document_and_position():
     np.testing.assert_array_equal(local[row], np.arange(200) - starts[want_slot])
 
 
-@pytest.mark.parametrize("window", [1, 7, 40, 96])
+@pytest.mark.parametrize("window", [1, 40, 96])
 def test_portable_path_through_the_layout_matches_reference(window):
   # GQA 6/2 heads, 5 documents + padding per row, odd lengths; window 96 = global.
   q, k, v = _qkv(2, 96, 6, 2, 8)
