@@ -24,7 +24,6 @@ from typing import Any
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import cudnn
 from cwm_jax.parallel import mesh as mesh_lib
-from cwm_jax.train import planning
 
 GIB = 2 ** 30
 
@@ -130,6 +129,8 @@ def gpu_plan(configs: list[tuple[str, Any]], gpus: str, mesh_text: str | None = 
   Fits when the compiled total per GPU is within its memory (or `hbm_gb`);
   otherwise `planning.NotFitting` naming the stage and the figures.
   """
+  # The planning stack (train runtime, recipe) loads only for a plan, not for specs.
+  from cwm_jax.train import planning  # pylint: disable=g-import-not-at-top
   spec = cluster_spec(gpus)
   devs = devices(spec)
   limit = hbm_gb if hbm_gb is not None else spec.gpu.hbm_gib
