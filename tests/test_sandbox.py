@@ -223,6 +223,25 @@ def test_disk_writes_are_capped_and_scratch_disappears():
   assert not any(name.startswith('cwm_sandbox_') for name in set(os.listdir('/tmp')) - before)
 
 
+@needs_namespaces
+def test_process_count_is_capped():
+  program = textwrap.dedent('''
+      import os, time
+      started = 0
+      for _ in range(100):  # bounded: a failing cap cannot turn this into a fork bomb
+          try:
+              if os.fork() == 0:
+                  time.sleep(3)
+                  os._exit(0)
+              started += 1
+          except OSError:
+              break
+      print(started)
+  ''')
+  result = traces.run_python(program, limits=traces.Limits(max_processes=20))
+  assert result.status == 'ok' and int(result.stdout) < 20, result
+
+
 def test_scratch_and_processes_end_when_the_caller_is_killed(tmp_path):
   for namespaces in ([True, False] if isolation.probe().namespaces else [False]):
     marker, before = _marker(), set(os.listdir('/tmp'))

@@ -46,6 +46,7 @@ class Limits:
   file_bytes: int = 64 << 20  # largest file the program may write
   disk_bytes: int = 128 << 20  # all files the program may write (the scratch tmpfs)
   disk_inodes: int = 4096  # files and directories in the scratch tmpfs
+  max_processes: int = 256  # processes of the program's uid (with namespaces or the uid drop)
   max_events: int = 10_000  # traces with more line events are dropped ('too_long')
   max_trace_bytes: int = 1_000_000  # formatted trace text; larger ones are dropped
   max_value_chars: int = 1000  # longer value encodings are truncated
@@ -94,7 +95,7 @@ def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
   request = dict(request, source=source, nonce=nonce.hex(), namespaces=iso.namespaces,
                  uid=iso.uid, timeout_s=limits.timeout_s, limits=_limit_spec(limits),
                  disk_bytes=limits.disk_bytes, disk_inodes=limits.disk_inodes,
-                 modules=isolation.child_modules())
+                 max_processes=limits.max_processes, modules=isolation.child_modules())
   ours, theirs = socket.socketpair()
   record_r, record_w = os.pipe()
   command = [*iso.prefix, sys.executable, '-s', *(() if limits.site_packages else ('-S',)),

@@ -132,13 +132,16 @@ def drop_privileges(uid):
   _libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
 
 
-def apply_limits(spec):
-  """Applies 'AS,CPU,FSIZE' resource limits (bytes, seconds, bytes) to this process."""
+def apply_limits(spec, processes=None):
+  """Applies 'AS,CPU,FSIZE' resource limits (bytes, seconds, bytes) to this process, and
+  RLIMIT_NPROC (processes of its uid) when given."""
   memory, cpu, fsize = (int(v) for v in spec.split(','))
   resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
   resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
   resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
   resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+  if processes:
+    resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
 
 def _start_worker(request, sock, record_fd, scratch, load):
@@ -152,7 +155,9 @@ def _start_worker(request, sock, record_fd, scratch, load):
     drop_privileges(request.get('uid'))
     os.chdir(scratch)
     os.environ.update(HOME=scratch, TMPDIR=scratch)
-    apply_limits(request['limits'])
+    # Processes are counted per uid: only the dropped uid or a fresh user namespace is ours.
+    own_uid = request['namespaces'] or request.get('uid') is not None
+    apply_limits(request['limits'], request['max_processes'] if own_uid else None)
     worker.main(request, record_fd, load)
   except SystemExit as e:
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
