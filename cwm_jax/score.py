@@ -14,6 +14,7 @@ from absl import flags
 from cwm_jax.cli import run_main
 from cwm_jax.checkpoint.load import load_model
 from cwm_jax.base import ConfigError
+from cwm_jax.model.logprobs import token_logprobs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Hugging Face, Meta or orbax checkpoint directory.")
@@ -22,13 +23,11 @@ flags.DEFINE_string("output", None, "Where to write the float32 .npy of length T
 flags.DEFINE_integer("step", None, "Orbax checkpoint step (default: latest).")
 
 
-def token_logprobs(model, tokens_T) -> np.ndarray:
+def score_tokens(model, tokens_T) -> np.ndarray:
   """log p(tokens[t] | tokens[:t]) for t >= 1, float32 [T-1]."""
   tokens_1T = jnp.asarray(tokens_T, jnp.int32)[None]
   logits_1TV = jax.jit(lambda t: model(t))(tokens_1T)
-  logp_1TV = jax.nn.log_softmax(logits_1TV[:, :-1], axis=-1)
-  picked = jnp.take_along_axis(logp_1TV, tokens_1T[:, 1:, None], axis=-1)
-  return np.asarray(picked[0, :, 0], np.float32)
+  return np.asarray(token_logprobs(logits_1TV[:, :-1], tokens_1T[:, 1:])[0], np.float32)
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -50,7 +49,7 @@ def main(argv):
     raise ConfigError("--checkpoint, --token_ids and --output are required")
   cfg, model = load_model(FLAGS.checkpoint, FLAGS.step)
   ids = parse_ids(FLAGS.token_ids, cfg.vocab_size)
-  lp = token_logprobs(model, ids)
+  lp = score_tokens(model, ids)
   np.save(FLAGS.output, lp)
   print(f"wrote {lp.shape[0]} log-probs to {FLAGS.output} (sum {lp.sum():.4f})")
 

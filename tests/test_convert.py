@@ -219,7 +219,7 @@ def test_converted_checkpoints_load_in_transformers_and_score(hf32, orbax32, tmp
   """orbax -> hf loads in transformers with the original logits; `score` on the orbax
   checkpoint matches transformers' log-probs."""
   from cwm_jax.checkpoint.load import load_model
-  from cwm_jax.score import token_logprobs
+  from cwm_jax.score import score_tokens
   out = str(tmp_path / "hf")
   cv.convert(orbax32, out, "hf")
   theirs = _torch_logits(transformers.CwmForCausalLM.from_pretrained(out).eval())
@@ -227,7 +227,7 @@ def test_converted_checkpoints_load_in_transformers_and_score(hf32, orbax32, tmp
   logp = torch.log_softmax(torch.tensor(theirs)[0, :-1], -1)
   ref = logp.gather(1, torch.tensor(TOKENS[0, 1:])[:, None])[:, 0].numpy()
   _, model = load_model(orbax32)
-  np.testing.assert_allclose(token_logprobs(model, TOKENS[0]), ref, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(score_tokens(model, TOKENS[0]), ref, atol=1e-4, rtol=0)
 
 
 def _cli(args, env=None):

@@ -9,7 +9,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from cwm_jax.checkpoint.hf import load_hf
+from cwm_jax.checkpoint.load import load_params
 from cwm_jax.checkpoint.manager import restore_params
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.train import sources
@@ -79,7 +79,7 @@ def test_main_job_trains_every_stage_on_the_corpora(tmp_path):
     np.testing.assert_array_equal(weights, expected)
 
   # The Hugging Face export holds the final SFT weights.
-  cfg, params = load_hf(str(tmp_path / "hf"))
+  cfg, params = load_params(str(tmp_path / "hf"))
   ours_cfg, ours = restore_params(str(tmp_path / "sft" / "checkpoints"))
   assert cfg.vocab_size == ours_cfg.vocab_size == tok.vocab_size
   np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"]),

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cwm_jax.checkpoint.hf import config_to_hf, load_hf
+from cwm_jax.checkpoint.hf import config_to_hf
+from cwm_jax.checkpoint.load import load_params
 from cwm_jax.base import ConfigError
 from cwm_jax.model import (Execution, ModelConfig, init_model, meta_layer_windows,
                            model_from_params, tiny)
@@ -62,7 +63,7 @@ def test_parity_with_transformers(tmp_path, case):
   with torch.no_grad():
     ref = ref_model(ids).logits.double()
   ref_lp = torch.log_softmax(ref, -1).numpy()
-  cfg, params = load_hf(path)
+  cfg, params = load_params(path)
   assert [w < cfg.global_window for w in cfg.layer_windows] == [
       t == "sliding_attention" for t in ref_model.config.layer_types]
   for impl in ("reference", "chunked"):

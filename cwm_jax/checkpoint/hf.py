@@ -12,7 +12,6 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from cwm_jax.checkpoint.names import HF, read_params
 from cwm_jax.base import ConfigError
 from cwm_jax.model.config import ModelConfig, RopeScaling
 
@@ -137,14 +136,6 @@ class SafetensorsReader:
     path = os.path.join(self.directory, self.weight_map[name])
     with safe_open(path, framework="numpy") as f:
       return f.get_tensor(name)
-
-
-def load_hf(directory: str, **overrides: Any) -> tuple[ModelConfig, dict]:
-  """Reads a Hugging Face CWM directory into (config, nested numpy params)."""
-  with open(os.path.join(directory, "config.json")) as f:
-    cfg = config_from_hf(json.load(f), **overrides)
-  reader = SafetensorsReader(directory)
-  return cfg, read_params(HF, cfg, reader.names(), reader.get, directory)
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int

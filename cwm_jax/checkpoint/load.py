@@ -1,32 +1,41 @@
-"""Load a model from any checkpoint directory the project understands."""
+"""The one checkpoint reader: any format, fully validated, into a model.
+
+Every load (`score`, `sample`, `evaluate`, `predict_trace`, the finish step,
+conversion) opens the checkpoint through `conversion.open_source`, which
+checks the config and every tensor's name, shape and dtype against it before
+a byte of tensor data is read; corruption is a `ConfigError` naming the file.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import numpy as np
 
-from cwm_jax.checkpoint.conversion import detect_format
+from cwm_jax.checkpoint import _orbax_io, manager
+from cwm_jax.checkpoint.conversion import expected_shapes, open_source
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.transformer import Transformer, model_from_params
 
 
-def load_params(directory: str, step: int | None = None, **overrides: Any
-                ) -> tuple[ModelConfig, dict]:
-  """(config, nested param dict) from a HF, Meta or orbax checkpoint."""
-  fmt = detect_format(directory)
-  if fmt == "hf":
-    from cwm_jax.checkpoint.hf import load_hf
-    return load_hf(directory, **overrides)
-  if fmt == "meta":
-    from cwm_jax.checkpoint import meta
-    return meta.load_meta(directory, **overrides)
-  from cwm_jax.checkpoint import _orbax_io, manager
-  cfg, params = manager.restore_params(_orbax_io.checkpoints_dir(directory), step=step)
-  return (cfg.replace(**overrides) if overrides else cfg), params
+def load_params(directory: str, step: int | None = None) -> tuple[ModelConfig, dict]:
+  """(architecture, nested numpy param dict in our layout) of a HF, Meta or orbax checkpoint."""
+  src = open_source(directory, step)
+  if src.fmt == "orbax":
+    return manager.restore_params(_orbax_io.checkpoints_dir(directory), step=src.step)
+  params: dict = {}
+  for path, shape in expected_shapes(src.cfg).items():
+    stacked = path[0] == "layers"
+    value = (np.stack([src.read(path, i) for i in range(shape[0])]) if stacked
+             else src.read(path, None))
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return src.cfg, params
 
 
-def load_model(directory: str, step: int | None = None, execution: Execution = Execution(),
-               **overrides: Any) -> tuple[ModelConfig, Transformer]:
+def load_model(directory: str, step: int | None = None, execution: Execution = Execution()
+               ) -> tuple[ModelConfig, Transformer]:
   """(architecture, model) from a checkpoint, run with `execution`."""
-  cfg, params = load_params(directory, step, **overrides)
+  cfg, params = load_params(directory, step)
   return cfg, model_from_params(cfg, params, execution)

@@ -15,6 +15,7 @@ from typing import Any
 
 import grain
 import jax
+from flax import nnx
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -109,7 +110,6 @@ def save_params_checkpoint(directory: str, cfg: ModelConfig, params: dict, step:
 
 def params_target(cfg: ModelConfig, shardings=None) -> dict:
   """ShapeDtypeStructs of the params (with `shardings`, a matching tree, if given)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
   if shardings is None:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), shapes)

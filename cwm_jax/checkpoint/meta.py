@@ -19,7 +19,6 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from cwm_jax.checkpoint.names import META, read_params
 from cwm_jax.base import ConfigError
 from cwm_jax.model.config import ModelConfig, RopeScaling
 
@@ -246,11 +245,3 @@ def write_dcp(directory: str, specs, fetch: Callable[[str], np.ndarray]) -> None
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     dcp.save(state, storage_writer=writer, planner=LazyPlanner(), no_dist=True)
-
-
-def load_meta(directory: str, **overrides: Any) -> tuple[ModelConfig, dict]:
-  """Reads a Meta CWM directory into (config, nested numpy params in our layout)."""
-  with open(os.path.join(directory, "params.json")) as f:
-    cfg = config_from_meta(json.load(f), **overrides)
-  reader = DcpReader(directory)
-  return cfg, read_params(META, cfg, reader.names(), reader.get, directory)

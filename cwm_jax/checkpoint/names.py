@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 
-from cwm_jax.base import ConfigError
 from cwm_jax.model.config import ModelConfig
 
 Shape = tuple[int, ...]
@@ -163,28 +162,3 @@ def locate(entries, cfg: ModelConfig) -> dict[str, tuple[Entry, int | None]]:
     for i, name in enumerate(e.names(cfg)):
       out[name] = (e, i if e.stacked else None)
   return out
-
-
-def gather(entries, get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
-  """Nested param dict (our layout) from a getter of external tensors."""
-  params: dict = {}
-  for e in entries:
-    if e.stacked:
-      value = np.stack([e.to_ours(get(name), cfg) for name in e.names(cfg)])
-    else:
-      value = e.to_ours(get(e.theirs), cfg)
-    node = params
-    for key in e.ours[:-1]:
-      node = node.setdefault(key, {})
-    node[e.ours[-1]] = value
-  return params
-
-
-def read_params(entries, cfg: ModelConfig, present, get, where: str) -> dict:
-  """Checks that the tensor names `present` are exactly those of `entries` for `cfg`,
-  then gathers our param tree with `get(name)`."""
-  expected, present = set(external_names(entries, cfg)), set(present)
-  if expected - present or present - expected:
-    raise ConfigError(f"{where}: tensors missing {sorted(expected - present)[:5]}, "
-                      f"unexpected {sorted(present - expected)[:5]}; is this a CWM checkpoint?")
-  return gather(entries, get, cfg)

@@ -39,6 +39,7 @@ from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer import trace_predict
 from cwm_jax.base import ConfigError
+from cwm_jax.model.logprobs import token_logprobs
 
 MIN_BUCKET = 256   # teacher-forced rows pad to a power of two >= this (few compilations)
 
@@ -98,9 +99,7 @@ def _target_logprobs(graphdef, state, tokens_BT, segment_ids_BT):
   """log p(token[t+1]) and whether it is the argmax, [B, T-1] each."""
   logits_BTV = nnx.merge(graphdef, state)(tokens_BT, None, segment_ids_BT)[:, :-1]
   targets_BT = tokens_BT[:, 1:]
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  picked = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return picked, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+  return token_logprobs(logits_BTV, targets_BT), jnp.argmax(logits_BTV, axis=-1) == targets_BT
 
 
 def score(model, sequences, weights, *, batch_size: int, max_tokens: int) -> np.ndarray:

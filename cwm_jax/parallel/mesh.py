@@ -6,6 +6,7 @@ Errors are `MeshError` (a `ConfigError`) naming the `mesh.*` fields.
 
 from __future__ import annotations
 
+import os
 import math
 from typing import Mapping, Sequence
 
@@ -65,7 +66,6 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0,
 
   CPU processes use gloo collectives.
   """
-  import os  # pylint: disable=g-import-not-at-top
   coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
   if process_id < 0:

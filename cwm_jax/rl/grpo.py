@@ -26,6 +26,7 @@ from flax import nnx
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain
+from cwm_jax.model.logprobs import token_logprobs
 from cwm_jax.model.transformer import abstract_model
 
 EPS_LOW, EPS_HIGH = 0.2, 0.25
@@ -42,12 +43,6 @@ def group_advantages(rewards_NG) -> np.ndarray:
 def groups_kept(advantages_NG, atol: float = 1e-6) -> np.ndarray:
   """[N] bool: the groups with some non-zero advantage (the others carry no signal)."""
   return np.any(np.abs(np.asarray(advantages_NG)) > atol, axis=1)
-
-
-def token_logprobs(logits_BTV, targets_BT):
-  """log softmax(logits)[target] per position, float32 [B, T]."""
-  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  return jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0] - lse_BT
 
 
 def grpo_loss(logp_BT, old_logp_BT, advantages_B, mask_BT, *, max_len: int,

@@ -25,6 +25,7 @@ from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces import program_calls
 from cwm_jax.infer.trace_predict import TraceError, prompt_text, real_trace
 from cwm_jax.base import ConfigError
+from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.rl import rewards
 
 KINDS = ("code", "math", "trace", "toy")
@@ -192,7 +193,6 @@ def task_set(kinds: str, *, max_prompt_len: int, seed: int = 0,
       raise ConfigError(f"rl.tasks={kinds!r}: 'digits' has its own vocabulary and cannot be "
                         "mixed with other kinds")
     return DigitVocab(), digit_tasks(seed=seed)
-  from cwm_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   tokenizer = Tokenizer.default()
   return tokenizer, build_tasks(kinds, tokenizer, max_prompt_len=max_prompt_len, seed=seed,
                                 limits=limits)

@@ -5,10 +5,12 @@ JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment).
 Exits 2 on a bad config, before anything is compiled.
 """
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from cwm_jax.cli import run_main
+from cwm_jax.parallel.mesh import initialize_distributed
+from cwm_jax.recipe.schedule import run as run_recipe
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -29,12 +31,9 @@ class _QuietOrbax:
 def main(argv, hooks=()):
   """Runs the config (a schedule runs its stages); `hooks` run after every step."""
   del argv
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  from cwm_jax.parallel.mesh import initialize_distributed  # pylint: disable=g-import-not-at-top
-  from cwm_jax.recipe.schedule import run  # pylint: disable=g-import-not-at-top
   initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-  run(_CONFIG.value, _WORKDIR.value, hooks)
+  run_recipe(_CONFIG.value, _WORKDIR.value, hooks)
 
 
 def run():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cwm_jax.base import ConfigError
+from cwm_jax.data import pipeline
 from cwm_jax.train.synthetic import SyntheticSource
 
 
@@ -25,7 +26,6 @@ def _synthetic(config, model_cfg, process_index: int, process_count: int):
 
 def _grain(config, model_cfg, process_index: int, process_count: int):
   """The grain pipeline (`cwm_jax.data.pipeline.make_train_iterator`)."""
-  from cwm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.make_train_iterator(config, model_cfg, process_index, process_count)
 
 
