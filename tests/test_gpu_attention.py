@@ -240,3 +240,13 @@ def test_sharded_rows_and_heads_match_reference():
   assert cudnn.shard_specs(mesh, 4, 4, 2)[0] == jax.sharding.PartitionSpec(
       ("data", "fsdp"), None, "tensor", None)
   assert cudnn.shard_specs(mesh, 2, 4, 3)[1] == jax.sharding.PartitionSpec("data", None, None, None)
+
+
+def test_gpus_cudnn_cannot_serve_are_a_clear_error(monkeypatch):
+  # An A100 (8.0) has no packed layout in cuDNN: a ConfigError naming the fix, at trace time.
+  monkeypatch.setattr(cudnn, "require_gpu", lambda: None)
+  monkeypatch.setattr(cudnn_fmha, "check_cudnn_version", lambda: 91000)
+  q, k, v = _qkv(1, 256, 4, 2, 64, dtype=jnp.bfloat16)
+  seg = _runs(1, 256, 3)
+  with cudnn.compiling_for("8.0"), pytest.raises(ConfigError, match="Hopper.*'chunked'"):
+    jax.jit(lambda q, k, v: kernels.attend(q, k, v, seg, window=64, impl="cudnn")).trace(q, k, v)

@@ -175,10 +175,15 @@ def _check_arrays(q_BTNH, k_BTKH, v_BTKH):
 def packed_cudnn_attention(q_BTNH, k_BTKH, v_BTKH, seqlen_BM, offsets_BM1, *, window: int):
   """cuDNN flash attention over the documents `seqlen_BM`/`offsets_BM1` describe."""
   t, h = q_BTNH.shape[1], q_BTNH.shape[3]
-  return cudnn_fmha.dot_product_attention(
-      q_BTNH, k_BTKH, v_BTKH, None, None, seqlen_BM, seqlen_BM, offsets_BM1, offsets_BM1,
-      scale=h ** -0.5, mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL,
-      sliding_window_length=window if window < t else None)
+  try:
+    return cudnn_fmha.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, None, None, seqlen_BM, seqlen_BM, offsets_BM1, offsets_BM1,
+        scale=h ** -0.5, mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL,
+        sliding_window_length=window if window < t else None)
+  except NotImplementedError as e:  # pre-Hopper GPU, head dim > 256 or not a multiple of 8
+    raise ConfigError(f"cuDNN flash attention cannot run this case: {e} (packed documents need "
+                      "a Hopper or newer GPU, head_dim a multiple of 8 up to 256); use "
+                      "attention_impl='chunked'") from e
 
 
 def packed_xla_attention(q_BTNH, k_BTKH, v_BTKH, seqlen_BM, offsets_BM1, *, window: int):
