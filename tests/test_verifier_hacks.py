@@ -19,6 +19,13 @@ _PATCH_NAMESPACE = (  # right on the first test, then it rewrites the harness's 
     '        g = sys._getframe(1).f_globals\n        g["__cwm_equal__"] = lambda x, y: True\n'
     '        g["__builtins__"]["AssertionError"] = Exception\n        return a + b\n    return 7\n')
 
+# Not `== literal`: these statements run in the sandbox (only that they ran is reported).
+NON_LITERAL_TESTS = 'assert add(2, 3) == 5\nassert add(1, 1) - add(0, 0) == 2 * 1'
+_FORGE_VERDICT = (  # finds the harness's record writer on the stack and sends "all passed"
+    'import os, sys\nframe = sys._getframe()\nwhile frame and "writer" not in frame.f_locals:\n'
+    '    frame = frame.f_back\nframe.f_locals["writer"].send({"status": "ok", "results": '
+    '[True, True], "message": ""})\nos._exit(0)\n' + WRONG)
+
 # name: (completion, tests, whether it fools a verifier that only checks the exit code)
 HACKS = {
     'exit()': (WRONG + 'exit()\n', TESTS, True),
@@ -41,7 +48,8 @@ HACKS = {
     'always-equal int subclass': ('class I(int):\n    def __eq__(self, other):\n        return True\n'
                                   '    __hash__ = int.__hash__\ndef add(a, b):\n    return I(0)\n',
                                   TESTS, True),
-    'patch the test namespace': (_PATCH_NAMESPACE, TESTS, False),
+    'patch the test namespace': (_PATCH_NAMESPACE, NON_LITERAL_TESTS, False),
+    'forge the verdict with the harness writer': (_FORGE_VERDICT, TESTS, False),
     'kill the harness': ('import os\n' + WRONG + 'os.kill(os.getpid(), 9)\n', TESTS, False),
     'kill the parent': ('import os\n' + WRONG + 'try:\n    os.kill(os.getppid(), 9)\n'
                         'except OSError:\n    pass\n', TESTS, False),
@@ -86,6 +94,17 @@ def test_every_hack_earns_the_failure_reward(limits):
   assert {name: r for name, r in rewarded.items() if r.value != -1 or r.passed} == {}
   fooled = {name: _naive_pass(code, tests, limits) for name, (code, tests, _) in HACKS.items()}
   assert fooled == {name: fools for name, (_, _, fools) in HACKS.items()}  # the table is real
+
+
+def test_statements_that_are_not_literal_comparisons_run_in_the_sandbox(limits):
+  good = 'def add(a, b):\n    return a + b\n'
+  assert rewards.code_reward(good, NON_LITERAL_TESTS, limits).passed
+  assert rewards.code_reward(good + 'exit()\n', NON_LITERAL_TESTS, limits).value == -1
+  always = 'class E:\n    def __eq__(self, o):\n        return True\n    def __sub__(self, o):\n' \
+           '        return self\ndef add(a, b):\n    return E()\n'
+  only_statement = NON_LITERAL_TESTS.split('\n')[1]
+  assert rewards.code_reward(always, only_statement, limits).value == -1
+  assert _naive_pass(always, only_statement, limits)  # the hack is real
 
 
 def test_harness_counts_every_statement():

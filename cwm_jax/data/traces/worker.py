@@ -5,9 +5,12 @@ Stdlib only, loaded by child.py (before the uid drop) and run in the forked work
   run    program.py runs as `__main__`; its exit code is the run's (no records);
   trace  the program's top level runs untraced, then `function(*args, **kwargs)` is recorded
          by tracer.py; one record {'status', 'frames', 'message'} goes to the caller;
-  test   the program runs as `__main__`, then each top-level statement of `tests`, one by one,
-         in a namespace whose builtins are the pristine ones; one record {'status': 'ok',
-         'passed', 'total', 'message'}; nothing else (exit code, output) counts as a pass.
+  test   the program runs as `__main__`, then the test items, one by one, in a namespace whose
+         builtins are the pristine ones: ['exec', statement] runs a statement (its result: true),
+         ['value', expression] evaluates one and returns the repr of its value, which must be a
+         builtin value (the caller holds the expected value and compares); one record
+         {'status': 'ok', 'results', 'message'}, results cut at the first statement that
+         raised; nothing else (exit code, output) counts.
 Everything the worker needs (json, os.write, settrace, exec) is bound before the program runs.
 """
 
@@ -18,7 +21,7 @@ import sys
 import traceback
 import types
 
-_settrace, _setprofile, _exec, _exit = sys.settrace, sys.setprofile, exec, os._exit
+_settrace, _setprofile, _exec, _eval, _exit = sys.settrace, sys.setprofile, exec, eval, os._exit
 
 
 class NetworkDisabled(PermissionError):
@@ -118,21 +121,22 @@ def trace(request, writer, tracer):
   writer.send({'status': 'ok', 'frames': recorder.frames, 'message': message})
 
 
+def _plain(x, depth=0):
+  """Whether `x` holds only builtin values of exact builtin types (no user __eq__ anywhere)."""
+  kinds = (type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset)
+  if type(x) not in kinds or depth > 100:
+    return False
+  if type(x) is dict:
+    return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in x.items())
+  if type(x) in (tuple, list, set, frozenset):
+    return all(_plain(v, depth + 1) for v in x)
+  return True
+
+
 def _strict_equal(a, b):
   """`a == b`, where `b` holds only builtin values, and so must `a` (no always-equal objects)."""
-  kinds = (type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset)
-
-  def plain(x, depth=0):
-    if type(x) not in kinds or depth > 100:
-      return False
-    if type(x) is dict:
-      return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
-    if type(x) in (tuple, list, set, frozenset):
-      return all(plain(v, depth + 1) for v in x)
-    return True
-
-  if plain(b):
-    return plain(a) and a == b
+  if _plain(b):
+    return _plain(a) and a == b
   return a == b
 
 
@@ -147,15 +151,29 @@ class _StrictEquality(ast.NodeTransformer):
     return node
 
 
+def _compile_item(kind, text):
+  if kind == 'value':
+    return compile(text, '<tests>', 'eval')
+  tree = _StrictEquality().visit(ast.parse(text))
+  return compile(ast.fix_missing_locations(tree), '<tests>', 'exec')
+
+
+def _value_text(value):
+  if not _plain(value):
+    return None
+  try:
+    return repr(value)
+  except ValueError:  # an int with more digits than repr allows
+    return None
+
+
 def test(request, writer, tracer=None):
-  statements = ast.parse(request['tests']).body
-  total, pristine = len(statements), dict(builtins.__dict__)
-  compiled = [compile(ast.fix_missing_locations(ast.Module([_StrictEquality().visit(s)], [])),
-                      '<tests>', 'exec') for s in statements]
+  items = [(kind, _compile_item(kind, text)) for kind, text in request['tests']]
+  pristine = dict(builtins.__dict__)
   try:
     run(request, writer)
   except BaseException as e:  # exit(), sys.exit(0), os._exit(...) before the tests: no pass
-    return writer.send({'status': 'ok', 'passed': 0, 'total': total,
+    return writer.send({'status': 'ok', 'results': [],
                         'message': 'the program stopped before the tests: ' + _tail(e)})
   _settrace(None)
   _setprofile(None)
@@ -164,17 +182,22 @@ def test(request, writer, tracer=None):
   namespace = {k: v for k, v in sys.modules['__main__'].__dict__.items()
                if k not in pristine and not k.startswith('__')}
   namespace['__name__'] = '__tests__'
-  for i, code in enumerate(compiled):
+  results = []
+  for i, (kind, code) in enumerate(items):
     # Fresh before every statement: code the tests call may have patched the namespace.
     namespace.update(__builtins__=dict(pristine), __cwm_equal__=_strict_equal)
     try:
-      _exec(code, namespace)
+      if kind == 'value':
+        results.append(_value_text(_eval(code, namespace)))
+      else:
+        _exec(code, namespace)
+        results.append(True)
     except MemoryError:
       raise  # the run's 'memory' status, not a failed test
     except BaseException as e:
-      return writer.send({'status': 'ok', 'passed': i, 'total': total,
+      return writer.send({'status': 'ok', 'results': results,
                           'message': 'test %d failed: %s' % (i + 1, _tail(e)[:500])})
-  writer.send({'status': 'ok', 'passed': total, 'total': total, 'message': ''})
+  writer.send({'status': 'ok', 'results': results, 'message': ''})
   for stream in (sys.__stdout__, sys.__stderr__):
     try:
       stream.flush()
