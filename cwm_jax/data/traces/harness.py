@@ -31,7 +31,7 @@ class TestsResult:
   run: sandbox.SandboxResult
 
 
-def test_items(tests: str) -> tuple[list[list[str]], list]:
+def split_tests(tests: str) -> tuple[list[list[str]], list]:
   """(items for the worker, expected values: a literal for a value item, None for a statement);
   ValueError if `tests` does not parse or holds no statement."""
   try:
@@ -79,7 +79,7 @@ def _value_matches(text, expected) -> bool:
 
 def run_tests(source: str, tests: str, limits: sandbox.Limits = sandbox.Limits()) -> TestsResult:
   """Runs `source`, then `tests`, in the sandbox; see the module docstring."""
-  items, expected = test_items(tests)
+  items, expected = split_tests(tests)
   run, records = sandbox.run_child({'mode': 'test', 'tests': items}, source, limits=limits,
                                    record_bytes=len(items) * (_MAX_VALUE_CHARS + 64) + 4096)
   if run.status != 'ok':  # the harness always exits 0 after its verdict
