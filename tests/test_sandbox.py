@@ -172,7 +172,8 @@ def test_no_network_no_other_processes_no_privileges(user, tmp_path):
   program = textwrap.dedent(f'''
       import os, subprocess, sys
       # a fresh interpreter has no audit hook and no patched socket module
-      net = subprocess.run([sys.executable, '-c', 'import socket; socket.create_connection(("127.0.0.1", {port}), timeout=2)'], capture_output=True)
+      connect = 'import socket; socket.create_connection(("127.0.0.1", {port}), timeout=2)'
+      net = subprocess.run([sys.executable, '-c', connect], capture_output=True)
       print('net', net.returncode)
       print('pids', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
       enter = subprocess.run(['nsenter', '-t', '1', '-n', '-m', 'true'], capture_output=True)

@@ -45,8 +45,9 @@ HACKS = {
                                      LEN_TESTS, True),
     'always-equal object': ('class Eq:\n    def __eq__(self, other):\n        return True\n'
                             'def add(a, b):\n    return Eq()\n', TESTS, True),
-    'always-equal int subclass': ('class I(int):\n    def __eq__(self, other):\n        return True\n'
-                                  '    __hash__ = int.__hash__\ndef add(a, b):\n    return I(0)\n',
+    'always-equal int subclass': ('class I(int):\n    def __eq__(self, other):\n'
+                                  '        return True\n    __hash__ = int.__hash__\n'
+                                  'def add(a, b):\n    return I(0)\n',
                                   TESTS, True),
     'patch the test namespace': (_PATCH_NAMESPACE, NON_LITERAL_TESTS, False),
     'forge the verdict with the harness writer': (_FORGE_VERDICT, TESTS, False),
@@ -55,8 +56,8 @@ HACKS = {
                         'except OSError:\n    pass\n', TESTS, False),
     'replace AssertionError': ('import builtins\nbuiltins.AssertionError = type("A", (Exception,), '
                                '{})\n' + WRONG, TESTS, False),
-    'patch json.dumps': ('import json\njson.dumps = lambda *a, **k: \'{"status": "ok", "passed": 2, '
-                         '"total": 2, "message": ""}\'\n' + WRONG, TESTS, False),
+    'patch json.dumps': ('import json\njson.dumps = lambda *a, **k: \'{"status": "ok", '
+                         '"results": [true, true], "message": ""}\'\n' + WRONG, TESTS, False),
     'spray records': ('import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, bytes(16)'
                       ' + b"\\x00\\x00\\x00\\x02{}")\n    except OSError:\n        pass\n' + WRONG,
                       TESTS, False),
