@@ -250,3 +250,29 @@ def test_gpus_cudnn_cannot_serve_are_a_clear_error(monkeypatch):
   seg = _runs(1, 256, 3)
   with cudnn.compiling_for("8.0"), pytest.raises(ConfigError, match="Hopper.*'chunked'"):
     jax.jit(lambda q, k, v: kernels.attend(q, k, v, seg, window=64, impl="cudnn")).trace(q, k, v)
+
+
+def test_element_offsets_cudnn_receives_match_the_keys_it_receives(monkeypatch):
+  # JAX turns token offsets into element offsets (`_fix_seqlen_offsets`); under GQA the
+  # pinned JAX uses the query's stride for the keys, so the kernel must hand cuDNN keys
+  # whose per-token stride is that one. Checked on what cuDNN would really get.
+  seen = {}
+
+  def record(q, k, v, bias, mask, q_seqlen, kv_seqlen, q_offsets, kv_offsets, **kw):
+    seen.update(q=q, k=k, seqlen=kv_seqlen, offsets=kv_offsets)
+    return jnp.zeros_like(q)
+
+  monkeypatch.setattr(cudnn_fmha, "dot_product_attention", record)
+  b, t, n, kv, h = 2, 64, 6, 2, 8
+  q, k, v = _qkv(b, t, n, kv, h, dtype=jnp.bfloat16)
+  seg = _runs(b, t, 3, seed=9)
+  layout = packing.packed_layout(seg, 4)
+  cudnn.packed_cudnn_attention(q, k, v, layout.seqlen_BM, layout.offsets_BM1, window=16)
+  _, _, _, kv_elems = cudnn_fmha._fix_seqlen_offsets(
+      seen["seqlen"], seen["seqlen"], seen["offsets"], seen["offsets"], seen["q"], seen["k"])
+  starts = [np.flatnonzero(np.r_[True, row[1:] != row[:-1]]) + i * t
+            for i, row in enumerate(np.asarray(seg))]
+  stride = seen["k"].shape[2] * h  # elements per token of the keys cuDNN is given
+  np.testing.assert_array_equal(np.asarray(kv_elems).reshape(-1)[:6], np.concatenate(starts) * stride)
+  # The repeated keys keep the reference's grouping: query head i reads kv head i // 3.
+  np.testing.assert_array_equal(seen["k"][:, :, 4], k[:, :, 1])

@@ -4,9 +4,11 @@ Packed rows go to cuDNN as per-document lengths and offsets (`packing.py`,
 O(B*M) int32 side inputs, M = `max_segments` documents per row) through the
 pinned JAX's `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`:
 mask type PADDING_CAUSAL, `sliding_window_length=W` (cuDNN keeps keys in
-`(q - W, q]`, the query included, as `masks.allowed`), GQA natively (K < N kv
-heads). The public `jax.nn.dot_product_attention` takes only one length per row,
-so packed documents there need a dense [B, 1, T, S] mask (O(T^2) memory).
+`(q - W, q]`, the query included, as `masks.allowed`). GQA: cuDNN takes K < N
+kv heads, but the pinned JAX scales packed kv offsets by the query's stride, so
+K/V are repeated to N heads while that bug lasts (`kv_offsets_use_query_stride`).
+The public `jax.nn.dot_product_attention` takes only one length per row, so
+packed documents there need a dense [B, 1, T, S] mask (O(T^2) memory).
 
 cuDNN keeps a float32 softmax statistic of shape [B*M, N, T] for the backward
 pass, so M trades memory against how many documents a row may hold. A row with
@@ -31,6 +33,8 @@ documents per row.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -172,9 +176,29 @@ def _check_arrays(q_BTNH, k_BTKH, v_BTKH):
         "attention_impl='chunked' for float32.")
 
 
+@functools.cache
+def kv_offsets_use_query_stride() -> bool:
+  """Whether JAX turns kv token offsets into element offsets with the query's stride.
+
+  jax 0.10.2's `_fix_seqlen_offsets` multiplies kv offsets by N*H, the query's
+  per-token stride, which is right only when K == N: under GQA cuDNN would read
+  keys of the wrong tokens, silently (fixed upstream in jax-ml/jax#39521). While
+  it does, `packed_cudnn_attention` repeats K/V to N heads (memory: two more
+  [B, T, N, H] arrays per call). True when the source cannot be read.
+  """
+  try:
+    source = inspect.getsource(cudnn_fmha._fix_seqlen_offsets)  # pylint: disable=protected-access
+  except (OSError, TypeError, AttributeError):
+    return True
+  return "kv_offsets = kv_offsets * N * H" in source
+
+
 def packed_cudnn_attention(q_BTNH, k_BTKH, v_BTKH, seqlen_BM, offsets_BM1, *, window: int):
   """cuDNN flash attention over the documents `seqlen_BM`/`offsets_BM1` describe."""
-  t, h = q_BTNH.shape[1], q_BTNH.shape[3]
+  t, n, h = q_BTNH.shape[1:]
+  if k_BTKH.shape[2] != n and kv_offsets_use_query_stride():
+    g = n // k_BTKH.shape[2]  # query head i reads kv head i // g, as in the reference
+    k_BTKH, v_BTKH = jnp.repeat(k_BTKH, g, axis=2), jnp.repeat(v_BTKH, g, axis=2)
   try:
     return cudnn_fmha.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, None, None, seqlen_BM, seqlen_BM, offsets_BM1, offsets_BM1,
