@@ -1,4 +1,5 @@
-"""KV-cache sampler: cached logits == full forward, greedy == transformers, ring shapes."""
+"""KV-cache sampler: cached logits == full forward, greedy == transformers, ring shapes,
+sampled log-probs == teacher-forced ones, the decode step scanned over layers."""
 
 import json
 import os
@@ -12,10 +13,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cwm_jax.checkpoint.hf import config_to_hf, load_hf
+from cwm_jax.checkpoint.hf import config_to_hf
+from cwm_jax.checkpoint.load import load_params
 from cwm_jax.infer import cache as kv
 from cwm_jax.infer import sampler
-from cwm_jax.model import cwm_32b, model_from_params, tiny
+from cwm_jax.model import Execution, abstract_model, cwm_32b, model_from_params, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +53,7 @@ def test_slot_columns_by_hand():
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
   """A random transformers CwmForCausalLM (global, local, local layers; window 6), saved
-  with save_pretrained, and the same model loaded through load_hf."""
+  with save_pretrained, and the same model loaded through load_params."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   cfg = _cfg()
@@ -65,7 +67,7 @@ def hf_pair(tmp_path_factory):
         p.normal_(0, 0.2)
   path = str(tmp_path_factory.mktemp("hf"))
   hf.save_pretrained(path)
-  cfg, params = load_hf(path)
+  cfg, params = load_params(path)
   return hf, cfg, params, model_from_params(cfg, params)
 
 
@@ -172,3 +174,114 @@ def test_sample_cli_on_orbax_checkpoint(tmp_path, hf_pair):
   got = json.loads(out.stdout)
   assert got["tokens"] == want.tokens[0]
   np.testing.assert_allclose(got["logprobs"], want.logprobs[0], atol=1e-5)
+
+
+def _random_model(cfg, seed):
+  rng = np.random.RandomState(seed)
+  shapes = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+  return model_from_params(cfg, jax.tree.map(
+      lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes))
+
+
+@nnx.jit
+def _forward(model, tokens_BT, positions_BT, segment_ids_BT):
+  return model(tokens_BT, positions_BT, segment_ids_BT)
+
+
+def _teacher_forced(model, prompts, continuations):
+  """Float32 log-probs [B, N + 1, V] of each continuation token (and the one after) from
+  the training forward over the left-padded rows: padding is its own document."""
+  tokens, start = sampler.left_pad([p + list(c) for p, c in zip(prompts, continuations)])
+  cols = np.arange(tokens.shape[1])[None]
+  positions, segments = np.maximum(cols - start[:, None], 0), (cols >= start[:, None])
+  logits = _forward(model, *(jnp.asarray(a, jnp.int32) for a in (tokens, positions, segments)))
+  n = len(continuations[0])
+  return np.asarray(jax.nn.log_softmax(logits, -1))[:, -n - 1:]
+
+
+def test_sampled_logprobs_equal_teacher_forced(hf_pair):
+  """RL's old-policy log-probs: what sampling returns is the model's own forward."""
+  model = hf_pair[3]
+  rng = np.random.RandomState(2)
+  prompts = [rng.randint(0, 96, n).tolist() for n in PROMPT_LENGTHS]
+  result = sampler.generate(model, prompts, max_new_tokens=NEW, temperature=1.3, top_p=0.9,
+                            seed=3)
+  assert [len(t) for t in result.tokens] == [NEW, NEW]
+  want = _teacher_forced(model, prompts, result.tokens)[:, :-1]
+  want = np.take_along_axis(want, np.asarray(result.tokens)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(result.logprobs, want, atol=2e-5, rtol=0)
+
+
+def test_unrolled_and_scanned_decoding_agree(hf_pair):
+  _, cfg, params, model = hf_pair
+  unrolled = model_from_params(cfg, params, Execution(scan_layers=False))
+  prompts = [[5, 17, 9], list(range(1, 12))]
+  want = sampler.generate(model, prompts, max_new_tokens=NEW)
+  got = sampler.generate(unrolled, prompts, max_new_tokens=NEW)
+  assert got.tokens == want.tokens
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("windows", [(64, 64, 64), (4, 64, 6, 4, 64)])
+def test_cached_decoding_other_window_groups(windows):
+  """One window group (no switch), and three groups of unequal sizes in any order."""
+  cfg = _cfg(n_layers=len(windows), layer_windows=windows)
+  model = _random_model(cfg, seed=5)
+  rng = np.random.RandomState(4)
+  prompts = [rng.randint(0, 96, n).tolist() for n in (2, 9)]
+  feed = rng.randint(0, 96, (2, 8))
+  tokens, start = sampler.left_pad(prompts, 4)
+  cache = kv.init_cache(cfg, jnp.asarray(start), tokens.shape[1] + 8, jnp.float32)
+  logits, cache = nnx.jit(sampler.prefill)(model, cache, jnp.asarray(tokens))
+  decode, got = nnx.jit(sampler.decode_step), [logits]
+  for t in range(8):
+    logits, cache = decode(model, cache, jnp.asarray(feed[:, t], jnp.int32))
+    got.append(logits)
+  got = jax.nn.log_softmax(np.stack(got, 1), -1)
+  np.testing.assert_allclose(got, _teacher_forced(model, prompts, feed), atol=2e-5, rtol=0)
+
+
+def _count(jaxpr, name):
+  """Equations of primitive `name` in a jaxpr, sub-jaxprs (scan/while/cond bodies) once each."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          n += _count(sub, name)
+  return n
+
+
+def _step_jaxprs(n_layers):
+  cfg = _cfg(n_layers=n_layers)
+  graphdef, state = nnx.split(abstract_model(cfg))   # traced abstractly: nothing allocated
+  cache = jax.eval_shape(lambda: kv.init_cache(cfg, jnp.zeros((2,), jnp.int32), 16, jnp.float32))
+  tokens = jnp.ones((2, 4), jnp.int32)
+  prefill = jax.make_jaxpr(lambda s, c: sampler.prefill(nnx.merge(graphdef, s), c, tokens))
+  decode = jax.make_jaxpr(lambda s, c: sampler.decode_step(nnx.merge(graphdef, s), c, tokens[:, 0]))
+  return prefill(state, cache).jaxpr, decode(state, cache.replace(empty=False)).jaxpr
+
+
+def test_decode_step_scans_layers():
+  """Prefill and decode trace one layer body, whatever the depth: compile time stays flat."""
+  shallow, deep = _step_jaxprs(3), _step_jaxprs(11)
+  for a, b in zip(shallow, deep):
+    assert _count(a, "dot_general") == _count(b, "dot_general") > 0
+    assert _count(a, "scan") == _count(b, "scan") >= 1
+  lengths = [e.params["length"] for e in deep[1].eqns if e.primitive.name == "scan"]
+  assert 11 in lengths   # the layer stack is one scan over all 11 layers
+
+
+def test_cached_forward_bad_inputs(hf_pair):
+  _, cfg, _, model = hf_pair
+  cache = kv.init_cache(cfg, jnp.zeros((1,), jnp.int32), 8, jnp.float32)
+  _, cache = sampler.prefill(model, cache, jnp.ones((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="empty cache"):
+    sampler.prefill(model, cache, jnp.ones((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="one token per row"):
+    model.hidden_cached(jnp.ones((1, 2), jnp.int32), cache)
+  other = kv.init_cache(_cfg(layer_windows=(64, 5, 5)), jnp.zeros((1,), jnp.int32), 8, jnp.float32)
+  with pytest.raises(ValueError, match="init_cache"):
+    sampler.prefill(model, other, jnp.ones((1, 2), jnp.int32))
