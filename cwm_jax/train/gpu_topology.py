@@ -2,7 +2,7 @@
 
 `cluster_spec('h100:2x8')` names 2 hosts of 8 H100s (`'h100x8'`: one host);
 `devices(spec)` asks the CUDA PJRT plugin (`pip install 'jax[cuda12]==<jax
-version>'`, about 5 GB; imported here only) for compile-only devices built from
+version>'`, about 5 GB; JAX loads it on first use) for compile-only devices built from
 an XLA GPU target config, on a CPU-only machine, so `jax.jit(...).lower(...)
 .compile()` runs the real GPU compiler and `memory_analysis()` gives per-GPU
 figures (the GPU compiler gives no `cost_analysis()` this way; FLOPs are
@@ -21,9 +21,12 @@ import os
 import re
 from typing import Any
 
+from jax.experimental import topologies
+
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import cudnn
 from cwm_jax.parallel import mesh as mesh_lib
+from cwm_jax.train import planning
 
 GIB = 2 ** 30
 
@@ -109,11 +112,10 @@ def devices(spec: Cluster) -> list:
   # The plugin's import-time check asks the driver for GPUs; compiling needs none.
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   try:
-    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     desc = topologies.get_topology_desc(spec.gpu.name, platform="cuda",
                                         target_config=spec.gpu.target_config(),
                                         topology=f"1x{spec.hosts}x{spec.per_host}")
-  except (ImportError, RuntimeError, NotImplementedError) as e:
+  except (RuntimeError, NotImplementedError) as e:
     raise ConfigError(
         f"GPU target {spec.name}: the CUDA plugin could not describe it "
         f"({str(e).splitlines()[0][:200]}); install it with `pip install "
@@ -129,8 +131,6 @@ def gpu_plan(configs: list[tuple[str, Any]], gpus: str, mesh_text: str | None = 
   Fits when the compiled total per GPU is within its memory (or `hbm_gb`);
   otherwise `planning.NotFitting` naming the stage and the figures.
   """
-  # The planning stack (train runtime, recipe) loads only for a plan, not for specs.
-  from cwm_jax.train import planning  # pylint: disable=g-import-not-at-top
   spec = cluster_spec(gpus)
   devs = devices(spec)
   limit = hbm_gb if hbm_gb is not None else spec.gpu.hbm_gib
