@@ -8,15 +8,18 @@ import sys
 import numpy as np
 import pytest
 
-from cwm_jax import planner
 from cwm_jax.kernels.masks import allowed
+from cwm_jax.model import abstract_model
 from cwm_jax.model.config import cwm_32b, meta_layer_windows, tiny
-from cwm_jax.train import flops as train_flops
+from cwm_jax.train import flops, planning
+from flax import nnx
 from test_launch import ROOT
+
+GIB = 2 ** 30
 
 
 def test_cwm_32b_analytic_plan():
-  plan = planner.analytic_plan(cwm_32b(), seq_len=8192)
+  plan = planning.analytic_plan(cwm_32b(), seq_len=8192)
   assert plan["params"] == 32_581_097_472
   assert plan["layers"] == list(meta_layer_windows(64, 8192, 131072))
   assert len(plan["global_layers"]) == 17
@@ -31,14 +34,16 @@ def test_flops_per_token_matches_brute_force_counts():
   keys = {w: int(np.asarray(allowed(q[:, None], q[None, :], np.ones(t), np.ones(t), w)).sum())
           for w in set(cfg.layer_windows)}
   attention = sum(12 * cfg.n_heads * cfg.head_dim * keys[w] / t for w in cfg.layer_windows)
-  shapes = planner.abstract_params(cfg)
+  shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
   matmul = sum(int(np.prod(x.shape)) for path, x in _flat(shapes)  # no gather, no norms
                if "embed/" not in path and "norm" not in path)
-  np.testing.assert_allclose(planner.flops_per_token(cfg, t), 6 * matmul + attention, rtol=1e-12)
-  # The training loop's own per-batch count (independent code) agrees on one full document.
+  np.testing.assert_allclose(flops.flops_per_token(cfg, t), 6 * matmul + attention, rtol=1e-12)
+  # The per-batch count of packed documents agrees on one full document.
   pos, seg = q[None, :], np.ones((1, t), np.int32)
-  np.testing.assert_allclose(train_flops.batch_flops(cfg, pos, seg) / t,
-                             planner.flops_per_token(cfg, t), rtol=1e-12)
+  np.testing.assert_allclose(flops.batch_flops(cfg, pos, seg) / t,
+                             flops.flops_per_token(cfg, t), rtol=1e-12)
+  for w in set(cfg.layer_windows):
+    assert flops.causal_pairs(t, w) == keys[w]
 
 
 def _flat(tree, prefix=""):
@@ -66,13 +71,14 @@ def test_cwm_32b_pretrain_on_64_devices_reports_memory_and_exits_2_when_too_smal
   out = _plan("--config", "configs/cwm_32b.py:stage=pretrain", "--devices", "64",
               "--config.grad_accum=32", "--hbm_gb", "2")
   assert out.returncode == 2, out.stderr[-2000:]
-  assert "does not fit 2.0 GB per device" in out.stderr
+  assert "does not fit 2.0 GiB per device" in out.stderr and "pretrain:" in out.stderr
   plan = json.loads(out.stdout)["stages"]["pretrain"]
   assert plan["devices"] == 64 and plan["params"] == 32_581_097_472
   # Arguments are the sharded train state: params + AdamW mu, nu (float32): 12 B/param.
-  assert abs(plan["argument_gb_per_device"] - 12 * 32_581_097_472 / 64 / 1e9) < 0.1
+  assert abs(plan["argument_gb_per_device"] - 12 * 32_581_097_472 / 64 / GIB) < 0.1
   assert plan["total_gb_per_device"] > 2 and plan["temp_gb_per_device"] > 0
-  assert plan["flops_per_step"] == planner.flops_per_token(
+  assert plan["fits"] is False and plan["hbm_gb"] == 2
+  assert plan["flops_per_step"] == flops.flops_per_token(
       cwm_32b(layer_windows=(8192,) * 64, global_window=8192), 8192) * 2048 * 8192
   assert plan["step_seconds_at_50pct_mfu"] == 2 * plan["step_seconds_at_100pct_mfu"]
 
@@ -99,5 +105,5 @@ def test_cwm_32b_long_context_stages_compile(stage, devices, mesh, accum, seq_le
   assert plan["seq_len"] == seq_len and plan["rope_scaling"] and plan["devices"] == devices
   assert plan["layers"].count(131072) == 17 and plan["layers"][-1] == 131072
   assert abs(plan["argument_gb_per_device"] - 12 * 32_581_097_472 / (devices / int(
-      mesh.split("sequence=")[1])) / 1e9) < 0.1  # state sharded over fsdp, replicated over seq
+      mesh.split("sequence=")[1])) / GIB) < 0.1  # state sharded over fsdp, replicated over seq
   assert plan["temp_gb_per_device"] > 0

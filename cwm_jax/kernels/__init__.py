@@ -3,24 +3,29 @@
 Backends (all match `reference_attention`): 'reference' (dense mask),
 'chunked' (pure-JAX flash attention, block-sparse over the window),
 'cudnn' (cuDNN flash attention over packed documents, GPU), 'splash' (Pallas TPU).
+'auto' picks one from the devices the step is traced for (`backend.resolve`):
+splash on TPU, cuDNN on GPU, chunked on CPU.
 `context_parallel` runs attention sharded along the sequence mesh axis.
 """
 
+from cwm_jax.kernels.backend import resolve, target_platform
 from cwm_jax.kernels.masks import allowed
 from cwm_jax.kernels.reference import reference_attention
 from cwm_jax.kernels.chunked import chunked_attention, flash_attention
 from cwm_jax.kernels.cudnn import cudnn_attention
 from cwm_jax.kernels.splash import splash_attention
 
-IMPLS = ("reference", "chunked", "cudnn", "splash")
+IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 
 __all__ = ["allowed", "reference_attention", "chunked_attention", "flash_attention",
-           "cudnn_attention", "splash_attention", "attend", "IMPLS"]
+           "cudnn_attention", "splash_attention", "attend", "IMPLS", "resolve",
+           "target_platform"]
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
            chunk: int = 512):
-  """Self-attention over a packed batch with the named backend."""
+  """Self-attention over a packed batch with the named backend ('auto': `resolve`)."""
+  impl = resolve(impl)
   if impl == "reference":
     return reference_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, segment_ids_BT,
                                window=window)

@@ -7,13 +7,20 @@ preceding shard(s); a halo longer than a shard spans several hops. Global
 layers either all-gather K/V ('allgather') or pass K/V around a ring,
 merging partial results by log-sum-exp ('ring'). Packed documents may cross
 shard boundaries: segment ids travel with the keys, positions in the mask
-are absolute. Compute is the block-sparse flash kernel of `chunked`.
+are absolute. The inner kernel is the block-sparse flash kernel of `chunked`
+or, with `impl='splash'`, the Pallas splash kernel: local layers run it on the
+halo-extended block (a rectangular `LocalMask` whose query rows start at the
+halo's end), global layers all-gather K/V and run shard r's queries against
+them under a causal mask offset by r * T (one static kernel per shard, chosen
+by `lax.switch`). Ring mode always uses the chunked kernel, which returns the
+log-sum-exp the merge needs.
 
 Legend: B batch, T local length, N query heads, K kv heads, H head dim.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -21,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from cwm_jax.kernels import splash
 from cwm_jax.kernels.chunked import NEG_INF, PAD_K_SEGMENT, flash_attention
 
 AXIS = "sequence"
 MODES = ("allgather", "ring")
+INNER = ("chunked", "splash")
 
 
 def halo_rows(window: int, t_local: int, n_shards: int) -> int:
@@ -45,11 +54,11 @@ def _halo(x, rows, r, axis, n, fill):
   return jnp.concatenate(parts, axis=1)
 
 
-def _local(q, k, v, seg, window, chunk, axis, n):
+def _local(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
   t = q.shape[1]
   r = jax.lax.axis_index(axis)
   rows = halo_rows(window, t, n)
-  c = min(chunk, t)
+  c = splash.MIN_BLOCK if impl == "splash" else min(chunk, t)
   front = -rows % c  # aligns query blocks to key blocks; local padding, not sent
   pad = lambda x, value: jnp.pad(x, [(0, 0), (front, 0)] + [(0, 0)] * (x.ndim - 2),
                                  constant_values=value)
@@ -58,15 +67,22 @@ def _local(q, k, v, seg, window, chunk, axis, n):
   s_all = pad(jnp.concatenate([_halo(seg, rows, r, axis, n, PAD_K_SEGMENT), seg], axis=1),
               PAD_K_SEGMENT)
   offset = front + rows
+  if impl == "splash":
+    return splash.attend_local(q, k_all, v_all, seg, s_all, window=window, offset=offset,
+                               block=chunk)
   out, _ = flash_attention(q, k_all, v_all, seg, s_all, offset + np.arange(t),
                            np.arange(offset + t), window=window, chunk=c, q_offset=offset)
   return out
 
 
-def _allgather(q, k, v, seg, window, chunk, axis, n):
+def _allgather(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
   t = q.shape[1]
   r = jax.lax.axis_index(axis)
   gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+  if impl == "splash":  # shard r's queries sit at key rows r*T...: one causal kernel per r
+    branches = [functools.partial(splash.attend_local, window=window, offset=i * t, block=chunk)
+                for i in range(n)]
+    return jax.lax.switch(r, branches, q, gather(k), gather(v), seg, gather(seg))
   q_idx = r * t + jnp.arange(t)
   out, _ = flash_attention(q, gather(k), gather(v), seg, gather(seg), q_idx,
                            jnp.arange(n * t), window=window, chunk=chunk, q_offset=None)
@@ -102,15 +118,19 @@ def _ring(q, k, v, seg, window, chunk, axis, n):
 
 
 def sharded_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int,
-                      mode: str, q_spec: P, kv_spec: P, seg_spec: P, axis: str = AXIS):
+                      mode: str, q_spec: P, kv_spec: P, seg_spec: P, axis: str = AXIS,
+                      impl: str = "chunked"):
   """Self-attention of global arrays under the current mesh, sharded on `axis`.
 
   Specs name the mesh axes of each operand (the sequence dimension must be
-  `axis`); the mesh comes from `jax.set_mesh`. Returns [B, T, N, H] sharded
-  like q.
+  `axis`); the mesh comes from `jax.set_mesh`. `impl` is the inner kernel
+  ('chunked' or 'splash'; ring mode uses 'chunked'). Returns [B, T, N, H]
+  sharded like q.
   """
   if mode not in MODES:
     raise ValueError(f"context_parallel={mode!r}: use one of {MODES} (or 'none' to disable)")
+  if impl not in INNER:
+    raise ValueError(f"context-parallel inner kernel {impl!r}: use one of {INNER}")
   mesh = jax.sharding.get_abstract_mesh()
   n = mesh.shape[axis]
   t = q_BTNH.shape[1]
@@ -118,9 +138,9 @@ def sharded_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, ch
     raise ValueError(f"sequence length {t} is not divisible by the {axis!r} mesh axis "
                      f"size {n}; pad the batch to a multiple of {n}")
   if window < t:
-    body = lambda q, k, v, s: _local(q, k, v, s, window, chunk, axis, n)
+    body = lambda q, k, v, s: _local(q, k, v, s, window, chunk, axis, n, impl)
   elif mode == "allgather":
-    body = lambda q, k, v, s: _allgather(q, k, v, s, window, chunk, axis, n)
+    body = lambda q, k, v, s: _allgather(q, k, v, s, window, chunk, axis, n, impl)
   else:
     body = lambda q, k, v, s: _ring(q, k, v, s, window, chunk, axis, n)
   fn = jax.shard_map(body, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,

@@ -1,13 +1,23 @@
-"""Pallas TPU splash attention with a local (or causal) mask and segment ids.
+"""Pallas TPU splash attention, sharded over a device mesh.
 
-Uses `jax.experimental.pallas.ops.tpu.splash_attention`: a `LocalMask`
-with left window `W - 1` (the query itself counts, as in `masks.allowed`)
-or a `CausalMask` for global layers, `SegmentIds` for packed documents, and
-grouped-query heads natively (MHA kernel with fewer kv heads). The kernel
-is unbatched and does not scale queries, so we vmap over B and scale q.
-Runs on TPU; `interpret=True` runs it on CPU for tests (slow, small shapes).
+Uses `jax.experimental.pallas.ops.tpu.splash_attention`: a `LocalMask` with
+left window `W - 1` (the query itself counts, as in `masks.allowed`) for local
+layers, a `CausalMask` for global ones, `SegmentIds` for packed documents and
+grouped-query heads natively (the MHA kernel with fewer kv heads). The kernel
+is per device, unbatched and does not scale queries: `attend_local` scales q
+and vmaps over B; `splash_attention` runs it under `jax.shard_map` with the
+batch over the mesh's data axes and query heads over `tensor` (kv heads too
+when divisible; otherwise each shard picks the kv heads its queries use).
+Unless traced for TPU devices the kernel runs with `interpret=True` (slow; tests
+use small shapes).
 
-Legend: B batch, T length, N query heads, K kv heads, H head dim.
+The block-sparse mask info is computed in Python from the static mask, so the
+kernel skips key blocks outside the window or the causal triangle. A mask may
+be rectangular: `offset` places query row 0 at key row `offset` (context
+parallelism runs a shard's queries against its halo-extended keys).
+
+Legend: B batch, T query length, S key length, N query heads, K kv heads,
+G = N / K, H head dim.
 """
 
 from __future__ import annotations
@@ -16,47 +26,143 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from cwm_jax.kernels import backend
+
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+MAX_BLOCK = 512
+MIN_BLOCK = 128  # the TPU lane width: smallest sequence tile (interpret mode too)
 
 
-def _splash():
-  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU-only import
+def _sa():
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU kernel, CPU-importable
   return sa
 
 
-@functools.lru_cache(maxsize=32)
-def _kernel(t: int, n: int, window: int, block: int, interpret: bool):
-  sa = _splash()
-  if window >= t:
-    head_mask = sa.CausalMask((t, t))
+def fit_block(length: int, block: int, min_block: int) -> int:
+  """Largest tile <= `block` (halving down to `min_block`) dividing `length`."""
+  if length <= block:
+    return length
+  b = block
+  while b >= min_block:
+    if length % b == 0:
+      return b
+    b //= 2
+  raise ValueError(f"splash attention: sequence length {length} has no tile in "
+                   f"[{min_block}, {block}] dividing it; pad the sequence to a multiple "
+                   f"of {min_block} or set attention_chunk")
+
+
+def block_sizes(t: int, s: int, block: int | None = None):
+  """Tile sizes for a [T, S] mask: `block` (default 512) fitted to each length."""
+  if t % MIN_BLOCK or s % MIN_BLOCK:
+    raise ValueError(f"splash attention needs lengths that are multiples of {MIN_BLOCK} "
+                     f"(got T={t}, S={s}); pad the sequence or use attention_impl='chunked'")
+  bq = fit_block(t, max(block or MAX_BLOCK, MIN_BLOCK), MIN_BLOCK)
+  bkv = fit_block(s, max(block or MAX_BLOCK, MIN_BLOCK), MIN_BLOCK)
+  return _sa().BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                          block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                          block_kv_dq=bkv)
+
+
+def _kernel(t: int, s: int, n: int, window: int, offset: int, block: int | None,
+            interpret: bool):
+  """Kernel for n heads of a [T, S] mask: causal if `window` covers T + offset.
+
+  Built per trace (its mask info becomes constants of that trace); the costly
+  block-sparsity analysis is cached by the splash library."""
+  sa = _sa()
+  if window >= t + offset:  # every query sees all its past keys
+    head_mask = sa.CausalMask((t, s), offset=offset)
   else:
-    head_mask = sa.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
-  mask = sa.MultiHeadMask([head_mask] * n)
-  b = min(block, t)
-  sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                        block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-  return sa.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+    head_mask = sa.LocalMask((t, s), window_size=(window - 1, 0), offset=offset)
+  return sa.make_splash_mha_single_device(sa.MultiHeadMask([head_mask] * n),
+                                          block_sizes=block_sizes(t, s, block),
+                                          interpret=interpret)
+
+
+def _interpret(interpret: bool | None) -> bool:
+  """Interpret mode unless the step is traced for TPU devices (`backend.target_platform`)."""
+  return backend.target_platform() != "tpu" if interpret is None else interpret
+
+
+def attend_local(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, *, window: int, offset: int = 0,
+                 block: int | None = None, interpret: bool | None = None):
+  """Splash attention of unsharded (or per-shard) arrays; query row i sits at key
+  position `offset + i`. Returns [B, T, N, H] in q's dtype."""
+  b, t, n, h = q_BTNH.shape
+  s = k_BSKH.shape[1]
+  kernel = _kernel(t, s, n, int(window), int(offset), block, _interpret(interpret))
+  sa = _sa()
+  q_BNTH = jnp.swapaxes(q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype), 1, 2)
+  k_BKSH = jnp.swapaxes(k_BSKH, 1, 2).astype(q_BTNH.dtype)
+  v_BKSH = jnp.swapaxes(v_BSKH, 1, 2).astype(q_BTNH.dtype)
+
+  def one(q, k, v, q_seg, kv_seg):
+    return kernel(q, k, v, segment_ids=sa.SegmentIds(q=q_seg, kv=kv_seg))
+
+  o_BNTH = jax.vmap(one)(q_BNTH, k_BKSH, v_BKSH, q_seg_BT, kv_seg_BS)
+  return jnp.swapaxes(o_BNTH, 1, 2).astype(q_BTNH.dtype)
+
+
+def kv_for_heads(k_BSKH, n_local: int, q_per_kv: int, axis: str):
+  """The kv heads used by this shard's `n_local` query heads when K is replicated
+  and N is sharded over `axis` (query head i uses kv head i // G)."""
+  r = jax.lax.axis_index(axis)
+  if n_local % q_per_kv == 0:  # whole groups: a contiguous run of kv heads
+    size = n_local // q_per_kv
+    return jax.lax.dynamic_slice_in_dim(k_BSKH, r * size, size, axis=2)
+  if q_per_kv % n_local == 0:  # a part of one group: one kv head
+    return jax.lax.dynamic_slice_in_dim(k_BSKH, r * n_local // q_per_kv, 1, axis=2)
+  idx = (r * n_local + jnp.arange(n_local)) // q_per_kv
+  return jnp.take(k_BSKH, idx, axis=2)
+
+
+def mesh_specs(mesh, b: int, n: int, k: int, batch_axes=BATCH_AXES, head_axis=HEAD_AXIS):
+  """(q/out spec, kv spec, segment spec) for [B, T, N|K, H] and [B, T] operands:
+  B over the batch axes whose running product divides B, N over `head_axis` if
+  it divides N, K over it too if it divides K (else K is replicated)."""
+  sizes = dict(mesh.shape)
+  used, prod = [], 1
+  for a in batch_axes:
+    if sizes.get(a, 1) > 1 and b % (prod * sizes[a]) == 0:
+      used.append(a)
+      prod *= sizes[a]
+  bspec = tuple(used) if len(used) > 1 else (used[0] if used else None)
+  tp = sizes.get(head_axis, 1)
+  nspec = head_axis if tp > 1 and n % tp == 0 else None
+  kspec = head_axis if nspec and k % tp == 0 else None
+  return P(bspec, None, nspec, None), P(bspec, None, kspec, None), P(bspec, None)
 
 
 def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int,
-                     block: int = 512, interpret: bool | None = None):
+                     block: int | None = None, interpret: bool | None = None, mesh=None,
+                     batch_axes=BATCH_AXES, head_axis: str = HEAD_AXIS):
   """Self-attention over packed rows; matches `reference_attention`.
 
-  T must be a multiple of `min(block, T)` (and of 128 on a real TPU).
-  `interpret` defaults to True off TPU.
+  Under a mesh (`mesh`, or the one set by `jax.set_mesh`) of more than one
+  device it runs per shard in `jax.shard_map` (see `mesh_specs`); the sequence
+  is whole on every shard (use `context_parallel` to split it). T must be a
+  multiple of 128; `block` caps the tile (default 512).
   """
-  b, t, n, h = q_BTNH.shape
-  if t % min(block, t):
-    raise ValueError(f"splash attention needs T={t} to be a multiple of the block "
-                     f"{min(block, t)}; pad the sequence or set attention_chunk")
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
-  kernel = _kernel(t, n, int(window), block, interpret)
-  sa = _splash()
-  q_BNTH = jnp.swapaxes(q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype), 1, 2)
-  k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
+  b, t, n, _ = q_BTNH.shape
+  k = k_BTKH.shape[2]
+  interpret = _interpret(interpret)
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  local = functools.partial(attend_local, window=window, block=block, interpret=interpret)
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT)
+  q_spec, kv_spec, seg_spec = mesh_specs(mesh, b, n, k, batch_axes, head_axis)
+  replicated_kv = q_spec[2] is not None and kv_spec[2] is None
 
-  def one(q, k, v, seg):
-    return kernel(q, k, v, segment_ids=sa.SegmentIds(q=seg, kv=seg))
+  def body(q, k_, v, seg):
+    if replicated_kv:
+      k_ = kv_for_heads(k_, q.shape[2], n // k, head_axis)
+      v = kv_for_heads(v, q.shape[2], n // k, head_axis)
+    return local(q, k_, v, seg, seg)
 
-  o_BNTH = jax.vmap(one)(q_BNTH, k_BKTH, v_BKTH, segment_ids_BT)
-  return jnp.swapaxes(o_BNTH, 1, 2).astype(q_BTNH.dtype)
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                     out_specs=q_spec, check_vma=False)
+  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)

@@ -81,6 +81,7 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
   impl = run.attention_impl
   if window >= cfg.global_window:
     impl = run.global_attention_impl or impl
+  impl = kernels.resolve(impl)  # 'auto' -> the backend of the devices compiled for
   mesh = jax.sharding.get_abstract_mesh()
   axis = context_parallel.AXIS
   if (run.context_parallel != "none" and mesh is not None and not mesh.empty
@@ -90,7 +91,8 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
               ("batch", "seq"))]
     return functools.partial(context_parallel.sharded_attention, window=window,
                              chunk=run.attention_chunk, mode=run.context_parallel,
-                             q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis)
+                             q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis,
+                             impl="splash" if impl == "splash" else "chunked")
   return lambda q, k, v, s: kernels.attend(q, k, v, s, window=window, impl=impl,
                                            chunk=run.attention_chunk)
 

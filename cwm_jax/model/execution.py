@@ -15,7 +15,8 @@ from typing import Any, Mapping
 from cwm_jax.base import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("reference", "chunked", "cudnn", "splash")
+# 'auto': splash on TPU, cuDNN on GPU, chunked on CPU, from the devices compiled for.
+ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 CONTEXT_PARALLEL = ("none", "allgather", "ring")
 DTYPES = ("float32", "bfloat16")
 

@@ -1,34 +1,85 @@
-"""Useful training FLOPs of a batch: matmuls per real token plus attention at
-each layer's real window (keys = min(position + 1, window)), padding excluded.
+"""All FLOP counting: model FLOPs of a token, a sequence, a packed batch; chip peaks.
 
-A training step costs 3x the forward pass (forward + two backward matmuls).
+Training FLOPs per token (the numerator of MFU):
+
+  6 * P_matmul + sum over layers l of 12 * N * H * keys(l)
+
+* `P_matmul`: parameters used in matrix multiplies: every layer's attention and
+  MLP projections plus the output head. The input embedding is a gather and the
+  norms are elementwise, so they are excluded.
+* `keys(l)`: the keys a query attends to in layer l, causal and windowed:
+  min(position + 1, window_l). Q.K^T and A.V are 2 * N * H multiply-adds per
+  (query, key) pair each, i.e. 4 * N * H FLOPs forward, times 3 for forward +
+  backward. A full sequence of length T has `causal_pairs(T, W)` pairs; a packed
+  batch counts each document's own positions (padding excluded).
+* Rematerialisation adds recomputation FLOPs that do not count toward MFU.
 """
 
 from __future__ import annotations
 
+import math
+
+import jax
 import numpy as np
 
 from cwm_jax.model.config import ModelConfig
 
+FORMULA = "6*matmul_params + sum_l 12*n_heads*head_dim*mean_keys(min(window_l,T), T)"
+
 # Peak dense bf16 FLOP/s per device, by `device_kind` prefix (public spec sheets;
 # CPU is the float32 XLA matmul rate measured on the 2-core dev box).
-PEAK_FLOPS = {"TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
-              "TPU v6": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-              "NVIDIA A100": 312e12, "cpu": 4.5e11}
+PEAK_FLOPS = {"TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
+              "TPU v4": 275e12, "TPU v6": 918e12, "NVIDIA H100": 989e12,
+              "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "cpu": 4.5e11}
 
 
 def peak_flops(device_kind: str) -> float:
+  """Peak bf16 FLOP/s of a device kind (0.0 if unknown)."""
   for prefix, value in PEAK_FLOPS.items():
     if device_kind.lower().startswith(prefix.lower()):
       return value
   return 0.0
 
 
-def matmul_flops_per_token(cfg: ModelConfig) -> float:
-  """Training FLOPs of the weight matmuls for one token (embedding lookup is free)."""
+def tree_size(tree) -> int:
+  return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def tree_bytes(tree) -> int:
+  return sum(int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Parameters used in matmuls: attention and MLP projections plus the output head."""
   d, h = cfg.dim, cfg.head_dim
   per_layer = d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
-  return 6.0 * (cfg.n_layers * per_layer + d * cfg.vocab_size)
+  return cfg.n_layers * per_layer + d * cfg.vocab_size
+
+
+def matmul_flops_per_token(cfg: ModelConfig) -> float:
+  """Training FLOPs of the weight matmuls for one token (embedding lookup is free)."""
+  return 6.0 * matmul_params(cfg)
+
+
+def causal_pairs(seq_len: int, window: int) -> int:
+  """(query, key) pairs of one causal windowed sequence: sum over t of min(t + 1, W)."""
+  w = min(window, seq_len)
+  return w * (w + 1) // 2 + (seq_len - w) * w
+
+
+def mean_keys(window: int, seq_len: int) -> float:
+  """Mean over queries t < seq_len of the keys seen: min(t + 1, window)."""
+  return causal_pairs(seq_len, window) / seq_len
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training attention-score FLOPs per token, each layer at its own window."""
+  return sum(12 * cfg.n_heads * cfg.head_dim * mean_keys(w, seq_len) for w in cfg.layer_windows)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training model FLOPs per token of full sequences of `seq_len` (see module docstring)."""
+  return matmul_flops_per_token(cfg) + attention_flops_per_token(cfg, seq_len)
 
 
 def attention_keys(cfg: ModelConfig, positions_BT: np.ndarray, segment_ids_BT: np.ndarray) -> int:
@@ -39,7 +90,7 @@ def attention_keys(cfg: ModelConfig, positions_BT: np.ndarray, segment_ids_BT: n
 
 
 def batch_flops(cfg: ModelConfig, positions_BT: np.ndarray, segment_ids_BT: np.ndarray) -> float:
-  """Training FLOPs of one batch: 6*params per token + 12*N*H per (query, key) pair."""
+  """Training FLOPs of one packed batch: 6*params per real token + 12*N*H per pair."""
   tokens = int(np.count_nonzero(segment_ids_BT > 0))
   attn = 12.0 * cfg.n_heads * cfg.head_dim * attention_keys(cfg, positions_BT, segment_ids_BT)
   return tokens * matmul_flops_per_token(cfg) + attn

@@ -1,0 +1,259 @@
+"""Ahead-of-time plans of a training config: compile the real step, read its memory.
+
+The stage's real step (the train step of `cwm_jax.train.lm.step_parts`, or a
+caller's step builder such as the RL update step) is lowered for
+ShapeDtypeStruct inputs carrying NamedShardings and compiled, so nothing is
+allocated. Two targets:
+
+* host: N simulated CPU devices (`ensure_host_devices`); the CPU compiler's
+  memory is an estimate for an accelerator.
+* TPU: the compile-only devices of a Cloud TPU slice (`topology`, libtpu), so
+  the real TPU compiler runs, Pallas kernels included, and `memory_analysis()`
+  gives the per-device HBM figures a TPU would use.
+
+Memory is reported in GiB per device; FLOPs per step come from
+`cwm_jax.train.flops` (the compiler counts a scan body once); step time is
+FLOPs over the devices' bf16 peak at 100% and 50% MFU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from cwm_jax import kernels
+from cwm_jax.base import ConfigError
+from cwm_jax.parallel import mesh as mesh_lib
+from cwm_jax.train import flops, state as state_lib, step as step_lib, topology
+from cwm_jax.train.config import execution_config, model_config, validate
+from cwm_jax.train.lm import step_parts
+
+GIB = 2 ** 30
+_REEXEC = "CWM_PLAN_REEXEC"
+# Cheaper host code generation; buffer assignment (the memory figures) is unchanged.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+class NotFitting(ConfigError):
+  """The compiled step needs more memory per device than allowed; `.plan` has the numbers."""
+
+  def __init__(self, message: str, plan: dict):
+    super().__init__(message)
+    self.plan = plan
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+  """'data=8,fsdp=8' -> {'data': 8, 'fsdp': 8}."""
+  out = {}
+  for part in filter(None, (text or "").split(",")):
+    name, sep, size = part.partition("=")
+    if not sep or name.strip() not in mesh_lib.MESH_AXES:
+      raise ConfigError(f"--mesh entry {part!r} must be AXIS=SIZE with AXIS in {mesh_lib.MESH_AXES}")
+    try:
+      out[name.strip()] = int(size)
+    except ValueError as e:
+      raise ConfigError(f"--mesh entry {part!r}: size must be an integer") from e
+  return out
+
+
+def devices_needed(configs: list[tuple[str, Any]], mesh_text: str | None) -> int:
+  """Device count implied by the (overridden) meshes; every planned stage must agree."""
+  counts = set()
+  for name, c in configs:
+    sizes = {**dict(c.mesh), **parse_mesh(mesh_text)}
+    if any(int(s) == -1 for s in sizes.values()):
+      raise ConfigError(f"{name}: mesh {sizes} has a -1 axis; give --devices N")
+    counts.add(math.prod(int(s) for s in sizes.values()))
+  if len(counts) != 1:
+    raise ConfigError(f"stages need different device counts {sorted(counts)}; give --devices N")
+  return counts.pop()
+
+
+def ensure_host_devices(n: int, argv: list[str]) -> None:
+  """Makes JAX see n CPU devices: set XLA_FLAGS if no backend exists yet, else
+  re-run `python -m cwm_jax.plan argv` in a fresh interpreter and exit with its code."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if "device_count" not in f and f.split("=")[0] not in {x.split("=")[0] for x in _FAST_COMPILE}]
+  flags_ = " ".join(kept + [f"--xla_force_host_platform_device_count={n}", *_FAST_COMPILE])
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if not xla_bridge.backends_are_initialized():
+    os.environ["XLA_FLAGS"] = flags_
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+    return
+  if jax.device_count() < n and not os.environ.get(_REEXEC):
+    env = {**os.environ, "XLA_FLAGS": flags_, "JAX_PLATFORMS": "cpu", _REEXEC: "1"}
+    sys.exit(subprocess.call([sys.executable, "-m", "cwm_jax.plan", *argv[1:]], env=env))
+
+
+def slice_mesh(sizes: dict, devices, num_slices: int = 1) -> Mesh:
+  """A mesh over TPU devices laid out on the torus; several slices split `data`
+  (the only axis crossing the data-centre network)."""
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  shape = mesh_lib.mesh_shape(sizes, len(devices))
+  if num_slices > 1:
+    data = shape[mesh_lib.MESH_AXES.index("data")]
+    if data % num_slices:
+      raise ConfigError(f"mesh.data={data} must be a multiple of --num_slices={num_slices}: "
+                        "only the data axis spans slices")
+    ici = tuple(s // num_slices if a == "data" else s for a, s in zip(mesh_lib.MESH_AXES, shape))
+    dcn = tuple(num_slices if a == "data" else 1 for a in mesh_lib.MESH_AXES)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                allow_split_physical_axes=True)
+  else:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return Mesh(np.asarray(grid), mesh_lib.MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES))
+
+
+# (training config, ModelConfig, mesh) -> (jitted step, sharded abstract state, abstract batch)
+StepBuilder = Callable[[Any, Any, Mesh], tuple[Any, dict, dict]]
+
+
+def lm_step(config, cfg, mesh):
+  """(jitted train step, abstract batch) of an LM training config on `mesh`."""
+  _, abstract, shardings, batch_sh, jitted = step_parts(config, cfg, mesh)
+  shape = (config.batch_size, config.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
+                                   sharding=batch_sh) for k in step_lib.BATCH_KEYS}
+  return jitted, state_lib.with_shardings(abstract, shardings), batch
+
+
+def analytic_plan(cfg, seq_len: int | None = None) -> dict[str, Any]:
+  """The JSON-able plan of a ModelConfig at `seq_len` (default: cfg.max_seq_len),
+  from `jax.eval_shape` of the model and an AdamW state: nothing is allocated."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from cwm_jax.model import abstract_model  # pylint: disable=g-import-not-at-top
+  seq_len = seq_len or cfg.max_seq_len
+  params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+  opt_state = jax.eval_shape(optax.adamw(1e-4, mu_dtype="float32").init, params)
+  fpt = flops.flops_per_token(cfg, seq_len)
+  return {
+      "params": flops.tree_size(params), "params_formula": cfg.param_count(),
+      "matmul_params": flops.matmul_params(cfg), "layers": list(cfg.layer_windows),
+      "effective_windows": list(cfg.effective_windows(seq_len)),
+      "global_layers": list(cfg.global_layers), "seq_len": seq_len,
+      "flops_per_token": fpt,
+      "attention_flops_per_token": flops.attention_flops_per_token(cfg, seq_len),
+      "flops_per_sequence": fpt * seq_len, "flops_formula": flops.FORMULA,
+      "param_bytes": flops.tree_bytes(params), "optimizer_state_bytes": flops.tree_bytes(opt_state),
+      "gradient_bytes": flops.tree_bytes(params),
+  }
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis() or {}
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
+             step_builders: dict[str, StepBuilder] | None = None) -> dict:
+  """Compiles one training config's step on `mesh` and measures it: the builder of
+  the stage's trainer from `step_builders` ({'rl': ...}), else the LM train step."""
+  trainer = config.get("stage", {}).get("trainer", "lm")
+  cfg = model_config(config)
+  run = execution_config(config)
+  sizes = validate(config, cfg, mesh.size, 1)
+  t0 = time.perf_counter()
+  jitted, state, batch = (step_builders or {}).get(trainer, lm_step)(config, cfg, mesh)
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(state, batch).compile()
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  tokens = config.batch_size * config.seq_len
+  step_flops = flops.flops_per_token(cfg, config.seq_len) * tokens
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes)
+  t100 = step_flops / (mesh.size * peak_tflops_per_device * 1e12)
+  return {
+      "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size, "mesh": sizes,
+      "step": "rl_update" if trainer == "rl" else "train",
+      "seq_len": config.seq_len, "batch_size": config.batch_size,
+      "grad_accum": config.grad_accum, "tokens_per_step": tokens,
+      "total_steps": config.total_steps, "layers": list(cfg.layer_windows),
+      "rope_scaling": cfg.rope_scaling is not None, "remat": run.remat_policy,
+      "attention_impl": kernels.resolve(run.attention_impl, mesh.devices.flat[0].platform),
+      "context_parallel": run.context_parallel,
+      "params": flops.tree_size(state["params"]), "state_bytes_total": flops.tree_bytes(state),
+      "argument_gb_per_device": mem.argument_size_in_bytes / GIB,
+      "output_gb_per_device": mem.output_size_in_bytes / GIB,
+      "alias_gb_per_device": mem.alias_size_in_bytes / GIB,
+      "temp_gb_per_device": mem.temp_size_in_bytes / GIB,
+      "total_gb_per_device": total / GIB, "memory_unit": "GiB (2**30 bytes)",
+      "flops_per_step": step_flops,
+      "flops_method": "analytic: (6*matmul_params + per-layer attention at its window) * tokens",
+      "xla_flops_scan_bodies_once": float(_cost(compiled).get("flops", 0.0)),
+      "peak_tflops_per_device": peak_tflops_per_device,
+      "step_seconds_at_100pct_mfu": t100, "step_seconds_at_50pct_mfu": 2 * t100,
+      "compile_seconds": round(seconds, 2),
+  }
+
+
+def _plan_stages(configs, make_mesh, peak: float, hbm_gb: float | None, mesh_text: str | None,
+                 step_builders: dict[str, StepBuilder] | None, where: str, extra: dict | None = None) -> dict:
+  plans = {}
+  for name, c in configs:
+    c = c.copy_and_resolve_references()
+    c.mesh.update(parse_mesh(mesh_text))
+    try:
+      plans[name] = plan_one(c, make_mesh(c), peak, step_builders)
+    except ConfigError as e:
+      raise ConfigError(f"{name}: {e}") from e
+    plans[name].update(extra or {})
+    if hbm_gb is not None:
+      plans[name]["hbm_gb"] = hbm_gb
+      plans[name]["fits"] = plans[name]["total_gb_per_device"] <= hbm_gb
+  result = plans["train"] if list(plans) == ["train"] else {"stages": plans}
+  over = {n: p for n, p in plans.items() if not p.get("fits", True)}
+  if over:
+    figures = "; ".join(
+        f"{n}: {p['total_gb_per_device']:.2f} GiB per device (arguments "
+        f"{p['argument_gb_per_device']:.2f} + temporaries {p['temp_gb_per_device']:.2f}) "
+        f"on mesh {p['mesh']}" for n, p in over.items())
+    raise NotFitting(f"does not fit {hbm_gb} GiB per device of {where}: {figures}; raise "
+                     "fsdp/tensor/sequence or grad_accum, or use remat", result)
+  return result
+
+
+def host_plan(configs: list[tuple[str, Any]], n_devices: int, mesh_text: str | None = None,
+              hbm_gb: float | None = None, peak_tflops: float = 989.0,
+              step_builders: dict[str, StepBuilder] | None = None) -> dict:
+  """Plans each (name, training config) on `n_devices` host devices; NotFitting above
+  `hbm_gb`. One config named 'train' gives its plan, several {'stages': {name: plan}}."""
+  if jax.device_count() < n_devices:
+    raise ConfigError(f"{n_devices} devices requested but JAX sees {jax.device_count()}; "
+                      "run through `python -m cwm_jax.plan`, which sets XLA_FLAGS")
+  devs = jax.devices()[:n_devices]
+  return _plan_stages(configs, lambda c: mesh_lib.make_mesh(dict(c.mesh), devs), peak_tflops,
+                      hbm_gb, mesh_text, step_builders, f"{n_devices} host devices")
+
+
+def tpu_plan(configs: list[tuple[str, Any]], slice_name: str, num_slices: int = 1, mesh_text: str | None = None,
+             hbm_gb: float | None = None, step_builders: dict[str, StepBuilder] | None = None) -> dict:
+  """Plans each (name, training config) for a TPU slice (type or topology) with libtpu.
+
+  Fits when the compiled total per device is within the chip's HBM (or `hbm_gb`);
+  otherwise NotFitting naming the stage and the figures.
+  """
+  if num_slices < 1:
+    raise ConfigError(f"--num_slices={num_slices} must be >= 1")
+  spec = topology.slice_spec(slice_name)
+  devs = topology.devices(spec, num_slices)
+  per_chip = topology.devices_per_chip(devs)
+  limit = hbm_gb if hbm_gb is not None else spec.chip.hbm_gib / per_chip
+  extra = dict(topology=spec.topology, num_slices=num_slices, chips=spec.chips * num_slices,
+               devices_per_chip=per_chip, chip_hbm_gib=spec.chip.hbm_gib,
+               peak_tflops_per_chip=spec.chip.peak_tflops)
+  return _plan_stages(configs, lambda c: slice_mesh(dict(c.mesh), devs, num_slices),
+                      spec.chip.peak_tflops / per_chip, limit, mesh_text, step_builders,
+                      f"{num_slices} x {spec.topology}", extra)

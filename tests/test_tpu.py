@@ -1,0 +1,87 @@
+"""Compiling for TPU slices without a TPU (libtpu's compiler, compile-only devices):
+slice names, a small model's sharded train step with splash attention (the Mosaic
+kernel, no T x T array), the planner's exit 2, memory linear in T for local windows."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from cwm_jax.base import ConfigError
+from cwm_jax.train import planning, topology
+from test_launch import ROOT
+
+pytest.importorskip("libtpu", reason="libtpu is part of the test extra: pip install -e '.[test]'")
+
+
+def test_slice_names():
+  assert topology.slice_spec("v5p-512").topology == "v5p:4x8x8"  # 512 TensorCores, 256 chips
+  assert topology.slice_spec("v5p-8").topology == "v5p:2x2x1"
+  assert topology.slice_spec("v4-512").chips == 256
+  assert topology.slice_spec("v6e-256").topology == "v6e:16x16"
+  assert topology.slice_spec("v5litepod-16").topology == "v5e:4x4"
+  assert topology.slice_spec("v5p:8x8x8").chips == 512
+  for bad, match in (("v5p-7", "TensorCores"), ("v6e-24", "power of two"),
+                     ("v9-8", "accelerator type"), ("v5p:4x4", "3 axes")):
+    with pytest.raises(ConfigError, match=match):
+      topology.slice_spec(bad)
+
+
+def _small(seq_len=1024, windows=None, batch=4, impl="splash"):
+  sys.path.insert(0, ROOT)
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  c = smoke.get_config()
+  c.seq_len, c.batch_size, c.loss.chunk = seq_len, batch, 0
+  c.execution.attention_impl = impl
+  if windows:
+    c.model.overrides.update(dict(n_layers=len(windows), layer_windows=list(windows),
+                                  global_window=max(seq_len, max(windows)),
+                                  max_seq_len=seq_len))
+  return c
+
+
+def test_small_model_train_step_compiles_for_v5p_with_mosaic_splash():
+  """attention_impl='auto' picks splash for TPU devices though this process runs on CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cwm_jax import kernels  # pylint: disable=g-import-not-at-top
+  assert kernels.resolve("auto") == "chunked" and jax.default_backend() == "cpu"
+  config = _small(impl="auto")
+  devs = topology.devices(topology.slice_spec("v5p:2x2x1"))
+  mesh = planning.slice_mesh(dict(config.mesh), devs)
+  cfg = planning.model_config(config)
+  jitted, state, batch = planning.lm_step(config, cfg, mesh)
+  with jax.set_mesh(mesh):
+    hlo = jitted.lower(state, batch).compile().as_text()
+  assert mesh.devices.flat[0].device_kind == "TPU v5" and mesh.shape["fsdp"] == 4
+  with jax.set_mesh(mesh):
+    assert kernels.target_platform() == "tpu" and kernels.resolve("auto") == "splash"
+  assert "tpu_custom_call" in hlo  # the Mosaic (Pallas) splash kernels, forward and backward
+  assert not re.search(r"\b1024,1024\b", hlo)  # no dense T x T score or mask array
+
+
+def test_tiny_tpu_plan_exits_2_when_it_does_not_fit():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  out = subprocess.run([sys.executable, "-m", "cwm_jax.plan", "--config", "configs/smoke.py",
+                        "--topology", "v5p-8", "--config.seq_len=1024", "--config.batch_size=4",
+                        "--config.execution.attention_impl=splash", "--hbm_gb", "0.001"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 2, out.stderr[-3000:]
+  plan = json.loads(out.stdout)
+  assert plan["fits"] is False and plan["device_kind"] == "TPU v5" and plan["chips"] == 4
+  assert plan["total_gb_per_device"] > 0.001 and plan["attention_impl"] == "splash"
+  assert "does not fit 0.001 GiB per device of 1 x v5p:2x2x1" in out.stderr
+  assert plan["step_seconds_at_50pct_mfu"] == pytest.approx(
+      2 * plan["flops_per_step"] / (4 * 459e12))
+
+
+def test_local_window_memory_grows_linearly_in_sequence_length():
+  temps = {}
+  for t in (8192, 65536):
+    plan = planning.tpu_plan([("train", _small(t, windows=(1024, 1024)))], "v5p:2x2x1")
+    temps[t] = plan["temp_gb_per_device"]
+  exponent = math.log(temps[65536] / temps[8192]) / math.log(8)
+  assert 0.8 < exponent <= 1.1, temps
