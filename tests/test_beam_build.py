@@ -57,3 +57,4 @@ def test_direct_runner_matches_the_local_build(tmp_path):
   assert _texts(tmp_path / 'DirectRunner') == _texts(tmp_path / 'local')
   with open(tmp_path / 'DirectRunner' / 'manifest.json') as f:
     assert json.load(f) == direct
+  assert sorted(os.listdir(tmp_path / 'DirectRunner')) == ['manifest.json', *direct['shards']]

@@ -2,7 +2,8 @@
 
   Create(items) -> Reshuffle -> Trace (sandboxed) -> Finalize (status, format, too_long)
   -> dedup (CombinePerKey on the dedup key, earliest item kept) -> Decontaminate
-  -> WriteToArrayRecord (array_record.beam) ; counters -> CombinePerKey(sum) -> counts.json
+  -> WriteToArrayRecord (array_record.beam) ; counters -> CombinePerKey(sum) -> NAME.counts.json
+  (read back into manifest.json, then deleted)
 
 Runs on any Beam runner with standard PipelineOptions (`--runner DirectRunner` locally,
 DataflowRunner / FlinkRunner / SparkRunner with their usual flags; `out` must then be a
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import time
 
 import apache_beam as beam
@@ -50,6 +52,8 @@ class _Trace(beam.DoFn):
   def process(self, element):
     index, item = element
     candidates, counts = corpus_build.run_item(item, self.cfg)
+    if self.cfg.progress:  # the worker's stderr: the console on DirectRunner, logs elsewhere
+      print(f'traced item {index}: {len(candidates)} calls', file=sys.stderr, flush=True)
     for name, n in counts.items():
       yield beam.pvalue.TaggedOutput('counts', (name, n))
     yield beam.pvalue.TaggedOutput('counts', ('candidates', len(candidates)))
@@ -133,6 +137,7 @@ def build(name: str, items: list, out: str, cfg: corpus_build.TraceBuildConfig,
     _add_stages(p, name, items, out, cfg, num_shards, eval_docs)
   with FileSystems.open(f'{out}/{name}.counts.json') as f:
     counts = collections.Counter(json.loads(f.read().decode('utf-8') or '{}'))
+  FileSystems.delete([f'{out}/{name}.counts.json'])  # the output is shards + manifest.json
   prefix = 'contaminated_by:'
   by = collections.Counter({k[len(prefix):]: n for k, n in counts.items()
                             if k.startswith(prefix)})
