@@ -1,7 +1,7 @@
 """Trace corpora on Apache Beam: the same stages as `corpus_build`, as a Beam pipeline.
 
   Create(items) -> Reshuffle -> Trace (sandboxed) -> Finalize (status, format, too_long)
-  -> dedup (CombinePerKey on the dedup key, earliest item kept) -> Decontaminate
+  -> dedup (GroupByKey on the dedup key, earliest item kept) -> Decontaminate
   -> WriteToArrayRecord (array_record.beam) ; counters -> CombinePerKey(sum) -> NAME.counts.json
   (read back into manifest.json, then deleted)
 
