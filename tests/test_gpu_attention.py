@@ -22,6 +22,10 @@ from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
 from cwm_jax import kernels
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import cudnn, packing
+from cwm_jax.model.config import tiny
+from cwm_jax.model.execution import Execution
+from cwm_jax.model.transformer import abstract_model
+from cwm_jax.train.step import make_train_step
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -202,10 +206,6 @@ def test_cudnn_matches_reference_on_gpu_bf16(window):
 
 def test_train_step_built_for_cuda_holds_no_t_by_t_array(monkeypatch):
   # A whole bf16 train step (tiny CWM: global, local, local, global) lowered for cuda.
-  from cwm_jax.model.config import tiny
-  from cwm_jax.model.execution import Execution
-  from cwm_jax.model.transformer import abstract_model
-  from cwm_jax.train.step import make_train_step
   b, t = 2, 768  # T above every other dimension (vocab 512)
   cfg = tiny(local_window=64)
   run = Execution(compute_dtype="bfloat16", attention_impl="cudnn", attention_chunk=128)

@@ -11,6 +11,7 @@ import pytest
 
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import cudnn
+from cwm_jax.recipe.stages import stage_configs
 from cwm_jax.train import gpu_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,6 @@ def _smoke_config(stage):
 
 @NEEDS_PLUGIN
 def test_smoke_stage_compiles_for_h100s_with_cudnn_attention():
-  from cwm_jax.recipe.stages import stage_configs
   config = _smoke_config("midtrain")
   config.execution.attention_impl = "cudnn"
   config.execution.compute_dtype = "bfloat16"
