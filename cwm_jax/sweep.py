@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from cwm_jax.cli import run_main
+from cwm_jax.cli import check_config_file, run_main
 from cwm_jax.recipe import grids
 
 _CONFIG = flags.DEFINE_string("config", None, "Run config file[:arg].", required=True)
@@ -26,6 +26,7 @@ _LAUNCHER_FLAGS = flags.DEFINE_multi_string(
 
 def main(argv):
   del argv
+  check_config_file("config", _CONFIG.value)
   grids.run_sweep(_CONFIG.value, _SWEEP.value, _LAUNCHER.value, _WORKDIR.value,
                    dry_run=_DRY_RUN.value, launcher_flags=_LAUNCHER_FLAGS.value)
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from typing import Any, Callable, Sequence
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -83,13 +84,35 @@ def load_sweep(path: str) -> list[Point]:
     raise SweepError(f"sweep file {path!r} not found")
   spec = importlib.util.spec_from_file_location("cwm_sweep", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_sweep"):
-    raise SweepError(f"{path} defines no get_sweep()")
-  points = list(module.get_sweep())
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise SweepError(f"--sweep: {path} line {e.lineno}: {e.msg}; fix the syntax error") from None
+  except Exception as e:  # pylint: disable=broad-except  (the user's file failed to import)
+    raise SweepError(f"--sweep: importing {path} failed: {type(e).__name__}: {e}") from None
+  if not callable(getattr(module, "get_sweep", None)):
+    raise SweepError(f"--sweep: {path} defines no get_sweep() function")
+  try:
+    points = module.get_sweep()
+  except SweepError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepError(f"--sweep: {path}: get_sweep() failed: {type(e).__name__}: {e}") from None
+  return _check_points(path, points)
+
+
+def _check_points(path: str, points: Any) -> list[Point]:
+  """`points` is a non-empty list of {dotted.field (str): value} dicts; else SweepError."""
+  if not isinstance(points, (list, tuple)):
+    raise SweepError(f"--sweep: {path}: get_sweep() returned {type(points).__name__}; it must "
+                     "return a list of {'dotted.field': value} dicts (use axis/product/zip_)")
   if not points:
-    raise SweepError(f"{path}: get_sweep() returned no points")
-  return points
+    raise SweepError(f"--sweep: {path}: get_sweep() returned no points")
+  for i, p in enumerate(points):
+    if not isinstance(p, dict) or not p or not all(isinstance(k, str) and k for k in p):
+      raise SweepError(f"--sweep: {path}: point {i} is {p!r}; each point must be a non-empty "
+                       "{'dotted.field': value} dict (use axis/product/zip_)")
+  return list(points)
 
 
 def flag_value(value: Any) -> str:
@@ -124,9 +147,17 @@ def parse_config(config_arg: str, overrides: Sequence[str] = ()):
                                   lock_config=True, sys_argv=argv)
   try:
     fv(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    raise SweepError(f"{config_arg} with {' '.join(overrides) or 'no overrides'}: {e}") from e
-  return fv.config
+    config = fv.config
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise TypeError(f"get_config() returned {type(config).__name__}, not a ConfigDict")
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    lines = [l for l in str(cause).splitlines() if l.strip()]
+    raise SweepError(f"--config {config_arg} with {' '.join(overrides) or 'no overrides'}: "
+                     f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}") from None
+  return config
 
 
 def validate(config_arg: str, runs: list[Run], check: Callable[[Any], None] | None) -> None:
