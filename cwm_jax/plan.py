@@ -5,6 +5,8 @@
       [--num_slices 1] [--mesh data=1,fsdp=256] [--hbm_gb 95]
   python -m cwm_jax.plan --config configs/cwm_32b.py:stage=pretrain --devices 64 \
       [--mesh data=8,fsdp=8] [--hbm_gb 95] [--peak_tflops 989]
+  python -m cwm_jax.plan --config configs/cwm_32b.py:stage=pretrain --gpus h100:8x8 \
+      [--config.execution.attention_impl=cudnn]  # GPU compiler, CUDA plugin, no GPU
 
 `--preset` prints the analytic plan (parameters, per-layer windows, FLOPs per
 token, bytes). `--config` compiles the stage's real step ahead of time and
