@@ -178,7 +178,7 @@ def test_sample_cli_on_orbax_checkpoint(tmp_path, hf_pair):
 
 def _random_model(cfg, seed):
   rng = np.random.RandomState(seed)
-  shapes = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+  shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
   return model_from_params(cfg, jax.tree.map(
       lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes))
 
