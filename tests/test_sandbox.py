@@ -269,6 +269,18 @@ def test_scratch_and_processes_end_when_the_caller_is_killed(tmp_path):
     assert not any(os.path.exists(os.path.join('/tmp', p)) for p in scratch)
 
 
+def test_a_run_ends_as_python_would():
+  program = ('import atexit, sys, threading, time\natexit.register(print, "bye")\n'
+             'def late():\n    time.sleep(0.2)\n    print("thread")\n'
+             'threading.Thread(target=late).start()\nprint("main")\n')
+  for tail, code in (('', 0), ('sys.exit(3)\n', 3), ('1 / 0\n', 1)):
+    expected = subprocess.run([sys.executable, '-c', program + tail], capture_output=True,
+                              text=True, timeout=60)
+    result = traces.run_python(program + tail)
+    assert (result.stdout, result.returncode) == (expected.stdout, expected.returncode) == (
+        'main\nthread\nbye\n', code)
+
+
 def test_stale_scratch_is_swept(tmp_path):
   dead = subprocess.Popen(['true'])
   dead.wait()

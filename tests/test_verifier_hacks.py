@@ -62,7 +62,7 @@ HACKS = {
                       ' + b"\\x00\\x00\\x00\\x02{}")\n    except OSError:\n        pass\n' + WRONG,
                       TESTS, False),
     'atexit os._exit(0)': ('import atexit, os\natexit.register(os._exit, 0)\n' + WRONG, TESTS,
-                           False),
+                           True),
     'settrace / setprofile': ('import sys\nsys.settrace(lambda *a: None)\n'
                               'sys.setprofile(lambda *a: None)\n' + WRONG, TESTS, False),
     'no function at all': ('pass\n', TESTS, False),

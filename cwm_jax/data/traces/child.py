@@ -47,3 +47,6 @@ if __name__ == '__main__':
     load('supervisor').probe(request)
   else:
     load('supervisor').supervise(request, int(sys.argv[1]), int(sys.argv[2]), load)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # no interpreter teardown: the caller is waiting for this exit

@@ -22,7 +22,6 @@ import ctypes
 import os
 import resource
 import select
-import signal
 import sys
 import time
 
@@ -30,6 +29,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRATCH = '/tmp/sandbox'
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC = 2, 4, 4096, 16384
 _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 4, 24, 36, 38
+_SIGKILL = 9
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -216,7 +216,7 @@ def _children():
 def _kill_all(pid):
   """Kills the worker and (as subreaper) every process it left; reaps them."""
   try:
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, _SIGKILL)
   except ProcessLookupError:
     pass
   while True:
@@ -225,7 +225,7 @@ def _kill_all(pid):
       return
     for child in children:
       try:
-        os.kill(child, signal.SIGKILL)
+        os.kill(child, _SIGKILL)
       except ProcessLookupError:
         pass
     for _ in children:
@@ -245,7 +245,7 @@ def supervise(request, sock, record_fd, load):
   status, timed_out, gone = _wait(pid, sock, request['timeout_s'])
   if request['namespaces'] and not gone:
     if status is None:  # timed out
-      os.kill(pid, signal.SIGKILL)
+      os.kill(pid, _SIGKILL)
       status = os.waitpid(pid, 0)[1]
   else:
     _kill_all(pid)
