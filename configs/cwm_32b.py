@@ -12,9 +12,11 @@ starts from the previous stage's final checkpoint (GCS paths work as workdirs):
   # all three in order (resumable): configs/cwm_32b.py:schedule=all
   # RL (~172B tokens, GRPO recipe in config.rl) is run by the RL trainer from $ROOT/sft.
 
-On a cluster wrap the same command with launch/{slurm.sbatch,tpu_pod.sh,k8s_jobset.py};
-check memory first with `python -m cwm_jax.plan --config configs/cwm_32b.py:stage=pretrain
---devices 512 --hbm_gb 80`. Start from Meta's released weights instead of
+On a cluster wrap the same command with launch/{slurm.sbatch,tpu_pod.sh,k8s_jobset.py}.
+Variants `slice=v5p-512` (default) or `slice=v6e-256` pick per-stage meshes and
+micro-batching that fit that slice; check one with the TPU compiler first (no TPU needed):
+`python -m cwm_jax.plan --config configs/cwm_32b.py:stage=midtrain,slice=v6e-256
+--topology v6e-256`. Attention is 'auto' (splash on TPU, cuDNN on GPU). Start from Meta's released weights instead of
 scratch with `--config.schedule.stages.sft.start_from=DIR` (a directory made
 by `python -m cwm_jax.convert --to orbax`).
 
@@ -45,30 +47,49 @@ def _mixture(weights: dict, root: str) -> list[dict]:
   return [dict(kind="array_record", path=f"{root}/{name}", weight=w) for name, w in weights.items()]
 
 
-def _stages(root: str) -> dict:
+# Per-stage layouts for each slice (variant `slice=`): mesh, micro-batches, RL batch. Each
+# was compiled with libtpu for that slice (`python -m cwm_jax.plan --config
+# configs/cwm_32b.py:stage=STAGE,slice=SLICE --topology SLICE`; README "Planner" table).
+# Parameters and optimizer state are sharded over fsdp x sequence (see RULES), so a
+# sequence axis does not replicate the 391 GB train state. 256 chips each.
+SLICES = {
+    "v5p-512": dict(  # 256 v5p chips, 95 GiB HBM each
+        pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
+        midtrain=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), grad_accum=4),
+        sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
+        rl=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), batch_size=64)),
+    "v6e-256": dict(  # 256 v6e chips, 32 GiB HBM each
+        pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
+        midtrain=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), grad_accum=8),
+        sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
+        rl=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), batch_size=16)),
+}
+RULES_OVERRIDES = {"embed": ["fsdp", "sequence"]}  # ZeRO-3 over every device of the slice
+
+
+def _stages(root: str, slice_name: str) -> dict:
   """Stage fields; unknown figures are marked (default)."""
-  return dict(
+  stages = dict(
       pretrain=dict(tokens=8 * T, seq_len=8192, global_window=8192, rope_scaling=False,
                     batch_size=2048,                                   # (default) 16.8M tok/step
-                    mesh=dict(data=-1, fsdp=64, tensor=1, sequence=1),  # (default)
                     optimizer=dict(lr=3e-4, warmup_steps=2000, schedule="cosine",  # (default)
                                    min_lr_ratio=0.1, weight_decay=0.1),
                     data=dict(mixture=_mixture(PRETRAIN_MIX, root)), remat="full", start_from="scratch"),
       midtrain=dict(tokens=5 * T, seq_len=131072, global_window=131072, rope_scaling=True,
                     batch_size=128,                                    # (default) 16.8M tok/step
-                    mesh=dict(data=-1, fsdp=64, tensor=1, sequence=8),  # (default)
                     data=dict(mixture=_mixture(MIDTRAIN_MIX, root)), remat="full", carry_optimizer=True),
       sft=dict(tokens=100 * B, seq_len=32768, global_window=131072, rope_scaling=True,
                batch_size=256,                                         # (default) 8.4M tok/step
-               mesh=dict(data=-1, fsdp=64, tensor=1, sequence=2),      # (default)
                optimizer=dict(lr=1e-5, warmup_steps=100, schedule="cosine",  # (default)
                               min_lr_ratio=0.1, weight_decay=0.1),
                data=dict(mixture=_mixture(SFT_MIX, root)), remat="full"),
       rl=dict(tokens=172 * B, seq_len=131072, global_window=131072, rope_scaling=True,
-              batch_size=64, mesh=dict(data=-1, fsdp=64, tensor=1, sequence=8),  # (default)
               optimizer=dict(lr=1e-6, warmup_steps=0, schedule="constant"),     # (default)
               remat="full", trainer="rl"),
   )
+  for name, layout in SLICES[slice_name].items():  # (default) meshes, accumulation, RL batch
+    stages[name].update(layout)
+  return stages
 
 
 def _rl() -> ml_collections.ConfigDict:
@@ -83,18 +104,22 @@ def _rl() -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None):
   variant = parse_variant(arg)
-  unknown = sorted(set(variant) - {"stage", "schedule", "data_root"})
+  unknown = sorted(set(variant) - {"stage", "schedule", "data_root", "slice"})
   stage = variant.get("stage", "")
-  if unknown or (stage and stage not in STAGES) or variant.get("schedule", "all") != "all":
+  slice_name = variant.get("slice", "v5p-512")
+  if (unknown or (stage and stage not in STAGES) or variant.get("schedule", "all") != "all"
+      or slice_name not in SLICES):
     raise ConfigError(f"configs/cwm_32b.py: use stage={'|'.join(STAGES)} or schedule=all "
-                      "[,data_root=DIR] "
+                      f"[,slice={'|'.join(SLICES)}][,data_root=DIR] "
                       f"(got {arg!r})")
   c = base_config()
   c.model.preset = "cwm_32b"
+  # 'auto': splash on TPU, cuDNN on GPU, chunked on CPU; K/V all-gathered over `sequence`
+  # for global layers, a window-sized halo for local ones.
   c.execution.update(dict(param_dtype="float32", compute_dtype="bfloat16",
-                         attention_impl="chunked", attention_chunk=1024, scan_layers=True,
-                         remat_policy="full"))
-  c.rules = [list(r) for r in c.rules]
+                          attention_impl="auto", attention_chunk=512, scan_layers=True,
+                          remat_policy="full", context_parallel="allgather"))
+  c.rules = [[name, RULES_OVERRIDES.get(name, axes)] for name, axes in c.rules]
   c.checkpoint_every = 1000               # (default)
   c.log_every = 10
   c.loss.chunk = 1024                     # vocab projection in chunks of 1024 tokens
@@ -104,5 +129,6 @@ def get_config(arg: str | None = None):
   c.rl = _rl()
   order = "pretrain,midtrain,sft" if stage != "rl" else ",".join(STAGES)
   c.schedule = ml_collections.ConfigDict(dict(order=order, only=stage, finish=False,
-                                              stages=_stages(variant.get("data_root", DATA_ROOT))))
+                                              stages=_stages(variant.get("data_root", DATA_ROOT),
+                                                             slice_name)))
   return c

@@ -85,3 +85,19 @@ def test_local_window_memory_grows_linearly_in_sequence_length():
     temps[t] = plan["temp_gb_per_device"]
   exponent = math.log(temps[65536] / temps[8192]) / math.log(8)
   assert 0.8 < exponent <= 1.1, temps
+
+
+def test_cwm_32b_slice_variants():
+  """Per-stage, per-slice layouts reach the stage configs the trainer and planner use."""
+  from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
+  (name, c), = stages.stage_configs(grids.parse_config(
+      "configs/cwm_32b.py:stage=midtrain,slice=v6e-256"))
+  assert name == "midtrain" and c.seq_len == 131072 and c.grad_accum == 8
+  assert dict(c.mesh) == dict(data=1, fsdp=16, tensor=1, sequence=16)
+  assert c.execution.attention_impl == "auto" and c.execution.context_parallel == "allgather"
+  (_, rl), = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=rl,slice=v6e-256"))
+  assert rl.stage.trainer == "rl" and rl.batch_size == 16
+  (_, pre), = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=pretrain"))
+  assert pre.grad_accum == 8 and dict(pre.mesh)["fsdp"] == 256  # default slice: v5p-512
+  with pytest.raises(ConfigError, match="slice=v5p-512|v6e-256"):
+    grids.parse_config("configs/cwm_32b.py:stage=sft,slice=v4-8")

@@ -46,6 +46,7 @@ class Stage:
   data: dict = dataclasses.field(default_factory=dict)       # data mixture / format
   loss: dict = dataclasses.field(default_factory=dict)
   remat: str = ""                # remat policy ('' keeps the model's)
+  grad_accum: int = 0            # micro-batches per step (0 keeps the base config's)
   start_from: str = PREVIOUS     # 'scratch', 'previous' or a checkpoint directory
   carry_optimizer: bool = False  # keep optimizer state, step and LR schedule of the previous stage
   trainer: str = "lm"            # 'lm': cwm_jax.train; 'rl': the RL trainer
@@ -152,6 +153,8 @@ def stage_config(config, i: int, workdir: str) -> ml_collections.ConfigDict:
                     if st.rope_scaling and base_model.rope_scaling else None)))
   if st.remat:
     c.execution.remat_policy = st.remat
+  if st.grad_accum:
+    c.grad_accum = st.grad_accum
   c.init_from = ml_collections.ConfigDict(dict(path="", params_only=True, step=-1))
   if st.start_from == PREVIOUS:
     prev = stages[i - 1]
