@@ -27,6 +27,7 @@ from flax import nnx
 
 from cwm_jax.infer import cache as kv
 from cwm_jax.model.layers import dtype_of
+from cwm_jax.model.logprobs import token_logprobs
 
 PAD_ID = 0
 
@@ -75,8 +76,7 @@ def sample_token(logits_BV, key, temperature, top_p, greedy: bool):
   else:
     filtered = top_p_filter(logits_BV / temperature, top_p)
     token_B = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-  logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-  return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+  return token_B, token_logprobs(logits_BV, token_B)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy"))
