@@ -24,7 +24,8 @@ PROGRAMS = {"cwm_jax.cli", "cwm_jax.convert", "cwm_jax.evaluate", "cwm_jax.plan"
             "cwm_jax.trace", "cwm_jax.train.__main__", "cwm_jax.data.build"}
 # Imported where used, so that a light process does not pay for them.
 OPTIONAL_HEAVY = ("torch", "transformers", "tensorflow_datasets", "apache_beam", "libtpu",
-                  "tensorboardX", "jax.experimental.pallas")
+                  "tensorboardX", "jax.experimental.pallas",
+                  "array_record.beam")  # array_record's Beam sink imports apache_beam
 # Code that runs inside the sandboxed child interpreter imports lazily on purpose: the
 # child starts from a minimal `-I -S` interpreter and must not import what the program
 # under test could have replaced.

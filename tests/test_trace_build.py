@@ -1,6 +1,7 @@
 """Trace corpora: functions JSONL source, dedup, decontamination, the parallel build and CLI."""
 
 import bisect
+import importlib.util
 import json
 import os
 import subprocess
@@ -165,7 +166,10 @@ def test_bad_build_arguments_exit_2(tmp_path):
                          (['--corpus=functions', f'--functions={tmp_path}/x.jsonl'], 'No such'),
                          (['--corpus=repo_traces', '--workers=0'], 'at least 1'),
                          (['--corpus=code', '--', '--direct_num_workers=2'], 'Beam --runner'),
-                         (['--corpus=repo_traces', '--stdlib_tests=test_nope'], 'no standard')]:
+                         (['--corpus=repo_traces', '--stdlib_tests=test_nope'], 'no standard')
+                         ] + ([] if importlib.util.find_spec('apache_beam') else [
+                             (['--corpus=functions', '--noprograms', '--doctest_modules=',
+                               '--runner=DirectRunner'], "pip install -e '.[beam]'")]):
     run = subprocess.run([sys.executable, '-m', 'cwm_jax.data.build', f'--out={tmp_path}/o',
                           *flags], capture_output=True, text=True, timeout=300,
                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})

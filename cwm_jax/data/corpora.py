@@ -24,6 +24,8 @@ from absl import logging
 
 from cwm_jax.data import bpe
 from cwm_jax.data import formats
+from cwm_jax.data import traces
+from cwm_jax.data.traces.examples import is_held_out
 
 CORPORA = ('code', 'traces', 'sft')
 _MAX_REASONING_STEPS = 48
@@ -40,8 +42,6 @@ def code_records(limit: int | None = None) -> Iterator[dict]:
 
 def _calls(limit: int | None):
   """(Call, origin) pairs: shipped programs first (held-out files skipped), then doctests."""
-  from cwm_jax.data import traces  # pylint: disable=g-import-not-at-top
-  from cwm_jax.data.traces.examples import is_held_out  # pylint: disable=g-import-not-at-top
   calls = [c for c in traces.program_calls() if not is_held_out(c.origin)]
   for module in traces.DOCTEST_MODULES:
     if limit is not None and len(calls) >= limit:
@@ -66,7 +66,6 @@ def _traced(limit: int | None) -> tuple[dict, ...]:
 
 
 def _trace_calls(limit: int | None) -> Iterator[dict]:
-  from cwm_jax.data import traces  # pylint: disable=g-import-not-at-top
   for call in _calls(limit):
     result = traces.trace_call(call.source, call.function, call.args,
                                call.kwargs)
