@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cwm_jax.kernels.chunked import block_pairs, flash_attention, ideal_pairs
+from cwm_jax.kernels.chunked import block_pairs, flash_attention
+from cwm_jax.train.flops import causal_pairs
 from cwm_jax.kernels.reference import reference_attention
 
 N, K, H = 48, 8, 128
@@ -49,13 +50,13 @@ def main():
   body = two - one
   chunked_total = scanned + (len(pairs) - 1) * body
   dense = _flops(lambda q, k, v, s: reference_attention(q, k, v, s, s, window=w), t)
-  ideal = 4.0 * N * H * ideal_pairs(t, w)
+  ideal = 4.0 * N * H * causal_pairs(t, w)
   print(json.dumps({
       "chunked_over_ideal": round(chunked_total / ideal, 4),
       "dense_over_ideal": round(dense / ideal, 4),
       "chunked_flops": chunked_total, "dense_flops": dense, "ideal_flops": ideal,
       "block_pairs": len(pairs), "pair_body_flops": body,
-      "block_pairs_over_ideal": round(len(pairs) * c * c / ideal_pairs(t, w), 4),
+      "block_pairs_over_ideal": round(len(pairs) * c * c / causal_pairs(t, w), 4),
       "seq": t, "window": w, "chunk": c, "heads": [N, K, H],
   }))
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from cwm_jax import kernels
-from cwm_jax.kernels.chunked import block_pairs, ideal_pairs
+from cwm_jax.kernels.chunked import block_pairs
 from cwm_jax.kernels.masks import allowed
+from cwm_jax.train.flops import causal_pairs
 from cwm_jax.base import ConfigError
 from cwm_jax.model.execution import Execution
 
@@ -73,8 +74,8 @@ def test_block_pairs_cover_exactly_the_blocks_with_allowed_pairs(t, w, c, offset
 def test_block_pairs_are_near_ideal_for_cwm_local_layers():
   t, w, c = 32768, 8192, 512
   computed = len(block_pairs(t // c, t // c, c, w)) * c * c
-  assert ideal_pairs(t, w) == sum(min(i + 1, w) for i in range(t))
-  assert computed / ideal_pairs(t, w) < 1.1
+  assert causal_pairs(t, w) == sum(min(i + 1, w) for i in range(t))
+  assert computed / causal_pairs(t, w) < 1.1
 
 
 def test_cudnn_module_xla_path_matches_reference():

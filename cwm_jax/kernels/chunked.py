@@ -46,12 +46,6 @@ def block_pairs(n_q: int, n_k: int, chunk: int, window: int | None, q_offset: in
   return tuple(pairs)
 
 
-def ideal_pairs(t: int, window: int) -> int:
-  """Number of (query, key) pairs a self-attention layer really needs."""
-  w = min(window, t)
-  return w * (w + 1) // 2 + (t - w) * w
-
-
 def _pad_rows(x, rows, value):
   widths = [(0, 0)] * x.ndim
   widths[1] = (0, rows)
