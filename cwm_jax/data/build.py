@@ -6,13 +6,14 @@
   python -m cwm_jax.data.build --corpus functions --out DIR --functions calls.jsonl --workers 2
   python -m cwm_jax.data.build --corpus repo_traces --out DIR --stdlib_tests test_bisect,test_heapq
   python -m cwm_jax.data.build --corpus repo_traces --out DIR --repo ~/src/project
-  python -m cwm_jax.data.build --corpus repo_traces --out DIR --runner DirectRunner \\
-      -- --direct_num_workers=2 --direct_running_mode=multi_processing
+  python -m cwm_jax.data.build --corpus repo_traces --out DIR --runner DataflowRunner \\
+      -- --project=P --region=R --temp_location=gs://B/tmp
 
 Every record is one UTF-8 JSON object in the schema of `cwm_jax.data.formats`. Trace corpora
 print progress on stderr; their manifest counts drops by reason, duplicates and contaminated
-records. Arguments after `--` are Beam pipeline options (any runner: DirectRunner,
-DataflowRunner, FlinkRunner, SparkRunner). Bad flags exit with status 2.
+records. Trace corpora are built by a Beam pipeline: the default `--runner DirectRunner` runs it
+locally in `--workers` processes; arguments after `--` are Beam pipeline options for any runner
+(DataflowRunner, FlinkRunner, SparkRunner). Bad flags exit with status 2.
 """
 
 import json
@@ -35,8 +36,9 @@ _LIMIT = flags.DEFINE_integer('limit', None, 'At most this many source files / t
 _SHARDS = flags.DEFINE_integer('shards', 1, 'ArrayRecord files to write.')
 _WRITER = flags.DEFINE_string('writer', 'array_record', f'One of {corpus_build.WRITERS}.')
 _WORKERS = flags.DEFINE_integer('workers', 2, 'Items traced at once (trace corpora).')
-_RUNNER = flags.DEFINE_string('runner', 'local', "'local' (a thread pool driving sandboxed "
-                              'processes) or a Beam runner such as DirectRunner.')
+_RUNNER = flags.DEFINE_string('runner', 'DirectRunner', 'A Beam runner (default DirectRunner: '
+                              'local, --workers processes; DataflowRunner, FlinkRunner, ... with '
+                              "pipeline options after --), or 'local' (a thread pool, no Beam).")
 _FUNCTIONS = flags.DEFINE_string('functions', None, 'JSONL of {"source" or "path", "function", '
                                  '"args", "kwargs"} (corpus functions).')
 _DOCTESTS = flags.DEFINE_list('doctest_modules', list(traces.DOCTEST_MODULES),
