@@ -16,7 +16,7 @@ import re
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import ConfigDict
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
@@ -35,9 +35,11 @@ def one_line(text: str) -> str:
 
 
 def fail(message: str, code: int = 2) -> None:
-  """Prints `error: MESSAGE` as one line on stderr and exits with `code`."""
+  """Prints `error: MESSAGE` as one line on stderr and exits with `code` at once: library
+  threads (orbax's event loops after a failed read) get no chance to print teardown noise."""
+  sys.stdout.flush()
   print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _config_flags() -> list[str]:
@@ -128,11 +130,17 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
     fail(str(e))
 
 
-def run_main(main: Callable[[list[str]], None], errors: tuple[type, ...] = ()) -> None:
+def run_main(main: Callable[[list[str]], None], errors: tuple[type, ...] = (),
+             quiet: bool = True) -> None:
   """`app.run(main)` where bad flags, bad configs (`ConfigError`), missing files, usage
   errors and `errors` raised by `main` print one line and exit 2, and an exception with
-  an `exit_code` (a non-finite training stop) prints one line and exits with it."""
+  an `exit_code` (a non-finite training stop) prints one line and exits with it.
+
+  `quiet`: library INFO logs (orbax's) are off unless --verbosity is given.
+  """
   def guarded(argv):
+    if quiet and not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
     except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

@@ -11,6 +11,7 @@ non-empty destination).
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from absl import flags
@@ -34,6 +35,11 @@ def main(argv):
     sys.exit(2)
   if not (FLAGS.src and FLAGS.dst and FLAGS.to):
     raise ConfigError("--src, --dst and --to are required")
+  if not (math.isfinite(FLAGS.max_shard_gb) and FLAGS.max_shard_gb >= 0.001):
+    raise ConfigError(f"--max_shard_gb={FLAGS.max_shard_gb} must be a number >= 0.001 (1 MB); "
+                      "the Hub's usual size is 5")
+  if FLAGS.step is not None and FLAGS.step < 0:
+    raise ConfigError(f"--step={FLAGS.step} must be >= 0 (omit it for the latest step)")
   summary = convert(FLAGS.src, FLAGS.dst, FLAGS.to, dtype=FLAGS.dtype, step=FLAGS.step,
                     max_shard_bytes=int(FLAGS.max_shard_gb * 1e9))
   print(json.dumps(summary))

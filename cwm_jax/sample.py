@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from absl import flags
@@ -39,7 +40,21 @@ def parse_ids(text: str, what: str) -> list[int]:
     raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+def check_flags() -> None:
+  """Sampling flags are finite and in range (ConfigError naming the flag otherwise)."""
+  if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
+    raise ConfigError(f"--temperature={FLAGS.temperature} must be a finite number >= 0 "
+                      "(0 is greedy)")
+  if not (math.isfinite(FLAGS.top_p) and 0 < FLAGS.top_p <= 1):
+    raise ConfigError(f"--top_p={FLAGS.top_p} must be in (0, 1] (1 keeps every token)")
+  if FLAGS.max_new_tokens < 1:
+    raise ConfigError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 1")
+  if FLAGS.step is not None and FLAGS.step < 0:
+    raise ConfigError(f"--step={FLAGS.step} must be >= 0 (omit it for the latest step)")
+
+
 def run_sample() -> dict:
+  check_flags()
   if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
     raise ConfigError("give exactly one of --prompt TEXT or --prompt_ids 5,17,9")
   if not FLAGS.checkpoint:
@@ -50,6 +65,13 @@ def run_sample() -> dict:
                                                                            "--prompt_ids")
   stop = (parse_ids(FLAGS.stop_ids, "--stop_ids") if FLAGS.stop_ids is not None
           else list(tok.stop_ids) if use_text else [])
+  vocab = model.cfg.vocab_size
+  for what, ids in (("--prompt_ids", prompt), ("--stop_ids", stop)):
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+      raise ConfigError(f"{what} {bad[:5]} outside the checkpoint's vocabulary [0, {vocab})")
+  if not prompt:
+    raise ConfigError("the prompt is empty; pass --prompt TEXT or --prompt_ids 5,17,9")
   try:
     result = generate(model, [prompt], max_new_tokens=FLAGS.max_new_tokens,
                       temperature=FLAGS.temperature, top_p=FLAGS.top_p, stop_ids=stop,

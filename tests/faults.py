@@ -28,7 +28,7 @@ def train_with_kill() -> None:
       ctx.checkpointer.wait()
       _kill()
 
-  run_main(lambda argv: program.main(argv, hooks=[hook]))
+  run_main(lambda argv: program.main(argv, hooks=[hook]), quiet=False)
 
 
 def convert_with_kill() -> None:

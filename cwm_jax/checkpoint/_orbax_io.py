@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import tensorstore as ts
+from absl import logging
 from etils import epath
 from orbax.checkpoint import type_handlers
 
@@ -88,7 +89,12 @@ def save_streaming(directory: str, cfg: ModelConfig, params: dict, step: int,
   if not type_handlers.has_type_handler(LazyArray):
     # Shares the 'np.ndarray' typestr (so restores see plain numpy entries); reading
     # is NumpyHandler's, inherited unchanged.
-    type_handlers.register_type_handler(LazyArray, _LazyArrayHandler(), override=True)
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns of the (intended) np.ndarray collision
+    try:
+      type_handlers.register_type_handler(LazyArray, _LazyArrayHandler(), override=True)
+    finally:
+      logging.set_verbosity(level)
   manager.save_params_checkpoint(directory, cfg, params, step=step, config=config)
 
 
@@ -99,8 +105,22 @@ def checkpoints_dir(directory: str) -> str:
 
 
 def steps(directory: str) -> list[int]:
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n, "state")))
+  """Committed steps holding a `state` item (uncommitted step directories are skipped)."""
+  return [n for n in manager.complete_steps(directory)
+          if os.path.isdir(os.path.join(directory, str(n), "state"))]
+
+
+def _read_json(path: str) -> Any:
+  """A checkpoint's JSON file; a missing or unparsable one is a ConfigError naming it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"checkpoint file {path} is missing: the checkpoint is incomplete; "
+                      "restore it or pick another step") from None
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ConfigError(f"checkpoint file {path} is corrupt ({e}); restore it or pick another "
+                      "step") from None
 
 
 class OrbaxReader:
@@ -115,15 +135,22 @@ class OrbaxReader:
       raise ConfigError(f"{directory}: no step {step}; steps present: {found}")
     self.step = found[-1] if step is None else step
     step_dir = os.path.join(root, str(self.step))
-    with open(os.path.join(step_dir, "meta", "metadata")) as f:
-      self.meta = json.load(f)
-    self.cfg = manager.model_config_from_dict(self.meta["model"])
-    with open(os.path.join(step_dir, "state", "_METADATA")) as f:
-      tree = json.load(f)
+    meta_path, tree_path = (os.path.join(step_dir, "meta", "metadata"),
+                            os.path.join(step_dir, "state", "_METADATA"))
+    self.meta, tree = _read_json(meta_path), _read_json(tree_path)
+    try:
+      self.cfg = manager.model_config_from_dict(self.meta["model"])
+    except (TypeError, KeyError, ValueError) as e:
+      raise ConfigError(f"checkpoint file {meta_path} holds no valid model config ({e!r}); "
+                        "is this a cwm_jax checkpoint?") from None
     self._state_dir = epath.Path(step_dir) / "state"
-    self._ocdbt, self._zarr3 = tree.get("use_ocdbt", True), tree.get("use_zarr3", False)
-    self._keys = [tuple(k["key"] for k in v["key_metadata"])
-                  for v in tree["tree_metadata"].values()]
+    try:
+      self._ocdbt, self._zarr3 = tree.get("use_ocdbt", True), tree.get("use_zarr3", False)
+      self._keys = [tuple(k["key"] for k in v["key_metadata"])
+                    for v in tree["tree_metadata"].values()]
+    except (AttributeError, TypeError, KeyError) as e:
+      raise ConfigError(f"checkpoint file {tree_path} is not orbax tree metadata ({e!r}); "
+                        "restore it or pick another step") from None
     self._context = type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
     self._open: dict[tuple[str, ...], Any] = {}   # only the last leaf stays open
     self.root = root
@@ -138,8 +165,16 @@ class OrbaxReader:
           name=".".join(("params", *path)), parent_dir=self._state_dir,
           is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3, ts_context=self._context)
       spec = type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
-      self._open = {path: ts.open(ts.Spec(spec), open=True, context=self._context).result()}
+      try:
+        self._open = {path: ts.open(ts.Spec(spec), open=True, context=self._context).result()}
+      except ValueError as e:
+        raise self._corrupt(path, e) from None
     return self._open[path]
+
+  def _corrupt(self, path, e: BaseException) -> ConfigError:
+    first = next((l for l in str(e).splitlines() if l.strip()), "")
+    return ConfigError(f"checkpoint {self._state_dir} is corrupt: params/{'/'.join(path)} cannot "
+                       f"be read ({first[:400]}); restore it or pick another step")
 
   def shape(self, path) -> tuple[int, ...]:
     return tuple(self._store(path).shape)
@@ -149,4 +184,7 @@ class OrbaxReader:
 
   def read(self, path, layer: int | None) -> np.ndarray:
     t = self._store(path)
-    return (t if layer is None else t[layer]).read().result()
+    try:
+      return (t if layer is None else t[layer]).read().result()
+    except ValueError as e:
+      raise self._corrupt(path, e) from None

@@ -99,13 +99,24 @@ def _files(directory: str, names) -> list[str]:
   return [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
 
 
+def _named(path: str, parse: Callable, config: Any) -> ModelConfig:
+  """parse(config), any failure a ConfigError naming the file."""
+  try:
+    return parse(config)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise ConfigError(f"{path} is not a valid CWM config ({type(e).__name__}: {e}); restore "
+                      "the file") from None
+
+
 def open_source(directory: str, step: int | None = None) -> Source:
   """Opens and validates a checkpoint of any supported format (reads no tensor data)."""
   fmt = detect_format(directory)
   if fmt == "hf":
-    with open(os.path.join(directory, "config.json")) as f:
-      config = json.load(f)
-    cfg = hf.config_from_hf(config)
+    path = os.path.join(directory, "config.json")
+    config = hf.read_json(path, "checkpoint config")
+    cfg = _named(path, hf.config_from_hf, config)
     store = hf.SafetensorsReader(directory)
     declared = config.get("dtype") or config.get("torch_dtype")
     dtypes = _check_external(directory, HF, store, cfg, DTYPES.get(declared))
@@ -113,8 +124,8 @@ def open_source(directory: str, step: int | None = None) -> Source:
     return Source(fmt, cfg, _external_reader(HF, store, cfg), dtypes, ids,
                   _files(directory, hf.TOKENIZER_FILES))
   if fmt == "meta":
-    with open(os.path.join(directory, "params.json")) as f:
-      cfg = meta.config_from_meta(json.load(f))
+    path = os.path.join(directory, "params.json")
+    cfg = _named(path, meta.config_from_meta, hf.read_json(path, "checkpoint config"))
     store = meta.DcpReader(directory)
     dtypes = _check_external(directory, META, store, cfg, None)
     return Source(fmt, cfg, _external_reader(META, store, cfg), dtypes, {},

@@ -20,6 +20,12 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   """ModelConfig from a config.json dict; `layer_types` is copied verbatim."""
+  if not isinstance(hf, dict):
+    raise ConfigError("config.json must hold a JSON object")
+  missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size",
+                         "intermediate_size", "vocab_size") if not isinstance(hf.get(k), int)]
+  if missing:
+    raise ConfigError(f"config.json lacks integer fields {missing}; is this a CWM config.json?")
   n_layers = hf["num_hidden_layers"]
   global_window = int(hf.get("max_position_embeddings", 131072))
   sliding = hf.get("sliding_window") or global_window
@@ -85,13 +91,53 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
+def _bad(path: str, what: str) -> ConfigError:
+  return ConfigError(f"safetensors file {path} is corrupt: {what}; re-download or re-convert it")
+
+
 def _read_header(path: str) -> dict[str, Any]:
-  """The JSON header of a safetensors file (no tensor data is read)."""
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
+  """The JSON header of a safetensors file (no tensor data is read), checked against the
+  file's size: a truncated, empty or garbage file is a ConfigError naming it."""
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      if size < 8:
+        raise _bad(path, f"{size} bytes, shorter than the 8-byte header length")
+      (n,) = struct.unpack("<Q", f.read(8))
+      if n > size - 8 or n > 100 * 2**20:
+        raise _bad(path, f"header length {n} exceeds the file's {size} bytes")
+      header = json.loads(f.read(n))
+  except ConfigError:
+    raise
+  except FileNotFoundError:
+    raise ConfigError(f"safetensors file {path} is missing; re-download the checkpoint") from None
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise _bad(path, f"unreadable header ({e})") from None
+  if not isinstance(header, dict):
+    raise _bad(path, "the header is not a JSON object")
   header.pop("__metadata__", None)
+  data = size - 8 - n
+  for name, info in header.items():
+    try:
+      begin, end = info["data_offsets"]
+      nbytes = math.prod(info["shape"]) * ST_DTYPES[info["dtype"]].itemsize
+    except (TypeError, KeyError, ValueError):
+      raise _bad(path, f"tensor {name!r} has an invalid header entry {info!r}") from None
+    if not 0 <= begin <= end <= data or end - begin != nbytes:
+      raise _bad(path, f"tensor {name!r} spans bytes [{begin}, {end}) of {data} data bytes "
+                 f"(needs {nbytes}): the file is truncated or damaged")
   return header
+
+
+def read_json(path: str, what: str) -> Any:
+  """A checkpoint's JSON file; missing or unparsable is a ConfigError naming it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{what} {path} is missing") from None
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ConfigError(f"{what} {path} is not valid JSON ({e}); restore the file") from None
 
 
 class SafetensorsReader:
@@ -100,8 +146,11 @@ class SafetensorsReader:
   def __init__(self, directory: str):
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      data = read_json(index, "safetensors index")
+      weight_map = data.get("weight_map") if isinstance(data, dict) else None
+      if not isinstance(weight_map, dict) or not all(
+          isinstance(v, str) and "/" not in v for v in weight_map.values()):
+        raise ConfigError(f"{index} has no valid weight_map {{tensor: file name}}; restore it")
     else:
       files = sorted(p for p in os.listdir(directory) if p.endswith(".safetensors"))
       if not files:
@@ -134,8 +183,12 @@ class SafetensorsReader:
   def get(self, name: str) -> np.ndarray:
     """One tensor as numpy; bfloat16 arrives as ml_dtypes.bfloat16."""
     path = os.path.join(self.directory, self.weight_map[name])
-    with safe_open(path, framework="numpy") as f:
-      return f.get_tensor(name)
+    self._info(name)  # header checked against the file size first
+    try:
+      with safe_open(path, framework="numpy") as f:
+        return f.get_tensor(name)
+    except Exception as e:  # pylint: disable=broad-except  (safetensors' own error types)
+      raise _bad(path, f"reading {name} failed ({e})") from None
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import grain
@@ -19,6 +20,7 @@ from flax import nnx
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cwm_jax.base import ConfigError
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.transformer import abstract_model
 
@@ -51,17 +53,62 @@ def _restore_args(target):
   return jax.tree.map(one, target)
 
 
-class Checkpointer:
-  """One orbax CheckpointManager holding train state, data state and meta."""
+COMMIT_FILE = "commit_success.txt"  # orbax writes it when a step's save has committed
 
-  def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
+
+class CorruptCheckpoint(ConfigError):
+  """A committed checkpoint step that cannot be read; the message names its files."""
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps under `directory` whose save committed, ascending; a step directory without
+  orbax's commit marker (a killed save, an empty `70/`) is never among them."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isfile(os.path.join(directory, n, COMMIT_FILE)))
+
+
+def _corrupt(directory: str, step: int, e: BaseException) -> CorruptCheckpoint:
+  first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+  return CorruptCheckpoint(f"checkpoint {os.path.join(directory, str(step))} is corrupt or "
+                           f"incomplete ({type(e).__name__}: {first[:400]}); restore it, or "
+                           "pick another step")
+
+
+class Checkpointer:
+  """One orbax CheckpointManager holding train state, data state and meta.
+
+  Only committed steps (`complete_steps`) count; reading a corrupt one raises
+  `CorruptCheckpoint`. With `create=False` nothing is created on disk.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
+               create: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=async_save)
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
+  def complete_steps(self) -> list[int]:
+    return complete_steps(self.directory)
+
   def latest_step(self) -> int | None:
-    return self._mgr.latest_step()
+    steps = self.complete_steps()
+    return steps[-1] if steps else None
+
+  def set_aside(self, steps) -> list[str]:
+    """Renames step directories (corrupt or uncommitted) to `<step>.bad-<time>` so that
+    new saves can reuse their numbers; returns the new paths."""
+    moved = []
+    for step in steps:
+      src = os.path.join(self.directory, str(step))
+      if os.path.isdir(src):
+        dst = f"{src}.bad-{int(time.time())}"
+        os.replace(src, dst)
+        moved.append(dst)
+    self._mgr.reload()
+    return moved
 
   def save(self, step: int, state: dict, *, data_iter=None, meta: dict | None = None) -> None:
     """Starts a (possibly async) save; arrays are copied off-device before it returns."""
@@ -74,8 +121,15 @@ class Checkpointer:
     self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
 
   def meta(self, step: int) -> dict:
-    return self._mgr.restore(step, args=ocp.args.Composite(
-        **{_META: ocp.args.JsonRestore()}))[_META]
+    try:
+      out = self._mgr.restore(step, args=ocp.args.Composite(
+          **{_META: ocp.args.JsonRestore()}))[_META]
+    except Exception as e:  # pylint: disable=broad-except  (any read failure: corrupt files)
+      raise _corrupt(self.directory, step, e) from e
+    if not isinstance(out, dict) or not isinstance(out.get("model"), dict):
+      raise CorruptCheckpoint(f"checkpoint {os.path.join(self.directory, str(step))}: meta "
+                              "holds no model config; is this a cwm_jax checkpoint?")
+    return out
 
   def restore(self, step: int, target: dict, *, data_iter=None, partial: bool = False) -> dict:
     """Restores `state` onto `target` (ShapeDtypeStructs with shardings); sets `data_iter`.
@@ -87,7 +141,10 @@ class Checkpointer:
     if data_iter is not None:
       items[_DATA] = (grain.checkpoint.CheckpointRestore(data_iter) if _is_grain(data_iter)
                       else ocp.args.JsonRestore())
-    out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+    try:
+      out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  (any read failure: corrupt files)
+      raise _corrupt(self.directory, step, e) from e
     if data_iter is not None and not _is_grain(data_iter):
       data_iter.set_state(out[_DATA])
     return out[_STATE]
@@ -120,12 +177,17 @@ def params_target(cfg: ModelConfig, shardings=None) -> dict:
 def restore_params(directory: str, step: int | None = None, shardings=None
                    ) -> tuple[ModelConfig, Any]:
   """(cfg, params) from a full or params-only checkpoint; numpy without `shardings`."""
-  ckpt = Checkpointer(directory, max_to_keep=None, async_save=False)
+  found = complete_steps(directory)
+  if not found or (step is not None and step not in found):
+    raise ConfigError(f"{directory}: no committed checkpoint step {'' if step is None else step}"
+                      f" (committed steps: {found}); pass a checkpoint directory or --step")
+  ckpt = Checkpointer(directory, max_to_keep=None, async_save=False, create=False)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {directory}")
-    cfg = model_config_from_dict(ckpt.meta(step)["model"])
+    step = found[-1] if step is None else step
+    try:
+      cfg = model_config_from_dict(ckpt.meta(step)["model"])
+    except (TypeError, ValueError, KeyError) as e:
+      raise _corrupt(directory, step, e) from e
     state = ckpt.restore(step, {"params": params_target(cfg, shardings)}, partial=True)
     return cfg, state["params"]
   finally:

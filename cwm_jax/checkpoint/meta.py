@@ -181,8 +181,8 @@ class DcpReader:
     path = os.path.join(directory, ".metadata")
     if not os.path.exists(path):
       raise ConfigError(f"{directory} has no DCP .metadata file")
-    with open(path, "rb") as f:
-      md = _MetadataUnpickler(f).load()
+    md = _load_metadata(path)
+    _check_storage(directory, md)
     self.directory = directory
     self._meta = {k[len(PREFIX):] if k.startswith(PREFIX) else k: (k, v)
                   for k, v in md.state_dict_metadata.items()
@@ -203,10 +203,47 @@ class DcpReader:
     import torch.distributed.checkpoint as dcp
     key, md = self._meta[name]
     out = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
-    with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-      dcp.load(out, storage_reader=_safe_reader(self.directory), no_dist=True)
+    try:
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(out, storage_reader=_safe_reader(self.directory), no_dist=True)
+    except Exception as e:  # pylint: disable=broad-except  (torch's errors for damaged files)
+      first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+      raise ConfigError(f"DCP checkpoint {self.directory}: reading {name} failed ({first[:300]});"
+                        " a .distcp file is damaged: re-download or re-convert it") from None
     return _numpy(out[key])
+
+
+def _load_metadata(path: str):
+  """DCP `.metadata` through the allow-list unpickler; garbage is a ConfigError naming it."""
+  try:
+    with open(path, "rb") as f:
+      md = _MetadataUnpickler(f).load()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (any unpickling failure)
+    raise ConfigError(f"DCP metadata file {path} is corrupt ({type(e).__name__}: {e}); "
+                      "re-download or re-convert the checkpoint") from None
+  if not hasattr(md, "state_dict_metadata"):
+    raise ConfigError(f"DCP metadata file {path} holds {type(md).__name__}, not DCP metadata")
+  return md
+
+
+def _check_storage(directory: str, md) -> None:
+  """Every byte range `.metadata` points at exists: a missing or truncated .distcp file
+  is a ConfigError naming it, before any tensor is read."""
+  sizes: dict[str, int] = {}
+  for info in (getattr(md, "storage_data", None) or {}).values():
+    rel = str(getattr(info, "relative_path", ""))
+    path = os.path.join(directory, rel)
+    if rel not in sizes:
+      sizes[rel] = os.path.getsize(path) if os.path.isfile(path) else -1
+    if sizes[rel] < 0:
+      raise ConfigError(f"DCP checkpoint file {path} is missing; re-download or re-convert")
+    end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+    if end > sizes[rel]:
+      raise ConfigError(f"DCP checkpoint file {path} is truncated ({sizes[rel]} bytes, data "
+                        f"up to byte {end}); re-download or re-convert it")
 
 
 def _safe_reader(directory: str):
@@ -216,8 +253,7 @@ def _safe_reader(directory: str):
 
   class Reader(FileSystemReader):
     def read_metadata(self, *args, **kwargs):
-      with open(os.path.join(directory, ".metadata"), "rb") as f:
-        md = _MetadataUnpickler(f).load()
+      md = _load_metadata(os.path.join(directory, ".metadata"))
       if getattr(md, "storage_meta", None) is None:
         md.storage_meta = StorageMeta()
       md.storage_meta.load_id = self.load_id

@@ -17,6 +17,8 @@ import os
 
 import tiktoken
 
+from cwm_jax.base import ConfigError
+
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
            r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 NUM_SPECIALS = 256
@@ -52,10 +54,12 @@ def read_rank_file(path: str) -> dict[bytes, int]:
       try:
         token, rank = line.split()
         ranks[base64.b64decode(token, validate=True)] = int(rank)
-      except ValueError as e:
-        raise ValueError(f'{path}:{lineno}: not a `base64 rank` line') from e
-  if sorted(ranks.values()) != list(range(len(ranks))):
-    raise ValueError(f'{path}: ranks must be 0..{len(ranks) - 1}, each once')
+      except ValueError:
+        raise ConfigError(f'rank file {path}:{lineno} is not a `base64 rank` line: not a '
+                          'tiktoken rank file; pass the release tokenizer.model') from None
+  if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
+    raise ConfigError(f'rank file {path}: ranks must be 0..N-1, each once (found '
+                      f'{len(ranks)} lines); pass the release tokenizer.model')
   return ranks
 
 
@@ -79,7 +83,12 @@ class Tokenizer:
 
   @classmethod
   def from_rank_file(cls, path: str) -> 'Tokenizer':
-    return cls(read_rank_file(path), name=os.path.basename(path))
+    ranks = read_rank_file(path)
+    try:
+      return cls(ranks, name=os.path.basename(path))
+    except ValueError as e:
+      raise ConfigError(f'rank file {path} does not make a BPE tokenizer ({e}); pass the '
+                        'release tokenizer.model') from None
 
   @classmethod
   def default(cls) -> 'Tokenizer':

@@ -37,7 +37,7 @@ def main(argv, hooks=()):
 
 
 def run():
-  run_main(main)
+  run_main(main, quiet=False)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ anything is compiled and raises `ConfigError` naming every bad field.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 from flax import nnx
@@ -41,11 +42,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       schedule="cosine", warmup_steps=2, decay_steps=0, min_lr_ratio=0.1,
-      decay_fraction=0.2))
+      decay_fraction=0.2,
+      # 0: a non-finite loss or gradient norm stops the run (exit 3, last good checkpoint
+      # kept); N > 0: such steps are skipped (no update), stopping after N in a row.
+      skip_nonfinite=0))
   c.loss = ml_collections.ConfigDict(dict(z_loss=0.0, chunk=0))
   c.data = ml_collections.ConfigDict(dict(source="synthetic", mean_doc_len=24,
                                           prompt_fraction=0.0))
-  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, async_save=True))
+  # on_corrupt: a checkpoint that fails to restore on resume is reported and the previous
+  # complete one is used ('fallback'), or the run stops with exit 2 ('fail').
+  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, async_save=True,
+                                                on_corrupt="fallback"))
   c.init_from = ml_collections.ConfigDict(dict(path="", params_only=True, step=-1))
   c.metrics = ml_collections.ConfigDict(dict(peak_flops=0.0, tensorboard=True))
   # In-training evaluation (a hook of cwm_jax.recipe.trainers): every `eval_every` steps
@@ -89,7 +96,7 @@ def execution_config(config: ml_collections.ConfigDict) -> Execution:
 
 def validate(config, model_cfg: ModelConfig, n_devices: int, n_processes: int) -> dict:
   """Checks the run config against the devices; returns the resolved mesh sizes."""
-  errors = []
+  errors = check_values(config)
   try:
     execution_config(config)
   except ConfigError as e:
@@ -140,6 +147,60 @@ def validate(config, model_cfg: ModelConfig, n_devices: int, n_processes: int) -
   if errors:
     raise ConfigError("invalid training config: " + "; ".join(errors))
   return sizes
+
+
+# (dotted field, lowest, highest, lowest included, highest included); None: unbounded.
+_RANGES = (
+    ("optimizer.lr", 0, None, True, True), ("optimizer.b1", 0, 1, True, False),
+    ("optimizer.b2", 0, 1, True, False), ("optimizer.eps", 0, None, False, True),
+    ("optimizer.weight_decay", 0, None, True, True), ("optimizer.clip_norm", 0, None, True, True),
+    ("optimizer.warmup_steps", 0, None, True, True), ("optimizer.decay_steps", 0, None, True, True),
+    ("optimizer.min_lr_ratio", 0, 1, True, True), ("optimizer.decay_fraction", 0, 1, True, True),
+    ("optimizer.skip_nonfinite", 0, None, True, True), ("loss.z_loss", 0, None, True, True),
+    ("loss.chunk", 0, None, True, True), ("seed", 0, None, True, True),
+    ("data.prompt_fraction", 0, 1, True, True), ("data.mean_doc_len", 1, None, True, True),
+    ("checkpoint.max_to_keep", 1, None, True, True), ("init_from.step", -1, None, True, True),
+    ("metrics.peak_flops", 0, None, True, True))
+_CHOICES = (("checkpoint.on_corrupt", ("fallback", "fail")),)
+
+
+def _leaves(node, prefix=""):
+  items = node.items() if hasattr(node, "items") else ()
+  for k, v in items:
+    name = f"{prefix}{k}"
+    if hasattr(v, "items"):
+      yield from _leaves(v, name + ".")
+    else:
+      yield name, v
+
+
+def _get(config, dotted: str):
+  node = config
+  for key in dotted.split("."):
+    if not hasattr(node, "get") or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def check_values(config) -> list[str]:
+  """Every float field finite; known numeric fields in range; enumerations valid."""
+  errors = [f"{name}={v} must be a finite number" for name, v in _leaves(config)
+            if isinstance(v, float) and not math.isfinite(v)]
+  bad = {e.split("=", 1)[0] for e in errors}
+  for name, lo, hi, lo_in, hi_in in _RANGES:
+    v = _get(config, name)
+    if v is None or name in bad or isinstance(v, bool) or not isinstance(v, (int, float)):
+      continue
+    if (lo is not None and (v < lo or (v == lo and not lo_in))) or (
+        hi is not None and (v > hi or (v == hi and not hi_in))):
+      span = f"{'[' if lo_in else '('}{lo}, {hi if hi is not None else 'inf'}{']' if hi_in else ')'}"
+      errors.append(f"{name}={v} must be in {span}")
+  for name, choices in _CHOICES:
+    v = _get(config, name)
+    if v is not None and v not in choices:
+      errors.append(f"{name}={v!r} must be one of {choices}")
+  return errors
 
 
 def _batch_mesh_axes(rules) -> tuple[str, ...]:
