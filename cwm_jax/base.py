@@ -8,3 +8,9 @@ command-line programs turn it into exit code 2.
 
 class ConfigError(ValueError):
   """A configuration is invalid; the message names the fields and the fix."""
+
+
+class NonFiniteError(RuntimeError):
+  """Training stopped on a non-finite loss or gradient norm (the last good checkpoint is
+  kept); programs exit with `exit_code`."""
+  exit_code = 3

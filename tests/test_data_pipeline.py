@@ -24,6 +24,9 @@ BAD = [  # (raw line, reason)
     (b'not json at all', 'schema'),
     (json.dumps({'format': 'chat', 'messages': [
         {'role': 'robot', 'content': 'x'}]}).encode(), 'schema'),
+    (b'[' * 100_000 + b']' * 100_000, 'schema'),  # deeper than the recursion limit
+    (b'{"text": "x", "n": ' + b'7' * 5000 + b'}', 'schema'),  # int over 4300 digits
+    (b'{"text": "' + b'\\u12' + b'"}', 'schema'),  # truncated escape
 ]
 
 
@@ -222,6 +225,12 @@ def test_restore_with_worker_processes(corpus):
     assert all(np.array_equal(want[k], got[k]) for k in want)
   assert restored.bad_record_counts() == counts
   restored.close()
+
+
+def test_bad_record_counts_exact_with_worker_processes(corpus):
+  """One epoch through 2 worker processes counts every bad record exactly once."""
+  _, bad = _epoch(_config(corpus['a'], num_epochs=1, worker_count=2))
+  assert bad == collections.Counter(r for _, r in BAD)
 
 
 def test_process_shards_partition_the_corpus(corpus):

@@ -58,8 +58,11 @@ def parse_record(data) -> dict:
       raise BadRecord('empty', 'empty record')
     try:
       record = json.loads(data)
-    except json.JSONDecodeError as e:
-      raise BadRecord('schema', f'not JSON: {e}') from e
+    except (ValueError, RecursionError, MemoryError) as e:
+      # JSONDecodeError, an integer of more than 4300 digits (ValueError), nesting
+      # deeper than the interpreter's recursion limit, or a record too large to hold.
+      raise BadRecord('schema', f'not parseable JSON: {type(e).__name__}: '
+                      f'{str(e)[:200]}') from None
   if not isinstance(record, dict):
     raise BadRecord('schema', f'record is a {type(record).__name__}, '
                     'not a JSON object')

@@ -163,6 +163,9 @@ class Tokenize(grain.transforms.Map):
           self._tokenizer(), formats.parse_record(raw))
     except formats.BadRecord as e:
       return {'bad': np.int32(REASONS.index(e.reason))}
+    except (ValueError, TypeError, KeyError, RecursionError, MemoryError):
+      # Anything else a malformed record makes the tokenizer raise is a schema error.
+      return {'bad': np.int32(REASONS.index('schema'))}
     if len(ids) < 2:
       return {'bad': np.int32(REASONS.index('empty'))}
     if self._seq_len is not None and len(ids) - 1 > self._seq_len:

@@ -65,4 +65,8 @@ def progress_line(r: dict, total: int | None = None) -> str:
     parts += [f"{r['tokens_per_sec']:,.0f} tok/s", f"{1e3 * r['step_time']:.1f} ms"]
   if r.get("mfu"):
     parts.append(f"MFU {100 * r['mfu']:.2f}%")
+  if r.get("bad_records"):
+    parts.append(f"bad records {int(r['bad_records']):,}")
+  if r.get("nonfinite_steps"):
+    parts.append(f"non-finite steps {int(r['nonfinite_steps'])}")
   return " | ".join(parts)

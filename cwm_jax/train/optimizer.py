@@ -52,4 +52,7 @@ def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
     parts.append(optax.clip_by_global_norm(float(opt.clip_norm)))
   parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
                            weight_decay=float(opt.weight_decay), mask=decay_mask))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if int(opt.get("skip_nonfinite", 0)) > 0:  # a non-finite gradient's update is skipped
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=int(opt.skip_nonfinite))
+  return tx, schedule

@@ -35,8 +35,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from cwm_jax.base import ConfigError
-from cwm_jax.checkpoint.manager import Checkpointer, model_config_to_dict
+from cwm_jax.base import ConfigError, NonFiniteError
+from cwm_jax.checkpoint.manager import (Checkpointer, CorruptCheckpoint, complete_steps,
+                                        model_config_to_dict)
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.parallel import mesh as mesh_lib
@@ -151,14 +152,23 @@ def _build(config, cfg: ModelConfig, devices) -> Runtime:
                  options)
 
 
+def check_init_from(config) -> int:
+  """The step `config.init_from` names, checked without creating anything (ConfigError)."""
+  path, want = config.init_from.path, config.init_from.step
+  found = complete_steps(path)
+  if not found or (want >= 0 and want not in found):
+    raise ConfigError(f"init_from.path={path!r} holds no committed checkpoint"
+                      f"{f' at step {want}' if want >= 0 else ''} (committed steps: {found}); "
+                      "point it at a checkpoints directory of a finished run")
+  return want if want >= 0 else found[-1]
+
+
 def _init_from(rt: Runtime) -> dict:
   """State from `config.init_from`: params only (fresh optimizer) or everything."""
   config = rt.config
-  src = Checkpointer(config.init_from.path, max_to_keep=None, async_save=False)
+  step = check_init_from(config)
+  src = Checkpointer(config.init_from.path, max_to_keep=None, async_save=False, create=False)
   try:
-    step = config.init_from.step if config.init_from.step >= 0 else src.latest_step()
-    if step is None:
-      raise ConfigError(f"init_from.path={config.init_from.path!r} holds no checkpoint")
     target = state_lib.with_shardings(rt.abstract, rt.shardings)
     logging.info("initialising from %s step %d (params_only=%s)", config.init_from.path, step,
                  config.init_from.params_only)
@@ -173,13 +183,45 @@ def _init_from(rt: Runtime) -> dict:
   return jax.jit(fresh, out_shardings=rt.shardings, donate_argnums=0)(params)
 
 
+def _resume(rt: Runtime, ckpt: Checkpointer, data_iter) -> tuple[dict, int] | None:
+  """The newest committed checkpoint that restores; with `checkpoint.on_corrupt='fallback'`
+  a corrupt one is reported, set aside and the previous one tried."""
+  steps = ckpt.complete_steps()
+  fallback = rt.config.checkpoint.get("on_corrupt", "fallback") == "fallback"
+  target = state_lib.with_shardings(rt.abstract, rt.shardings)
+  for i in range(len(steps) - 1, -1, -1):
+    try:
+      logging.info("resuming from %s step %d", ckpt.directory, steps[i])
+      state = ckpt.restore(steps[i], target, data_iter=data_iter)
+    except CorruptCheckpoint as e:
+      if not fallback:
+        raise ConfigError(f"{e} (checkpoint.on_corrupt=fail; set it to 'fallback' to resume "
+                          "from the previous checkpoint)") from None
+      logging.warning("%s; trying the previous checkpoint", e)
+      continue
+    _set_aside_after(ckpt, steps[i])
+    return state, steps[i]
+  if steps:
+    raise ConfigError(f"no checkpoint under {ckpt.directory} restores (steps {steps}); "
+                      "restore one, or start a new workdir")
+  _set_aside_after(ckpt, -1)
+  return None
+
+
+def _set_aside_after(ckpt: Checkpointer, step: int) -> None:
+  """Step directories after `step` (corrupt, or never committed) are renamed aside so the
+  resumed run can save those steps again."""
+  later = [int(n) for n in os.listdir(ckpt.directory) if n.isdigit() and int(n) > step]
+  if later and jax.process_index() == 0:
+    for path in ckpt.set_aside(sorted(later)):
+      logging.warning("set aside %s (corrupt or incomplete checkpoint)", path)
+
+
 def initial_state(rt: Runtime, ckpt: Checkpointer, data_iter=None) -> tuple[dict, int]:
   """Resume from `ckpt`, else `init_from`, else a fresh sharded state."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    logging.info("resuming from %s step %d", ckpt.directory, latest)
-    target = state_lib.with_shardings(rt.abstract, rt.shardings)
-    return ckpt.restore(latest, target, data_iter=data_iter), latest
+  resumed = _resume(rt, ckpt, data_iter)
+  if resumed is not None:
+    return resumed
   if rt.config.init_from.path:
     state = _init_from(rt)
     return state, int(state["step"])
@@ -209,10 +251,61 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-class _Logger:
-  """Turns step-(n-1) metrics into records once step n is dispatched."""
+def check_workdir(config, workdir: str) -> None:
+  """A workdir that is not a directory, or a fresh run whose `init_from` names no
+  checkpoint, is a ConfigError before anything is created."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir!r} is a file; pass a directory (new or a run's)")
+  if not complete_steps(os.path.join(workdir, "checkpoints")) and config.init_from.path:
+    check_init_from(config)
 
-  def __init__(self, writer: MetricsWriter, peak: float, start: int):
+
+class _Guard:
+  """Stops the run on a non-finite loss or gradient norm (NonFiniteError, exit 3), or,
+  with `optimizer.skip_nonfinite=N`, lets such steps pass (the optimizer skipped their
+  update) until N in a row."""
+
+  def __init__(self, max_skips: int, ckpt: Checkpointer):
+    self.max_skips, self.ckpt = int(max_skips), ckpt
+    self.in_a_row = self.skipped = 0
+    self.seen = -1
+
+  def check(self, step: int, scalars: dict) -> None:
+    stop = self.observe(step, scalars)
+    if stop is not None:
+      raise stop
+
+  def observe(self, step: int, scalars: dict) -> NonFiniteError | None:
+    """Counts step's non-finite loss / grad norm (once per step); the error to stop with."""
+    bad = {k: scalars[k] for k in ("loss", "grad_norm")
+           if k in scalars and not np.isfinite(scalars[k])}
+    if step != self.seen:
+      self.seen = step
+      self.in_a_row = self.in_a_row + 1 if bad else 0
+      self.skipped += bool(bad)
+      if bad and self.in_a_row <= self.max_skips:
+        logging.warning("step %d: non-finite %s; its update was skipped (%d in a row, at most "
+                        "%d)", step, bad, self.in_a_row, self.max_skips)
+    if not bad or self.in_a_row <= self.max_skips:
+      return None
+    self.ckpt.wait()
+    last = self.ckpt.latest_step()
+    kept = (f"the last good checkpoint is step {last} in {self.ckpt.directory}" if last
+            is not None else "no checkpoint was saved")
+    return NonFiniteError(
+        f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; training "
+        f"stopped, {kept}. Lower "
+        "optimizer.lr (or raise warmup, clip_norm), or set optimizer.skip_nonfinite=N to "
+        "skip up to N such steps in a row")
+
+
+class _Logger:
+  """Turns step-(n-1) metrics into records once step n is dispatched; checks them (the
+  guard) and adds the data iterator's bad-record counts."""
+
+  def __init__(self, writer: MetricsWriter, peak: float, start: int, guard: _Guard,
+               data_iter=None):
+    self.guard, self.data_iter = guard, data_iter
     self.writer, self.peak = writer, peak
     self.pending, self.records = None, []
     self.tokens = self.flops = 0.0
@@ -232,13 +325,31 @@ class _Logger:
       return
     step, metrics, tokens, fl = self.pending
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    scalars.update(bad_record_scalars(self.data_iter))
+    stop = self.guard.observe(step, scalars)
+    if self.guard.skipped:
+      scalars["nonfinite_steps"] = float(self.guard.skipped)
     now = time.perf_counter()
     dt = max(now - self.t0, 1e-9)
     if tokens:
       scalars.update(tokens_per_sec=tokens / dt, step_time=dt / max(step - self.step0, 1),
                      mfu=fl / dt / self.peak if self.peak else 0.0)
     self.t0, self.step0, self.pending = now, step, None
-    self.write(step, scalars)
+    self.write(step, scalars)  # logged before the guard stops the run
+    if stop is not None:
+      raise stop
+
+  def check_now(self, step: int, metrics) -> None:
+    """Before a save: step's loss / grad norm checked now (logged, then NonFiniteError)."""
+    if self.pending is not None and self.pending[0] == step:
+      self.flush()
+      return
+    scalars = host_scalars(metrics)
+    stop = self.guard.observe(step, scalars)
+    if stop is not None:
+      self.flush()
+      self.write(step, {**scalars, "nonfinite_steps": float(self.guard.skipped)})
+      raise stop
 
   def write(self, step: int, scalars: dict) -> None:
     self.writer.write(step, scalars)
@@ -253,6 +364,7 @@ def _peak(config, mesh) -> float:
 def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ()) -> dict:
   """Runs `trainer` until step `config.total_steps`; returns {'step', 'records', 'preempted'}."""
   config = rt.config
+  check_workdir(config, workdir)  # before anything is created
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       max_to_keep=config.checkpoint.max_to_keep,
                       async_save=config.checkpoint.async_save)
@@ -264,7 +376,8 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
     with jax.set_mesh(rt.mesh):
       state, step = initial_state(rt, ckpt, trainer.data_iter)
       writer.truncate_after(step)
-      log = _Logger(writer, _peak(config, rt.mesh), step)
+      log = _Logger(writer, _peak(config, rt.mesh), step,
+                    _Guard(config.optimizer.get("skip_nonfinite", 0), ckpt), trainer.data_iter)
       saved, preempted = step, False
       while step < config.total_steps and not preempted:
         for update in trainer.iterate(state, step):
@@ -274,6 +387,7 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
             log.defer(step, update.metrics)  # fetches the previous record, not this one
           preempted = preempt.reached(step)
           if preempted or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            log.check_now(step, update.metrics)  # never save a diverged state
             ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
             saved = step
           _run_hooks(hooks, HookContext(step, state, rt, ckpt), log)
@@ -281,6 +395,7 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
             break
       log.flush()
       if saved != step:
+        log.check_now(step, update.metrics)
         ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
       ckpt.wait()
   finally:
@@ -297,6 +412,17 @@ def _run_hooks(hooks: Sequence[Hook], ctx: HookContext, log: _Logger) -> None:
     if out:
       log.flush()
       log.write(ctx.step, out)
+
+
+def bad_record_scalars(data_iter) -> dict[str, float]:
+  """`bad_records` (total) and `bad_records/REASON` of a data iterator that counts them."""
+  counts = getattr(data_iter, "bad_record_counts", None)
+  if counts is None:
+    return {}
+  by_reason = counts()
+  out = {f"bad_records/{k}": float(v) for k, v in by_reason.items() if v}
+  out["bad_records"] = float(sum(by_reason.values()))
+  return out
 
 
 def host_scalars(metrics: dict) -> dict[str, float]:
