@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("device_kind", "chips", "mesh", "grad_accum", "batch_size", "seq_len", "tokens_per_step",
         "step", "attention_impl", "argument_gb_per_device", "temp_gb_per_device",
         "total_gb_per_device", "hbm_gb", "fits", "flops_per_step", "step_seconds_at_50pct_mfu",
-        "total_steps", "compile_seconds")
+        "stage_steps", "days_at_50pct_mfu", "compile_seconds")
 
 
 def plan(stage: str, slice_name: str, out_dir: str | None) -> dict:
@@ -43,7 +43,6 @@ def plan(stage: str, slice_name: str, out_dir: str | None) -> dict:
     return {"error": out.stderr.strip().splitlines()[-1:], "exit_code": out.returncode,
             "wall_seconds": wall}
   row = {k: p.get(k) for k in KEYS}
-  row["days_at_50pct_mfu"] = round(p["total_steps"] * p["step_seconds_at_50pct_mfu"] / 86400, 1)
   row.update(exit_code=out.returncode, wall_seconds=wall)
   return row
 

@@ -79,10 +79,14 @@ def test_tiny_tpu_plan_exits_2_when_it_does_not_fit():
 
 
 def test_local_window_memory_grows_linearly_in_sequence_length():
+  """Per-chip temporaries of a local-window model (splash, chunked loss) at T = 8k and
+  64k: a dense T x T array would make the exponent 2."""
   temps = {}
   for t in (8192, 65536):
-    plan = planning.tpu_plan([("train", _small(t, windows=(1024, 1024)))], "v5p:2x2x1")
-    temps[t] = plan["temp_gb_per_device"]
+    c = _small(t, windows=(1024, 1024))
+    c.model.overrides.update(dict(dim=256, n_heads=2, n_kv_heads=1, head_dim=128, ffn_dim=512))
+    c.loss.chunk = 1024
+    temps[t] = planning.tpu_plan([("train", c)], "v5p:2x2x1")["temp_gb_per_device"]
   exponent = math.log(temps[65536] / temps[8192]) / math.log(8)
   assert 0.8 < exponent <= 1.1, temps
 
@@ -101,3 +105,13 @@ def test_cwm_32b_slice_variants():
   assert pre.grad_accum == 8 and dict(pre.mesh)["fsdp"] == 256  # default slice: v5p-512
   with pytest.raises(ConfigError, match="slice=v5p-512|v6e-256"):
     grids.parse_config("configs/cwm_32b.py:stage=sft,slice=v4-8")
+
+
+def test_rl_stage_plans_the_rl_update_step():
+  from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
+  from cwm_jax.rl.plan import rl_step_builder  # pylint: disable=g-import-not-at-top
+  configs = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
+  plan = planning.tpu_plan(configs, "v5p-8", step_builders={"rl": rl_step_builder})["stages"]["rl"]
+  assert plan["step"] == "rl_update" and plan["fits"] and plan["device_kind"] == "TPU v5"
+  # The train state (params + AdamW mu, nu) is an argument of the compiled RL step.
+  assert plan["argument_gb_per_device"] >= 12 * plan["params"] / plan["devices"] / 2 ** 30

@@ -175,6 +175,7 @@ def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes)
   t100 = step_flops / (mesh.size * peak_tflops_per_device * 1e12)
+  steps = config.total_steps - config.get("stage", {}).get("first_step", 0)  # this stage's budget
   return {
       "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size, "mesh": sizes,
       "step": "rl_update" if trainer == "rl" else "train",
@@ -195,6 +196,7 @@ def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
       "xla_flops_scan_bodies_once": float(_cost(compiled).get("flops", 0.0)),
       "peak_tflops_per_device": peak_tflops_per_device,
       "step_seconds_at_100pct_mfu": t100, "step_seconds_at_50pct_mfu": 2 * t100,
+      "stage_steps": steps, "days_at_50pct_mfu": steps * 2 * t100 / 86400,
       "compile_seconds": round(seconds, 2),
   }
 
