@@ -11,7 +11,7 @@ import sys
 from absl import flags
 
 from cwm_jax.cli import run_main
-from cwm_jax.infer.evaluation import EvalConfig, evaluate, held_out_cases
+from cwm_jax.infer.evaluation import EvalConfig, evaluate, held_out_cases, unscored
 from cwm_jax.infer.loading import load_for_inference
 from cwm_jax.base import ConfigError
 
@@ -43,7 +43,12 @@ def main(argv):
   held_out_cases(config.programs_dir, config.max_programs, config.timeout_s)
   model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)
   metrics = evaluate(model, tok, config)
-  print(json.dumps(metrics, indent=1, sort_keys=True))
+  empty = unscored(metrics)
+  out = {k: (None if k in empty else v) for k, v in metrics.items()}
+  if empty:
+    out["unscored"] = {"metrics": empty, "why": "nothing was scored for these (no tokens, "
+                       "frames or programs); raise --max_tokens or --max_programs"}
+  print(json.dumps(out, indent=1, sort_keys=True))
 
 
 def run():

@@ -24,6 +24,7 @@ import numpy as np
 from cwm_jax.checkpoint import _orbax_io, hf, manager, meta
 from cwm_jax.checkpoint.names import HF, META, Entry, locate
 from cwm_jax.base import ConfigError
+from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.model.config import ModelConfig
 
 FORMATS = ("orbax", "hf", "meta")
@@ -60,9 +61,11 @@ class Source:
   """A checkpoint seen as our per-layer tensors: read(path, layer) in the source dtype."""
 
   def __init__(self, fmt: str, cfg: ModelConfig, read: Callable, dtypes: dict[Path, np.dtype],
-               token_ids: dict[str, Any], tokenizer_files: list[str], step: int | None = None):
+               token_ids: dict[str, Any], tokenizer_files: list[str], step: int | None = None,
+               run_config: dict | None = None):
     self.fmt, self.cfg, self.read, self.dtypes = fmt, cfg, read, dtypes
     self.token_ids, self.tokenizer_files, self.step = token_ids, tokenizer_files, step
+    self.run_config = run_config or {}  # an orbax checkpoint's training config
 
 
 def _check_external(directory, entries, store, cfg, declared: np.dtype | None):
@@ -143,9 +146,11 @@ def open_source(directory: str, step: int | None = None) -> Source:
                          f"{reader.shape(path)} {reader.dtype(path)}; its config implies "
                          f"{shape}, in the checkpoint's one dtype ({stored}), float32 or bfloat16")
   tok = os.path.join(reader.root, "tokenizer")
+  run_config = reader.meta.get("config") if isinstance(reader.meta.get("config"), dict) else {}
   return Source(fmt, cfg, reader.read, {p: reader.dtype(p) for p in want},
-                dict(reader.meta.get("config", {}).get("token_ids", {})),
-                _files(tok, sorted(os.listdir(tok))) if os.path.isdir(tok) else [], reader.step)
+                dict(run_config.get("token_ids") or {}),
+                _files(tok, sorted(os.listdir(tok))) if os.path.isdir(tok) else [], reader.step,
+                run_config)
 
 
 def _out_dtype(src: Source, dtype: str | None) -> np.dtype:
@@ -182,7 +187,7 @@ def _write_orbax(src: Source, out: str, dtype: np.dtype, step: int, count: _Coun
       node = node.setdefault(key, {})
     node[path[-1]] = _orbax_io.LazyArray(shape, dtype, fetch, stacked=path[0] == "layers")
   _orbax_io.save_streaming(out, cfg, params, step,
-                           {"converted_from": src.fmt, "token_ids": src.token_ids})
+                           {"converted_from": src.fmt, "token_ids": token_ids(src)})
   if src.tokenizer_files:
     _copy(src.tokenizer_files, os.path.join(out, "tokenizer"))
 
@@ -204,12 +209,38 @@ def _copy(files: list[str], directory: str) -> None:
     shutil.copy2(path, os.path.join(directory, os.path.basename(path)))
 
 
+def token_ids(src: Source) -> dict[str, Any]:
+  """bos/eos/pad ids for an exported config: the source's own, else those of the
+  tokenizer that goes with the model (a rank file shipped with it; for an orbax run,
+  its `data.tokenizer` or the project's BPE); only ids inside the vocabulary."""
+  ids = dict(src.token_ids)
+  if not ids:
+    tok = _model_tokenizer(src)
+    if tok is not None:
+      ids = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids),
+             "pad_token_id": tok.special_id("<|pad|>")}
+  return hf.fitting_token_ids(ids, src.cfg.vocab_size)
+
+
+def _model_tokenizer(src: Source) -> Tokenizer | None:
+  ranks = [p for p in src.tokenizer_files if p.endswith((".model", ".tiktoken"))]
+  try:
+    if ranks:
+      return Tokenizer.from_rank_file(ranks[0])
+    if src.fmt == "orbax":
+      path = (src.run_config.get("data") or {}).get("tokenizer") or ""
+      return Tokenizer.from_rank_file(path) if path else Tokenizer.default()
+  except (ConfigError, FileNotFoundError):
+    return None  # no usable tokenizer: the ids are left out
+  return None
+
+
 def _write_hf(src, out, dtype, count, max_shard_bytes):
   specs, fetch = _external_specs(HF, src, dtype, count)
   hf.write_safetensors(out, specs, fetch, max_shard_bytes)
   _copy(src.tokenizer_files, out)
   with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf.config_to_hf(src.cfg, dtype=dtype.name, **src.token_ids), f, indent=2)
+    json.dump(hf.config_to_hf(src.cfg, dtype=dtype.name, **token_ids(src)), f, indent=2)
 
 
 def _write_meta(src, out, dtype, count):
@@ -220,6 +251,30 @@ def _write_meta(src, out, dtype, count):
     json.dump(meta.config_to_meta(src.cfg), f, indent=2)
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # someone else's live process
+  return True
+
+
+def sweep_partials(dst: str) -> list[str]:
+  """Removes `.DST.partial-PID` staging directories of conversions to `dst` whose process
+  is gone (killed before it could clean up); returns the removed paths."""
+  parent, prefix = os.path.dirname(dst), f".{os.path.basename(dst)}.partial-"
+  removed = []
+  for name in os.listdir(parent):
+    pid = name[len(prefix):]
+    if name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _alive(
+        int(pid)):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      removed.append(os.path.join(parent, name))
+  return removed
+
+
 @contextlib.contextmanager
 def staging(dst: str):
   """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
@@ -228,6 +283,7 @@ def staging(dst: str):
     raise ConvertError(f"destination {dst!r} exists and is not empty; choose a new directory")
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
+  sweep_partials(dst)
   tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

@@ -78,9 +78,22 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "bfloat16", **token_ids: Any) ->
       "sliding_window": local[0] if local else cfg.global_window,
       "layer_types": [FULL if w >= cfg.global_window else SLIDING for w in cfg.layer_windows],
       "rope_parameters": rope, "tie_word_embeddings": False, "dtype": dtype,
-      "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
   }
-  out.update(token_ids)
+  out.update(fitting_token_ids(token_ids, cfg.vocab_size))
+  return out
+
+
+def fitting_token_ids(token_ids: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+  """The special-token ids (bos/eos/pad; eos may be a list) inside [0, vocab_size);
+  an entry with no fitting id is left out."""
+  out: dict[str, Any] = {}
+  for key, value in token_ids.items():
+    if isinstance(value, (list, tuple)):
+      kept = [int(v) for v in value if 0 <= int(v) < vocab_size]
+      if kept:
+        out[key] = kept
+    elif value is not None and 0 <= int(value) < vocab_size:
+      out[key] = int(value)
   return out
 
 

@@ -17,6 +17,13 @@ Metrics (`evaluate` returns a flat dict of floats):
                       metrics that move long before exact matches do)
   ppl_SOURCE, nll_SOURCE, tokens_SOURCE
                       perplexity per corpus over its loss-weighted tokens
+  trace_cases, trace_tokens, trace_frames, trace_skipped
+                      how much was scored: programs (calls), teacher-forced trace
+                      tokens, real frames compared, calls the interpreter could not trace
+
+A metric over nothing (no token, frame or program scored, e.g. a `max_tokens`
+shorter than every prompt) is NaN, never a perfect-looking 0 or 1, and a warning
+names it (`unscored(metrics)` lists them).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from cwm_jax.data import formats
@@ -137,23 +145,41 @@ def _trace_documents(tokenizer, cases):
   return seqs, weights
 
 
+def _ratio(num: float, den: float) -> float:
+  """num / den, NaN when nothing was scored (den == 0)."""
+  return num / den if den > 0 else math.nan
+
+
+def _mean(values) -> float:
+  values = list(values)
+  return float(np.mean(values)) if values else math.nan
+
+
+def unscored(metrics: Mapping[str, float]) -> list[str]:
+  """Names of the metrics computed over nothing (NaN)."""
+  return sorted(k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v))
+
+
 def trace_metrics(model, tokenizer, cases, config: EvalConfig) -> dict[str, float]:
   seqs, weights = _trace_documents(tokenizer, cases)
-  sums = score(model, seqs, weights, batch_size=config.batch_size,
-               max_tokens=config.max_tokens).sum(0)
-  metrics = {"trace_cases": float(len(cases)), "trace_nll": sums[0] / max(sums[1], 1),
-             "trace_token_accuracy": sums[2] / max(sums[1], 1)}
+  sums = (score(model, seqs, weights, batch_size=config.batch_size,
+                max_tokens=config.max_tokens).sum(0) if cases else np.zeros(3))
+  metrics = {"trace_cases": float(len(cases)), "trace_tokens": float(sums[1]),
+             "trace_nll": _ratio(sums[0], sums[1]),
+             "trace_token_accuracy": _ratio(sums[2], sums[1])}
   if config.generate:
-    preds = trace_predict.predict_frames(model, tokenizer, [(s, f, list(fr)) for s, f, fr in cases],
-                                         max_new_tokens=config.max_new_tokens,
-                                         batch_size=config.batch_size)
+    preds = (trace_predict.predict_frames(model, tokenizer,
+                                          [(s, f, list(fr)) for s, f, fr in cases],
+                                          max_new_tokens=config.max_new_tokens,
+                                          batch_size=config.batch_size) if cases else [])
     n_frames = sum(len(p.real) for p in preds)
     metrics.update(
-        trace_frame_exact=sum(p.frames_matched for p in preds) / max(n_frames, 1),
-        trace_prefix=float(np.mean([(len(p.real) if p.divergence is None else p.divergence)
-                                    / max(len(p.real), 1) for p in preds])),
-        trace_return_exact=float(np.mean([p.return_match for p in preds])),
-        trace_full_exact=float(np.mean([p.divergence is None for p in preds])))
+        trace_frames=float(n_frames),
+        trace_frame_exact=_ratio(sum(p.frames_matched for p in preds), n_frames),
+        trace_prefix=_mean((len(p.real) if p.divergence is None else p.divergence)
+                           / len(p.real) for p in preds if p.real),
+        trace_return_exact=_mean(p.return_match for p in preds),
+        trace_full_exact=_mean(p.divergence is None for p in preds))
   return metrics
 
 
@@ -177,8 +203,9 @@ def perplexity_metrics(model, tokenizer, records: Mapping[str, list], config: Ev
     examples_ = [formats.example_from_record(tokenizer, r) for r in recs]
     sums = score(model, [e[0] for e in examples_], [e[1] for e in examples_],
                  batch_size=config.batch_size, max_tokens=config.max_tokens).sum(0)
-    nll = sums[0] / max(sums[1], 1)
-    metrics.update({f"nll_{source}": nll, f"ppl_{source}": math.exp(min(nll, 50.0)),
+    nll = _ratio(sums[0], sums[1])
+    metrics.update({f"nll_{source}": nll,
+                    f"ppl_{source}": math.exp(min(nll, 50.0)) if sums[1] > 0 else math.nan,
                     f"tokens_{source}": sums[1]})
   return metrics
 
@@ -196,4 +223,10 @@ def evaluate(model, tokenizer, eval_config: EvalConfig | Mapping | None = None
   if config.perplexity:
     records = config.records if config.records is not None else default_records(cases)
     metrics.update(perplexity_metrics(model, tokenizer, records, config))
-  return {k: float(v) for k, v in metrics.items()}
+  metrics = {k: float(v) for k, v in metrics.items()}
+  empty = unscored(metrics)
+  if empty:
+    logging.warning("evaluation scored nothing for %s (reported as NaN): %d programs, %d trace "
+                    "tokens; raise max_tokens / max_programs", ", ".join(empty),
+                    metrics["trace_cases"], metrics["trace_tokens"])
+  return metrics

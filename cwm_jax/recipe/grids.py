@@ -26,11 +26,14 @@ import subprocess
 import sys
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
 from cwm_jax.base import ConfigError
+from cwm_jax.recipe import stages
+from cwm_jax.train import config as config_lib
 
 Point = dict[str, Any]
 LAUNCHERS = ("local", "slurm", "tpu", "k8s")
@@ -177,9 +180,6 @@ def check_point(config, launcher: str = "local") -> None:
   The device count is the mesh's product; a -1 axis counts as this machine's
   devices for the local launcher and as 1 (the smallest fitting cluster) otherwise.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from cwm_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  from cwm_jax.recipe import stages  # pylint: disable=g-import-not-at-top
   for name, c in stages.stage_configs(config):
     fixed = math.prod(int(s) for s in dict(c.mesh).values() if int(s) != -1)
     fill = any(int(s) == -1 for s in dict(c.mesh).values())
