@@ -57,7 +57,7 @@ SLICES = {
         pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
         midtrain=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), grad_accum=4),
         sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
-        rl=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), batch_size=64)),
+        rl=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), batch_size=32)),
     "v6e-256": dict(  # 256 v6e chips, 32 GiB HBM each
         pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
         midtrain=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), grad_accum=8),
