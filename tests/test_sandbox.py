@@ -97,6 +97,14 @@ def _alive(marker):
   return found
 
 
+def _parent(pid):
+  try:
+    with open(f'/proc/{pid}/stat', 'rb') as f:
+      return int(f.read().rsplit(b')', 1)[1].split()[1])
+  except OSError:
+    return None
+
+
 def _gone(marker, within_s=20.0):
   deadline = time.monotonic() + within_s  # a fail-safe: they are normally gone at once
   while _alive(marker) and time.monotonic() < deadline:
@@ -255,8 +263,9 @@ def test_scratch_and_processes_end_when_the_caller_is_killed(tmp_path):
     deadline = time.monotonic() + 60
     while not _alive(marker) and time.monotonic() < deadline:
       time.sleep(0.05)
-    scratch = [p for p in set(os.listdir('/tmp')) - before
-               if re.fullmatch(r'cwm_sandbox_\d+_\w+', p)]
+    scratch = [p for p in set(os.listdir('/tmp')) - before  # named by their supervisor's pid
+               if re.fullmatch(r'cwm_sandbox_\d+_\w+', p) and _parent(int(p.split('_')[2])) == (
+                   caller.pid)]
     assert bool(scratch) == (not namespaces)  # with namespaces it never shows on the host
     caller.send_signal(signal.SIGKILL)
     caller.wait()

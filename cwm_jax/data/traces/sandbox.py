@@ -14,6 +14,7 @@ limit gives a status, never an exception in the caller.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import marshal
 import math
@@ -23,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from cwm_jax.data.traces import channel
@@ -31,6 +33,8 @@ from cwm_jax.data.traces.isolation import CHILD, SandboxRefused
 
 STATUSES = ('ok', 'error', 'timeout', 'memory', 'output_limit')
 _GRACE_S = 2.0  # the supervisor ends the run at timeout_s; the caller's backstop waits longer
+_UNREAPED: list = []  # killed `unshare` processes still exiting; polled (reaped) by later runs
+_UNREAPED_LOCK = threading.Lock()
 
 __all__ = ['CHILD', 'Limits', 'STATUSES', 'SandboxRefused', 'SandboxResult', 'run_child',
            'run_python']
@@ -98,6 +102,10 @@ def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
                  max_processes=limits.max_processes, modules=isolation.child_modules())
   ours, theirs = socket.socketpair()
   record_r, record_w = os.pipe()
+  try:  # a whole trace fits: the worker never waits for this process to be scheduled
+    fcntl.fcntl(record_w, fcntl.F_SETPIPE_SZ, min(record_bytes, 1 << 20))
+  except OSError:
+    pass
   command = [*iso.prefix, sys.executable, '-s', *(() if limits.site_packages else ('-S',)),
              CHILD, str(theirs.fileno()), str(record_w)]
   try:
@@ -108,12 +116,13 @@ def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
     theirs.close()
     os.close(record_w)
   with ours, open(record_r, 'rb', buffering=0) as records:
+    out = None
     try:
       _send(ours, request)
       out = _communicate(proc, ours, records, stdin.encode('utf-8'), limits,
                          record_bytes)
-    finally:
-      _end(proc, ours, iso.namespaces)
+    finally:  # without namespaces, a supervisor that did not report may still be cleaning up
+      _end(proc, ours, wait=not iso.namespaces and not (out and out['report']))
   return _result(proc, out, limits), _decode(out['records'], nonce, record_bytes)
 
 
@@ -144,8 +153,9 @@ def _send(sock: socket.socket, request: dict) -> None:
 
 
 def _communicate(proc, sock, records, stdin: bytes, limits: Limits, record_bytes: int) -> dict:
-  """Feeds stdin; reads stdout, stderr, records and the supervisor's report until all end,
-  the deadline, or too much output. Returns the bytes read and the caller-side status."""
+  """Feeds stdin; reads stdout, stderr, records and the supervisor's report until the report
+  (the worker has exited: what it wrote is in the pipes, drained then), the end of every
+  stream, the deadline, or too much output. Returns the bytes read and the caller-side status."""
   streams = {proc.stdout.fileno(): 'stdout', proc.stderr.fileno(): 'stderr',
              records.fileno(): 'records', sock.fileno(): 'report'}
   out = {name: bytearray() for name in streams.values()}
@@ -159,21 +169,18 @@ def _communicate(proc, sock, records, stdin: bytes, limits: Limits, record_bytes
     proc.stdin.close()
   deadline, sent, status = time.monotonic() + limits.timeout_s + _GRACE_S, 0, None
   with selector:
-    while status is None and any(k.fd in streams for k in selector.get_map().values()):
+    while status is None and not out['report'] and any(
+        k.fd in streams for k in selector.get_map().values()):
       remaining = deadline - time.monotonic()
       if remaining <= 0:
         status = 'timeout'
         break
       for key, _ in selector.select(remaining):
         if key.fd in streams:
-          name = streams[key.fd]
-          data = os.read(key.fd, 1 << 16)
+          data = os.read(key.fd, 1 << 20)
           if not data:
             selector.unregister(key.fd)
-          if name != 'records' or len(out[name]) <= record_bytes:
-            out[name].extend(data)  # records past the cap are drained, decoded as overflow
-          if len(out['stdout']) + len(out['stderr']) > limits.output_bytes:
-            status = 'output_limit'
+          status = _take(out, streams[key.fd], data, limits, record_bytes)
           continue
         try:
           sent += os.write(key.fd, stdin[sent:sent + (1 << 16)])
@@ -182,29 +189,58 @@ def _communicate(proc, sock, records, stdin: bytes, limits: Limits, record_bytes
         if sent >= len(stdin):
           selector.unregister(key.fd)
           proc.stdin.close()
+    if status is None and out['report']:
+      for key in list(selector.get_map().values()):
+        if key.fd in streams and streams[key.fd] != 'report':
+          status = status or _drain(out, key.fd, streams[key.fd], limits, record_bytes)
   if not proc.stdin.closed:
     proc.stdin.close()
   return dict(out, status=status)
 
 
-def _end(proc, sock, namespaces: bool) -> None:
-  """Ends the run: closing the socket tells the supervisor to kill everything and leave."""
+def _take(out: dict, name: str, data: bytes, limits: Limits, record_bytes: int) -> str | None:
+  """Keeps `data` read from stream `name`; 'output_limit' once stdout + stderr is too long."""
+  if name != 'records' or len(out[name]) <= record_bytes:
+    out[name].extend(data)  # records past the cap are drained, decoded as overflow
+  if len(out['stdout']) + len(out['stderr']) > limits.output_bytes:
+    return 'output_limit'
+  return None
+
+
+def _drain(out: dict, fd: int, name: str, limits: Limits, record_bytes: int) -> str | None:
+  """Reads what is already in the pipe `fd` without waiting for its end."""
+  os.set_blocking(fd, False)
+  while True:
+    try:
+      data = os.read(fd, 1 << 20)
+    except BlockingIOError:
+      return None
+    status = _take(out, name, data, limits, record_bytes)
+    if not data or status:
+      return status
+
+
+def _end(proc, sock, wait: bool) -> None:
+  """Ends the run: closing the socket tells the supervisor to kill everything and leave; the
+  process group is then killed. The kernel's teardown of the namespaces takes a while after
+  the last output: the `unshare` process is reaped by a later run rather than waited for."""
   try:
     sock.shutdown(socket.SHUT_RDWR)
   except OSError:
     pass
-  if not namespaces:  # the supervisor kills the processes that left its process group
+  if wait:
     try:
       proc.wait(timeout=_GRACE_S)
     except subprocess.TimeoutExpired:
       pass
   try:
-    os.killpg(proc.pid, signal.SIGKILL)  # with namespaces: the kernel ends the rest
+    os.killpg(proc.pid, signal.SIGKILL)  # before any reaping: the pid cannot be reused yet
   except (ProcessLookupError, PermissionError):
     pass
-  proc.wait()
   for stream in (proc.stdout, proc.stderr):
     stream.close()
+  with _UNREAPED_LOCK:
+    _UNREAPED[:] = [p for p in [*_UNREAPED, proc] if p.poll() is None]
 
 
 def _report(data: bytes) -> tuple[bool, int] | None:
