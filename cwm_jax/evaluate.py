@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import flags
@@ -35,6 +36,11 @@ def main(argv):
     sys.exit(2)
   if not FLAGS.checkpoint:
     raise ConfigError("--checkpoint DIR is required")
+  if FLAGS.programs_dir is not None and not os.path.isdir(FLAGS.programs_dir):
+    raise ConfigError(f"--programs_dir {FLAGS.programs_dir!r} is not a directory; pass a folder "
+                      "of programs with INPUTS (or omit it for the shipped ones)")
+  if FLAGS.step is not None and FLAGS.step < 0:
+    raise ConfigError(f"--step={FLAGS.step} must be >= 0 (omit it for the latest step)")
   config = EvalConfig(programs_dir=FLAGS.programs_dir, max_programs=FLAGS.max_programs,
                       max_new_tokens=FLAGS.max_new_tokens, max_tokens=FLAGS.max_tokens,
                       batch_size=FLAGS.batch_size, generate=FLAGS.generate,

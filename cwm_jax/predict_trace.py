@@ -46,6 +46,9 @@ def parse_target(argv) -> tuple[str, str, tuple, dict]:
 def main(argv):
   if not FLAGS.checkpoint:
     raise ConfigError("--checkpoint DIR is required")
+  for name in ("max_new_tokens", "width"):
+    if FLAGS[name].value < 1:
+      raise ConfigError(f"--{name}={FLAGS[name].value} must be >= 1")
   source, function, args, kwargs = parse_target(argv)
   frames = real_trace(source, function, args, kwargs)  # before JAX starts its threads
   model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,11 @@ def main(argv):
   del argv
   if not (FLAGS.checkpoint and FLAGS.token_ids and FLAGS.output):
     raise ConfigError("--checkpoint, --token_ids and --output are required")
+  parent = os.path.dirname(os.path.abspath(FLAGS.output))
+  if os.path.isdir(FLAGS.output) or not os.path.isdir(parent):
+    raise ConfigError(f"--output {FLAGS.output!r} must be a file path in an existing directory")
+  if FLAGS.step is not None and FLAGS.step < 0:
+    raise ConfigError(f"--step={FLAGS.step} must be >= 0 (omit it for the latest step)")
   cfg, model = load_model(FLAGS.checkpoint, FLAGS.step)
   ids = parse_ids(FLAGS.token_ids, cfg.vocab_size)
   lp = score_tokens(model, ids)

@@ -5,12 +5,16 @@ JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment).
 Exits 2 on a bad config, before anything is compiled.
 """
 
+import os
+
 from absl import flags, logging
 from ml_collections import config_flags
 
+from cwm_jax.base import ConfigError
 from cwm_jax.cli import run_main
 from cwm_jax.parallel.mesh import initialize_distributed
 from cwm_jax.recipe.schedule import run as run_recipe
+from cwm_jax.train.config import check_values
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -31,6 +35,12 @@ class _QuietOrbax:
 def main(argv, hooks=()):
   """Runs the config (a schedule runs its stages); `hooks` run after every step."""
   del argv
+  errors = check_values(_CONFIG.value)  # every field, before anything is built or created
+  if errors:
+    raise ConfigError("invalid training config: " + "; ".join(errors))
+  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    raise ConfigError(f"--workdir {_WORKDIR.value!r} is a file; pass a directory (new or a "
+                      "run's)")
   logging.get_absl_handler().addFilter(_QuietOrbax())
   initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
   run_recipe(_CONFIG.value, _WORKDIR.value, hooks)
