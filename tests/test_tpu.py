@@ -115,3 +115,16 @@ def test_rl_stage_plans_the_rl_update_step():
   assert plan["step"] == "rl_update" and plan["fits"] and plan["device_kind"] == "TPU v5"
   # The train state (params + AdamW mu, nu) is an argument of the compiled RL step.
   assert plan["argument_gb_per_device"] >= 12 * plan["params"] / plan["devices"] / 2 ** 30
+
+
+def test_multi_slice_mesh_puts_data_across_slices():
+  devs = topology.devices(topology.slice_spec("v5p-8"), num_slices=2)
+  assert len(devs) == 8 and {d.slice_index for d in devs} == {0, 1}
+  mesh = planning.slice_mesh({"data": 2, "fsdp": -1}, devs, num_slices=2)
+  grid = mesh.devices  # [data, fsdp, tensor, sequence]
+  assert mesh.shape["data"] == 2 and mesh.shape["fsdp"] == 4
+  for i in range(2):  # each data index is one slice: only `data` crosses the DCN
+    assert len({d.slice_index for d in grid[i].flat}) == 1
+  assert grid[0].flat[0].slice_index != grid[1].flat[0].slice_index
+  with pytest.raises(ConfigError, match="multiple of --num_slices=2"):
+    planning.slice_mesh({"data": 1, "fsdp": -1}, devs, num_slices=2)
