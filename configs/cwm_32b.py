@@ -28,6 +28,7 @@ for a dense 32B model at ~16M tokens per step, not Meta's.
 import ml_collections
 
 from cwm_jax.base import ConfigError
+from cwm_jax.rl.trainer import rl_config
 from cwm_jax.train.config import base_config, parse_variant
 
 STAGES = ("pretrain", "midtrain", "sft", "rl")
@@ -92,14 +93,20 @@ def _stages(root: str, slice_name: str) -> dict:
   return stages
 
 
-def _rl() -> ml_collections.ConfigDict:
-  """SPEC's GRPO variant; group size and max length are (default)."""
-  return ml_collections.ConfigDict(dict(
-      advantage="reward_minus_group_mean",  # R - mean(R), no std normalisation
-      eps_low=0.2, eps_high=0.25, kl_coef=0.0, skip_zero_advantage_groups=True,
-      loss_normalizer="fixed_max_length", max_length=131072,
-      reward_pass=1.0, reward_fail=-1.0, drop_stale_rollouts=True,
-      group_size=8))                        # (default)
+def _rl(root: str) -> ml_collections.ConfigDict:
+  """SPEC's GRPO variant in the RL trainer's schema (`cwm_jax.rl.trainer.rl_config`; any other
+  field is an error): advantages R - mean(R) without std, clip-higher eps 0.2 / 0.25, no KL
+  term, the loss divided by a fixed max length, all-zero-advantage groups skipped, +1/-1
+  verifier rewards, asynchronous rollouts with stale ones dropped. Tasks are JSONL task files
+  (code, math, trace, agentic with tools) under DATA_ROOT/rl."""
+  c = rl_config()
+  c.update(dict(task_files=f"{root}/rl", group_size=8,         # (default) group size
+                max_new_tokens=32768, loss_max_len=131072,    # (default) response budget
+                eps_low=0.2, eps_high=0.25, temperature=1.0, top_p=1.0,
+                async_rollouts=True, max_staleness=1,         # (default) staleness bound
+                max_turns=32, episode_tokens=131072, episode_seconds=1800.0,  # (default)
+                verifier_workers=32, sandbox_timeout_s=30.0, sandbox_memory_mb=4096))
+  return c
 
 
 def get_config(arg: str | None = None):
@@ -126,7 +133,7 @@ def get_config(arg: str | None = None):
   c.optimizer.update(dict(b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))  # (default)
   c.data.source = "grain"
   c.checkpoint.max_to_keep = 3
-  c.rl = _rl()
+  c.rl = _rl(variant.get("data_root", DATA_ROOT))
   order = "pretrain,midtrain,sft" if stage != "rl" else ",".join(STAGES)
   c.schedule = ml_collections.ConfigDict(dict(order=order, only=stage, finish=False,
                                               stages=_stages(variant.get("data_root", DATA_ROOT),

@@ -106,7 +106,7 @@ def test_cwm_32b_recipe():
   for sc in (pre, mid, sft):  # every stage's data section is a valid pipeline config
     DataConfig.from_config(sc.data)
   rl = grids.parse_config("configs/cwm_32b.py:stage=rl")
-  assert (rl.rl.eps_low, rl.rl.eps_high, rl.rl.kl_coef) == (0.2, 0.25, 0.0)
+  assert (rl.rl.eps_low, rl.rl.eps_high, rl.rl.async_rollouts) == (0.2, 0.25, True)
   with pytest.raises(ConfigError, match="stage="):
     grids.parse_config("configs/cwm_32b.py:stage=posttrain")
 

@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from cwm_jax.infer import cache as kv
@@ -147,17 +148,26 @@ def _check(model, prompts, max_new_tokens, temperature, top_p):
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids=(), seed: int = 0,
-             pad_multiple: int = 32) -> GenerateResult:
+             pad_multiple: int = 32, row_sharding: NamedSharding | None = None
+             ) -> GenerateResult:
   """Generates up to `max_new_tokens` per prompt; temperature 0 is greedy.
 
   A row stops after emitting any of `stop_ids` (which is kept in its output).
+  `row_sharding` (a sharding of the [B] rows, e.g. over the training mesh's data axes)
+  spreads the prompts over devices: the params keep their own (training) shardings and
+  the jitted prefill and decode loop run sharded, with no host copy of the params.
   """
   _check(model, prompts, max_new_tokens, temperature, top_p)
   tokens_BP, start_B = left_pad(prompts, pad_multiple)
+  tokens_BP, start_B = jnp.asarray(tokens_BP), jnp.asarray(start_B)
+  if row_sharding is not None:
+    spec = row_sharding.spec
+    tokens_BP = jax.device_put(tokens_BP, NamedSharding(row_sharding.mesh, P(spec[0], None)))
+    start_B = jax.device_put(start_B, row_sharding)
   graphdef, state = nnx.split(model)
   greedy = temperature == 0
   tokens_BN, logps_BN, n_B = _generate(
-      graphdef, state, jnp.asarray(tokens_BP), jnp.asarray(start_B), jax.random.key(seed),
+      graphdef, state, tokens_BP, start_B, jax.random.key(seed),
       jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
       jnp.asarray(list(stop_ids) or [-1], jnp.int32), max_new=max_new_tokens, greedy=greedy)
   tokens_BN, logps_BN, n_B = jax.device_get((tokens_BN, logps_BN, n_B))

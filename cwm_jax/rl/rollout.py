@@ -22,7 +22,9 @@ import numpy as np
 
 from cwm_jax.infer.sampler import generate
 from cwm_jax.rl import grpo
-from cwm_jax.rl.rewards import Reward
+from cwm_jax.data.traces import format as trace_format
+from cwm_jax.data.traces.sandbox import Limits
+from cwm_jax.rl.rewards import DEFAULT_LIMITS, Reward
 from cwm_jax.rl.tasks import Task
 
 
@@ -61,7 +63,8 @@ class Scorer:
   """Runs verifiers in a thread pool (sandbox runs are subprocesses) and caches verdicts
   per (task, completion): identical samples are verified once."""
 
-  def __init__(self, workers: int = 2):
+  def __init__(self, workers: int = 2, limits: Limits = DEFAULT_LIMITS):
+    self.limits = limits  # the sandbox limits of the tasks' programs and tools
     self._pool = concurrent.futures.ThreadPoolExecutor(max(workers, 1))
     self._cache: dict[tuple[str, str], Reward] = {}
 
@@ -78,9 +81,10 @@ class Scorer:
 
 
 def completion_text(decode: Callable, ids: Sequence[int], stop_ids: Sequence[int]) -> str:
-  """The decoded completion without its final stop token."""
+  """The decoded completion without its final stop token, except `<|end_of_text|>`, which
+  ends a trace and is part of what a trace verifier reads."""
   ids = list(ids)
-  if ids and ids[-1] in stop_ids:
+  if ids and ids[-1] in stop_ids and decode(ids[-1:]) != trace_format.END:
     ids = ids[:-1]
   return decode(ids)
 
@@ -88,12 +92,14 @@ def completion_text(decode: Callable, ids: Sequence[int], stop_ids: Sequence[int
 def collect(model, tasks: Sequence[Task], *, group_size: int, max_new_tokens: int,
             temperature: float, top_p: float, stop_ids: Sequence[int], decode: Callable,
             scorer: Callable, seed: int, version: int, pad_multiple: int = 32,
-            generate_fn: Callable = generate) -> list[Group]:
-  """`group_size` sampled completions of each task, scored; one Group per task."""
+            row_sharding=None, generate_fn: Callable = generate) -> list[Group]:
+  """`group_size` sampled completions of each task, scored; one Group per task.
+  `row_sharding` spreads the rows over the mesh (see `sampler.generate`)."""
   prompts = [list(t.prompt_ids) for t in tasks for _ in range(group_size)]
+  sharded = {} if row_sharding is None else {"row_sharding": row_sharding}
   result = generate_fn(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, stop_ids=tuple(stop_ids), seed=seed,
-                       pad_multiple=pad_multiple)
+                       pad_multiple=pad_multiple, **sharded)
   texts = [completion_text(decode, ids, stop_ids) for ids in result.tokens]
   rewards = scorer([t for t in tasks for _ in range(group_size)], texts)
   groups = []

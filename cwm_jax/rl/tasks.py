@@ -38,6 +38,7 @@ class Task:
   prompt_ids: tuple[int, ...]
   verify: Callable[[str], rewards.Reward]  # completion text (stop token removed) -> Reward
   reference_ids: tuple[int, ...] = ()      # a correct completion with its stop token (warmup)
+  tools: tuple[str, ...] = ()              # sandbox tools of a multi-turn task (rl.episodes)
 
 
 # (function, statement, reference solution, hidden tests)

@@ -20,7 +20,7 @@ all have zero advantage skips the optimizer (`skipped` 1) but counts as a step.
 
 from __future__ import annotations
 
-import dataclasses
+import glob
 import os
 import time
 
@@ -35,7 +35,9 @@ from jax.sharding import NamedSharding
 from cwm_jax.base import ConfigError
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.model.transformer import abstract_model
-from cwm_jax.rl import grpo, rollout, tasks as tasks_lib
+from cwm_jax.data.tokenizer import Tokenizer
+from cwm_jax.infer.sampler import generate
+from cwm_jax.rl import datasets, episodes, grpo, rollout, tasks as tasks_lib
 from cwm_jax.train import config as config_lib, runtime, step as step_lib
 
 
@@ -43,6 +45,12 @@ def rl_config() -> ml_collections.ConfigDict:
   """Defaults of the `rl` config section. CWM's exact RL batch/LR figures are not public."""
   return ml_collections.ConfigDict(dict(
       tasks="toy,math,code,trace",  # kinds from cwm_jax.rl.tasks, or 'digits' (toy vocab)
+      task_files="",                # comma-separated task files, folders or globs (rl.datasets);
+                                    # replaces `tasks`; a bare name is a shipped set
+                                    # (cwm_jax/rl/task_sets/NAME.jsonl)
+      max_turns=4,                  # policy messages per multi-turn (tool) episode
+      episode_tokens=0,             # tokens per multi-turn episode; 0: seq_len
+      episode_seconds=120.0,        # wall time of one batch of multi-turn episodes
       group_size=4,                 # G samples per prompt
       max_new_tokens=32,
       temperature=1.0, top_p=1.0,
@@ -96,18 +104,36 @@ def validate(config, n_devices: int | None = None) -> None:
       errors.append(f"rl.{name}={rl[name]} must be >= 1")
   if rl.warmup_steps < 0 or rl.max_staleness < 0 or rl.loss_max_len < 0:
     errors.append("rl.warmup_steps, rl.max_staleness and rl.loss_max_len must be >= 0")
+  if rl.max_turns < 1 or not 0 <= rl.episode_tokens <= config.seq_len or rl.episode_seconds <= 0:
+    errors.append("need rl.max_turns >= 1, 0 <= rl.episode_tokens <= seq_len and "
+                  "rl.episode_seconds > 0")
+
   if jax.process_count() > 1:
     errors.append("the RL loop runs on one process (rollouts are not split across hosts yet)")
   if errors:
     raise ConfigError("invalid RL config: " + "; ".join(errors))
 
 
-def _sft_batch(tasks, rng, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+TASK_SETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "task_sets")
+
+
+def shipped_sets() -> list[str]:
+  return sorted(n[:-6] for n in os.listdir(TASK_SETS) if n.endswith(".jsonl"))
+
+
+def task_paths(task_files: str) -> list[str]:
+  """The files of `rl.task_files`; a bare name (no '/', no '.') is a shipped set."""
+  names = [p.strip() for p in task_files.split(",") if p.strip()]
+  return [os.path.join(TASK_SETS, f"{n}.jsonl") if "/" not in n and "." not in n else n
+          for n in names]
+
+
+def _sft_batch(tasks, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
   """Prompt + reference answer per row (batch contract), loss on the answer only."""
   batch = {k: np.zeros((batch_size, seq_len), np.int32)
            for k in ("inputs", "targets", "positions", "segment_ids")}
   batch["weights"] = np.zeros((batch_size, seq_len), np.float32)
-  for i, task in enumerate(rng.choice(tasks, size=batch_size)):
+  for i, task in enumerate(tasks):
     ids = (list(task.prompt_ids) + list(task.reference_ids))[:seq_len + 1]
     n = len(ids) - 1
     batch["inputs"][i, :n], batch["targets"][i, :n] = ids[:-1], ids[1:]
@@ -116,30 +142,74 @@ def _sft_batch(tasks, rng, batch_size: int, seq_len: int) -> dict[str, np.ndarra
   return batch
 
 
-def _pick(tasks, config, step: int):
-  n = config.batch_size // config.rl.group_size
-  rng = np.random.default_rng([config.seed, step])
-  return [tasks[i] for i in rng.choice(len(tasks), size=n, replace=n > len(tasks))]
+class _Tasks:
+  """Where a step's tasks come from: a task-file stream (checkpointed with the state) or
+  the embedded task list, drawn by step number (so resuming needs no state)."""
+
+  def __init__(self, config, tasks=None, stream: datasets.TaskStream | None = None):
+    self.config, self.tasks, self.stream = config, tasks, stream
+
+  def draw(self, step: int, n: int, salt: int = 0) -> list:
+    if self.stream is not None:
+      return self.stream.take(n)
+    rng = np.random.default_rng([self.config.seed, step, salt])
+    return [self.tasks[i] for i in rng.choice(len(self.tasks), size=n,
+                                              replace=n > len(self.tasks))]
 
 
 class _Sampler:
   """Rollout batch of one step: pick prompts, sample groups with given params, score."""
 
-  def __init__(self, config, graphdef, tokenizer, tasks, scorer):
+  def __init__(self, config, graphdef, tokenizer, tasks: _Tasks, scorer, rows: NamedSharding):
     self.config, self.graphdef, self.tokenizer, self.tasks, self.scorer = (
         config, graphdef, tokenizer, tasks, scorer)
-    self.pad = max(len(task.prompt_ids) for task in tasks)  # one prompt shape: one compile
+    self.rows = rows  # rollout rows over the training mesh's data axes
+    # Prompts are padded to one length (one compile): the longest prompt that fits.
+    self.pad = config.seq_len - config.rl.max_new_tokens
 
   def __call__(self, params, version: int):
     rl, t0 = self.config.rl, time.perf_counter()
     model = nnx.merge(self.graphdef, params)
+    seed = self.config.seed * 1_000_003 + version
+    tasks = self.tasks.draw(version, self.config.batch_size // rl.group_size)
+    single = [t for t in tasks if not t.tools]
     groups = rollout.collect(
-        model, _pick(self.tasks, self.config, version), group_size=rl.group_size,
+        model, single, group_size=rl.group_size,
         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
         stop_ids=self.tokenizer.stop_ids, decode=self.tokenizer.decode, scorer=self.scorer,
-        seed=self.config.seed * 1_000_003 + version, version=version, pad_multiple=self.pad)
+        seed=seed, version=version, pad_multiple=self.pad,
+        row_sharding=self._rows(len(single) * rl.group_size)) if single else []
+    multi = [t for t in tasks if t.tools]
+    if multi:
+      def sample(prompts, n, turn=iter(range(1 << 30))):
+        return generate(model, prompts, max_new_tokens=n, temperature=rl.temperature,
+                        top_p=rl.top_p, stop_ids=self.tokenizer.stop_ids,
+                        seed=seed + 7919 * next(turn), pad_multiple=self.pad,
+                        row_sharding=self._rows(len(prompts)))
+      limits = episodes.EpisodeLimits(
+          max_turns=rl.max_turns, max_tokens=rl.episode_tokens or self.config.seq_len,
+          max_seconds=rl.episode_seconds, message_tokens=rl.max_new_tokens)
+      groups += episodes.collect_groups(sample, multi, self.tokenizer, group_size=rl.group_size,
+                                        scorer=self.scorer, version=version, limits=limits,
+                                        tool_limits=self.scorer.limits)
     batch, stats = rollout.make_batch(groups, self.config.seq_len)
-    return batch, dict(stats, rollout_time=time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
+    sampled = float(sum(sum(e.policy) for g in groups for e in g.episodes))
+    return batch, dict(stats, rollout_time=dt, rollout_tokens_per_sec=sampled / max(dt, 1e-9))
+
+  def _rows(self, n: int) -> NamedSharding | None:
+    """The row sharding when `n` rows divide evenly over it (a multi-turn batch whose
+    finished episodes dropped out may not)."""
+    return self.rows if _divides(n, self.rows) else None
+
+
+def _divides(n: int, rows: NamedSharding) -> bool:
+  axes = rows.spec[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  size = 1
+  for a in axes:
+    size *= rows.mesh.shape[a]
+  return n % size == 0
 
 
 class _Feed:
@@ -171,13 +241,16 @@ class _Feed:
 
 
 class RLTrainer:
-  """Supervised warmup steps, then rollout batches and their GRPO steps."""
+  """Supervised warmup steps, then rollout batches and their GRPO steps.
 
-  data_iter = None  # tasks are drawn by step number: resuming needs no iterator state
+  `data_iter` is the task-file stream (its position and bad-task counts are saved with
+  each checkpoint), or None for the embedded tasks, which are drawn by step number.
+  """
 
-  def __init__(self, rt: runtime.Runtime, tokenizer, tasks):
+  def __init__(self, rt: runtime.Runtime, tokenizer, tasks: _Tasks):
     self.rt, config = rt, rt.config
     self.config, self.tasks = config, tasks
+    self.data_iter = tasks.stream
     rl = config.rl
     self.rl_step = rt.cached("rl_step", lambda: grpo.jit_rl_step(grpo.make_rl_step(
         rt.cfg, rt.tx, rt.schedule, rules=rt.rules,
@@ -189,8 +262,9 @@ class RLTrainer:
                                  execution=rt.execution),
         rt.shardings, rt.batch_sharding, rt.compiler_options))
     graphdef = nnx.split(abstract_model(rt.cfg, rt.execution), nnx.Param)[0]
-    self.scorer = rollout.Scorer(rl.verifier_workers)
-    self.feed = _Feed(config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer))
+    self.scorer = rollout.Scorer(rl.verifier_workers, _limits(rl))
+    rows = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
+    self.feed = _Feed(config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer, rows))
     self.published = None
 
   def iterate(self, state: dict, step: int):
@@ -204,8 +278,8 @@ class RLTrainer:
 
   def _warmup(self, state, step: int) -> runtime.Update:
     config = self.config
-    rng = np.random.default_rng([config.seed, step, 1])
-    batch = _sft_batch(self.tasks, rng, config.batch_size, config.seq_len)
+    batch = _sft_batch(self.tasks.draw(step, config.batch_size, salt=1), config.batch_size,
+                       config.seq_len)
     state, metrics = self.sft_step(state, {k: jax.device_put(v, self.rt.batch_sharding)
                                            for k, v in batch.items()})
     self.feed.publish(state["params"], step + 1)
@@ -238,16 +312,36 @@ class RLTrainer:
     self.scorer.close()
 
 
+def _limits(rl) -> Limits:
+  return Limits(timeout_s=rl.sandbox_timeout_s, memory_mb=rl.sandbox_memory_mb,
+                output_bytes=100_000)
+
+
+def task_source(config) -> tuple[object, _Tasks]:
+  """(tokenizer, task source) of an RL config: its task files, else its embedded kinds."""
+  rl, max_prompt = config.rl, config.seq_len - config.rl.max_new_tokens
+  if rl.task_files:
+    missing = [p for p in task_paths(rl.task_files) if not glob.glob(p)]
+    if missing:
+      raise ConfigError(f"rl.task_files: nothing at {missing}; give JSONL task files, folders or "
+                        f"globs, or a shipped set name ({', '.join(shipped_sets())})")
+    tokenizer = Tokenizer.default()
+    stream = datasets.TaskStream(task_paths(rl.task_files), tokenizer, max_prompt_len=max_prompt,
+                                 seed=config.seed, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), limits=_limits(rl))
+    return tokenizer, _Tasks(config, stream=stream)
+  tokenizer, tasks = tasks_lib.task_set(rl.tasks, max_prompt_len=max_prompt, seed=config.seed,
+                                        limits=_limits(rl))
+  return tokenizer, _Tasks(config, tasks=tasks)
+
+
 def run(config, workdir: str, hooks=()) -> dict:
   """Runs RL until step `config.total_steps`; returns {'step', 'records', 'preempted'}."""
   validate(config)
-  rl, cfg = config.rl, config_lib.model_config(config)
-  limits = Limits(timeout_s=rl.sandbox_timeout_s, memory_mb=rl.sandbox_memory_mb,
-                  output_bytes=100_000)
-  tokenizer, tasks = tasks_lib.task_set(rl.tasks, max_prompt_len=config.seq_len
-                                        - rl.max_new_tokens, seed=config.seed, limits=limits)
+  cfg = config_lib.model_config(config)
+  tokenizer, tasks = task_source(config)
   if tokenizer.vocab_size > cfg.vocab_size:
-    raise ConfigError(f"rl.tasks={rl.tasks!r} needs vocab_size >= {tokenizer.vocab_size}, the "
+    raise ConfigError(f"the RL tasks need vocab_size >= {tokenizer.vocab_size}, the "
                       f"model has {cfg.vocab_size}; set model.overrides.vocab_size")
   rt = runtime.setup(config)
   return runtime.run(rt, workdir, RLTrainer(rt, tokenizer, tasks), hooks)
