@@ -52,8 +52,9 @@ def trace_call(source: str, function: str, args: tuple = (), kwargs: dict | None
   trace_format.check_source(source)
   trace_format.entry_lineno(source, function)
   request = {'mode': 'trace', 'function': function,
-             'args': literal_text(tuple(args), 'args'),
-             'kwargs': literal_text(dict(kwargs or {}), 'kwargs'),
+             # as values rebuilt from their text: plain builtins, which the request carries
+             'args': ast.literal_eval(literal_text(tuple(args), 'args')),
+             'kwargs': ast.literal_eval(literal_text(dict(kwargs or {}), 'kwargs')),
              'max_events': limits.max_events, 'max_bytes': limits.max_trace_bytes,
              'max_value_chars': limits.max_value_chars}
   run, records = sandbox.run_child(request, source, limits=limits,

@@ -19,6 +19,7 @@ Stdlib only: the package is not importable here. Steps:
 """
 
 import ctypes
+import gc
 import os
 import resource
 import select
@@ -146,6 +147,7 @@ def apply_limits(spec, processes=None):
 
 def _start_worker(request, sock, record_fd, scratch, load):
   worker = load('worker')
+  gc.freeze()  # the worker's collections then leave the pages it shares with us alone
   pid = os.fork()
   if pid:
     os.close(record_fd)

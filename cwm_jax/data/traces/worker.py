@@ -113,7 +113,6 @@ def run(request, writer, tracer=None, finalize=True):
 
 
 def trace(request, writer, tracer):
-  from ast import literal_eval as _literal  # pylint: disable=g-import-not-at-top
   path = os.path.abspath('program.py')
   try:
     with open(path, encoding='utf-8') as f:
@@ -125,7 +124,7 @@ def trace(request, writer, tracer):
     function = module
     for part in request['function'].split('.'):
       function = getattr(function, part)
-    args, kwargs = _literal(request['args']), _literal(request['kwargs'])
+    args, kwargs = request['args'], request['kwargs']
   except BaseException as e:  # the program's top level may raise anything, even SystemExit
     return writer.send({'status': 'error', 'frames': [],
                         'message': 'loading the program failed: ' + _tail(e)})
