@@ -21,7 +21,9 @@ from cwm_jax.base import ConfigError, NonFiniteError
 from cwm_jax.checkpoint import conversion, manager
 from cwm_jax.data import pipeline
 from cwm_jax.data.tokenizer import Tokenizer
+from cwm_jax.infer import evaluation
 from cwm_jax.model.config import tiny
+from cwm_jax.model.transformer import model_from_params
 from cwm_jax.train import lm, runtime, sources
 from cwm_jax.train.metrics import MetricsWriter, progress_line
 from cwm_jax.train.synthetic import SyntheticSource
@@ -217,3 +219,25 @@ def test_exported_special_token_ids_come_from_the_model_tokenizer(tmp_path):
   assert hf_config["eos_token_id"] == list(tok.stop_ids)
   assert hf_config["pad_token_id"] == tok.special_id("<|pad|>")
   assert max([hf_config["bos_token_id"], *hf_config["eos_token_id"]]) < cfg.vocab_size
+
+
+def test_evaluation_never_reports_a_metric_over_nothing():
+  """A budget shorter than every trace prompt scores no token: NaN and a count of 0,
+  not the perfect-looking NLL 0.0 / perplexity 1.0 of before."""
+  tok = Tokenizer.default()
+  cfg = tiny(n_layers=1, vocab_size=tok.vocab_size)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.02, a.shape).astype(np.float32),
+                        manager.params_target(cfg))
+  model = model_from_params(cfg, params)
+  config = evaluation.EvalConfig(max_programs=1, max_tokens=4, generate=False,
+                                 records={"code": [{"text": "def f(x):\n  return x\n"}],
+                                          "empty": [{"format": "chat", "messages": [
+                                              {"role": "user", "content": "hi"}]}]})
+  m = evaluation.evaluate(model, tok, config)
+  assert m["trace_cases"] == 1 and m["trace_tokens"] == 0
+  assert math.isnan(m["trace_nll"]) and math.isnan(m["trace_token_accuracy"])
+  assert m["tokens_code"] == 3 and math.isfinite(m["ppl_code"])  # 4 tokens -> 3 predictions
+  assert m["tokens_empty"] == 0 and math.isnan(m["ppl_empty"])  # no assistant token
+  assert evaluation.unscored(m) == ["nll_empty", "ppl_empty", "trace_nll",
+                                    "trace_token_accuracy"]
