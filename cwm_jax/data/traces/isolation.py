@@ -1,8 +1,8 @@
 """What isolation this machine allows the sandbox, detected once per process.
 
-`probe()` tries `unshare --pid --fork --mount-proc --net --mount` (plus `--user
---map-root-user` for a caller that is not root) around `child.py --probe`, which makes the
-mounts read-only, mounts a capped tmpfs and drops the worker's privileges. When that works,
+`probe()` tries `unshare --pid --net --mount` (plus `--user --map-root-user` for a caller
+that is not root) around `child.py --probe`, which makes the mounts read-only, mounts a
+capped tmpfs and forks a worker that mounts its /proc as PID 1 and drops its privileges. When that works,
 every run gets fresh PID, mount and network namespaces; a root caller's program also runs as
 uid 65534. When it does not, running untrusted code is refused (`SandboxRefused`) unless the
 caller opts in with `Limits(allow_no_isolation=True)`: the program then runs with resource
@@ -28,7 +28,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(_HERE, 'child.py')
 CHILD_MODULES = ('supervisor', 'worker', 'channel', 'tracer')  # stdlib-only, run in the child
 UNPRIVILEGED_UID = 65534  # 'nobody'
-_NAMESPACE_FLAGS = ('--pid', '--fork', '--kill-child', '--mount-proc', '--net', '--mount')
+# No --fork: the supervisor stays outside the new PID namespace; its worker becomes PID 1.
+_NAMESPACE_FLAGS = ('--pid', '--net', '--mount')
 
 
 class SandboxRefused(ConfigError):
@@ -104,7 +105,7 @@ def check(namespaces: bool, allow_no_isolation: bool) -> Isolation:
   if not iso.namespaces and not allow_no_isolation:
     raise SandboxRefused(
         f'refusing to run untrusted code without network isolation: {iso.reason}. Run where '
-        '`unshare --pid --fork --mount-proc --net --mount` works (as root, or with '
+        '`unshare --pid --net --mount` works (as root, or with '
         'unprivileged user namespaces), or opt in with Limits(allow_no_isolation=True) / '
         '--allow_no_isolation to run it with in-process network blocking only.')
   return iso

@@ -1,21 +1,25 @@
 """The sandbox's supervisor: isolates the run, starts the worker, outlives the program.
 
 Run by child.py (started by sandbox.py as `python -s [-S] child.py SOCKET_FD RECORD_FD`), under
-`unshare --pid --fork --mount-proc --net --mount [--user --map-root-user]` where the kernel
-allows it; it is then PID 1 of fresh PID, mount and network namespaces, so the program can
-neither see nor signal the caller, and every process it starts dies when this one exits.
-Stdlib only: the package is not importable here. Steps:
+`unshare --pid --net --mount [--user --map-root-user]` where the kernel allows it: this
+process is in fresh mount and network namespaces, and the worker it forks is PID 1 of a fresh
+PID namespace with its own /proc, so the program can neither see nor signal the caller or
+this process, and every process it starts dies when the worker does. Stdlib only: the
+package is not importable here. Steps:
   1. child.py reads the request from the caller's socket; the socket doubles as a lifeline:
      its end of file means the caller is gone, and the run is ended;
   2. namespaces: make every mount read-only, mount a size-capped tmpfs on /tmp (also bound on
      /dev/shm and /var/tmp) holding the scratch directory, and re-expose the interpreter's
      directories hidden behind private ones (e.g. /root) read-only for the dropped uid;
      otherwise (an explicit opt-in) a scratch directory in the host's temp dir;
-  3. fork the worker: no capabilities, no_new_privs, uid 65534 for root callers,
-     setrlimit limits, the network blocked, then worker.py runs the program;
-  4. wait for it, the deadline or the caller's end; kill every other process of the run;
+  3. fork the worker: killed if this process dies, its own session, a private /proc, no
+     capabilities, no_new_privs, uid 65534 for root callers, setrlimit limits, the network
+     blocked, then worker.py runs the program;
+  4. wait for it, the deadline or the caller's end; kill every process of the run (with
+     namespaces: the worker, PID 1; without: as subreaper, everything it left);
      report 'exit WAIT_STATUS' or 'timeout' on the socket and exit.
-`child.py --probe` checks steps 2-3 and prints what works as JSON.
+As PID 1 the program ignores signals it sends itself without a handler, so its CPU limit
+ends it with the hard limit's SIGKILL. `child.py --probe` checks steps 2-3 (JSON on stdout).
 """
 
 import ctypes
@@ -29,7 +33,9 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRATCH = '/tmp/sandbox'
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC = 2, 4, 4096, 16384
-_PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 4, 24, 36, 38
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP = 1, 4, 24
+_PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
+_MS_NOEXEC = 8
 _SIGKILL = 9
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -154,6 +160,10 @@ def _start_worker(request, sock, record_fd, scratch, load):
     return pid
   try:
     os.close(sock)
+    _libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)  # ends with this process, whatever happens
+    os.setsid()  # kill(0, ...) by the program reaches its own processes only
+    if request['namespaces']:  # PID 1 of the new PID namespace: its own /proc
+      _mount('proc', '/proc', 'proc', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     drop_privileges(request.get('uid'))
     os.chdir(scratch)
     os.environ.update(HOME=scratch, TMPDIR=scratch)
@@ -245,15 +255,15 @@ def supervise(request, sock, record_fd, load):
   scratch = _prepare(request)
   pid = _start_worker(request, sock, record_fd, scratch, load)
   status, timed_out, gone = _wait(pid, sock, request['timeout_s'])
-  if request['namespaces'] and not gone:
-    if status is None:  # timed out
+  if request['namespaces']:  # the worker is PID 1: its end is the end of every process
+    if status is None:  # timed out or the caller is gone
       os.kill(pid, _SIGKILL)
       status = os.waitpid(pid, 0)[1]
   else:
     _kill_all(pid)
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(scratch, ignore_errors=True)
-  if not gone:  # PID 1 exiting makes the kernel kill the rest of the namespace
+  if not gone:
     os.write(sock, b'timeout' if timed_out else b'exit %d' % status)
 
 
@@ -266,7 +276,8 @@ def probe(request):
   info.update(notes)
   pid = os.fork()
   if not pid:
+    _mount('proc', '/proc', 'proc', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     drop_privileges(uid)
-    os._exit(0)
+    os._exit(0 if os.getpid() == 1 and os.listdir('/proc/self/fd') else 1)
   info['worker'] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
   print(json.dumps(info))
