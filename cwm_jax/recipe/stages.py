@@ -25,6 +25,7 @@ from typing import Any
 import ml_collections
 
 from cwm_jax.base import ConfigError
+from cwm_jax.checkpoint.manager import complete_steps
 from cwm_jax.recipe import trainers
 from cwm_jax.train.config import model_config
 
@@ -182,11 +183,10 @@ def stage_configs(config, workdir: str = "/plan") -> list[tuple[str, ml_collecti
 
 
 def latest_step(directory: str) -> int | None:
-  """Latest finished checkpoint step under `directory` (None if none)."""
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
-  return max(steps) if steps else None
+  """Latest committed checkpoint step under `directory` (None if none): a step directory
+  whose save never committed (a killed save, an empty `70/`) does not count."""
+  steps = complete_steps(directory)
+  return steps[-1] if steps else None
 
 
 def plan_stages(config, workdir: str) -> list[tuple[Stage, ml_collections.ConfigDict]]:

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 from cwm_jax.base import ConfigError
 from cwm_jax.cli import run_main
 from cwm_jax.parallel.mesh import initialize_distributed
+from cwm_jax.recipe import stages
 from cwm_jax.recipe.schedule import run as run_recipe
 from cwm_jax.train.config import check_values
 
@@ -32,6 +33,20 @@ class _QuietOrbax:
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 
+def _check_start_dirs(config, workdir: str) -> None:
+  """A schedule stage that starts from a checkpoint directory finds one there (checked
+  before any stage runs or corpus is built; a stage with checkpoints of its own resumes)."""
+  if "schedule" not in config:
+    return
+  for st in stages.selected(config, stages.stages_from_config(config)):
+    if st.start_from in (stages.SCRATCH, stages.PREVIOUS) or stages.latest_step(
+        os.path.join(workdir, st.name, "checkpoints")) is not None:
+      continue
+    if stages.latest_step(st.start_from) is None:
+      raise ConfigError(f"schedule.stages.{st.name}.start_from={st.start_from!r} holds no "
+                        "committed checkpoint; point it at a run's checkpoints directory")
+
+
 def main(argv, hooks=()):
   """Runs the config (a schedule runs its stages); `hooks` run after every step."""
   del argv
@@ -41,6 +56,7 @@ def main(argv, hooks=()):
   if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
     raise ConfigError(f"--workdir {_WORKDIR.value!r} is a file; pass a directory (new or a "
                       "run's)")
+  _check_start_dirs(_CONFIG.value, _WORKDIR.value)
   logging.get_absl_handler().addFilter(_QuietOrbax())
   initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
   run_recipe(_CONFIG.value, _WORKDIR.value, hooks)
