@@ -1,14 +1,19 @@
 """Every class of bad input, driven through the real command-line programs.
 
-Each case runs `python -m cwm_jax.<program> ...` as a subprocess and must exit 2
-with exactly one line on stderr (`error: ...`) that names the flag, field or
-file, with no traceback, and must create or change nothing: the output paths it
-names do not appear and the input files (checkpoints, configs) are untouched.
-The cases run a few at a time (each is an independent process).
+Each case runs a program as `python -m cwm_jax.<program> ...` does (`runpy` as
+`__main__`, in its own process) and must exit 2 with exactly one line on stderr
+(`error: ...`) that names the flag, field or file, with no traceback, and must
+create or change nothing: the output paths it names do not appear and the input
+files (checkpoints, configs) are untouched.
+
+For speed the processes are forked, four at a time, from one runner that has
+imported jax, flax, orbax and grain once (not the programs: each child imports
+its program fresh, as `python -m` would); one case is also run as a plain
+`python -m` subprocess and must give the same exit code and stderr.
 """
 
 import collections
-import concurrent.futures
+import json
 import os
 import shutil
 import struct
@@ -169,11 +174,60 @@ def _tree(path) -> dict[str, tuple[int, int]]:
           for r, _, ns in os.walk(path) for n in ns}
 
 
-def _run(argv, cwd):
+# Reads [[argv, cwd], ...] on stdin; forks one child per case (4 at a time) that runs
+# `python -m argv[0] argv[1:]` via runpy with stdout/stderr in files; prints
+# [[exit code, stdout, stderr], ...] as JSON.
+RUNNER = r"""
+import json, os, runpy, sys, traceback
+import grain, jax, ml_collections, numpy, optax, orbax.checkpoint, tensorstore  # noqa
+from flax import nnx  # noqa
+
+def child(argv, cwd, out, err):
+  os.chdir(cwd)
+  for fd, path in ((1, out), (2, err)):
+    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+  code = 0
+  try:
+    sys.argv = list(argv)
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  except BaseException:
+    traceback.print_exc()
+    code = 1
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+cases, base = json.load(sys.stdin), sys.argv[1]
+todo, running, results = list(enumerate(cases)), {}, {}
+while todo or running:
+  while todo and len(running) < 4:
+    i, (argv, cwd) = todo.pop(0)
+    files = (f"{base}/{i}.out", f"{base}/{i}.err")
+    pid = os.fork()
+    if pid == 0:
+      child(argv, cwd, *files)
+    running[pid] = (i, files)
+  pid, status = os.wait()
+  i, files = running.pop(pid)
+  results[i] = [os.waitstatus_to_exitcode(status), *(open(f).read() for f in files)]
+print(json.dumps([results[i] for i in range(len(cases))]))
+"""
+
+
+def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
-                        cwd=cwd, env=env, timeout=600)
+  return env
+
+
+def _run_all(argvs, cwd, logs) -> list[subprocess.CompletedProcess]:
+  p = subprocess.run([sys.executable, "-c", RUNNER, logs], input=json.dumps(
+      [[a, cwd] for a in argvs]), capture_output=True, text=True, env=_env(), timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return [subprocess.CompletedProcess(a, rc, out, err)
+          for a, (rc, out, err) in zip(argvs, json.loads(p.stdout))]
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +236,8 @@ def results(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out"))
   cases = _cases(fx, out)
   before = _tree(fx["dir"])
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    done = dict(zip(cases, pool.map(lambda c: _run(c[0], out), cases.values())))
+  done = dict(zip(cases, _run_all([c[0] for c in cases.values()], out,
+                                  str(tmp_path_factory.mktemp("logs")))))
   return cases, done, before, _tree(fx["dir"]), out
 
 
@@ -204,6 +258,14 @@ def test_bad_input_exits_2_with_one_line(results, name):
     assert want in lines[0], (want, lines[0])
   for path in absent:
     assert not os.path.exists(path), f"{name} created {path}"
+
+
+def test_forked_run_equals_python_m(results):
+  cases, done, _, _, out = results
+  for name in ("score_hf_truncated", "train_nan_lr"):
+    p = subprocess.run([sys.executable, "-m", *cases[name][0]], capture_output=True, text=True,
+                       cwd=out, env=_env(), timeout=600)
+    assert (p.returncode, p.stderr) == (done[name].returncode, done[name].stderr)
 
 
 def test_inputs_unchanged_and_no_partial_output(results):
