@@ -45,7 +45,8 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected arguments {argv[1:]}; pass settings as --flags")
   if not (FLAGS.checkpoint and FLAGS.token_ids and FLAGS.output):
     raise ConfigError("--checkpoint, --token_ids and --output are required")
   parent = os.path.dirname(os.path.abspath(FLAGS.output))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from cwm_jax.base import ConfigError
 from cwm_jax.cli import check_config_file, run_main
 from cwm_jax.recipe import grids
 
@@ -25,7 +26,9 @@ _LAUNCHER_FLAGS = flags.DEFINE_multi_string(
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected arguments {argv[1:]}; pass settings as --flags "
+                      "(launcher options as --launcher_flags=...)")
   check_config_file("config", _CONFIG.value)
   grids.run_sweep(_CONFIG.value, _SWEEP.value, _LAUNCHER.value, _WORKDIR.value,
                    dry_run=_DRY_RUN.value, launcher_flags=_LAUNCHER_FLAGS.value)

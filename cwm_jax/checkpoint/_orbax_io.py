@@ -132,7 +132,8 @@ class OrbaxReader:
     if not found:
       raise ConfigError(f"{directory}: no orbax checkpoint steps (<step>/state) found")
     if step is not None and step not in found:
-      raise ConfigError(f"{directory}: no step {step}; steps present: {found}")
+      raise ConfigError(f"{directory}: no committed step {step}; pass --step with one of "
+                        f"{found}")
     self.step = found[-1] if step is None else step
     step_dir = os.path.join(root, str(self.step))
     meta_path, tree_path = (os.path.join(step_dir, "meta", "metadata"),

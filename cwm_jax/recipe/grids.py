@@ -158,6 +158,8 @@ def parse_config(config_arg: str, overrides: Sequence[str] = ()):
     while cause.__cause__ is not None or cause.__context__ is not None:
       cause = cause.__cause__ or cause.__context__
     lines = [l for l in str(cause).splitlines() if l.strip()]
+    if isinstance(cause, KeyError):
+      lines = [f"no config field {cause} (check the sweep's field names)"]
     raise SweepError(f"--config {config_arg} with {' '.join(overrides) or 'no overrides'}: "
                      f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}") from None
   return config

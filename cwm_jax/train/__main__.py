@@ -49,7 +49,9 @@ def _check_start_dirs(config, workdir: str) -> None:
 
 def main(argv, hooks=()):
   """Runs the config (a schedule runs its stages); `hooks` run after every step."""
-  del argv
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected arguments {argv[1:]}: every setting is a --flag or "
+                      "--config.FIELD=VALUE")
   errors = check_values(_CONFIG.value)  # every field, before anything is built or created
   if errors:
     raise ConfigError("invalid training config: " + "; ".join(errors))
