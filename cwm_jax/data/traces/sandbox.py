@@ -112,6 +112,10 @@ def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
     proc = subprocess.Popen(command, cwd='/', env=_environment(), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                             start_new_session=True, pass_fds=(theirs.fileno(), record_w))
+  except BaseException:
+    ours.close()
+    os.close(record_r)
+    raise
   finally:
     theirs.close()
     os.close(record_w)
