@@ -2,12 +2,13 @@
 
 `probe()` tries `unshare --pid --net --mount` (plus `--user --map-root-user` for a caller
 that is not root) around `child.py --probe`, which makes the mounts read-only, mounts a
-capped tmpfs and forks a worker that mounts its /proc as PID 1 and drops its privileges. When that works,
-every run gets fresh PID, mount and network namespaces; a root caller's program also runs as
-uid 65534. When it does not, running untrusted code is refused (`SandboxRefused`) unless the
-caller opts in with `Limits(allow_no_isolation=True)`: the program then runs with resource
-limits, the in-process network block and, for root callers, the uid drop, but can reach the
-network through what Python cannot intercept (ctypes), and signal its caller if uids match.
+capped tmpfs and forks a worker that mounts its /proc as PID 1 and drops its privileges.
+When that works, every run gets fresh PID, mount and network namespaces; a root caller's
+program also runs as uid 65534. When it does not, running untrusted code is refused
+(`SandboxRefused`) unless the caller opts in with `Limits(allow_no_isolation=True)`: the
+program then runs with resource limits, the in-process network block and, for root callers
+whose interpreter uid 65534 can read, the uid drop, but can reach the network through what
+Python cannot intercept (ctypes, a child interpreter), and signal its caller if uids match.
 """
 
 from __future__ import annotations
