@@ -193,6 +193,7 @@ def test_no_network_no_other_processes_no_privileges(user, tmp_path):
           except OSError:
               pass
       print('secret seen' if b'hunter' + b'2' in seen else 'secret unseen')
+      print('run', os.listdir('/run') if os.path.isdir('/run') else [])
       for path in ('/etc/passwd-x', os.path.expanduser('~/x'), '/var/tmp/x', '/dev/shm/x'):
           try:
               open(path, 'w').write('x')
@@ -209,6 +210,7 @@ def test_no_network_no_other_processes_no_privileges(user, tmp_path):
   pids = json.loads(out.split('pids ')[1].split('\n')[0])
   assert pids[0] == 1 and len(pids) <= 3, pids  # the program (PID 1) and its children only
   assert 'nsenter 0' not in out and 'secret unseen' in out  # the caller's environment
+  assert 'run []' in out  # no host sockets under /run
   assert 'denied /etc/passwd-x' in out and 'hunter2' not in out
 
 

@@ -8,9 +8,10 @@ this process, and every process it starts dies when the worker does. Stdlib only
 package is not importable here. Steps:
   1. child.py reads the request from the caller's socket; the socket doubles as a lifeline:
      its end of file means the caller is gone, and the run is ended;
-  2. namespaces: make every mount read-only, mount a size-capped tmpfs on /tmp (also bound on
-     /dev/shm and /var/tmp) holding the scratch directory, and re-expose the interpreter's
-     directories hidden behind private ones (e.g. /root) read-only for the dropped uid;
+  2. namespaces: make every mount read-only, hide /run (host sockets) under an empty tmpfs,
+     mount a size-capped tmpfs on /tmp (also bound on /dev/shm and /var/tmp) holding the
+     scratch directory, and re-expose the interpreter's directories hidden behind private
+     ones (e.g. /root) read-only for the dropped uid;
      otherwise (an explicit opt-in) a scratch directory in the host's temp dir;
   3. fork the worker: killed if this process dies, its own session, a private /proc, no
      capabilities, no_new_privs, uid 65534 for root callers, setrlimit limits, the network
@@ -98,6 +99,8 @@ def _isolated_scratch(request):
   read_only = _read_only_everywhere()
   uid = request.get('uid')
   exposed = _expose(sorted({sys.base_prefix, sys.prefix, _HERE}), uid)
+  if os.path.isdir('/run'):  # hides the host's unix sockets (e.g. a user's D-Bus session)
+    _mount('tmpfs', '/run', 'tmpfs', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, 'size=16k,mode=755')
   _mount('tmpfs', '/tmp', 'tmpfs', _MS_NOSUID | _MS_NODEV,
          'size=%d,nr_inodes=%d,mode=1777' % (request['disk_bytes'], request['disk_inodes']))
   for target in ('/dev/shm', '/var/tmp'):
