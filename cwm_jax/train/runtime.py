@@ -415,11 +415,15 @@ def _run_hooks(hooks: Sequence[Hook], ctx: HookContext, log: _Logger) -> None:
 
 
 def bad_record_scalars(data_iter) -> dict[str, float]:
-  """`bad_records` (total) and `bad_records/REASON` of a data iterator that counts them."""
+  """`bad_records` (total) and `bad_records/REASON` of a data iterator that counts them,
+  summed over processes (every process logs in step, so the gather is collective)."""
   counts = getattr(data_iter, "bad_record_counts", None)
   if counts is None:
     return {}
   by_reason = counts()
+  if jax.process_count() > 1:
+    local = np.asarray(list(by_reason.values()), np.int32)
+    by_reason = dict(zip(by_reason, multihost_utils.process_allgather(local).sum(0).tolist()))
   out = {f"bad_records/{k}": float(v) for k, v in by_reason.items() if v}
   out["bad_records"] = float(sum(by_reason.values()))
   return out
