@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -405,10 +406,31 @@ def test_channel_decode_never_raises():
 
 # --- the command line ----------------------------------------------------------------------------
 
-def _cli(*argv):
-  return subprocess.run([sys.executable, '-m', 'cwm_jax.trace', *argv], capture_output=True,
-                        text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120,
-                        cwd=REPO)
+def _cli(*argv, prefix=()):
+  return subprocess.run([*prefix, sys.executable, '-m', 'cwm_jax.trace', *argv],
+                        capture_output=True, text=True, timeout=120, cwd=REPO,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO))
+
+
+@needs_namespaces
+@needs_root
+def test_cli_attacks_as_nobody(tmp_path):
+  shared = tempfile.mkdtemp(prefix='cwm_cli_test_')  # readable by uid 65534, unlike tmp_path
+  try:
+    os.chmod(shared, 0o755)
+    marker = _marker()
+    attack = os.path.join(shared, 'attack.py')
+    with open(attack, 'w', encoding='utf-8') as f:
+      f.write('def f():\n    exec(' + repr(_escape(marker)) + ')\n    return 1\n')
+    os.chmod(attack, 0o644)
+    prefix = _unprivileged_prefix(str(tmp_path))
+    info = json.loads(_cli('--sandbox_info', prefix=prefix).stdout)
+    assert info['namespaces'] and info['user_namespace'] and info['program_uid'] == 65534
+    done = _cli(f'{attack}:f', prefix=prefix)
+    assert done.returncode == 0 and '<|call_sep|>' in done.stdout, done.stderr[-2000:]
+    assert _gone(marker)
+  finally:
+    shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_cli_sandbox_info_and_attacks(tmp_path):
