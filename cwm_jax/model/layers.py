@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from flax.linen import logical_to_mesh_axes
 
 INIT_STD = 0.02
 
@@ -28,16 +29,8 @@ def param(rngs: nnx.Rngs, shape, names, dtype, init=None) -> nnx.Param:
 
 
 def logical_to_spec(names, rules) -> jax.sharding.PartitionSpec:
-  """Maps logical axis names to a PartitionSpec with a {logical: mesh} table."""
-  table = dict(rules)
-  used, out = set(), []
-  for name in names:
-    axes = table.get(name)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if a not in used)
-    used.update(axes)
-    out.append(axes[0] if len(axes) == 1 else (axes or None))
-  return jax.sharding.PartitionSpec(*out)
+  """Maps logical axis names to a PartitionSpec under `rules` (Flax's own mapping)."""
+  return logical_to_mesh_axes(tuple(names), rules)
 
 
 def constrain(x, names):

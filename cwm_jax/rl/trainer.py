@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from cwm_jax.base import ConfigError
+from cwm_jax.data.traces import isolation
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.model.transformer import abstract_model
 from cwm_jax.data.tokenizer import Tokenizer
@@ -59,7 +60,8 @@ def rl_config() -> ml_collections.ConfigDict:
       updates_per_rollout=1,        # optimizer steps on each rollout batch
       warmup_steps=0,               # supervised steps on reference answers first
       async_rollouts=False, max_staleness=1,
-      verifier_workers=2, sandbox_timeout_s=3.0, sandbox_memory_mb=512))
+      verifier_workers=2, sandbox_timeout_s=3.0, sandbox_memory_mb=512,
+      sandbox_allow_no_isolation=False))  # run code where namespaces are unavailable
 
 
 def toy_config(steps: int, seed: int = 0) -> ml_collections.ConfigDict:
@@ -314,7 +316,7 @@ class RLTrainer:
 
 def _limits(rl) -> Limits:
   return Limits(timeout_s=rl.sandbox_timeout_s, memory_mb=rl.sandbox_memory_mb,
-                output_bytes=100_000)
+                output_bytes=100_000, allow_no_isolation=rl.sandbox_allow_no_isolation)
 
 
 def task_source(config) -> tuple[object, _Tasks]:
@@ -339,6 +341,9 @@ def run(config, workdir: str, hooks=()) -> dict:
   """Runs RL until step `config.total_steps`; returns {'step', 'records', 'preempted'}."""
   validate(config)
   cfg = config_lib.model_config(config)
+  if config.rl.task_files or {"code", "trace"} & {k.strip() for k in config.rl.tasks.split(",")}:
+    limits = _limits(config.rl)  # verifiers run code: refuse now, not at the first reward
+    isolation.check(limits.namespaces, limits.allow_no_isolation)
   tokenizer, tasks = task_source(config)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ConfigError(f"the RL tasks need vocab_size >= {tokenizer.vocab_size}, the "
