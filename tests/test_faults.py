@@ -24,7 +24,7 @@ from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.infer import evaluation
 from cwm_jax.model.config import tiny
 from cwm_jax.model.transformer import model_from_params
-from cwm_jax.train import lm, runtime, sources
+from cwm_jax.train import health, lm, runtime, sources
 from cwm_jax.train.metrics import MetricsWriter, progress_line
 from cwm_jax.train.synthetic import SyntheticSource
 
@@ -176,7 +176,7 @@ def test_bad_record_counts_reach_metrics_and_progress_line(tmp_path):
   it = pipeline.make_iterator(cfg, seq_len=16, global_batch=1)
   list(it)
   writer = MetricsWriter(str(tmp_path / "w"), tensorboard=False, total_steps=9)
-  log = runtime._Logger(writer, 0.0, 0, runtime._Guard(0, None), it)  # pylint: disable=protected-access
+  log = runtime._Logger(writer, 0.0, 0, health.Guard(0, None), it)  # pylint: disable=protected-access
   log.defer(1, {"loss": np.float32(2.0), "grad_norm": np.float32(1.0)})
   log.flush()
   record = _records(str(tmp_path / "w"))[0]

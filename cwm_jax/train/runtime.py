@@ -8,11 +8,14 @@ lives here, once:
   anything compiles), builds the mesh, the optimizer, the abstract train state,
   its shardings and the jitted sharded initializer (no host ever holds the
   whole model); cached, so a later run with the same shapes reuses it;
-- `run`: the initial state (resume from `WORKDIR/checkpoints`, else
-  `init_from`, params only or everything, else scratch), the step loop,
+- `run`: the initial state (resume from the newest committed checkpoint of
+  `WORKDIR/checkpoints` that restores, falling back past corrupt ones unless
+  `checkpoint.on_corrupt='fail'`, else `init_from`, params only or everything,
+  else scratch), the step loop,
   metrics of step n-1 fetched after step n is dispatched (the host never waits
   on the device to log), hooks (in-loop evaluation) after each step, the
-  checkpoint cadence (state + the trainer's data iterator + metadata), and
+  checkpoint cadence (state + the trainer's data iterator + metadata), the
+  non-finite guard and bad-record counts (`cwm_jax.train.health`), and
   SIGTERM (or a multi-host preemption notice): save, then return.
 
 A trainer yields `Update`s; one `iterate` call may yield several (an RL
@@ -35,7 +38,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from cwm_jax.base import ConfigError, NonFiniteError
+from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint.manager import (Checkpointer, CorruptCheckpoint, complete_steps,
                                         model_config_to_dict)
 from cwm_jax.model.config import ModelConfig
@@ -44,6 +47,8 @@ from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.parallel import sharding
 from cwm_jax.train import flops, optimizer, state as state_lib
 from cwm_jax.train.config import execution_config, model_config, validate
+from cwm_jax.train import health
+from cwm_jax.train.health import Guard
 from cwm_jax.train.metrics import MetricsWriter
 
 
@@ -260,50 +265,11 @@ def check_workdir(config, workdir: str) -> None:
     check_init_from(config)
 
 
-class _Guard:
-  """Stops the run on a non-finite loss or gradient norm (NonFiniteError, exit 3), or,
-  with `optimizer.skip_nonfinite=N`, lets such steps pass (the optimizer skipped their
-  update) until N in a row."""
-
-  def __init__(self, max_skips: int, ckpt: Checkpointer):
-    self.max_skips, self.ckpt = int(max_skips), ckpt
-    self.in_a_row = self.skipped = 0
-    self.seen = -1
-
-  def check(self, step: int, scalars: dict) -> None:
-    stop = self.observe(step, scalars)
-    if stop is not None:
-      raise stop
-
-  def observe(self, step: int, scalars: dict) -> NonFiniteError | None:
-    """Counts step's non-finite loss / grad norm (once per step); the error to stop with."""
-    bad = {k: scalars[k] for k in ("loss", "grad_norm")
-           if k in scalars and not np.isfinite(scalars[k])}
-    if step != self.seen:
-      self.seen = step
-      self.in_a_row = self.in_a_row + 1 if bad else 0
-      self.skipped += bool(bad)
-      if bad and self.in_a_row <= self.max_skips:
-        logging.warning("step %d: non-finite %s; its update was skipped (%d in a row, at most "
-                        "%d)", step, bad, self.in_a_row, self.max_skips)
-    if not bad or self.in_a_row <= self.max_skips:
-      return None
-    self.ckpt.wait()
-    last = self.ckpt.latest_step()
-    kept = (f"the last good checkpoint is step {last} in {self.ckpt.directory}" if last
-            is not None else "no checkpoint was saved")
-    return NonFiniteError(
-        f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; training "
-        f"stopped, {kept}. Lower "
-        "optimizer.lr (or raise warmup, clip_norm), or set optimizer.skip_nonfinite=N to "
-        "skip up to N such steps in a row")
-
-
 class _Logger:
   """Turns step-(n-1) metrics into records once step n is dispatched; checks them (the
   guard) and adds the data iterator's bad-record counts."""
 
-  def __init__(self, writer: MetricsWriter, peak: float, start: int, guard: _Guard,
+  def __init__(self, writer: MetricsWriter, peak: float, start: int, guard: Guard,
                data_iter=None):
     self.guard, self.data_iter = guard, data_iter
     self.writer, self.peak = writer, peak
@@ -325,7 +291,7 @@ class _Logger:
       return
     step, metrics, tokens, fl = self.pending
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    scalars.update(bad_record_scalars(self.data_iter))
+    scalars.update(health.bad_record_scalars(self.data_iter))
     stop = self.guard.observe(step, scalars)
     if self.guard.skipped:
       scalars["nonfinite_steps"] = float(self.guard.skipped)
@@ -377,7 +343,7 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
       state, step = initial_state(rt, ckpt, trainer.data_iter)
       writer.truncate_after(step)
       log = _Logger(writer, _peak(config, rt.mesh), step,
-                    _Guard(config.optimizer.get("skip_nonfinite", 0), ckpt), trainer.data_iter)
+                    Guard(config.optimizer.get("skip_nonfinite", 0), ckpt), trainer.data_iter)
       saved, preempted = step, False
       while step < config.total_steps and not preempted:
         for update in trainer.iterate(state, step):
@@ -412,21 +378,6 @@ def _run_hooks(hooks: Sequence[Hook], ctx: HookContext, log: _Logger) -> None:
     if out:
       log.flush()
       log.write(ctx.step, out)
-
-
-def bad_record_scalars(data_iter) -> dict[str, float]:
-  """`bad_records` (total) and `bad_records/REASON` of a data iterator that counts them,
-  summed over processes (every process logs in step, so the gather is collective)."""
-  counts = getattr(data_iter, "bad_record_counts", None)
-  if counts is None:
-    return {}
-  by_reason = counts()
-  if jax.process_count() > 1:
-    local = np.asarray(list(by_reason.values()), np.int32)
-    by_reason = dict(zip(by_reason, multihost_utils.process_allgather(local).sum(0).tolist()))
-  out = {f"bad_records/{k}": float(v) for k, v in by_reason.items() if v}
-  out["bad_records"] = float(sum(by_reason.values()))
-  return out
 
 
 def host_scalars(metrics: dict) -> dict[str, float]:
