@@ -9,6 +9,7 @@ import pytest
 
 from cwm_jax.data import formats
 from cwm_jax.data import pipeline
+from cwm_jax.data import sources
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.kernels import masks
 from cwm_jax.base import ConfigError
@@ -258,3 +259,10 @@ def test_bad_config_is_a_config_error(corpus):
   with pytest.raises(ConfigError, match='no .jsonl files'):
     pipeline.make_iterator(_config('/nonexistent/x.jsonl'), seq_len=8,
                            global_batch=2)
+
+
+def test_damaged_source_file_is_a_config_error(tmp_path):
+  path = tmp_path / 'x.array_record'
+  path.write_bytes(b'not an array_record file')
+  with pytest.raises(ConfigError, match='x.array_record.*rebuild'):
+    sources.make_source('array_record', str(path))

@@ -78,9 +78,19 @@ class TfdsRecords(grain.sources.RandomAccessDataSource):
 def make_source(kind: str, path: str, split: str = 'train'):
   """A grain random-access source of raw records."""
   if kind == 'array_record':
-    return grain.sources.ArrayRecordDataSource(_files(path, '.array_record'))
+    files = _files(path, '.array_record')
+    try:
+      return grain.sources.ArrayRecordDataSource(files)
+    except Exception as e:  # array_record raises several kinds for a damaged file
+      raise ConfigError(f'cannot open the array_record files {files[:3]} of {path!r} '
+                        f'({type(e).__name__}: {e}); rebuild them with '
+                        '`python -m cwm_jax.data.build`') from None
   if kind == 'jsonl':
-    return JsonlSource(_files(path, '.jsonl'))
+    files = _files(path, '.jsonl')
+    try:
+      return JsonlSource(files)
+    except OSError as e:
+      raise ConfigError(f'cannot read the jsonl files of {path!r}: {e}') from None
   if kind == 'tfds':
     return TfdsRecords(path, split)
   raise ConfigError(f'source kind {kind!r}: choose one of {KINDS}')
