@@ -130,3 +130,12 @@ def test_training_corpora_skip_the_held_out_programs():
   used = {os.path.basename(c.origin) for c in corpora._calls(limit=None)
           if c.origin.endswith('.py')}
   assert used and not used & held
+
+
+def test_build_refuses_a_non_empty_folder_that_is_not_a_corpus(tmp_path):
+  from cwm_jax.base import ConfigError
+  from cwm_jax.data import corpus_build
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(ConfigError, match="not an empty folder or a corpus"):
+    corpus_build.build_corpus("code", str(tmp_path), limit=2)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -80,6 +80,10 @@ def build_corpus(corpus: str, out: str, *, limit: int | None = None, num_shards:
                       'array_record only)')
   if num_shards < 1 or (limit is not None and limit < 1):
     raise ConfigError('--shards and --limit must be positive')
+  if os.path.exists(out) and (not os.path.isdir(out) or (
+      os.listdir(out) and not os.path.isfile(os.path.join(out, 'manifest.json')))):
+    raise ConfigError(f'--out={out!r} exists and is not an empty folder or a corpus (no '
+                      'manifest.json); give a new or empty folder so no other files are mixed in')
   if corpus in TRACE_CORPORA:
     try:
       items = trace_items(corpus, limit=limit, **sources)

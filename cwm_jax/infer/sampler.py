@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,7 @@ def _check(model, prompts, max_new_tokens, temperature, top_p):
                      f"[0, {cfg.vocab_size}); check the tokenizer matches the checkpoint")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-  if temperature < 0 or not 0 < top_p <= 1:
+  if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
   longest = max(len(p) for p in prompts) + max_new_tokens
   if longest > cfg.max_seq_len:

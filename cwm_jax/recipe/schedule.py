@@ -34,8 +34,9 @@ def run_schedule(config, workdir: str, hooks: Sequence[runtime.Hook] = ()) -> di
   its `start_from`. Returns {stage name: train() result or 'done'}.
   """
   results: dict[str, Any] = {}
+  planned = stages_lib.plan_stages(config, workdir)  # every stage valid before any work
   prepare_data(config, workdir)
-  for st, sc in stages_lib.plan_stages(config, workdir):
+  for st, sc in planned:
     stage_dir = os.path.join(workdir, st.name)
     done = stages_lib.latest_step(os.path.join(stage_dir, "checkpoints"))
     if done is not None and done >= sc.total_steps:

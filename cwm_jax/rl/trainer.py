@@ -294,6 +294,7 @@ class RLTrainer:
     stats.update(stale_dropped=self.feed.dropped, staleness=staleness)
     if stats["groups_kept"] == 0:  # no group carries signal: no update
       state = dict(state, step=state["step"] + 1)
+      self.feed.publish(state["params"], step + 1)  # same params, next policy version
       yield runtime.Update(state, step + 1, dict(stats, loss=0.0, grad_norm=0.0,
                                                  clip_fraction=0.0, skipped=1.0,
                                                  lr=float(rt.schedule(step))))
