@@ -28,9 +28,11 @@ import smoke  # noqa: E402  pylint: disable=wrong-import-position
 
 from cwm_jax.data.tokenizer import Tokenizer  # noqa: E402
 from cwm_jax.data.traces import examples  # noqa: E402
-from cwm_jax.infer import loading  # noqa: E402
+from cwm_jax.checkpoint.load import load_params  # noqa: E402
+from cwm_jax.model import model_from_params  # noqa: E402
+from cwm_jax.train.config import model_config  # noqa: E402
 from cwm_jax.infer.sampler import generate  # noqa: E402
-from cwm_jax.recipe import schedule  # noqa: E402
+from cwm_jax.recipe import schedule, stages  # noqa: E402
 from cwm_jax.rl import datasets, trainer  # noqa: E402
 
 
@@ -48,8 +50,10 @@ def held_out_records() -> list[dict]:
           for c in examples.program_calls() if examples.is_held_out(c.origin)]
 
 
-def greedy_reward(ckpt_dir: str, records, tok, max_new: int) -> dict:
-  model, _ = loading.load_for_inference(ckpt_dir)
+def greedy_reward(cfg, ckpt_dir: str, records, tok, max_new: int) -> dict:
+  """Greedy reward of a checkpoint's params run with the RL stage's architecture `cfg` (the
+  same weights; the RL stage widens the windows to its context)."""
+  model = model_from_params(cfg, load_params(ckpt_dir)[1])
   tasks = [datasets.task_from_record(r, tok) for r in records]
   out = generate(model, [list(t.prompt_ids) for t in tasks], max_new_tokens=max_new,
                  stop_ids=tok.stop_ids + (tok.eos_id,), pad_multiple=64)
@@ -81,8 +85,6 @@ def main():
   with open(task_file, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in train)
   sft_ckpt = os.path.join(workdir, "sft", "checkpoints")
-  before = greedy_reward(sft_ckpt, held, tok, args.max_new)
-
   rl = smoke.add_rl_stage(smoke.get_config("schedule=all"))
   rl.rl.update(task_files=task_file, group_size=4, max_new_tokens=args.max_new, warmup_steps=0,
                temperature=1.0, sandbox_timeout_s=5.0)
@@ -90,11 +92,14 @@ def main():
   st.update(seq_len=args.seq_len, batch_size=16, steps=args.rl_steps, start_from=sft_ckpt,
             global_window=1024, mesh=dict(data=-1, fsdp=1),
             optimizer=dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0))
+  rl_cfg = model_config(stages.stage_config(rl, len(smoke.STAGES), workdir))
+  before = greedy_reward(rl_cfg, sft_ckpt, held, tok, args.max_new)
   t1 = time.perf_counter()
   results = schedule.run(rl, workdir)
   rl_s = time.perf_counter() - t1
   records = results["rl"]["records"] if isinstance(results.get("rl"), dict) else []
-  after = greedy_reward(os.path.join(workdir, "rl", "checkpoints"), held, tok, args.max_new)
+  after = greedy_reward(rl_cfg, os.path.join(workdir, "rl", "checkpoints"), held, tok,
+                        args.max_new)
   print(json.dumps({
       "benchmark": "rl_chain", "workdir": workdir, "chain_s": round(chain_s, 1),
       "rl_s": round(rl_s, 1), "rl_steps": args.rl_steps, "train_tasks": len(train),

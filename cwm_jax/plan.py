@@ -52,7 +52,7 @@ def _print(result: dict) -> None:
 
 def _step_builders() -> dict:
   """Steps planned per stage trainer beyond the LM train step: the RL update step."""
-  from cwm_jax.rl.plan import rl_step_builder  # pylint: disable=g-import-not-at-top
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
   return {"rl": rl_step_builder}
 
 

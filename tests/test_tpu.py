@@ -109,7 +109,7 @@ def test_cwm_32b_slice_variants():
 
 def test_rl_stage_plans_the_rl_update_step():
   from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
-  from cwm_jax.rl.plan import rl_step_builder  # pylint: disable=g-import-not-at-top
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
   configs = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
   plan = planning.tpu_plan(configs, "v5p-8", step_builders={"rl": rl_step_builder})["stages"]["rl"]
   assert plan["step"] == "rl_update" and plan["fits"] and plan["device_kind"] == "TPU v5"

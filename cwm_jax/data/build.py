@@ -84,9 +84,10 @@ def main(argv):
                                            max_traces_per_function=_PER_FUNCTION.value),
         eval_paths=tuple(_EVAL.value), ngram=_NGRAM.value,
         contamination_threshold=_THRESHOLD.value)
-    if len(argv) > 1 and config.runner == 'local':
+    if len(argv) > 1 and (config.runner == 'local'
+                          or _CORPUS.value not in corpus_build.TRACE_CORPORA):
       raise ConfigError(f'unexpected arguments {argv[1:]}; Beam pipeline options need a Beam '
-                        '--runner')
+                        f'--runner and a trace corpus ({", ".join(corpus_build.TRACE_CORPORA)})')
     manifest = build_corpus(_CORPUS.value, _OUT.value, limit=_LIMIT.value,
                             num_shards=_SHARDS.value, writer=_WRITER.value, config=config,
                             **_sources())

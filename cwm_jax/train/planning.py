@@ -28,10 +28,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
+from jax._src import xla_bridge  # whether a backend exists yet (no public API says so)
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from cwm_jax import kernels
 from cwm_jax.base import ConfigError
+from cwm_jax.model import abstract_model
 from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.train import flops, state as state_lib, step as step_lib, topology
 from cwm_jax.train.config import execution_config, model_config, validate
@@ -84,7 +89,6 @@ def ensure_host_devices(n: int, argv: list[str]) -> None:
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if "device_count" not in f and f.split("=")[0] not in {x.split("=")[0] for x in _FAST_COMPILE}]
   flags_ = " ".join(kept + [f"--xla_force_host_platform_device_count={n}", *_FAST_COMPILE])
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if not xla_bridge.backends_are_initialized():
     os.environ["XLA_FLAGS"] = flags_
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -98,7 +102,6 @@ def ensure_host_devices(n: int, argv: list[str]) -> None:
 def slice_mesh(sizes: dict, devices, num_slices: int = 1) -> Mesh:
   """A mesh over TPU devices laid out on the torus; several slices split `data`
   (the only axis crossing the data-centre network)."""
-  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
   shape = mesh_lib.mesh_shape(sizes, len(devices))
   if num_slices > 1:
     data = shape[mesh_lib.MESH_AXES.index("data")]
@@ -131,9 +134,6 @@ def lm_step(config, cfg, mesh):
 def analytic_plan(cfg, seq_len: int | None = None) -> dict[str, Any]:
   """The JSON-able plan of a ModelConfig at `seq_len` (default: cfg.max_seq_len),
   from `jax.eval_shape` of the model and an AdamW state: nothing is allocated."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from cwm_jax.model import abstract_model  # pylint: disable=g-import-not-at-top
   seq_len = seq_len or cfg.max_seq_len
   params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
   opt_state = jax.eval_shape(optax.adamw(1e-4, mu_dtype="float32").init, params)

@@ -16,6 +16,8 @@ import math
 import os
 import re
 
+from jax.experimental import topologies
+
 from cwm_jax.base import ConfigError
 
 GIB = 2 ** 30
@@ -99,13 +101,12 @@ def devices(spec: SliceSpec, num_slices: int = 1) -> list:
   """
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     desc = topologies.get_topology_desc(platform="tpu", topology_name=spec.topology,
                                         num_slices=int(num_slices))
   except (ImportError, RuntimeError) as e:
     raise ConfigError(f"TPU topology {spec.topology} x{num_slices}: libtpu could not describe "
                       f"it ({str(e).splitlines()[0][:200]}); install it with "
-                      "`pip install -e '.[test]'` (jax[tpu])") from e
+                      "`bash launch/install.sh .venv tpu` (jax[tpu])") from e
   return list(desc.devices)
 
 
