@@ -276,3 +276,16 @@ def test_element_offsets_cudnn_receives_match_the_keys_it_receives(monkeypatch):
   np.testing.assert_array_equal(np.asarray(kv_elems).reshape(-1)[:6], np.concatenate(starts) * stride)
   # The repeated keys keep the reference's grouping: query head i reads kv head i // 3.
   np.testing.assert_array_equal(seen["k"][:, :, 4], k[:, :, 1])
+
+
+def test_execution_config_checks_the_gpu_dtype_and_auto_avoids_cudnn_in_float32():
+  from cwm_jax.kernels import backend
+  from cwm_jax.model.execution import Execution
+  with pytest.raises(ConfigError, match="needs compute_dtype in"):
+    Execution(attention_impl="cudnn")  # float32 compute
+  with pytest.raises(ConfigError, match="needs compute_dtype in"):
+    Execution(attention_impl="chunked", global_attention_impl="cudnn")
+  assert Execution(attention_impl="cudnn", compute_dtype="bfloat16").attention_impl == "cudnn"
+  assert backend.resolve("auto", "gpu", "float32") == "chunked"
+  assert backend.resolve("auto", "gpu", "bfloat16") == "cudnn"
+  assert backend.resolve("auto", "tpu", "float32") == "splash"

@@ -8,9 +8,11 @@ JAX's default backend. 'auto' is splash on TPU, cuDNN on GPU, chunked elsewhere.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn"}
 FALLBACK = "chunked"
+GPU_DTYPES = ("bfloat16", "float16")  # what cuDNN flash attention computes in
 
 
 def target_platform() -> str:
@@ -21,8 +23,40 @@ def target_platform() -> str:
   return platform or jax.default_backend()
 
 
-def resolve(impl: str, platform: str | None = None) -> str:
-  """`impl`, with 'auto' replaced by the backend for `platform` (default: `target_platform()`)."""
+def resolve(impl: str, platform: str | None = None, dtype=None) -> str:
+  """`impl`, with 'auto' replaced by the backend for `platform` (default: `target_platform()`).
+  On a GPU, 'auto' with a float32 `dtype` is chunked: cuDNN's flash kernels are bf16/fp16 only."""
   if impl != "auto":
     return impl
-  return AUTO.get(platform or target_platform(), FALLBACK)
+  choice = AUTO.get(platform or target_platform(), FALLBACK)
+  if choice == "cudnn" and dtype is not None and jnp.dtype(dtype).name not in GPU_DTYPES:
+    return FALLBACK
+  return choice
+
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes a kernel's rows are split over
+HEAD_AXIS = "tensor"           # the mesh axis its heads are split over
+
+
+def shard_specs(mesh, b: int, n: int, k: int, *, heads_together: bool = False,
+                batch_axes=BATCH_AXES, head_axis: str = HEAD_AXIS):
+  """(q/out, kv, segment-id) PartitionSpecs of a per-shard kernel call on `mesh` for
+  [B, T, N|K, H] and [B, T] operands: B over the batch axes whose running product divides
+  B; N over `head_axis` if it divides N; K too if it divides K (else K is replicated), or,
+  with `heads_together` (cuDNN, whose partitioner wants q, k and v alike), heads split
+  only when the axis divides both. T stays whole (context parallelism splits it)."""
+  sizes = dict(mesh.shape)
+  used, prod = [], 1
+  for a in batch_axes:
+    if sizes.get(a, 1) > 1 and b % (prod * sizes[a]) == 0:
+      used.append(a)
+      prod *= sizes[a]
+  rows = tuple(used) if len(used) > 1 else (used[0] if used else None)
+  tp = sizes.get(head_axis, 1)
+  n_spec = head_axis if tp > 1 and n % tp == 0 else None
+  k_spec = head_axis if n_spec and k % tp == 0 else None
+  if heads_together and k_spec is None:
+    n_spec = None
+  P = jax.sharding.PartitionSpec
+  return P(rows, None, n_spec, None), P(rows, None, k_spec, None), P(rows, None)
+

@@ -39,17 +39,14 @@ import inspect
 import jax
 import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
-from jax.sharding import PartitionSpec as P
 
 from cwm_jax.base import ConfigError
-from cwm_jax.kernels import packing
+from cwm_jax.kernels import backend, packing
 from cwm_jax.kernels.chunked import chunked_attention
 from cwm_jax.kernels.masks import allowed
 from cwm_jax.kernels.reference import gqa_combine, gqa_scores, masked_softmax
 
-GPU_DTYPES = ("bfloat16", "float16")
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+GPU_DTYPES = backend.GPU_DTYPES
 DEFAULT_MAX_SEGMENTS = 64
 IMPLEMENTATIONS = ("cudnn", "xla")
 
@@ -148,23 +145,8 @@ def cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chun
 
 
 def shard_specs(mesh, b: int, n: int, k: int):
-  """(q/out, kv, segment ids) PartitionSpecs of the per-shard kernel call.
-
-  Rows over the mesh's batch axes whose running product divides B; query and
-  kv heads over `tensor` when it divides both N and K (else heads stay whole:
-  cuDNN's own partitioner wants q, k and v sharded alike). The sequence is
-  whole on every shard (context parallelism splits it, elsewhere).
-  """
-  sizes = dict(mesh.shape)
-  used, prod = [], 1
-  for axis in BATCH_AXES:
-    if sizes.get(axis, 1) > 1 and b % (prod * sizes[axis]) == 0:
-      used.append(axis)
-      prod *= sizes[axis]
-  rows = tuple(used) if len(used) > 1 else (used[0] if used else None)
-  tp = sizes.get(HEAD_AXIS, 1)
-  heads = HEAD_AXIS if tp > 1 and n % tp == 0 and k % tp == 0 else None
-  return P(rows, None, heads, None), P(rows, None, heads, None), P(rows, None)
+  """`backend.shard_specs` with heads split only when `tensor` divides both N and K."""
+  return backend.shard_specs(mesh, b, n, k, heads_together=True)
 
 
 def _check_arrays(q_BTNH, k_BTKH, v_BTKH):

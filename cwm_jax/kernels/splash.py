@@ -30,8 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from cwm_jax.kernels import backend
 
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+BATCH_AXES, HEAD_AXIS = backend.BATCH_AXES, backend.HEAD_AXIS
 MAX_BLOCK = 512
 MIN_BLOCK = 128  # the TPU lane width: smallest sequence tile (interpret mode too)
 
@@ -121,20 +120,8 @@ def kv_for_heads(k_BSKH, n_local: int, q_per_kv: int, axis: str):
 
 
 def mesh_specs(mesh, b: int, n: int, k: int, batch_axes=BATCH_AXES, head_axis=HEAD_AXIS):
-  """(q/out spec, kv spec, segment spec) for [B, T, N|K, H] and [B, T] operands:
-  B over the batch axes whose running product divides B, N over `head_axis` if
-  it divides N, K over it too if it divides K (else K is replicated)."""
-  sizes = dict(mesh.shape)
-  used, prod = [], 1
-  for a in batch_axes:
-    if sizes.get(a, 1) > 1 and b % (prod * sizes[a]) == 0:
-      used.append(a)
-      prod *= sizes[a]
-  bspec = tuple(used) if len(used) > 1 else (used[0] if used else None)
-  tp = sizes.get(head_axis, 1)
-  nspec = head_axis if tp > 1 and n % tp == 0 else None
-  kspec = head_axis if nspec and k % tp == 0 else None
-  return P(bspec, None, nspec, None), P(bspec, None, kspec, None), P(bspec, None)
+  """`backend.shard_specs`: kv heads split when `head_axis` divides K, else replicated."""
+  return backend.shard_specs(mesh, b, n, k, batch_axes=batch_axes, head_axis=head_axis)
 
 
 def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int,

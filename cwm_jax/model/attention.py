@@ -81,7 +81,7 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
   impl = run.attention_impl
   if window >= cfg.global_window:
     impl = run.global_attention_impl or impl
-  impl = kernels.resolve(impl)  # 'auto' -> the backend of the devices compiled for
+  impl = kernels.resolve(impl, dtype=run.compute_dtype)  # 'auto' -> the target devices' backend
   mesh = jax.sharding.get_abstract_mesh()
   axis = context_parallel.AXIS
   if (run.context_parallel != "none" and mesh is not None and not mesh.empty

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from cwm_jax.base import ConfigError
+from cwm_jax.kernels.cudnn import check_gpu_dtypes
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 # 'auto': splash on TPU, cuDNN on GPU, chunked on CPU, from the devices compiled for.
@@ -50,6 +51,11 @@ class Execution:
                           ("context_parallel", CONTEXT_PARALLEL)):
       if getattr(self, name) not in allowed:
         errors.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+    if not errors and "cudnn" in (self.attention_impl, self.global_attention_impl):
+      try:
+        check_gpu_dtypes(self.compute_dtype)
+      except ConfigError as e:
+        errors.append(str(e))
     if errors:
       raise ConfigError("invalid execution config: " + "; ".join(errors))
 
