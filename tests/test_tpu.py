@@ -15,7 +15,7 @@ from cwm_jax.base import ConfigError
 from cwm_jax.train import planning, topology
 from test_launch import ROOT
 
-pytest.importorskip("libtpu", reason="libtpu is part of the test extra: pip install -e '.[test]'")
+pytest.importorskip("libtpu", reason="libtpu is part of the test extra: bash launch/install.sh .venv test")
 
 
 def test_slice_names():

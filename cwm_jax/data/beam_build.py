@@ -126,7 +126,7 @@ def build(name: str, items: list, out: str, cfg: trace_build.TraceBuildConfig,
     from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     raise ConfigError(f'--runner={cfg.runner} needs apache-beam ({e}); install it with '
-                      "`pip install -e '.[beam]'` or use --runner=local") from e
+                      "`bash launch/install.sh .venv` (apache-beam is a dependency) or use --runner=local") from e
   start = time.monotonic()
   eval_docs = trace_build.eval_programs(cfg)
   with beam.Pipeline(options=pipeline_options(cfg)) as p:
