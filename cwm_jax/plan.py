@@ -19,11 +19,13 @@ devices. Exit 2 when the step does not fit the chip's HBM (or `--hbm_gb`).
 from __future__ import annotations
 
 import json
+import math
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from cwm_jax.base import ConfigError
 from cwm_jax.cli import run_main
 
 _PRESET = flags.DEFINE_string("preset", None, "Model preset name (cwm_32b, cwm_1b, tiny).")
@@ -56,9 +58,30 @@ def _step_builders() -> dict:
   return {"rl": rl_step_builder}
 
 
-def main(argv):
+MAX_HOST_DEVICES = 4096  # simulated CPU devices; larger slices: --topology or --gpus
+
+
+def _check_flags() -> None:
+  """Every flag in range before anything is built (ConfigError: exit 2)."""
   if bool(_PRESET.value) == (_CONFIG.value is not None):
-    raise app.UsageError("give exactly one of --preset or --config")
+    raise ConfigError("give exactly one of --preset or --config")
+  if _SEQ_LEN.value is not None and (_SEQ_LEN.value < 1 or _CONFIG.value is not None):
+    raise ConfigError(f"--seq_len={_SEQ_LEN.value}: give a length >= 1, with --preset only "
+                      "(a config plans its own seq_len: --config.seq_len=N)")
+  if _DEVICES.value is not None and not 1 <= _DEVICES.value <= MAX_HOST_DEVICES:
+    raise ConfigError(f"--devices={_DEVICES.value}: simulate 1..{MAX_HOST_DEVICES} host devices; "
+                      "plan larger slices with --topology (TPU) or --gpus")
+  if _SLICES.value < 1:
+    raise ConfigError(f"--num_slices={_SLICES.value} must be >= 1")
+  for name, value in (("hbm_gb", _HBM_GB.value), ("peak_tflops", _PEAK.value)):
+    if value is not None and not (math.isfinite(value) and value > 0):
+      raise ConfigError(f"--{name}={value} must be a positive number")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected arguments {argv[1:]}")
+  _check_flags()
   if _PRESET.value:
     from cwm_jax.model.config import preset  # pylint: disable=g-import-not-at-top
     from cwm_jax.train import planning  # pylint: disable=g-import-not-at-top

@@ -151,6 +151,10 @@ def _cases(fx, out) -> dict[str, tuple[list[str], list[str], list[str]]]:
                                  "--max_programs=0"], [], ["max_programs=0"]),
       "predict_trace_no_program": (["cwm_jax.predict_trace", f"--checkpoint={fx['hf']}",
                                     "/no/such/prog.py:f"], [], ["/no/such/prog.py"]),
+      "plan_seq_len_0": (["cwm_jax.plan", "--preset=tiny", "--seq_len=0"], [],
+                         ["--seq_len=0", ">= 1"]),
+      "plan_too_many_devices": (["cwm_jax.plan", f"--config={SMOKE}", "--devices=100000000"],
+                                [], ["--devices=100000000", "--topology"]),
   }
   corrupt = {  # checkpoint -> the file the error must name
       "hf_truncated": "model-00001-of-00001.safetensors", "hf_empty": "safetensors",
