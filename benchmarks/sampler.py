@@ -31,15 +31,20 @@ def decode_speed(batch=4, prompt=64, new=64):
   rng = np.random.RandomState(0)
   model = _random_model(cfg)
   prompts = [rng.randint(0, 4352, prompt).tolist() for _ in range(batch)]
-  t0 = time.perf_counter()
-  sampler.generate(model, prompts, max_new_tokens=new)
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  sampler.generate(model, prompts, max_new_tokens=new)
-  run = time.perf_counter() - t0
+  first, run = _first_and_second(lambda: sampler.generate(model, prompts, max_new_tokens=new))
   return {"model_params": cfg.param_count(), "batch": batch, "prompt": prompt, "new": new,
           "compile_plus_run_s": round(first, 2), "run_s": round(run, 3),
           "tokens_per_s": round(batch * new / run, 1)}
+
+
+def _first_and_second(call) -> tuple[float, float]:
+  """Seconds of a first call (trace + compile + run) and of a second (run only)."""
+  times = []
+  for _ in range(2):
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+  return times[0], times[1]
 
 
 def _random_model(cfg, seed=0):
@@ -55,12 +60,7 @@ def compile_seconds(n_layers, new=8):
   cfg = tiny(n_layers=n_layers)
   model = _random_model(cfg)
   prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-  t0 = time.perf_counter()
-  sampler.generate(model, prompts, max_new_tokens=new)
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  sampler.generate(model, prompts, max_new_tokens=new)
-  run = time.perf_counter() - t0
+  first, run = _first_and_second(lambda: sampler.generate(model, prompts, max_new_tokens=new))
   return {"n_layers": n_layers, "new": new, "first_call_s": round(first, 2),
           "run_s": round(run, 3), "compile_s": round(first - run, 2)}
 
