@@ -98,11 +98,23 @@ def _isolated_scratch(request):
   """The namespace's filesystem: read-only, a capped tmpfs on /tmp; returns (scratch, notes)."""
   read_only = _read_only_everywhere()
   uid = request.get('uid')
-  exposed = _expose(sorted({sys.base_prefix, sys.prefix, _HERE}), uid)
+  venv = os.path.dirname(os.path.dirname(sys.executable))  # what `sys.executable` runs from
+  home = venv if os.path.isfile(os.path.join(venv, 'pyvenv.cfg')) else os.path.dirname(
+      sys.executable)
+  needed = sorted({sys.base_prefix, sys.prefix, home, _HERE})
+  exposed = _expose(needed, uid)
   if os.path.isdir('/run'):  # hides the host's unix sockets (e.g. a user's D-Bus session)
     _mount('tmpfs', '/run', 'tmpfs', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, 'size=16k,mode=755')
+  # The interpreter, a virtualenv or this package may live under /tmp (a checkout there):
+  # bind them back (read-only, as their mounts) over the scratch tmpfs that covers /tmp.
+  under_tmp = [(p, os.open(p, os.O_PATH)) for p in needed
+               if p == '/tmp' or p.startswith('/tmp/')]
   _mount('tmpfs', '/tmp', 'tmpfs', _MS_NOSUID | _MS_NODEV,
          'size=%d,nr_inodes=%d,mode=1777' % (request['disk_bytes'], request['disk_inodes']))
+  for path, fd in under_tmp:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    _mount('/proc/self/fd/%d' % fd, path, None, _MS_BIND | _MS_REC)
+    os.close(fd)
   for target in ('/dev/shm', '/var/tmp'):
     if os.path.isdir(target):
       source = '/tmp/.%s' % os.path.basename(target)
