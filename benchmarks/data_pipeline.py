@@ -16,7 +16,7 @@ import time
 from absl import app
 from absl import flags
 
-from cwm_jax.data import build
+from cwm_jax.data import corpus_build
 from cwm_jax.data import pipeline
 
 _CODE_FILES = flags.DEFINE_integer('code_files', 120, 'stdlib files to use.')
@@ -50,7 +50,7 @@ def main(argv):
     limits = {'code': _CODE_FILES.value, 'traces': _TRACE_CALLS.value}
     for corpus, limit in limits.items():
       folder = os.path.join(tmp, corpus)
-      records = build.build_corpus(corpus, folder, limit=limit)['records']
+      records = corpus_build.build_corpus(corpus, folder, limit=limit)['records']
       for seq_len in (8192, 131072):
         result = measure(folder, seq_len, _ROWS.value, _SECONDS.value)
         out['results'][f'{corpus}@{seq_len}'] = {'records': records, **result}

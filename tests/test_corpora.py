@@ -13,6 +13,7 @@ import pytest
 
 from cwm_jax.data import bpe
 from cwm_jax.data import build
+from cwm_jax.data import corpus_build
 from cwm_jax.data import corpora
 from cwm_jax.data import formats
 from cwm_jax.data import pipeline
@@ -101,7 +102,7 @@ def test_sft_dialogs_weigh_only_the_assistant(traced):
 
 
 def test_tfds_writer_feeds_the_pipeline(tmp_path):
-  manifest = build.build_corpus('code', str(tmp_path), limit=2, writer='tfds')
+  manifest = corpus_build.build_corpus('code', str(tmp_path), limit=2, writer='tfds')
   assert manifest['records'] == 2
   cfg = pipeline.default_data_config().to_dict()
   cfg.update(mixture=[{'kind': 'tfds', 'path': manifest['path']}],
@@ -134,7 +135,6 @@ def test_training_corpora_skip_the_held_out_programs():
 
 def test_build_refuses_a_non_empty_folder_that_is_not_a_corpus(tmp_path):
   from cwm_jax.base import ConfigError
-  from cwm_jax.data import corpus_build
   (tmp_path / "notes.txt").write_text("mine")
   with pytest.raises(ConfigError, match="not an empty folder or a corpus"):
     corpus_build.build_corpus("code", str(tmp_path), limit=2)

@@ -26,8 +26,6 @@ from cwm_jax.data import repo_traces
 from cwm_jax.data import traces
 from cwm_jax import cli
 from cwm_jax.base import ConfigError
-# Re-exported for callers of the former single-module build.
-from cwm_jax.data.corpus_build import build_corpus, ensure_corpus, resolve_corpora  # noqa: F401
 
 _CORPUS = flags.DEFINE_string('corpus', None, f'One of {corpus_build.CORPORA}.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder.')
@@ -88,9 +86,9 @@ def main(argv):
                           or _CORPUS.value not in corpus_build.TRACE_CORPORA):
       raise ConfigError(f'unexpected arguments {argv[1:]}; Beam pipeline options need a Beam '
                         f'--runner and a trace corpus ({", ".join(corpus_build.TRACE_CORPORA)})')
-    manifest = build_corpus(_CORPUS.value, _OUT.value, limit=_LIMIT.value,
-                            num_shards=_SHARDS.value, writer=_WRITER.value, config=config,
-                            **_sources())
+    manifest = corpus_build.build_corpus(_CORPUS.value, _OUT.value, limit=_LIMIT.value,
+                                         num_shards=_SHARDS.value, writer=_WRITER.value,
+                                         config=config, **_sources())
   except (ConfigError, ValueError) as e:
     raise app.UsageError(str(e), exitcode=2) from e
   print(json.dumps(manifest))
