@@ -21,6 +21,7 @@ all have zero advantage skips the optimizer (`skipped` 1) but counts as a step.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import time
 
@@ -28,16 +29,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from cwm_jax.base import ConfigError
+from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import isolation
 from cwm_jax.data.traces.sandbox import Limits
-from cwm_jax.model.transformer import abstract_model
-from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.infer.sampler import generate
+from cwm_jax.model.transformer import abstract_model
+from cwm_jax.parallel import mesh as mesh_lib, sharding
 from cwm_jax.rl import datasets, episodes, grpo, rollout, tasks as tasks_lib
 from cwm_jax.train import config as config_lib, runtime, step as step_lib
 
@@ -183,10 +184,12 @@ class _Sampler:
         row_sharding=self._rows(len(single) * rl.group_size)) if single else []
     multi = [t for t in tasks if t.tools]
     if multi:
-      def sample(prompts, n, turn=iter(range(1 << 30))):
+      turns = itertools.count()  # each turn of the episodes samples with its own seed
+
+      def sample(prompts, n):
         return generate(model, prompts, max_new_tokens=n, temperature=rl.temperature,
                         top_p=rl.top_p, stop_ids=self.tokenizer.stop_ids,
-                        seed=seed + 7919 * next(turn), pad_multiple=self.pad,
+                        seed=seed + 7919 * next(turns), pad_multiple=self.pad,
                         row_sharding=self._rows(len(prompts)))
       limits = episodes.EpisodeLimits(
           max_turns=rl.max_turns, max_tokens=rl.episode_tokens or self.config.seq_len,
@@ -202,16 +205,8 @@ class _Sampler:
   def _rows(self, n: int) -> NamedSharding | None:
     """The row sharding when `n` rows divide evenly over it (a multi-turn batch whose
     finished episodes dropped out may not)."""
-    return self.rows if _divides(n, self.rows) else None
-
-
-def _divides(n: int, rows: NamedSharding) -> bool:
-  axes = rows.spec[0] or ()
-  axes = (axes,) if isinstance(axes, str) else axes
-  size = 1
-  for a in axes:
-    size *= rows.mesh.shape[a]
-  return n % size == 0
+    size = mesh_lib.axis_size(dict(self.rows.mesh.shape), sharding.spec_axes(self.rows.spec[0]))
+    return self.rows if n % size == 0 else None
 
 
 class _Feed:
