@@ -5,7 +5,6 @@ The reference is an uninterrupted 5-step run of a tiny model on one CPU device; 
 resume that falls back past corrupt checkpoints must reproduce its losses exactly.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -27,23 +26,17 @@ from cwm_jax.model.transformer import model_from_params
 from cwm_jax.train import health, lm, runtime, sources
 from cwm_jax.train.metrics import MetricsWriter, progress_line
 from cwm_jax.train.synthetic import SyntheticSource
+from test_train_loop import _config as train_loop_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(n_layers=2, dim=32, ffn_dim=64, vocab_size=128)
 
 
 def _config(**fields):
-  spec = importlib.util.spec_from_file_location("smoke", os.path.join(ROOT, "configs/smoke.py"))
-  smoke = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(smoke)
-  c = smoke.get_config("")
-  c.model.overrides.update(SMALL)
-  c.update(dict(total_steps=5, seq_len=32, checkpoint_every=1))
-  c.optimizer.decay_steps = 5
-  c.metrics.tensorboard = False
+  """The train-loop tests' small smoke config, checkpointing every step; `fields` are
+  dotted overrides ('checkpoint.on_corrupt': 'fail')."""
+  c = train_loop_config()
+  c.checkpoint_every = 1
   c.checkpoint.update(dict(max_to_keep=10, async_save=False))
-  c.compiler_options.xla_backend_optimization_level = 0
-  c.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
   for k, v in fields.items():
     section, _, key = k.rpartition(".")
     (c[section] if section else c)[key] = v
