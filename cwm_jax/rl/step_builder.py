@@ -15,24 +15,17 @@ from jax.sharding import NamedSharding
 
 from cwm_jax.parallel import sharding
 from cwm_jax.rl import grpo
-from cwm_jax.train import optimizer, state as state_lib
-from cwm_jax.train.config import execution_config
+from cwm_jax.train import state as state_lib
 
 _FLOAT_KEYS = ("loss_mask", "old_logp", "advantages")
 
 
 def rl_step_builder(config, cfg, mesh):
   """(jitted RL update step, sharded abstract state, abstract batch) on `mesh`."""
-  tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
-  run = execution_config(config)
-  abstract = state_lib.abstract_state(cfg, tx, config.seed, run)
-  shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
-  batch_sh = NamedSharding(mesh, sharding.batch_spec(config.rules))
-  rl = config.get("rl") or {}
-  max_len = int(rl.get("loss_max_len", 0) or rl.get("max_length", 0) or config.seq_len)
-  fn = grpo.make_rl_step(cfg, tx, schedule, max_len=max_len,
-                         eps_low=rl.get("eps_low", grpo.EPS_LOW),
-                         eps_high=rl.get("eps_high", grpo.EPS_HIGH),
+  tx, schedule, run, abstract, shardings, batch_sh = state_lib.parts(config, cfg, mesh)
+  rl = config.rl  # the RL trainer's schema (validated), so the same divisor as training
+  fn = grpo.make_rl_step(cfg, tx, schedule, max_len=rl.loss_max_len or rl.max_new_tokens,
+                         eps_low=rl.eps_low, eps_high=rl.eps_high,
                          rules=sharding.normalize_rules(config.rules), execution=run)
   jitted = grpo.jit_rl_step(fn, shardings, batch_sh)
   row = NamedSharding(mesh, jax.sharding.PartitionSpec(batch_sh.spec[0]))

@@ -13,10 +13,9 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from cwm_jax.parallel import sharding
-from cwm_jax.train import flops, optimizer, runtime, sources, state as state_lib
+from cwm_jax.train import flops, runtime, sources, state as state_lib
 from cwm_jax.train import step as step_lib
 from cwm_jax.train.config import execution_config, model_config, validate as validate_run
 
@@ -25,14 +24,10 @@ def step_parts(config, cfg, mesh, compiler_options=None):
   """(tx, abstract state, state shardings, batch sharding, jitted train step) on `mesh`.
 
   The planner compiles exactly this step for simulated or TPU devices."""
-  tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
-  run = execution_config(config)
-  abstract = state_lib.abstract_state(cfg, tx, config.seed, run)
-  shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
-  batch_sh = NamedSharding(mesh, sharding.batch_spec(config.rules))
-  fn = _train_step(config, cfg, tx, schedule)
-  return tx, abstract, shardings, batch_sh, step_lib.jit_train_step(fn, shardings, batch_sh,
-                                                                    compiler_options)
+  p = state_lib.parts(config, cfg, mesh)
+  fn = _train_step(config, cfg, p.tx, p.schedule)
+  return p.tx, p.abstract, p.shardings, p.batch_sharding, step_lib.jit_train_step(
+      fn, p.shardings, p.batch_sharding, compiler_options)
 
 
 def _train_step(config, cfg, tx, schedule):

@@ -45,8 +45,8 @@ from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.parallel import sharding
-from cwm_jax.train import flops, optimizer, state as state_lib
-from cwm_jax.train.config import execution_config, model_config, validate
+from cwm_jax.train import flops, state as state_lib
+from cwm_jax.train.config import model_config, validate
 from cwm_jax.train import health
 from cwm_jax.train.health import Guard
 from cwm_jax.train.metrics import MetricsWriter
@@ -145,16 +145,12 @@ def setup(config, devices=None) -> Runtime:
 
 
 def _build(config, cfg: ModelConfig, devices) -> Runtime:
-  run = execution_config(config)
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   options = {k: v for k, v in config.compiler_options.items() if v != -1}
-  tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
-  abstract = state_lib.abstract_state(cfg, tx, config.seed, run)
-  shardings = state_lib.state_shardings(cfg, tx, config.rules, mesh, abstract)
-  batch_sh = NamedSharding(mesh, sharding.batch_spec(config.rules))
-  init_fn = state_lib.jit_init(cfg, tx, config.seed, shardings, options, run)
-  return Runtime(config, cfg, run, mesh, tx, schedule, abstract, shardings, batch_sh, init_fn,
-                 options)
+  p = state_lib.parts(config, cfg, mesh)
+  init_fn = state_lib.jit_init(cfg, p.tx, config.seed, p.shardings, options, p.execution)
+  return Runtime(config, cfg, p.execution, mesh, p.tx, p.schedule, p.abstract, p.shardings,
+                 p.batch_sharding, init_fn, options)
 
 
 def check_init_from(config) -> int:

@@ -9,6 +9,7 @@ follow their parameters, scalars are replicated); `init_state` is
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,8 @@ from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.transformer import init_model
 from cwm_jax.parallel import sharding
+from cwm_jax.train import optimizer
+from cwm_jax.train.config import execution_config
 
 
 def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
@@ -67,3 +70,25 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
                execution: Execution = Execution()) -> dict:
   """A freshly initialised, sharded train state."""
   return jit_init(cfg, tx, seed, shardings, compiler_options, execution)()
+
+
+class Parts(NamedTuple):
+  """What every step built on a mesh needs: the optimizer and its schedule, the
+  execution, the abstract train state, its shardings and the batch sharding."""
+  tx: optax.GradientTransformation
+  schedule: Callable
+  execution: Execution
+  abstract: dict
+  shardings: dict
+  batch_sharding: NamedSharding
+
+
+def parts(config, cfg: ModelConfig, mesh: Mesh) -> Parts:
+  """The `Parts` of a training config on `mesh` (allocates nothing)."""
+  tx, schedule = optimizer.make_optimizer(config.optimizer, config.total_steps)
+  run = execution_config(config)
+  abstract = abstract_state(cfg, tx, config.seed, run)
+  shardings = state_shardings(cfg, tx, config.rules, mesh, abstract)
+  return Parts(tx, schedule, run, abstract, shardings,
+               NamedSharding(mesh, sharding.batch_spec(config.rules)))
+
