@@ -50,7 +50,17 @@ _CALLER = textwrap.dedent('''
 
 
 def _unprivileged_prefix(tmp):
-  """A command prefix that runs as uid 65534 with this interpreter reachable (root only)."""
+  """A command prefix that runs as uid 65534 with this interpreter reachable (root only).
+
+  The base interpreter under a private folder (/root) is bound back for uid 65534; a
+  checkout or virtualenv in a folder private to root (e.g. `mktemp -d`, mode 0700) cannot be,
+  so those runs are skipped with that reason (a clone in an ordinary folder runs them)."""
+  venv = [sys.prefix] if sys.prefix != sys.base_prefix else []  # the base is bound back below
+  private = [p for p in (REPO, *venv)
+             if any(not os.stat(a).st_mode & 0o001 for a in (*_ancestors(p), p))]
+  if private:
+    pytest.skip(f'{private[0]} is private to root (a folder uid 65534 cannot traverse, e.g. '
+                'made by `mktemp -d`): the unprivileged caller cannot import cwm_jax from it')
   hidden = next((a for a in _ancestors(sys.base_prefix) if not os.stat(a).st_mode & 0o001), None)
   drop = ['setpriv', '--reuid', '65534', '--regid', '65534', '--clear-groups', '--inh-caps=-all']
   if hidden is None:
