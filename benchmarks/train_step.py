@@ -1,13 +1,24 @@
-"""Train-step tokens/s: our jitted step vs transformers' CwmForCausalLM (torch).
+"""Train-step tokens/s against transformers' CwmForCausalLM, where compute dominates.
 
-  python benchmarks/train_step.py [--batch 8] [--seq 256] [--steps 20] [--threads 2]
-      [--impl reference] [--preset tiny]
+  python benchmarks/train_step.py                       # both configs, prints one JSON object
+  python benchmarks/train_step.py --configs d512 --rounds 8 --steps 3
+  python benchmarks/train_step.py --configs d256 --variant '{"attention_chunk": 64}'
+  python benchmarks/train_step.py --breakdown           # adds per-part fwd+bwd milliseconds
 
-Both sides run forward + backward + AdamW (lr 1e-3, wd 0.1, no clipping) on the
-same config, batch and thread count, in float32, alternating timed rounds so
-a shared machine's load hits both alike. Ours is `cwm_jax.train.step` (the
-training engineer's step) jitted with the state donated. `ratio` = ours /
-transformers tokens/s (median over rounds). Prints one JSON object.
+Both sides run forward + backward + AdamW (lr 1e-3, wd 0.1, no clipping) in float32 on
+the same config, batch and thread count. Ours is `cwm_jax.train.step` jitted with the
+state donated, under the execution the CPU trainer defaults to (`cpu_execution`), plus
+any `--variant` executions. Each round times every side in turn (ours, each variant,
+transformers) and then the machine's float32 matmul rate (a 2048^2 GEMM in XLA and in
+torch), so a shared machine's load hits all alike.
+
+Per config it reports tokens/s (median over rounds), `ratio` (median of the per-round
+ratios ours / transformers), model FLOP/s (`cwm_jax.train.flops`, the same count for
+both sides) and each side's fraction of the matmul rate measured in the same rounds.
+
+The configs are the issue's (first and last layer global, the middle two local):
+  d256: d=256, 4 layers, 8/2 heads of 32, ffn 768, vocab 8192, T=512, B=4, window 128
+  d512: d=512, 4 layers, 8/2 heads of 64, ffn 1536, vocab 8192, T=1024, B=2, window 256
 """
 
 import argparse
@@ -16,20 +27,50 @@ import os
 import statistics
 import time
 
+CONFIGS = {
+    "d256": dict(dim=256, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=768, seq=512, batch=4,
+                 window=128),
+    "d512": dict(dim=512, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1536, seq=1024, batch=2,
+                 window=256),
+}
+LR, WD = 1e-3, 0.1
+EXECUTION = {"attention_impl": "auto", "attention_chunk": 128, "scan_layers": False}
+
 
 def _args():
-  p = argparse.ArgumentParser()
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--steps", type=int, default=10, help="steps per timed round")
-  p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-  p.add_argument("--impl", default="reference", help="attention_impl for our model")
-  p.add_argument("--preset", default="tiny")
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--configs", default="d256,d512", help=f"comma-separated of {sorted(CONFIGS)}")
+  p.add_argument("--steps", type=int, default=3, help="steps per side per round")
+  p.add_argument("--rounds", type=int, default=6)
+  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--execution", default=json.dumps(EXECUTION),
+                 help="JSON of Execution fields for our step")
+  p.add_argument("--variant", action="append", default=[],
+                 help="JSON of Execution fields: another of our steps, timed alongside")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also time each part of our step alone (fwd+bwd), in milliseconds")
   return p.parse_args()
 
 
-def _ours(cfg, run, batch_np, lr):
+def model_config(name):
+  from cwm_jax.model import ModelConfig, meta_layer_windows
+  c = CONFIGS[name]
+  return ModelConfig(vocab_size=8192, dim=c["dim"], n_layers=4, n_heads=c["n_heads"],
+                     n_kv_heads=c["n_kv_heads"], head_dim=c["head_dim"], ffn_dim=c["ffn_dim"],
+                     layer_windows=meta_layer_windows(4, c["window"], c["seq"]),
+                     global_window=c["seq"], max_seq_len=c["seq"])
+
+
+def batch_arrays(cfg, b, t):
+  import numpy as np
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+          "segment_ids": np.ones((b, t), np.int32), "weights": np.ones((b, t), np.float32)}
+
+
+def ours(cfg, execution, batch_np):
+  """`run(n)`: n donated train steps of our jitted step; returns the last loss."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -37,33 +78,30 @@ def _ours(cfg, run, batch_np, lr):
   from cwm_jax.model import init_model
   from cwm_jax.train.step import make_train_step
 
-  tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1)
-  params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0, run), nnx.Param))
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-           "rng": jnp.zeros((2,), jnp.uint32)}
-  step = jax.jit(make_train_step(cfg, tx, lambda s: lr, execution=run), donate_argnums=0)
+  tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WD)
+  params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0, execution), nnx.Param))
+  holder = {"state": {"params": params, "opt_state": tx.init(params),
+                      "step": jnp.zeros((), jnp.int32), "rng": jnp.zeros((2,), jnp.uint32)}}
+  step = jax.jit(make_train_step(cfg, tx, lambda s: LR, execution=execution), donate_argnums=0)
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-  holder = {"state": state}
 
   def run(n):
     for _ in range(n):
       holder["state"], metrics = step(holder["state"], batch)
-    jax.block_until_ready(metrics["loss"])
     return float(metrics["loss"])
   return run
 
 
-def _theirs(cfg, batch_np, lr, threads):
+def theirs(cfg, batch_np):
   import torch
   import transformers
   from cwm_jax.checkpoint.hf import config_to_hf
 
-  torch.set_num_threads(threads)
   torch.manual_seed(0)
-  hf = config_to_hf(cfg, dtype="float32")
-  model = transformers.CwmForCausalLM(transformers.CwmConfig(**hf)).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                          weight_decay=0.1)
+  model = transformers.CwmForCausalLM(
+      transformers.CwmConfig(**config_to_hf(cfg, dtype="float32"))).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=WD)
   inputs = torch.as_tensor(batch_np["inputs"]).long()
   targets = torch.as_tensor(batch_np["targets"]).long()
 
@@ -75,49 +113,176 @@ def _theirs(cfg, batch_np, lr, threads):
       loss.backward()
       opt.step()
     return float(loss)
-  return run
+  return run, model.config._attn_implementation
 
 
-def _rate(run, steps, tokens):
+def matmul_rates(n=2048, reps=3):
+  """`probe()` -> (XLA, torch) float32 GEMM FLOP/s of an n x n product, best of `reps`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  a_np = np.random.default_rng(1).normal(size=(n, n)).astype(np.float32)
+  a_jax, a_torch = jnp.asarray(a_np), torch.from_numpy(a_np)
+  mm = jax.jit(lambda a: a @ a)
+  mm(a_jax).block_until_ready()
+
+  def best(call):
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      call()
+      times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times)
+  return lambda: (best(lambda: mm(a_jax).block_until_ready()), best(lambda: a_torch @ a_torch))
+
+
+def breakdown(cfg, execution, b, t):
+  """Milliseconds of forward + backward of each part of our step alone (best of 5), and of
+  the optimizer update: where a step's time goes."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+  from cwm_jax import kernels
+  from cwm_jax.model import init_model
+  from cwm_jax.model.layers import dense
+  from cwm_jax.model.rope import apply_rope
+  from cwm_jax.train.step import loss_sums
+
+  rng = np.random.default_rng(0)
+  arr = lambda *s: jnp.asarray(rng.normal(0, 0.05, s), jnp.float32)
+  d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  x, seg = arr(b, t, d), jnp.ones((b, t), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  model = init_model(cfg, 0, execution)
+  layer = nnx.to_pure_dict(nnx.state(model, nnx.Param))["layers"]
+  first = jax.tree.map(lambda a: a[0], layer)
+
+  def timed(fn, *args):
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=tuple(range(len(args)))))
+    jax.block_until_ready(grad(*args))
+    times = []
+    for _ in range(5):
+      start = time.perf_counter()
+      jax.block_until_ready(grad(*args))
+      times.append(time.perf_counter() - start)
+    return round(1000 * min(times), 1)
+
+  att = first["attention"]
+  rope = lambda y: apply_rope(y, pos, cfg.rope_theta, cfg.rope_scaling)
+  out = {"qkv_rope_out": timed(lambda x, wq, wk, wv, wo: dense(rope(dense(x, wq)), wo, 2)
+                               + jnp.sum(rope(dense(x, wk))) + jnp.sum(dense(x, wv)),
+                               x, att["wq"], att["wk"], att["wv"], att["wo"])}
+  q, kk, v = arr(b, t, n, h), arr(b, t, k, h), arr(b, t, k, h)
+  impl = kernels.resolve(execution.attention_impl, dtype=execution.compute_dtype)
+  for w in sorted(set(cfg.layer_windows)):
+    out[f"attention_{impl}_window{w}"] = timed(
+        lambda q, kk, v, w=w: kernels.attend(q, kk, v, seg, window=w, impl=impl,
+                                             chunk=execution.attention_chunk), q, kk, v)
+  mlp = first["mlp"]
+  out["mlp"] = timed(lambda x, w1, w3, w2: dense(jax.nn.silu(dense(x, w1)) * dense(x, w3), w2),
+                     x, mlp["w1"], mlp["w3"], mlp["w2"])
+  scale = first["attention_norm"]["scale"]
+  out["rms_norm"] = timed(lambda x, s: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
+                                                         + cfg.norm_eps) * s, x, scale)
+  graphdef, state = nnx.split(model, nnx.Param)
+  batch = {key: jnp.asarray(v) for key, v in batch_arrays(cfg, b, t).items()}
+  head = lambda hid, w: loss_sums(_HeadOnly(hid, w, nnx.merge(graphdef, state)), batch)[0]
+  out["head_and_loss"] = timed(head, x, nnx.to_pure_dict(state)["lm_head"])
+  tx = optax.adamw(LR, weight_decay=WD)
+  params = nnx.to_pure_dict(state)
+  update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
+  opt_state = tx.init(params)
+  jax.block_until_ready(update(params, opt_state, params))
   start = time.perf_counter()
-  run(steps)
-  return steps * tokens / (time.perf_counter() - start)
+  jax.block_until_ready(update(params, opt_state, params))
+  out["adamw"] = round(1000 * (time.perf_counter() - start), 1)
+  return out
+
+
+class _HeadOnly:
+  """Stands in for the model in `loss_sums`: fixed hidden states, the real head."""
+
+  def __init__(self, hidden, head, model):
+    self._hidden, self._head, self._model = hidden, head, model
+
+  def hidden(self, *_):
+    return self._hidden
+
+  def logits(self, h):
+    from cwm_jax.model.layers import dense
+    import jax.numpy as jnp
+    return dense(h, self._head, preferred_element_type=jnp.float32)
+
+
+def run_config(name, a):
+  import jax
+  from cwm_jax.model import Execution
+  from cwm_jax.train import flops
+
+  cfg, c = model_config(name), CONFIGS[name]
+  b, t = c["batch"], c["seq"]
+  batch = batch_arrays(cfg, b, t)
+  base = Execution(**json.loads(a.execution))
+  executions = [base] + [base.replace(**json.loads(v)) for v in a.variant]
+  sides = [ours(cfg, e, batch) for e in executions]
+  hf_run, hf_attention = theirs(cfg, batch)
+  probe = matmul_rates()
+  start = time.perf_counter()
+  sides[0](1)
+  compile_s = time.perf_counter() - start
+  for run in sides[1:]:
+    run(1)
+  hf_run(1)
+  tokens = a.steps * b * t
+  rates = [[] for _ in sides] + [[]]
+  xla_mm, torch_mm = [], []
+  for _ in range(a.rounds):
+    for i, run in enumerate(sides + [hf_run]):
+      start = time.perf_counter()
+      run(a.steps)
+      rates[i].append(tokens / (time.perf_counter() - start))
+    x, tr = probe()
+    xla_mm.append(x)
+    torch_mm.append(tr)
+  per_token = flops.flops_per_token(cfg, t)
+  med = lambda xs: statistics.median(xs)
+  mm_xla, mm_torch = med(xla_mm), med(torch_mm)
+
+  def side(rs, mm):
+    return {"tokens_per_s": round(med(rs), 1), "rounds": [round(r, 1) for r in rs],
+            "model_gflop_per_s": round(med(rs) * per_token / 1e9, 2),
+            "fraction_of_matmul_rate": round(med(rs) * per_token / mm, 3)}
+
+  out = {"config": name, **c, "params": cfg.param_count(), "layer_windows": cfg.layer_windows,
+         "ratio": round(med([o / r for o, r in zip(rates[0], rates[-1])]), 3),
+         "ours": {**side(rates[0], mm_xla), "compile_s": round(compile_s, 2),
+                  "execution": vars(executions[0])},
+         "transformers": {**side(rates[-1], mm_torch), "attn_implementation": hf_attention},
+         "matmul_gflop_per_s": {"xla": round(mm_xla / 1e9, 1), "torch": round(mm_torch / 1e9, 1)},
+         "flops_per_token": per_token}
+  out["variants"] = [{"execution": vars(e), **side(r, mm_xla),
+                      "ratio": round(med([o / q for o, q in zip(r, rates[-1])]), 3)}
+                     for e, r in zip(executions[1:], rates[1:-1])]
+  if a.breakdown:
+    out["breakdown_ms"] = breakdown(cfg, executions[0], b, t)
+  out["device"] = jax.devices()[0].device_kind
+  return out
 
 
 def main():
   a = _args()
-  os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
-                        f"intra_op_parallelism_threads={a.threads}")
-  import numpy as np
-  from cwm_jax.model import Execution, preset
-
-  cfg, run = preset(a.preset), Execution(attention_impl=a.impl)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, (a.batch, a.seq + 1)).astype(np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
-           "segment_ids": np.ones((a.batch, a.seq), np.int32),
-           "weights": np.ones((a.batch, a.seq), np.float32)}
-  ours, theirs = _ours(cfg, run, batch, 1e-3), _theirs(cfg, batch, 1e-3, a.threads)
-  start = time.perf_counter()
-  ours(1)
-  compile_s = time.perf_counter() - start
-  theirs(2)
-  ours(2)
-  n_tok = a.batch * a.seq
-  r_ours, r_theirs = [], []
-  for _ in range(a.rounds):
-    r_ours.append(_rate(ours, a.steps, n_tok))
-    r_theirs.append(_rate(theirs, a.steps, n_tok))
-  med_ours, med_theirs = statistics.median(r_ours), statistics.median(r_theirs)
-  print(json.dumps({
-      "ratio": round(med_ours / med_theirs, 3),
-      "ours_tokens_per_s": round(med_ours, 1), "transformers_tokens_per_s": round(med_theirs, 1),
-      "ours_rounds": [round(r, 1) for r in r_ours],
-      "transformers_rounds": [round(r, 1) for r in r_theirs],
-      "ours_compile_s": round(compile_s, 2), "preset": a.preset, "attention_impl": a.impl,
-      "batch": a.batch, "seq": a.seq, "threads": a.threads, "params": cfg.param_count(),
-  }))
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
+                             f" intra_op_parallelism_threads={a.threads}").strip()
+  import torch
+  torch.set_num_threads(a.threads)
+  results = [run_config(name, a) for name in a.configs.split(",")]
+  ratios = [r["ratio"] for r in results]
+  print(json.dumps({"threads": a.threads, "steps_per_round": a.steps, "rounds": a.rounds,
+                    "median_ratio": round(statistics.median(ratios), 3),
+                    "min_ratio": min(ratios), "configs": results}))
 
 
 if __name__ == "__main__":

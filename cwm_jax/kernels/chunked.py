@@ -6,7 +6,7 @@ key, so compiled FLOPs follow the window: a local layer costs about
 T * (W + C) score entries, a global one T^2 / 2. The forward pass scans the
 pairs with an online softmax and keeps only the output and the log-sum-exp;
 the backward pass recomputes each pair's probabilities and accumulates
-dq, dk, dv. Live memory is O(T) plus one [B, C, N, C] block of scores.
+dq, dk, dv. Live memory is O(T) plus one [B, K, C*G, C] block of scores.
 Pairs whose block has no allowed (query, key) at run time, e.g. two packed
 documents, are skipped by `lax.cond`.
 
@@ -56,26 +56,31 @@ def _pad_1d(x, rows):
   return jnp.concatenate([x, x[-1] + 1 + jnp.arange(rows, dtype=x.dtype)]) if rows else x
 
 
-def _slice(x, block, c):
-  return jax.lax.dynamic_slice_in_dim(x, block * c, c, axis=1)
+def _rows(x, block, rows):
+  """Rows [block * rows, (block + 1) * rows) of the row axis (axis 2) of x."""
+  return jax.lax.dynamic_slice_in_dim(x, block * rows, rows, axis=2)
 
 
-def _put(x, update, block, c):
-  return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), block * c, axis=1)
+def _put(x, update, block, rows):
+  return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), block * rows, axis=2)
 
 
-def _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, window):
-  """[B, C, C] allowed mask of query block i against key block j."""
-  sq, sk = _slice(q_seg, i, c), _slice(k_seg, j, c)
+def _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window):
+  """[B, 1, C*G, C] allowed mask of query block i against key block j, each query row
+  repeated for the G heads that share a kv head."""
+  sq = jax.lax.dynamic_slice_in_dim(q_seg, i * c, c, axis=1)
+  sk = jax.lax.dynamic_slice_in_dim(k_seg, j * c, c, axis=1)
   qi = jax.lax.dynamic_slice_in_dim(q_idx, i * c, c)
   kj = jax.lax.dynamic_slice_in_dim(k_idx, j * c, c)
-  return allowed(qi[None, :, None], kj[None, None, :], sq[:, :, None], sk[:, None, :], window)
+  mask = allowed(qi[None, :, None], kj[None, None, :], sq[:, :, None], sk[:, None, :], window)
+  b = mask.shape[0]
+  return jnp.broadcast_to(mask[:, :, None, :], (b, c, g, c)).reshape(b, 1, c * g, c)
 
 
-def _scores(q_BTKGH, k_BSKH, mask_BTS):
-  h = q_BTKGH.shape[-1]
-  s = jnp.einsum("BTKGH,BSKH->BTKGS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  return jnp.where(mask_BTS[:, :, None, None, :], s * (h ** -0.5), NEG_INF)
+def _scores(q_BKQH, k_BKSH, mask):
+  h = q_BKQH.shape[-1]
+  s = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+  return jnp.where(mask, s * (h ** -0.5), NEG_INF)
 
 
 def _scan(step, carry, pairs, unroll):
@@ -85,22 +90,23 @@ def _scan(step, carry, pairs, unroll):
   return carry
 
 
-def _forward(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  """Online softmax over the pairs: (out [B,T,K,G,H] f32, lse [B,T,K,G] f32)."""
-  b, t, kv, g, h = q.shape
+def _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  """Online softmax over the pairs: (out [B,K,Q,H] f32, lse [B,K,Q] f32), Q = T*G."""
+  b, kv, rows, h = q.shape
+  cg = c * g
 
   def step(carry, ij):
     acc, m, l = carry
     i, j = ij
-    mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, window)
-    m_old, l_old, acc_old = _slice(m, i, c), _slice(l, i, c), _slice(acc, i, c)
+    mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window)
+    m_old, l_old, acc_old = _rows(m, i, cg), _rows(l, i, cg), _rows(acc, i, cg)
 
     def compute(_):
-      s = _scores(_slice(q, i, c), _slice(k, j, c), mask)
+      s = _scores(_rows(q, i, cg), _rows(k, j, c), mask)
       m_new = jnp.maximum(m_old, s.max(-1))
-      p = jnp.where(mask[:, :, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m_old - m_new)
-      pv = jnp.einsum("BTKGS,BSKH->BTKGH", p.astype(v.dtype), _slice(v, j, c),
+      pv = jnp.einsum("BKQS,BKSH->BKQH", p.astype(v.dtype), _rows(v, j, c),
                       preferred_element_type=jnp.float32)
       return acc_old * corr[..., None] + pv, m_new, l_old * corr + p.sum(-1)
 
@@ -108,10 +114,10 @@ def _forward(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx,
       a, mm, ll = jax.lax.cond(mask.any(), compute, lambda _: (acc_old, m_old, l_old), None)
     else:
       a, mm, ll = compute(None)
-    return _put(acc, a, i, c), _put(m, mm, i, c), _put(l, ll, i, c)
+    return _put(acc, a, i, cg), _put(m, mm, i, cg), _put(l, ll, i, cg)
 
-  init = (jnp.zeros((b, t, kv, g, h), jnp.float32), jnp.full((b, t, kv, g), NEG_INF, jnp.float32),
-          jnp.zeros((b, t, kv, g), jnp.float32))
+  init = (jnp.zeros((b, kv, rows, h), jnp.float32), jnp.full((b, kv, rows), NEG_INF, jnp.float32),
+          jnp.zeros((b, kv, rows), jnp.float32))
   acc, m, l = _scan(step, init, pairs, unroll)
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
@@ -119,34 +125,35 @@ def _forward(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx,
   return acc / l_safe[..., None], lse
 
 
-def _backward(c, window, pairs, skip_empty, unroll, res, do, dlse):
+def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
   q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse = res
   d_row = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1) - dlse
   h = q.shape[-1]
+  cg = c * g
 
   def step(carry, ij):
     dq, dk, dv = carry
     i, j = ij
-    mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, window)
-    dq_old, dk_old, dv_old = _slice(dq, i, c), _slice(dk, j, c), _slice(dv, j, c)
+    mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window)
+    dq_old, dk_old, dv_old = _rows(dq, i, cg), _rows(dk, j, c), _rows(dv, j, c)
 
     def compute(_):
-      q_i, k_j, v_j, do_i = _slice(q, i, c), _slice(k, j, c), _slice(v, j, c), _slice(do, i, c)
+      q_i, k_j, v_j, do_i = _rows(q, i, cg), _rows(k, j, c), _rows(v, j, c), _rows(do, i, cg)
       s = _scores(q_i, k_j, mask)
-      p = jnp.where(mask[:, :, None, None, :], jnp.exp(s - _slice(lse, i, c)[..., None]), 0.0)
-      dv_j = jnp.einsum("BTKGS,BTKGH->BSKH", p.astype(do_i.dtype), do_i,
+      p = jnp.where(mask, jnp.exp(s - _rows(lse, i, cg)[..., None]), 0.0)
+      dv_j = jnp.einsum("BKQS,BKQH->BKSH", p.astype(do_i.dtype), do_i,
                         preferred_element_type=jnp.float32)
-      dp = jnp.einsum("BTKGH,BSKH->BTKGS", do_i, v_j, preferred_element_type=jnp.float32)
-      ds = (p * (dp - _slice(d_row, i, c)[..., None]) * (h ** -0.5)).astype(q.dtype)
-      dq_i = jnp.einsum("BTKGS,BSKH->BTKGH", ds, k_j, preferred_element_type=jnp.float32)
-      dk_j = jnp.einsum("BTKGS,BTKGH->BSKH", ds, q_i, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("BKQH,BKSH->BKQS", do_i, v_j, preferred_element_type=jnp.float32)
+      ds = (p * (dp - _rows(d_row, i, cg)[..., None]) * (h ** -0.5)).astype(q.dtype)
+      dq_i = jnp.einsum("BKQS,BKSH->BKQH", ds, k_j, preferred_element_type=jnp.float32)
+      dk_j = jnp.einsum("BKQS,BKQH->BKSH", ds, q_i, preferred_element_type=jnp.float32)
       return dq_old + dq_i, dk_old + dk_j, dv_old + dv_j
 
     if skip_empty:
       a, bb, cc = jax.lax.cond(mask.any(), compute, lambda _: (dq_old, dk_old, dv_old), None)
     else:
       a, bb, cc = compute(None)
-    return _put(dq, a, i, c), _put(dk, bb, j, c), _put(dv, cc, j, c)
+    return _put(dq, a, i, cg), _put(dk, bb, j, c), _put(dv, cc, j, c)
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
           jnp.zeros(v.shape, jnp.float32))
@@ -154,21 +161,23 @@ def _backward(c, window, pairs, skip_empty, unroll, res, do, dlse):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _flash(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse = _forward(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _flash(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  out, lse = _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx,
+                      k_idx)
   return out.astype(q.dtype), lse
 
 
-def _flash_fwd(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse = _forward(c, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx)
+def _flash_fwd(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  out, lse = _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx,
+                      k_idx)
   out = out.astype(q.dtype)
   return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse)
 
 
-def _flash_bwd(c, window, pairs, skip_empty, unroll, res, cotangents):
+def _flash_bwd(c, g, window, pairs, skip_empty, unroll, res, cotangents):
   do, dlse = cotangents
-  dq, dk, dv = _backward(c, window, pairs, skip_empty, unroll, res, do, dlse)
+  dq, dk, dv = _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse)
   return dq, dk, dv, None, None, None, None
 
 
@@ -185,22 +194,31 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
   starting at static key position `q_offset` (None: keep all pairs).
   Both outputs are differentiable, so partial results can be merged by
   log-sum-exp (ring attention).
+
+  Inside, each kv head's G query heads are stacked under its rows: queries
+  [B, K, T*G, H] against keys [B, K, S, H], so every block product is a batched
+  matmul with the batch dims leading (no per-block transposes).
   """
   b, t, n, h = q_BTNH.shape
   s, kv = k_BSKH.shape[1], k_BSKH.shape[2]
+  g = n // kv
   c = min(chunk, max(t, s))
   pad_t, pad_s = -t % c, -s % c
+  tp = t + pad_t
   if pairs is None:
-    pairs = block_pairs((t + pad_t) // c, (s + pad_s) // c, c,
+    pairs = block_pairs(tp // c, (s + pad_s) // c, c,
                         None if q_offset is None else window, q_offset or 0)
-  q = _pad_rows(q_BTNH, pad_t, 0).reshape(b, t + pad_t, kv, n // kv, h)
-  out, lse = _flash(c, window, tuple(pairs), skip_empty, unroll, q,
-                    _pad_rows(k_BSKH, pad_s, 0), _pad_rows(v_BSKH, pad_s, 0),
+  q = _pad_rows(q_BTNH, pad_t, 0).reshape(b, tp, kv, g, h).transpose(0, 2, 1, 3, 4)
+  heads_first = lambda x: _pad_rows(x, pad_s, 0).transpose(0, 2, 1, 3)
+  out, lse = _flash(c, g, window, tuple(pairs), skip_empty, unroll, q.reshape(b, kv, tp * g, h),
+                    heads_first(k_BSKH), heads_first(v_BSKH),
                     _pad_rows(q_seg_BT, pad_t, PAD_Q_SEGMENT),
                     _pad_rows(k_seg_BS, pad_s, PAD_K_SEGMENT),
                     _pad_1d(jnp.asarray(q_idx_T, jnp.int32), pad_t),
                     _pad_1d(jnp.asarray(k_idx_S, jnp.int32), pad_s))
-  return out.reshape(b, t + pad_t, n, h)[:, :t], lse.reshape(b, t + pad_t, n)[:, :t]
+  out = out.reshape(b, kv, tp, g, h).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)
+  lse = lse.reshape(b, kv, tp, g).transpose(0, 2, 1, 3).reshape(b, tp, n)
+  return out[:, :t], lse[:, :t]
 
 
 def chunked_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int,

@@ -18,7 +18,7 @@ from cwm_jax.kernels import context_parallel
 from cwm_jax.model import cache as kv_cache
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
-from cwm_jax.model.layers import constrain, dtype_of, logical_to_spec, param
+from cwm_jax.model.layers import constrain, dense, dtype_of, logical_to_spec, param
 from cwm_jax.model.rope import apply_rope
 
 
@@ -34,10 +34,10 @@ class Attention(nnx.Module):
 
   def project_qkv(self, x_BTD, positions_BT):
     """Rotated queries [B,T,N,H] and keys [B,T,K,H], values [B,T,K,H]."""
-    dt, cfg = x_BTD.dtype, self.cfg
-    q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq[...].astype(dt))
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk[...].astype(dt))
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv[...].astype(dt))
+    cfg = self.cfg
+    q_BTNH = dense(x_BTD, self.wq[...])
+    k_BTKH = dense(x_BTD, self.wk[...])
+    v_BTKH = dense(x_BTD, self.wv[...])
     q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
     k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
@@ -46,7 +46,7 @@ class Attention(nnx.Module):
     return q_BTNH, k_BTKH, v_BTKH
 
   def project_out(self, o_BTNH):
-    return jnp.einsum("BTNH,NHD->BTD", o_BTNH, self.wo[...].astype(o_BTNH.dtype))
+    return dense(o_BTNH, self.wo[...], n_in=2)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, window, windows=None, cache=None):
     """Self-attention over packed rows; `(out [B, T, D], cache)`.

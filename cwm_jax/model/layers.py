@@ -8,11 +8,15 @@ to the mesh through the rules set by `nnx.logical_axis_rules` (if any).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from flax.linen import logical_to_mesh_axes
+
+from cwm_jax.kernels.backend import target_platform
 
 INIT_STD = 0.02
 
@@ -52,6 +56,26 @@ def _only_mesh_axes(axes, mesh):
   return kept[0] if len(kept) == 1 else (kept or None)
 
 
+def dense(x, w, n_in: int = 1, preferred_element_type=None):
+  """`x [..., *in] . w [*in, *out] -> [..., *out]`, contracting the last `n_in` dims of x.
+
+  On CPU targets the token dims are merged first, so the matmul and its weight
+  gradient are plain 2-D GEMMs: XLA:CPU turns a weight gradient that contracts two
+  token dims (B and T) into a physical transpose of the activation gradient, fused
+  with its elementwise producers, which made the d=256 train step's MLP 3x slower
+  (benchmarks/train_step.py). Other platforms get the same contraction unmerged,
+  which keeps batch and sequence shardings intact.
+  """
+  w = w.astype(x.dtype)
+  if target_platform() != "cpu":
+    return jnp.tensordot(x, w, n_in, preferred_element_type=preferred_element_type)
+  lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+  y = jnp.dot(x.reshape(math.prod(lead), math.prod(ins)),
+              w.reshape(math.prod(ins), math.prod(outs)),
+              preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *outs)
+
+
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, computed in float32."""
 
@@ -82,8 +106,6 @@ class MLP(nnx.Module):
     self.w2 = param(rngs, (hidden, dim), ("mlp", "embed"), param_dtype)
 
   def __call__(self, x_BTD):
-    dt = x_BTD.dtype
-    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w1[...].astype(dt))
-    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w3[...].astype(dt))
+    gate_BTF, up_BTF = dense(x_BTD, self.w1[...]), dense(x_BTD, self.w3[...])
     h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "act_mlp"))
-    return jnp.einsum("BTF,FD->BTD", h_BTF, self.w2[...].astype(dt))
+    return dense(h_BTF, self.w2[...])

@@ -20,7 +20,7 @@ from cwm_jax.model import cache as kv_cache
 from cwm_jax.model.attention import Attention
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
-from cwm_jax.model.layers import MLP, Embed, RMSNorm, constrain, dtype_of, param
+from cwm_jax.model.layers import MLP, Embed, RMSNorm, constrain, dense, dtype_of, param
 
 _POLICIES = {
     "full": None,
@@ -140,8 +140,7 @@ class Transformer(nnx.Module):
 
   def logits(self, h_BTD):
     """Float32 logits [B, T, V] from hidden states."""
-    logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head[...].astype(h_BTD.dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BTV = dense(h_BTD, self.lm_head[...], preferred_element_type=jnp.float32)
     return constrain(logits_BTV, ("batch", "seq", "act_vocab"))
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
