@@ -7,10 +7,13 @@
 
 Both sides run forward + backward + AdamW (lr 1e-3, wd 0.1, no clipping) in float32 on
 the same config, batch and thread count. Ours is `cwm_jax.train.step` jitted with the
-state donated, under the execution the CPU trainer defaults to (`cpu_execution`), plus
-any `--variant` executions. Each round times every side in turn (ours, each variant,
-transformers) and then the machine's float32 matmul rate (a 2048^2 GEMM in XLA and in
-torch), so a shared machine's load hits all alike.
+state donated, under `--execution` (default EXECUTION: the chunked backend that 'auto'
+picks on CPU, blocks sized by `resolve_chunk`, layers unrolled), plus any `--variant`
+executions.
+Each side lives in its own process (torch's and XLA's thread pools would otherwise
+spin against each other) and idles while another runs. Each round times every side in
+turn (ours, each variant, transformers), then each process's float32 matmul rate (a
+2048^2 GEMM in XLA or torch), so a shared machine's load hits all alike.
 
 Per config it reports tokens/s (median over rounds), `ratio` (median of the per-round
 ratios ours / transformers), model FLOP/s (`cwm_jax.train.flops`, the same count for
@@ -23,6 +26,7 @@ The configs are the issue's (first and last layer global, the middle two local):
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -34,7 +38,8 @@ CONFIGS = {
                  window=256),
 }
 LR, WD = 1e-3, 0.1
-EXECUTION = {"attention_impl": "auto", "attention_chunk": 128, "scan_layers": False}
+SETTLE_S = 0.5  # idle gap before each timed call: the other side's threads stop spinning
+EXECUTION = {"attention_impl": "auto", "scan_layers": False}  # chunk 0: resolve_chunk picks
 
 
 def _args():
@@ -42,7 +47,8 @@ def _args():
   p.add_argument("--configs", default="d256,d512", help=f"comma-separated of {sorted(CONFIGS)}")
   p.add_argument("--steps", type=int, default=3, help="steps per side per round")
   p.add_argument("--rounds", type=int, default=6)
-  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                 help="torch threads (XLA:CPU uses every core)")
   p.add_argument("--execution", default=json.dumps(EXECUTION),
                  help="JSON of Execution fields for our step")
   p.add_argument("--variant", action="append", default=[],
@@ -116,27 +122,6 @@ def theirs(cfg, batch_np):
   return run, model.config._attn_implementation
 
 
-def matmul_rates(n=2048, reps=3):
-  """`probe()` -> (XLA, torch) float32 GEMM FLOP/s of an n x n product, best of `reps`."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import torch
-  a_np = np.random.default_rng(1).normal(size=(n, n)).astype(np.float32)
-  a_jax, a_torch = jnp.asarray(a_np), torch.from_numpy(a_np)
-  mm = jax.jit(lambda a: a @ a)
-  mm(a_jax).block_until_ready()
-
-  def best(call):
-    times = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      call()
-      times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times)
-  return lambda: (best(lambda: mm(a_jax).block_until_ready()), best(lambda: a_torch @ a_torch))
-
-
 def breakdown(cfg, execution, b, t):
   """Milliseconds of forward + backward of each part of our step alone (best of 5), and of
   the optimizer update: where a step's time goes."""
@@ -149,7 +134,7 @@ def breakdown(cfg, execution, b, t):
   from cwm_jax.model import init_model
   from cwm_jax.model.layers import dense
   from cwm_jax.model.rope import apply_rope
-  from cwm_jax.train.step import loss_sums
+  from cwm_jax.train.step import loss_total
 
   rng = np.random.default_rng(0)
   arr = lambda *s: jnp.asarray(rng.normal(0, 0.05, s), jnp.float32)
@@ -187,9 +172,9 @@ def breakdown(cfg, execution, b, t):
   scale = first["attention_norm"]["scale"]
   out["rms_norm"] = timed(lambda x, s: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
                                                          + cfg.norm_eps) * s, x, scale)
-  graphdef, state = nnx.split(model, nnx.Param)
+  state = nnx.state(model, nnx.Param)
   batch = {key: jnp.asarray(v) for key, v in batch_arrays(cfg, b, t).items()}
-  head = lambda hid, w: loss_sums(_HeadOnly(hid, w, nnx.merge(graphdef, state)), batch)[0]
+  head = lambda hid, w: loss_total(_HeadOnly(hid, w, cfg), batch)[0]
   out["head_and_loss"] = timed(head, x, nnx.to_pure_dict(state)["lm_head"])
   tx = optax.adamw(LR, weight_decay=WD)
   params = nnx.to_pure_dict(state)
@@ -203,81 +188,148 @@ def breakdown(cfg, execution, b, t):
 
 
 class _HeadOnly:
-  """Stands in for the model in `loss_sums`: fixed hidden states, the real head."""
+  """Stands in for the model in `loss_total`: fixed hidden states, the real head."""
 
-  def __init__(self, hidden, head, model):
-    self._hidden, self._head, self._model = hidden, head, model
+  def __init__(self, hidden, head, cfg):
+    self._hidden, self.lm_head, self.cfg = hidden, head, cfg
 
   def hidden(self, *_):
     return self._hidden
 
   def logits(self, h):
-    from cwm_jax.model.layers import dense
     import jax.numpy as jnp
-    return dense(h, self._head, preferred_element_type=jnp.float32)
+    from cwm_jax.model.layers import dense
+    return dense(h, self.lm_head, preferred_element_type=jnp.float32)
+
+
+def _worker(conn, side, name, execution_json, threads):
+  """One side in its own process: builds its step, then answers ("run", n) with the
+  seconds n steps took and ("matmul",) with its framework's GEMM FLOP/s."""
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_multi_thread_eigen=true").strip()
+  import torch
+  torch.set_num_threads(threads)
+  cfg, c = model_config(name), CONFIGS[name]
+  batch = batch_arrays(cfg, c["batch"], c["seq"])
+  if side == "ours":
+    from cwm_jax.model import Execution
+    run, info = ours(cfg, Execution(**json.loads(execution_json)), batch), {}
+  else:
+    run, attention = theirs(cfg, batch)
+    info = {"attn_implementation": attention}
+  start = time.perf_counter()
+  run(1)
+  info["first_step_s"] = time.perf_counter() - start
+  run(1)
+  probe = matmul_rate(side)
+  conn.send(info)
+  while True:
+    msg = conn.recv()
+    if msg[0] == "run":
+      start = time.perf_counter()
+      loss = run(msg[1])
+      conn.send((time.perf_counter() - start, loss))
+    elif msg[0] == "matmul":
+      conn.send(probe())
+    else:
+      return
+
+
+def matmul_rate(side, n=2048, reps=3):
+  """`probe()` -> float32 GEMM FLOP/s of an n x n product in XLA ("ours") or torch, best
+  of `reps`."""
+  import numpy as np
+  a_np = np.random.default_rng(1).normal(size=(n, n)).astype(np.float32)
+  if side == "ours":
+    import jax
+    import jax.numpy as jnp
+    a, mm = jnp.asarray(a_np), jax.jit(lambda a: a @ a)
+    call = lambda: mm(a).block_until_ready()
+  else:
+    import torch
+    a = torch.from_numpy(a_np)
+    call = lambda: a @ a
+  call()
+
+  def probe():
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      call()
+      times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times)
+  return probe
 
 
 def run_config(name, a):
-  import jax
   from cwm_jax.model import Execution
   from cwm_jax.train import flops
 
   cfg, c = model_config(name), CONFIGS[name]
   b, t = c["batch"], c["seq"]
-  batch = batch_arrays(cfg, b, t)
   base = Execution(**json.loads(a.execution))
   executions = [base] + [base.replace(**json.loads(v)) for v in a.variant]
-  sides = [ours(cfg, e, batch) for e in executions]
-  hf_run, hf_attention = theirs(cfg, batch)
-  probe = matmul_rates()
-  start = time.perf_counter()
-  sides[0](1)
-  compile_s = time.perf_counter() - start
-  for run in sides[1:]:
-    run(1)
-  hf_run(1)
+  ctx = multiprocessing.get_context("spawn")
+  workers = []
+  for side, e in [("ours", e) for e in executions] + [("transformers", None)]:
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_worker, daemon=True,
+                       args=(child, side, name, json.dumps(vars(e)) if e else "", a.threads))
+    proc.start()
+    workers.append((parent, proc, parent.recv()))   # one side builds and compiles at a time
   tokens = a.steps * b * t
-  rates = [[] for _ in sides] + [[]]
-  xla_mm, torch_mm = [], []
+  rates = [[] for _ in workers]
+  mm = [[] for _ in workers]
   for _ in range(a.rounds):
-    for i, run in enumerate(sides + [hf_run]):
-      start = time.perf_counter()
-      run(a.steps)
-      rates[i].append(tokens / (time.perf_counter() - start))
-    x, tr = probe()
-    xla_mm.append(x)
-    torch_mm.append(tr)
+    for i, (conn, _, _) in enumerate(workers):
+      time.sleep(SETTLE_S)
+      conn.send(("run", a.steps))
+      rates[i].append(tokens / conn.recv()[0])
+    for i, (conn, _, _) in enumerate(workers):
+      time.sleep(SETTLE_S)
+      conn.send(("matmul",))
+      mm[i].append(conn.recv())
+  for conn, proc, _ in workers:
+    conn.send(("stop",))
+    proc.join()
   per_token = flops.flops_per_token(cfg, t)
-  med = lambda xs: statistics.median(xs)
-  mm_xla, mm_torch = med(xla_mm), med(torch_mm)
+  med = statistics.median
 
-  def side(rs, mm):
+  def side(i):
+    rs = rates[i]
     return {"tokens_per_s": round(med(rs), 1), "rounds": [round(r, 1) for r in rs],
             "model_gflop_per_s": round(med(rs) * per_token / 1e9, 2),
-            "fraction_of_matmul_rate": round(med(rs) * per_token / mm, 3)}
+            "matmul_gflop_per_s": round(med(mm[i]) / 1e9, 1),
+            "fraction_of_matmul_rate": round(med([r * per_token / m
+                                                  for r, m in zip(rs, mm[i])]), 3)}
 
+  ratio = lambda i: round(med([o / r for o, r in zip(rates[i], rates[-1])]), 3)
   out = {"config": name, **c, "params": cfg.param_count(), "layer_windows": cfg.layer_windows,
-         "ratio": round(med([o / r for o, r in zip(rates[0], rates[-1])]), 3),
-         "ours": {**side(rates[0], mm_xla), "compile_s": round(compile_s, 2),
+         "ratio": ratio(0),
+         "ours": {**side(0), "first_step_s": round(workers[0][2]["first_step_s"], 2),
                   "execution": vars(executions[0])},
-         "transformers": {**side(rates[-1], mm_torch), "attn_implementation": hf_attention},
-         "matmul_gflop_per_s": {"xla": round(mm_xla / 1e9, 1), "torch": round(mm_torch / 1e9, 1)},
+         "transformers": {**side(-1), **workers[-1][2]},
          "flops_per_token": per_token}
-  out["variants"] = [{"execution": vars(e), **side(r, mm_xla),
-                      "ratio": round(med([o / q for o, q in zip(r, rates[-1])]), 3)}
-                     for e, r in zip(executions[1:], rates[1:-1])]
+  out["variants"] = [{"execution": vars(e), **side(i), "ratio": ratio(i)}
+                     for i, e in enumerate(executions[1:], 1)]
   if a.breakdown:
-    out["breakdown_ms"] = breakdown(cfg, executions[0], b, t)
-  out["device"] = jax.devices()[0].device_kind
+    out["breakdown_ms"] = _breakdown_in_child(name, base)
   return out
+
+
+def _breakdown_in_child(name, execution):
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(_breakdown_worker, (name, json.dumps(vars(execution))))
+
+
+def _breakdown_worker(name, execution_json):
+  from cwm_jax.model import Execution
+  cfg, c = model_config(name), CONFIGS[name]
+  return breakdown(cfg, Execution(**json.loads(execution_json)), c["batch"], c["seq"])
 
 
 def main():
   a = _args()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true"
-                             f" intra_op_parallelism_threads={a.threads}").strip()
-  import torch
-  torch.set_num_threads(a.threads)
   results = [run_config(name, a) for name in a.configs.split(",")]
   ratios = [r["ratio"] for r in results]
   print(json.dumps({"threads": a.threads, "steps_per_round": a.steps, "rounds": a.rounds,

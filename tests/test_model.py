@@ -216,7 +216,7 @@ def test_invalid_configs_raise(bad, message):
 @pytest.mark.parametrize("bad, message", [
     (dict(attention_impl="magic"), "attention_impl='magic' must be one of"),
     (dict(remat_policy="most"), "remat_policy='most' must be one of"),
-    (dict(attention_chunk=0), "attention_chunk=0 must be >= 1"),
+    (dict(attention_chunk=-1), "attention_chunk=-1 must be >= 1"),
 ])
 def test_invalid_execution_raises(bad, message):
   with pytest.raises(ConfigError, match=message):

@@ -47,6 +47,29 @@ def test_loss_matches_numpy_and_chunking():
     np.testing.assert_allclose(float(z), ref_z, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_fused_head_loss_matches_autodiff(chunk):
+  """The CPU step's fused head + loss: same total, ce, z and gradient as autodiff of
+  `loss_sums` (z-loss on, padding weights 0); differentiating its ce alone is refused."""
+  params, b = _params(), _batch()
+  z_loss = 1e-2
+  merge = lambda p: nnx.merge(GRAPHDEF, p)
+
+  def reference(p):
+    ce, z = step_lib.loss_sums(merge(p), b)
+    return ce + z_loss * z, (ce, z)
+
+  fused = lambda p: step_lib.loss_total(merge(p), b, z_loss, chunk)
+  (want, want_aux), want_g = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)
+  (got, got_aux), got_g = jax.jit(jax.value_and_grad(fused, has_aux=True))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got_aux), np.asarray(want_aux), rtol=1e-5)
+  jax.tree.map(lambda a, w: np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6), got_g, want_g)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(got_g)) > 0
+  with pytest.raises(NotImplementedError, match="only its total"):
+    jax.grad(lambda p: fused(p)[1][0])(params)
+
+
 def test_grad_accumulation_equals_big_batch():
   """2 micro-batches of 4 == one batch of 8: same loss, grad norm and updated params."""
   c = config_lib.base_config()

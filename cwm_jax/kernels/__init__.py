@@ -8,7 +8,7 @@ splash on TPU, cuDNN on GPU, chunked on CPU.
 `context_parallel` runs attention sharded along the sequence mesh axis.
 """
 
-from cwm_jax.kernels.backend import resolve, target_platform
+from cwm_jax.kernels.backend import resolve, resolve_chunk, target_platform
 from cwm_jax.kernels.masks import allowed
 from cwm_jax.kernels.reference import reference_attention
 from cwm_jax.kernels.chunked import chunked_attention, flash_attention
@@ -19,7 +19,7 @@ IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 
 __all__ = ["allowed", "reference_attention", "chunked_attention", "flash_attention",
            "cudnn_attention", "splash_attention", "attend", "IMPLS", "resolve",
-           "target_platform"]
+           "resolve_chunk", "target_platform"]
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,

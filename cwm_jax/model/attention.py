@@ -90,11 +90,13 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
              (("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None),
               ("batch", "seq"))]
     return functools.partial(context_parallel.sharded_attention, window=window,
-                             chunk=run.attention_chunk, mode=run.context_parallel,
+                             chunk=kernels.resolve_chunk(run.attention_chunk, cfg.max_seq_len),
+                             mode=run.context_parallel,
                              q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis,
                              impl="splash" if impl == "splash" else "chunked")
   return lambda q, k, v, s: kernels.attend(q, k, v, s, window=window, impl=impl,
-                                           chunk=run.attention_chunk)
+                                           chunk=kernels.resolve_chunk(run.attention_chunk,
+                                                                       q.shape[1]))
 
 
 def _manual_spec(names, mesh, seq_axis):

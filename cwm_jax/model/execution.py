@@ -27,7 +27,8 @@ class Execution:
   """Execution policy of a model; hashable, so it can be static under jit.
 
   `global_attention_impl` ("" = `attention_impl`) is the backend of global
-  layers. `context_parallel` shards global layers' attention over the mesh's
+  layers. `attention_chunk` is the block rows of the blockwise kernels; 0 picks
+  them per platform and length (`kernels.backend.resolve_chunk`). `context_parallel` shards global layers' attention over the mesh's
   `sequence` axis ('allgather' or 'ring'; local layers then exchange only a
   window-sized K/V halo); it is active only when that axis has size > 1.
   """
@@ -35,15 +36,15 @@ class Execution:
   compute_dtype: str = "float32"
   attention_impl: str = "reference"
   global_attention_impl: str = ""
-  attention_chunk: int = 512
+  attention_chunk: int = 0
   scan_layers: bool = True
   remat_policy: str = "none"
   context_parallel: str = "none"
 
   def __post_init__(self):
     errors = []
-    if self.attention_chunk < 1:
-      errors.append(f"attention_chunk={self.attention_chunk} must be >= 1")
+    if self.attention_chunk < 0:
+      errors.append(f"attention_chunk={self.attention_chunk} must be >= 1 (or 0: auto)")
     for name, allowed in (("param_dtype", DTYPES), ("compute_dtype", DTYPES),
                           ("attention_impl", ATTENTION_IMPLS),
                           ("global_attention_impl", ("",) + ATTENTION_IMPLS),

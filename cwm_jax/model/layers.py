@@ -106,6 +106,12 @@ class MLP(nnx.Module):
     self.w2 = param(rngs, (hidden, dim), ("mlp", "embed"), param_dtype)
 
   def __call__(self, x_BTD):
+    if target_platform() == "cpu":
+      # One [B*T, .] view throughout: XLA:CPU fuses the SwiGLU elementwise ops poorly
+      # across a bitcast between 2-D GEMM outputs and 3-D activations.
+      dt, x_MD = x_BTD.dtype, x_BTD.reshape(-1, x_BTD.shape[-1])
+      h_MF = jax.nn.silu(x_MD @ self.w1[...].astype(dt)) * (x_MD @ self.w3[...].astype(dt))
+      return (h_MF @ self.w2[...].astype(dt)).reshape(x_BTD.shape)
     gate_BTF, up_BTF = dense(x_BTD, self.w1[...]), dense(x_BTD, self.w3[...])
     h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "act_mlp"))
     return dense(h_BTF, self.w2[...])

@@ -10,13 +10,16 @@ Legend: B batch, T length, D model, V vocab, C loss chunks, M micro-batches.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
+from cwm_jax.kernels.backend import target_platform
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain
@@ -57,6 +60,102 @@ def loss_sums(model, batch: dict, chunk: int = 0):
   return ce, z
 
 
+def loss_total(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
+  """`(ce + z_loss * z, (ce, z))` of a batch, for differentiating the total only.
+
+  On CPU targets the head and the loss run fused (`_fused_head_loss`): the
+  gradient of each block of tokens is formed while its logits are in cache, and
+  no [B, T, V] logits are kept for the backward pass. Elsewhere it is
+  `loss_sums` (with its `chunk` remat).
+  """
+  if target_platform() != "cpu":
+    ce, z = loss_sums(model, batch, chunk)
+    return ce + z_loss * z, (ce, z)
+  h_BTD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+  b, t, d = h_BTD.shape
+  rows = _fused_rows(b * t, model.cfg.vocab_size, chunk * b if chunk else 0)
+  total, ce, z = _fused_head_loss(float(z_loss), rows, h_BTD.reshape(b * t, d),
+                                  model.lm_head[...].astype(h_BTD.dtype),
+                                  batch["targets"].reshape(-1), batch["weights"].reshape(-1))
+  return total, (ce, z)
+
+
+FUSED_BLOCK_BYTES = 8 << 20  # float32 logits of one block of the fused head loss
+
+
+def _fused_rows(m: int, vocab: int, requested: int) -> int:
+  """Rows per block: `requested` if it divides m, else the largest divisor of m whose
+  [rows, V] float32 logits fit FUSED_BLOCK_BYTES (at least 1)."""
+  if requested and m % requested == 0:
+    return requested
+  cap = max(1, FUSED_BLOCK_BYTES // (4 * vocab))
+  return max(r for r in range(1, min(m, cap) + 1) if m % r == 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_head_loss(z_loss, rows, h_MD, w_DV, targets_M, weights_M):
+  """(total, sum w*ce, sum w*lse^2) of M tokens, total = ce + z_loss * z.
+
+  Only `total` is differentiable: the backward pass scales the gradient of the
+  total, formed block by block in the forward pass (rows tokens at a time).
+  """
+  return _fused_blocks(z_loss, rows, h_MD, w_DV, targets_M, weights_M, grads=False)[0]
+
+
+def _fused_blocks(z_loss, rows, h_MD, w_DV, targets_M, weights_M, grads: bool):
+  m, d = h_MD.shape
+  v = w_DV.shape[1]
+  blocks = lambda x: x.reshape(m // rows, rows, *x.shape[1:])
+
+  def body(carry, xs):
+    ce, z, dw_DV = carry
+    h_RD, y_R, w_R = xs
+    logits_RV = jnp.dot(h_RD, w_DV, preferred_element_type=jnp.float32)
+    max_R1 = jnp.max(logits_RV, axis=-1, keepdims=True)
+    exp_RV = jnp.exp(logits_RV - max_R1)
+    sum_R1 = jnp.sum(exp_RV, axis=-1, keepdims=True)
+    lse_R = (max_R1 + jnp.log(sum_R1))[:, 0]
+    target_R = jnp.take_along_axis(logits_RV, y_R[:, None], axis=-1)[:, 0]
+    ce, z = ce + jnp.sum(w_R * (lse_R - target_R)), z + jnp.sum(w_R * lse_R ** 2)
+    if not grads:
+      return (ce, z, dw_DV), None
+    # d(total)/d(logits) = w * ((1 + 2 z_loss lse) softmax - onehot)
+    scale_R1 = (w_R * (1.0 + 2.0 * z_loss * lse_R))[:, None] / sum_R1
+    hot_RV = jnp.arange(v, dtype=y_R.dtype)[None] == y_R[:, None]
+    d_RV = (exp_RV * scale_R1 - jnp.where(hot_RV, w_R[:, None], 0.0)).astype(h_RD.dtype)
+    dh_RD = jnp.dot(d_RV, w_DV.T, preferred_element_type=jnp.float32)
+    dw_DV = dw_DV + jnp.dot(h_RD.T, d_RV, preferred_element_type=jnp.float32)
+    return (ce, z, dw_DV), dh_RD
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (zero, zero, jnp.zeros((d, v) if grads else (), jnp.float32))
+  (ce, z, dw_DV), dh = jax.lax.scan(body, init, (blocks(h_MD), blocks(targets_M),
+                                                 blocks(weights_M)))
+  total = ce + z_loss * z
+  return (total, ce, z), (None if dh is None else dh.reshape(m, d), dw_DV)
+
+
+def _fused_forward(z_loss, rows, h_MD, w_DV, targets_M, weights_M):
+  h, w = h_MD.value, w_DV.value
+  out, (dh_MD, dw_DV) = _fused_blocks(z_loss, rows, h, w, targets_M.value, weights_M.value,
+                                      grads=True)
+  return out, (dh_MD.astype(h.dtype), dw_DV.astype(w.dtype))
+
+
+def _fused_backward(z_loss, rows, res, cotangents):
+  g_total, g_ce, g_z = cotangents
+  if not (isinstance(g_ce, SymbolicZero) and isinstance(g_z, SymbolicZero)):
+    raise NotImplementedError("the fused head loss differentiates only its total "
+                              "(ce + z_loss * z); use loss_sums for other gradients")
+  dh_MD, dw_DV = res
+  if isinstance(g_total, SymbolicZero):
+    return jnp.zeros_like(dh_MD), jnp.zeros_like(dw_DV), None, None
+  return (g_total * dh_MD).astype(dh_MD.dtype), (g_total * dw_DV).astype(dw_DV.dtype), None, None
+
+
+_fused_head_loss.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)
+
+
 def _micro_batches(batch: dict, k: int) -> dict:
   """[B, T] -> [M, B/M, T] taking rows i::M, so each shard's rows stay local."""
   def split(x):
@@ -74,8 +173,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule
   def objective(params, micro):
     model = nnx.merge(graphdef, params)
     micro = {k: constrain(v, ("batch", "seq")) for k, v in micro.items()}
-    ce, z = loss_sums(model, micro, loss_chunk)
-    return ce + z_loss * z, (ce, z)
+    return loss_total(model, micro, z_loss, loss_chunk)
 
   grad_fn = jax.grad(objective, has_aux=True)
 
