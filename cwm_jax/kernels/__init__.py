@@ -23,9 +23,11 @@ __all__ = ["allowed", "reference_attention", "chunked_attention", "flash_attenti
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
-           chunk: int = 512):
-  """Self-attention over a packed batch with the named backend ('auto': `resolve`)."""
+           chunk: int = 0):
+  """Self-attention over a packed batch with the named backend ('auto': `resolve`);
+  `chunk` block rows (0: `resolve_chunk`)."""
   impl = resolve(impl, dtype=q_BTNH.dtype)
+  chunk = resolve_chunk(chunk, q_BTNH.shape[1])
   if impl == "reference":
     return reference_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, segment_ids_BT,
                                window=window)

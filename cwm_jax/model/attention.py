@@ -95,8 +95,7 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
                              q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis,
                              impl="splash" if impl == "splash" else "chunked")
   return lambda q, k, v, s: kernels.attend(q, k, v, s, window=window, impl=impl,
-                                           chunk=kernels.resolve_chunk(run.attention_chunk,
-                                                                       q.shape[1]))
+                                           chunk=run.attention_chunk)
 
 
 def _manual_spec(names, mesh, seq_axis):

@@ -2,8 +2,9 @@
 
 The loss of a batch is `sum(w * ce) / sum(w)` over the whole global batch
 (plus `z_loss * sum(w * logsumexp^2) / sum(w)`), so neither sharding nor
-gradient accumulation changes it: micro-batches sum unnormalised gradients,
-which are divided by the total weight once.
+gradient accumulation changes it: each micro-batch's loss sum is divided by the
+total weight of the whole batch (known before any gradient), so micro-batch
+gradients add up to the batch's and no pass over the gradients rescales them.
 
 Legend: B batch, T length, D model, V vocab, C loss chunks, M micro-batches.
 """
@@ -170,25 +171,28 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule
   """The pure train step; jit it with `jit_train_step`."""
   graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
 
-  def objective(params, micro):
+  def objective(params, micro, total_w):
     model = nnx.merge(graphdef, params)
     micro = {k: constrain(v, ("batch", "seq")) for k, v in micro.items()}
-    return loss_total(model, micro, z_loss, loss_chunk)
+    total, aux = loss_total(model, micro, z_loss, loss_chunk)
+    return total / total_w, aux
 
   grad_fn = jax.grad(objective, has_aux=True)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
     with nnx.logical_axis_rules(rules or ()):
       params = state["params"]
-      zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-
-      def accumulate(carry, micro):
-        grads, (ce, z) = grad_fn(params, micro)
-        return jax.tree.map(jnp.add, carry, (grads, ce, z)), None
-
-      (grads, ce, z), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, grad_accum))
+      # The batch's total weight divides the loss, so gradients come out normalised.
       total_w = jnp.maximum(jnp.sum(batch["weights"]), 1e-9)
-      grads = jax.tree.map(lambda g: g / total_w, grads)
+      if grad_accum == 1:   # no zero-filled accumulator, no extra pass over the gradients
+        grads, (ce, z) = grad_fn(params, {k: batch[k] for k in BATCH_KEYS}, total_w)
+      else:
+        def accumulate(carry, micro):
+          grads, (ce, z) = grad_fn(params, micro, total_w)
+          return jax.tree.map(jnp.add, carry, (grads, ce, z)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+        (grads, ce, z), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, grad_accum))
       updates, opt_state = tx.update(grads, state["opt_state"], params)
       new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                    "step": state["step"] + 1, "rng": state["rng"]}
