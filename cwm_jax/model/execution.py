@@ -28,7 +28,8 @@ class Execution:
 
   `global_attention_impl` ("" = `attention_impl`) is the backend of global
   layers. `attention_chunk` is the block rows of the blockwise kernels; 0 picks
-  them per platform and length (`kernels.backend.resolve_chunk`). `context_parallel` shards global layers' attention over the mesh's
+  them per platform and length (`kernels.backend.resolve_chunk`).
+  `context_parallel` shards global layers' attention over the mesh's
   `sequence` axis ('allgather' or 'ring'; local layers then exchange only a
   window-sized K/V halo); it is active only when that axis has size > 1.
   """

@@ -49,8 +49,8 @@ def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, theta: float,
     x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNH.dtype)
-  # On CPU the half swap is a product with a 0/1 permutation matrix (exact): XLA:CPU
-  # runs the split/concatenate form and its gradient ~10x slower than this GEMM.
+  # On CPU the half swap is a product with a 0/1 permutation matrix (exact): in the
+  # d=256 train step the split/concatenate form and its gradient cost ~13% of the step.
   cos2, sin2 = jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)
   swap_HH = np.roll(np.eye(head_dim, dtype=np.float32), head_dim // 2, axis=0)
   swapped = jnp.dot(x.reshape(-1, head_dim), jnp.asarray(swap_HH)).reshape(x.shape)
