@@ -132,8 +132,8 @@ def breakdown(cfg, execution, b, t):
   from flax import nnx
   from cwm_jax import kernels
   from cwm_jax.model import init_model
-  from cwm_jax.model.layers import dense
-  from cwm_jax.model.rope import apply_rope
+  from cwm_jax.model.attention import Attention
+  from cwm_jax.model.layers import MLP, RMSNorm
   from cwm_jax.train.step import loss_total
 
   rng = np.random.default_rng(0)
@@ -142,8 +142,11 @@ def breakdown(cfg, execution, b, t):
   x, seg = arr(b, t, d), jnp.ones((b, t), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   model = init_model(cfg, 0, execution)
-  layer = nnx.to_pure_dict(nnx.state(model, nnx.Param))["layers"]
-  first = jax.tree.map(lambda a: a[0], layer)
+
+  def module(make):
+    """(apply(x, params), params) of one of the model's own modules."""
+    graphdef, params = nnx.split(make(nnx.Rngs(params=0)))
+    return (lambda x, p: nnx.merge(graphdef, p)(x)), params
 
   def timed(fn, *args):
     grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=tuple(range(len(args)))))
@@ -155,23 +158,23 @@ def breakdown(cfg, execution, b, t):
       times.append(time.perf_counter() - start)
     return round(1000 * min(times), 1)
 
-  att = first["attention"]
-  rope = lambda y: apply_rope(y, pos, cfg.rope_theta, cfg.rope_scaling)
-  out = {"qkv_rope_out": timed(lambda x, wq, wk, wv, wo: dense(rope(dense(x, wq)), wo, 2)
-                               + jnp.sum(rope(dense(x, wk))) + jnp.sum(dense(x, wv)),
-                               x, att["wq"], att["wk"], att["wv"], att["wo"])}
+  graphdef, att = nnx.split(Attention(cfg, execution, nnx.Rngs(params=0)))
+
+  def projections(x, p):
+    a = nnx.merge(graphdef, p)
+    q, kk, v = a.project_qkv(x, pos)
+    return a.project_out(q) + jnp.sum(kk) + jnp.sum(v)
+  out = {"qkv_rope_out": timed(projections, x, att)}
   q, kk, v = arr(b, t, n, h), arr(b, t, k, h), arr(b, t, k, h)
   impl = kernels.resolve(execution.attention_impl, dtype=execution.compute_dtype)
   for w in sorted(set(cfg.layer_windows)):
     out[f"attention_{impl}_window{w}"] = timed(
         lambda q, kk, v, w=w: kernels.attend(q, kk, v, seg, window=w, impl=impl,
                                              chunk=execution.attention_chunk), q, kk, v)
-  mlp = first["mlp"]
-  out["mlp"] = timed(lambda x, w1, w3, w2: dense(jax.nn.silu(dense(x, w1)) * dense(x, w3), w2),
-                     x, mlp["w1"], mlp["w3"], mlp["w2"])
-  scale = first["attention_norm"]["scale"]
-  out["rms_norm"] = timed(lambda x, s: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
-                                                         + cfg.norm_eps) * s, x, scale)
+  mlp, mlp_params = module(lambda r: MLP(cfg.dim, cfg.ffn_dim, jnp.float32, r))
+  out["mlp"] = timed(mlp, x, mlp_params)
+  norm, norm_params = module(lambda r: RMSNorm(cfg.dim, cfg.norm_eps, jnp.float32, r))
+  out["rms_norm"] = timed(norm, x, norm_params)
   state = nnx.state(model, nnx.Param)
   batch = {key: jnp.asarray(v) for key, v in batch_arrays(cfg, b, t).items()}
   head = lambda hid, w: loss_total(_HeadOnly(hid, w, cfg), batch)[0]
