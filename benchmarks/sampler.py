@@ -42,7 +42,7 @@ AGREE_TOKENS = 8   # leading generated tokens compared between the two sides
 
 
 def cache_gib(cfg, batch, cache_len):
-  c = jax.eval_shape(lambda: kv.init_cache(cfg, jnp.zeros((batch,), jnp.int32), cache_len,
+  c = jax.eval_shape(lambda: kv.init_cache(cfg, batch, cache_len,
                                            jnp.bfloat16))
   return sum(np.prod(x.shape) * 2 for x in c.k + c.v) / 2**30
 

@@ -35,8 +35,7 @@ PROMPT_LENGTHS, NEW = (3, 11), 14   # shorter and longer than the window (6)
 
 def test_ring_buffer_shapes():
   cfg = cwm_32b()
-  cache = jax.eval_shape(lambda: kv.init_cache(cfg, jnp.zeros((2,), jnp.int32), 20000,
-                                               jnp.bfloat16))
+  cache = jax.eval_shape(lambda: kv.init_cache(cfg, 2, 20000, jnp.bfloat16))
   by_window = dict(zip(cache.layout.windows, cache.k))
   assert by_window[8192].shape == (47, 2, 8192, 8, 128)   # local layers: O(window)
   assert by_window[131072].shape == (17, 2, 20000, 8, 128)  # global layers: whole sequence
@@ -82,9 +81,9 @@ def test_cached_decoding_matches_full_forward(hf_pair):
   rng = np.random.RandomState(0)
   prompts = [rng.randint(0, 96, n).tolist() for n in PROMPT_LENGTHS]
   feed = rng.randint(0, 96, (2, NEW))   # 14 steps wrap the 6-slot ring twice
-  tokens, start = sampler.left_pad(prompts, 8)
-  cache = kv.init_cache(cfg, jnp.asarray(start), tokens.shape[1] + NEW, jnp.float32)
-  logits, cache = nnx.jit(sampler.prefill)(model, cache, jnp.asarray(tokens))
+  tokens, n = sampler.right_pad(prompts, 8)
+  cache = kv.init_cache(cfg, 2, tokens.shape[1] + NEW, jnp.float32)
+  logits, cache = nnx.jit(sampler.prefill)(model, cache, jnp.asarray(tokens), jnp.asarray(n))
   decode = nnx.jit(sampler.decode_step)
   got = [logits]
   for t in range(NEW):
@@ -122,7 +121,7 @@ def test_greedy_and_logprobs_match_transformers(hf_pair):
   rules = (("batch", "data"), ("act_kv_heads", "tensor"), ("act_heads", "tensor"),
            ("kv_heads", "tensor"), ("heads", "tensor"))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    cache = jax.jit(lambda s: kv.init_cache(cfg, s, 16, jnp.float32))(jnp.zeros((2,), jnp.int32))
+    cache = jax.jit(lambda: kv.init_cache(cfg, 2, 16, jnp.float32))()
     for buf in cache.k + cache.v:
       assert buf.sharding.is_equivalent_to(
           NamedSharding(mesh, P(None, "data", None, "tensor", None)), buf.ndim)
@@ -190,13 +189,14 @@ def _forward(model, tokens_BT, positions_BT, segment_ids_BT):
 
 def _teacher_forced(model, prompts, continuations):
   """Float32 log-probs [B, N + 1, V] of each continuation token (and the one after) from
-  the training forward over the left-padded rows: padding is its own document."""
-  tokens, start = sampler.left_pad([p + list(c) for p, c in zip(prompts, continuations)])
+  the training forward over the right-padded rows: padding is its own document."""
+  tokens, lengths = sampler.right_pad([p + list(c) for p, c in zip(prompts, continuations)])
   cols = np.arange(tokens.shape[1])[None]
-  positions, segments = np.maximum(cols - start[:, None], 0), (cols >= start[:, None])
+  positions, segments = np.broadcast_to(cols, tokens.shape), cols < lengths[:, None]
   logits = _forward(model, *(jnp.asarray(a, jnp.int32) for a in (tokens, positions, segments)))
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
   n = len(continuations[0])
-  return np.asarray(jax.nn.log_softmax(logits, -1))[:, -n - 1:]
+  return np.stack([logp[b, len(p) - 1:len(p) + n] for b, p in enumerate(prompts)])
 
 
 def test_sampled_logprobs_equal_teacher_forced(hf_pair):
@@ -230,9 +230,9 @@ def test_cached_decoding_other_window_groups(windows):
   rng = np.random.RandomState(4)
   prompts = [rng.randint(0, 96, n).tolist() for n in (2, 9)]
   feed = rng.randint(0, 96, (2, 8))
-  tokens, start = sampler.left_pad(prompts, 4)
-  cache = kv.init_cache(cfg, jnp.asarray(start), tokens.shape[1] + 8, jnp.float32)
-  logits, cache = nnx.jit(sampler.prefill)(model, cache, jnp.asarray(tokens))
+  tokens, n = sampler.right_pad(prompts, 4)
+  cache = kv.init_cache(cfg, 2, tokens.shape[1] + 8, jnp.float32)
+  logits, cache = nnx.jit(sampler.prefill)(model, cache, jnp.asarray(tokens), jnp.asarray(n))
   decode, got = nnx.jit(sampler.decode_step), [logits]
   for t in range(8):
     logits, cache = decode(model, cache, jnp.asarray(feed[:, t], jnp.int32))
@@ -257,7 +257,7 @@ def _count(jaxpr, name):
 def _step_jaxprs(n_layers):
   cfg = _cfg(n_layers=n_layers)
   graphdef, state = nnx.split(abstract_model(cfg))   # traced abstractly: nothing allocated
-  cache = jax.eval_shape(lambda: kv.init_cache(cfg, jnp.zeros((2,), jnp.int32), 16, jnp.float32))
+  cache = jax.eval_shape(lambda: kv.init_cache(cfg, 2, 16, jnp.float32))
   tokens = jnp.ones((2, 4), jnp.int32)
   prefill = jax.make_jaxpr(lambda s, c: sampler.prefill(nnx.merge(graphdef, s), c, tokens))
   decode = jax.make_jaxpr(lambda s, c: sampler.decode_step(nnx.merge(graphdef, s), c, tokens[:, 0]))
@@ -276,12 +276,85 @@ def test_decode_step_scans_layers():
 
 def test_cached_forward_bad_inputs(hf_pair):
   _, cfg, _, model = hf_pair
-  cache = kv.init_cache(cfg, jnp.zeros((1,), jnp.int32), 8, jnp.float32)
+  cache = kv.init_cache(cfg, 1, 8, jnp.float32)
   _, cache = sampler.prefill(model, cache, jnp.ones((1, 2), jnp.int32))
   with pytest.raises(ValueError, match="empty cache"):
     sampler.prefill(model, cache, jnp.ones((1, 2), jnp.int32))
-  with pytest.raises(ValueError, match="one token per row"):
-    model.hidden_cached(jnp.ones((1, 2), jnp.int32), cache)
-  other = kv.init_cache(_cfg(layer_windows=(64, 5, 5)), jnp.zeros((1,), jnp.int32), 8, jnp.float32)
+  other = kv.init_cache(_cfg(layer_windows=(64, 5, 5)), 1, 8, jnp.float32)
   with pytest.raises(ValueError, match="init_cache"):
     sampler.prefill(model, other, jnp.ones((1, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("windows", [None, (4, 64, 6, 4, 64)])
+def test_ragged_rows_and_appended_blocks_match_the_full_forward(hf_pair, windows):
+  """Rows that stop feeding while others decode, then blocks of unequal lengths (one longer
+  than the 6-slot ring) appended to each row, then more decoding: every logit equals the
+  training forward over the row's whole sequence."""
+  if windows is None:
+    cfg, model = hf_pair[1], hf_pair[3]
+  else:
+    cfg = _cfg(n_layers=len(windows), layer_windows=windows)
+    model = _random_model(cfg, seed=6)
+  rng = np.random.RandomState(7)
+  rows = [rng.randint(0, 96, n).tolist() for n in (3, 11, 7)]
+  tokens, n = sampler.right_pad(rows, 4)
+  cache = kv.init_cache(cfg, 3, 40, jnp.float32)
+  logits, cache = nnx.jit(sampler.prefill)(model, cache, jnp.asarray(tokens), jnp.asarray(n))
+  got = [[(len(r) - 1, np.asarray(logits[b]))] for b, r in enumerate(rows)]
+  decode, extend = nnx.jit(sampler.decode_step), nnx.jit(sampler.extend)
+
+  def step(feed):   # one decode step; rows in `feed` take a random token
+    token = rng.randint(0, 96, 3)
+    logits_BV, new = decode(model, cache, jnp.asarray(token, jnp.int32), jnp.asarray(feed))
+    for b in np.flatnonzero(feed):
+      rows[b].append(int(token[b]))
+      got[b].append((len(rows[b]) - 1, np.asarray(logits_BV[b])))
+    return new
+
+  for t in range(5):   # row 0 feeds 5 tokens, row 1 two, row 2 none
+    cache = step(np.array([True, t < 2, False]))
+  block_lengths = (2, 9, 4)
+  block = np.zeros((3, 12), np.int32)
+  for b, k in enumerate(block_lengths):
+    block[b, :k] = rng.randint(0, 96, k)
+  logits, cache = extend(model, cache, jnp.asarray(block), jnp.asarray(block_lengths))
+  for b, k in enumerate(block_lengths):
+    rows[b] += block[b, :k].tolist()
+    got[b].append((len(rows[b]) - 1, np.asarray(logits[b])))
+  np.testing.assert_array_equal(cache.length_B, [len(r) for r in rows])
+  for _ in range(3):
+    cache = step(np.ones(3, bool))
+  full, lengths = sampler.right_pad(rows)
+  cols = np.broadcast_to(np.arange(full.shape[1])[None], full.shape)
+  want = np.asarray(jax.nn.log_softmax(_forward(
+      model, jnp.asarray(full), jnp.asarray(cols, jnp.int32),
+      jnp.asarray(cols < lengths[:, None], jnp.int32)), -1))
+  for b in range(3):
+    for position, row_logits in got[b]:
+      np.testing.assert_allclose(jax.nn.log_softmax(row_logits), want[b, position], atol=2e-5,
+                                 rtol=0, err_msg=f"row {b} position {position}")
+
+
+def test_turns_feed_only_new_tokens_and_equal_a_fresh_prefill(hf_pair):
+  """Three turns with environment tokens between them, one row finished after the first:
+  each turn's messages equal `generate` on the whole context (a fresh prefill)."""
+  model = hf_pair[3]
+  rng = np.random.RandomState(8)
+  contexts = [rng.randint(3, 96, n).tolist() for n in (4, 9, 6)]
+  stop = [int(rng.randint(3, 96))]
+  turns = sampler.Turns(model, 3, 60, stop_ids=stop, pad_multiple=8)
+  active = [True, True, True]
+  for turn in range(3):
+    live = [c for c, a in zip(contexts, active) if a]
+    want = sampler.generate(model, live, max_new_tokens=5, stop_ids=stop)
+    got = turns(contexts, 5, active)
+    assert [t for t, a in zip(got.tokens, active) if a] == want.tokens
+    assert all(not t for t, a in zip(got.tokens, active) if not a)
+    np.testing.assert_allclose(np.concatenate([l for l, a in zip(got.logprobs, active) if a]),
+                               np.concatenate(want.logprobs), atol=2e-5)
+    for b in np.flatnonzero(active):   # the message, then 1-4 environment tokens
+      contexts[b] += got.tokens[b] + rng.randint(3, 96, 1 + b + turn).tolist()
+    active[2] = False
+    assert all(h <= len(c) for h, c in zip(turns.held, contexts))
+  with pytest.raises(ValueError, match="cache's 60 columns"):
+    turns([c + [5] * (57 - len(c)) for c in contexts], 5, [True, True, False])

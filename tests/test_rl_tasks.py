@@ -96,10 +96,12 @@ def _scripted(calls_before_answer: int, answer: str = "243"):
   """A fake policy: `calls_before_answer` python tool calls, then an answer."""
   eom, eot = TOK.special_id("<|eom_id|>"), TOK.special_id("<|eot_id|>")
 
-  def generate(prompts, n):
+  def generate(prompts, n, active):
     out = []
-    for p in prompts:
-      if p.count(eom) < calls_before_answer:
+    for p, live in zip(prompts, active):
+      if not live:
+        out.append([])
+      elif p.count(eom) < calls_before_answer:
         out.append(TOK.encode("```python\nprint(3 ** 5)\n```") + [eom])
       else:
         out.append(TOK.encode(f"Answer: {answer}") + [eot])

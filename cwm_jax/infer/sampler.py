@@ -1,18 +1,25 @@
-"""Sampling with a KV cache: prefill, a jitted decode loop, greedy / temperature / top-p.
+"""Sampling with a KV cache: prefill, a jitted decode loop, greedy / temperature / top-p,
+and multi-turn sampling that keeps the cache between turns.
 
 Legend: B batch, P padded prompt length, T new tokens, D model, V vocab.
 
-Prompts of different lengths are LEFT-padded to a common length P (rounded up
-to `pad_multiple` to limit recompilation). Row b's real tokens sit in columns
-`[start_b, P)` with RoPE positions `column - start_b`, so every row writes the
-same cache column at each decode step and one ring slot serves the whole
-batch; padding is masked by segment ids (cache.py).
+Prompts of different lengths are RIGHT-padded to a common length P (rounded up
+to `pad_multiple` to limit recompilation): row b's tokens sit at columns (=
+positions) 0.., and the cache counts each row's tokens (cache.py), so rows grow
+at their own pace. Three jitted programs, each the model's own forward pass
+(`hidden_cached`, layers scanned, so compile time does not grow with depth):
 
-Prefill and decode step are the model's own forward pass (`hidden_cached`):
-the layers are scanned, each writing its slot of its window group's ring
-buffer (global and local layers keep differently sized buffers), so compile
-time does not grow with depth; the decode loop is one `lax.while_loop` that
-stops when every row hit a stop token.
+* prefill: the padded prompts into an empty cache, logits at each row's last token;
+* extend: a further block per row (a tool's output and the next headers) into a
+  cache that holds earlier turns, logits at each row's last new token;
+* decode: one `lax.while_loop` that samples, feeds each unfinished row's token and
+  stops when every row hit a stop token.
+
+`generate` is prefill + decode. `Turns` samples a fixed set of rows turn after
+turn: each turn feeds only the tokens the cache lacks (`extend`), never the whole
+context again. With a `row_sharding` the rows are spread over the mesh (the params
+keep their training shardings, nothing goes through the host); when that mesh spans
+several processes each process passes its own rows and gets its own rows back.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
@@ -43,21 +51,34 @@ class GenerateResult:
   logprobs: list[list[float]]
 
 
-def prefill(model, cache: kv.KVCache, tokens_BP):
-  """Runs left-padded prompts through the model, filling an empty cache.
+def _last(h_BTD, n_B):
+  """Each row's hidden state at its last real token [B, 1, D]."""
+  return jnp.take_along_axis(h_BTD, jnp.maximum(n_B - 1, 0)[:, None, None], axis=1)
 
-  Returns float32 logits [B, V] of the last column and the cache.
-  """
+
+def prefill(model, cache: kv.KVCache, tokens_BP, n_B=None):
+  """Runs right-padded prompts (row b's first `n_B[b]` tokens, default all) through
+  the model into an empty cache. Returns float32 logits [B, V] at each row's last
+  token and the cache."""
   if not cache.empty:
     raise ValueError("prefill needs an empty cache (from init_cache); "
-                     "feed further tokens with decode_step")
-  h_BPD, cache = model.hidden_cached(tokens_BP, cache)
-  return model.logits(h_BPD[:, -1:])[:, 0], cache
+                     "feed further tokens with extend or decode_step")
+  return extend(model, cache, tokens_BP, n_B)
 
 
-def decode_step(model, cache: kv.KVCache, token_B):
-  """Feeds one token per row at column `cache.length`; logits [B, V] and the cache."""
-  h_B1D, cache = model.hidden_cached(token_B[:, None], cache)
+def extend(model, cache: kv.KVCache, tokens_BT, n_B=None):
+  """Feeds row b's first `n_B[b]` tokens (default all) after what the cache holds;
+  float32 logits [B, V] at each row's last fed token and the cache."""
+  n_B = jnp.full(tokens_BT.shape[:1], tokens_BT.shape[1], jnp.int32) if n_B is None else n_B
+  h_BTD, cache = model.hidden_cached(tokens_BT, cache, n_B)
+  return model.logits(_last(h_BTD, n_B))[:, 0], cache
+
+
+def decode_step(model, cache: kv.KVCache, token_B, feed_B=None):
+  """Feeds one token per row (only rows where `feed_B`, default all) at each row's
+  next column; logits [B, V] and the cache."""
+  n_B = None if feed_B is None else feed_B.astype(jnp.int32)
+  h_B1D, cache = model.hidden_cached(token_B[:, None], cache, n_B)
   return model.logits(h_B1D)[:, 0], cache
 
 
@@ -81,13 +102,28 @@ def sample_token(logits_BV, key, temperature, top_p, greedy: bool):
   return token_B, token_logprobs(logits_BV, token_B)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy"))
-def _generate(graphdef, state, tokens_BP, start_B, key, temperature, top_p, stop_ids,
-              *, max_new: int, greedy: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(graphdef, state, tokens_BP, n_B, *, cache_len: int):
   model = nnx.merge(graphdef, state)
-  b, p = tokens_BP.shape
-  cache = kv.init_cache(model.cfg, start_B, p + max_new, dtype_of(model.execution.compute_dtype))
-  logits_BV, cache = prefill(model, cache, tokens_BP)
+  cache = kv.init_cache(model.cfg, tokens_BP.shape[0], cache_len,
+                        dtype_of(model.execution.compute_dtype))
+  return prefill(model, cache, tokens_BP, n_B)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _extend(graphdef, state, cache, tokens_BT, n_B):
+  return extend(nnx.merge(graphdef, state), cache, tokens_BT, n_B)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy"),
+                   donate_argnames=("cache",))
+def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, stop_ids,
+            *, max_new: int, greedy: bool):
+  """Samples up to `max_new` tokens per row that is not `done_B` from `logits_BV` on:
+  (tokens [B, N], log-probs [B, N], counts [B], cache). A sampled token is fed
+  (written to the cache) at the next step, so a row's last token is not in the cache."""
+  model = nnx.merge(graphdef, state)
+  b = logits_BV.shape[0]
 
   def pick(step, logits_BV, done_B, out):
     token_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, step), temperature,
@@ -100,32 +136,34 @@ def _generate(graphdef, state, tokens_BP, start_B, key, temperature, top_p, stop
 
   out = (jnp.zeros((b, max_new), jnp.int32), jnp.zeros((b, max_new), jnp.float32),
          jnp.zeros((b,), jnp.int32))
-  token_B, done_B, out = pick(0, logits_BV, jnp.zeros((b,), bool), out)
+  feed_B = ~done_B
+  token_B, done_B, out = pick(0, logits_BV, done_B, out)
 
   def cond(carry):
-    step, _, _, done_B, _ = carry
+    step, _, _, _, done_B, _ = carry
     return (step < max_new) & ~jnp.all(done_B)
 
   def body(carry):
-    step, cache, token_B, done_B, out = carry
-    logits_BV, cache = decode_step(model, cache, token_B)
+    step, cache, token_B, feed_B, done_B, out = carry
+    logits_BV, cache = decode_step(model, cache, token_B, feed_B)
+    feed_B = ~done_B
     token_B, done_B, out = pick(step, logits_BV, done_B, out)
-    return step + 1, cache, token_B, done_B, out
+    return step + 1, cache, token_B, feed_B, done_B, out
 
-  _, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token_B, done_B, out))
-  return out
+  _, cache, _, _, _, out = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), cache, token_B, feed_B, done_B, out))
+  return out + (cache,)
 
 
-def left_pad(prompts, multiple: int = 1):
-  """[B, P] int32 left-padded prompts and [B] start columns; P rounds up to `multiple`."""
-  longest = max(len(p) for p in prompts)
-  p = -(-longest // multiple) * multiple
-  tokens = np.full((len(prompts), p), PAD_ID, np.int32)
-  starts = np.zeros((len(prompts),), np.int32)
-  for i, prompt in enumerate(prompts):
-    starts[i] = p - len(prompt)
-    tokens[i, starts[i]:] = prompt
-  return tokens, starts
+def right_pad(rows, multiple: int = 1, width: int | None = None):
+  """[B, P] int32 right-padded rows and [B] lengths; P is `width` or the longest row,
+  rounded up to `multiple`."""
+  longest = max(len(r) for r in rows) if width is None else width
+  p = max(-(-longest // multiple) * multiple, 1)
+  tokens = np.full((len(rows), p), PAD_ID, np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  return tokens, np.asarray([len(r) for r in rows], np.int32)
 
 
 def _check(model, prompts, max_new_tokens, temperature, top_p):
@@ -147,6 +185,104 @@ def _check(model, prompts, max_new_tokens, temperature, top_p):
                      f"{cfg.max_seq_len}; shorten the prompt or lower max_new_tokens")
 
 
+class _Rows:
+  """Puts this process's rows on the devices and brings them back: plain arrays without
+  a `row_sharding`, the global [B, ...] array of every process's rows with one."""
+
+  def __init__(self, row_sharding: NamedSharding | None, local_rows: int):
+    self.sharding, self.local = row_sharding, local_rows
+    self.multi = row_sharding is not None and not row_sharding.is_fully_addressable
+    if self.multi:
+      counts = multihost_utils.process_allgather(np.int32(local_rows))
+      if len(set(counts.tolist())) != 1:
+        raise ValueError(f"every process must sample the same number of rows, got "
+                         f"{counts.tolist()}")
+    self.rows = local_rows * (jax.process_count() if self.multi else 1)
+
+  def agree(self, value: int) -> int:
+    """The largest of every process's `value` (a padded width all must use)."""
+    return int(multihost_utils.process_allgather(np.int32(value)).max()) if self.multi else value
+
+  def put(self, local: np.ndarray):
+    if self.sharding is None:
+      return jnp.asarray(local)
+    sh = NamedSharding(self.sharding.mesh, P(self.sharding.spec[0], *([None] * (local.ndim - 1))))
+    if self.multi:
+      return jax.make_array_from_process_local_data(sh, local, (self.rows,) + local.shape[1:])
+    return jax.device_put(local, sh)
+
+  def get(self, *arrays) -> list[np.ndarray]:
+    if not self.multi:
+      return [np.asarray(a) for a in jax.device_get(arrays)]
+    out = []
+    for a in arrays:
+      shards = {s.index[0].start or 0: s for s in a.addressable_shards}
+      out.append(np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)]))
+    return out
+
+
+class Turns:
+  """Samples one message per row, turn after turn, keeping the KV cache.
+
+  The first call prefills each row's context; a later call feeds each active row
+  only the tokens of its context the cache does not hold yet (the last sampled
+  token, a tool's output, the next headers), so a turn costs its new tokens, not
+  the whole context. Rows are fixed (finished ones pass `active=False`: nothing
+  is fed or sampled for them) and hold at most `cache_len` tokens each (None: the
+  first call's padded width + its `max_new_tokens`, enough for one turn).
+  """
+
+  def __init__(self, model, rows: int, cache_len: int | None, *, temperature: float = 0.0,
+               top_p: float = 1.0, stop_ids=(), seed: int = 0, pad_multiple: int = 32,
+               row_sharding: NamedSharding | None = None):
+    if cache_len is not None and cache_len > model.cfg.max_seq_len:
+      raise ValueError(f"cache_len={cache_len} exceeds the model's max_seq_len="
+                       f"{model.cfg.max_seq_len}")
+    self.graphdef, self.state = nnx.split(model)
+    self.model, self.cache_len, self.pad = model, cache_len, pad_multiple
+    self.temperature, self.top_p, self.seed, self.turn = temperature, top_p, seed, 0
+    self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    self.io = _Rows(row_sharding, rows)
+    self.cache, self.held = None, np.zeros((rows,), np.int64)  # tokens the cache holds per row
+
+  def __call__(self, contexts: list[list[int]], max_new_tokens: int,
+               active: list[bool] | None = None) -> GenerateResult:
+    """One message for each active row of `contexts` (each row's whole context so far;
+    it must extend what earlier turns fed). Inactive rows get an empty message."""
+    active = np.ones(len(contexts), bool) if active is None else np.asarray(active, bool)
+    if len(contexts) != self.io.local or len(active) != self.io.local:
+      raise ValueError(f"Turns was built for {self.io.local} rows, got {len(contexts)}")
+    live = [c for c, a in zip(contexts, active) if a]
+    if live:
+      _check(self.model, live, max_new_tokens, self.temperature, self.top_p)
+    new = [list(c[h:]) if a else [] for c, h, a in zip(contexts, self.held, active)]
+    if any(a and not n for n, a in zip(new, active)):
+      raise ValueError("an active row's context adds nothing to what the cache holds")
+    tokens, n = right_pad(new, self.pad, self.io.agree(max(len(r) for r in new)))
+    if self.cache_len is None:
+      self.cache_len = tokens.shape[1] + max_new_tokens
+    longest = max((len(c) + max_new_tokens for c in live), default=0)
+    if longest > self.cache_len:
+      raise ValueError(f"a context of {longest - max_new_tokens} tokens + {max_new_tokens} "
+                       f"new exceeds the cache's {self.cache_len} columns")
+    tokens, n_B = self.io.put(tokens), self.io.put(n)
+    if self.cache is None:
+      logits, cache = _prefill(self.graphdef, self.state, tokens, n_B, cache_len=self.cache_len)
+    else:
+      logits, cache = _extend(self.graphdef, self.state, self.cache, tokens, n_B)
+    greedy = self.temperature == 0
+    key = jax.random.fold_in(jax.random.key(self.seed), self.turn)
+    tokens_BN, logps_BN, count_B, self.cache = _decode(
+        self.graphdef, self.state, cache, logits, self.io.put(~active), key,
+        jnp.float32(max(self.temperature, 1e-6)), jnp.float32(self.top_p), self.stop_ids,
+        max_new=max_new_tokens, greedy=greedy)
+    self.turn += 1
+    tokens_BN, logps_BN, count_B, self.held = self.io.get(tokens_BN, logps_BN, count_B,
+                                                          self.cache.length_B)
+    return GenerateResult(tokens=[row[:c].tolist() for row, c in zip(tokens_BN, count_B)],
+                          logprobs=[row[:c].tolist() for row, c in zip(logps_BN, count_B)])
+
+
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids=(), seed: int = 0,
              pad_multiple: int = 32, row_sharding: NamedSharding | None = None
@@ -157,20 +293,10 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
   `row_sharding` (a sharding of the [B] rows, e.g. over the training mesh's data axes)
   spreads the prompts over devices: the params keep their own (training) shardings and
   the jitted prefill and decode loop run sharded, with no host copy of the params.
+  Over a multi-process mesh, `prompts` are this process's rows (every process passes
+  as many) and the result holds them.
   """
   _check(model, prompts, max_new_tokens, temperature, top_p)
-  tokens_BP, start_B = left_pad(prompts, pad_multiple)
-  tokens_BP, start_B = jnp.asarray(tokens_BP), jnp.asarray(start_B)
-  if row_sharding is not None:
-    spec = row_sharding.spec
-    tokens_BP = jax.device_put(tokens_BP, NamedSharding(row_sharding.mesh, P(spec[0], None)))
-    start_B = jax.device_put(start_B, row_sharding)
-  graphdef, state = nnx.split(model)
-  greedy = temperature == 0
-  tokens_BN, logps_BN, n_B = _generate(
-      graphdef, state, tokens_BP, start_B, jax.random.key(seed),
-      jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-      jnp.asarray(list(stop_ids) or [-1], jnp.int32), max_new=max_new_tokens, greedy=greedy)
-  tokens_BN, logps_BN, n_B = jax.device_get((tokens_BN, logps_BN, n_B))
-  return GenerateResult(tokens=[row[:n].tolist() for row, n in zip(tokens_BN, n_B)],
-                        logprobs=[row[:n].tolist() for row, n in zip(logps_BN, n_B)])
+  return Turns(model, len(prompts), None, temperature=temperature, top_p=top_p,
+               stop_ids=stop_ids, seed=seed, pad_multiple=pad_multiple,
+               row_sharding=row_sharding)(prompts, max_new_tokens)

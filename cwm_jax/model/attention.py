@@ -54,16 +54,18 @@ class Attention(nnx.Module):
     `window` is a Python int (unrolled layers) or, under scan, a traced index
     into the static tuple `windows` of the distinct windows of the model.
     `cache` is None (training) or the layer's `cache.LayerCache`: the new keys
-    and values are written to it; a prefill (empty cache) attends among the new
-    tokens with the training kernels, a decode step over the cached keys.
+    and values are written to it (row b's first `sum(segment_ids_BT[b])` tokens are
+    real, the rest right padding); a prefill (empty cache) attends among the new
+    tokens with the training kernels, a later block over the cached keys and its own.
     """
     q, k, v = self.project_qkv(x_BTD, positions_BT)
     if cache is not None:
       group = window if windows is not None else cache.cache.layout.windows.index(window)
-      cache = kv_cache.write(cache, group, k, v)
+      n_B = segment_ids_BT.sum(axis=-1, dtype=jnp.int32)
       if not cache.cache.empty:
-        o_BTNH = kv_cache.attend(cache, group, q)
+        o_BTNH, cache = kv_cache.attend(cache, group, q, k, v, n_B)
         return self.project_out(o_BTNH), cache
+      cache = kv_cache.write(cache, group, k, v, n_B)
     run = functools.partial(attention_kernel, self.cfg, self.execution)
     if windows is None:
       o_BTNH = run(window)(q, k, v, segment_ids_BT)

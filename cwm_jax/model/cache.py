@@ -6,16 +6,23 @@ N query heads, H head dim.
 Layers are grouped by window (`groups[i]` indexes the sorted distinct windows,
 the same tuple the layer scan switches over). A group's buffers are
 [L, B, S, K, H] with `S = min(window, cache_len)`: local layers keep exactly
-their window of keys (O(W) memory), global layers the whole sequence. The
-token at column c lives in slot `c % S`; a slot's column follows from how many
-columns were written, so the cache stores no index arrays. Prompts are
-left-padded: every row writes the same column at each step, and `start_B`
-(the first real column of each row) masks the padding.
+their window of keys (O(W) memory), global layers the whole sequence.
+
+Rows are ragged: row b holds the tokens at columns (= positions)
+`0 .. length_B[b]-1`, the token at column c in slot `c % S`, so a slot's
+column follows from the row's length and the cache stores no index arrays.
+A forward pass feeds a [B, T] block of which row b's first `n_B[b]` tokens
+are real (right padding): they go to columns `length_B[b] ..`, the rest is
+neither written nor counted. So rows grow at their own pace: a finished row
+stops growing while others decode, and a later turn appends to each row
+exactly its own new tokens (a tool's output, say) without recomputing what
+is cached.
 
 Under the layer scan a layer's group and slot are traced scalars: a write
 touches every group's buffer (the layer's own with the new keys, the others
-with their current contents), so each buffer is updated in place in the scan
-carry; attention reads the layer's buffer through a `lax.switch` over groups.
+with a scatter whose every index is out of bounds, i.e. dropped), so each
+buffer is updated in place in the scan carry; attention reads the layer's
+buffer through a `lax.switch` over groups.
 """
 
 from __future__ import annotations
@@ -60,15 +67,14 @@ def cache_layout(cfg: ModelConfig, cache_len: int) -> CacheLayout:
 
 @struct.dataclass
 class KVCache:
-  """Per-group key/value buffers, row starts and the number of columns written.
+  """Per-group key/value buffers and the number of columns each row holds.
 
   `empty` (static) marks a cache no token was written to: the next forward
   pass is a prefill, whose queries attend among themselves.
   """
   k: tuple   # per group [L, B, S, K, H]
   v: tuple
-  start_B: jnp.ndarray   # [B] first real (non-pad) column of each row
-  length: jnp.ndarray    # scalar: columns written so far
+  length_B: jnp.ndarray   # [B] columns (tokens) each row holds
   layout: CacheLayout = struct.field(pytree_node=False)
   empty: bool = struct.field(pytree_node=False, default=True)
 
@@ -80,91 +86,109 @@ class LayerCache:
   slot: jnp.ndarray | int
 
 
-def init_cache(cfg: ModelConfig, start_B, cache_len: int, dtype) -> KVCache:
-  """An empty cache for `len(start_B)` rows of at most `cache_len` columns."""
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype) -> KVCache:
+  """An empty cache for `batch` rows of at most `cache_len` columns."""
   layout = cache_layout(cfg, cache_len)
-  b = start_B.shape[0]
   zeros = []
   for g, size in enumerate(layout.sizes):
     n = layout.groups.count(g)
-    z = jnp.zeros((n, b, size, cfg.n_kv_heads, cfg.head_dim), dtype)
+    z = jnp.zeros((n, batch, size, cfg.n_kv_heads, cfg.head_dim), dtype)
     zeros.append(constrain(z, CACHE_AXES))
-  return KVCache(k=tuple(zeros), v=tuple(zeros), start_B=jnp.asarray(start_B, jnp.int32),
-                 length=jnp.zeros((), jnp.int32), layout=layout)
+  return KVCache(k=tuple(zeros), v=tuple(zeros), length_B=jnp.zeros((batch,), jnp.int32),
+                 layout=layout)
 
 
 def slot_columns(length, size: int):
-  """Column held by each of `size` slots after `length` writes; -1 if empty. [S]"""
-  last = length - 1
+  """Column held by each of `size` slots after `length` writes ([...] lengths give
+  [..., S]); -1 if empty."""
+  last = jnp.asarray(length)[..., None] - 1
   cols = last - jnp.mod(last - jnp.arange(size), size)
   return jnp.where(cols >= 0, cols, -1)
 
 
-def _ring_block(new_BTKH, size: int, empty: bool, first_col):
-  """The slots a write covers: (block [B, t', K, H], first slot)."""
-  t = new_BTKH.shape[1]
-  if empty:   # columns 0..T-1: keep the last `size`, column c in slot c % size
-    keep = min(t, size)
-    return jnp.roll(new_BTKH[:, t - keep:], (t - keep) % size, axis=1), 0
-  return new_BTKH, jnp.mod(first_col, size)
+def _put(buf, group, g, slot, cols_BT, write_BT, new_BTKH):
+  """Scatters row b's tokens where `write_BT` to slots `cols % S` of layer `slot` of
+  group g's buffer [L, B, S, K, H]; nothing when the layer is not in group g."""
+  size = buf.shape[2]
+  if isinstance(group, int):
+    if group != g:
+      return buf
+    write_BT, at = write_BT, slot
+  else:
+    write_BT, at = write_BT & (group == g), jnp.where(group == g, slot, 0)
+  slots_BT = jnp.where(write_BT, jnp.mod(cols_BT, size), size)  # size: out of bounds, dropped
+
+  def row(buf_LSKH, slots_T, new_TKH):
+    return buf_LSKH.at[at, slots_T].set(new_TKH.astype(buf.dtype), mode="drop")
+
+  return constrain(jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buf, slots_BT, new_BTKH),
+                   CACHE_AXES)
 
 
-def write(handle: LayerCache, group, k_BTKH, v_BTKH) -> LayerCache:
-  """Stores the layer's keys/values of columns `length .. length+T-1`.
+def _columns(cache: KVCache, n_B, t: int):
+  """Columns [B, T] of a fed block and which of its tokens are real."""
+  t_T = jnp.arange(t, dtype=jnp.int32)
+  return cache.length_B[:, None] + t_T[None], t_T[None] < n_B[:, None]
 
-  `group` is a Python int (unrolled layers) or a traced index (scanned layers);
-  a cache with tokens in it takes one column per call (T == 1).
+
+def write(handle: LayerCache, group, k_BTKH, v_BTKH, n_B) -> LayerCache:
+  """Stores the first `n_B[b]` keys/values of each row at its columns `length_B[b] ..`
+  (of a longer block only the last S of a group fit its ring: the others are dropped).
+
+  `group` is a Python int (unrolled layers) or a traced index (scanned layers).
   """
   cache, slot = handle.cache, handle.slot
-  if not cache.empty and k_BTKH.shape[1] != 1:
-    raise ValueError(f"a cached forward pass over a non-empty cache takes one token per row, "
-                     f"got {k_BTKH.shape[1]}; prefill the prompt into an empty cache first")
+  cols_BT, real_BT = _columns(cache, n_B, k_BTKH.shape[1])
 
   def put(g, buf, new_BTKH):
-    block, first = _ring_block(new_BTKH.astype(buf.dtype), buf.shape[2], cache.empty,
-                               cache.length)
-    if isinstance(group, int):
-      if group != g:
-        return buf
-      active, at = True, slot
-    else:   # rewrite other groups' slot 0 with what it holds: an in-place no-op update
-      active = group == g
-      at = jnp.where(active, slot, 0)
-    start = (at, 0, first, 0, 0)
-    if active is not True:
-      old = jax.lax.dynamic_slice(buf, start, (1,) + block.shape)[0]
-      block = jnp.where(active, block, old)
-    return constrain(jax.lax.dynamic_update_slice(buf, block[None], start), CACHE_AXES)
+    keep_BT = real_BT & (cols_BT >= cache.length_B[:, None] + n_B[:, None] - buf.shape[2])
+    return _put(buf, group, g, slot, cols_BT, keep_BT, new_BTKH)
 
   ks = tuple(put(g, buf, k_BTKH) for g, buf in enumerate(cache.k))
   vs = tuple(put(g, buf, v_BTKH) for g, buf in enumerate(cache.v))
   return handle.replace(cache=cache.replace(k=ks, v=vs))
 
 
-def attend(handle: LayerCache, group, q_BTNH):
-  """Attention of one new query per row (column `length`) over the layer's cached keys,
-  the query's own included (call after `write`). Empty slots (column -1) and left
-  padding get segment 0; queries are segment 1."""
+def attend(handle: LayerCache, group, q_BTNH, k_BTKH, v_BTKH, n_B):
+  """Attention of a fed block's queries over the layer's cached keys and the block's
+  own keys (causal, windowed; padding queries attend as if real, their output is
+  unused); then writes the block. `(out [B, T, N, H], handle)`.
+
+  One token per row (decoding) is written first and read back from the ring, which
+  copies nothing; a longer block attends over the ring as it was plus the block, since
+  its own writes may evict keys its earlier queries still see.
+  """
   cache, slot = handle.cache, handle.slot
   b, t = q_BTNH.shape[:2]
-  length = cache.length + 1
+  cols_BT, real_BT = _columns(cache, n_B, t)
+  ones_BT = jnp.ones((b, t), jnp.int32)
+  if t == 1:
+    handle = write(handle, group, k_BTKH, v_BTKH, n_B)
+  ring = handle.cache
 
   def one(g, k_bufs, v_bufs):
     size = cache.layout.sizes[g]
-    k_cols_S = slot_columns(length, size)
-    k_seg_BS = (k_cols_S[None] >= cache.start_B[:, None]).astype(jnp.int32)
-    q_idx_BT = jnp.broadcast_to(cache.length + jnp.arange(t), (b, t))
-    k_idx_BS = jnp.broadcast_to(k_cols_S, (b, size))
-    k_BSKH = jax.lax.dynamic_index_in_dim(k_bufs[g], slot, keepdims=False)
-    v_BSKH = jax.lax.dynamic_index_in_dim(v_bufs[g], slot, keepdims=False)
-    return reference_attention(q_BTNH, k_BSKH, v_BSKH, jnp.ones((b, t), jnp.int32), k_seg_BS,
-                               window=cache.layout.windows[g], q_idx_BT=q_idx_BT,
-                               k_idx_BS=k_idx_BS)
+    k_cols_BS = slot_columns(cache.length_B + (n_B if t == 1 else 0), size)
+    k_BSKH = jax.lax.dynamic_index_in_dim(k_bufs[g], slot, axis=0, keepdims=False)
+    v_BSKH = jax.lax.dynamic_index_in_dim(v_bufs[g], slot, axis=0, keepdims=False)
+    k_seg_BS = (k_cols_BS >= 0).astype(jnp.int32)
+    if t > 1:
+      k_BSKH = jnp.concatenate([k_BSKH, k_BTKH.astype(k_BSKH.dtype)], axis=1)
+      v_BSKH = jnp.concatenate([v_BSKH, v_BTKH.astype(v_BSKH.dtype)], axis=1)
+      k_cols_BS = jnp.concatenate([k_cols_BS, cols_BT], axis=1)
+      k_seg_BS = jnp.concatenate([k_seg_BS, real_BT.astype(jnp.int32)], axis=1)
+    return reference_attention(q_BTNH, k_BSKH, v_BSKH, ones_BT, k_seg_BS,
+                               window=cache.layout.windows[g], q_idx_BT=cols_BT,
+                               k_idx_BS=k_cols_BS)
 
   if isinstance(group, int):
-    return one(group, cache.k, cache.v)
-  branches = [lambda k, v, g=g: one(g, k, v) for g in range(len(cache.k))]
-  return jax.lax.switch(group, branches, cache.k, cache.v)
+    out = one(group, ring.k, ring.v)
+  else:
+    branches = [lambda k, v, g=g: one(g, k, v) for g in range(len(ring.k))]
+    out = jax.lax.switch(group, branches, ring.k, ring.v)
+  if t > 1:
+    handle = write(handle, group, k_BTKH, v_BTKH, n_B)
+  return out, handle
 
 
 def cache_bytes(cache: KVCache) -> int:

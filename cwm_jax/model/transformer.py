@@ -1,7 +1,7 @@
 """The CWM decoder: pre-norm blocks, a scanned layer stack, untied head.
 
 One forward pass serves training and decoding: `hidden` (packed rows, no
-cache) and `hidden_cached` (left-padded rows writing a `cache.KVCache`) run
+cache) and `hidden_cached` (ragged rows writing a `cache.KVCache`) run
 the same blocks, scanned over layers with the distinct windows chosen by
 `lax.switch`; the cached scan carries the whole cache.
 
@@ -85,23 +85,23 @@ class Transformer(nnx.Module):
     x_BTD, _ = self._stack(self._embed(tokens_BT), positions_BT, segment_ids_BT, None)
     return self.norm(x_BTD)
 
-  def hidden_cached(self, tokens_BT, cache: kv_cache.KVCache):
-    """Feeds T new tokens per row at the cache's next columns (a left-padded prompt into
-    an empty cache, or one token per row); `(hidden [B, T, D], cache)`.
-
-    Row b's real tokens start at column `cache.start_B[b]`: positions count from
-    there and earlier columns (padding) are segment 0, real ones segment 1.
+  def hidden_cached(self, tokens_BT, cache: kv_cache.KVCache, n_B=None):
+    """Feeds a block of tokens per row at the cache's next columns; `(hidden [B, T, D],
+    cache)`. Row b's first `n_B[b]` tokens (default: all T) are real and go to
+    columns (= positions) `cache.length_B[b] ..`; the rest is right padding, neither
+    written nor counted, and its hidden states are meaningless.
     """
     if cache.layout.windows != kv_cache.distinct_windows(self.cfg):
       raise ValueError(f"the cache's windows {cache.layout.windows} are not the model's "
                        f"{kv_cache.distinct_windows(self.cfg)}; build it with init_cache(model.cfg)")
-    t = tokens_BT.shape[1]
-    cols_BT = (cache.length + jnp.arange(t, dtype=jnp.int32))[None]
-    real_BT = cols_BT >= cache.start_B[:, None]
-    positions_BT = jnp.where(real_BT, cols_BT - cache.start_B[:, None], 0)
+    b, t = tokens_BT.shape
+    n_B = jnp.full((b,), t, jnp.int32) if n_B is None else jnp.asarray(n_B, jnp.int32)
+    t_T = jnp.arange(t, dtype=jnp.int32)
+    real_BT = t_T[None] < n_B[:, None]
+    positions_BT = cache.length_B[:, None] + t_T[None]
     x_BTD, cache = self._stack(self._embed(tokens_BT), positions_BT, real_BT.astype(jnp.int32),
                                cache)
-    return self.norm(x_BTD), cache.replace(length=cache.length + t, empty=False)
+    return self.norm(x_BTD), cache.replace(length_B=cache.length_B + n_B, empty=False)
 
   def _embed(self, tokens_BT):
     x_BTD = self.embed(tokens_BT, dtype_of(self.execution.compute_dtype))

@@ -13,8 +13,12 @@ output is cut to fit), or `max_seconds` of wall time; a cut-off
 episode is scored on the text it produced (usually no answer: reward -1).
 
 Episodes of a batch advance together: each turn samples the next message of
-every unfinished episode in one `generate` call, then runs their tool calls in
-a thread pool (each in its own sandboxed child).
+every unfinished episode in one call of a `sampler.Turns`, which keeps the KV
+cache between turns and feeds each episode only what it lacks (its last
+sampled token, the tool output, the next header), then runs their tool calls
+in a thread pool (each in its own sandboxed child). Over several processes
+every process plays its own episodes and `any_process` makes the turn loop's
+stop decisions collective, so all processes sample the same number of turns.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import dataclasses
 import re
 import time
 from typing import Callable, Sequence
+
+import numpy as np
 
 from cwm_jax.data.traces.sandbox import Limits, run_python
 from cwm_jax.rl import rewards
@@ -79,13 +85,20 @@ class _State:
     return [t for ids, _ in self.turns for t in ids]
 
 
-def run_episodes(generate: Callable, tasks: Sequence[Task], tokenizer, *, scorer: Callable,
+def _local(flags: np.ndarray) -> np.ndarray:
+  return flags
+
+
+def run_episodes(turns: Callable, tasks: Sequence[Task], tokenizer, *, scorer: Callable,
                  limits: EpisodeLimits = EpisodeLimits(),
-                 tool_limits: Limits = rewards.DEFAULT_LIMITS,
-                 workers: int = 2) -> tuple[list[Episode], list[str], list]:
+                 tool_limits: Limits = rewards.DEFAULT_LIMITS, workers: int = 2,
+                 any_process: Callable[[np.ndarray], np.ndarray] = _local
+                 ) -> tuple[list[Episode], list[str], list]:
   """Plays every task once; returns (episodes, final texts, rewards).
 
-  `generate(prompts, max_new_tokens) -> GenerateResult` samples one message per prompt.
+  `turns(contexts, max_new_tokens, active) -> GenerateResult` samples one message for
+  each active row (a `sampler.Turns` over `len(tasks)` rows); `any_process` ORs boolean
+  flags over processes.
   """
   eom, eot = tokenizer.special_id("<|eom_id|>"), tokenizer.special_id("<|eot_id|>")
   states = [_State(t, [(list(t.prompt_ids), None)], tokens=len(t.prompt_ids)) for t in tasks]
@@ -94,12 +107,15 @@ def run_episodes(generate: Callable, tasks: Sequence[Task], tokenizer, *, scorer
     while True:
       for s in states:  # a message must fit: prompt + message <= max_tokens
         s.done = s.done or s.tokens + limits.message_tokens > limits.max_tokens
-      active = [s for s in states if not s.done]
-      if not active or time.monotonic() > deadline:
+      mask = [not s.done for s in states]
+      live, late = any_process(np.array([any(mask), time.monotonic() > deadline]))
+      if not live or late:
         break
-      result = generate([s.context for s in active], limits.message_tokens)  # one compile
+      result = turns([s.context for s in states], limits.message_tokens, mask)
       calls = {}
-      for s, ids, logps in zip(active, result.tokens, result.logprobs):
+      for s, ids, logps in zip(states, result.tokens, result.logprobs):
+        if s.done:
+          continue
         s.turns.append((ids, logps))
         s.tokens += len(ids)
         s.messages += 1
@@ -125,13 +141,16 @@ def run_episodes(generate: Callable, tasks: Sequence[Task], tokenizer, *, scorer
   return [episode(s.turns) for s in states], texts, scorer([s.task for s in states], texts)
 
 
-def collect_groups(generate: Callable, tasks: Sequence[Task], tokenizer, *, group_size: int,
+def collect_groups(make_turns: Callable, tasks: Sequence[Task], tokenizer, *, group_size: int,
                    scorer: Callable, version: int, limits: EpisodeLimits = EpisodeLimits(),
-                   tool_limits: Limits = rewards.DEFAULT_LIMITS) -> list[Group]:
-  """`group_size` episodes of each task, as rollout Groups."""
+                   tool_limits: Limits = rewards.DEFAULT_LIMITS,
+                   any_process: Callable[[np.ndarray], np.ndarray] = _local) -> list[Group]:
+  """`group_size` episodes of each task, as rollout Groups; `make_turns(rows)` gives the
+  `run_episodes` sampler for that many rows."""
   flat = [t for t in tasks for _ in range(group_size)]
-  eps, texts, rws = run_episodes(generate, flat, tokenizer, scorer=scorer, limits=limits,
-                                 tool_limits=tool_limits)
+  eps, texts, rws = run_episodes(make_turns(len(flat)), flat, tokenizer, scorer=scorer,
+                                 limits=limits, tool_limits=tool_limits,
+                                 any_process=any_process)
   groups = []
   for i, task in enumerate(tasks):
     rows = range(i * group_size, (i + 1) * group_size)

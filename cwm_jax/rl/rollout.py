@@ -25,7 +25,7 @@ from cwm_jax.rl import grpo
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.rl.rewards import DEFAULT_LIMITS, Reward
-from cwm_jax.rl.tasks import Task
+from cwm_jax.rl.tasks import KINDS, Task
 
 
 @dataclasses.dataclass
@@ -139,14 +139,29 @@ def make_batch(groups: Sequence[Group], seq_len: int) -> tuple[dict[str, np.ndar
     batch["segment_ids"][i, :n] = 1
     batch["loss_mask"][i, :n] = np.asarray(ep.policy[1:], np.float32) * kept_B[i]
     batch["old_logp"][i, :n] = ep.old_logp[1:]
-  passed = np.array([[r.passed for r in g.rewards] for g in groups], np.float32)
-  lengths = np.array([n for g in groups for n in g.response_lengths], np.float32)
-  stats = {"reward_mean": float(rewards_NG.mean()), "pass_rate": float(passed.mean()),
-           "response_length": float(lengths.mean()), "groups_kept": float(kept_N.mean())}
-  for kind in sorted({g.task.kind for g in groups}):
-    rows = [i for i, g in enumerate(groups) if g.task.kind == kind]
-    stats[f"reward_{kind}"] = float(rewards_NG[rows].mean())
-  return batch, stats
+  return batch, group_stats(**group_arrays(groups))
+
+
+STAT_KINDS = KINDS + ("agentic",)   # task kinds, coded by index in `group_arrays`
+
+
+def group_arrays(groups: Sequence[Group]) -> dict[str, np.ndarray]:
+  """What rollout statistics need of each group, as arrays (gathered over processes as is):
+  rewards, passed and response lengths [N, G], kind codes [N]."""
+  return {"rewards": np.array([[r.value for r in g.rewards] for g in groups], np.float32),
+          "passed": np.array([[r.passed for r in g.rewards] for g in groups], np.float32),
+          "lengths": np.array([g.response_lengths for g in groups], np.float32),
+          "kinds": np.array([STAT_KINDS.index(g.task.kind) for g in groups], np.int32)}
+
+
+def group_stats(rewards, passed, lengths, kinds) -> dict[str, float]:
+  """reward_mean, pass_rate, response_length, groups_kept and reward_<kind>."""
+  stats = {"reward_mean": float(rewards.mean()), "pass_rate": float(passed.mean()),
+           "response_length": float(lengths.mean()),
+           "groups_kept": float(grpo.groups_kept(grpo.group_advantages(rewards)).mean())}
+  for code in sorted(set(kinds.tolist())):
+    stats[f"reward_{STAT_KINDS[code]}"] = float(rewards[kinds == code].mean())
+  return stats
 
 
 class AsyncRollouts:

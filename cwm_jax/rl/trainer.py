@@ -21,7 +21,6 @@ all have zero advantage skips the optimizer (`skipped` 1) but counts as a step.
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 import time
 
@@ -30,13 +29,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import isolation
 from cwm_jax.data.traces.sandbox import Limits
-from cwm_jax.infer.sampler import generate
+from cwm_jax.infer.sampler import Turns
 from cwm_jax.model.transformer import abstract_model
 from cwm_jax.parallel import mesh as mesh_lib, sharding
 from cwm_jax.rl import datasets, episodes, grpo, rollout, tasks as tasks_lib
@@ -111,8 +111,15 @@ def validate(config, n_devices: int | None = None) -> None:
     errors.append("need rl.max_turns >= 1, 0 <= rl.episode_tokens <= seq_len and "
                   "rl.episode_seconds > 0")
 
-  if jax.process_count() > 1:
-    errors.append("the RL loop runs on one process (rollouts are not split across hosts yet)")
+  processes = jax.process_count()
+  if rl.group_size >= 2 and (config.batch_size // rl.group_size) % processes:
+    errors.append(f"batch_size / rl.group_size = {config.batch_size // rl.group_size} prompts "
+                  f"per update do not split over {processes} processes (each samples whole "
+                  "groups); change batch_size")
+  if rl.async_rollouts and processes > 1:
+    errors.append("rl.async_rollouts=True runs on one process only: a background thread's "
+                  "collectives would interleave with the update's across hosts; set "
+                  "rl.async_rollouts=False")
   if errors:
     raise ConfigError("invalid RL config: " + "; ".join(errors))
 
@@ -147,17 +154,41 @@ def _sft_batch(tasks, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
 
 class _Tasks:
   """Where a step's tasks come from: a task-file stream (checkpointed with the state) or
-  the embedded task list, drawn by step number (so resuming needs no state)."""
+  the embedded task list, drawn by step number (so resuming needs no state).
+
+  `draw(step, n)` gives this process's share of `n` tasks: the next `n / processes`
+  of its own stream shard, or its slice of the `n` embedded tasks every process
+  draws alike (so a run gives the same batches on any number of processes).
+  """
 
   def __init__(self, config, tasks=None, stream: datasets.TaskStream | None = None):
     self.config, self.tasks, self.stream = config, tasks, stream
 
   def draw(self, step: int, n: int, salt: int = 0) -> list:
+    local, index = n // jax.process_count(), jax.process_index()
     if self.stream is not None:
-      return self.stream.take(n)
+      return self.stream.take(local)
     rng = np.random.default_rng([self.config.seed, step, salt])
-    return [self.tasks[i] for i in rng.choice(len(self.tasks), size=n,
-                                              replace=n > len(self.tasks))]
+    picked = rng.choice(len(self.tasks), size=n, replace=n > len(self.tasks))
+    return [self.tasks[i] for i in picked[index * local:(index + 1) * local]]
+
+
+def _any_process(flags: np.ndarray) -> np.ndarray:
+  """Element-wise OR of boolean flags over processes."""
+  if jax.process_count() == 1:
+    return flags
+  return multihost_utils.process_allgather(flags.astype(np.int32)).reshape(
+      -1, flags.size).any(axis=0)
+
+
+def _global_stats(groups, sampled: float) -> dict:
+  """Rollout statistics over every process's groups (`rollout.group_stats`), and the
+  tokens sampled in all."""
+  local = rollout.group_arrays(groups)
+  if jax.process_count() > 1:
+    local = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in local.items()}
+    sampled = float(multihost_utils.process_allgather(np.float64(sampled)).sum())
+  return dict(rollout.group_stats(**local), sampled_tokens=sampled)
 
 
 class _Sampler:
@@ -184,29 +215,35 @@ class _Sampler:
         row_sharding=self._rows(len(single) * rl.group_size)) if single else []
     multi = [t for t in tasks if t.tools]
     if multi:
-      turns = itertools.count()  # each turn of the episodes samples with its own seed
-
-      def sample(prompts, n):
-        return generate(model, prompts, max_new_tokens=n, temperature=rl.temperature,
-                        top_p=rl.top_p, stop_ids=self.tokenizer.stop_ids,
-                        seed=seed + 7919 * next(turns), pad_multiple=self.pad,
-                        row_sharding=self._rows(len(prompts)))
       limits = episodes.EpisodeLimits(
           max_turns=rl.max_turns, max_tokens=rl.episode_tokens or self.config.seq_len,
           max_seconds=rl.episode_seconds, message_tokens=rl.max_new_tokens)
-      groups += episodes.collect_groups(sample, multi, self.tokenizer, group_size=rl.group_size,
-                                        scorer=self.scorer, version=version, limits=limits,
-                                        tool_limits=self.scorer.limits)
-    batch, stats = rollout.make_batch(groups, self.config.seq_len)
+
+      def make_turns(rows: int) -> Turns:
+        return Turns(model, rows, limits.max_tokens, temperature=rl.temperature,
+                     top_p=rl.top_p, stop_ids=self.tokenizer.stop_ids, seed=seed,
+                     pad_multiple=self.pad, row_sharding=self._rows(rows))
+      groups += episodes.collect_groups(make_turns, multi, self.tokenizer,
+                                        group_size=rl.group_size, scorer=self.scorer,
+                                        version=version, limits=limits,
+                                        tool_limits=self.scorer.limits,
+                                        any_process=_any_process)
+    batch, _ = rollout.make_batch(groups, self.config.seq_len)
+    stats = _global_stats(groups, float(sum(sum(e.policy) for g in groups for e in g.episodes)))
     dt = time.perf_counter() - t0
-    sampled = float(sum(sum(e.policy) for g in groups for e in g.episodes))
-    return batch, dict(stats, rollout_time=dt, rollout_tokens_per_sec=sampled / max(dt, 1e-9))
+    return batch, dict(stats, rollout_time=dt,
+                       rollout_tokens_per_sec=stats.pop("sampled_tokens") / max(dt, 1e-9))
 
   def _rows(self, n: int) -> NamedSharding | None:
-    """The row sharding when `n` rows divide evenly over it (a multi-turn batch whose
-    finished episodes dropped out may not)."""
+    """The row sharding when this process's `n` rows (as many on every process) divide
+    evenly over it; else None (one process only: sampled unsharded)."""
     size = mesh_lib.axis_size(dict(self.rows.mesh.shape), sharding.spec_axes(self.rows.spec[0]))
-    return self.rows if n % size == 0 else None
+    if (n * jax.process_count()) % size == 0:
+      return self.rows
+    if jax.process_count() > 1:
+      raise ConfigError(f"{n} rollout rows per process do not divide over the {size} "
+                        "devices of the batch axes; change batch_size or rl.group_size")
+    return None
 
 
 class _Feed:
@@ -275,10 +312,9 @@ class RLTrainer:
 
   def _warmup(self, state, step: int) -> runtime.Update:
     config = self.config
-    batch = _sft_batch(self.tasks.draw(step, config.batch_size, salt=1), config.batch_size,
-                       config.seq_len)
-    state, metrics = self.sft_step(state, {k: jax.device_put(v, self.rt.batch_sharding)
-                                           for k, v in batch.items()})
+    tasks = self.tasks.draw(step, config.batch_size, salt=1)
+    state, metrics = self.sft_step(state, self._put(_sft_batch(tasks, len(tasks),
+                                                               config.seq_len)))
     self.feed.publish(state["params"], step + 1)
     return runtime.Update(state, step + 1, dict(metrics, warmup=1.0))
 
@@ -294,9 +330,7 @@ class RLTrainer:
                                                  clip_fraction=0.0, skipped=1.0,
                                                  lr=float(rt.schedule(step))))
       return
-    row = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
-    device_batch = {k: jax.device_put(v, rt.batch_sharding if v.ndim == 2 else row)
-                    for k, v in batch.items()}
+    device_batch = self._put(batch)
     for _ in range(min(config.rl.updates_per_rollout, config.total_steps - step)):
       t0 = time.perf_counter()
       state, metrics = self.rl_step(state, device_batch)
@@ -304,6 +338,15 @@ class RLTrainer:
       self.feed.publish(state["params"], step)
       yield runtime.Update(state, step, dict(stats, **metrics, skipped=0.0,
                                              update_time=time.perf_counter() - t0))
+
+  def _put(self, local: dict[str, np.ndarray]) -> dict:
+    """This process's rows of a global batch as sharded arrays ([B, T] over the batch
+    axes, [B] over their first)."""
+    rt, n = self.rt, self.config.batch_size
+    row = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
+    return {k: jax.make_array_from_process_local_data(
+        rt.batch_sharding if v.ndim == 2 else row, v, (n,) + v.shape[1:])
+            for k, v in local.items()}
 
   def close(self) -> None:
     self.feed.close()
