@@ -203,20 +203,24 @@ class _Rows:
     """The largest of every process's `value` (a padded width all must use)."""
     return int(multihost_utils.process_allgather(np.int32(value)).max()) if self.multi else value
 
+  def _rows_of(self, ndim: int) -> NamedSharding:
+    return NamedSharding(self.sharding.mesh, P(self.sharding.spec[0], *([None] * (ndim - 1))))
+
   def put(self, local: np.ndarray):
     if self.sharding is None:
       return jnp.asarray(local)
-    sh = NamedSharding(self.sharding.mesh, P(self.sharding.spec[0], *([None] * (local.ndim - 1))))
     if self.multi:
-      return jax.make_array_from_process_local_data(sh, local, (self.rows,) + local.shape[1:])
-    return jax.device_put(local, sh)
+      return jax.make_array_from_process_local_data(self._rows_of(local.ndim), local,
+                                                    (self.rows,) + local.shape[1:])
+    return jax.device_put(local, self._rows_of(local.ndim))
 
   def get(self, *arrays) -> list[np.ndarray]:
     if not self.multi:
       return [np.asarray(a) for a in jax.device_get(arrays)]
     out = []
-    for a in arrays:
-      shards = {s.index[0].start or 0: s for s in a.addressable_shards}
+    for a in arrays:   # resharded by rows only, this process's shards are its own rows
+      shards = {s.index[0].start or 0: s
+                for s in jax.device_put(a, self._rows_of(a.ndim)).addressable_shards}
       out.append(np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)]))
     return out
 

@@ -1,0 +1,64 @@
+"""One process of a multi-process RL check (run by tests/test_rl_multiprocess.py).
+
+  JAX_COORDINATOR_ADDRESS=... JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i \\
+  XLA_FLAGS=--xla_force_host_platform_device_count=D python tests/multiprocess_rl.py MODE OUT
+
+MODE `rl`: the toy GRPO run (`trainer.toy_config(3)`, rows over every device) with
+workdir OUT (process 0 writes OUT/metrics.jsonl). MODE `turns`: two sampling turns of
+8 rows (each process its share) on a tiny model sharded over every device, environment
+tokens appended between turns; writes this process's rows to OUT.<process id>.json.
+"""
+
+import json
+import sys
+
+import jax
+
+from cwm_jax.parallel.mesh import initialize_distributed
+
+
+def _turns(out: str) -> None:
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from cwm_jax.infer.sampler import Turns
+  from cwm_jax.model import init_model, tiny
+  from cwm_jax.parallel.mesh import make_mesh
+  from cwm_jax.parallel.sharding import DEFAULT_RULES, named, param_specs
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  cfg = tiny(vocab_size=64, n_heads=4, n_kv_heads=2, local_window=6)
+  model = init_model(cfg, seed=1)
+  mesh = make_mesh({"data": jax.device_count() // 2, "tensor": 2})
+  graphdef, state = nnx.split(model)
+  params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                          named(mesh, param_specs(cfg, DEFAULT_RULES)))
+  nnx.replace_by_pure_dict(state, params)
+  sharded = nnx.merge(graphdef, state)
+  n, index = 8 // jax.process_count(), jax.process_index()
+  rng = np.random.RandomState(0)
+  contexts = [rng.randint(3, 64, 2 + i).tolist() for i in range(8)][index * n:(index + 1) * n]
+  turns = Turns(sharded, n, 48, temperature=1.0, stop_ids=[5], seed=2, pad_multiple=4,
+                row_sharding=NamedSharding(mesh, P("data")))
+  results = []
+  for turn in range(2):
+    got = turns(contexts, 6)
+    results.append({"tokens": got.tokens, "logprobs": got.logprobs})
+    contexts = [c + t + [7 + turn] * (1 + (index * n + i) % 3)  # by global row
+                for i, (c, t) in enumerate(zip(contexts, got.tokens))]
+  with open(f"{out}.{index}.json", "w") as f:
+    json.dump(results, f)
+
+
+def main(mode: str, out: str) -> None:
+  initialize_distributed()
+  if mode == "turns":
+    _turns(out)
+    return
+  from cwm_jax.rl import trainer
+  result = trainer.run(trainer.toy_config(3), out)
+  assert result["step"] == 3, result
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
