@@ -187,6 +187,13 @@ def test_bad_rl_configs():
   c.rl.temperature = 0.0
   with pytest.raises(ConfigError, match="temperature"):
     trainer.validate(c)
+  c = trainer.toy_config(2)   # 16 prompts of 8 samples: whole groups on each of 2 processes
+  trainer.validate(c, n_processes=2)
+  with pytest.raises(ConfigError, match="do not split over 32 processes"):
+    trainer.validate(c, n_processes=32)
+  c.rl.async_rollouts = True
+  with pytest.raises(ConfigError, match="async_rollouts=True runs on one process"):
+    trainer.validate(c, n_processes=2)
   with pytest.raises(ConfigError, match="unknown kinds"):
     tasks.task_set("code,poetry", max_prompt_len=64)
   with pytest.raises(ConfigError, match="cannot be mixed"):

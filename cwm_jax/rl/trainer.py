@@ -80,11 +80,12 @@ def toy_config(steps: int, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-def validate(config, n_devices: int | None = None) -> None:
+def validate(config, n_devices: int | None = None, n_processes: int | None = None) -> None:
   """Every check `run` makes before compiling: the training config, then the `rl` section
-  (unknown `rl` fields are errors)."""
+  (unknown `rl` fields are errors); devices and processes default to this job's."""
+  processes = n_processes or jax.process_count()
   config_lib.validate(config, config_lib.model_config(config), n_devices or jax.device_count(),
-                      jax.process_count())
+                      processes)
   rl, errors = config.rl, []
   unknown = sorted(set(rl.keys()) - set(rl_config().keys()))
   if unknown:
@@ -111,7 +112,6 @@ def validate(config, n_devices: int | None = None) -> None:
     errors.append("need rl.max_turns >= 1, 0 <= rl.episode_tokens <= seq_len and "
                   "rl.episode_seconds > 0")
 
-  processes = jax.process_count()
   if rl.group_size >= 2 and (config.batch_size // rl.group_size) % processes:
     errors.append(f"batch_size / rl.group_size = {config.batch_size // rl.group_size} prompts "
                   f"per update do not split over {processes} processes (each samples whole "
