@@ -4,7 +4,10 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=D python tests/multiprocess_rl.py MODE OUT
 
 MODE `rl`: the toy GRPO run (`trainer.toy_config(3)`, rows over every device) with
-workdir OUT (process 0 writes OUT/metrics.jsonl). MODE `turns`: two sampling turns of
+workdir OUT (process 0 writes OUT/metrics.jsonl). MODE `mixed`: 2 RL steps on a task
+file whose even records (process 0's shard of 2) are math tasks and odd ones tool
+tasks, so the processes hold different numbers of single- and multi-turn tasks.
+MODE `turns`: two sampling turns of
 8 rows (each process its share) on a tiny model sharded over every device, environment
 tokens appended between turns; writes this process's rows to OUT.<process id>.json.
 """
@@ -50,14 +53,37 @@ def _turns(out: str) -> None:
     json.dump(results, f)
 
 
+def _mixed_config(out: str):
+  import os
+  from cwm_jax.data.tokenizer import Tokenizer
+  from cwm_jax.rl import trainer
+  with open(os.path.join(trainer.TASK_SETS, "tool_compute.jsonl")) as f:
+    tools = [line.strip() for line in f if line.strip()][:8]
+  records = []
+  for i, tool in enumerate(tools):
+    records += [json.dumps({"id": f"m{i}", "kind": "math", "prompt": f"{i} + 1?",
+                            "answer": str(i + 1)}), tool]
+  path = f"{out}.{jax.process_index()}.jsonl"   # the same file for every process
+  with open(path, "w") as f:
+    f.write("\n".join(records) + "\n")
+  c = trainer.toy_config(2)
+  c.model.overrides.update(vocab_size=Tokenizer.default().vocab_size, global_window=256,
+                           local_window=32)
+  c.seq_len, c.batch_size = 256, 8   # 4 prompts x 2 samples: 2 prompts per process
+  c.rl.update(dict(tasks="toy", task_files=path, group_size=2, max_new_tokens=8, max_turns=2,
+                   sandbox_timeout_s=10.0))
+  return c
+
+
 def main(mode: str, out: str) -> None:
   initialize_distributed()
   if mode == "turns":
     _turns(out)
     return
   from cwm_jax.rl import trainer
-  result = trainer.run(trainer.toy_config(3), out)
-  assert result["step"] == 3, result
+  config = trainer.toy_config(3) if mode == "rl" else _mixed_config(out)
+  result = trainer.run(config, out)
+  assert result["step"] == config.total_steps, result
 
 
 if __name__ == "__main__":

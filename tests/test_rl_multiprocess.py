@@ -62,3 +62,13 @@ def test_multi_turn_sampling_on_two_processes_matches_one(tmp_path):
     np.testing.assert_allclose(
         np.concatenate(parts[0][turn]["logprobs"] + parts[1][turn]["logprobs"]),
         np.concatenate(want[turn]["logprobs"]), atol=1e-5)
+
+
+def test_processes_with_different_task_kinds_sample_together(tmp_path):
+  """Process 0 holds only math tasks, process 1 only tool tasks: each pads its share of
+  single- and multi-turn sampling to the other's count, so both run the same programs."""
+  _run("mixed", str(tmp_path / "mixed"), 2)
+  records = _metrics(tmp_path / "mixed")
+  assert [r["step"] for r in records] == [1, 2]
+  for r in records:   # statistics over both processes' groups
+    assert {"reward_math", "reward_agentic"} <= set(r) and r["rollout_tokens_per_sec"] > 0

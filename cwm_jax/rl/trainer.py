@@ -21,8 +21,10 @@ all have zero advantage skips the optimizer (`skipped` 1) but counts as a step.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +183,23 @@ def _any_process(flags: np.ndarray) -> np.ndarray:
       -1, flags.size).any(axis=0)
 
 
+class _Share(NamedTuple):
+  tasks: list   # what this process samples: its tasks of a kind, then filler
+  real: int     # how many of them are its own (the filler's groups are dropped)
+
+
+def _same_counts(single: list, multi: list, pool: list) -> tuple[_Share, _Share]:
+  """Single-turn and multi-turn tasks padded to the largest count of any process with
+  copies from `pool` (this process's tasks), so every process runs the same sampling
+  programs (collectives) with the same shapes; one process needs no filler."""
+  counts = np.array([len(single), len(multi)], np.int32)
+  if jax.process_count() > 1:
+    counts = multihost_utils.process_allgather(counts).reshape(-1, 2).max(axis=0)
+  filler = itertools.cycle(pool)
+  return tuple(_Share(own + [next(filler) for _ in range(int(n) - len(own))], len(own))
+               for own, n in zip((single, multi), counts))
+
+
 def _global_stats(groups, sampled: float) -> dict:
   """Rollout statistics over every process's groups (`rollout.group_stats`), and the
   tokens sampled in all."""
@@ -206,15 +225,16 @@ class _Sampler:
     model = nnx.merge(self.graphdef, params)
     seed = self.config.seed * 1_000_003 + version
     tasks = self.tasks.draw(version, self.config.batch_size // rl.group_size)
-    single = [t for t in tasks if not t.tools]
+    single, multi = _same_counts([t for t in tasks if not t.tools],
+                                 [t for t in tasks if t.tools], tasks)
     groups = rollout.collect(
-        model, single, group_size=rl.group_size,
+        model, single.tasks, group_size=rl.group_size,
         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
         stop_ids=self.tokenizer.stop_ids, decode=self.tokenizer.decode, scorer=self.scorer,
         seed=seed, version=version, pad_multiple=self.pad,
-        row_sharding=self._rows(len(single) * rl.group_size)) if single else []
-    multi = [t for t in tasks if t.tools]
-    if multi:
+        row_sharding=self._rows(len(single.tasks) * rl.group_size)
+    )[:single.real] if single.tasks else []
+    if multi.tasks:
       limits = episodes.EpisodeLimits(
           max_turns=rl.max_turns, max_tokens=rl.episode_tokens or self.config.seq_len,
           max_seconds=rl.episode_seconds, message_tokens=rl.max_new_tokens)
@@ -223,11 +243,11 @@ class _Sampler:
         return Turns(model, rows, limits.max_tokens, temperature=rl.temperature,
                      top_p=rl.top_p, stop_ids=self.tokenizer.stop_ids, seed=seed,
                      pad_multiple=self.pad, row_sharding=self._rows(rows))
-      groups += episodes.collect_groups(make_turns, multi, self.tokenizer,
+      groups += episodes.collect_groups(make_turns, multi.tasks, self.tokenizer,
                                         group_size=rl.group_size, scorer=self.scorer,
                                         version=version, limits=limits,
                                         tool_limits=self.scorer.limits,
-                                        any_process=_any_process)
+                                        any_process=_any_process)[:multi.real]
     batch, _ = rollout.make_batch(groups, self.config.seq_len)
     stats = _global_stats(groups, float(sum(sum(e.policy) for g in groups for e in g.episodes)))
     dt = time.perf_counter() - t0
