@@ -139,6 +139,9 @@ def write(handle: LayerCache, group, k_BTKH, v_BTKH, n_B) -> LayerCache:
   """
   cache, slot = handle.cache, handle.slot
   cols_BT, real_BT = _columns(cache, n_B, k_BTKH.shape[1])
+  # Keys arrive split like activations (by position over `sequence`, say): split them like
+  # the cache first, else the partitioner may gather every row's buffer to write them.
+  k_BTKH, v_BTKH = (constrain(x, CACHE_AXES[1:]) for x in (k_BTKH, v_BTKH))
 
   def put(g, buf, new_BTKH):
     keep_BT = real_BT & (cols_BT >= cache.length_B[:, None] + n_B[:, None] - buf.shape[2])
