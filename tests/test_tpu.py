@@ -14,6 +14,7 @@ import pytest
 from cwm_jax.base import ConfigError
 from cwm_jax.train import planning, topology
 from test_launch import ROOT
+from test_plan import check_sampler_plan
 
 pytest.importorskip("libtpu", reason="libtpu is part of the test extra: bash launch/install.sh .venv test")
 
@@ -53,9 +54,9 @@ def test_small_model_train_step_compiles_for_v5p_with_mosaic_splash():
   devs = topology.devices(topology.slice_spec("v5p:2x2x1"))
   mesh = planning.slice_mesh(dict(config.mesh), devs)
   cfg = planning.model_config(config)
-  jitted, state, batch = planning.lm_step(config, cfg, mesh)
+  step = planning.lm_step(config, cfg, mesh).step
   with jax.set_mesh(mesh):
-    hlo = jitted.lower(state, batch).compile().as_text()
+    hlo = step.jitted.lower(*step.args).compile().as_text()
   assert mesh.devices.flat[0].device_kind == "TPU v5" and mesh.shape["fsdp"] == 4
   with jax.set_mesh(mesh):
     assert kernels.target_platform() == "tpu" and kernels.resolve("auto") == "splash"
@@ -115,6 +116,14 @@ def test_rl_stage_plans_the_rl_update_step():
   assert plan["step"] == "rl_update" and plan["fits"] and plan["device_kind"] == "TPU v5"
   # The train state (params + AdamW mu, nu) is an argument of the compiled RL step.
   assert plan["argument_gb_per_device"] >= 12 * plan["params"] / plan["devices"] / 2 ** 30
+
+
+def test_rl_stage_plans_the_sampler_steps_for_v5p():
+  """The sampler's prefill and decode compiled by libtpu for 4 v5p chips (tile-aligned
+  dims, so the cache argument is unpadded): split over the rows, and over the HBM given."""
+  plan = check_sampler_plan(lambda configs, hbm_gb, builders: planning.tpu_plan(
+      configs, "v5p-8", hbm_gb=hbm_gb, step_builders=builders))
+  assert plan["device_kind"] == "TPU v5" and plan["chips"] == 4
 
 
 def test_multi_slice_mesh_puts_data_across_slices():
