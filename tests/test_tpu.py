@@ -14,7 +14,7 @@ import pytest
 from cwm_jax.base import ConfigError
 from cwm_jax.train import planning, topology
 from test_launch import ROOT
-from test_plan import check_sampler_plan
+from test_plan import check_sampler_plan, rl_sampler_stage
 
 pytest.importorskip("libtpu", reason="libtpu is part of the test extra: bash launch/install.sh .venv test")
 
@@ -124,6 +124,27 @@ def test_rl_stage_plans_the_sampler_steps_for_v5p():
   plan = check_sampler_plan(lambda configs, hbm_gb, builders: planning.tpu_plan(
       configs, "v5p-8", hbm_gb=hbm_gb, step_builders=builders))
   assert plan["device_kind"] == "TPU v5" and plan["chips"] == 4
+
+
+def test_prefill_fills_the_cache_without_gathering_its_rows():
+  """Over a `sequence` axis the prefill's keys arrive split by position; writing them into
+  the cache (split by rows only) must not gather every row's buffer, which gave the 32B RL
+  prefill 156 GiB of temporaries per chip. Here its temporaries stay below the cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+  (_, c), = rl_sampler_stage()  # 4 rows, 1 per (fsdp) row shard, 512-token prompts
+  c.seq_len, c.batch_size, c.rl.max_new_tokens = 768, 4, 256
+  c.model.overrides.update(dict(layer_windows=[768, 128, 128, 128] * 4, global_window=768,
+                                max_seq_len=768))
+  c.execution.update(dict(compute_dtype="float32", attention_impl="auto",
+                          context_parallel="allgather"))
+  c.mesh.update(data=1, fsdp=4, sequence=2)
+  mesh = planning.slice_mesh(dict(c.mesh), topology.devices(topology.slice_spec("v5p-16")))
+  prefill = rl_step_builder(c, planning.model_config(c), mesh).extra["sampler"]["prefill"]
+  with jax.set_mesh(mesh):
+    memory = prefill.jitted.lower(*prefill.args).compile().memory_analysis()
+  cache = prefill.info["cache_gb_per_device"] * 2 ** 30
+  assert memory.temp_size_in_bytes < cache, (memory.temp_size_in_bytes, cache)
 
 
 def test_multi_slice_mesh_puts_data_across_slices():

@@ -122,8 +122,10 @@ def write(handle: LayerCache, group, k_BTKH, v_BTKH) -> LayerCache:
                      f"got {k_BTKH.shape[1]}; prefill the prompt into an empty cache first")
 
   def put(g, buf, new_BTKH):
-    block, first = _ring_block(new_BTKH.astype(buf.dtype), buf.shape[2], cache.empty,
-                               cache.length)
+    # Keys arrive split like activations (by position over `sequence`, say): split them like
+    # the cache first, else the partitioner may gather every row's buffer to write them.
+    new_BTKH = constrain(new_BTKH.astype(buf.dtype), CACHE_AXES[1:])
+    block, first = _ring_block(new_BTKH, buf.shape[2], cache.empty, cache.length)
     if isinstance(group, int):
       if group != g:
         return buf
