@@ -79,6 +79,18 @@ def test_tiny_tpu_plan_exits_2_when_it_does_not_fit():
       2 * plan["flops_per_step"] / (4 * 459e12))
 
 
+def test_a_step_libtpu_refuses_for_lack_of_hbm_is_reported_as_not_fitting():
+  """libtpu will not compile a program whose temporaries exceed the chip's HBM (here dense
+  16k x 16k attention scores): the plan still comes back, with the compiler's figure."""
+  c = _small(16384, batch=16, impl="reference")
+  c.model.overrides.update(dict(global_window=16384, max_seq_len=16384))
+  with pytest.raises(planning.NotFitting, match="compiler ran out of HBM") as e:
+    planning.tpu_plan([("train", c)], "v5p-8")
+  plan = e.value.plan
+  assert plan["compile_error"].startswith("RESOURCE_EXHAUSTED") and plan["fits"] is False
+  assert plan["temp_gb_per_device"] > plan["hbm_gb"] == 95.0
+
+
 def test_local_window_memory_grows_linearly_in_sequence_length():
   """Per-chip temporaries of a local-window model (splash, chunked loss) at T = 8k and
   64k: a dense T x T array would make the exponent 2."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,6 +48,9 @@ from cwm_jax.train.config import execution_config, model_config, validate
 from cwm_jax.train.lm import step_parts
 
 GIB = 2 ** 30
+# libtpu refuses to compile a program whose temporaries exceed the chip's HBM; sizes in
+# tsl's binary units (G = GiB).
+_HBM_EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([\d.]+)([KMGT])\)")
 _REEXEC = "CWM_PLAN_REEXEC"
 # Cheaper host code generation; buffer assignment (the memory figures) is unchanged.
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
@@ -176,7 +180,7 @@ def analytic_plan(cfg, seq_len: int | None = None) -> dict[str, Any]:
 
 
 def _cost(compiled) -> dict:
-  cost = compiled.cost_analysis() or {}
+  cost = (compiled.cost_analysis() if compiled is not None else None) or {}
   return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
@@ -187,26 +191,37 @@ def device_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
+def _memory(args: float, temp: float, resident: float, output: float = 0.0,
+            alias: float = 0.0) -> dict:
+  total = args + output - alias + temp
+  return {"argument_gb_per_device": args / GIB, "output_gb_per_device": output / GIB,
+          "alias_gb_per_device": alias / GIB, "temp_gb_per_device": temp / GIB,
+          "total_gb_per_device": total / GIB, "resident_gb_per_device": resident / GIB,
+          "total_with_resident_gb_per_device": (total + resident) / GIB}
+
+
 def _compile(program: Program, mesh: Mesh) -> tuple[Any, dict]:
-  """(compiled program, its per-device memory in GiB and compile time)."""
+  """(compiled program, its per-device memory in GiB and compile time). A program the
+  TPU compiler refuses for lack of HBM gives None and a lower bound: the compiler's
+  temporaries plus the arguments from their shardings (outputs unknown), and the error."""
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = program.jitted.lower(*program.args).compile()
+  resident = device_bytes(program.resident)
+  try:
+    with jax.set_mesh(mesh):
+      compiled = program.jitted.lower(*program.args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    found = _HBM_EXHAUSTED.search(str(e))
+    if not found:
+      raise
+    temp = float(found[1]) * 1024 ** ("KMGT".index(found[2]) + 1)
+    return None, {**_memory(device_bytes(program.args), temp, resident),
+                  "compile_error": str(e).splitlines()[0],
+                  "compile_seconds": round(time.perf_counter() - t0, 2)}
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-           + mem.temp_size_in_bytes)
-  resident = device_bytes(program.resident)
-  return compiled, {
-      "argument_gb_per_device": mem.argument_size_in_bytes / GIB,
-      "output_gb_per_device": mem.output_size_in_bytes / GIB,
-      "alias_gb_per_device": mem.alias_size_in_bytes / GIB,
-      "temp_gb_per_device": mem.temp_size_in_bytes / GIB,
-      "total_gb_per_device": total / GIB,
-      "resident_gb_per_device": resident / GIB,
-      "total_with_resident_gb_per_device": (total + resident) / GIB,
-      "compile_seconds": round(seconds, 2),
-  }
+  return compiled, {**_memory(mem.argument_size_in_bytes, mem.temp_size_in_bytes, resident,
+                              mem.output_size_in_bytes, mem.alias_size_in_bytes),
+                    "compile_seconds": round(seconds, 2)}
 
 
 def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
@@ -264,14 +279,16 @@ def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
 def _figures(name: str, p: dict) -> str:
   """The numbers behind a stage's peak, for the NotFitting message."""
   where = f"on mesh {p['mesh']}"
-  if p["peak_program"] == p["step"]:
+  group, _, program = p["peak_program"].partition(".")
+  q = p[group][program] if program else p  # the step's figures are top-level
+  if "compile_error" in q:
+    where += " (the compiler ran out of HBM: temporaries from its error, arguments unpadded)"
+  if q is p:
     resident = (f" + resident {p['resident_gb_per_device']:.2f}"
                 if p["resident_gb_per_device"] else "")
     return (f"{name}: {p['peak_gb_per_device']:.2f} GiB per device (arguments "
             f"{p['argument_gb_per_device']:.2f} + temporaries {p['temp_gb_per_device']:.2f}"
             f"{resident}) {where}")
-  group, program = p["peak_program"].split(".")
-  q = p[group][program]
   return (f"{name}: {p['peak_program']} {p['peak_gb_per_device']:.2f} GiB per device (arguments "
           f"{q['argument_gb_per_device']:.2f} + temporaries {q['temp_gb_per_device']:.2f} + "
           f"resident {q['resident_gb_per_device']:.2f}) {where}, where the {p['step']} step "
