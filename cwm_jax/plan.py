@@ -14,8 +14,9 @@ prints per-device memory (GiB) and step time: with `--topology` (a Cloud TPU
 accelerator type such as v5p-512 / v6e-256, or a topology such as v5p:4x8x8)
 for that TPU slice with libtpu's compiler, else on `--devices` simulated host
 devices. An RL stage also compiles the sampler's prefill and decode step
-(`"sampler"`), each with the optimizer state that stays resident beside it.
-Exit 2 when a program does not fit the chip's HBM (or `--hbm_gb`).
+(`"sampler"`), each counted with the train state that stays resident beside it
+(the optimizer state; all of it with async rollouts). Exit 2 when a program
+does not fit the chip's HBM (or `--hbm_gb`).
 """
 
 from __future__ import annotations
