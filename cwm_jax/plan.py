@@ -13,7 +13,10 @@ token, bytes). `--config` compiles the stage's real step ahead of time and
 prints per-device memory (GiB) and step time: with `--topology` (a Cloud TPU
 accelerator type such as v5p-512 / v6e-256, or a topology such as v5p:4x8x8)
 for that TPU slice with libtpu's compiler, else on `--devices` simulated host
-devices. Exit 2 when the step does not fit the chip's HBM (or `--hbm_gb`).
+devices. An RL stage also compiles the sampler's prefill and decode step
+(`"sampler"`), each counted with the train state that stays resident beside it
+(the optimizer state; all of it with async rollouts). Exit 2 when a program
+does not fit the chip's HBM (or `--hbm_gb`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ _SLICES = flags.DEFINE_integer("num_slices", 1, "Number of TPU slices (the data 
 _DEVICES = flags.DEFINE_integer("devices", None, "Simulated host devices (default: the config's mesh size).")
 _MESH = flags.DEFINE_string("mesh", None, "Mesh override, e.g. data=8,fsdp=8.")
 _HBM_GB = flags.DEFINE_float("hbm_gb", None, "Memory per device in GiB (default with --topology: "
-                             "the chip's HBM); exit 2 if the step does not fit.")
+                             "the chip's HBM); exit 2 if a program does not fit.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Host plans: peak bf16 TFLOP/s per device "
                            "(H100 SXM: 989).")
 
@@ -53,7 +56,8 @@ def _print(result: dict) -> None:
 
 
 def _step_builders() -> dict:
-  """Steps planned per stage trainer beyond the LM train step: the RL update step."""
+  """Programs planned per stage trainer beyond the LM train step: the RL update step
+  and the sampler's prefill and decode step."""
   from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
   return {"rl": rl_step_builder}
 

@@ -335,9 +335,12 @@ def test_ragged_rows_and_appended_blocks_match_the_full_forward(hf_pair, windows
                                  rtol=0, err_msg=f"row {b} position {position}")
 
 
-def test_turns_feed_only_new_tokens_and_equal_a_fresh_prefill(hf_pair):
+@pytest.mark.parametrize("block", [128, 2])
+def test_turns_feed_only_new_tokens_and_equal_a_fresh_prefill(hf_pair, block, monkeypatch):
   """Three turns with environment tokens between them, one row finished after the first:
-  each turn's messages equal `generate` on the whole context (a fresh prefill)."""
+  each turn's messages equal `generate` on the whole context (a fresh prefill); also when
+  what a turn appends goes in several blocks of 2."""
+  monkeypatch.setattr(sampler, "EXTEND_BLOCK", block)
   model = hf_pair[3]
   rng = np.random.RandomState(8)
   contexts = [rng.randint(3, 96, n).tolist() for n in (4, 9, 6)]

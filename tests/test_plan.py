@@ -92,6 +92,57 @@ def test_smoke_stage_plan_fits():
   assert plans["midtrain"]["mesh"]["data"] == 4
 
 
+def rl_sampler_stage():
+  """configs/smoke.py's RL stage on a model whose KV cache outweighs its update step: 16
+  global layers of 8 kv heads x 128 on a narrow stream (dim 128, vocab 512), params and
+  optimizer state over fsdp=4, so the 32 rollout rows are split 4 ways."""
+  from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
+  (name, c), = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
+  c.model.overrides.update(dict(vocab_size=512, n_layers=16, layer_windows=[128] * 16, dim=128,
+                                ffn_dim=128, n_heads=8, n_kv_heads=8, head_dim=128))
+  c.execution.remat_policy = "full"
+  c.mesh.update(data=1, fsdp=4)
+  return [(name, c)]
+
+
+def check_sampler_plan(plan_stages, hbm_gb=0.085):
+  """Plans `rl_sampler_stage()` with `plan_stages(configs, hbm_gb)` (4 devices): the sampler's
+  prefill, decode and extend take the cache split over the rows, and it is the sampler, not the
+  update step, that does not fit `hbm_gb`."""
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+  configs = rl_sampler_stage()
+  (_, c), = configs
+  with pytest.raises(planning.NotFitting, match=r"rl: sampler\.(prefill|decode|extend) .* where the "
+                     r"rl_update step alone needs .*fewer rows per device") as e:
+    plan_stages(configs, hbm_gb, {"rl": rl_step_builder})
+  plan = e.value.plan["stages"]["rl"]
+  cfg = planning.model_config(c)
+  # float32 K and V of every layer's slots (min(window, seq_len)) for every row
+  cache = sum(min(w, c.seq_len) for w in cfg.layer_windows) * c.batch_size * cfg.n_kv_heads \
+      * cfg.head_dim * 2 * 4
+  params = 4 * plan["params"] / 4  # float32, over fsdp=4
+  assert plan["devices"] == 4 and plan["sampler"]["prefill"]["prompt_len"] == 80 - 24
+  assert plan["sampler"]["extend"]["block_len"] == 56
+  for name in ("prefill", "decode", "extend"):
+    p = plan["sampler"][name]
+    assert p["cache_len"] == 80 and p["rows"] == 32
+    # arguments: the params, a quarter of the cache, the tokens and row starts (and on a TPU
+    # the tiling of small arrays: < 64 KiB in all)
+    assert 0 <= p["argument_gb_per_device"] * GIB - params - cache / 4 < 2 ** 16, (p, cache)
+    # resident: AdamW's float32 mu and nu, over fsdp like the params
+    assert p["resident_gb_per_device"] * GIB == pytest.approx(2 * params, rel=1e-3)
+    assert p["total_with_resident_gb_per_device"] == pytest.approx(
+        p["total_gb_per_device"] + p["resident_gb_per_device"])
+  assert plan["total_gb_per_device"] < hbm_gb < plan["peak_gb_per_device"]
+  assert plan["peak_program"].startswith("sampler.") and plan["fits"] is False
+  return plan
+
+
+def test_rl_stage_plans_the_sampler_steps_on_host_devices():
+  check_sampler_plan(lambda configs, hbm_gb, builders: planning.host_plan(
+      configs, 4, hbm_gb=hbm_gb, step_builders=builders))
+
+
 @pytest.mark.parametrize("stage, devices, mesh, accum, seq_len", [
     ("midtrain", 64, "data=1,fsdp=8,tensor=1,sequence=8", 16, 131072),
     ("sft", 128, "data=1,fsdp=64,tensor=1,sequence=2", 4, 32768),

@@ -14,6 +14,7 @@ import pytest
 from cwm_jax.base import ConfigError
 from cwm_jax.train import planning, topology
 from test_launch import ROOT
+from test_plan import check_sampler_plan, rl_sampler_stage
 
 pytest.importorskip("libtpu", reason="libtpu is part of the test extra: bash launch/install.sh .venv test")
 
@@ -53,9 +54,9 @@ def test_small_model_train_step_compiles_for_v5p_with_mosaic_splash():
   devs = topology.devices(topology.slice_spec("v5p:2x2x1"))
   mesh = planning.slice_mesh(dict(config.mesh), devs)
   cfg = planning.model_config(config)
-  jitted, state, batch = planning.lm_step(config, cfg, mesh)
+  step = planning.lm_step(config, cfg, mesh).step
   with jax.set_mesh(mesh):
-    hlo = jitted.lower(state, batch).compile().as_text()
+    hlo = step.jitted.lower(*step.args).compile().as_text()
   assert mesh.devices.flat[0].device_kind == "TPU v5" and mesh.shape["fsdp"] == 4
   with jax.set_mesh(mesh):
     assert kernels.target_platform() == "tpu" and kernels.resolve("auto") == "splash"
@@ -76,6 +77,18 @@ def test_tiny_tpu_plan_exits_2_when_it_does_not_fit():
   assert "does not fit 0.001 GiB per device of 1 x v5p:2x2x1" in out.stderr
   assert plan["step_seconds_at_50pct_mfu"] == pytest.approx(
       2 * plan["flops_per_step"] / (4 * 459e12))
+
+
+def test_a_step_libtpu_refuses_for_lack_of_hbm_is_reported_as_not_fitting():
+  """libtpu will not compile a program whose temporaries exceed the chip's HBM (here dense
+  16k x 16k attention scores): the plan still comes back, with the compiler's figure."""
+  c = _small(16384, batch=16, impl="reference")
+  c.model.overrides.update(dict(global_window=16384, max_seq_len=16384))
+  with pytest.raises(planning.NotFitting, match="compiler ran out of HBM") as e:
+    planning.tpu_plan([("train", c)], "v5p-8")
+  plan = e.value.plan
+  assert plan["compile_error"].startswith("RESOURCE_EXHAUSTED") and plan["fits"] is False
+  assert plan["temp_gb_per_device"] > plan["hbm_gb"] == 95.0
 
 
 def test_local_window_memory_grows_linearly_in_sequence_length():
@@ -115,6 +128,35 @@ def test_rl_stage_plans_the_rl_update_step():
   assert plan["step"] == "rl_update" and plan["fits"] and plan["device_kind"] == "TPU v5"
   # The train state (params + AdamW mu, nu) is an argument of the compiled RL step.
   assert plan["argument_gb_per_device"] >= 12 * plan["params"] / plan["devices"] / 2 ** 30
+
+
+def test_rl_stage_plans_the_sampler_steps_for_v5p():
+  """The sampler's prefill and decode compiled by libtpu for 4 v5p chips (tile-aligned
+  dims, so the cache argument is unpadded): split over the rows, and over the HBM given."""
+  plan = check_sampler_plan(lambda configs, hbm_gb, builders: planning.tpu_plan(
+      configs, "v5p-8", hbm_gb=hbm_gb, step_builders=builders))
+  assert plan["device_kind"] == "TPU v5" and plan["chips"] == 4
+
+
+def test_prefill_fills_the_cache_without_gathering_its_rows():
+  """Over a `sequence` axis the prefill's keys arrive split by position; writing them into
+  the cache (split by rows only) must not gather every row's buffer, which gave the 32B RL
+  prefill 156 GiB of temporaries per chip. Here its temporaries stay below the cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+  (_, c), = rl_sampler_stage()  # 4 rows, 1 per (fsdp) row shard, 512-token prompts
+  c.seq_len, c.batch_size, c.rl.max_new_tokens = 768, 4, 256
+  c.model.overrides.update(dict(layer_windows=[768, 128, 128, 128] * 4, global_window=768,
+                                max_seq_len=768))
+  c.execution.update(dict(compute_dtype="float32", attention_impl="auto",
+                          context_parallel="allgather"))
+  c.mesh.update(data=1, fsdp=4, sequence=2)
+  mesh = planning.slice_mesh(dict(c.mesh), topology.devices(topology.slice_spec("v5p-16")))
+  prefill = rl_step_builder(c, planning.model_config(c), mesh).extra["sampler"]["prefill"]
+  with jax.set_mesh(mesh):
+    memory = prefill.jitted.lower(*prefill.args).compile().memory_analysis()
+  cache = prefill.info["cache_gb_per_device"] * 2 ** 30
+  assert memory.temp_size_in_bytes < cache, (memory.temp_size_in_bytes, cache)
 
 
 def test_multi_slice_mesh_puts_data_across_slices():

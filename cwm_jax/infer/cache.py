@@ -6,7 +6,8 @@ the name inference code uses for it.
 """
 
 from cwm_jax.model.cache import (CACHE_AXES, CacheLayout, KVCache, LayerCache, cache_bytes,
-                                 cache_layout, distinct_windows, init_cache, slot_columns)
+                                 cache_layout, cache_shardings, distinct_windows, init_cache,
+                                 slot_columns)
 
 __all__ = ["CACHE_AXES", "CacheLayout", "KVCache", "LayerCache", "cache_bytes", "cache_layout",
-           "distinct_windows", "init_cache", "slot_columns"]
+           "cache_shardings", "distinct_windows", "init_cache", "slot_columns"]

@@ -11,7 +11,8 @@ at their own pace. Three jitted programs, each the model's own forward pass
 
 * prefill: the padded prompts into an empty cache, logits at each row's last token;
 * extend: a further block per row (a tool's output and the next headers) into a
-  cache that holds earlier turns, logits at each row's last new token;
+  cache that holds earlier turns, logits at each row's last new token (in slices
+  of EXTEND_BLOCK columns);
 * decode: one `lax.while_loop` that samples, feeds each unfinished row's token and
   stops when every row hit a stop token.
 
@@ -40,6 +41,9 @@ from cwm_jax.model.layers import dtype_of
 from cwm_jax.model.logprobs import token_logprobs
 
 PAD_ID = 0
+# Columns of one appended block (`extend`): its attention scores span the whole cache,
+# [B, N, EXTEND_BLOCK, S + EXTEND_BLOCK], so longer additions go in several blocks.
+EXTEND_BLOCK = 128
 
 
 @dataclasses.dataclass
@@ -262,18 +266,22 @@ class Turns:
     new = [list(c[h:]) if a else [] for c, h, a in zip(contexts, self.held, active)]
     if any(a and not n for n, a in zip(new, active)):
       raise ValueError("an active row's context adds nothing to what the cache holds")
-    tokens, n = right_pad(new, self.pad, self.io.agree(max(len(r) for r in new)))
+    width = self.io.agree(max(len(r) for r in new))
+    if self.cache is None:   # a prefill: one block, padded to limit recompiles
+      tokens, n = right_pad(new, self.pad, width)
+    else:                    # blocks of EXTEND_BLOCK (fewer: a power of two) columns
+      tokens, n = right_pad(new, min(EXTEND_BLOCK, 1 << max(width - 1, 1).bit_length()), width)
     if self.cache_len is None:
       self.cache_len = tokens.shape[1] + max_new_tokens
     longest = max((len(c) + max_new_tokens for c in live), default=0)
     if longest > self.cache_len:
       raise ValueError(f"a context of {longest - max_new_tokens} tokens + {max_new_tokens} "
                        f"new exceeds the cache's {self.cache_len} columns")
-    tokens, n_B = self.io.put(tokens), self.io.put(n)
     if self.cache is None:
-      logits, cache = _prefill(self.graphdef, self.state, tokens, n_B, cache_len=self.cache_len)
+      logits, cache = _prefill(self.graphdef, self.state, self.io.put(tokens), self.io.put(n),
+                               cache_len=self.cache_len)
     else:
-      logits, cache = _extend(self.graphdef, self.state, self.cache, tokens, n_B)
+      logits, cache = self._extend(tokens, n)
     greedy = self.temperature == 0
     key = jax.random.fold_in(jax.random.key(self.seed), self.turn)
     tokens_BN, logps_BN, count_B, self.cache = _decode(
@@ -285,6 +293,18 @@ class Turns:
                                                           self.cache.length_B)
     return GenerateResult(tokens=[row[:c].tolist() for row, c in zip(tokens_BN, count_B)],
                           logprobs=[row[:c].tolist() for row, c in zip(logps_BN, count_B)])
+
+
+  def _extend(self, tokens: np.ndarray, n: np.ndarray):
+    """Feeds a [B, W] block in slices of at most EXTEND_BLOCK columns; the logits at each
+    row's last token come from the last slice holding any of its tokens."""
+    cache, logits, step = self.cache, None, min(EXTEND_BLOCK, tokens.shape[1])
+    for c in range(0, tokens.shape[1], step):
+      n_c = np.clip(n - c, 0, step).astype(np.int32)
+      new, cache = _extend(self.graphdef, self.state, cache, self.io.put(tokens[:, c:c + step]),
+                           self.io.put(n_c))
+      logits = new if logits is None else jnp.where(self.io.put(n_c > 0)[:, None], new, logits)
+    return logits, cache
 
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,

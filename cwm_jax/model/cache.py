@@ -32,10 +32,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh, NamedSharding
 
 from cwm_jax.kernels import reference_attention
 from cwm_jax.model.config import ModelConfig
-from cwm_jax.model.layers import constrain
+from cwm_jax.model.layers import constrain, logical_to_spec
 
 CACHE_AXES = (None, "batch", None, "act_kv_heads", None)
 
@@ -196,3 +197,16 @@ def attend(handle: LayerCache, group, q_BTNH, k_BTKH, v_BTKH, n_B):
 
 def cache_bytes(cache: KVCache) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache.k, cache.v)))
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh, rules) -> KVCache:
+  """NamedShardings of a cache's arrays (e.g. of `jax.eval_shape(init_cache, ...)`) under
+  the logical `rules` (normalized tuples), by rank: the [L, B, S, K, H] buffers by
+  CACHE_AXES, scalars replicated, any other array per row (leading dim B, by 'batch')."""
+  def one(x):
+    if x.ndim in (0, 5):
+      names = CACHE_AXES if x.ndim else ()
+    else:
+      names = ("batch",) + (None,) * (x.ndim - 1)
+    return NamedSharding(mesh, logical_to_spec(names, rules))
+  return jax.tree.map(one, cache)

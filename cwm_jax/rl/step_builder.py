@@ -1,36 +1,106 @@
-"""The RL update step as a planner step builder (`cwm_jax.train.planning`).
+"""The RL stage's programs as a planner step builder (`cwm_jax.train.planning`).
 
 `rl_step_builder(config, cfg, mesh)` builds the jitted GRPO update step of
 `cwm_jax.rl.grpo` on the train state the RL loop uses, with an abstract batch
-of `config.batch_size` rows of `config.seq_len` tokens, so
+of `config.batch_size` rows of `config.seq_len` tokens, and the sampler's
+prefill, decode and extend step (`cwm_jax.infer.sampler`) for the same rows on
+the same mesh: the training params in their training shardings, prompts padded
+to `seq_len - rl.max_new_tokens` (as the trainer pads them), a KV cache of
+`seq_len` columns sharded by the config's rules, and an appended block of
+`sampler.EXTEND_BLOCK` tokens per row (at most the prompt length; a multi-turn
+episode's tool output) into the full cache. So
 `python -m cwm_jax.plan --config configs/cwm_32b.py:stage=rl --topology ...`
-compiles the real RL update step of an RL stage.
+compiles the real programs of an RL stage.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cwm_jax.infer import cache as kv, sampler
+from cwm_jax.model.layers import dtype_of
+from cwm_jax.model.transformer import abstract_model
 from cwm_jax.parallel import sharding
 from cwm_jax.rl import grpo
 from cwm_jax.train import state as state_lib
+from cwm_jax.train.planning import GIB, Program, Steps, device_bytes
 
 _FLOAT_KEYS = ("loss_mask", "old_logp", "advantages")
 
 
-def rl_step_builder(config, cfg, mesh):
-  """(jitted RL update step, sharded abstract state, abstract batch) on `mesh`."""
-  tx, schedule, run, abstract, shardings, batch_sh = state_lib.parts(config, cfg, mesh)
+def sampler_programs(config, cfg, parts: state_lib.Parts, params: dict, resident) -> dict:
+  """{'prefill', 'decode', 'extend'}: the sampler's steps for `config.batch_size` rows, jitted with
+  the sharded abstract training `params` in their shardings, the cache donated, traced
+  under the config's logical rules.
+
+  `resident` is what the devices hold beside the steps' arguments while sampling.
+  """
+  mesh, rules = parts.batch_sharding.mesh, sharding.normalize_rules(config.rules)
+  graphdef = nnx.split(abstract_model(cfg, parts.execution), nnx.Param)[0]
+  rows = NamedSharding(mesh, P(parts.batch_sharding.spec[0]))
+  b, cache_len = config.batch_size, config.seq_len
+  prompt_len = cache_len - config.rl.max_new_tokens
+
+  def under_rules(step):
+    def run(params, cache, tokens):
+      with nnx.logical_axis_rules(rules):
+        return step(nnx.merge(graphdef, params), cache, tokens)
+    return run
+
+  def program(step, cache, tokens, **info):
+    """(Program of `step` on `cache`, the abstract cache it returns)."""
+    cache = state_lib.with_shardings(cache, kv.cache_shardings(cache, mesh, rules))
+    args = (params, cache, tokens)
+    with jax.set_mesh(mesh):
+      _, out = jax.eval_shape(under_rules(step), *args)
+    out_sh = kv.cache_shardings(out, mesh, rules)  # a prefilled cache is not `empty`
+    jitted = jax.jit(under_rules(step), in_shardings=jax.tree.map(lambda a: a.sharding, args),
+                     out_shardings=(rows, out_sh), donate_argnums=1)
+    info = dict(info, rows=b, cache_len=cache_len,
+                cache_gb_per_device=device_bytes(cache) / GIB)
+    return Program(jitted, args, resident, info), out
+
+  empty = jax.eval_shape(lambda: kv.init_cache(cfg, b, cache_len,
+                                               dtype_of(parts.execution.compute_dtype)))
+  prompt = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32,
+                                sharding=NamedSharding(mesh, P(rows.spec[0], None)))
+  prefill, filled = program(sampler.prefill, empty, prompt, prompt_len=prompt_len)
+  decode, _ = program(sampler.decode_step, filled, jax.ShapeDtypeStruct((b,), jnp.int32,
+                                                                        sharding=rows))
+  block_len = min(sampler.EXTEND_BLOCK, prompt_len)
+  block = jax.ShapeDtypeStruct((b, block_len), jnp.int32, sharding=prompt.sharding)
+  extend, _ = program(sampler.extend, filled, block, block_len=block_len)
+  return {"prefill": prefill, "decode": decode, "extend": extend}
+
+
+def rl_step_builder(config, cfg, mesh) -> Steps:
+  """The RL update step (args: sharded abstract train state, abstract batch) and the
+  sampler's prefill and decode step ({'sampler': ...}) on `mesh`.
+
+  While sampling, the train state beside the params stays on the devices; with
+  `rl.async_rollouts` the sampler reads a published copy of the params, so the whole
+  train state is resident while it samples and that copy while the update step runs.
+  """
+  parts = state_lib.parts(config, cfg, mesh)
+  tx, schedule, run, abstract, shardings, batch_sh = parts
   rl = config.rl  # the RL trainer's schema (validated), so the same divisor as training
   fn = grpo.make_rl_step(cfg, tx, schedule, max_len=rl.loss_max_len or rl.max_new_tokens,
                          eps_low=rl.eps_low, eps_high=rl.eps_high,
                          rules=sharding.normalize_rules(config.rules), execution=run)
   jitted = grpo.jit_rl_step(fn, shardings, batch_sh)
-  row = NamedSharding(mesh, jax.sharding.PartitionSpec(batch_sh.spec[0]))
+  row = NamedSharding(mesh, P(batch_sh.spec[0]))
   b, t = config.batch_size, config.seq_len
   batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k in _FLOAT_KEYS else jnp.int32,
                                    sharding=batch_sh) for k in grpo.BATCH_KEYS}
   batch.update({k: jax.ShapeDtypeStruct((b,), jnp.float32, sharding=row) for k in grpo.ROW_KEYS})
-  return jitted, state_lib.with_shardings(abstract, shardings), batch
+  state = state_lib.with_shardings(abstract, shardings)
+  if rl.async_rollouts:
+    update_resident, sampling_resident = state["params"], state
+  else:
+    update_resident, sampling_resident = (), {k: v for k, v in state.items() if k != "params"}
+  return Steps(Program(jitted, (state, batch), update_resident),
+               {"sampler": sampler_programs(config, cfg, parts, state["params"],
+                                                sampling_resident)})

@@ -213,14 +213,20 @@ def _global_stats(groups, sampled: float) -> dict:
 class _Sampler:
   """Rollout batch of one step: pick prompts, sample groups with given params, score."""
 
-  def __init__(self, config, graphdef, tokenizer, tasks: _Tasks, scorer, rows: NamedSharding):
+  def __init__(self, config, graphdef, tokenizer, tasks: _Tasks, scorer, rows: NamedSharding,
+               rules=()):
     self.config, self.graphdef, self.tokenizer, self.tasks, self.scorer = (
         config, graphdef, tokenizer, tasks, scorer)
     self.rows = rows  # rollout rows over the training mesh's data axes
+    self.rules = rules  # the logical axis rules: the KV cache is split as the plan splits it
     # Prompts are padded to one length (one compile): the longest prompt that fits.
     self.pad = config.seq_len - config.rl.max_new_tokens
 
   def __call__(self, params, version: int):
+    with nnx.logical_axis_rules(self.rules):
+      return self._sample(params, version)
+
+  def _sample(self, params, version: int):
     rl, t0 = self.config.rl, time.perf_counter()
     model = nnx.merge(self.graphdef, params)
     seed = self.config.seed * 1_000_003 + version
@@ -318,7 +324,8 @@ class RLTrainer:
     graphdef = nnx.split(abstract_model(rt.cfg, rt.execution), nnx.Param)[0]
     self.scorer = rollout.Scorer(rl.verifier_workers, _limits(rl))
     rows = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
-    self.feed = _Feed(config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer, rows))
+    self.feed = _Feed(config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer, rows,
+                                       rt.rules))
     self.published = None
 
   def iterate(self, state: dict, step: int):

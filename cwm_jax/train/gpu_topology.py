@@ -128,8 +128,9 @@ def gpu_plan(configs: list[tuple[str, Any]], gpus: str, mesh_text: str | None = 
              hbm_gb: float | None = None, step_builders: dict | None = None) -> dict:
   """Plans each (name, training config) for a GPU cluster with the real GPU compiler.
 
-  Fits when the compiled total per GPU is within its memory (or `hbm_gb`);
-  otherwise `planning.NotFitting` naming the stage and the figures.
+  Fits when the largest compiled program's total per GPU, with its resident arrays,
+  is within its memory (or `hbm_gb`); otherwise `planning.NotFitting` naming the
+  stage, the program and the figures.
   """
   spec = cluster_spec(gpus)
   devs = devices(spec)

@@ -3,7 +3,10 @@
 The stage's real step (the train step of `cwm_jax.train.lm.step_parts`, or a
 caller's step builder such as the RL update step) is lowered for
 ShapeDtypeStruct inputs carrying NamedShardings and compiled, so nothing is
-allocated. Two targets:
+allocated; so are the further programs a builder names (the RL sampler's
+prefill and decode step), each reported with the arrays that stay resident on
+the devices while it runs, and the stage fits when the largest of them does.
+Two targets:
 
 * host: N simulated CPU devices (`ensure_host_devices`); the CPU compiler's
   memory is an estimate for an accelerator.
@@ -18,8 +21,10 @@ FLOPs over the devices' bf16 peak at 100% and 50% MFU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,6 +48,9 @@ from cwm_jax.train.config import execution_config, model_config, validate
 from cwm_jax.train.lm import step_parts
 
 GIB = 2 ** 30
+# libtpu refuses to compile a program whose temporaries exceed the chip's HBM; sizes in
+# tsl's binary units (G = GiB).
+_HBM_EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([\d.]+)([KMGT])\)")
 _REEXEC = "CWM_PLAN_REEXEC"
 # Cheaper host code generation; buffer assignment (the memory figures) is unchanged.
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
@@ -118,17 +126,37 @@ def slice_mesh(sizes: dict, devices, num_slices: int = 1) -> Mesh:
               axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES))
 
 
-# (training config, ModelConfig, mesh) -> (jitted step, sharded abstract state, abstract batch)
-StepBuilder = Callable[[Any, Any, Mesh], tuple[Any, dict, dict]]
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A jitted program, the abstract sharded arguments it is compiled for, the abstract
+  sharded arrays that stay on the devices while it runs without being its arguments
+  (`resident`), and JSON-able facts about it for the plan (`info`)."""
+  jitted: Any
+  args: tuple
+  resident: Any = ()
+  info: dict = dataclasses.field(default_factory=dict)
 
 
-def lm_step(config, cfg, mesh):
-  """(jitted train step, abstract batch) of an LM training config on `mesh`."""
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """What a step builder gives the planner: the stage's step, whose `args` are
+  (sharded abstract train state, abstract batch), and further programs the stage
+  runs, in named groups ({'sampler': {'prefill': Program, 'decode': Program}})."""
+  step: Program
+  extra: dict[str, dict[str, Program]] = dataclasses.field(default_factory=dict)
+
+
+# (training config, ModelConfig, mesh) -> Steps
+StepBuilder = Callable[[Any, Any, Mesh], Steps]
+
+
+def lm_step(config, cfg, mesh) -> Steps:
+  """The jitted train step of an LM training config on `mesh`, with its abstract arguments."""
   _, abstract, shardings, batch_sh, jitted = step_parts(config, cfg, mesh)
   shape = (config.batch_size, config.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
                                    sharding=batch_sh) for k in step_lib.BATCH_KEYS}
-  return jitted, state_lib.with_shardings(abstract, shardings), batch
+  return Steps(Program(jitted, (state_lib.with_shardings(abstract, shardings), batch)))
 
 
 def analytic_plan(cfg, seq_len: int | None = None) -> dict[str, Any]:
@@ -152,33 +180,74 @@ def analytic_plan(cfg, seq_len: int | None = None) -> dict[str, Any]:
 
 
 def _cost(compiled) -> dict:
-  cost = compiled.cost_analysis() or {}
+  cost = (compiled.cost_analysis() if compiled is not None else None) or {}
   return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs carrying NamedShardings
+  (unpadded: a TPU may tile small minor dims up)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _memory(args: float, temp: float, resident: float, output: float = 0.0,
+            alias: float = 0.0) -> dict:
+  total = args + output - alias + temp
+  return {"argument_gb_per_device": args / GIB, "output_gb_per_device": output / GIB,
+          "alias_gb_per_device": alias / GIB, "temp_gb_per_device": temp / GIB,
+          "total_gb_per_device": total / GIB, "resident_gb_per_device": resident / GIB,
+          "total_with_resident_gb_per_device": (total + resident) / GIB}
+
+
+def _compile(program: Program, mesh: Mesh) -> tuple[Any, dict]:
+  """(compiled program, its per-device memory in GiB and compile time). A program the
+  TPU compiler refuses for lack of HBM gives None and a lower bound: the compiler's
+  temporaries plus the arguments from their shardings (outputs unknown), and the error."""
+  t0 = time.perf_counter()
+  resident = device_bytes(program.resident)
+  try:
+    with jax.set_mesh(mesh):
+      compiled = program.jitted.lower(*program.args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    found = _HBM_EXHAUSTED.search(str(e))
+    if not found:
+      raise
+    temp = float(found[1]) * 1024 ** ("KMGT".index(found[2]) + 1)
+    return None, {**_memory(device_bytes(program.args), temp, resident),
+                  "compile_error": str(e).splitlines()[0],
+                  "compile_seconds": round(time.perf_counter() - t0, 2)}
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  return compiled, {**_memory(mem.argument_size_in_bytes, mem.temp_size_in_bytes, resident,
+                              mem.output_size_in_bytes, mem.alias_size_in_bytes),
+                    "compile_seconds": round(seconds, 2)}
 
 
 def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
              step_builders: dict[str, StepBuilder] | None = None) -> dict:
-  """Compiles one training config's step on `mesh` and measures it: the builder of
-  the stage's trainer from `step_builders` ({'rl': ...}), else the LM train step."""
+  """Compiles one training config's programs on `mesh` and measures them: the builder
+  of the stage's trainer from `step_builders` ({'rl': ...}), else the LM train step.
+
+  The step's figures are top-level fields; a builder's further programs are under their
+  group's key ({'sampler': {'prefill': {...}, 'decode': {...}}}); `peak_gb_per_device`
+  is the largest total with resident arrays over all of them (`peak_program`).
+  """
   trainer = config.get("stage", {}).get("trainer", "lm")
   cfg = model_config(config)
   run = execution_config(config)
   sizes = validate(config, cfg, mesh.size, 1)
-  t0 = time.perf_counter()
-  jitted, state, batch = (step_builders or {}).get(trainer, lm_step)(config, cfg, mesh)
-  with jax.set_mesh(mesh):
-    compiled = jitted.lower(state, batch).compile()
-  seconds = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
+  steps = (step_builders or {}).get(trainer, lm_step)(config, cfg, mesh)
+  compiled, mem = _compile(steps.step, mesh)
+  state = steps.step.args[0]
   tokens = config.batch_size * config.seq_len
   step_flops = flops.flops_per_token(cfg, config.seq_len) * tokens
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-           + mem.temp_size_in_bytes)
   t100 = step_flops / (mesh.size * peak_tflops_per_device * 1e12)
-  steps = config.total_steps - config.get("stage", {}).get("first_step", 0)  # this stage's budget
-  return {
+  stage_steps = config.total_steps - config.get("stage", {}).get("first_step", 0)  # its budget
+  step_name = "rl_update" if trainer == "rl" else "train"
+  plan = {
       "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size, "mesh": sizes,
-      "step": "rl_update" if trainer == "rl" else "train",
+      "step": step_name,
       "seq_len": config.seq_len, "batch_size": config.batch_size,
       "grad_accum": config.grad_accum, "tokens_per_step": tokens,
       "total_steps": config.total_steps, "layers": list(cfg.layer_windows),
@@ -186,19 +255,44 @@ def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
       "attention_impl": kernels.resolve(run.attention_impl, mesh.devices.flat[0].platform),
       "context_parallel": run.context_parallel,
       "params": flops.tree_size(state["params"]), "state_bytes_total": flops.tree_bytes(state),
-      "argument_gb_per_device": mem.argument_size_in_bytes / GIB,
-      "output_gb_per_device": mem.output_size_in_bytes / GIB,
-      "alias_gb_per_device": mem.alias_size_in_bytes / GIB,
-      "temp_gb_per_device": mem.temp_size_in_bytes / GIB,
-      "total_gb_per_device": total / GIB, "memory_unit": "GiB (2**30 bytes)",
+      **{k: v for k, v in mem.items() if k != "compile_seconds"},
+      "memory_unit": "GiB (2**30 bytes)",
       "flops_per_step": step_flops,
       "flops_method": "analytic: (6*matmul_params + per-layer attention at its window) * tokens",
       "xla_flops_scan_bodies_once": float(_cost(compiled).get("flops", 0.0)),
       "peak_tflops_per_device": peak_tflops_per_device,
       "step_seconds_at_100pct_mfu": t100, "step_seconds_at_50pct_mfu": 2 * t100,
-      "stage_steps": steps, "days_at_50pct_mfu": steps * 2 * t100 / 86400,
-      "compile_seconds": round(seconds, 2),
+      "stage_steps": stage_steps, "days_at_50pct_mfu": stage_steps * 2 * t100 / 86400,
+      "compile_seconds": mem["compile_seconds"],
   }
+  peaks = {step_name: mem["total_with_resident_gb_per_device"]}
+  for group, programs in steps.extra.items():
+    plan[group] = {}
+    for name, program in programs.items():
+      plan[group][name] = {**program.info, **_compile(program, mesh)[1]}
+      peaks[f"{group}.{name}"] = plan[group][name]["total_with_resident_gb_per_device"]
+  plan["peak_program"] = max(peaks, key=peaks.get)
+  plan["peak_gb_per_device"] = peaks[plan["peak_program"]]
+  return plan
+
+
+def _figures(name: str, p: dict) -> str:
+  """The numbers behind a stage's peak, for the NotFitting message."""
+  where = f"on mesh {p['mesh']}"
+  group, _, program = p["peak_program"].partition(".")
+  q = p[group][program] if program else p  # the step's figures are top-level
+  if "compile_error" in q:
+    where += " (the compiler ran out of HBM: temporaries from its error, arguments unpadded)"
+  if q is p:
+    resident = (f" + resident {p['resident_gb_per_device']:.2f}"
+                if p["resident_gb_per_device"] else "")
+    return (f"{name}: {p['peak_gb_per_device']:.2f} GiB per device (arguments "
+            f"{p['argument_gb_per_device']:.2f} + temporaries {p['temp_gb_per_device']:.2f}"
+            f"{resident}) {where}")
+  return (f"{name}: {p['peak_program']} {p['peak_gb_per_device']:.2f} GiB per device (arguments "
+          f"{q['argument_gb_per_device']:.2f} + temporaries {q['temp_gb_per_device']:.2f} + "
+          f"resident {q['resident_gb_per_device']:.2f}) {where}, where the {p['step']} step "
+          f"alone needs {p['total_with_resident_gb_per_device']:.2f}")
 
 
 def _plan_stages(configs, make_mesh, peak: float, hbm_gb: float | None, mesh_text: str | None,
@@ -214,16 +308,17 @@ def _plan_stages(configs, make_mesh, peak: float, hbm_gb: float | None, mesh_tex
     plans[name].update(extra or {})
     if hbm_gb is not None:
       plans[name]["hbm_gb"] = hbm_gb
-      plans[name]["fits"] = plans[name]["total_gb_per_device"] <= hbm_gb
+      plans[name]["fits"] = plans[name]["peak_gb_per_device"] <= hbm_gb
   result = plans["train"] if list(plans) == ["train"] else {"stages": plans}
   over = {n: p for n, p in plans.items() if not p.get("fits", True)}
   if over:
-    figures = "; ".join(
-        f"{n}: {p['total_gb_per_device']:.2f} GiB per device (arguments "
-        f"{p['argument_gb_per_device']:.2f} + temporaries {p['temp_gb_per_device']:.2f}) "
-        f"on mesh {p['mesh']}" for n, p in over.items())
-    raise NotFitting(f"does not fit {hbm_gb} GiB per device of {where}: {figures}; raise "
-                     "fsdp/tensor/sequence or grad_accum, or use remat", result)
+    figures = "; ".join(_figures(n, p) for n, p in over.items())
+    advice = "raise fsdp/tensor/sequence or grad_accum, or use remat"
+    if any(p["peak_program"] != p["step"] for p in over.values()):
+      advice = ("fewer rows per device (a smaller batch_size or more data x fsdp devices), "
+                "fewer kv heads per device (tensor) or a shorter seq_len")
+    raise NotFitting(f"does not fit {hbm_gb} GiB per device of {where}: {figures}; {advice}",
+                     result)
   return result
 
 
@@ -244,8 +339,9 @@ def tpu_plan(configs: list[tuple[str, Any]], slice_name: str, num_slices: int = 
              hbm_gb: float | None = None, step_builders: dict[str, StepBuilder] | None = None) -> dict:
   """Plans each (name, training config) for a TPU slice (type or topology) with libtpu.
 
-  Fits when the compiled total per device is within the chip's HBM (or `hbm_gb`);
-  otherwise NotFitting naming the stage and the figures.
+  Fits when the largest compiled program's total per device, with its resident
+  arrays, is within the chip's HBM (or `hbm_gb`); otherwise NotFitting naming the
+  stage, the program and the figures.
   """
   if num_slices < 1:
     raise ConfigError(f"--num_slices={num_slices} must be >= 1")
