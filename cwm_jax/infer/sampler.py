@@ -125,7 +125,8 @@ def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, 
             *, max_new: int, greedy: bool):
   """Samples up to `max_new` tokens per row that is not `done_B` from `logits_BV` on:
   (tokens [B, N], log-probs [B, N], counts [B], cache). A sampled token is fed
-  (written to the cache) at the next step, so a row's last token is not in the cache."""
+  (written to the cache) at the next step, if the loop runs one: the last token of a
+  row still going when the loop ends is not in the cache (`cache.length_B` counts what is)."""
   model = nnx.merge(graphdef, state)
   b = logits_BV.shape[0]
 
@@ -293,7 +294,6 @@ class Turns:
                                                           self.cache.length_B)
     return GenerateResult(tokens=[row[:c].tolist() for row, c in zip(tokens_BN, count_B)],
                           logprobs=[row[:c].tolist() for row, c in zip(logps_BN, count_B)])
-
 
   def _extend(self, tokens: np.ndarray, n: np.ndarray):
     """Feeds a [B, W] block in slices of at most EXTEND_BLOCK columns; the logits at each
