@@ -143,7 +143,12 @@ class TaskStream:
     self.bad: collections.Counter = collections.Counter()
     self._tokenizer, self._limits, self._max_len = tokenizer, limits, max_prompt_len
     shard = grain.MapDataset.source(records)[process_index::process_count]
-    self._it = iter(shard.shuffle(seed=seed).repeat().map(self._parse).to_iter_dataset())
+    # Parsed in the taking thread: grain's reader threads would run `ast.parse` (trace
+    # tasks) concurrently, which this stack's CPython 3.11.7 can fail with "AST constructor
+    # recursion depth mismatch" (a SystemError that also breaks later parses in the process;
+    # seen once in a clean-clone CI run of the stream test).
+    self._it = iter(shard.shuffle(seed=seed).repeat().map(self._parse).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
     self._size = len(shard)
     self._lock = threading.Lock()
 
