@@ -114,7 +114,7 @@ def _put(buf, group, g, slot, cols_BT, write_BT, new_BTKH):
   if isinstance(group, int):
     if group != g:
       return buf
-    write_BT, at = write_BT, slot
+    at = slot
   else:
     write_BT, at = write_BT & (group == g), jnp.where(group == g, slot, 0)
   slots_BT = jnp.where(write_BT, jnp.mod(cols_BT, size), size)  # size: out of bounds, dropped
