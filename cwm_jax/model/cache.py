@@ -118,11 +118,9 @@ def _put(buf, group, g, slot, cols_BT, write_BT, new_BTKH):
   else:
     write_BT, at = write_BT & (group == g), jnp.where(group == g, slot, 0)
   slots_BT = jnp.where(write_BT, jnp.mod(cols_BT, size), size)  # size: out of bounds, dropped
-
-  def row(buf_LSKH, slots_T, new_TKH):
-    return buf_LSKH.at[at, slots_T].set(new_TKH.astype(buf.dtype), mode="drop")
-
-  return constrain(jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buf, slots_BT, new_BTKH),
+  rows_BT = jnp.broadcast_to(jnp.arange(buf.shape[1])[:, None], slots_BT.shape)
+  # One scatter over (layer, row, slot), in the buffer's own layout: in place.
+  return constrain(buf.at[at, rows_BT, slots_BT].set(new_BTKH.astype(buf.dtype), mode="drop"),
                    CACHE_AXES)
 
 
