@@ -262,7 +262,7 @@ class Turns:
     if len(contexts) != self.io.local or len(active) != self.io.local:
       raise ValueError(f"Turns was built for {self.io.local} rows, got {len(contexts)}")
     live = [c for c, a in zip(contexts, active) if a]
-    if live:
+    if live or not contexts:   # no rows at all: _check names the error
       _check(self.model, live, max_new_tokens, self.temperature, self.top_p)
     new = [list(c[h:]) if a else [] for c, h, a in zip(contexts, self.held, active)]
     if any(a and not n for n, a in zip(new, active)):
@@ -320,7 +320,6 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
   Over a multi-process mesh, `prompts` are this process's rows (every process passes
   as many) and the result holds them.
   """
-  _check(model, prompts, max_new_tokens, temperature, top_p)
   return Turns(model, len(prompts), None, temperature=temperature, top_p=top_p,
                stop_ids=stop_ids, seed=seed, pad_multiple=pad_multiple,
                row_sharding=row_sharding)(prompts, max_new_tokens)
