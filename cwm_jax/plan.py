@@ -13,7 +13,7 @@ token, bytes). `--config` compiles the stage's real step ahead of time and
 prints per-device memory (GiB) and step time: with `--topology` (a Cloud TPU
 accelerator type such as v5p-512 / v6e-256, or a topology such as v5p:4x8x8)
 for that TPU slice with libtpu's compiler, else on `--devices` simulated host
-devices. An RL stage also compiles the sampler's prefill and decode step
+devices. An RL stage also compiles the sampler's prefill, decode and extend steps
 (`"sampler"`), each counted with the train state that stays resident beside it
 (the optimizer state; all of it with async rollouts). Exit 2 when a program
 does not fit the chip's HBM (or `--hbm_gb`).
@@ -57,7 +57,7 @@ def _print(result: dict) -> None:
 
 def _step_builders() -> dict:
   """Programs planned per stage trainer beyond the LM train step: the RL update step
-  and the sampler's prefill and decode step."""
+  and the sampler's prefill, decode and extend steps."""
   from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
   return {"rl": rl_step_builder}
 

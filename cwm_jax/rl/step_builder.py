@@ -78,7 +78,7 @@ def sampler_programs(config, cfg, parts: state_lib.Parts, params: dict, resident
 
 def rl_step_builder(config, cfg, mesh) -> Steps:
   """The RL update step (args: sharded abstract train state, abstract batch) and the
-  sampler's prefill and decode step ({'sampler': ...}) on `mesh`.
+  sampler's prefill, decode and extend steps ({'sampler': ...}) on `mesh`.
 
   While sampling, the train state beside the params stays on the devices; with
   `rl.async_rollouts` the sampler reads a published copy of the params, so the whole

@@ -4,7 +4,7 @@ The stage's real step (the train step of `cwm_jax.train.lm.step_parts`, or a
 caller's step builder such as the RL update step) is lowered for
 ShapeDtypeStruct inputs carrying NamedShardings and compiled, so nothing is
 allocated; so are the further programs a builder names (the RL sampler's
-prefill and decode step), each reported with the arrays that stay resident on
+prefill, decode and extend steps), each reported with the arrays that stay resident on
 the devices while it runs, and the stage fits when the largest of them does.
 Two targets:
 
