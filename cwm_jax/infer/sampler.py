@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from cwm_jax.infer import cache as kv
+from cwm_jax.kernels.backend import target_platform
 from cwm_jax.model.layers import dtype_of
 from cwm_jax.model.logprobs import token_logprobs
 
@@ -78,11 +79,11 @@ def extend(model, cache: kv.KVCache, tokens_BT, n_B=None):
   return model.logits(_last(h_BTD, n_B))[:, 0], cache
 
 
-def decode_step(model, cache: kv.KVCache, token_B, feed_B=None):
+def decode_step(model, cache: kv.KVCache, token_B, feed_B=None, layers=None):
   """Feeds one token per row (only rows where `feed_B`, default all) at each row's
-  next column; logits [B, V] and the cache."""
+  next column; logits [B, V] and the cache. `layers`: as in `hidden_cached`."""
   n_B = None if feed_B is None else feed_B.astype(jnp.int32)
-  h_B1D, cache = model.hidden_cached(token_B[:, None], cache, n_B)
+  h_B1D, cache = model.hidden_cached(token_B[:, None], cache, n_B, layers)
   return model.logits(h_B1D)[:, 0], cache
 
 
@@ -129,6 +130,8 @@ def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, 
   row still going when the loop ends is not in the cache (`cache.length_B` counts what is)."""
   model = nnx.merge(graphdef, state)
   b = logits_BV.shape[0]
+  # On CPU the layers run unrolled on weights sliced once, before the loop (`layer_states`).
+  layers = model.layer_states() if target_platform() == "cpu" else None
 
   def pick(step, logits_BV, done_B, out):
     token_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, step), temperature,
@@ -150,7 +153,7 @@ def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, 
 
   def body(carry):
     step, cache, token_B, feed_B, done_B, out = carry
-    logits_BV, cache = decode_step(model, cache, token_B, feed_B)
+    logits_BV, cache = decode_step(model, cache, token_B, feed_B, layers)
     feed_B = ~done_B
     token_B, done_B, out = pick(step, logits_BV, done_B, out)
     return step + 1, cache, token_B, feed_B, done_B, out

@@ -85,11 +85,12 @@ class Transformer(nnx.Module):
     x_BTD, _ = self._stack(self._embed(tokens_BT), positions_BT, segment_ids_BT, None)
     return self.norm(x_BTD)
 
-  def hidden_cached(self, tokens_BT, cache: kv_cache.KVCache, n_B=None):
+  def hidden_cached(self, tokens_BT, cache: kv_cache.KVCache, n_B=None, layers=None):
     """Feeds a block of tokens per row at the cache's next columns; `(hidden [B, T, D],
     cache)`. Row b's first `n_B[b]` tokens (default: all T) are real and go to
     columns (= positions) `cache.length_B[b] ..`; the rest is right padding, neither
-    written nor counted, and its hidden states are meaningless.
+    written nor counted, and its hidden states are meaningless. `layers` (from
+    `layer_states`) runs the layers unrolled on those per-layer parameters.
     """
     if cache.layout.windows != kv_cache.distinct_windows(self.cfg):
       raise ValueError(f"the cache's windows {cache.layout.windows} are not the model's "
@@ -100,15 +101,24 @@ class Transformer(nnx.Module):
     real_BT = t_T[None] < n_B[:, None]
     positions_BT = cache.length_B[:, None] + t_T[None]
     x_BTD, cache = self._stack(self._embed(tokens_BT), positions_BT, real_BT.astype(jnp.int32),
-                               cache)
+                               cache, layers)
     return self.norm(x_BTD), cache.replace(length_B=cache.length_B + n_B, empty=False)
 
   def _embed(self, tokens_BT):
     x_BTD = self.embed(tokens_BT, dtype_of(self.execution.compute_dtype))
     return constrain(x_BTD, ("batch", "seq", "act_embed"))
 
-  def _stack(self, x_BTD, positions_BT, segment_ids_BT, cache):
-    """The layer stack, scanned (windows by `lax.switch`) or unrolled; threads `cache`."""
+  def layer_states(self) -> tuple:
+    """Each layer's parameters, sliced out of the stacked ones. XLA:CPU copies a slice
+    of a stacked weight each time one is taken, so a decode loop whose body slices
+    (scanned or unrolled) copies the whole model's weights every step; one that slices
+    before the loop and passes these in reads them in place."""
+    _, stacked = nnx.split(self.layers)
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.n_layers))
+
+  def _stack(self, x_BTD, positions_BT, segment_ids_BT, cache, layers=None):
+    """The layer stack, scanned (windows by `lax.switch`) or unrolled, on `layers` if
+    given (`layer_states`); threads `cache`."""
     cfg, run = self.cfg, self.execution
     graphdef, stacked = nnx.split(self.layers)
 
@@ -118,10 +128,10 @@ class Transformer(nnx.Module):
 
     windows = kv_cache.distinct_windows(cfg)
     index_L = jnp.asarray([windows.index(w) for w in cfg.layer_windows], jnp.int32)
-    if run.scan_layers and cache is None:   # training: remat around each layer
+    if layers is None and run.scan_layers and cache is None:   # training: remat per layer
       body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows)[0], None), run.remat_policy)
       x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, index_L))
-    elif run.scan_layers:   # cached: the whole cache is carried, each layer writes its slot
+    elif layers is None and run.scan_layers:   # cached: the scan carries the whole cache
       def body(carry, xs):
         x, layer_cache = apply(carry[0], xs[0], xs[1], windows,
                                kv_cache.LayerCache(carry[1], xs[2]))
@@ -129,12 +139,12 @@ class Transformer(nnx.Module):
       slot_L = jnp.asarray(cache.layout.slots, jnp.int32)
       (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (stacked, index_L, slot_L))
     else:
+      layers = self.layer_states() if layers is None else layers
       for i, w in enumerate(cfg.layer_windows):
-        layer_i = jax.tree.map(lambda a, i=i: a[i], stacked)
         layer_cache = None if cache is None else kv_cache.LayerCache(cache, cache.layout.slots[i])
         fn = functools.partial(apply, window=w, layer_cache=layer_cache)
         x_BTD, layer_cache = (fn if cache is not None else remat(fn, run.remat_policy))(
-            x_BTD, layer_i)
+            x_BTD, layers[i])
         cache = None if layer_cache is None else layer_cache.cache
     return x_BTD, cache
 
