@@ -212,14 +212,54 @@ def test_sampled_logprobs_equal_teacher_forced(hf_pair):
   np.testing.assert_allclose(result.logprobs, want, atol=2e-5, rtol=0)
 
 
-def test_unrolled_and_scanned_decoding_agree(hf_pair):
+def test_unrolled_and_scanned_decoding_agree(hf_pair, monkeypatch):
+  """The decode loop on layers sliced before it (CPU default), on the scanned stack, and
+  an unrolled execution give the same tokens and log-probs."""
   _, cfg, params, model = hf_pair
   unrolled = model_from_params(cfg, params, Execution(scan_layers=False))
   prompts = [[5, 17, 9], list(range(1, 12))]
   want = sampler.generate(model, prompts, max_new_tokens=NEW)
   got = sampler.generate(unrolled, prompts, max_new_tokens=NEW)
-  assert got.tokens == want.tokens
-  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  monkeypatch.setattr(sampler, "UNROLL_DECODE_LAYERS", 0)
+  scanned = sampler.generate(model, prompts, max_new_tokens=NEW)
+  for other in (got, scanned):
+    assert other.tokens == want.tokens
+    np.testing.assert_allclose(other.logprobs, want.logprobs, atol=1e-5)
+
+
+def _weight_slices_per_step(model, unrolled):
+  """Equations inside the decode loop's body that take a stacked layer weight (w1's
+  shape [L, D, F]): a slice, or the layer scan that slices it each step."""
+  graphdef, state = nnx.split(model)
+  cache = kv.init_cache(model.cfg, 2, 16, jnp.float32).replace(empty=False)
+  jaxpr = jax.make_jaxpr(lambda s, c: sampler._decode(
+      graphdef, s, c, jnp.zeros((2, model.cfg.vocab_size)), jnp.zeros((2,), bool),
+      jax.random.key(0), 0.0, 1.0, jnp.zeros((1,), jnp.int32), max_new=4, greedy=True,
+      unrolled=unrolled))(
+          state, cache).jaxpr
+  stacked = model.layers.mlp.w1[...].shape
+  found = []
+
+  def walk(jaxpr, in_loop):
+    for eqn in jaxpr.eqns:
+      if in_loop and any(getattr(v.aval, "shape", None) == stacked for v in eqn.invars):
+        found.append(eqn.primitive.name)
+      for name, value in eqn.params.items():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            walk(sub, in_loop or (eqn.primitive.name == "while" and name == "body_jaxpr"))
+  walk(jaxpr, False)
+  return len(found)
+
+
+def test_cpu_decode_loop_reads_weights_without_slicing_them_each_step(hf_pair, monkeypatch):
+  model = hf_pair[3]
+  assert sampler.unroll_decode(model.cfg)   # CPU, 3 layers
+  assert _weight_slices_per_step(model, unrolled=True) == 0
+  assert _weight_slices_per_step(model, unrolled=False) > 0   # the layer scan slices them
+  monkeypatch.setattr(sampler, "UNROLL_DECODE_LAYERS", 2)
+  assert not sampler.unroll_decode(model.cfg)   # deeper models keep the scan
 
 
 @pytest.mark.parametrize("windows", [(64, 64, 64), (4, 64, 6, 4, 64)])
