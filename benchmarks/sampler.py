@@ -39,6 +39,7 @@ from cwm_jax.infer import sampler
 from cwm_jax.model import abstract_model, cwm_32b, model_from_params, tiny
 
 AGREE_TOKENS = 8   # leading generated tokens compared between the two sides
+SETTLE_S = 0.5     # idle gap before each timed call: the other side's threads stop spinning
 
 
 def cache_gib(cfg, batch, cache_len):
@@ -97,7 +98,9 @@ def decode_vs_transformers(ours_model, theirs_model, batch, prompt, new, rounds)
                        f"{theirs_BN.shape} (transformers)")
   ours_s, theirs_s = [], []
   for _ in range(rounds):
+    time.sleep(SETTLE_S)
     ours_s.append(_timed(ours)[0])
+    time.sleep(SETTLE_S)
     theirs_s.append(_timed(theirs)[0])
   rate = lambda s: round(batch * new / statistics.median(s), 1)
   agree = ours_BN[:, :AGREE_TOKENS] == theirs_BN[:, :AGREE_TOKENS]

@@ -3,6 +3,7 @@ sampled log-probs == teacher-forced ones, the decode step scanned over layers.""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from cwm_jax.checkpoint.load import load_params
 from cwm_jax.infer import cache as kv
 from cwm_jax.infer import sampler
 from cwm_jax.model import Execution, abstract_model, cwm_32b, model_from_params, tiny
+from cwm_jax.model import cache as model_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,9 +38,10 @@ PROMPT_LENGTHS, NEW = (3, 11), 14   # shorter and longer than the window (6)
 def test_ring_buffer_shapes():
   cfg = cwm_32b()
   cache = jax.eval_shape(lambda: kv.init_cache(cfg, 2, 20000, jnp.bfloat16))
-  by_window = dict(zip(cache.layout.windows, cache.k))
-  assert by_window[8192].shape == (47, 2, 8192, 8, 128)   # local layers: O(window)
-  assert by_window[131072].shape == (17, 2, 20000, 8, 128)  # global layers: whole sequence
+  keys, values = dict(zip(cache.layout.windows, cache.k)), dict(zip(cache.layout.windows, cache.v))
+  assert keys[8192].shape == (47, 2, 8, 8192, 128)   # local layers: O(window)
+  assert keys[131072].shape == (17, 2, 8, 20000, 128)  # global layers: whole sequence
+  assert values[8192].shape == (47, 2, 8, 128, 8192)   # values transposed
   layout = kv.cache_layout(_cfg(), 5)  # shorter than the window: no bigger than needed
   assert layout.sizes == (5, 5) and layout.groups == (1, 0, 1) and layout.slots == (0, 0, 1)
 
@@ -124,7 +127,7 @@ def test_greedy_and_logprobs_match_transformers(hf_pair):
     cache = jax.jit(lambda: kv.init_cache(cfg, 2, 16, jnp.float32))()
     for buf in cache.k + cache.v:
       assert buf.sharding.is_equivalent_to(
-          NamedSharding(mesh, P(None, "data", None, "tensor", None)), buf.ndim)
+          NamedSharding(mesh, P(None, "data", "tensor", None, None)), buf.ndim)
     assert sampler.generate(model, prompts, max_new_tokens=NEW).tokens == result.tokens
 
 
@@ -225,6 +228,77 @@ def test_unrolled_and_scanned_decoding_agree(hf_pair, monkeypatch):
   for other in (got, scanned):
     assert other.tokens == want.tokens
     np.testing.assert_allclose(other.logprobs, want.logprobs, atol=1e-5)
+
+
+def test_cache_layouts_agree(hf_pair, monkeypatch):
+  """CPU's cache (keys [L, B, K, S, H], values [L, B, K, H, S]) and the accelerators'
+  ([L, B, S, K, H]) give the same tokens and log-probs over a prefill, a decode and an
+  appended turn (a block attended beside the ring)."""
+  model = hf_pair[3]
+  prompts = [[5, 17, 9], list(range(1, 12))]
+
+  def two_turns(pad):   # prompt widths no other call compiles: a fresh trace of each step
+    turns = sampler.Turns(model, 2, 48, pad_multiple=pad)
+    first = turns(prompts, 5)
+    second = turns([p + t + [7, 8, 9] for p, t in zip(prompts, first.tokens)], 5)
+    return turns.cache.layout.transposed, first, second
+
+  transposed, *want = two_turns(48)
+  monkeypatch.setattr(model_cache, "target_platform", lambda: "tpu")
+  accelerator, *got = two_turns(40)
+  assert transposed and not accelerator
+  for w, g in zip(want, got):
+    assert g.tokens == w.tokens
+    np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+
+
+def test_cache_by_layer_round_trip():
+  cfg = _cfg(n_layers=5, layer_windows=(4, 64, 6, 4, 64))
+  cache = kv.init_cache(cfg, 2, 12, jnp.float32)
+  rng = np.random.RandomState(0)
+  cache = cache.replace(k=tuple(jnp.asarray(rng.randn(*b.shape), jnp.float32) for b in cache.k),
+                        v=tuple(jnp.asarray(rng.randn(*b.shape), jnp.float32) for b in cache.v))
+  split = kv.by_layer(cache)
+  assert split.layout.groups == (0, 1, 2, 3, 4) and split.layout.sizes == (4, 12, 6, 4, 12)
+  layout = cache.layout
+  for i in range(5):   # layer i's buffers, as arrays of their own
+    np.testing.assert_array_equal(split.k[i][0], cache.k[layout.groups[i]][layout.slots[i]])
+    np.testing.assert_array_equal(split.v[i][0], cache.v[layout.groups[i]][layout.slots[i]])
+  back = kv.by_window(split)
+  assert back.layout == cache.layout
+  for a, b in zip(back.k + back.v, cache.k + cache.v):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cpu_decode_step_reads_the_cache_in_place(hf_pair):
+  """In XLA's optimized decode loop, the only ops that output an array of a layer's cache
+  shape are the in-place scatters writing the new token, bitcasts and the loop carry's
+  get-tuple-elements. (With [B, S, K, H]
+  buffers read by a slice of a stacked group, the body held a transposed copy of every
+  layer's keys and values: `transpose_copy_fusion`s of that shape.)"""
+  model = hf_pair[3]
+  graphdef, state = nnx.split(model)
+  cache = kv.init_cache(model.cfg, 2, 16, jnp.float32)
+  _, cache = jax.jit(lambda s, c, t: sampler.prefill(nnx.merge(graphdef, s), c, t))(
+      state, cache, jnp.ones((2, 4), jnp.int32))
+  text = sampler._decode.lower(
+      graphdef, state, cache, jnp.zeros((2, model.cfg.vocab_size)), jnp.zeros((2,), bool),
+      jax.random.key(0), jnp.float32(1), jnp.float32(1), jnp.zeros((1,), jnp.int32), max_new=4,
+      greedy=True, unrolled=True).compile().as_text()
+  body = re.search(r"body=%([\w.\-]+)", text).group(1)
+  ops = re.search(r"\n%%%s [^\n]*\{\n(.*?)\n\}" % re.escape(body), text, re.S).group(1)
+  layer_shapes = {tuple(sorted(b.shape[1:])) for b in cache.k + cache.v}
+  of_cache_shape = []
+  for line in ops.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\S+?)\(", line)
+    if m and m.group(2):
+      dims = tuple(sorted(d for d in map(int, m.group(2).split(",")) if d != 1))
+      if dims in {tuple(d for d in s if d != 1) for s in layer_shapes}:
+        of_cache_shape.append((m.group(1), m.group(3)))
+  assert of_cache_shape, "no scatter into the cache found: the HLO format changed"
+  copies = [(name, op) for name, op in of_cache_shape
+            if op not in ("bitcast", "get-tuple-element") and "scatter" not in name]
+  assert not copies, copies
 
 
 def _weight_slices_per_step(model, unrolled):

@@ -140,10 +140,13 @@ def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, 
   (tokens [B, N], log-probs [B, N], counts [B], cache). A sampled token is fed
   (written to the cache) at the next step, if the loop runs one: the last token of a
   row still going when the loop ends is not in the cache (`cache.length_B` counts what is).
-  `unrolled` (`unroll_decode`): the layers run unrolled on weights sliced before the loop."""
+  `unrolled` (`unroll_decode`): the layers run unrolled on weights sliced before the loop,
+  and on the cache split by layer (`cache.by_layer`)."""
   model = nnx.merge(graphdef, state)
   b = logits_BV.shape[0]
   layers = model.layer_states() if unrolled else None
+  if unrolled:   # each layer's cache buffers as arrays of their own, read in place
+    cache = kv.by_layer(cache)
 
   def pick(step, logits_BV, done_B, out):
     token_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, step), temperature,
@@ -172,7 +175,7 @@ def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, 
 
   _, cache, _, _, _, out = jax.lax.while_loop(
       cond, body, (jnp.int32(1), cache, token_B, feed_B, done_B, out))
-  return out + (cache,)
+  return out + (kv.by_window(cache),)
 
 
 def right_pad(rows, multiple: int = 1, width: int | None = None):

@@ -33,6 +33,14 @@ def masked_softmax(scores, mask):
   return jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
 
 
+def _mask_BTS(q_seg_BT, k_seg_BS, window, q_idx_BT, k_idx_BS):
+  t, s = q_seg_BT.shape[1], k_seg_BS.shape[1]
+  q_idx = jnp.arange(t)[None] if q_idx_BT is None else q_idx_BT
+  k_idx = jnp.arange(s)[None] if k_idx_BS is None else k_idx_BS
+  return allowed(q_idx[:, :, None], k_idx[:, None, :], q_seg_BT[:, :, None],
+                 k_seg_BS[:, None, :], window)
+
+
 def reference_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, *, window,
                         q_idx_BT=None, k_idx_BS=None):
   """Attention with an explicit [B, T, S] mask.
@@ -40,10 +48,22 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, *, window,
   Indices default to 0..T-1 and 0..S-1 (self-attention); a KV cache passes
   its own absolute indices. `window` may be a Python int or a traced scalar.
   """
-  t, s = q_BTNH.shape[1], k_BSKH.shape[1]
-  q_idx = jnp.arange(t)[None] if q_idx_BT is None else q_idx_BT
-  k_idx = jnp.arange(s)[None] if k_idx_BS is None else k_idx_BS
-  mask_BTS = allowed(q_idx[:, :, None], k_idx[:, None, :], q_seg_BT[:, :, None],
-                     k_seg_BS[:, None, :], window)
+  mask_BTS = _mask_BTS(q_seg_BT, k_seg_BS, window, q_idx_BT, k_idx_BS)
   probs = masked_softmax(gqa_scores(q_BTNH, k_BSKH), mask_BTS[:, None, None])
   return gqa_combine(probs, v_BSKH)
+
+
+def cached_attention(q_BTNH, k_BKSH, v_BKHS, q_seg_BT, k_seg_BS, *, window, q_idx_BT,
+                     k_idx_BS):
+  """`reference_attention` over keys stored heads-first [B, K, S, H] and values
+  transposed [B, K, H, S], the KV cache's layout: both products then contract each
+  operand's minor dimension, so XLA:CPU reads the cache without a transposed copy."""
+  b, t, n, h = q_BTNH.shape
+  kv = k_BKSH.shape[1]
+  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+  scores = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH,
+                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  mask_BTS = _mask_BTS(q_seg_BT, k_seg_BS, window, q_idx_BT, k_idx_BS)
+  probs = masked_softmax(scores, mask_BTS[:, None, None])
+  o = jnp.einsum("BKGTS,BKHS->BTKGH", probs.astype(v_BKHS.dtype), v_BKHS)
+  return o.reshape(b, t, n, h)

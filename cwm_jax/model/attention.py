@@ -60,12 +60,11 @@ class Attention(nnx.Module):
     """
     q, k, v = self.project_qkv(x_BTD, positions_BT)
     if cache is not None:
-      group = window if windows is not None else cache.cache.layout.windows.index(window)
       n_B = segment_ids_BT.sum(axis=-1, dtype=jnp.int32)
       if not cache.cache.empty:
-        o_BTNH, cache = kv_cache.attend(cache, group, q, k, v, n_B)
+        o_BTNH, cache = kv_cache.attend(cache, q, k, v, n_B)
         return self.project_out(o_BTNH), cache
-      cache = kv_cache.write(cache, group, k, v, n_B)
+      cache = kv_cache.write(cache, k, v, n_B)
     run = functools.partial(attention_kernel, self.cfg, self.execution)
     if windows is None:
       o_BTNH = run(window)(q, k, v, segment_ids_BT)

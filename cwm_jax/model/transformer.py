@@ -92,9 +92,11 @@ class Transformer(nnx.Module):
     written nor counted, and its hidden states are meaningless. `layers` (from
     `layer_states`) runs the layers unrolled on those per-layer parameters.
     """
-    if cache.layout.windows != kv_cache.distinct_windows(self.cfg):
-      raise ValueError(f"the cache's windows {cache.layout.windows} are not the model's "
-                       f"{kv_cache.distinct_windows(self.cfg)}; build it with init_cache(model.cfg)")
+    layout = cache.layout
+    windows = tuple(layout.window(i) for i in range(len(layout.groups)))
+    if windows != tuple(self.cfg.layer_windows):
+      raise ValueError(f"the cache's layer windows {windows} are not the model's "
+                       f"{tuple(self.cfg.layer_windows)}; build it with init_cache(model.cfg)")
     b, t = tokens_BT.shape
     n_B = jnp.full((b,), t, jnp.int32) if n_B is None else jnp.asarray(n_B, jnp.int32)
     t_T = jnp.arange(t, dtype=jnp.int32)
@@ -134,14 +136,16 @@ class Transformer(nnx.Module):
     elif layers is None and run.scan_layers:   # cached: the scan carries the whole cache
       def body(carry, xs):
         x, layer_cache = apply(carry[0], xs[0], xs[1], windows,
-                               kv_cache.LayerCache(carry[1], xs[2]))
+                               kv_cache.LayerCache(carry[1], xs[2], xs[1]))
         return (x, layer_cache.cache), None
+      cache = kv_cache.by_window(cache)   # groups = the switch's windows
       slot_L = jnp.asarray(cache.layout.slots, jnp.int32)
       (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (stacked, index_L, slot_L))
     else:
       layers = self.layer_states() if layers is None else layers
       for i, w in enumerate(cfg.layer_windows):
-        layer_cache = None if cache is None else kv_cache.LayerCache(cache, cache.layout.slots[i])
+        layer_cache = None if cache is None else kv_cache.LayerCache(
+            cache, cache.layout.slots[i], cache.layout.groups[i])
         fn = functools.partial(apply, window=w, layer_cache=layer_cache)
         x_BTD, layer_cache = (fn if cache is not None else remat(fn, run.remat_policy))(
             x_BTD, layers[i])

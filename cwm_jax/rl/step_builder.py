@@ -63,8 +63,9 @@ def sampler_programs(config, cfg, parts: state_lib.Parts, params: dict, resident
                 cache_gb_per_device=device_bytes(cache) / GIB)
     return Program(jitted, args, resident, info), out
 
-  empty = jax.eval_shape(lambda: kv.init_cache(cfg, b, cache_len,
-                                               dtype_of(parts.execution.compute_dtype)))
+  with jax.set_mesh(mesh):   # the cache's layout follows the mesh's platform
+    empty = jax.eval_shape(lambda: kv.init_cache(cfg, b, cache_len,
+                                                 dtype_of(parts.execution.compute_dtype)))
   prompt = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32,
                                 sharding=NamedSharding(mesh, P(rows.spec[0], None)))
   prefill, filled = program(sampler.prefill, empty, prompt, prompt_len=prompt_len)
