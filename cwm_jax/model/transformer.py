@@ -111,12 +111,19 @@ class Transformer(nnx.Module):
     return constrain(x_BTD, ("batch", "seq", "act_embed"))
 
   def layer_states(self) -> tuple:
-    """Each layer's parameters, sliced out of the stacked ones. XLA:CPU copies a slice
+    """Each layer's parameters, split out of the stacked ones. XLA:CPU copies a slice
     of a stacked weight each time one is taken, so a decode loop whose body slices
     (scanned or unrolled) copies the whole model's weights every step; one that slices
-    before the loop and passes these in reads them in place."""
+    before the loop and passes these in reads them in place. A split (not L index
+    slices) so that the gradient of unrolled layers is one concatenate per weight, where
+    slices' gradients are each padded to the stacked shape and summed: L full-size
+    adds per weight (d512 CPU train step: 9% less op time in the profile; the wall-clock
+    step did not move measurably, the adds ran beside other work)."""
     _, stacked = nnx.split(self.layers)
-    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.n_layers))
+    n = self.cfg.n_layers
+    split = jax.tree.map(lambda a: [x[0] for x in jnp.split(a, n, axis=0)], stacked)
+    return tuple(jax.tree.map(lambda parts, i=i: parts[i], split,
+                              is_leaf=lambda x: isinstance(x, list)) for i in range(n))
 
   def _stack(self, x_BTD, positions_BT, segment_ids_BT, cache, layers=None):
     """The layer stack, scanned (windows by `lax.switch`) or unrolled, on `layers` if
