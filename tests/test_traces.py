@@ -4,16 +4,20 @@ The reference reader below is a separate, minimal `sys.settrace` recorder run in
 the traces under test come from the sandboxed child process.
 """
 
+import ast
+import concurrent.futures
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 import types
 
 import pytest
 
 from cwm_jax.data import traces
+from cwm_jax.data.traces import pyast
 
 _PROGRAM = '<reference program>'
 
@@ -283,3 +287,24 @@ def test_line_event_limit_counts_line_events_only():
   assert sum(fr['event'] == 'line' for fr in ok.frames) == total_lines < len(ok.frames)
   over = traces.trace_call(source, 'f', (30,), limits=traces.Limits(max_events=total_lines - 1))
   assert over.status == 'too_long'
+
+
+def test_parses_in_worker_threads_take_turns(monkeypatch):
+  """CPython 3.11's AST constructor keeps its recursion depth in interpreter-wide state,
+  so parses in two threads at once can raise SystemError (a trace-build test failed so
+  under load): code that runs in the trace builder's threads parses through `pyast`,
+  which lets one parse run at a time."""
+  active, most, real = [0], [0], ast.parse
+
+  def slow_parse(*args, **kwargs):   # holds the parse open long enough for others to join
+    active[0] += 1
+    most[0] = max(most[0], active[0])
+    time.sleep(0.05)
+    active[0] -= 1
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(ast, "parse", slow_parse)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    values = list(pool.map(lambda i: pyast.literal_eval(f"  [{i}, 'x']"), range(8)))
+  assert values == [[i, "x"] for i in range(8)]
+  assert most[0] == 1

@@ -9,10 +9,10 @@ source and line texts equal to the source's lines. Any defect is status 'error' 
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 
 from cwm_jax.data.traces import format as trace_format
+from cwm_jax.data.traces import pyast
 from cwm_jax.data.traces import sandbox
 
 TRACE_STATUSES = ('ok', 'timeout', 'memory', 'output_limit', 'error', 'too_long')
@@ -31,7 +31,7 @@ def literal_text(value, what: str) -> str:
   """repr(value), checked to read back as the same Python literal."""
   text = repr(value)
   try:
-    same = ast.literal_eval(text) == value
+    same = pyast.literal_eval(text) == value
   except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
     same = False
   if not same:
@@ -53,8 +53,8 @@ def trace_call(source: str, function: str, args: tuple = (), kwargs: dict | None
   trace_format.entry_lineno(source, function)
   request = {'mode': 'trace', 'function': function,
              # as values rebuilt from their text: plain builtins, which the request carries
-             'args': ast.literal_eval(literal_text(tuple(args), 'args')),
-             'kwargs': ast.literal_eval(literal_text(dict(kwargs or {}), 'kwargs')),
+             'args': pyast.literal_eval(literal_text(tuple(args), 'args')),
+             'kwargs': pyast.literal_eval(literal_text(dict(kwargs or {}), 'kwargs')),
              'max_events': limits.max_events, 'max_bytes': limits.max_trace_bytes,
              'max_value_chars': limits.max_value_chars}
   run, records = sandbox.run_child(request, source, limits=limits,

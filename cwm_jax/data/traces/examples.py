@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from cwm_jax.data.traces import driver
 from cwm_jax.data.traces import format as trace_format
+from cwm_jax.data.traces import pyast
 from cwm_jax.data.traces import sandbox
 
 PROGRAMS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'programs')
@@ -33,7 +34,7 @@ class Call:
 def program_inputs(source: str, origin: str = '<program>') -> dict[str, list[tuple]]:
   """The module-level `INPUTS = {'function': [(args...), ...]}` literal of a program, read
   with ast (the program is not run here)."""
-  for node in ast.parse(source).body:
+  for node in pyast.parse(source).body:
     if isinstance(node, ast.Assign) and any(
         isinstance(t, ast.Name) and t.id == 'INPUTS' for t in node.targets):
       inputs = ast.literal_eval(node.value)
@@ -80,7 +81,7 @@ def trace_examples(programs_dir: str | None = None, limits: sandbox.Limits = san
 
 def _literal_call(example_source: str, functions: set[str]) -> tuple[str, tuple, dict] | None:
   try:
-    node = ast.parse(example_source, mode='eval').body
+    node = pyast.parse(example_source, mode='eval').body
   except SyntaxError:
     return None
   if not isinstance(node, ast.Call):
@@ -108,7 +109,7 @@ def doctest_calls(module_name: str) -> list[Call]:
     raise ValueError(f'{module_name} is not a single pure-Python file ({path or "built in"}); '
                      'choose a module such as ' + ', '.join(DOCTEST_MODULES))
   source = inspect.getsource(module)
-  functions = {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+  functions = {n.name for n in pyast.parse(source).body if isinstance(n, ast.FunctionDef)}
   calls = []
   for test in doctest.DocTestFinder(recurse=True).find(module):
     for example in test.examples:

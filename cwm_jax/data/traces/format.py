@@ -18,6 +18,8 @@ from __future__ import annotations
 import ast
 import json
 
+from cwm_jax.data.traces import pyast
+
 BEGIN, END = '<|begin_of_text|>', '<|end_of_text|>'
 CONTEXT, FRAME_SEP = '<|trace_context_start|>', '<|frame_sep|>'
 ACTION_SEP, ARG_SEP = '<|action_sep|>', '<|arg_sep|>'
@@ -42,7 +44,7 @@ def check_source(source: str) -> None:
 
 def entry_lineno(source: str, function: str) -> int:
   """The `def` line of `function` ('name' or 'Class.method') in `source`."""
-  body = ast.parse(source).body
+  body = pyast.parse(source).body
   node = None
   for part in function.split('.'):
     node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 
+from cwm_jax.data.traces import pyast
 from cwm_jax.data.traces import sandbox
 
 _MAX_VALUE_CHARS = 100_000  # a returned value's repr longer than this fails its test
@@ -35,7 +36,7 @@ def split_tests(tests: str) -> tuple[list[list[str]], list]:
   """(items for the worker, expected values: a literal for a value item, None for a statement);
   ValueError if `tests` does not parse or holds no statement."""
   try:
-    statements = ast.parse(tests).body
+    statements = pyast.parse(tests).body
   except SyntaxError as e:
     raise ValueError(f'the tests do not parse: {e}') from e
   if not statements:
@@ -71,7 +72,7 @@ def _value_matches(text, expected) -> bool:
   if not isinstance(text, str) or len(text) > _MAX_VALUE_CHARS:
     return False
   try:
-    value = ast.literal_eval(text)
+    value = pyast.literal_eval(text)
   except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
     return False
   return value == expected
