@@ -144,9 +144,9 @@ def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, 
   and on the cache split by layer (`cache.by_layer`)."""
   model = nnx.merge(graphdef, state)
   b = logits_BV.shape[0]
-  layers = model.layer_states() if unrolled else None
-  if unrolled:   # each layer's cache buffers as arrays of their own, read in place
-    cache = kv.by_layer(cache)
+  layers = None
+  if unrolled:   # each layer's weights and cache buffers as arrays of their own, read in place
+    layers, cache = model.layer_states(), kv.by_layer(cache)
 
   def pick(step, logits_BV, done_B, out):
     token_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, step), temperature,

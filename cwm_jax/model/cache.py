@@ -44,7 +44,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from cwm_jax.kernels.backend import target_platform
-from cwm_jax.kernels.reference import cached_attention, reference_attention
+from cwm_jax.kernels.reference import reference_attention
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.layers import constrain, logical_to_spec
 
@@ -79,6 +79,13 @@ class CacheLayout:
     if not self.transposed:
       return (n, batch, size, kv_heads, head_dim)
     return (n, batch, kv_heads) + ((head_dim, size) if values else (size, head_dim))
+
+  @property
+  def dims(self) -> dict:
+    """Dim names of a layer's [B, ...] key and value buffers (`reference_attention`)."""
+    if self.transposed:
+      return {"keys": "BKSH", "values": "BKHS"}
+    return {"keys": "BSKH", "values": "BSKH"}
 
   def slot_axis(self, values: bool) -> int:
     """The S axis of a layer's [B, ...] buffer."""
@@ -259,9 +266,8 @@ def attend(handle: LayerCache, q_BTNH, k_BTKH, v_BTKH, n_B):
                           axis=layout.slot_axis(True))
       k_cols_BS = jnp.concatenate([k_cols_BS, cols_BT], axis=1)
       k_seg_BS = jnp.concatenate([k_seg_BS, real_BT.astype(jnp.int32)], axis=1)
-    kernel = cached_attention if layout.transposed else reference_attention
-    return kernel(q_BTNH, k, v, ones_BT, k_seg_BS, window=layout.windows[g], q_idx_BT=cols_BT,
-                  k_idx_BS=k_cols_BS)
+    return reference_attention(q_BTNH, k, v, ones_BT, k_seg_BS, window=layout.windows[g],
+                               q_idx_BT=cols_BT, k_idx_BS=k_cols_BS, **layout.dims)
 
   if isinstance(group, int):
     out = one(group, ring.k, ring.v)
