@@ -74,28 +74,29 @@ class CacheLayout:
     """Logical axis names of every buffer."""
     return TRANSPOSED_CACHE_AXES if self.transposed else CACHE_AXES
 
-  def shape(self, group: int, batch: int, kv_heads: int, head_dim: int, values: bool) -> tuple:
-    n, size = self.groups.count(group), self.sizes[group]
-    if not self.transposed:
-      return (n, batch, size, kv_heads, head_dim)
-    return (n, batch, kv_heads) + ((head_dim, size) if values else (size, head_dim))
-
   @property
   def dims(self) -> dict:
-    """Dim names of a layer's [B, ...] key and value buffers (`reference_attention`)."""
+    """Dim names of a layer's [B, ...] key and value buffers (`reference_attention`); the
+    buffers' shapes, slot axes and a fed block's transpose all follow from them."""
     if self.transposed:
       return {"keys": "BKSH", "values": "BKHS"}
     return {"keys": "BSKH", "values": "BSKH"}
 
+  def _dims(self, values: bool) -> str:
+    return self.dims["values" if values else "keys"]
+
+  def shape(self, group: int, batch: int, kv_heads: int, head_dim: int, values: bool) -> tuple:
+    sizes = {"B": batch, "S": self.sizes[group], "K": kv_heads, "H": head_dim}
+    return (self.groups.count(group),) + tuple(sizes[d] for d in self._dims(values))
+
   def slot_axis(self, values: bool) -> int:
     """The S axis of a layer's [B, ...] buffer."""
-    return (3 if values else 2) if self.transposed else 1
+    return self._dims(values).index("S")
 
   def block(self, x_BTKH, values: bool):
     """A fed block's keys or values [B, T, K, H] in a layer buffer's layout."""
-    if not self.transposed:
-      return x_BTKH
-    return x_BTKH.transpose((0, 2, 3, 1) if values else (0, 2, 1, 3))
+    order = tuple("BSKH".index(d) for d in self._dims(values))
+    return x_BTKH if order == (0, 1, 2, 3) else x_BTKH.transpose(order)
 
 
 def _by_window(layer_windows, layer_sizes, transposed: bool) -> CacheLayout:
@@ -245,6 +246,7 @@ def attend(handle: LayerCache, q_BTNH, k_BTKH, v_BTKH, n_B):
   its own writes may evict keys its earlier queries still see.
   """
   cache, slot, group = handle.cache, handle.slot, handle.group
+  layout = cache.layout
   b, t = q_BTNH.shape[:2]
   cols_BT, real_BT = _columns(cache, n_B, t)
   ones_BT = jnp.ones((b, t), jnp.int32)
@@ -253,9 +255,7 @@ def attend(handle: LayerCache, q_BTNH, k_BTKH, v_BTKH, n_B):
   ring = handle.cache
 
   def one(g, k_bufs, v_bufs):
-    size = cache.layout.sizes[g]
-    k_cols_BS = slot_columns(cache.length_B + (n_B if t == 1 else 0), size)
-    layout = cache.layout
+    k_cols_BS = slot_columns(cache.length_B + (n_B if t == 1 else 0), layout.sizes[g])
     k = jax.lax.dynamic_index_in_dim(k_bufs[g], slot, axis=0, keepdims=False)
     v = jax.lax.dynamic_index_in_dim(v_bufs[g], slot, axis=0, keepdims=False)
     k_seg_BS = (k_cols_BS >= 0).astype(jnp.int32)

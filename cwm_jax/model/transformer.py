@@ -121,9 +121,9 @@ class Transformer(nnx.Module):
     step did not move measurably, the adds ran beside other work)."""
     _, stacked = nnx.split(self.layers)
     n = self.cfg.n_layers
-    split = jax.tree.map(lambda a: [x[0] for x in jnp.split(a, n, axis=0)], stacked)
-    return tuple(jax.tree.map(lambda parts, i=i: parts[i], split,
-                              is_leaf=lambda x: isinstance(x, list)) for i in range(n))
+    leaves, treedef = jax.tree.flatten(stacked)
+    parts = [jnp.split(a, n, axis=0) for a in leaves]
+    return tuple(treedef.unflatten([p[i][0] for p in parts]) for i in range(n))
 
   def _stack(self, x_BTD, positions_BT, segment_ids_BT, cache, layers=None):
     """The layer stack, scanned (windows by `lax.switch`) or unrolled, on `layers` if
