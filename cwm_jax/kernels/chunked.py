@@ -65,6 +65,15 @@ def _put(x, update, block, rows):
   return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), block * rows, axis=2)
 
 
+def _cols(x, block, cols):
+  """Columns [block * cols, (block + 1) * cols) of the last axis of x."""
+  return jax.lax.dynamic_slice_in_dim(x, block * cols, cols, axis=3)
+
+
+def _put_cols(x, update, block, cols):
+  return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), block * cols, axis=3)
+
+
 def _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window):
   """[B, 1, C*G, C] allowed mask of query block i against key block j, each query row
   repeated for the G heads that share a kv head."""
@@ -132,33 +141,37 @@ def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
   cg = c * g
 
   def step(carry, ij):
-    dq, dk, dv = carry
+    dq, dk_T, dv_T = carry
     i, j = ij
     mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window)
-    dq_old, dk_old, dv_old = _rows(dq, i, cg), _rows(dk, j, c), _rows(dv, j, c)
+    dq_old, dk_old, dv_old = _rows(dq, i, cg), _cols(dk_T, j, c), _cols(dv_T, j, c)
 
     def compute(_):
       q_i, k_j, v_j, do_i = _rows(q, i, cg), _rows(k, j, c), _rows(v, j, c), _rows(do, i, cg)
       s = _scores(q_i, k_j, mask)
       p = jnp.where(mask, jnp.exp(s - _rows(lse, i, cg)[..., None]), 0.0)
-      dv_j = jnp.einsum("BKQS,BKQH->BKSH", p.astype(do_i.dtype), do_i,
+      dv_j = jnp.einsum("BKQH,BKQS->BKHS", do_i, p.astype(do_i.dtype),
                         preferred_element_type=jnp.float32)
       dp = jnp.einsum("BKQH,BKSH->BKQS", do_i, v_j, preferred_element_type=jnp.float32)
       ds = (p * (dp - _rows(d_row, i, cg)[..., None]) * (h ** -0.5)).astype(q.dtype)
       dq_i = jnp.einsum("BKQS,BKSH->BKQH", ds, k_j, preferred_element_type=jnp.float32)
-      dk_j = jnp.einsum("BKQS,BKQH->BKSH", ds, q_i, preferred_element_type=jnp.float32)
+      dk_j = jnp.einsum("BKQH,BKQS->BKHS", q_i, ds, preferred_element_type=jnp.float32)
       return dq_old + dq_i, dk_old + dk_j, dv_old + dv_j
 
     if skip_empty:
       a, bb, cc = jax.lax.cond(mask.any(), compute, lambda _: (dq_old, dk_old, dv_old), None)
     else:
       a, bb, cc = compute(None)
-    return _put(dq, a, i, cg), _put(dk, bb, j, c), _put(dv, cc, j, c)
+    return _put(dq, a, i, cg), _put_cols(dk_T, bb, j, c), _put_cols(dv_T, cc, j, c)
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
-          jnp.zeros(v.shape, jnp.float32))
-  dq, dk, dv = _scan(step, init, pairs, unroll)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  # dk and dv accumulate transposed ([B, K, H, S]): XLA:CPU runs a block's
+  # [H, Q] x [Q, S] product 1.4-1.9x faster than the [S, Q] x [Q, H] one, which contracts
+  # the rows of both operands; one transpose at the end restores [B, K, S, H].
+  zeros_T = lambda x: jnp.zeros((*x.shape[:2], x.shape[3], x.shape[2]), jnp.float32)
+  dq, dk_T, dv_T = _scan(step, (jnp.zeros(q.shape, jnp.float32), zeros_T(k), zeros_T(v)),
+                         pairs, unroll)
+  return (dq.astype(q.dtype), jnp.swapaxes(dk_T, 2, 3).astype(k.dtype),
+          jnp.swapaxes(dv_T, 2, 3).astype(v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
