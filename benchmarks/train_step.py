@@ -3,7 +3,7 @@
   python benchmarks/train_step.py                       # both configs, prints one JSON object
   python benchmarks/train_step.py --configs d512 --rounds 8 --steps 3
   python benchmarks/train_step.py --configs d256 --variant '{"attention_chunk": 64}'
-  python benchmarks/train_step.py --breakdown           # adds per-part fwd+bwd milliseconds
+  python benchmarks/train_step.py --breakdown           # adds both sides' per-part milliseconds
 
 Both sides run forward + backward + AdamW (lr 1e-3, wd 0.1, no clipping) in float32 on
 the same config, batch and thread count. Ours is `cwm_jax.train.step` jitted with the
@@ -18,6 +18,12 @@ turn (ours, each variant, transformers), then each process's float32 matmul rate
 Per config it reports tokens/s (median over rounds), `ratio` (median of the per-round
 ratios ours / transformers), model FLOP/s (`cwm_jax.train.flops`, the same count for
 both sides) and each side's fraction of the matmul rate measured in the same rounds.
+
+`--breakdown` adds, per side, where a step's time goes: forward + backward of each part
+alone (an attention block and its kernel per window, the MLP, an RMSNorm, the head and
+loss) and the AdamW update, in milliseconds, timed in alternating rounds after the step's
+(fastest round per part), with the step rebuilt from its parts beside the measured one.
+transformers' parts are its own modules and masks (`CwmAttention` on sdpa, `CwmMLP`, ...).
 
 The configs are the issue's (first and last layer global, the middle two local):
   d256: d=256, 4 layers, 8/2 heads of 32, ffn 768, vocab 8192, T=512, B=4, window 128
@@ -54,7 +60,7 @@ def _args():
   p.add_argument("--variant", action="append", default=[],
                  help="JSON of Execution fields: another of our steps, timed alongside")
   p.add_argument("--breakdown", action="store_true",
-                 help="also time each part of our step alone (fwd+bwd), in milliseconds")
+                 help="also time each part of both steps alone (fwd+bwd), in milliseconds")
   return p.parse_args()
 
 
@@ -122,9 +128,9 @@ def theirs(cfg, batch_np):
   return run, model.config._attn_implementation
 
 
-def breakdown(cfg, execution, b, t):
-  """Milliseconds of forward + backward of each part of our step alone (best of 5), and of
-  the optimizer update: where a step's time goes."""
+def our_parts(cfg, execution, b, t):
+  """{part: call} for our step. A call runs one forward + backward of that part alone
+  (gradients of its input and parameters), or one AdamW update, and waits for it."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -138,56 +144,39 @@ def breakdown(cfg, execution, b, t):
 
   rng = np.random.default_rng(0)
   arr = lambda *s: jnp.asarray(rng.normal(0, 0.05, s), jnp.float32)
-  d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  x, seg = arr(b, t, d), jnp.ones((b, t), jnp.int32)
+  n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  x, seg = arr(b, t, cfg.dim), jnp.ones((b, t), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  model = init_model(cfg, 0, execution)
 
-  def module(make):
-    """(apply(x, params), params) of one of the model's own modules."""
-    graphdef, params = nnx.split(make(nnx.Rngs(params=0)))
-    return (lambda x, p: nnx.merge(graphdef, p)(x)), params
-
-  def timed(fn, *args):
+  def fwd_bwd(fn, *args):
     grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=tuple(range(len(args)))))
-    jax.block_until_ready(grad(*args))
-    times = []
-    for _ in range(5):
-      start = time.perf_counter()
-      jax.block_until_ready(grad(*args))
-      times.append(time.perf_counter() - start)
-    return round(1000 * min(times), 1)
+    return lambda: jax.block_until_ready(grad(*args))
 
-  graphdef, att = nnx.split(Attention(cfg, execution, nnx.Rngs(params=0)))
+  def module(m, call=lambda m, x: m(x)):
+    graphdef, params = nnx.split(m)
+    return fwd_bwd(lambda x, p: call(nnx.merge(graphdef, p), x), x, params)
 
-  def projections(x, p):
-    a = nnx.merge(graphdef, p)
-    q, kk, v = a.project_qkv(x, pos)
-    return a.project_out(q) + jnp.sum(kk) + jnp.sum(v)
-  out = {"qkv_rope_out": timed(projections, x, att)}
+  parts = {}
+  attention = Attention(cfg, execution, nnx.Rngs(params=0))
   q, kk, v = arr(b, t, n, h), arr(b, t, k, h), arr(b, t, k, h)
   impl = kernels.resolve(execution.attention_impl, dtype=execution.compute_dtype)
   for w in sorted(set(cfg.layer_windows)):
-    out[f"attention_{impl}_window{w}"] = timed(
+    parts[f"attention_window{w}"] = module(attention,
+                                           lambda m, x, w=w: m(x, pos, seg, w)[0])
+    parts[f"attention_kernel_window{w}"] = fwd_bwd(
         lambda q, kk, v, w=w: kernels.attend(q, kk, v, seg, window=w, impl=impl,
                                              chunk=execution.attention_chunk), q, kk, v)
-  mlp, mlp_params = module(lambda r: MLP(cfg.dim, cfg.ffn_dim, jnp.float32, r))
-  out["mlp"] = timed(mlp, x, mlp_params)
-  norm, norm_params = module(lambda r: RMSNorm(cfg.dim, cfg.norm_eps, jnp.float32, r))
-  out["rms_norm"] = timed(norm, x, norm_params)
-  state = nnx.state(model, nnx.Param)
+  parts["mlp"] = module(MLP(cfg.dim, cfg.ffn_dim, jnp.float32, nnx.Rngs(params=0)))
+  parts["rms_norm"] = module(RMSNorm(cfg.dim, cfg.norm_eps, jnp.float32, nnx.Rngs(params=0)))
+  params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0, execution), nnx.Param))
   batch = {key: jnp.asarray(v) for key, v in batch_arrays(cfg, b, t).items()}
   head = lambda hid, w: loss_total(_HeadOnly(hid, w, cfg), batch)[0]
-  out["head_and_loss"] = timed(head, x, nnx.to_pure_dict(state)["lm_head"])
-  tx = optax.adamw(LR, weight_decay=WD)
-  params = nnx.to_pure_dict(state)
+  parts["head_and_loss"] = fwd_bwd(head, x, params["lm_head"])
+  tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WD)
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
   opt_state = tx.init(params)
-  jax.block_until_ready(update(params, opt_state, params))
-  start = time.perf_counter()
-  jax.block_until_ready(update(params, opt_state, params))
-  out["adamw"] = round(1000 * (time.perf_counter() - start), 1)
-  return out
+  parts["adamw"] = lambda: jax.block_until_ready(update(params, opt_state, params))
+  return parts
 
 
 class _HeadOnly:
@@ -205,25 +194,105 @@ class _HeadOnly:
     return dense(h, self.lm_head, preferred_element_type=jnp.float32)
 
 
-def _worker(conn, side, name, execution_json, threads):
-  """One side in its own process: builds its step, then answers ("run", n) with the
-  seconds n steps took and ("matmul",) with its framework's GEMM FLOP/s."""
+def their_parts(cfg, b, t):
+  """{part: call} for transformers' step, the same parts as `our_parts`, from the modules
+  and masks its `CwmModel.forward` uses (sdpa attention, causal / sliding-window masks)."""
+  import torch
+  import transformers
+  from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+  from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+  from cwm_jax.checkpoint.hf import config_to_hf
+
+  torch.manual_seed(0)
+  model = transformers.CwmForCausalLM(
+      transformers.CwmConfig(**config_to_hf(cfg, dtype="float32"))).train()
+  config, inner = model.config, model.model
+  x = (torch.randn(b, t, cfg.dim) * 0.05).requires_grad_()
+  pos = torch.arange(t)[None]
+  embeddings = inner.rotary_emb(x, pos)
+  mask_args = dict(config=config, inputs_embeds=x, attention_mask=None, cache=None,
+                   position_ids=pos)
+  masks = {"full_attention": create_causal_mask(**mask_args),
+           "sliding_attention": create_sliding_window_causal_mask(**mask_args)}
+  sdpa = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+
+  def fwd_bwd(fn, *inputs):
+    def call():
+      for p in model.parameters():
+        p.grad = None
+      fn(*inputs).pow(2).sum().backward()
+    return call
+
+  parts = {}
+  qkv = [torch.randn(b, heads, t, cfg.head_dim).requires_grad_()
+         for heads in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
+  for w in sorted(set(cfg.layer_windows)):
+    i = cfg.layer_windows.index(w)
+    layer_type = config.layer_types[i]
+    attention = inner.layers[i].self_attn
+    parts[f"attention_window{w}"] = fwd_bwd(
+        lambda x, a=attention, m=masks[layer_type]: a(x, embeddings, m)[0], x)
+    parts[f"attention_kernel_window{w}"] = fwd_bwd(
+        lambda q, k, v, a=attention, m=masks[layer_type]: sdpa(
+            a, q, k, v, m, dropout=0.0, scaling=a.scaling, sliding_window=a.sliding_window)[0],
+        *qkv)
+  parts["mlp"] = fwd_bwd(inner.layers[0].mlp, x)
+  parts["rms_norm"] = fwd_bwd(inner.norm, x)
+  targets = torch.as_tensor(batch_arrays(cfg, b, t)["targets"]).long().flatten()
+  parts["head_and_loss"] = fwd_bwd(lambda x: torch.nn.functional.cross_entropy(
+      model.lm_head(x).flatten(0, 1).float(), targets), x)
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=WD)
+  for p in model.parameters():
+    p.grad = torch.randn_like(p) * 1e-3
+  grads = [p.grad for p in model.parameters()]
+
+  def adamw():
+    for p, g in zip(model.parameters(), grads):
+      p.grad = g
+    with torch.no_grad():
+      opt.step()
+  parts["adamw"] = adamw
+  return parts
+
+
+def step_from_parts(cfg, ms):
+  """A step's milliseconds rebuilt from its parts: every layer's attention (by its
+  window), MLP and two norms, the final norm, the head and loss, and AdamW."""
+  layers = sum(ms[f"attention_window{w}"] + ms["mlp"] + 2 * ms["rms_norm"]
+               for w in cfg.layer_windows)
+  return round(layers + ms["rms_norm"] + ms["head_and_loss"] + ms["adamw"], 1)
+
+
+def _worker(conn, side, name, execution_json, threads, breakdown):
+  """One side in its own process: builds its step (and with `breakdown` its parts), then
+  answers ("run", n) with the seconds n steps took, ("matmul",) with its framework's GEMM
+  FLOP/s and ("parts",) with each part's milliseconds (`_ms`)."""
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_multi_thread_eigen=true").strip()
   import torch
   torch.set_num_threads(threads)
   cfg, c = model_config(name), CONFIGS[name]
   batch = batch_arrays(cfg, c["batch"], c["seq"])
+  parts = {}
   if side == "ours":
     from cwm_jax.model import Execution
-    run, info = ours(cfg, Execution(**json.loads(execution_json)), batch), {}
+    execution = Execution(**json.loads(execution_json))
+    run, info = ours(cfg, execution, batch), {}
+    if breakdown:
+      parts = our_parts(cfg, execution, c["batch"], c["seq"])
   else:
     run, attention = theirs(cfg, batch)
     info = {"attn_implementation": attention}
+    if breakdown:
+      parts = their_parts(cfg, c["batch"], c["seq"])
   start = time.perf_counter()
   run(1)
   info["first_step_s"] = time.perf_counter() - start
   run(1)
+  for call in parts.values():   # compile and warm each part
+    call()
+    call()
   probe = matmul_rate(side)
   conn.send(info)
   while True:
@@ -234,8 +303,21 @@ def _worker(conn, side, name, execution_json, threads):
       conn.send((time.perf_counter() - start, loss))
     elif msg[0] == "matmul":
       conn.send(probe())
+    elif msg[0] == "parts":
+      conn.send({name: _ms(call) for name, call in parts.items()})
     else:
       return
+
+
+def _ms(call, repeats=2):
+  """Milliseconds of the fastest of `repeats` back-to-back calls (the first part timed
+  after an idle gap otherwise pays for waking the thread pool)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return 1000 * min(times)
 
 
 def matmul_rate(side, n=2048, reps=3):
@@ -277,7 +359,8 @@ def run_config(name, a):
   for side, e in [("ours", e) for e in executions] + [("transformers", None)]:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_worker, daemon=True,
-                       args=(child, side, name, json.dumps(vars(e)) if e else "", a.threads))
+                       args=(child, side, name, json.dumps(vars(e)) if e else "", a.threads,
+                             a.breakdown))
     proc.start()
     workers.append((parent, proc, parent.recv()))   # one side builds and compiles at a time
   tokens = a.steps * b * t
@@ -292,6 +375,12 @@ def run_config(name, a):
       time.sleep(SETTLE_S)
       conn.send(("matmul",))
       mm[i].append(conn.recv())
+  parts = [[] for _ in workers]
+  for _ in range(a.rounds if a.breakdown else 0):
+    for i in (0, len(workers) - 1):   # ours (the base execution) and transformers
+      time.sleep(SETTLE_S)
+      workers[i][0].send(("parts",))
+      parts[i].append(workers[i][0].recv())
   for conn, proc, _ in workers:
     conn.send(("stop",))
     proc.join()
@@ -316,19 +405,17 @@ def run_config(name, a):
   out["variants"] = [{"execution": vars(e), **side(i), "ratio": ratio(i)}
                      for i, e in enumerate(executions[1:], 1)]
   if a.breakdown:
-    out["breakdown_ms"] = _breakdown_in_child(name, base)
+    out["breakdown_ms"] = {key: _fastest(cfg, parts[i], tokens / med(rates[i]) / a.steps)
+                           for key, i in (("ours", 0), ("transformers", -1))}
   return out
 
 
-def _breakdown_in_child(name, execution):
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(_breakdown_worker, (name, json.dumps(vars(execution))))
-
-
-def _breakdown_worker(name, execution_json):
-  from cwm_jax.model import Execution
-  cfg, c = model_config(name), CONFIGS[name]
-  return breakdown(cfg, Execution(**json.loads(execution_json)), c["batch"], c["seq"])
+def _fastest(cfg, rounds, step_s):
+  """Per part, its fastest round in milliseconds; the step rebuilt from them and the
+  step as measured (median round)."""
+  ms = {name: round(min(r[name] for r in rounds), 1) for name in rounds[0]}
+  return {**ms, "step_from_parts": step_from_parts(cfg, ms),
+          "step_measured": round(1000 * step_s, 1)}
 
 
 def main():
