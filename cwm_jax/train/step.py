@@ -125,7 +125,8 @@ def _fused_blocks(z_loss, rows, h_MD, w_DV, targets_M, weights_M, grads: bool):
     hot_RV = jnp.arange(v, dtype=y_R.dtype)[None] == y_R[:, None]
     d_RV = (exp_RV * scale_R1 - jnp.where(hot_RV, w_R[:, None], 0.0)).astype(h_RD.dtype)
     dh_RD = jnp.dot(d_RV, w_DV.T, preferred_element_type=jnp.float32)
-    dw_DV = dw_DV + jnp.dot(xs[3], d_RV, preferred_element_type=jnp.float32)   # xs[3]: h_DR
+    h_DR = xs[3]
+    dw_DV = dw_DV + jnp.dot(h_DR, d_RV, preferred_element_type=jnp.float32)
     return (ce, z, dw_DV), dh_RD
 
   zero = jnp.zeros((), jnp.float32)
