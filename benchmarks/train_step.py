@@ -356,11 +356,13 @@ def run_config(name, a):
   executions = [base] + [base.replace(**json.loads(v)) for v in a.variant]
   ctx = multiprocessing.get_context("spawn")
   workers = []
-  for side, e in [("ours", e) for e in executions] + [("transformers", None)]:
+  sides = [("ours", e) for e in executions] + [("transformers", None)]
+  timed_parts = (0, len(sides) - 1)   # ours (the base execution) and transformers
+  for i, (side, e) in enumerate(sides):
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_worker, daemon=True,
                        args=(child, side, name, json.dumps(vars(e)) if e else "", a.threads,
-                             a.breakdown))
+                             a.breakdown and i in timed_parts))
     proc.start()
     workers.append((parent, proc, parent.recv()))   # one side builds and compiles at a time
   tokens = a.steps * b * t
@@ -377,7 +379,7 @@ def run_config(name, a):
       mm[i].append(conn.recv())
   parts = [[] for _ in workers]
   for _ in range(a.rounds if a.breakdown else 0):
-    for i in (0, len(workers) - 1):   # ours (the base execution) and transformers
+    for i in timed_parts:
       time.sleep(SETTLE_S)
       workers[i][0].send(("parts",))
       parts[i].append(workers[i][0].recv())
