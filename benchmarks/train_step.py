@@ -218,7 +218,7 @@ def their_parts(cfg, b, t):
 
   def fwd_bwd(fn, *inputs):
     def call():
-      for p in model.parameters():
+      for p in (*model.parameters(), *inputs):
         p.grad = None
       fn(*inputs).pow(2).sum().backward()
     return call
@@ -407,7 +407,7 @@ def run_config(name, a):
   out["variants"] = [{"execution": vars(e), **side(i), "ratio": ratio(i)}
                      for i, e in enumerate(executions[1:], 1)]
   if a.breakdown:
-    out["breakdown_ms"] = {key: _fastest(cfg, parts[i], tokens / med(rates[i]) / a.steps)
+    out["breakdown_ms"] = {key: _fastest(cfg, parts[i], b * t / med(rates[i]))
                            for key, i in (("ours", 0), ("transformers", -1))}
   return out
 
