@@ -12,22 +12,40 @@ from cwm_jax.kernels.masks import allowed
 NEG_INF = -1e30
 
 
+# One query row per batch row (decoding) against the CPU cache's heads-first layout: each
+# of the G query heads of a kv head runs as its own batched matrix-vector product, which
+# XLA:CPU streams over the cache 1.8x faster than one batched [G, H] x [H, S] product
+# (alone, [8, 2, 384, 64] keys: 0.29 -> 0.16 ms; a whole d512 decode step at batch 8:
+# 3% faster, median of 15 alternating process pairs).
+MATVEC_LAYOUTS = ("BKSH", "BKHS")
+
+
 def gqa_scores(q_BTNH, k, keys: str = "BSKH"):
   """Scaled float32 scores [B, K, G, T, S] for grouped-query attention; `keys` names the
   key array's dims (the CPU KV cache stores them heads-first, "BKSH")."""
   b, t, n, h = q_BTNH.shape
   kv = k.shape[keys.index("K")]
   q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-  s = jnp.einsum(f"BTKGH,{keys}->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
+  if t == 1 and keys == MATVEC_LAYOUTS[0]:
+    s = jnp.stack([jnp.einsum("BKSH,BKH->BKS", k, q_BTKGH[:, 0, :, g],
+                              preferred_element_type=jnp.float32)
+                   for g in range(n // kv)], axis=2)[:, :, :, None]
+  else:
+    s = jnp.einsum(f"BTKGH,{keys}->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
   return s * (h ** -0.5)
 
 
 def gqa_combine(probs_BKGTS, v, values: str = "BSKH"):
   """Weighted values [B, T, N, H] from float32 probabilities; `values` names the value
   array's dims (the CPU KV cache stores them transposed, "BKHS")."""
-  o = jnp.einsum(f"BKGTS,{values}->BTKGH", probs_BKGTS.astype(v.dtype), v)
-  b, t, kv, g, h = o.shape
-  return o.reshape(b, t, kv * g, h)
+  p = probs_BKGTS.astype(v.dtype)
+  b, kv, g, t = p.shape[:4]
+  if t == 1 and values == MATVEC_LAYOUTS[1]:
+    o = jnp.stack([jnp.einsum("BKHS,BKS->BKH", v, p[:, :, i, 0]) for i in range(g)],
+                  axis=2)[:, None]
+  else:
+    o = jnp.einsum(f"BKGTS,{values}->BTKGH", p, v)
+  return o.reshape(b, t, kv * g, o.shape[-1])
 
 
 def masked_softmax(scores, mask):
