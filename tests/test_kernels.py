@@ -52,6 +52,34 @@ def test_chunked_matches_reference_windows_gqa_documents_gradients():
     _assert_close(chk, ref, atol=2e-6)
 
 
+def test_one_query_row_in_the_cpu_cache_layout_matches_numpy():
+  """A decode step's attention (one query row; keys [B, K, S, H], values [B, K, H, S], the
+  matrix-vector form) and the same with [B, S, K, H] buffers both equal a NumPy softmax
+  over the keys the window allows."""
+  b, s, n, kv, h, window = 3, 10, 6, 2, 8, 4
+  rng = np.random.default_rng(2)
+  q, k, v = (rng.normal(size=shape).astype(np.float32)
+             for shape in ((b, 1, n, h), (b, s, kv, h), (b, s, kv, h)))
+  k_idx = np.tile(np.arange(s), (b, 1))
+  q_idx = np.asarray([[9], [5], [2]])          # rows at different columns of the cache
+  k_seg = (k_idx <= q_idx).astype(np.int32)    # slots not yet written are empty (0)
+  run = lambda keys, values, kk, vv: kernels.reference_attention(
+      q, kk, vv, np.ones((b, 1), np.int32), k_seg, window=window, q_idx_BT=q_idx,
+      k_idx_BS=k_idx, keys=keys, values=values)
+  cpu = run("BKSH", "BKHS", k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1))
+  accelerator = run("BSKH", "BSKH", k, v)
+  want = np.zeros((b, 1, n, h))
+  for r in range(b):
+    seen = (k_idx[r] <= q_idx[r, 0]) & (k_idx[r] > q_idx[r, 0] - window)
+    for head in range(n):
+      g = head // (n // kv)
+      scores = k[r, seen, g] @ q[r, 0, head] / np.sqrt(h)
+      p = np.exp(scores - scores.max())
+      want[r, 0, head] = (p / p.sum()) @ v[r, seen, g]
+  np.testing.assert_allclose(cpu, want, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(accelerator, want, atol=2e-6, rtol=0)
+
+
 def test_chunked_never_mixes_documents():
   # Changing document 1's keys must not change document 2's outputs.
   q, k, v, _ = _inputs(1, 32, 4, 2, 8, n_docs=1)
