@@ -230,6 +230,18 @@ def test_unrolled_and_scanned_decoding_agree(hf_pair, monkeypatch):
     np.testing.assert_allclose(other.logprobs, want.logprobs, atol=1e-5)
 
 
+def test_splash_prefill_samples_what_the_default_backend_does(hf_pair):
+  """Splash ('auto' on TPU; Pallas interpret mode here) under a prefill of prompts padded
+  to 32 columns, not its 128-row tiles: the same tokens and log-probs."""
+  _, cfg, params, model = hf_pair
+  splash = model_from_params(cfg, params, Execution(attention_impl="splash"))
+  prompts = [[5, 17, 9], list(range(1, 12))]
+  want = sampler.generate(model, prompts, max_new_tokens=4)
+  got = sampler.generate(splash, prompts, max_new_tokens=4)
+  assert got.tokens == want.tokens
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
 def test_cache_layouts_agree(hf_pair, monkeypatch):
   """CPU's cache (keys [L, B, K, S, H], values [L, B, K, H, S]) and the accelerators'
   ([L, B, S, K, H]) give the same tokens and log-probs over a prefill, a decode and an

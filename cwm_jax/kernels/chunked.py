@@ -22,11 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cwm_jax.kernels.masks import allowed
+from cwm_jax.kernels.masks import PAD_K_SEGMENT, PAD_Q_SEGMENT, allowed, pad_rows
 
 NEG_INF = -1e30
-PAD_Q_SEGMENT = -1  # padded query rows; never equal to a key's segment
-PAD_K_SEGMENT = -2  # padded key rows
 
 
 def block_pairs(n_q: int, n_k: int, chunk: int, window: int | None, q_offset: int = 0
@@ -44,12 +42,6 @@ def block_pairs(n_q: int, n_k: int, chunk: int, window: int | None, q_offset: in
       if window is None or (q_hi - k_lo >= 0 and q_lo - k_hi < window):
         pairs.append((i, j))
   return tuple(pairs)
-
-
-def _pad_rows(x, rows, value):
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, rows)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def _pad_1d(x, rows):
@@ -213,12 +205,12 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
   if pairs is None:
     pairs = block_pairs(tp // c, (s + pad_s) // c, c,
                         None if q_offset is None else window, q_offset or 0)
-  q = _pad_rows(q_BTNH, pad_t, 0).reshape(b, tp, kv, g, h).transpose(0, 2, 1, 3, 4)
-  heads_first = lambda x: _pad_rows(x, pad_s, 0).transpose(0, 2, 1, 3)
+  q = pad_rows(q_BTNH, pad_t, 0).reshape(b, tp, kv, g, h).transpose(0, 2, 1, 3, 4)
+  heads_first = lambda x: pad_rows(x, pad_s, 0).transpose(0, 2, 1, 3)
   out, lse = _flash(c, g, window, tuple(pairs), skip_empty, unroll, q.reshape(b, kv, tp * g, h),
                     heads_first(k_BSKH), heads_first(v_BSKH),
-                    _pad_rows(q_seg_BT, pad_t, PAD_Q_SEGMENT),
-                    _pad_rows(k_seg_BS, pad_s, PAD_K_SEGMENT),
+                    pad_rows(q_seg_BT, pad_t, PAD_Q_SEGMENT),
+                    pad_rows(k_seg_BS, pad_s, PAD_K_SEGMENT),
                     _pad_1d(jnp.asarray(q_idx_T, jnp.int32), pad_t),
                     _pad_1d(jnp.asarray(k_idx_S, jnp.int32), pad_s))
   out = out.reshape(b, kv, tp, g, h).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)

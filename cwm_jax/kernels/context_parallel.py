@@ -29,7 +29,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from cwm_jax.kernels import splash
-from cwm_jax.kernels.chunked import NEG_INF, PAD_K_SEGMENT, flash_attention
+from cwm_jax.kernels.chunked import NEG_INF, flash_attention
+from cwm_jax.kernels.masks import PAD_K_SEGMENT
 
 AXIS = "sequence"
 MODES = ("allgather", "ring")

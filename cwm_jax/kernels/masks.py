@@ -8,6 +8,16 @@ Segment ids are >= 0 for real tokens; kernels pad with negative ids.
 
 import jax.numpy as jnp
 
+PAD_Q_SEGMENT = -1  # padded query rows; never equal to a key's segment
+PAD_K_SEGMENT = -2  # padded key rows
+
+
+def pad_rows(x, rows: int, value):
+  """`x` with `rows` more rows (axis 1, the sequence) of `value` at the end."""
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, rows)
+  return jnp.pad(x, widths, constant_values=value)
+
 
 def allowed(q_idx, k_idx, q_seg, k_seg, window):
   """Boolean mask, broadcasting `[..., T, 1]` queries against `[..., 1, S]` keys."""

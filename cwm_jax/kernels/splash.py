@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from cwm_jax.kernels import backend
+from cwm_jax.kernels import backend, masks
 
 BATCH_AXES, HEAD_AXIS = backend.BATCH_AXES, backend.HEAD_AXIS
 MAX_BLOCK = 512
@@ -90,20 +90,28 @@ def _interpret(interpret: bool | None) -> bool:
 def attend_local(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, *, window: int, offset: int = 0,
                  block: int | None = None, interpret: bool | None = None):
   """Splash attention of unsharded (or per-shard) arrays; query row i sits at key
-  position `offset + i`. Returns [B, T, N, H] in q's dtype."""
+  position `offset + i`. Returns [B, T, N, H] in q's dtype.
+
+  Tiles span multiples of MIN_BLOCK rows, so other lengths are padded at the end
+  (queries and keys in segments no real row shares, their rows dropped after)."""
   b, t, n, h = q_BTNH.shape
   s = k_BSKH.shape[1]
-  kernel = _kernel(t, s, n, int(window), int(offset), block, _interpret(interpret))
+  pad_t, pad_s = -t % MIN_BLOCK, -s % MIN_BLOCK
+  kernel = _kernel(t + pad_t, s + pad_s, n, int(window), int(offset), block,
+                   _interpret(interpret))
   sa = _sa()
-  q_BNTH = jnp.swapaxes(q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype), 1, 2)
-  k_BKSH = jnp.swapaxes(k_BSKH, 1, 2).astype(q_BTNH.dtype)
-  v_BKSH = jnp.swapaxes(v_BSKH, 1, 2).astype(q_BTNH.dtype)
+  heads_first = lambda x, rows: jnp.swapaxes(masks.pad_rows(x, rows, 0), 1, 2)
+  q_BNTH = heads_first(q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype), pad_t)
+  k_BKSH = heads_first(k_BSKH, pad_s).astype(q_BTNH.dtype)
+  v_BKSH = heads_first(v_BSKH, pad_s).astype(q_BTNH.dtype)
 
   def one(q, k, v, q_seg, kv_seg):
     return kernel(q, k, v, segment_ids=sa.SegmentIds(q=q_seg, kv=kv_seg))
 
-  o_BNTH = jax.vmap(one)(q_BNTH, k_BKSH, v_BKSH, q_seg_BT, kv_seg_BS)
-  return jnp.swapaxes(o_BNTH, 1, 2).astype(q_BTNH.dtype)
+  o_BNTH = jax.vmap(one)(q_BNTH, k_BKSH, v_BKSH,
+                         masks.pad_rows(q_seg_BT, pad_t, masks.PAD_Q_SEGMENT),
+                         masks.pad_rows(kv_seg_BS, pad_s, masks.PAD_K_SEGMENT))
+  return jnp.swapaxes(o_BNTH[:, :, :t], 1, 2).astype(q_BTNH.dtype)
 
 
 def kv_for_heads(k_BSKH, n_local: int, q_per_kv: int, axis: str):
@@ -131,8 +139,8 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int,
 
   Under a mesh (`mesh`, or the one set by `jax.set_mesh`) of more than one
   device it runs per shard in `jax.shard_map` (see `mesh_specs`); the sequence
-  is whole on every shard (use `context_parallel` to split it). T must be a
-  multiple of 128; `block` caps the tile (default 512).
+  is whole on every shard (use `context_parallel` to split it). T is padded to a
+  multiple of 128 (`attend_local`); `block` caps the tile (default 512).
   """
   b, t, n, _ = q_BTNH.shape
   k = k_BTKH.shape[2]
