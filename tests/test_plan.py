@@ -105,7 +105,7 @@ def rl_sampler_stage():
   return [(name, c)]
 
 
-def check_sampler_plan(plan_stages, hbm_gb=0.085):
+def check_sampler_plan(plan_stages, hbm_gb=0.1):
   """Plans `rl_sampler_stage()` with `plan_stages(configs, hbm_gb)` (4 devices): the sampler's
   prefill, decode and extend take the cache split over the rows, and it is the sampler, not the
   update step, that does not fit `hbm_gb`."""

@@ -35,7 +35,7 @@ class Execution:
   """
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  attention_impl: str = "reference"
+  attention_impl: str = "auto"
   global_attention_impl: str = ""
   attention_chunk: int = 0
   scan_layers: bool = True
