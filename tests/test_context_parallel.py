@@ -5,6 +5,7 @@ for global layers, packed documents crossing shard boundaries."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -91,16 +92,21 @@ def test_ring_and_halo_kernels_with_data_and_sequence_axes():
   _assert_trees_close(got, want, 1e-5)
 
 
-def test_splash_inner_kernel_halo_and_allgather_match_reference():
+@pytest.mark.parametrize("docs", [
+    ([150, 200, 140, 22], [10, 300, 202]),   # 128 rows per shard
+    ([150, 100, 48, 22], [10, 200, 110]),    # 80 rows per shard: splash pads them
+])
+def test_splash_inner_kernel_halo_and_allgather_match_reference(docs):
   """Splash (interpret mode) as the context-parallel kernel: a local layer on the
-  halo-extended block (window 200 > 128 rows per shard: a two-hop halo) and a
+  halo-extended block (window 200 > the rows per shard: a two- or three-hop halo) and a
   global layer over all-gathered K/V, documents crossing the shard edges."""
   mesh = make_mesh({"data": 2, "sequence": 4})
   rng = np.random.default_rng(2)
-  q = jnp.asarray(rng.normal(size=(2, 512, 2, 8)), jnp.float32)
-  k, v = (jnp.asarray(rng.normal(size=(2, 512, 1, 8)), jnp.float32) for _ in range(2))
-  seg = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], [150, 200, 140, 22]),
-                              np.repeat([1, 2, 3], [10, 300, 202])]).astype(np.int32))
+  t = sum(docs[0])
+  q = jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, t, 1, 8)), jnp.float32) for _ in range(2))
+  seg = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], docs[0]),
+                              np.repeat([1, 2, 3], docs[1])]).astype(np.int32))
   proj = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   spec, seg_spec = P("data", "sequence", None, None), P("data", "sequence")
 
@@ -108,7 +114,7 @@ def test_splash_inner_kernel_halo_and_allgather_match_reference():
     loss = lambda q, k, v: jnp.sum(attn(q, k, v) * proj)
     return attn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  windows = (200, 512)
+  windows = (200, t)
   with jax.set_mesh(mesh):
     got = jax.jit(lambda: [outputs(lambda q, k, v: sharded_attention(
         q, k, v, seg, window=w, chunk=128, mode="allgather", q_spec=spec, kv_spec=spec,

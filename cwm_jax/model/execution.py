@@ -26,7 +26,9 @@ DTYPES = ("float32", "bfloat16")
 class Execution:
   """Execution policy of a model; hashable, so it can be static under jit.
 
-  `global_attention_impl` ("" = `attention_impl`) is the backend of global
+  `attention_impl` 'auto' (the default) is the target devices' kernel (splash on
+  TPU, cuDNN on GPU in bf16, chunked otherwise); 'reference' is the dense O(T^2)
+  oracle. `global_attention_impl` ("" = `attention_impl`) is the backend of global
   layers. `attention_chunk` is the block rows of the blockwise kernels; 0 picks
   them per platform and length (`kernels.backend.resolve_chunk`).
   `context_parallel` shards global layers' attention over the mesh's
