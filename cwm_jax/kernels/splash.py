@@ -55,10 +55,8 @@ def fit_block(length: int, block: int, min_block: int) -> int:
 
 
 def block_sizes(t: int, s: int, block: int | None = None):
-  """Tile sizes for a [T, S] mask: `block` (default 512) fitted to each length."""
-  if t % MIN_BLOCK or s % MIN_BLOCK:
-    raise ValueError(f"splash attention needs lengths that are multiples of {MIN_BLOCK} "
-                     f"(got T={t}, S={s}); pad the sequence or use attention_impl='chunked'")
+  """Tile sizes for a [T, S] mask (lengths padded to multiples of MIN_BLOCK, as
+  `attend_local` pads them): `block` (default 512) fitted to each length."""
   bq = fit_block(t, max(block or MAX_BLOCK, MIN_BLOCK), MIN_BLOCK)
   bkv = fit_block(s, max(block or MAX_BLOCK, MIN_BLOCK), MIN_BLOCK)
   return _sa().BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
