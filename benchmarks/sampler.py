@@ -17,8 +17,12 @@ by our `cwm_jax.infer.sampler.generate` (greedy, no stop ids) and by transformer
 After a warm-up call of each, rounds alternate ours, theirs, ... so a shared machine's
 load hits both alike. Reported per batch size: tokens/s = batch * new / seconds of a
 whole `generate` call (prefill included, as for a user), median over rounds; `ratio`,
-the median of the per-round ratios ours / transformers; our compile seconds (first call
-minus a warm call); `first_tokens_agree`, whether both sides' first 8 tokens match, and
+the median of the per-round ratios ours / transformers; where each side's time goes: the
+median seconds of a one-token call (`one_token_call_s`: the prefill and one step, timed in
+the same alternating rounds), the milliseconds of each further step (`decode_step_ms`:
+the whole call minus the one-token call, over `new - 1` steps) and their ratio
+(`decode_steps_ratio`; with `--new 1` only the call itself); our compile seconds (first
+call minus a warm call); `first_tokens_agree`, whether both sides' first 8 tokens match, and
 `agreeing_prefix_min`, the shortest agreeing prefix of a row (greedy on a random model:
 float rounding may part the two at a near-tie).
 """
@@ -79,34 +83,46 @@ def decode_vs_transformers(ours_model, theirs_model, batch, prompt, new, rounds)
                                                     (batch, prompt))
   ids_BP = torch.as_tensor(prompts_BP, dtype=torch.long)
 
-  def ours():
-    res = sampler.generate(ours_model, prompts_BP.tolist(), max_new_tokens=new)
+  def ours(n=new):
+    res = sampler.generate(ours_model, prompts_BP.tolist(), max_new_tokens=n)
     return np.asarray(res.tokens)
 
-  def theirs():
+  def theirs(n=new):
     with torch.inference_mode():
       out = theirs_model.generate(ids_BP, attention_mask=torch.ones_like(ids_BP),
-                                  do_sample=False, use_cache=True, max_new_tokens=new,
-                                  min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+                                  do_sample=False, use_cache=True, max_new_tokens=n,
+                                  min_new_tokens=n, eos_token_id=None, pad_token_id=0)
     return out[:, prompt:].numpy()
 
   first_s, ours_BN = _timed(ours)
   warm_s, _ = _timed(ours)
-  theirs_BN = theirs()   # warm-up
+  theirs_BN = theirs()   # warm-ups
+  ours(1), theirs(1)
   if ours_BN.shape != (batch, new) or theirs_BN.shape != (batch, new):
     raise RuntimeError(f"expected {new} new tokens per row, got {ours_BN.shape} (ours) and "
                        f"{theirs_BN.shape} (transformers)")
-  ours_s, theirs_s = [], []
+  calls = {"ours": ours, "transformers": theirs,
+           "ours_one": lambda: ours(1), "transformers_one": lambda: theirs(1)}
+  secs = {k: [] for k in calls}
   for _ in range(rounds):
-    time.sleep(SETTLE_S)
-    ours_s.append(_timed(ours)[0])
-    time.sleep(SETTLE_S)
-    theirs_s.append(_timed(theirs)[0])
-  rate = lambda s: round(batch * new / statistics.median(s), 1)
+    for k, call in calls.items():
+      time.sleep(SETTLE_S)
+      secs[k].append(_timed(call)[0])
+  med = {k: statistics.median(v) for k, v in secs.items()}
+  rate = lambda side: round(batch * new / med[side], 1)
+  # A one-token call is the prefill plus one step; the other new - 1 steps make up the rest.
+  step_ms = lambda side: (med[side] - med[side + "_one"]) / (new - 1) * 1e3
+  sides = ("ours", "transformers")
+  split = {"one_token_call_s": {side: round(med[side + "_one"], 3) for side in sides}}
+  if new > 1:
+    split.update(decode_step_ms={side: round(step_ms(side), 2) for side in sides},
+                 decode_steps_ratio=round(step_ms("transformers") / step_ms("ours"), 2))
   agree = ours_BN[:, :AGREE_TOKENS] == theirs_BN[:, :AGREE_TOKENS]
   return {"batch": batch, "prompt": prompt, "new": new, "rounds": rounds,
-          "tokens_per_s": {"ours": rate(ours_s), "transformers": rate(theirs_s)},
-          "ratio": round(statistics.median(t / o for o, t in zip(ours_s, theirs_s)), 2),
+          "tokens_per_s": {"ours": rate("ours"), "transformers": rate("transformers")},
+          "ratio": round(statistics.median(
+              t / o for o, t in zip(secs["ours"], secs["transformers"])), 2),
+          **split,
           "ours_compile_s": round(first_s - warm_s, 2),
           "first_tokens_agree": bool(agree.all()),
           "first_tokens_compared": AGREE_TOKENS,
