@@ -96,8 +96,9 @@ def decode_vs_transformers(ours_model, theirs_model, batch, prompt, new, rounds)
 
   first_s, ours_BN = _timed(ours)
   warm_s, _ = _timed(ours)
-  theirs_BN = theirs()   # warm-ups
-  ours(1), theirs(1)
+  theirs_BN = theirs()   # warm-ups, the one-token calls' too
+  ours(1)
+  theirs(1)
   if ours_BN.shape != (batch, new) or theirs_BN.shape != (batch, new):
     raise RuntimeError(f"expected {new} new tokens per row, got {ours_BN.shape} (ours) and "
                        f"{theirs_BN.shape} (transformers)")
