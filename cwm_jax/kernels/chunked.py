@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cwm_jax.kernels.masks import PAD_K_SEGMENT, PAD_Q_SEGMENT, allowed, pad_rows
+from cwm_jax.kernels.masks import allowed, pad_rows, pad_segments
 
 NEG_INF = -1e30
 
@@ -209,8 +209,7 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
   heads_first = lambda x: pad_rows(x, pad_s, 0).transpose(0, 2, 1, 3)
   out, lse = _flash(c, g, window, tuple(pairs), skip_empty, unroll, q.reshape(b, kv, tp * g, h),
                     heads_first(k_BSKH), heads_first(v_BSKH),
-                    pad_rows(q_seg_BT, pad_t, PAD_Q_SEGMENT),
-                    pad_rows(k_seg_BS, pad_s, PAD_K_SEGMENT),
+                    *pad_segments(q_seg_BT, k_seg_BS, pad_t, pad_s),
                     _pad_1d(jnp.asarray(q_idx_T, jnp.int32), pad_t),
                     _pad_1d(jnp.asarray(k_idx_S, jnp.int32), pad_s))
   out = out.reshape(b, kv, tp, g, h).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)

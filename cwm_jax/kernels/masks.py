@@ -19,6 +19,12 @@ def pad_rows(x, rows: int, value):
   return jnp.pad(x, widths, constant_values=value)
 
 
+def pad_segments(q_seg_BT, k_seg_BS, q_rows: int, k_rows: int):
+  """Query and key segment ids with `q_rows` / `k_rows` padding rows at the end, in
+  segments no real row shares and unequal to each other: padding sees and is seen by none."""
+  return pad_rows(q_seg_BT, q_rows, PAD_Q_SEGMENT), pad_rows(k_seg_BS, k_rows, PAD_K_SEGMENT)
+
+
 def allowed(q_idx, k_idx, q_seg, k_seg, window):
   """Boolean mask, broadcasting `[..., T, 1]` queries against `[..., 1, S]` keys."""
   delta = q_idx - k_idx

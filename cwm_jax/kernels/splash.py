@@ -107,8 +107,7 @@ def attend_local(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, *, window: int, of
     return kernel(q, k, v, segment_ids=sa.SegmentIds(q=q_seg, kv=kv_seg))
 
   o_BNTH = jax.vmap(one)(q_BNTH, k_BKSH, v_BKSH,
-                         masks.pad_rows(q_seg_BT, pad_t, masks.PAD_Q_SEGMENT),
-                         masks.pad_rows(kv_seg_BS, pad_s, masks.PAD_K_SEGMENT))
+                         *masks.pad_segments(q_seg_BT, kv_seg_BS, pad_t, pad_s))
   return jnp.swapaxes(o_BNTH[:, :, :t], 1, 2).astype(q_BTNH.dtype)
 
 
