@@ -15,7 +15,8 @@ size, the same random prompts (length `--prompt`) are extended by exactly `--new
 by our `cwm_jax.infer.sampler.generate` (greedy, no stop ids) and by transformers'
 `generate` (`do_sample=False`, `use_cache=True`, no eos), on `--threads` torch threads.
 After a warm-up call of each, rounds alternate ours, theirs, ... so a shared machine's
-load hits both alike. Reported per batch size: tokens/s = batch * new / seconds of a
+load hits both alike. Both run in this one process, which keeps freed host memory for
+reuse as our programs do on a CPU (`cwm_jax.host_memory`; `host_malloc` in the output). Reported per batch size: tokens/s = batch * new / seconds of a
 whole `generate` call (prefill included, as for a user), median over rounds; `ratio`,
 the median of the per-round ratios ours / transformers; where each side's time goes: the
 median seconds of a one-token call (`one_token_call_s`: the prefill and one step, timed in
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cwm_jax import host_memory
 from cwm_jax.infer import cache as kv
 from cwm_jax.infer import sampler
 from cwm_jax.model import abstract_model, cwm_32b, model_from_params, tiny
@@ -180,7 +182,9 @@ def main():
   parser.add_argument("--skip_decode", action="store_true",
                       help="skip the decode-throughput and cache-memory figures")
   args = parser.parse_args()
-  out = {"device": jax.devices()[0].device_kind}
+  retained = host_memory.retain()   # as our programs run; torch, in this process, shares it
+  out = {"device": jax.devices()[0].device_kind,
+         "host_malloc": "retained" if retained else "system"}
   if not args.skip_decode:
     big = cwm_32b()
     full = big.replace(layer_windows=(big.global_window,) * big.n_layers)

@@ -11,7 +11,11 @@ state donated, under `--execution` (default EXECUTION: the chunked backend that 
 picks on CPU, blocks sized by `resolve_chunk`, layers unrolled), plus any `--variant`
 executions.
 Each side lives in its own process (torch's and XLA's thread pools would otherwise
-spin against each other) and idles while another runs. Each round times every side in
+spin against each other) and idles while another runs. Both keep freed host memory for
+reuse, as our programs do on a CPU (`cwm_jax.host_memory`: XLA's and torch's per-step
+buffers would otherwise come back as fresh pages every step); `--host_malloc ours` leaves
+transformers on glibc's defaults, as it ships, `none` both. Each side reports its host
+page faults per step. Each round times every side in
 turn (ours, each variant, transformers), then each process's float32 matmul rate (a
 2048^2 GEMM in XLA or torch), so a shared machine's load hits all alike.
 
@@ -44,6 +48,7 @@ CONFIGS = {
                  window=256),
 }
 LR, WD = 1e-3, 0.1
+HOST_MALLOC = ("ours", "both", "none")
 SETTLE_S = 0.5  # idle gap before each timed call: the other side's threads stop spinning
 EXECUTION = {"attention_impl": "auto", "scan_layers": False}  # chunk 0: resolve_chunk picks
 
@@ -59,6 +64,10 @@ def _args():
                  help="JSON of Execution fields for our step")
   p.add_argument("--variant", action="append", default=[],
                  help="JSON of Execution fields: another of our steps, timed alongside")
+  p.add_argument("--host_malloc", choices=HOST_MALLOC, default="both",
+                 help="which sides keep freed host memory for reuse (`cwm_jax.host_memory`): "
+                      "both (the steps compared on equal terms), ours (as our programs run, "
+                      "transformers as it ships) or none")
   p.add_argument("--breakdown", action="store_true",
                  help="also time each part of both steps alone (fwd+bwd), in milliseconds")
   return p.parse_args()
@@ -264,12 +273,17 @@ def step_from_parts(cfg, ms):
   return round(layers + ms["rms_norm"] + ms["head_and_loss"] + ms["adamw"], 1)
 
 
-def _worker(conn, side, name, execution_json, threads, breakdown):
+def _worker(conn, side, name, execution_json, threads, breakdown, retain):
   """One side in its own process: builds its step (and with `breakdown` its parts), then
-  answers ("run", n) with the seconds n steps took, ("matmul",) with its framework's GEMM
-  FLOP/s and ("parts",) with each part's milliseconds (`_ms`)."""
+  answers ("run", n) with the seconds n steps took and the host page faults per step,
+  ("matmul",) with its framework's GEMM FLOP/s and ("parts",) with each part's
+  milliseconds (`_ms`). `retain`: keep freed host memory (`host_memory.retain`)."""
+  import resource
+  from cwm_jax import host_memory
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_multi_thread_eigen=true").strip()
+  os.environ[host_memory.ENV] = "retain" if retain else "system"
+  retained = host_memory.retain()   # before torch's or XLA's threads start
   import torch
   torch.set_num_threads(threads)
   cfg, c = model_config(name), CONFIGS[name]
@@ -290,6 +304,7 @@ def _worker(conn, side, name, execution_json, threads, breakdown):
   run(1)
   info["first_step_s"] = time.perf_counter() - start
   run(1)
+  info["host_malloc"] = "retained" if retained else "system"
   for call in parts.values():   # compile and warm each part
     call()
     call()
@@ -298,9 +313,12 @@ def _worker(conn, side, name, execution_json, threads, breakdown):
   while True:
     msg = conn.recv()
     if msg[0] == "run":
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
-      loss = run(msg[1])
-      conn.send((time.perf_counter() - start, loss))
+      run(msg[1])
+      seconds = time.perf_counter() - start
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+      conn.send((seconds, faults / msg[1]))
     elif msg[0] == "matmul":
       conn.send(probe())
     elif msg[0] == "parts":
@@ -360,19 +378,23 @@ def run_config(name, a):
   timed_parts = (0, len(sides) - 1)   # ours (the base execution) and transformers
   for i, (side, e) in enumerate(sides):
     parent, child = ctx.Pipe()
+    retain = a.host_malloc == "both" or (a.host_malloc == "ours" and side == "ours")
     proc = ctx.Process(target=_worker, daemon=True,
                        args=(child, side, name, json.dumps(vars(e)) if e else "", a.threads,
-                             a.breakdown and i in timed_parts))
+                             a.breakdown and i in timed_parts, retain))
     proc.start()
     workers.append((parent, proc, parent.recv()))   # one side builds and compiles at a time
   tokens = a.steps * b * t
   rates = [[] for _ in workers]
+  faults = [[] for _ in workers]
   mm = [[] for _ in workers]
   for _ in range(a.rounds):
     for i, (conn, _, _) in enumerate(workers):
       time.sleep(SETTLE_S)
       conn.send(("run", a.steps))
-      rates[i].append(tokens / conn.recv()[0])
+      seconds, step_faults = conn.recv()
+      rates[i].append(tokens / seconds)
+      faults[i].append(step_faults)
     for i, (conn, _, _) in enumerate(workers):
       time.sleep(SETTLE_S)
       conn.send(("matmul",))
@@ -395,14 +417,16 @@ def run_config(name, a):
             "model_gflop_per_s": round(med(rs) * per_token / 1e9, 2),
             "matmul_gflop_per_s": round(med(mm[i]) / 1e9, 1),
             "fraction_of_matmul_rate": round(med([r * per_token / m
-                                                  for r, m in zip(rs, mm[i])]), 3)}
+                                                  for r, m in zip(rs, mm[i])]), 3),
+            "host_malloc": workers[i][2]["host_malloc"],
+            "page_faults_per_step": round(med(faults[i]))}
 
   ratio = lambda i: round(med([o / r for o, r in zip(rates[i], rates[-1])]), 3)
   out = {"config": name, **c, "params": cfg.param_count(), "layer_windows": cfg.layer_windows,
          "ratio": ratio(0),
          "ours": {**side(0), "first_step_s": round(workers[0][2]["first_step_s"], 2),
                   "execution": vars(executions[0])},
-         "transformers": {**side(-1), **workers[-1][2]},
+         "transformers": {**workers[-1][2], **side(-1)},
          "flops_per_token": per_token}
   out["variants"] = [{"execution": vars(e), **side(i), "ratio": ratio(i)}
                      for i, e in enumerate(executions[1:], 1)]

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from cwm_jax import host_memory
 from cwm_jax.base import ConfigError
 
 _FIX = "run with --helpfull to see the flags"
@@ -136,12 +137,14 @@ def run_main(main: Callable[[list[str]], None], errors: tuple[type, ...] = (),
   errors and `errors` raised by `main` print one line and exit 2, and an exception with
   an `exit_code` (a non-finite training stop) prints one line and exits with it.
 
-  `quiet`: library INFO logs (orbax's) are off unless --verbosity is given.
+  `quiet`: library INFO logs (orbax's) are off unless --verbosity is given. On a CPU
+  run, host memory is retained for reuse between executions (`host_memory.retain`).
   """
   def guarded(argv):
     if quiet and not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     try:
+      host_memory.retain()  # before JAX starts its thread pools
       return main(argv)
     except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             app.UsageError, *errors) as e:
