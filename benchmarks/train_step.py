@@ -49,6 +49,7 @@ CONFIGS = {
 }
 LR, WD = 1e-3, 0.1
 HOST_MALLOC = ("ours", "both", "none")
+WARM_STEPS = 3  # untimed steps after the first: the host heap grows to its steady size
 SETTLE_S = 0.5  # idle gap before each timed call: the other side's threads stop spinning
 EXECUTION = {"attention_impl": "auto", "scan_layers": False}  # chunk 0: resolve_chunk picks
 
@@ -303,7 +304,7 @@ def _worker(conn, side, name, execution_json, threads, breakdown, retain):
   start = time.perf_counter()
   run(1)
   info["first_step_s"] = time.perf_counter() - start
-  run(1)
+  run(WARM_STEPS)
   info["host_malloc"] = "retained" if retained else "system"
   for call in parts.values():   # compile and warm each part
     call()
