@@ -6,7 +6,8 @@ block that size with `mmap` and hands it back with `munmap`, so every step touch
 140,000 fresh, kernel-zeroed pages: 0.25-0.3 s of kernel time a step there, on 2 cores.
 `retain()` makes malloc keep freed memory for reuse: one arena (XLA's worker threads
 would otherwise allocate from arenas of their own, which `mmap` anything above 64 MB),
-no `mmap`, no trimming. The next step then reuses the block: no faults, no kernel time.
+no `mmap`, no trimming. The next step then reuses the block (the d512 step: 0 page
+faults, ~0.01 s of kernel time).
 The cost: the process keeps its peak heap until it exits.
 
 A thread keeps the arena it first allocated from, so this takes effect only before JAX
