@@ -16,8 +16,9 @@ by our `cwm_jax.infer.sampler.generate` (greedy, no stop ids) and by transformer
 `generate` (`do_sample=False`, `use_cache=True`, no eos), on `--threads` torch threads.
 After a warm-up call of each, rounds alternate ours, theirs, ... so a shared machine's
 load hits both alike. Both run in this one process, which keeps freed host memory for
-reuse as our programs do on a CPU (`cwm_jax.host_memory`; `host_malloc` in the output). Reported per batch size: tokens/s = batch * new / seconds of a
-whole `generate` call (prefill included, as for a user), median over rounds; `ratio`,
+reuse as our programs do on a CPU (`cwm_jax.host_memory`; `host_malloc` in the output).
+Reported per batch size: tokens/s = batch * new / seconds of a whole `generate` call
+(prefill included, as for a user), median over rounds; `ratio`,
 the median of the per-round ratios ours / transformers; where each side's time goes: the
 median seconds of a one-token call (`one_token_call_s`: the prefill and one step, timed in
 the same alternating rounds), the milliseconds of each further step (`decode_step_ms`:

@@ -15,9 +15,9 @@ spin against each other) and idles while another runs. Both keep freed host memo
 reuse, as our programs do on a CPU (`cwm_jax.host_memory`: XLA's and torch's per-step
 buffers would otherwise come back as fresh pages every step); `--host_malloc ours` leaves
 transformers on glibc's defaults, as it ships, `none` both. Each side reports its host
-page faults per step. Each round times every side in
-turn (ours, each variant, transformers), then each process's float32 matmul rate (a
-2048^2 GEMM in XLA or torch), so a shared machine's load hits all alike.
+page faults per step. Each round times every side in turn (ours, each variant,
+transformers), then each process's float32 matmul rate (a 2048^2 GEMM in XLA or torch),
+so a shared machine's load hits all alike.
 
 Per config it reports tokens/s (median over rounds), `ratio` (median of the per-round
 ratios ours / transformers), model FLOP/s (`cwm_jax.train.flops`, the same count for
