@@ -8,7 +8,9 @@ block that size with `mmap` and hands it back with `munmap`, so every step touch
 would otherwise allocate from arenas of their own, which `mmap` anything above 64 MB),
 no `mmap`, no trimming. The next step then reuses the block (the d512 step: 0 page
 faults, ~0.01 s of kernel time).
-The cost: the process keeps its peak heap until it exits.
+The cost: the process keeps its peak heap until it exits, and that peak holds the
+temporaries of executions that overlap (one freed after the next one's allocation): the
+d512 benchmark step settles at 2.5 GB resident after 3 steps, against 1.5 GB.
 
 A thread keeps the arena it first allocated from, so this takes effect only before JAX
 starts its thread pools (before any backend is initialized); `cli.run_main` calls it for

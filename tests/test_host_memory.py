@@ -5,7 +5,6 @@ fresh pages every call. Counted in page faults (the kernel's count), not timed."
 import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
 
@@ -18,20 +17,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4096   # x @ w is [N, N]: 64 MB, above glibc's largest mmap threshold (32 MB), so
            # glibc's defaults map it afresh each call
 
-# Each call of `f` holds x @ w as a temporary and frees it when the call ends;
-# prints the page faults of each of 9 calls after warm-up.
+# Each call of `f` holds x @ w as a temporary and frees it when the call ends; prints
+# the page faults of each of 10 calls after 40 warm-up calls.
 _PROBE = f"""
 import json, resource
 from cwm_jax import host_memory
 retained = host_memory.retain()
 import jax, jax.numpy as jnp
-x = jnp.ones(({N}, 256), jnp.float32)
-w = jnp.ones((256, {N}), jnp.float32)
+x = jnp.ones(({N}, 64), jnp.float32)
+w = jnp.ones((64, {N}), jnp.float32)
 f = jax.jit(lambda x, w: (x @ w).T @ x)
-for _ in range(3):
+for _ in range(40):
   f(x, w).block_until_ready()
 faults = []
-for _ in range(9):
+for _ in range(10):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x, w).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -53,9 +52,11 @@ def test_retained_memory_is_reused_between_executions():
   pages = N * N * 4 / 4096
   assert not system["retained"] and retained["retained"]
   assert min(system["faults"]) > pages / 2    # a fresh 64 MB temporary every call
-  # The freed block is reused; a call now and then still lands on fresh pages (a block
-  # freed after the next call's allocation), so the typical call is what is asserted.
-  assert statistics.median(retained["faults"]) < pages / 20
+  # Retained, freed blocks are reused. A call may start before the previous call's
+  # temporary is freed (more often on a loaded machine), so the heap first grows to hold
+  # the most that overlap (seen: up to 7 blocks, within 13 calls under load; now and then
+  # one more later), then stays: a third of the fresh pages of glibc's defaults, at most.
+  assert sum(retained["faults"]) < 3 * pages, retained["faults"]
 
 
 def test_cpu_run_follows_jax_platforms(monkeypatch):
