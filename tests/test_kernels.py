@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cwm_jax import kernels
+from cwm_jax.kernels import chunked
 from cwm_jax.kernels.chunked import block_pairs
 from cwm_jax.kernels.masks import allowed
 from cwm_jax.train.flops import causal_pairs
@@ -35,7 +36,8 @@ def _assert_close(got, want, atol):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
 
 
-def test_chunked_matches_reference_windows_gqa_documents_gradients():
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "pair_scan"])
+def test_chunked_matches_reference_windows_gqa_documents_gradients(rows):
   # T=45 is not a multiple of the chunk (8); windows: self only, < chunk, spans blocks, global.
   q, k, v, seg = _inputs(2, 45, 6, 2, 8, n_docs=4)
 
@@ -44,7 +46,8 @@ def test_chunked_matches_reference_windows_gqa_documents_gradients():
     out = {}
     for w in (1, 5, 19, 64):
       ref = lambda q, k, v, w=w: kernels.attend(q, k, v, seg, window=w, impl="reference")
-      chk = lambda q, k, v, w=w: kernels.attend(q, k, v, seg, window=w, impl="chunked", chunk=8)
+      chk = lambda q, k, v, w=w: kernels.chunked_attention(q, k, v, seg, window=w, chunk=8,
+                                                           rows=rows)
       out[w] = (_value_and_grads(ref, q, k, v), _value_and_grads(chk, q, k, v))
     return out
 
@@ -78,6 +81,26 @@ def test_one_query_row_in_the_cpu_cache_layout_matches_numpy():
       want[r, 0, head] = (p / p.sum()) @ v[r, seen, g]
   np.testing.assert_allclose(cpu, want, atol=2e-6, rtol=0)
   np.testing.assert_allclose(accelerator, want, atol=2e-6, rtol=0)
+
+
+def test_cpu_schedule_and_block_rows():
+  """On CPU short sequences take the row schedule with blocks of max(T/16, W/2) rows (a
+  power of two in [32, 512]); long ones, or any accelerator, the pair scan."""
+  assert [kernels.resolve_chunk(0, t, "cpu", w) for t, w in
+          [(512, 128), (512, 512), (1024, 256), (1024, 1024), (1024, None), (100, 100),
+           (131072, 8192)]] == [64, 32, 128, 64, 64, 32, 512]
+  assert kernels.resolve_chunk(0, 1024, "tpu", 256) == 512
+  assert kernels.resolve_chunk(24, 1024, "cpu", 256) == 24
+  ranges = lambda t, c, w: chunked.row_ranges(chunked.block_pairs(t // c, t // c, c, w), t // c)
+  assert ranges(256, 64, 100) == ((0, 1), (0, 2), (0, 3), (1, 4))
+  assert chunked.use_rows(ranges(1024, 64, 1024), "cpu")            # 16 query blocks
+  assert not chunked.use_rows(ranges(2048, 64, 1024), "cpu")        # 32: the pair scan
+  assert not chunked.use_rows(ranges(1024, 64, 1024), "gpu")
+  assert chunked.row_ranges([(0, 0), (1, 0), (1, 2)], 2) is None   # not one run of keys
+  with pytest.raises(ValueError, match="contiguous"):
+    chunked.flash_attention(*_inputs(1, 16, 2, 1, 8, n_docs=1)[:3], *(np.ones((1, 16)),) * 2,
+                            np.arange(16), np.arange(16), window=16, chunk=4,
+                            pairs=[(0, 0), (1, 0), (2, 0), (2, 2), (3, 3)], rows=True)
 
 
 def test_chunked_never_mixes_documents():

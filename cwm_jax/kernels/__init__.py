@@ -27,7 +27,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
   """Self-attention over a packed batch with the named backend ('auto': `resolve`);
   `chunk` block rows (0: `resolve_chunk`)."""
   impl = resolve(impl, dtype=q_BTNH.dtype)
-  chunk = resolve_chunk(chunk, q_BTNH.shape[1])
+  chunk = resolve_chunk(chunk, q_BTNH.shape[1], window=window)
   if impl == "reference":
     return reference_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, segment_ids_BT,
                                window=window)

@@ -3,12 +3,17 @@
 Queries and keys are cut into blocks of C rows. `block_pairs` lists, in
 Python, the (query block, key block) pairs that can hold a causal in-window
 key, so compiled FLOPs follow the window: a local layer costs about
-T * (W + C) score entries, a global one T^2 / 2. The forward pass scans the
-pairs with an online softmax and keeps only the output and the log-sum-exp;
-the backward pass recomputes each pair's probabilities and accumulates
-dq, dk, dv. Live memory is O(T) plus one [B, K, C*G, C] block of scores.
-Pairs whose block has no allowed (query, key) at run time, e.g. two packed
-documents, are skipped by `lax.cond`.
+T * (W + C) score entries, a global one T^2 / 2. Both schedules keep only the
+output and the log-sum-exp from the forward pass; the backward pass recomputes
+the probabilities and accumulates dq, dk, dv.
+
+- Pair scan (`_flash`): scans the pairs with an online softmax. Live memory is
+  O(T) plus one [B, K, C*G, C] block of scores. Pairs whose block has no
+  allowed (query, key) at run time, e.g. two packed documents, are skipped by
+  `lax.cond`.
+- Rows (`_rowwise`): each query block takes its run of key blocks at once, N
+  keys, with a plain softmax, the blocks unrolled in Python. One [B, K, C*G, N]
+  block of scores is alive. `use_rows` picks it on CPU for short sequences.
 
 Legend: B batch, T query length, S key length, K kv heads, G queries per kv
 head, N = K*G, H head dim, C block rows.
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cwm_jax.kernels.backend import target_platform
 from cwm_jax.kernels.masks import allowed, pad_rows, pad_segments
 
 NEG_INF = -1e30
@@ -181,9 +187,113 @@ def _flash_bwd(c, g, window, pairs, skip_empty, unroll, res, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+ROWS_MAX_BLOCKS = 16  # `use_rows`: the most query blocks the unrolled row schedule takes
+
+
+def use_rows(ranges, platform: str | None = None) -> bool:
+  """The row schedule on CPU when every query block's key blocks are one run and there
+  are at most `ROWS_MAX_BLOCKS` query blocks (it unrolls them); else the pair scan.
+  On CPU a query block's scores against all its keys at once is one wider product
+  (XLA:CPU ran [C*G, H] x [H, N] at 100 GFLOP/s for N=128, 180 for N=512) and one
+  softmax, where the scan pays per pair (benchmarks/train_step.py, fwd + bwd of the
+  kernel alone: d256 23.6 -> 15.6 ms local, 33.4 -> 22.5 global; d512 54.8 -> 34.4 and
+  75.9 -> 55.3). Elsewhere the pair scan keeps one [C*G, C] block of scores alive."""
+  return (ranges is not None and len(ranges) <= ROWS_MAX_BLOCKS
+          and (platform or target_platform()) == "cpu")
+
+
+def row_ranges(pairs, n_q: int):
+  """Per query block, the (first, last + 1) key block of its pairs, or None if the pairs
+  of some block are not one contiguous run (or it has none)."""
+  ranges = []
+  for i in range(n_q):
+    js = sorted(j for a, j in pairs if a == i)
+    if not js or js != list(range(js[0], js[-1] + 1)):
+      return None
+    ranges.append((js[0], js[-1] + 1))
+  return tuple(ranges)
+
+
+def _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  """Query block i's rows, its keys and values, the [B, 1, C*G, N] mask and the scale."""
+  lo, hi = rng[0] * c, rng[1] * c
+  cg = c * g
+  sq, qi = q_seg[:, i * c:(i + 1) * c], q_idx[i * c:(i + 1) * c]
+  mask = allowed(qi[None, :, None], k_idx[None, None, lo:hi], sq[:, :, None],
+                 k_seg[:, None, lo:hi], window)
+  b, n = mask.shape[0], hi - lo
+  mask = jnp.broadcast_to(mask[:, :, None, :], (b, c, g, n)).reshape(b, 1, cg, n)
+  return q[:, :, i * cg:(i + 1) * cg], k[:, :, lo:hi], v[:, :, lo:hi], mask
+
+
+def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  """Plain softmax per query block over its key range: (out [B,K,Q,H] f32, lse [B,K,Q])."""
+  outs, lses = [], []
+  for i, rng in enumerate(ranges):
+    q_i, k_r, v_r, mask = _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx)
+    s = _scores(q_i, k_r, mask)
+    m = s.max(-1)
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    l = p.sum(-1)
+    o = jnp.einsum("BKQS,BKSH->BKQH", p.astype(v.dtype), v_r, preferred_element_type=jnp.float32)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    outs.append(o / l_safe[..., None])
+    lses.append(jnp.where(empty, NEG_INF, m + jnp.log(l_safe)))
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+def _rows_backward(c, g, window, ranges, res, do, dlse):
+  q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse = res
+  d_row = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1) - dlse
+  h = q.shape[-1]
+  cg = c * g
+  # dk and dv accumulate transposed, as in `_backward`.
+  zeros_T = lambda x: jnp.zeros((*x.shape[:2], x.shape[3], x.shape[2]), jnp.float32)
+  dq, dk_T, dv_T = [], zeros_T(k), zeros_T(v)
+  for i, rng in enumerate(ranges):
+    q_i, k_r, v_r, mask = _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx)
+    rows = slice(i * cg, (i + 1) * cg)
+    do_i = do[:, :, rows]
+    s = _scores(q_i, k_r, mask)
+    p = jnp.where(mask, jnp.exp(s - lse[:, :, rows, None]), 0.0)
+    dv_j = jnp.einsum("BKQH,BKQS->BKHS", do_i, p.astype(do_i.dtype),
+                      preferred_element_type=jnp.float32)
+    dp = jnp.einsum("BKQH,BKSH->BKQS", do_i, v_r, preferred_element_type=jnp.float32)
+    ds = (p * (dp - d_row[:, :, rows, None]) * (h ** -0.5)).astype(q.dtype)
+    dq.append(jnp.einsum("BKQS,BKSH->BKQH", ds, k_r, preferred_element_type=jnp.float32))
+    dk_j = jnp.einsum("BKQH,BKQS->BKHS", q_i, ds, preferred_element_type=jnp.float32)
+    cols = slice(rng[0] * c, rng[1] * c)
+    dk_T = dk_T.at[..., cols].add(dk_j)
+    dv_T = dv_T.at[..., cols].add(dv_j)
+  return (jnp.concatenate(dq, axis=2).astype(q.dtype), jnp.swapaxes(dk_T, 2, 3).astype(k.dtype),
+          jnp.swapaxes(dv_T, 2, 3).astype(v.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _rowwise(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  out, lse = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  return out.astype(q.dtype), lse
+
+
+def _rowwise_fwd(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
+  out, lse = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  out = out.astype(q.dtype)
+  return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse)
+
+
+def _rowwise_bwd(c, g, window, ranges, res, cotangents):
+  do, dlse = cotangents
+  dq, dk, dv = _rows_backward(c, g, window, ranges, res, do, dlse)
+  return dq, dk, dv, None, None, None, None
+
+
+_rowwise.defvjp(_rowwise_fwd, _rowwise_bwd)
+
+
 def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S, *,
                     window: int, chunk: int, pairs=None, q_offset: int | None = 0,
-                    skip_empty: bool = True, unroll: bool = False):
+                    skip_empty: bool = True, unroll: bool = False, rows: bool | None = None):
   """Attention with explicit positions; returns (out [B,T,N,H], lse [B,T,N] f32).
 
   `q_idx_T`/`k_idx_S` are the positions the mask compares (may be traced).
@@ -191,6 +301,10 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
   starting at static key position `q_offset` (None: keep all pairs).
   Both outputs are differentiable, so partial results can be merged by
   log-sum-exp (ring attention).
+
+  `rows` picks the schedule: True, one plain softmax per query block over its
+  run of key blocks (unrolled; `skip_empty` and `unroll` do not apply); False, the
+  scan over block pairs; None, `use_rows`.
 
   Inside, each kv head's G query heads are stacked under its rows: queries
   [B, K, T*G, H] against keys [B, K, S, H], so every block product is a batched
@@ -207,20 +321,29 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
                         None if q_offset is None else window, q_offset or 0)
   q = pad_rows(q_BTNH, pad_t, 0).reshape(b, tp, kv, g, h).transpose(0, 2, 1, 3, 4)
   heads_first = lambda x: pad_rows(x, pad_s, 0).transpose(0, 2, 1, 3)
-  out, lse = _flash(c, g, window, tuple(pairs), skip_empty, unroll, q.reshape(b, kv, tp * g, h),
-                    heads_first(k_BSKH), heads_first(v_BSKH),
-                    *pad_segments(q_seg_BT, k_seg_BS, pad_t, pad_s),
-                    _pad_1d(jnp.asarray(q_idx_T, jnp.int32), pad_t),
-                    _pad_1d(jnp.asarray(k_idx_S, jnp.int32), pad_s))
+  operands = (q.reshape(b, kv, tp * g, h), heads_first(k_BSKH), heads_first(v_BSKH),
+              *pad_segments(q_seg_BT, k_seg_BS, pad_t, pad_s),
+              _pad_1d(jnp.asarray(q_idx_T, jnp.int32), pad_t),
+              _pad_1d(jnp.asarray(k_idx_S, jnp.int32), pad_s))
+  ranges = row_ranges(pairs, tp // c)
+  if rows is None:
+    rows = use_rows(ranges)
+  elif rows and ranges is None:
+    raise ValueError("rows=True needs each query block's key blocks to be one contiguous run")
+  if rows:
+    out, lse = _rowwise(c, g, window, ranges, *operands)
+  else:
+    out, lse = _flash(c, g, window, tuple(pairs), skip_empty, unroll, *operands)
   out = out.reshape(b, kv, tp, g, h).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)
   lse = lse.reshape(b, kv, tp, g).transpose(0, 2, 1, 3).reshape(b, tp, n)
   return out[:, :t], lse[:, :t]
 
 
 def chunked_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int,
-                      skip_empty: bool = True, unroll: bool = False):
+                      skip_empty: bool = True, unroll: bool = False, rows: bool | None = None):
   """Self-attention over packed rows; matches `reference_attention`."""
   idx = np.arange(q_BTNH.shape[1])
   out, _ = flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT, idx, idx,
-                           window=window, chunk=chunk, skip_empty=skip_empty, unroll=unroll)
+                           window=window, chunk=chunk, skip_empty=skip_empty, unroll=unroll,
+                           rows=rows)
   return out
