@@ -10,7 +10,7 @@ no `mmap`, no trimming. The next step then reuses the block (the d512 step: 0 pa
 faults, ~0.01 s of kernel time).
 The cost: the process keeps its peak heap until it exits, and that peak holds the
 temporaries of executions that overlap (one freed after the next one's allocation): the
-d512 benchmark step settles at 2.5 GB resident after 3 steps, against 1.5 GB.
+d512 benchmark step settles at 3.5 GB resident with 3 steps in flight, against 1.5 GB.
 
 A thread keeps the arena it first allocated from, so this takes effect only before JAX
 starts its thread pools (before any backend is initialized); `cli.run_main` calls it for
@@ -60,5 +60,8 @@ def retain() -> bool:
   mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
   if mallopt is None:
     return False
+  # The trim threshold is a size_t inside glibc, so -1 reads as SIZE_MAX: never trim.
+  # The largest positive int (2 GiB) still trimmed: three d512 steps in flight left a
+  # 2.3 GB free top, which glibc gave back and then faulted in again (66k faults a step).
   return all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
