@@ -84,11 +84,12 @@ def test_one_query_row_in_the_cpu_cache_layout_matches_numpy():
 
 
 def test_cpu_schedule_and_block_rows():
-  """On CPU short sequences take the row schedule with blocks of max(T/16, W/2) rows (a
-  power of two in [32, 512]); long ones, or any accelerator, the pair scan."""
+  """On CPU short sequences take the row schedule with blocks of T/16 rows (global) or
+  max(T/16, W/2) (local), a power of two in [64, 512]; long ones, or any accelerator, the
+  pair scan."""
   assert [kernels.resolve_chunk(0, t, "cpu", w) for t, w in
-          [(512, 128), (512, 512), (1024, 256), (1024, 1024), (1024, None), (100, 100),
-           (131072, 8192)]] == [64, 32, 128, 64, 64, 32, 512]
+          [(512, 128), (512, 512), (1024, 256), (1024, 1024), (2048, None), (100, 100),
+           (4096, 1024), (131072, 8192)]] == [64, 64, 128, 64, 128, 64, 512, 512]
   assert kernels.resolve_chunk(0, 1024, "tpu", 256) == 512
   assert kernels.resolve_chunk(24, 1024, "cpu", 256) == 24
   ranges = lambda t, c, w: chunked.row_ranges(chunked.block_pairs(t // c, t // c, c, w), t // c)
