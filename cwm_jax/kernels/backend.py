@@ -44,13 +44,13 @@ def resolve_chunk(chunk: int, seq_len: int, platform: str | None = None,
                   window: int | None = None) -> int:
   """Block rows of the blockwise kernels: `chunk`, or for 0 ('auto') 512 on TPU and GPU,
   and on CPU T / 16 for a global layer (`window` >= T or None), the larger of T / 16
-  and W / 2 for a local one, a power of two in [64, 512]. There the row schedule (`chunked.use_rows`) runs each
-  query block against all its keys, so smaller blocks cut the causal and window waste
-  until the products get too thin: T / 16 rows for global layers, W / 2 for local ones
-  (benchmarks/train_step.py kernels, fwd + bwd, ms: d512 global 64 rows 55.3 vs 128 rows
-  58.6 vs 256 rows 62.0; d512 local (W=256) 128 rows 34.4 vs 64 rows 38.2 vs 256 rows
-  44.8; d256 (T=512, W=128) 64 rows 15.6 local and 22.5 global, 32 rows 15.2 and 22.5,
-  so not below 64: fewer blocks to unroll and compile for short sequences)."""
+  and W / 2 for a local one, a power of two in [64, 512]. There the row schedule
+  (`chunked.use_rows`) runs each query block against all its keys, so smaller blocks cut
+  the causal and window waste until the products get too thin (the kernel alone, fwd +
+  bwd, at the shapes of benchmarks/train_step.py, ms: d512 global 64 rows 55.3 vs 128
+  rows 58.6 vs 256 rows 62.0; d512 local (W=256) 128 rows 34.4 vs 64 rows 38.2 vs 256
+  rows 44.8; d256 (T=512, W=128) 64 rows 15.6 local and 22.5 global, 32 rows 15.2 and
+  22.5, so not below 64: fewer blocks to unroll and compile for short sequences)."""
   if chunk:
     return chunk
   if (platform or target_platform()) != "cpu":

@@ -195,9 +195,10 @@ def use_rows(ranges, platform: str | None = None) -> bool:
   are at most `ROWS_MAX_BLOCKS` query blocks (it unrolls them); else the pair scan.
   On CPU a query block's scores against all its keys at once is one wider product
   (XLA:CPU ran [C*G, H] x [H, N] at 100 GFLOP/s for N=128, 180 for N=512) and one
-  softmax, where the scan pays per pair (benchmarks/train_step.py, fwd + bwd of the
-  kernel alone: d256 23.6 -> 15.6 ms local, 33.4 -> 22.5 global; d512 54.8 -> 34.4 and
-  75.9 -> 55.3). Elsewhere the pair scan keeps one [C*G, C] block of scores alive."""
+  softmax, where the scan pays per pair (fwd + bwd of the kernel alone at the shapes of
+  benchmarks/train_step.py: d256 23.6 -> 15.6 ms local, 33.4 -> 22.5 global; d512
+  54.8 -> 34.4 and 75.9 -> 55.3). Elsewhere the pair scan keeps one [C*G, C] block of
+  scores alive."""
   return (ranges is not None and len(ranges) <= ROWS_MAX_BLOCKS
           and (platform or target_platform()) == "cpu")
 
@@ -215,7 +216,7 @@ def row_ranges(pairs, n_q: int):
 
 
 def _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  """Query block i's rows, its keys and values, the [B, 1, C*G, N] mask and the scale."""
+  """Query block i's rows, its run of keys and values, and their [B, 1, C*G, N] mask."""
   lo, hi = rng[0] * c, rng[1] * c
   cg = c * g
   sq, qi = q_seg[:, i * c:(i + 1) * c], q_idx[i * c:(i + 1) * c]
