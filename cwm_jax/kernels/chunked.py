@@ -11,12 +11,12 @@ the probabilities and accumulates dq, dk, dv.
   O(T) plus one [B, K, C*G, C] block of scores. Pairs whose block has no
   allowed (query, key) at run time, e.g. two packed documents, are skipped by
   `lax.cond`.
-- Rows (`_rowwise`): each query block takes its run of key blocks at once, N
-  keys, with a plain softmax, the blocks unrolled in Python. One [B, K, C*G, N]
+- Rows (`_rowwise`): each query block takes its run of key blocks at once, R
+  keys, with a plain softmax, the blocks unrolled in Python. One [B, K, C*G, R]
   block of scores is alive. `use_rows` picks it on CPU for short sequences.
 
 Legend: B batch, T query length, S key length, K kv heads, G queries per kv
-head, N = K*G, H head dim, C block rows.
+head, N = K*G, H head dim, C block rows, R keys of a query block's run.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def use_rows(ranges, platform: str | None = None) -> bool:
   """The row schedule on CPU when every query block's key blocks are one run and there
   are at most `ROWS_MAX_BLOCKS` query blocks (it unrolls them); else the pair scan.
   On CPU a query block's scores against all its keys at once is one wider product
-  (XLA:CPU ran [C*G, H] x [H, N] at 100 GFLOP/s for N=128, 180 for N=512) and one
+  (XLA:CPU ran [C*G, H] x [H, R] at 100 GFLOP/s for R=128, 180 for R=512) and one
   softmax, where the scan pays per pair (fwd + bwd of the kernel alone at the shapes of
   benchmarks/train_step.py: d256 23.6 -> 15.6 ms local, 33.4 -> 22.5 global; d512
   54.8 -> 34.4 and 75.9 -> 55.3). Elsewhere the pair scan keeps one [C*G, C] block of
@@ -216,7 +216,7 @@ def row_ranges(pairs, n_q: int):
 
 
 def _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  """Query block i's rows, its run of keys and values, and their [B, 1, C*G, N] mask."""
+  """Query block i's rows, its run of keys and values, and their [B, 1, C*G, R] mask."""
   lo, hi = rng[0] * c, rng[1] * c
   cg = c * g
   sq, qi = q_seg[:, i * c:(i + 1) * c], q_idx[i * c:(i + 1) * c]
