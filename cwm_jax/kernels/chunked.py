@@ -82,6 +82,21 @@ def _scores(q_BKQH, k_BKSH, mask):
   return jnp.where(mask, s * (h ** -0.5), NEG_INF)
 
 
+def _block_grads(q_i, k_j, v_j, do_i, mask, lse_i, d_row_i):
+  """One block's recomputed probabilities and its gradients (dq_i, dk_j^T, dv_j^T), dk and
+  dv transposed as the backward passes accumulate them."""
+  h = q_i.shape[-1]
+  s = _scores(q_i, k_j, mask)
+  p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+  dv_j = jnp.einsum("BKQH,BKQS->BKHS", do_i, p.astype(do_i.dtype),
+                    preferred_element_type=jnp.float32)
+  dp = jnp.einsum("BKQH,BKSH->BKQS", do_i, v_j, preferred_element_type=jnp.float32)
+  ds = (p * (dp - d_row_i[..., None]) * (h ** -0.5)).astype(q_i.dtype)
+  dq_i = jnp.einsum("BKQS,BKSH->BKQH", ds, k_j, preferred_element_type=jnp.float32)
+  dk_j = jnp.einsum("BKQH,BKQS->BKHS", q_i, ds, preferred_element_type=jnp.float32)
+  return dq_i, dk_j, dv_j
+
+
 def _scan(step, carry, pairs, unroll):
   xs = (jnp.asarray([p[0] for p in pairs], jnp.int32), jnp.asarray([p[1] for p in pairs], jnp.int32))
   carry, _ = jax.lax.scan(lambda c, ij: (step(c, ij), None), carry, xs,
@@ -127,7 +142,6 @@ def _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_i
 def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
   q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse = res
   d_row = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1) - dlse
-  h = q.shape[-1]
   cg = c * g
 
   def step(carry, ij):
@@ -137,15 +151,9 @@ def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
     dq_old, dk_old, dv_old = _rows(dq, i, cg), _rows(dk_T, j, c, 3), _rows(dv_T, j, c, 3)
 
     def compute(_):
-      q_i, k_j, v_j, do_i = _rows(q, i, cg), _rows(k, j, c), _rows(v, j, c), _rows(do, i, cg)
-      s = _scores(q_i, k_j, mask)
-      p = jnp.where(mask, jnp.exp(s - _rows(lse, i, cg)[..., None]), 0.0)
-      dv_j = jnp.einsum("BKQH,BKQS->BKHS", do_i, p.astype(do_i.dtype),
-                        preferred_element_type=jnp.float32)
-      dp = jnp.einsum("BKQH,BKSH->BKQS", do_i, v_j, preferred_element_type=jnp.float32)
-      ds = (p * (dp - _rows(d_row, i, cg)[..., None]) * (h ** -0.5)).astype(q.dtype)
-      dq_i = jnp.einsum("BKQS,BKSH->BKQH", ds, k_j, preferred_element_type=jnp.float32)
-      dk_j = jnp.einsum("BKQH,BKQS->BKHS", q_i, ds, preferred_element_type=jnp.float32)
+      dq_i, dk_j, dv_j = _block_grads(_rows(q, i, cg), _rows(k, j, c), _rows(v, j, c),
+                                      _rows(do, i, cg), mask, _rows(lse, i, cg),
+                                      _rows(d_row, i, cg))
       return dq_old + dq_i, dk_old + dk_j, dv_old + dv_j
 
     if skip_empty:
@@ -247,7 +255,6 @@ def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
 def _rows_backward(c, g, window, ranges, res, do, dlse):
   q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse = res
   d_row = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1) - dlse
-  h = q.shape[-1]
   cg = c * g
   # dk and dv accumulate transposed, as in `_backward`.
   zeros_T = lambda x: jnp.zeros((*x.shape[:2], x.shape[3], x.shape[2]), jnp.float32)
@@ -255,15 +262,9 @@ def _rows_backward(c, g, window, ranges, res, do, dlse):
   for i, rng in enumerate(ranges):
     q_i, k_r, v_r, mask = _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx)
     rows = slice(i * cg, (i + 1) * cg)
-    do_i = do[:, :, rows]
-    s = _scores(q_i, k_r, mask)
-    p = jnp.where(mask, jnp.exp(s - lse[:, :, rows, None]), 0.0)
-    dv_j = jnp.einsum("BKQH,BKQS->BKHS", do_i, p.astype(do_i.dtype),
-                      preferred_element_type=jnp.float32)
-    dp = jnp.einsum("BKQH,BKSH->BKQS", do_i, v_r, preferred_element_type=jnp.float32)
-    ds = (p * (dp - d_row[:, :, rows, None]) * (h ** -0.5)).astype(q.dtype)
-    dq.append(jnp.einsum("BKQS,BKSH->BKQH", ds, k_r, preferred_element_type=jnp.float32))
-    dk_j = jnp.einsum("BKQH,BKQS->BKHS", q_i, ds, preferred_element_type=jnp.float32)
+    dq_i, dk_j, dv_j = _block_grads(q_i, k_r, v_r, do[:, :, rows], mask, lse[:, :, rows],
+                                    d_row[:, :, rows])
+    dq.append(dq_i)
     cols = slice(rng[0] * c, rng[1] * c)
     dk_T = dk_T.at[..., cols].add(dk_j)
     dv_T = dv_T.at[..., cols].add(dv_j)
