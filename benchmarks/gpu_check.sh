@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# GPU check of the 'cudnn' attention path, on one NVIDIA GPU, in under 8 minutes.
+# GPU check of the 'cudnn' attention path, on one NVIDIA GPU, in under 9 minutes.
 #
 #   bash benchmarks/gpu_check.sh [--wheels DIR] [--out DIR]
 #
-# 1. installs the CUDA plugin matching the pinned jax (`jax[cuda12]==<jax version>`) into
-#    the project venv (.venv, or $PYTHON), from PyPI or, with --wheels, from a local folder
-#    of wheels (`pip download 'jax[cuda12]==0.10.2' -d DIR` on a machine with internet);
-#    skipped when the plugin of that version is already installed;
+# 1. uses the JAX of $PYTHON (default .venv/bin/python) as it is when it already sees a GPU
+#    (any CUDA plugin: a GPU machine's own image); otherwise installs the CUDA plugin matching
+#    its jax (`jax[cuda12]==<jax version>`), from PyPI or, with --wheels, from a local folder of
+#    wheels (`pip download 'jax[cuda12]==0.10.2' -d DIR` on a machine with internet);
 # 2. runs the GPU tests of tests/test_gpu_attention.py (cuDNN vs reference, bf16);
 # 3. benchmarks/gpu_parity.py: cuDNN vs reference, forward + gradients, packed documents,
 #    local and global windows, GQA, the fallback, bf16 tolerance (JSON);
-# 4. benchmarks/gpu_mfu.py: cwm_1b at 8k, one document per row and 8 packed per row (JSON).
-# Prints one JSON object per step and a summary object last; exits 1 if a step failed.
-# Without a GPU it prints {"skipped": ...} and exits 0 before installing anything.
+# 4. benchmarks/gpu_mfu.py: cwm_1b at 8k, one document per row and 8 packed per row, with
+#    cuDNN; then one document per row with the portable `chunked` kernel, for comparison (JSON).
+# Prints the versions it runs with, one JSON object per step and a summary object last; exits 1
+# if a step failed. Without a GPU it prints {"skipped": ...} and exits 0 before installing
+# anything. GPU_CHECK_BUDGET_S (default 530) caps the whole script, install included.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -34,8 +36,9 @@ fi
 nvidia-smi -L >&2
 
 jax_version=$("$PY" -c 'import jax; print(jax.__version__)') || { echo '{"error": "no jax in '"$PY"'"}'; exit 1; }
-have=$("$PY" -c 'import jax_cuda12_plugin.version as v; print(v.__version__)' 2>/dev/null || true)
-if [[ "$have" != "$jax_version" ]]; then
+if JAX_PLATFORMS=cuda "$PY" -c 'import jax; jax.devices()' >/dev/null 2>&1; then
+  echo "jax $jax_version already sees the GPU; nothing installed" >&2
+else
   src=()
   [[ -n "$wheels" ]] && src=(--no-index --find-links "$wheels")
   echo "installing jax[cuda12]==$jax_version ${src[*]}" >&2
@@ -47,9 +50,20 @@ export JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 backend=$("$PY" -c 'import jax; print(jax.default_backend(), jax.devices()[0].device_kind)' 2>&2)
 echo "backend: $backend" >&2
 [[ "$backend" == gpu* ]] || { echo '{"error": "jax does not see the GPU after installing the plugin"}'; exit 1; }
+"$PY" - <<'EOF' | tee "$out/versions.json"
+import importlib.metadata as md, json
+import jax
+found = {}
+for name in ("jax", "jaxlib", "flax", "optax", "numpy", "jax-cuda12-plugin", "jax-cuda13-plugin"):
+  try:
+    found[name] = md.version(name)
+  except md.PackageNotFoundError:
+    pass
+print(json.dumps({"versions": found, "device": jax.devices()[0].device_kind}))
+EOF
 
 status=0
-BUDGET=${GPU_CHECK_BUDGET_S:-470}  # whole script, install included: under 8 minutes
+BUDGET=${GPU_CHECK_BUDGET_S:-530}  # whole script, install included: under 9 minutes
 run() {  # name, timeout seconds (capped by what is left of BUDGET), command...
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET - SECONDS))
@@ -67,16 +81,19 @@ run() {  # name, timeout seconds (capped by what is left of BUDGET), command...
   [[ $rc -ne 0 ]] && tail -n 20 "$out/$name.err" >&2
 }
 
-run pytest 100 "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu_attention.py -k on_gpu -rs
+run pytest 100 "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu_attention.py \
+  tests/test_kernels.py -k on_gpu -rs
 run parity 100 "$PY" benchmarks/gpu_parity.py
-run mfu_1doc 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 1 --steps 10
-run mfu_8docs 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 8 --steps 10
+run mfu_1doc 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 1 --steps 20
+run mfu_8docs 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 8 --steps 20
+run mfu_chunked 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 1 --steps 10 \
+  --impl chunked --measure_matmul 0
 
 "$PY" - "$out" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {}
-for name in ("pytest", "parity", "mfu_1doc", "mfu_8docs"):
+for name in ("pytest", "parity", "mfu_1doc", "mfu_8docs", "mfu_chunked"):
   rc = json.loads((out / f"{name}.rc").read_text()) if (out / f"{name}.rc").exists() else {}
   last = (out / f"{name}.out").read_text().strip().splitlines()[-1:] if (out / f"{name}.out").exists() else []
   try:

@@ -1,7 +1,7 @@
 """MFU of the ~1B config (`cwm_1b`) at 8k context with cuDNN attention, on one GPU.
 
   python benchmarks/gpu_mfu.py [--seq 8192] [--batch 1] [--docs 1] [--steps 10]
-      [--impl cudnn] [--remat none] [--loss_chunk 0]
+      [--impl cudnn] [--remat none] [--loss_chunk 0] [--measure_matmul 1]
 
 Runs `cwm_jax.train.step` (forward + backward + AdamW, bfloat16 compute,
 float32 params) on rows of `--docs` packed documents (positions restart per
@@ -9,12 +9,15 @@ document) and reports model FLOPs utilisation: useful FLOPs from
 `cwm_jax.train.flops.batch_flops` (6 x matmul params per real token plus
 12*N*H per (query, key) pair at each layer's real window, per document,
 padding excluded) over the mean step time and the device's peak dense bf16
-FLOP/s (`flops.peak_flops`). Without a GPU it prints a JSON object saying so
-and exits 0. Prints one JSON object.
+FLOP/s (`flops.peak_flops`), and over the bf16 matmul rate measured in the same
+process (a chain of 8192^3 products on random data, `matmul_rate`). Step time is
+the median of `--steps` steps, each timed to completion. Without a GPU it prints
+a JSON object saying so and exits 0. Prints one JSON object.
 """
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -46,6 +49,25 @@ def packed_batch(vocab: int, batch: int, seq: int, docs: int, seed: int = 0) -> 
           "segment_ids": segments, "weights": np.ones((batch, seq), np.float32)}
 
 
+def matmul_rate(n: int = 8192, chain: int = 20, rounds: int = 5) -> float:
+  """bf16 FLOP/s of XLA's n^3 matmul on this device: `chain` dependent products of
+  random matrices in one program (c <- c @ b / sqrt(n), so no product can be hoisted),
+  median of `rounds` timed runs after a warm-up."""
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
+
+  @jax.jit
+  def run(c, b):
+    return jax.lax.fori_loop(0, chain, lambda _, c: (c @ b) * jnp.bfloat16(n ** -0.5), c)
+
+  run(a, b).block_until_ready()
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    run(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 * chain / statistics.median(times)
+
+
 def measure(a) -> dict:
   cfg = cwm_1b()
   run = Execution(param_dtype="float32", compute_dtype="bfloat16", attention_impl=a.impl,
@@ -69,17 +91,23 @@ def measure(a) -> dict:
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics["loss"])
   compile_s = time.perf_counter() - start
-  start = time.perf_counter()
+  times = []
   for _ in range(a.steps):
+    start = time.perf_counter()
     state, metrics = step(state, batch)
-  jax.block_until_ready(metrics["loss"])
-  step_s = (time.perf_counter() - start) / a.steps
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
   dev = jax.devices()[0]
   flops = batch_flops(cfg, host["positions"], host["segment_ids"])
   peak = peak_flops(dev.device_kind)
   stats = dev.memory_stats() or {}
+  rate = matmul_rate() if a.measure_matmul else None
   return {
       "mfu": round(flops / step_s / peak, 4) if peak else None, "step_s": round(step_s, 4),
+      "step_s_min_max": [round(min(times), 4), round(max(times), 4)],
+      "matmul_tflop_per_s": round(rate / 1e12, 1) if rate else None,
+      "fraction_of_matmul_rate": round(flops / step_s / rate, 4) if rate else None,
       "first_step_s": round(compile_s, 1), "tokens_per_s": round(a.batch * a.seq / step_s, 1),
       "model_flops_per_step": flops, "device": dev.device_kind, "peak_flops": peak,
       "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
@@ -98,6 +126,8 @@ def main():
   p.add_argument("--impl", default="cudnn")
   p.add_argument("--remat", default="none")
   p.add_argument("--loss_chunk", type=int, default=0)
+  p.add_argument("--measure_matmul", type=int, default=1,
+                 help="1: also measure the bf16 8192^3 matmul rate in this process")
   a = p.parse_args()
   if not 1 <= a.docs <= a.seq:
     p.error(f"--docs={a.docs} must be in [1, --seq]")
