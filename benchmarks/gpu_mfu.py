@@ -1,23 +1,29 @@
 """MFU of the ~1B config (`cwm_1b`) at 8k context with cuDNN attention, on one GPU.
 
   python benchmarks/gpu_mfu.py [--seq 8192] [--batch 1] [--docs 1] [--steps 10]
-      [--impl cudnn] [--remat none] [--loss_chunk 0] [--measure_matmul 1]
+      [--impl cudnn] [--remat none] [--loss_chunk 0] [--measure_matmul 1] [--profile_steps 0]
 
 Runs `cwm_jax.train.step` (forward + backward + AdamW, bfloat16 compute,
 float32 params) on rows of `--docs` packed documents (positions restart per
 document) and reports model FLOPs utilisation: useful FLOPs from
 `cwm_jax.train.flops.batch_flops` (6 x matmul params per real token plus
 12*N*H per (query, key) pair at each layer's real window, per document,
-padding excluded) over the mean step time and the device's peak dense bf16
+padding excluded) over the median step time and the device's peak dense bf16
 FLOP/s (`flops.peak_flops`), and over the bf16 matmul rate measured in the same
 process (a chain of 8192^3 products on random data, `matmul_rate`). Step time is
 the median of `--steps` steps, each timed to completion. Without a GPU it prints
-a JSON object saying so and exits 0. Prints one JSON object.
+a JSON object saying so and exits 0. `--profile_steps N` adds GPU kernel time per step by
+category (cuDNN attention, matmuls, reductions, the rest) and the top kernels, from a JAX
+profiler trace. Prints one JSON object.
 """
 
 import argparse
+import collections
+import glob
 import json
+import re
 import statistics
+import tempfile
 import time
 
 import jax
@@ -68,6 +74,45 @@ def matmul_rate(n: int = 8192, chain: int = 20, rounds: int = 5) -> float:
   return 2 * n ** 3 * chain / statistics.median(times)
 
 
+KERNEL_KINDS = (  # (category, pattern on the kernel name), first match wins
+    ("attention", re.compile(r"cudnn|fmha|flash|fprop|dgrad|sdpa", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|matmul|dot", re.I)),
+    ("reduction", re.compile(r"reduce|reduction", re.I)),
+)
+
+
+def kernel_profile(run_steps, n_steps: int, top: int = 12) -> dict:
+  """GPU kernel time per step by category and by kernel, from a JAX profiler trace of
+  `run_steps()` (which runs `n_steps` steps and blocks). `busy_fraction` is kernel time
+  over the traced wall time: what launch gaps and host waits leave."""
+  trace_dir = tempfile.mkdtemp(prefix="gpu_mfu_trace")
+  start = time.perf_counter()
+  with jax.profiler.trace(trace_dir):
+    run_steps()
+  wall = time.perf_counter() - start
+  [path] = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+  total, by_kind, by_kernel = 0.0, collections.Counter(), collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if not line.name.startswith("Stream"):
+        continue
+      for event in line.events:
+        ms = event.duration_ns / 1e6 / n_steps
+        kind = next((k for k, rx in KERNEL_KINDS if rx.search(event.name)), "elementwise/other")
+        total += ms
+        by_kind[kind] += ms
+        by_kernel[event.name[:90]] += ms
+  lines = sorted({f"{plane.name}: {line.name}" for plane in
+                  jax.profiler.ProfileData.from_file(path).planes for line in plane.lines})
+  return {"kernel_ms_per_step": round(total, 2),
+          **({} if total else {"no_gpu_kernels_in": lines[:20]}),
+          "busy_fraction": round(total * n_steps / 1e3 / wall, 3),
+          "by_category_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
+          "top_kernels_ms": [[name, round(v, 2)] for name, v in by_kernel.most_common(top)]}
+
+
 def measure(a) -> dict:
   cfg = cwm_1b()
   run = Execution(param_dtype="float32", compute_dtype="bfloat16", attention_impl=a.impl,
@@ -98,6 +143,14 @@ def measure(a) -> dict:
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
+  profile = None
+  if a.profile_steps:
+    def run_steps():
+      nonlocal state, metrics
+      for _ in range(a.profile_steps):
+        state, metrics = step(state, batch)
+      jax.block_until_ready(metrics["loss"])
+    profile = kernel_profile(run_steps, a.profile_steps)
   dev = jax.devices()[0]
   flops = batch_flops(cfg, host["positions"], host["segment_ids"])
   peak = peak_flops(dev.device_kind)
@@ -113,7 +166,7 @@ def measure(a) -> dict:
       "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
       "config": "cwm_1b", "params": cfg.param_count(), "seq": a.seq, "batch": a.batch,
       "docs_per_row": a.docs, "attention_impl": a.impl, "remat": a.remat,
-      "loss_chunk": a.loss_chunk, "loss": float(metrics["loss"]),
+      "loss_chunk": a.loss_chunk, "loss": float(metrics["loss"]), "profile": profile,
   }
 
 
@@ -126,6 +179,8 @@ def main():
   p.add_argument("--impl", default="cudnn")
   p.add_argument("--remat", default="none")
   p.add_argument("--loss_chunk", type=int, default=0)
+  p.add_argument("--profile_steps", type=int, default=0,
+                 help="N > 0: trace N more steps and report GPU kernel time by category")
   p.add_argument("--measure_matmul", type=int, default=1,
                  help="1: also measure the bf16 8192^3 matmul rate in this process")
   a = p.parse_args()
