@@ -14,7 +14,7 @@ from flax import nnx
 from cwm_jax.checkpoint.hf import config_to_hf
 from cwm_jax.checkpoint.load import load_params
 from cwm_jax.base import ConfigError
-from cwm_jax.model import (Execution, ModelConfig, init_model, meta_layer_windows,
+from cwm_jax.model import (Execution, ModelConfig, init_model, layers, meta_layer_windows,
                            model_from_params, tiny)
 
 torch = pytest.importorskip("torch")
@@ -179,6 +179,35 @@ def test_bfloat16_policy():
   logits, h = nnx.jit(lambda m, t: (m(t), m.hidden(t)))(model, tokens)
   assert logits.dtype == jnp.float32 and h.dtype == jnp.bfloat16
   np.testing.assert_allclose(logits, _forward(full, tokens), atol=0.05)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_float32_logits_backward_runs_in_the_compute_dtype(monkeypatch, platform):
+  """bf16 activations, float32 logits: the head's gradient matmuls take bf16 operands
+  (JAX's own transpose would feed them the float32 cotangent, i.e. a float32 matmul),
+  and equal the hand-derived gradients: cotangent cast to bf16, float32 accumulation."""
+  monkeypatch.setattr(layers, "target_platform", lambda: platform)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
+  proj = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+  loss = lambda x, w: jnp.sum(layers.dense(x, w, preferred_element_type=jnp.float32) * proj)
+  assert layers.dense(x, w, preferred_element_type=jnp.float32).dtype == jnp.float32
+  grad = jax.grad(loss, (0, 1))
+  dots = [e for e in jax.make_jaxpr(grad)(x, w).jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+  dx, dw = grad(x, w)
+  g = proj.astype(jnp.bfloat16)
+  want_dx = np.einsum("btv,dv->btd", np.float32(g), np.float32(w.astype(jnp.bfloat16)))
+  want_dw = np.einsum("btd,btv->dv", np.float32(x), np.float32(g))
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  np.testing.assert_allclose(np.float32(dx), want_dx, rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(dw, np.float32(jnp.asarray(want_dw, jnp.bfloat16)), rtol=1e-6)
+  # float32 activations keep JAX's own (exact) gradient
+  x32 = x.astype(jnp.float32)
+  want = jax.grad(lambda x, w: jnp.sum(jnp.tensordot(x, w, 1) * proj), (0, 1))(x32, w)
+  for got, ref in zip(grad(x32, w), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_params_carry_logical_axes_only():

@@ -8,6 +8,7 @@ to the mesh through the rules set by `nnx.logical_axis_rules` (if any).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -65,8 +66,20 @@ def dense(x, w, n_in: int = 1, preferred_element_type=None):
   with its elementwise producers, which made the d=256 train step's MLP 3x slower
   (benchmarks/train_step.py). Other platforms get the same contraction unmerged,
   which keeps batch and sequence shardings intact.
+
+  A `preferred_element_type` wider than x's dtype (float32 logits from bfloat16
+  activations) widens the output only: the backward pass casts the wide cotangent
+  to x's dtype before its two matmuls (float32 accumulation), as JAX's own
+  transpose would otherwise run them with one float32 operand, i.e. as float32
+  (TF32 on GPUs) matmuls at about half the bf16 rate (benchmarks/gpu_mfu.py).
   """
   w = w.astype(x.dtype)
+  if preferred_element_type is None or jnp.dtype(preferred_element_type) == x.dtype:
+    return _contract(x, w, n_in, preferred_element_type)
+  return _dense_wide(x, w, n_in, jnp.dtype(preferred_element_type))
+
+
+def _contract(x, w, n_in: int, preferred_element_type):
   if target_platform() != "cpu":
     return jnp.tensordot(x, w, n_in, preferred_element_type=preferred_element_type)
   lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
@@ -74,6 +87,34 @@ def dense(x, w, n_in: int = 1, preferred_element_type=None):
               w.reshape(math.prod(ins), math.prod(outs)),
               preferred_element_type=preferred_element_type)
   return y.reshape(*lead, *outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_wide(x, w, n_in, out_dtype):
+  return _contract(x, w, n_in, out_dtype)
+
+
+def _dense_wide_fwd(x, w, n_in, out_dtype):
+  return _contract(x, w, n_in, out_dtype), (x, w)
+
+
+def _dense_wide_bwd(n_in, out_dtype, res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  lead = x.ndim - n_in
+  if target_platform() == "cpu":  # 2-D GEMMs, as in `_contract`
+    x2, g2 = x.reshape(-1, math.prod(w.shape[:n_in])), g.reshape(-1, math.prod(w.shape[n_in:]))
+    dx = jnp.dot(g2, w.reshape(x2.shape[1], g2.shape[1]).T, preferred_element_type=out_dtype)
+    dw = jnp.dot(x2.T, g2, preferred_element_type=out_dtype)
+    return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+  dx = jnp.tensordot(g, w, (tuple(range(lead, g.ndim)), tuple(range(n_in, w.ndim))),
+                     preferred_element_type=out_dtype)
+  dw = jnp.tensordot(x, g, (tuple(range(lead)), tuple(range(lead))),
+                     preferred_element_type=out_dtype)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dense_wide.defvjp(_dense_wide_fwd, _dense_wide_bwd)
 
 
 class RMSNorm(nnx.Module):
