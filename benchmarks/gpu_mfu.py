@@ -1,7 +1,8 @@
 """MFU of the ~1B config (`cwm_1b`) at 8k context with cuDNN attention, on one GPU.
 
   python benchmarks/gpu_mfu.py [--seq 8192] [--batch 1] [--docs 1] [--steps 10]
-      [--impl cudnn] [--remat none] [--loss_chunk 0] [--measure_matmul 1] [--profile_steps 0]
+      [--impl cudnn] [--remat none] [--loss_chunk 0] [--max_segments 0] [--measure_matmul 1]
+      [--profile_steps 0]
 
 Runs `cwm_jax.train.step` (forward + backward + AdamW, bfloat16 compute,
 float32 params) on rows of `--docs` packed documents (positions restart per
@@ -81,17 +82,17 @@ KERNEL_KINDS = (  # (category, pattern on the kernel name), first match wins
 )
 
 
-def kernel_profile(run_steps, n_steps: int, top: int = 12) -> dict:
+def kernel_profile(run_steps, n_steps: int, step_s: float, top: int = 30) -> dict:
   """GPU kernel time per step by category and by kernel, from a JAX profiler trace of
   `run_steps()` (which runs `n_steps` steps and blocks). `busy_fraction` is kernel time
-  over the traced wall time: what launch gaps and host waits leave."""
+  over the measured step time `step_s`: what launch gaps and host waits leave. Each top
+  kernel comes with the XLA instruction that launched it (`hlo_op`), where recorded."""
   trace_dir = tempfile.mkdtemp(prefix="gpu_mfu_trace")
-  start = time.perf_counter()
   with jax.profiler.trace(trace_dir):
     run_steps()
-  wall = time.perf_counter() - start
   [path] = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
   total, by_kind, by_kernel = 0.0, collections.Counter(), collections.Counter()
+  ops = collections.defaultdict(collections.Counter)
   for plane in jax.profiler.ProfileData.from_file(path).planes:
     if not plane.name.startswith("/device:GPU"):
       continue
@@ -104,19 +105,23 @@ def kernel_profile(run_steps, n_steps: int, top: int = 12) -> dict:
         total += ms
         by_kind[kind] += ms
         by_kernel[event.name[:90]] += ms
+        op = dict(event.stats).get("hlo_op")
+        if op:
+          ops[event.name[:90]][str(op)] += ms
   lines = sorted({f"{plane.name}: {line.name}" for plane in
                   jax.profiler.ProfileData.from_file(path).planes for line in plane.lines})
   return {"kernel_ms_per_step": round(total, 2),
           **({} if total else {"no_gpu_kernels_in": lines[:20]}),
-          "busy_fraction": round(total * n_steps / 1e3 / wall, 3),
+          "busy_fraction": round(total / 1e3 / step_s, 3),
           "by_category_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
-          "top_kernels_ms": [[name, round(v, 2)] for name, v in by_kernel.most_common(top)]}
+          "top_kernels_ms": [[name, round(v, 2), [o for o, _ in ops[name].most_common(3)]]
+                             for name, v in by_kernel.most_common(top)]}
 
 
 def measure(a) -> dict:
   cfg = cwm_1b()
   run = Execution(param_dtype="float32", compute_dtype="bfloat16", attention_impl=a.impl,
-                  remat_policy=a.remat)
+                  remat_policy=a.remat, attention_max_segments=a.max_segments)
   if a.impl == "cudnn":
     check_gpu_dtypes(run.compute_dtype)
   tx = optax.adamw(1e-4, weight_decay=0.1)
@@ -150,7 +155,7 @@ def measure(a) -> dict:
       for _ in range(a.profile_steps):
         state, metrics = step(state, batch)
       jax.block_until_ready(metrics["loss"])
-    profile = kernel_profile(run_steps, a.profile_steps)
+    profile = kernel_profile(run_steps, a.profile_steps, step_s)
   dev = jax.devices()[0]
   flops = batch_flops(cfg, host["positions"], host["segment_ids"])
   peak = peak_flops(dev.device_kind)
@@ -166,6 +171,7 @@ def measure(a) -> dict:
       "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
       "config": "cwm_1b", "params": cfg.param_count(), "seq": a.seq, "batch": a.batch,
       "docs_per_row": a.docs, "attention_impl": a.impl, "remat": a.remat,
+      "max_segments": a.max_segments,
       "loss_chunk": a.loss_chunk, "loss": float(metrics["loss"]), "profile": profile,
   }
 
@@ -179,6 +185,8 @@ def main():
   p.add_argument("--impl", default="cudnn")
   p.add_argument("--remat", default="none")
   p.add_argument("--loss_chunk", type=int, default=0)
+  p.add_argument("--max_segments", type=int, default=0,
+                 help="documents per row of cuDNN's packed layout (0: its default)")
   p.add_argument("--profile_steps", type=int, default=0,
                  help="N > 0: trace N more steps and report GPU kernel time by category")
   p.add_argument("--measure_matmul", type=int, default=1,

@@ -23,9 +23,10 @@ __all__ = ["allowed", "reference_attention", "chunked_attention", "flash_attenti
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
-           chunk: int = 0):
+           chunk: int = 0, max_segments: int = 0):
   """Self-attention over a packed batch with the named backend ('auto': `resolve`);
-  `chunk` block rows (0: `resolve_chunk`)."""
+  `chunk` block rows (0: `resolve_chunk`); `max_segments` documents per row of
+  cuDNN's packed layout (0: `cudnn.default_max_segments`)."""
   impl = resolve(impl, dtype=q_BTNH.dtype)
   chunk = resolve_chunk(chunk, q_BTNH.shape[1], window=window)
   if impl == "reference":
@@ -35,7 +36,8 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
     return chunked_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
                              chunk=chunk)
   if impl == "cudnn":
-    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, chunk=chunk)
+    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, chunk=chunk,
+                           max_segments=max_segments or None)
   if impl == "splash":
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, block=chunk)
   raise ValueError(f"unknown attention impl {impl!r}; use one of {IMPLS}")

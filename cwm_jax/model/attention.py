@@ -96,7 +96,8 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
                              q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis,
                              impl="splash" if impl == "splash" else "chunked")
   return lambda q, k, v, s: kernels.attend(q, k, v, s, window=window, impl=impl,
-                                           chunk=run.attention_chunk)
+                                           chunk=run.attention_chunk,
+                                           max_segments=run.attention_max_segments)
 
 
 def _manual_spec(names, mesh, seq_axis):

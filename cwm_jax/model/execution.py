@@ -31,6 +31,10 @@ class Execution:
   oracle. `global_attention_impl` ("" = `attention_impl`) is the backend of global
   layers. `attention_chunk` is the block rows of the blockwise kernels; 0 picks
   them per platform and length (`kernels.backend.resolve_chunk`).
+  `attention_max_segments` is M, the documents per row cuDNN's packed layout
+  describes (0: `cudnn.default_max_segments(T)`); a batch with a row of more
+  documents runs the chunked fallback. cuDNN's backward pass works over all M
+  slots of a row, so a smaller M is faster (benchmarks/gpu_mfu.py).
   `context_parallel` shards global layers' attention over the mesh's
   `sequence` axis ('allgather' or 'ring'; local layers then exchange only a
   window-sized K/V halo); it is active only when that axis has size > 1.
@@ -40,6 +44,7 @@ class Execution:
   attention_impl: str = "auto"
   global_attention_impl: str = ""
   attention_chunk: int = 0
+  attention_max_segments: int = 0
   scan_layers: bool = True
   remat_policy: str = "none"
   context_parallel: str = "none"
@@ -48,6 +53,9 @@ class Execution:
     errors = []
     if self.attention_chunk < 0:
       errors.append(f"attention_chunk={self.attention_chunk} must be >= 1 (or 0: auto)")
+    if self.attention_max_segments < 0 or self.attention_max_segments == 1:
+      errors.append(f"attention_max_segments={self.attention_max_segments} must be >= 2 "
+                    "(or 0: auto)")
     for name, allowed in (("param_dtype", DTYPES), ("compute_dtype", DTYPES),
                           ("attention_impl", ATTENTION_IMPLS),
                           ("global_attention_impl", ("",) + ATTENTION_IMPLS),
