@@ -22,7 +22,9 @@ from cwm_jax.rl import grpo, rewards, rollout, tasks
 
 from cwm_jax.rl import trainer
 
-FAST = Limits(timeout_s=1.0, memory_mb=256, output_bytes=10_000)
+# Runaway loops stop at 2 s of CPU time; the wall-clock limit is generous so that a busy
+# machine (slow interpreter starts) cannot turn a passing or memory-bound run into a timeout.
+FAST = Limits(timeout_s=60.0, cpu_s=2.0, memory_mb=256, output_bytes=10_000)
 
 
 def test_group_advantages_by_hand():

@@ -122,7 +122,8 @@ def test_functions_corpus_counts_every_drop_reason(tmp_path):
            {'source': held.source, 'function': held.function, 'args': list(held.args)}]
   jsonl = tmp_path / 'calls.jsonl'
   jsonl.write_text(''.join(json.dumps(s) + '\n' for s in specs))
-  cfg = corpus_build.TraceBuildConfig(workers=2, trace_limits=traces.Limits(timeout_s=2),
+  # 'spin' sleeps past the 8 s wall-clock limit; the passing calls get room on a busy machine.
+  cfg = corpus_build.TraceBuildConfig(workers=2, trace_limits=traces.Limits(timeout_s=8),
                                       progress=False)
   manifest = corpus_build.build_corpus('functions', str(tmp_path / 'out'), config=cfg,
                                        functions_jsonl=str(jsonl), doctest_modules=[],
