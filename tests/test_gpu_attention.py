@@ -289,3 +289,19 @@ def test_execution_config_checks_the_gpu_dtype_and_auto_avoids_cudnn_in_float32(
   assert backend.resolve("auto", "gpu", "float32") == "chunked"
   assert backend.resolve("auto", "gpu", "bfloat16") == "cudnn"
   assert backend.resolve("auto", "tpu", "float32") == "splash"
+
+
+def test_execution_max_segments_reaches_cudnn(monkeypatch):
+  from cwm_jax.model.attention import attention_kernel
+  from cwm_jax.model.execution import Execution
+  seen = []
+  monkeypatch.setattr(kernels, "cudnn_attention",
+                      lambda q, *a, **kw: seen.append(kw.get("max_segments")) or q)
+  q, k, v = _qkv(1, 16, 4, 2, 8, dtype=jnp.bfloat16)
+  seg = jnp.ones((1, 16), jnp.int32)
+  for m in (0, 16):
+    run = Execution(compute_dtype="bfloat16", attention_impl="cudnn", attention_max_segments=m)
+    attention_kernel(tiny(), run, window=8)(q, k, v, seg)
+  assert seen == [None, 16]  # 0: cudnn_attention's own default, min(64, T)
+  with pytest.raises(ConfigError, match="attention_max_segments=1 must be >= 2"):
+    Execution(attention_max_segments=1)
