@@ -93,7 +93,8 @@ def kernel_profile(run_steps, n_steps: int, step_s: float, top: int = 30) -> dic
   [path] = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
   total, by_kind, by_kernel = 0.0, collections.Counter(), collections.Counter()
   ops = collections.defaultdict(collections.Counter)
-  for plane in jax.profiler.ProfileData.from_file(path).planes:
+  planes = list(jax.profiler.ProfileData.from_file(path).planes)
+  for plane in planes:
     if not plane.name.startswith("/device:GPU"):
       continue
     for line in plane.lines:
@@ -108,10 +109,10 @@ def kernel_profile(run_steps, n_steps: int, step_s: float, top: int = 30) -> dic
         op = dict(event.stats).get("hlo_op")
         if op:
           ops[event.name[:90]][str(op)] += ms
-  lines = sorted({f"{plane.name}: {line.name}" for plane in
-                  jax.profiler.ProfileData.from_file(path).planes for line in plane.lines})
+  seen = lambda: sorted({f"{plane.name}: {line.name}" for plane in planes
+                         for line in plane.lines})[:20]
   return {"kernel_ms_per_step": round(total, 2),
-          **({} if total else {"no_gpu_kernels_in": lines[:20]}),
+          **({} if total else {"no_gpu_kernels_in": seen()}),
           "busy_fraction": round(total / 1e3 / step_s, 3),
           "by_category_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
           "top_kernels_ms": [[name, round(v, 2), [o for o, _ in ops[name].most_common(3)]]
