@@ -101,16 +101,16 @@ def _dense_wide_fwd(x, w, n_in, out_dtype):
 def _dense_wide_bwd(n_in, out_dtype, res, g):
   x, w = res
   g = g.astype(x.dtype)
-  lead = x.ndim - n_in
-  if target_platform() == "cpu":  # 2-D GEMMs, as in `_contract`
-    x2, g2 = x.reshape(-1, math.prod(w.shape[:n_in])), g.reshape(-1, math.prod(w.shape[n_in:]))
-    dx = jnp.dot(g2, w.reshape(x2.shape[1], g2.shape[1]).T, preferred_element_type=out_dtype)
-    dw = jnp.dot(x2.T, g2, preferred_element_type=out_dtype)
-    return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
-  dx = jnp.tensordot(g, w, (tuple(range(lead, g.ndim)), tuple(range(n_in, w.ndim))),
-                     preferred_element_type=out_dtype)
-  dw = jnp.tensordot(x, g, (tuple(range(lead)), tuple(range(lead))),
-                     preferred_element_type=out_dtype)
+  n_out, lead = w.ndim - n_in, x.ndim - n_in
+  w_T = jnp.moveaxis(w, tuple(range(n_in)), tuple(range(n_out, w.ndim)))  # [*out, *in]
+  dx = _contract(g, w_T, n_out, out_dtype)
+  if target_platform() == "cpu":  # one 2-D GEMM, as in `_contract`
+    ins, outs = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
+    dw = jnp.dot(x.reshape(-1, ins).T, g.reshape(-1, outs),
+                 preferred_element_type=out_dtype).reshape(w.shape)
+  else:
+    dw = jnp.tensordot(x, g, (tuple(range(lead)), tuple(range(lead))),
+                       preferred_element_type=out_dtype)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
