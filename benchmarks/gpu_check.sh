@@ -63,9 +63,11 @@ print(json.dumps({"versions": found, "device": jax.devices()[0].device_kind}))
 EOF
 
 status=0
+steps=()  # names in the order run, for the summary
 BUDGET=${GPU_CHECK_BUDGET_S:-530}  # whole script, install included: under 9 minutes
 run() {  # name, timeout seconds (capped by what is left of BUDGET), command...
   local name=$1 limit=$2; shift 2
+  steps+=("$name")
   local left=$((BUDGET - SECONDS))
   (( left < limit )) && limit=$left
   if (( limit < 20 )); then
@@ -89,11 +91,11 @@ run mfu_8docs 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 8 --st
 run mfu_chunked 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 1 --steps 10 \
   --impl chunked --measure_matmul 0
 
-"$PY" - "$out" <<'EOF'
+"$PY" - "$out" "${steps[@]}" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {}
-for name in ("pytest", "parity", "mfu_1doc", "mfu_8docs", "mfu_chunked"):
+for name in sys.argv[2:]:
   rc = json.loads((out / f"{name}.rc").read_text()) if (out / f"{name}.rc").exists() else {}
   last = (out / f"{name}.out").read_text().strip().splitlines()[-1:] if (out / f"{name}.out").exists() else []
   try:
