@@ -22,6 +22,10 @@ so a shared machine's load hits all alike.
 Per config it reports tokens/s (median over rounds), `ratio` (median of the per-round
 ratios ours / transformers), model FLOP/s (`cwm_jax.train.flops`, the same count for
 both sides) and each side's fraction of the matmul rate measured in the same rounds.
+`products_only` bounds what faster non-product code could give: the FLOPs of every
+matrix product our step runs (`flops.dot_flops`: the attention's recompute and masked
+block edges included), the milliseconds they take at the measured GEMM rate, and
+`ratio_bound`, the ratio a step made of nothing else would reach.
 
 `--breakdown` adds, per side, where a step's time goes: forward + backward of each part
 alone (an attention block and its kernel per window, the MLP, an RMSNorm, the head and
@@ -92,12 +96,14 @@ def batch_arrays(cfg, b, t):
 
 
 def ours(cfg, execution, batch_np):
-  """`run(n)`: n donated train steps of our jitted step; returns the last loss."""
+  """`run(n)`: n donated train steps of our jitted step; returns the last loss.
+  `run.dot_flops`: the FLOPs of the step's matrix products (`flops.dot_flops`)."""
   import jax
   import jax.numpy as jnp
   import optax
   from flax import nnx
   from cwm_jax.model import init_model
+  from cwm_jax.train import flops
   from cwm_jax.train.step import make_train_step
 
   tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WD)
@@ -111,6 +117,7 @@ def ours(cfg, execution, batch_np):
     for _ in range(n):
       holder["state"], metrics = step(holder["state"], batch)
     return float(metrics["loss"])
+  run.dot_flops = flops.dot_flops(jax.make_jaxpr(step)(holder["state"], batch))
   return run
 
 
@@ -293,7 +300,8 @@ def _worker(conn, side, name, execution_json, threads, breakdown, retain):
   if side == "ours":
     from cwm_jax.model import Execution
     execution = Execution(**json.loads(execution_json))
-    run, info = ours(cfg, execution, batch), {}
+    run = ours(cfg, execution, batch)
+    info = {"dot_flops_per_step": run.dot_flops}
     if breakdown:
       parts = our_parts(cfg, execution, c["batch"], c["seq"])
   else:
@@ -423,13 +431,23 @@ def run_config(name, a):
             "page_faults_per_step": round(med(faults[i]))}
 
   ratio = lambda i: round(med([o / r for o, r in zip(rates[i], rates[-1])]), 3)
+
+  def products_only(i):
+    """The step's matrix products at the GEMM rate measured in the same rounds, and the
+    ratio a step of only those would reach against transformers' measured steps."""
+    dots = workers[i][2]["dot_flops_per_step"]
+    floor_s = [dots / m for m in mm[i]]
+    return {"dot_gflop_per_step": round(dots / 1e9, 2),
+            "ms_at_matmul_rate": round(1000 * med(floor_s), 1),
+            "ratio_bound": round(med([b * t / r / f for r, f in zip(rates[-1], floor_s)]), 3)}
   out = {"config": name, **c, "params": cfg.param_count(), "layer_windows": cfg.layer_windows,
          "ratio": ratio(0),
          "ours": {**side(0), "first_step_s": round(workers[0][2]["first_step_s"], 2),
-                  "execution": vars(executions[0])},
+                  "products_only": products_only(0), "execution": vars(executions[0])},
          "transformers": {**workers[-1][2], **side(-1)},
          "flops_per_token": per_token}
-  out["variants"] = [{"execution": vars(e), **side(i), "ratio": ratio(i)}
+  out["variants"] = [{"execution": vars(e), **side(i), "ratio": ratio(i),
+                      "products_only": products_only(i)}
                      for i, e in enumerate(executions[1:], 1)]
   if a.breakdown:
     out["breakdown_ms"] = {key: _fastest(cfg, parts[i], b * t / med(rates[i]))

@@ -2,12 +2,14 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from cwm_jax.model.config import tiny
+from cwm_jax.model.execution import Execution
 from cwm_jax.model.transformer import abstract_model, init_model
-from cwm_jax.train import config as config_lib, optimizer, step as step_lib
+from cwm_jax.train import config as config_lib, flops, optimizer, step as step_lib
 from cwm_jax.train.synthetic import SyntheticSource
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -116,3 +118,41 @@ def test_schedules(name, expect):
   np.testing.assert_allclose(got, expect, atol=1e-6)
   if name == "wsd":
     np.testing.assert_allclose(float(sched(9)), 0.55, atol=1e-6)
+
+
+def test_dot_flops_counts_nested_products_by_hand():
+  x, w = jax.numpy.ones((4, 5)), jax.numpy.ones((5, 6))
+  f = lambda x, w: jax.numpy.sum(jax.numpy.tanh(x @ w))
+  prod = 2 * 4 * 5 * 6   # one [4, 5] x [5, 6] product
+  assert flops.dot_flops(jax.make_jaxpr(f)(x, w)) == prod
+  assert flops.dot_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)) == 3 * prod
+  remat = jax.jit(jax.grad(jax.checkpoint(f), argnums=(0, 1)))   # forward recomputed
+  assert flops.dot_flops(jax.make_jaxpr(remat)(x, w)) == 4 * prod
+
+  def g(x, w):
+    c, _ = jax.lax.scan(lambda c, _: (jax.numpy.tanh(c @ w[:, :5]), None), x, None, length=3)
+    return jax.lax.cond(c.sum() > 0, lambda c: jax.numpy.sum(c @ w), jax.numpy.sum, c)
+  assert flops.dot_flops(jax.make_jaxpr(g)(x, w)) == 3 * (2 * 4 * 5 * 5) + prod
+
+
+def test_dot_flops_of_the_train_step_match_the_hand_count():
+  # Reference attention (dense T x T scores) and float32 on CPU: every product of the
+  # step by hand. Per layer: q/k/v/o and the MLP at 6 FLOPs per weight per token
+  # (forward, input and weight gradients: layer 0's input gradient feeds the embedding);
+  # attention's 2 forward and 4 backward [T, T] products per head; RoPE's half swap
+  # (an [H, H] product) on queries and keys, forward and backward. Plus the head, 6 * D * V.
+  execution = Execution(attention_impl="reference", scan_layers=False)
+  b, t = 2, 16
+  d, n, k, h = CFG.dim, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
+  f, v = CFG.ffn_dim, CFG.vocab_size
+  tx = optax.adamw(1e-3)
+  fn = step_lib.make_train_step(CFG, tx, lambda s: 0.0, execution=execution)
+  params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(init_model(CFG, 0), nnx.Param)))
+  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), np.int32), "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _batch(b, t))
+  m = b * t
+  per_layer = (6 * m * (d * h * (2 * n + 2 * k) + 3 * d * f) + 12 * b * n * t * t * h
+               + 4 * m * (n + k) * h * h)
+  expected = CFG.n_layers * per_layer + 6 * m * d * v
+  assert flops.dot_flops(jax.make_jaxpr(fn)(state, batch)) == expected

@@ -13,6 +13,9 @@ Training FLOPs per token (the numerator of MFU):
   backward. A full sequence of length T has `causal_pairs(T, W)` pairs; a packed
   batch counts each document's own positions (padding excluded).
 * Rematerialisation adds recomputation FLOPs that do not count toward MFU.
+
+`dot_flops` counts what a traced program executes instead: every matrix product
+of its jaxpr, recomputation and masked block edges included.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.extend import core as jax_core
 import numpy as np
 
 from cwm_jax.model.config import ModelConfig
@@ -94,3 +98,40 @@ def batch_flops(cfg: ModelConfig, positions_BT: np.ndarray, segment_ids_BT: np.n
   tokens = int(np.count_nonzero(segment_ids_BT > 0))
   attn = 12.0 * cfg.n_heads * cfg.head_dim * attention_keys(cfg, positions_BT, segment_ids_BT)
   return tokens * matmul_flops_per_token(cfg) + attn
+
+
+def dot_flops(closed_jaxpr) -> float:
+  """FLOPs of the matrix products a traced program runs (`jax.make_jaxpr(f)(*args)`):
+  2 * output elements * contracted size per `dot_general`, through nested jaxprs (jit,
+  remat, custom derivatives), a scan's body times its length, a cond at its costliest
+  branch and a while loop's body once (its trip count is not static)."""
+  return _jaxpr_dots(closed_jaxpr.jaxpr)
+
+
+def _jaxpr_dots(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+      continue
+    inner = [_jaxpr_dots(j) for j in _sub_jaxprs(eqn.params)]
+    if not inner:
+      continue
+    if eqn.primitive.name == "cond":
+      total += max(inner)
+    elif eqn.primitive.name == "scan":
+      total += eqn.params["length"] * sum(inner)
+    else:
+      total += sum(inner)
+  return total
+
+
+def _sub_jaxprs(params):
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(v, jax_core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jax_core.Jaxpr):
+        yield v
