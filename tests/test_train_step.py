@@ -1,6 +1,7 @@
 """Loss against a float64 numpy reference; chunked CE; gradient accumulation."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -121,8 +122,8 @@ def test_schedules(name, expect):
 
 
 def test_dot_flops_counts_nested_products_by_hand():
-  x, w = jax.numpy.ones((4, 5)), jax.numpy.ones((5, 6))
-  f = lambda x, w: jax.numpy.sum(jax.numpy.tanh(x @ w))
+  x, w = jnp.ones((4, 5)), jnp.ones((5, 6))
+  f = lambda x, w: jnp.sum(jnp.tanh(x @ w))
   prod = 2 * 4 * 5 * 6   # one [4, 5] x [5, 6] product
   assert flops.dot_flops(jax.make_jaxpr(f)(x, w)) == prod
   assert flops.dot_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)) == 3 * prod
@@ -130,8 +131,8 @@ def test_dot_flops_counts_nested_products_by_hand():
   assert flops.dot_flops(jax.make_jaxpr(remat)(x, w)) == 4 * prod
 
   def g(x, w):
-    c, _ = jax.lax.scan(lambda c, _: (jax.numpy.tanh(c @ w[:, :5]), None), x, None, length=3)
-    return jax.lax.cond(c.sum() > 0, lambda c: jax.numpy.sum(c @ w), jax.numpy.sum, c)
+    c, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w[:, :5]), None), x, None, length=3)
+    return jax.lax.cond(c.sum() > 0, lambda c: jnp.sum(c @ w), jnp.sum, c)
   assert flops.dot_flops(jax.make_jaxpr(g)(x, w)) == 3 * (2 * 4 * 5 * 5) + prod
 
 
