@@ -74,6 +74,23 @@ def test_parity_with_transformers(tmp_path, case):
     np.testing.assert_allclose(lp, ref_lp, atol=1e-4, rtol=0)
 
 
+def test_parity_with_transformers_when_qkv_are_joined(tmp_path):
+  """From `attention.FUSED_QKV_MIN_ROWS` tokens on CPU, q, k and v come from one product
+  (`_fused_qkv`); the parity cases above run below it, this one above."""
+  from cwm_jax.model import attention
+  ref_model, path = _hf_checkpoint(tmp_path, "joined", **HF_CASES["last_layer_global"])
+  t = attention.FUSED_QKV_MIN_ROWS // 2 + 3
+  ids = torch.randint(0, 301, (2, t), generator=torch.Generator().manual_seed(1))
+  assert attention._join_qkv(jnp.zeros((2, t, 64)))
+  assert not attention._join_qkv(jnp.zeros((2, 37, 64)))
+  with torch.no_grad():
+    ref = ref_model(ids).logits.double().numpy()
+  cfg, params = load_params(path)
+  model = model_from_params(cfg, params, Execution(attention_impl="chunked", attention_chunk=16))
+  np.testing.assert_allclose(_forward(model, ids.numpy()).astype(np.float64), ref, atol=1e-4,
+                             rtol=0)
+
+
 def test_score_cli_matches_transformers(tmp_path):
   ref_model, path = _hf_checkpoint(tmp_path, "score", **HF_CASES["default_pattern"])
   ids = [5, 17, 9, 200, 3, 3, 42, 7, 100, 11, 12, 250]
@@ -208,6 +225,28 @@ def test_float32_logits_backward_runs_in_the_compute_dtype(monkeypatch, platform
   want = jax.grad(lambda x, w: jnp.sum(jnp.tensordot(x, w, 1) * proj), (0, 1))(x32, w)
   for got, ref in zip(grad(x32, w), want):
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_qkv_projection_matches_hand_derived_values_and_gradients():
+  """CPU's one-product q/k/v (`attention._fused_qkv`) against numpy: the projections and
+  the gradients of x and of each weight (hand-derived), and one forward product."""
+  from cwm_jax.model import attention
+  rng = np.random.default_rng(0)
+  b, t, d, n, k, h = 2, 5, 12, 4, 2, 3
+  x = rng.normal(size=(b, t, d)).astype(np.float32)
+  ws = [rng.normal(size=s).astype(np.float32) for s in ((d, n, h), (d, k, h), (d, k, h))]
+  cots = [rng.normal(size=(b, t, m, h)).astype(np.float32) for m in (n, k, k)]
+  outs = attention._fused_qkv(jnp.asarray(x), *map(jnp.asarray, ws))
+  for out, w in zip(outs, ws):
+    np.testing.assert_allclose(out, np.einsum("btd,dmh->btmh", x, w), rtol=1e-5, atol=1e-5)
+  jaxpr = jax.make_jaxpr(attention._fused_qkv)(x, *ws).jaxpr
+  assert sum(e.primitive.name == "dot_general" for e in jaxpr.eqns) == 1
+  loss = lambda x, *ws: sum(jnp.sum(o * c) for o, c in zip(attention._fused_qkv(x, *ws), cots))
+  dx, *dws = jax.grad(loss, argnums=(0, 1, 2, 3))(x, *ws)
+  want_dx = sum(np.einsum("btmh,dmh->btd", c, w) for c, w in zip(cots, ws))
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+  for dw, c in zip(dws, cots):
+    np.testing.assert_allclose(dw, np.einsum("btd,btmh->dmh", x, c), rtol=1e-5, atol=1e-5)
 
 
 def test_params_carry_logical_axes_only():
