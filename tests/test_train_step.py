@@ -140,8 +140,8 @@ def test_dot_flops_of_the_train_step_match_the_hand_count():
   # Reference attention (dense T x T scores) and float32 on CPU: every product of the
   # step by hand. Per layer: q/k/v/o and the MLP at 6 FLOPs per weight per token
   # (forward, input and weight gradients: layer 0's input gradient feeds the embedding);
-  # attention's 2 forward and 4 backward [T, T] products per head; RoPE's half swap
-  # (an [H, H] product) on queries and keys, forward and backward. Plus the head, 6 * D * V.
+  # attention's 2 forward and 4 backward [T, T] products per head (RoPE's half swap is
+  # no product). Plus the head, 6 * D * V.
   execution = Execution(attention_impl="reference", scan_layers=False)
   b, t = 2, 16
   d, n, k, h = CFG.dim, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
@@ -153,7 +153,6 @@ def test_dot_flops_of_the_train_step_match_the_hand_count():
            "step": jax.ShapeDtypeStruct((), np.int32), "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _batch(b, t))
   m = b * t
-  per_layer = (6 * m * (d * h * (2 * n + 2 * k) + 3 * d * f) + 12 * b * n * t * t * h
-               + 4 * m * (n + k) * h * h)
+  per_layer = 6 * m * (d * h * (2 * n + 2 * k) + 3 * d * f) + 12 * b * n * t * t * h
   expected = CFG.n_layers * per_layer + 6 * m * d * v
   assert flops.dot_flops(jax.make_jaxpr(fn)(state, batch)) == expected

@@ -49,9 +49,12 @@ def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, theta: float,
     x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNH.dtype)
-  # On CPU the half swap is a product with a 0/1 permutation matrix (exact): in the
-  # d=256 train step the split/concatenate form and its gradient cost ~13% of the step.
+  # On CPU the halves swap by reversing a size-2 axis, which XLA fuses into the
+  # elementwise work, forward and backward: the split/concatenate form and its gradient
+  # cost ~13% of the d=256 train step, and a product with a 0/1 permutation matrix,
+  # the form before, 1.1 ms (d=256) and 0.8 ms (d=512) more than this per layer
+  # (projections + RoPE, fwd + bwd).
   cos2, sin2 = jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)
-  swap_HH = np.roll(np.eye(head_dim, dtype=np.float32), head_dim // 2, axis=0)
-  swapped = jnp.dot(x.reshape(-1, head_dim), jnp.asarray(swap_HH)).reshape(x.shape)
+  halves = x.reshape(*x.shape[:-1], 2, head_dim // 2)
+  swapped = jnp.flip(halves, axis=-2).reshape(x.shape)
   return (x * cos2 + swapped * sin2).astype(x_BTNH.dtype)
