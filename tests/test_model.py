@@ -83,6 +83,10 @@ def test_parity_with_transformers_when_qkv_are_joined(tmp_path):
   ids = torch.randint(0, 301, (2, t), generator=torch.Generator().manual_seed(1))
   assert attention._join_qkv(jnp.zeros((2, t, 64)))
   assert not attention._join_qkv(jnp.zeros((2, 37, 64)))
+  for tensor, joined in ((2, False), (1, True)):   # not with heads split over the mesh
+    mesh = jax.sharding.AbstractMesh((tensor, 2), ("tensor", "fsdp"))
+    with jax.sharding.use_abstract_mesh(mesh):
+      assert attention._join_qkv(jnp.zeros((2, t, 64))) == joined
   with torch.no_grad():
     ref = ref_model(ids).logits.double().numpy()
   cfg, params = load_params(path)
