@@ -14,8 +14,8 @@ from flax import nnx
 from cwm_jax.checkpoint.hf import config_to_hf
 from cwm_jax.checkpoint.load import load_params
 from cwm_jax.base import ConfigError
-from cwm_jax.model import (Execution, ModelConfig, init_model, layers, meta_layer_windows,
-                           model_from_params, tiny)
+from cwm_jax.model import (Execution, ModelConfig, attention, init_model, layers,
+                           meta_layer_windows, model_from_params, tiny)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -77,7 +77,6 @@ def test_parity_with_transformers(tmp_path, case):
 def test_parity_with_transformers_when_qkv_are_joined(tmp_path):
   """From `attention.FUSED_QKV_MIN_ROWS` tokens on CPU, q, k and v come from one product
   (`_fused_qkv`); the parity cases above run below it, this one above."""
-  from cwm_jax.model import attention
   ref_model, path = _hf_checkpoint(tmp_path, "joined", **HF_CASES["last_layer_global"])
   t = attention.FUSED_QKV_MIN_ROWS // 2 + 3
   ids = torch.randint(0, 301, (2, t), generator=torch.Generator().manual_seed(1))
@@ -234,7 +233,6 @@ def test_float32_logits_backward_runs_in_the_compute_dtype(monkeypatch, platform
 def test_fused_qkv_projection_matches_hand_derived_values_and_gradients():
   """CPU's one-product q/k/v (`attention._fused_qkv`) against numpy: the projections and
   the gradients of x and of each weight (hand-derived), and one forward product."""
-  from cwm_jax.model import attention
   rng = np.random.default_rng(0)
   b, t, d, n, k, h = 2, 5, 12, 4, 2, 3
   x = rng.normal(size=(b, t, d)).astype(np.float32)

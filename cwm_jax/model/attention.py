@@ -90,11 +90,14 @@ FUSED_QKV_MIN_ROWS = 256
 def _join_qkv(x_BTD) -> bool:
   """`_fused_qkv` for `project_qkv`: on CPU, for at least FUSED_QKV_MIN_ROWS tokens, and
   with heads whole (joining weights split over the heads axis would gather them)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  heads_split = (mesh is not None and not mesh.empty
-                 and dict(mesh.shape).get(HEAD_AXIS, 1) > 1)
-  return (target_platform() == "cpu" and not heads_split
+  return (target_platform() == "cpu" and not _mesh_splits(HEAD_AXIS)
           and math.prod(x_BTD.shape[:-1]) >= FUSED_QKV_MIN_ROWS)
+
+
+def _mesh_splits(axis: str) -> bool:
+  """Whether the current mesh splits `axis` over more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh is not None and not mesh.empty and dict(mesh.shape).get(axis, 1) > 1
 
 
 def _fused_qkv(x_BTD, wq_DNH, wk_DKH, wv_DKH):
@@ -119,10 +122,9 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
   if window >= cfg.global_window:
     impl = run.global_attention_impl or impl
   impl = kernels.resolve(impl, dtype=run.compute_dtype)  # 'auto' -> the target devices' backend
-  mesh = jax.sharding.get_abstract_mesh()
   axis = context_parallel.AXIS
-  if (run.context_parallel != "none" and mesh is not None and not mesh.empty
-      and dict(mesh.shape).get(axis, 1) > 1):
+  if run.context_parallel != "none" and _mesh_splits(axis):
+    mesh = jax.sharding.get_abstract_mesh()
     specs = [_manual_spec(names, mesh, axis) for names in
              (("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None),
               ("batch", "seq"))]
