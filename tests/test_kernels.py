@@ -1,6 +1,8 @@
 """Every attention backend matches the dense reference: windows, GQA, packed
 documents, gradients; the chunked kernel's block list covers exactly the window."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,11 +87,14 @@ def test_one_query_row_in_the_cpu_cache_layout_matches_numpy():
 
 def test_cpu_schedule_and_block_rows():
   """On CPU short sequences take the row schedule with blocks of T/16 rows (global) or
-  max(T/16, W/2) (local), a power of two in [64, 512]; long ones, or any accelerator, the
-  pair scan."""
+  max(T/16, W/2) (local; W/4 for heads of at most 32 dims), a power of two in [64, 512]
+  ([32, 512] for those thin local layers); long ones, or any accelerator, the pair scan."""
   assert [kernels.resolve_chunk(0, t, "cpu", w) for t, w in
           [(512, 128), (512, 512), (1024, 256), (1024, 1024), (2048, None), (100, 100),
            (4096, 1024), (131072, 8192)]] == [64, 64, 128, 64, 128, 64, 512, 512]
+  thin = lambda t, w, h: kernels.resolve_chunk(0, t, "cpu", w, head_dim=h)
+  assert [thin(512, 128, 32), thin(512, 128, 64), thin(512, 256, 32), thin(512, 512, 32),
+          thin(256, 64, 16), thin(4096, 1024, 32)] == [32, 64, 64, 64, 32, 256]
   assert kernels.resolve_chunk(0, 1024, "tpu", 256) == 512
   assert kernels.resolve_chunk(24, 1024, "cpu", 256) == 24
   ranges = lambda t, c, w: chunked.row_ranges(chunked.block_pairs(t // c, t // c, c, w), t // c)
@@ -102,6 +107,21 @@ def test_cpu_schedule_and_block_rows():
     chunked.flash_attention(*_inputs(1, 16, 2, 1, 8, n_docs=1)[:3], *(np.ones((1, 16)),) * 2,
                             np.arange(16), np.arange(16), window=16, chunk=4,
                             pairs=[(0, 0), (1, 0), (2, 0), (2, 2), (3, 3)], rows=True)
+
+
+def test_row_backward_contracts_no_operand_over_its_rows():
+  """The row schedule's backward feeds its dk / dv block products from transposed copies
+  of q and dO, so every compiled batched product contracts its left operand's last dim
+  (its output has the left operand's rank). Contracting the rows instead runs on
+  XLA:CPU's slower Eigen path."""
+  q, k, v, seg = _inputs(2, 64, 4, 2, 8, n_docs=1)
+  loss = lambda q, k, v: jnp.sum(kernels.chunked_attention(q, k, v, seg, window=64, chunk=16,
+                                                           rows=True) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+  dots = re.findall(r"= f32\[([\d,]+)\]\S* dot\(.*?lhs_batch_dims=\{[\d,]+\}, "
+                    r"lhs_contracting_dims=\{(\d)\}", hlo)
+  assert len(dots) >= 6 * 4, len(dots)  # forward 2 and backward 5 products per query block
+  assert [d for shape, d in dots if int(d) != shape.count(",")] == []
 
 
 def test_chunked_never_mixes_documents():

@@ -28,7 +28,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
   `chunk` block rows (0: `resolve_chunk`); `max_segments` documents per row of
   cuDNN's packed layout (0: `cudnn.default_max_segments`)."""
   impl = resolve(impl, dtype=q_BTNH.dtype)
-  chunk = resolve_chunk(chunk, q_BTNH.shape[1], window=window)
+  chunk = resolve_chunk(chunk, q_BTNH.shape[1], window=window, head_dim=q_BTNH.shape[-1])
   if impl == "reference":
     return reference_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, segment_ids_BT,
                                window=window)

@@ -38,26 +38,34 @@ ACCELERATOR_CHUNK = 512
 
 
 CPU_CHUNK_MIN, CPU_BLOCKS = 64, 16
+THIN_HEAD_DIM = 32  # heads this narrow or narrower: local blocks of W / 4 rows on CPU
 
 
 def resolve_chunk(chunk: int, seq_len: int, platform: str | None = None,
-                  window: int | None = None) -> int:
+                  window: int | None = None, head_dim: int | None = None) -> int:
   """Block rows of the blockwise kernels: `chunk`, or for 0 ('auto') 512 on TPU and GPU,
   and on CPU T / 16 for a global layer (`window` >= T or None), the larger of T / 16
-  and W / 2 for a local one, a power of two in [64, 512]. There the row schedule
-  (`chunked.use_rows`) runs each query block against all its keys, so smaller blocks cut
-  the causal and window waste until the products get too thin (the kernel alone, fwd +
-  bwd, at the shapes of benchmarks/train_step.py, ms: d512 global 64 rows 55.3 vs 128
-  rows 58.6 vs 256 rows 62.0; d512 local (W=256) 128 rows 34.4 vs 64 rows 38.2 vs 256
-  rows 44.8; d256 (T=512, W=128) 64 rows 15.6 local and 22.5 global, 32 rows 15.2 and
-  22.5, so not below 64: fewer blocks to unroll and compile for short sequences)."""
+  and W / 2 for a local one (W / 4 for heads of at most `THIN_HEAD_DIM` dims), a power
+  of two in [64, 512] ([32, 512] for those thin local layers).
+  There the row schedule (`chunked.use_rows`) runs each query block against all its
+  keys, so smaller blocks cut the causal and window waste until the products get too
+  thin. The kernel alone, fwd + bwd, at the shapes of benchmarks/train_step.py, ms:
+  d512 global 64 rows 55.3 vs 128 rows 58.6 vs 256 rows 62.0; d512 local (W=256) 128
+  rows 34.4 vs 64 rows 38.2 vs 256 rows 44.8 (with the transposed dk / dv operands, on
+  a loaded machine, 52.2 vs 56.3). Thin heads make thin block products, so the scores'
+  elementwise work weighs more and cutting waste wins: d256 (head 32, T=512) local
+  W=128 32 rows 21.9 vs 64 rows 25.3, local W=256 64 rows 21.0 vs 128 rows 21.4, global
+  64 rows 30.0 vs 32 rows 31.9. Not below 64 otherwise: fewer blocks to unroll and
+  compile for short sequences."""
   if chunk:
     return chunk
   if (platform or target_platform()) != "cpu":
     return ACCELERATOR_CHUNK
   local = window is not None and window < seq_len
-  rows = max(1, seq_len // CPU_BLOCKS, window // 2 if local else 0)
-  return int(min(ACCELERATOR_CHUNK, max(CPU_CHUNK_MIN, 1 << (rows.bit_length() - 1))))
+  thin = local and head_dim is not None and head_dim <= THIN_HEAD_DIM
+  rows = max(1, seq_len // CPU_BLOCKS, window // (4 if thin else 2) if local else 0)
+  floor = CPU_CHUNK_MIN // 2 if thin else CPU_CHUNK_MIN
+  return int(min(ACCELERATOR_CHUNK, max(floor, 1 << (rows.bit_length() - 1))))
 
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes a kernel's rows are split over
