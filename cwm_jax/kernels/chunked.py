@@ -161,8 +161,8 @@ def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
     dq_old, dk_old, dv_old = _rows(dq, i, cg), _rows(dk_T, j, c, 3), _rows(dv_T, j, c, 3)
 
     def compute(_):
-      # Plain swaps here: XLA folds them back into the products, as the accelerators
-      # this schedule serves want (the row schedule's `_transposed` is for XLA:CPU).
+      # Plain swaps: XLA folds them back into the products, which stay as they were here
+      # (TPU, GPU, long CPU sequences); `_transposed` was measured for the row schedule.
       q_i, do_i = _rows(q, i, cg), _rows(do, i, cg)
       dq_i, dk_j, dv_j = _block_grads(q_i, _rows(k, j, c), _rows(v, j, c), do_i, mask,
                                       _rows(lse, i, cg), _rows(d_row, i, cg),
