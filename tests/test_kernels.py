@@ -38,9 +38,13 @@ def _assert_close(got, want, atol):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("rows", [True, False], ids=["rows", "pair_scan"])
-def test_chunked_matches_reference_windows_gqa_documents_gradients(rows):
+@pytest.mark.parametrize("rows,keep", [(True, True), (True, False), (False, True)],
+                         ids=["rows", "rows_recomputed", "pair_scan"])
+def test_chunked_matches_reference_windows_gqa_documents_gradients(rows, keep, monkeypatch):
   # T=45 is not a multiple of the chunk (8); windows: self only, < chunk, spans blocks, global.
+  # The row schedule keeps its probabilities for the backward pass, or with no room recomputes.
+  if not keep:
+    monkeypatch.setattr(chunked, "KEEP_PROBS_BYTES", 0)
   q, k, v, seg = _inputs(2, 45, 6, 2, 8, n_docs=4)
 
   @jax.jit
@@ -120,9 +124,43 @@ def test_row_backward_contracts_no_operand_over_its_rows():
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
   dots = re.findall(r"= f32\[([\d,]+)\]\S* dot\(.*?lhs_batch_dims=\{[\d,]+\}, "
                     r"lhs_contracting_dims=\{(\d)\}", hlo)
-  # Per query block: forward 2, backward 5, less the scores that XLA shares with the forward.
+  # Per query block: forward 2, backward 4 (it keeps the forward's probabilities).
   assert len(dots) >= 6 * 4, len(dots)
   assert [d for shape, d in dots if int(d) != shape.count(",")] == []
+
+
+@pytest.mark.parametrize("window", [64, 20])
+def test_row_schedule_keeps_the_softmax_numpy_computes(window, monkeypatch):
+  """What the row schedule's forward pass keeps for the backward pass, each block's
+  exponentials scaled by 1 / their row sums, is the softmax NumPy computes over the keys
+  the window allows, laid out [B, K, C*G, R] (rows: positions major, a kv head's G query
+  heads minor). With less room than those bytes it keeps nothing."""
+  b, t, n, kv, h, c = 2, 64, 4, 2, 8, 16
+  g = n // kv
+  q, k, v, _ = _inputs(b, t, n, kv, h, n_docs=1, seed=3)
+  ranges = chunked.row_ranges(chunked.block_pairs(t // c, t // c, c, window), t // c)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  q_op = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, h)
+  seg, idx = jnp.ones((b, t), jnp.int32), jnp.arange(t, dtype=jnp.int32)
+  fwd = lambda: chunked._rowwise_fwd(c, g, window, ranges, q_op, heads_first(k),
+                                     heads_first(v), seg, seg, idx, idx)[1][-1]
+  exps, inv_l = fwd()
+  assert sum(e.nbytes for e in exps) == chunked._probs_bytes(c, g, ranges, q_op)
+  qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  for i, (lo, hi) in enumerate(ranges):
+    got = np.asarray(exps[i]) * np.asarray(inv_l)[:, :, i * c * g:(i + 1) * c * g, None]
+    want = np.zeros(got.shape)
+    for r in range(c * g):
+      pos, head = i * c + r // g, r % g
+      keys = np.arange(lo * c, hi * c)
+      seen = (keys <= pos) & (keys > pos - window)
+      for kh in range(kv):
+        s = kn[:, keys[seen], kh] @ qn[:, pos, kh * g + head][..., None] / np.sqrt(h)
+        e = np.exp(s[..., 0] - s.max(axis=1))
+        want[:, kh, r, seen] = e / e.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+  monkeypatch.setattr(chunked, "KEEP_PROBS_BYTES", chunked._probs_bytes(c, g, ranges, q_op) - 1)
+  assert fwd() is None
 
 
 def test_chunked_never_mixes_documents():

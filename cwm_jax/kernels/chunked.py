@@ -3,17 +3,19 @@
 Queries and keys are cut into blocks of C rows. `block_pairs` lists, in
 Python, the (query block, key block) pairs that can hold a causal in-window
 key, so compiled FLOPs follow the window: a local layer costs about
-T * (W + C) score entries, a global one T^2 / 2. Both schedules keep only the
-output and the log-sum-exp from the forward pass; the backward pass recomputes
-the probabilities and accumulates dq, dk, dv.
+T * (W + C) score entries, a global one T^2 / 2. The pair scan keeps only the
+output and the log-sum-exp from the forward pass, and its backward pass recomputes
+the probabilities; both accumulate dq, dk, dv.
 
 - Pair scan (`_flash`): scans the pairs with an online softmax. Live memory is
   O(T) plus one [B, K, C*G, C] block of scores. Pairs whose block has no
   allowed (query, key) at run time, e.g. two packed documents, are skipped by
   `lax.cond`.
 - Rows (`_rowwise`): each query block takes its run of key blocks at once, R
-  keys, with a plain softmax, the blocks unrolled in Python. One [B, K, C*G, R]
-  block of scores is alive. `use_rows` picks it on CPU for short sequences.
+  keys, with a plain softmax, the blocks unrolled in Python. It keeps every
+  block's exponentials for the backward pass when they fit `KEEP_PROBS_BYTES`
+  (else one [B, K, C*G, R] block of scores is alive at a time and the backward
+  pass recomputes them). `use_rows` picks it on CPU for short sequences.
 
 Legend: B batch, T query length, S key length, K kv heads, G queries per kv
 head, N = K*G, H head dim, C block rows, R keys of a query block's run.
@@ -86,13 +88,22 @@ def _block_grads(q_i, k_j, v_j, do_i, mask, lse_i, d_row_i, q_T_i, do_T_i):
   """One block's recomputed probabilities and its gradients (dq_i, dk_j^T, dv_j^T), dk and
   dv transposed as the backward passes accumulate them. `q_T_i` and `do_T_i` are q_i and
   do_i as [B, K, H, Q] (`_transposed`), the left operands of the dk / dv products."""
-  h = q_i.shape[-1]
   s = _scores(q_i, k_j, mask)
   p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+  return _grads_from_probs(p, None, k_j, v_j, do_i, d_row_i, q_T_i, do_T_i)
+
+
+def _grads_from_probs(p, inv_l, k_j, v_j, do_i, d_row_i, q_T_i, do_T_i):
+  """`_block_grads` from a block's probabilities: `p` itself, or with `inv_l` [B, K, Q] the
+  unnormalised exponentials the forward pass kept, whose rows inv_l normalises."""
+  h = k_j.shape[-1]
+  if inv_l is not None:   # scale the [H, Q] operand, not the [Q, S] probabilities
+    do_T_i = do_T_i * inv_l[:, :, None, :].astype(do_T_i.dtype)
   dv_j = jnp.einsum("BKHQ,BKQS->BKHS", do_T_i, p.astype(do_i.dtype),
                     preferred_element_type=jnp.float32)
   dp = jnp.einsum("BKQH,BKSH->BKQS", do_i, v_j, preferred_element_type=jnp.float32)
-  ds = (p * (dp - d_row_i[..., None]) * (h ** -0.5)).astype(q_i.dtype)
+  row = (h ** -0.5) if inv_l is None else inv_l[..., None] * (h ** -0.5)
+  ds = (p * (dp - d_row_i[..., None]) * row).astype(q_T_i.dtype)
   dq_i = jnp.einsum("BKQS,BKSH->BKQH", ds, k_j, preferred_element_type=jnp.float32)
   dk_j = jnp.einsum("BKHQ,BKQS->BKHS", q_T_i, ds, preferred_element_type=jnp.float32)
   return dq_i, dk_j, dv_j
@@ -249,8 +260,10 @@ def _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx):
 
 
 def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  """Plain softmax per query block over its key range: (out [B,K,Q,H] f32, lse [B,K,Q])."""
-  outs, lses = [], []
+  """Plain softmax per query block over its key range: (out [B,K,Q,H] f32, lse [B,K,Q]),
+  and per block its unnormalised exponentials [B, K, C*G, R] with 1 / their row sums
+  [B, K, Q] (what `_rowwise_fwd` may keep for the backward pass)."""
+  outs, lses, exps, inv_ls = [], [], [], []
   for i, rng in enumerate(ranges):
     q_i, k_r, v_r, mask = _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx)
     s = _scores(q_i, k_r, mask)
@@ -262,11 +275,28 @@ def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
     l_safe = jnp.where(empty, 1.0, l)
     outs.append(o / l_safe[..., None])
     lses.append(jnp.where(empty, NEG_INF, m + jnp.log(l_safe)))
-  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+    exps.append(p)
+    inv_ls.append(1.0 / l_safe)
+  cat = lambda xs: jnp.concatenate(xs, axis=2)
+  return cat(outs), cat(lses), (tuple(exps), cat(inv_ls))
+
+
+# `_rowwise` keeps the forward pass's exponentials for the backward pass when all of a
+# call's fit in this many bytes (float32), and else recomputes them from q and k. Keeping
+# them spares the backward pass each block's exponentials and their score product: the
+# whole train step of benchmarks/train_step.py, in-process alternating rounds, d256 654 ->
+# 624 ms (9 of 11 rounds), d512 1561 -> 1525 (6 of 9). They are 36 MiB for one of d512's
+# global layers (T=1024, B=2, 8 heads), alive from the layer's forward pass to its backward.
+KEEP_PROBS_BYTES = 64 << 20
+
+
+def _probs_bytes(c, g, ranges, q) -> int:
+  b, kv = q.shape[:2]
+  return sum(b * kv * c * g * (hi - lo) * c * 4 for lo, hi in ranges)
 
 
 def _rows_backward(c, g, window, ranges, res, do, dlse):
-  q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse = res
+  q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse, kept = res
   d_row = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1) - dlse
   cg = c * g
   # dk and dv accumulate transposed, as in `_backward`.
@@ -276,8 +306,14 @@ def _rows_backward(c, g, window, ranges, res, do, dlse):
   for i, rng in enumerate(ranges):
     q_i, k_r, v_r, mask = _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx)
     rows = slice(i * cg, (i + 1) * cg)
-    dq_i, dk_j, dv_j = _block_grads(q_i, k_r, v_r, do[:, :, rows], mask, lse[:, :, rows],
-                                    d_row[:, :, rows], q_T[..., rows], do_T[..., rows])
+    if kept is None:
+      dq_i, dk_j, dv_j = _block_grads(q_i, k_r, v_r, do[:, :, rows], mask, lse[:, :, rows],
+                                      d_row[:, :, rows], q_T[..., rows], do_T[..., rows])
+    else:
+      exps, inv_l = kept
+      dq_i, dk_j, dv_j = _grads_from_probs(exps[i], inv_l[:, :, rows], k_r, v_r,
+                                           do[:, :, rows], d_row[:, :, rows],
+                                           q_T[..., rows], do_T[..., rows])
     dq.append(dq_i)
     cols = slice(rng[0] * c, rng[1] * c)
     dk_T = dk_T.at[..., cols].add(dk_j)
@@ -288,14 +324,16 @@ def _rows_backward(c, g, window, ranges, res, do, dlse):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _rowwise(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  out, lse, _ = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
   return out.astype(q.dtype), lse
 
 
 def _rowwise_fwd(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  out, lse, kept = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
   out = out.astype(q.dtype)
-  return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse)
+  if _probs_bytes(c, g, ranges, q) > KEEP_PROBS_BYTES:
+    kept = None
+  return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse, kept)
 
 
 def _rowwise_bwd(c, g, window, ranges, res, cotangents):
