@@ -142,8 +142,8 @@ def test_row_schedule_keeps_the_softmax_numpy_computes(window, monkeypatch):
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
   q_op = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, h)
   seg, idx = jnp.ones((b, t), jnp.int32), jnp.arange(t, dtype=jnp.int32)
-  fwd = lambda: chunked._rowwise_fwd(c, g, window, ranges, q_op, heads_first(k),
-                                     heads_first(v), seg, seg, idx, idx)[1][-1]
+  fwd = lambda keep=True: chunked._rowwise_fwd(c, g, window, ranges, keep, q_op, heads_first(k),
+                                               heads_first(v), seg, seg, idx, idx)[1][-1]
   exps, inv_l = fwd()
   assert sum(e.nbytes for e in exps) == chunked._probs_bytes(c, g, ranges, q_op)
   qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
@@ -159,8 +159,38 @@ def test_row_schedule_keeps_the_softmax_numpy_computes(window, monkeypatch):
         e = np.exp(s[..., 0] - s.max(axis=1))
         want[:, kh, r, seen] = e / e.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+  assert fwd(keep=False) is None
   monkeypatch.setattr(chunked, "KEEP_PROBS_BYTES", chunked._probs_bytes(c, g, ranges, q_op) - 1)
   assert fwd() is None
+
+
+def test_scanned_layers_do_not_keep_attention_probabilities(monkeypatch):
+  """Under scanned layers the model does not ask the row schedule to keep its probabilities
+  (the scan would stack them, and the switch over windows keep every branch's): the
+  compiled train step needs the same temporaries with keeping allowed or not."""
+  import optax
+  from flax import nnx
+  from cwm_jax.model import init_model
+  from cwm_jax.model.config import tiny
+  from cwm_jax.train.step import make_train_step
+  cfg = tiny()
+  b, t = 2, 128
+  tokens = jnp.ones((b, t), jnp.int32)
+  batch = {"inputs": tokens, "targets": tokens, "weights": jnp.ones((b, t), jnp.float32),
+           "positions": jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1)),
+           "segment_ids": tokens}
+  tx = optax.sgd(0.1)
+
+  def temp_bytes(scan, keep_bytes):
+    monkeypatch.setattr(chunked, "KEEP_PROBS_BYTES", keep_bytes)
+    ex = Execution(scan_layers=scan)
+    params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0, ex), nnx.Param))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jnp.zeros((2,), jnp.uint32)}
+    step = jax.jit(make_train_step(cfg, tx, lambda s: 0.1, execution=ex))
+    return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(True, 64 << 20) == temp_bytes(True, 0)
 
 
 def test_chunked_never_mixes_documents():

@@ -23,10 +23,11 @@ __all__ = ["allowed", "reference_attention", "chunked_attention", "flash_attenti
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
-           chunk: int = 0, max_segments: int = 0):
+           chunk: int = 0, max_segments: int = 0, keep_probs: bool = True):
   """Self-attention over a packed batch with the named backend ('auto': `resolve`);
   `chunk` block rows (0: `resolve_chunk`); `max_segments` documents per row of
-  cuDNN's packed layout (0: `cudnn.default_max_segments`)."""
+  cuDNN's packed layout (0: `cudnn.default_max_segments`); `keep_probs`: whether the
+  chunked kernel's row schedule may keep its probabilities for the backward pass."""
   impl = resolve(impl, dtype=q_BTNH.dtype)
   chunk = resolve_chunk(chunk, q_BTNH.shape[1], window=window, head_dim=q_BTNH.shape[-1])
   if impl == "reference":
@@ -34,7 +35,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, window: int, impl: str,
                                window=window)
   if impl == "chunked":
     return chunked_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window,
-                             chunk=chunk)
+                             chunk=chunk, keep_probs=keep_probs)
   if impl == "cudnn":
     return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, chunk=chunk,
                            max_segments=max_segments or None)

@@ -287,6 +287,10 @@ def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
 # whole train step of benchmarks/train_step.py, in-process alternating rounds, d256 654 ->
 # 624 ms (9 of 11 rounds), d512 1561 -> 1525 (6 of 9). They are 36 MiB for one of d512's
 # global layers (T=1024, B=2, 8 heads), alive from the layer's forward pass to its backward.
+# Unrolled layers keep them at no extra memory (compiled d512 step: 818 MiB of temporaries
+# either way; XLA already held the forward's scores for the backward's), scanned ones would
+# not (634 -> 878 MiB: the scan stacks them and the switch over windows keeps every
+# branch's), so the model asks for them only when unrolled (`keep_probs`).
 KEEP_PROBS_BYTES = 64 << 20
 
 
@@ -322,21 +326,21 @@ def _rows_backward(c, g, window, ranges, res, do, dlse):
           jnp.swapaxes(dv_T, 2, 3).astype(v.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _rowwise(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _rowwise(c, g, window, ranges, keep, q, k, v, q_seg, k_seg, q_idx, k_idx):
   out, lse, _ = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
   return out.astype(q.dtype), lse
 
 
-def _rowwise_fwd(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
+def _rowwise_fwd(c, g, window, ranges, keep, q, k, v, q_seg, k_seg, q_idx, k_idx):
   out, lse, kept = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
   out = out.astype(q.dtype)
-  if _probs_bytes(c, g, ranges, q) > KEEP_PROBS_BYTES:
+  if not keep or _probs_bytes(c, g, ranges, q) > KEEP_PROBS_BYTES:
     kept = None
   return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse, kept)
 
 
-def _rowwise_bwd(c, g, window, ranges, res, cotangents):
+def _rowwise_bwd(c, g, window, ranges, keep, res, cotangents):
   do, dlse = cotangents
   dq, dk, dv = _rows_backward(c, g, window, ranges, res, do, dlse)
   return dq, dk, dv, None, None, None, None
@@ -347,7 +351,8 @@ _rowwise.defvjp(_rowwise_fwd, _rowwise_bwd)
 
 def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S, *,
                     window: int, chunk: int, pairs=None, q_offset: int | None = 0,
-                    skip_empty: bool = True, unroll: bool = False, rows: bool | None = None):
+                    skip_empty: bool = True, unroll: bool = False, rows: bool | None = None,
+                    keep_probs: bool = True):
   """Attention with explicit positions; returns (out [B,T,N,H], lse [B,T,N] f32).
 
   `q_idx_T`/`k_idx_S` are the positions the mask compares (may be traced).
@@ -358,7 +363,8 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
 
   `rows` picks the schedule: True, one plain softmax per query block over its
   run of key blocks (unrolled; `skip_empty` and `unroll` do not apply); False, the
-  scan over block pairs; None, `use_rows`.
+  scan over block pairs; None, `use_rows`. `keep_probs`: the row schedule may keep
+  its probabilities for the backward pass (`KEEP_PROBS_BYTES`).
 
   Inside, each kv head's G query heads are stacked under its rows: queries
   [B, K, T*G, H] against keys [B, K, S, H], so every block product is a batched
@@ -385,7 +391,7 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
   elif rows and ranges is None:
     raise ValueError("rows=True needs each query block's key blocks to be one contiguous run")
   if rows:
-    out, lse = _rowwise(c, g, window, ranges, *operands)
+    out, lse = _rowwise(c, g, window, ranges, keep_probs, *operands)
   else:
     out, lse = _flash(c, g, window, tuple(pairs), skip_empty, unroll, *operands)
   out = out.reshape(b, kv, tp, g, h).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)
@@ -394,10 +400,11 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
 
 
 def chunked_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int,
-                      skip_empty: bool = True, unroll: bool = False, rows: bool | None = None):
+                      skip_empty: bool = True, unroll: bool = False, rows: bool | None = None,
+                      keep_probs: bool = True):
   """Self-attention over packed rows; matches `reference_attention`."""
   idx = np.arange(q_BTNH.shape[1])
   out, _ = flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT, idx, idx,
                            window=window, chunk=chunk, skip_empty=skip_empty, unroll=unroll,
-                           rows=rows)
+                           rows=rows, keep_probs=keep_probs)
   return out

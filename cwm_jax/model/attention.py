@@ -133,9 +133,12 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
                              mode=run.context_parallel,
                              q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis,
                              impl="splash" if impl == "splash" else "chunked")
+  # The row schedule's kept probabilities cost memory only under scanned layers (see
+  # `chunked.KEEP_PROBS_BYTES`).
   return lambda q, k, v, s: kernels.attend(q, k, v, s, window=window, impl=impl,
                                            chunk=run.attention_chunk,
-                                           max_segments=run.attention_max_segments)
+                                           max_segments=run.attention_max_segments,
+                                           keep_probs=not run.scan_layers)
 
 
 def _manual_spec(names, mesh, seq_axis):
