@@ -181,16 +181,16 @@ def test_scanned_layers_do_not_keep_attention_probabilities(monkeypatch):
            "segment_ids": tokens}
   tx = optax.sgd(0.1)
 
-  def temp_bytes(scan, keep_bytes):
+  def temp_bytes(keep_bytes):
     monkeypatch.setattr(chunked, "KEEP_PROBS_BYTES", keep_bytes)
-    ex = Execution(scan_layers=scan)
+    ex = Execution(scan_layers=True)
     params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0, ex), nnx.Param))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jnp.zeros((2,), jnp.uint32)}
     step = jax.jit(make_train_step(cfg, tx, lambda s: 0.1, execution=ex))
     return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
-  assert temp_bytes(True, 64 << 20) == temp_bytes(True, 0)
+  assert temp_bytes(64 << 20) == temp_bytes(0)
 
 
 def test_chunked_never_mixes_documents():
