@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PACKAGE = os.path.join(ROOT, "cwm_jax")
 
-LAYERS = {"base": 0, "host_memory": 0, "kernels": 1, "model": 2, "parallel": 3, "data": 4,
+LAYERS = {"base": 0, "host_memory": 0, "storage": 0, "kernels": 1, "model": 2, "parallel": 3, "data": 4,
           "checkpoint": 4, "train": 5, "infer": 6, "rl": 6, "recipe": 7}
 PROGRAM_LAYER = 8
 # Command-line programs: `python -m cwm_jax.<name>` (plus the training and corpus-build

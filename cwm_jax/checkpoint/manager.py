@@ -10,7 +10,6 @@ target whose leaves carry other shardings reshards.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from flax import nnx
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.transformer import abstract_model
@@ -63,15 +63,18 @@ class CorruptCheckpoint(ConfigError):
 def complete_steps(directory: str) -> list[int]:
   """Steps under `directory` whose save committed, ascending; a step directory without
   orbax's commit marker (a killed save, an empty `70/`) is never among them."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isfile(os.path.join(directory, n, COMMIT_FILE)))
+  return sorted(int(n) for n in step_dirs(directory)
+                if storage.isfile(storage.join(directory, n, COMMIT_FILE)))
+
+
+def step_dirs(directory: str) -> list[str]:
+  """Names of the step directories under `directory` (committed or not)."""
+  return [n for n in storage.listdir(directory) if n.isdigit()]
 
 
 def _corrupt(directory: str, step: int, e: BaseException) -> CorruptCheckpoint:
   first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
-  return CorruptCheckpoint(f"checkpoint {os.path.join(directory, str(step))} is corrupt or "
+  return CorruptCheckpoint(f"checkpoint {storage.join(directory, str(step))} is corrupt or "
                            f"incomplete ({type(e).__name__}: {first[:400]}); restore it, or "
                            "pick another step")
 
@@ -85,7 +88,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
                create: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=async_save)
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
@@ -102,10 +105,10 @@ class Checkpointer:
     new saves can reuse their numbers; returns the new paths."""
     moved = []
     for step in steps:
-      src = os.path.join(self.directory, str(step))
-      if os.path.isdir(src):
+      src = storage.join(self.directory, str(step))
+      if storage.isdir(src):
         dst = f"{src}.bad-{int(time.time())}"
-        os.replace(src, dst)
+        storage.move_aside(src, dst)
         moved.append(dst)
     self._mgr.reload()
     return moved
@@ -127,7 +130,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  (any read failure: corrupt files)
       raise _corrupt(self.directory, step, e) from e
     if not isinstance(out, dict) or not isinstance(out.get("model"), dict):
-      raise CorruptCheckpoint(f"checkpoint {os.path.join(self.directory, str(step))}: meta "
+      raise CorruptCheckpoint(f"checkpoint {storage.join(self.directory, str(step))}: meta "
                               "holds no model config; is this a cwm_jax checkpoint?")
     return out
 
