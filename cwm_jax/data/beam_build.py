@@ -14,7 +14,9 @@ dependencies installed. apache_beam (and array_record.beam, which needs it) is i
 the functions here, so that the package imports without it.
 
 The manifest equals the local build's: the counts are gathered by the pipeline, then written with
-the shard list as `manifest.json` next to the shards.
+the shard list as `manifest.json` next to the shards, after them (readers trust a corpus folder only
+once its manifest exists). The pipeline writes through Beam's own filesystems (local or gs://);
+what this module reads and writes around it goes through `cwm_jax.storage`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import sys
 import time
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.data import dedup
 from cwm_jax.data import sources_functions as functions
@@ -123,7 +126,6 @@ def build(name: str, items: list, out: str, cfg: trace_build.TraceBuildConfig,
   """Runs the pipeline to completion; returns the manifest (also written to out)."""
   try:
     import apache_beam as beam  # pylint: disable=g-import-not-at-top
-    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError as e:
     raise ConfigError(f'--runner={cfg.runner} needs apache-beam ({e}); install it with '
                       "`bash launch/install.sh .venv` (apache-beam is a dependency) or use --runner=local") from e
@@ -131,21 +133,19 @@ def build(name: str, items: list, out: str, cfg: trace_build.TraceBuildConfig,
   eval_docs = trace_build.eval_programs(cfg)
   with beam.Pipeline(options=pipeline_options(cfg)) as p:
     _add_stages(p, name, items, out, cfg, num_shards, eval_docs)
-  counts_path = f'{out}/{name}.counts.json'
-  with FileSystems.open(counts_path) as f:
-    counts = collections.Counter(json.loads(f.read().decode('utf-8') or '{}'))
-  FileSystems.delete([counts_path])  # the output is shards + manifest.json
+  counts_path = storage.join(out, f'{name}.counts.json')
+  counts = collections.Counter(json.loads(storage.read_text(counts_path) or '{}'))
+  storage.remove(counts_path)  # the output is shards + manifest.json
   prefix = 'contaminated_by:'
   by = collections.Counter({k[len(prefix):]: n for k, n in counts.items()
                             if k.startswith(prefix)})
   dropped = collections.Counter({r: counts.get(r, 0) for r in trace_build.DROP_REASONS})
-  shards = sorted(m.path.rsplit('/', 1)[-1] for m in
-                  FileSystems.match([f'{out}/{name}-*.array_record'])[0].metadata_list)
+  shards = [storage.basename(p)
+            for p in storage.glob(storage.join(out, f'{name}-*.array_record'))]
   stats = trace_build.trace_manifest(dropped, by, counts.get('candidates', 0), len(eval_docs),
                                      counts, cfg, len(items), time.monotonic() - start)
   manifest = {'corpus': name, 'writer': 'array_record', 'records': stats['kept'],
               'shards': shards, 'schema': 'one JSON object per record, see cwm_jax.data.formats',
               **stats}
-  with FileSystems.create(f'{out}/manifest.json') as f:
-    f.write(json.dumps(manifest, indent=1).encode('utf-8'))
+  storage.write_json(storage.join(out, 'manifest.json'), manifest, indent=1)
   return manifest

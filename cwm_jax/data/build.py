@@ -1,6 +1,7 @@
 """Builds a corpus as ArrayRecord shards plus manifest.json (the library is `corpus_build`).
 
   python -m cwm_jax.data.build --corpus code --out /tmp/cwm_data/code
+  python -m cwm_jax.data.build --corpus code --out gs://BUCKET/data/code
   python -m cwm_jax.data.build --corpus traces --out DIR --limit 50
   python -m cwm_jax.data.build --corpus sft --out DIR --writer tfds
   python -m cwm_jax.data.build --corpus functions --out DIR --functions calls.jsonl --workers 2
@@ -9,7 +10,9 @@
   python -m cwm_jax.data.build --corpus repo_traces --out DIR --runner DataflowRunner \\
       -- --project=P --region=R --temp_location=gs://B/tmp
 
-Every record is one UTF-8 JSON object in the schema of `cwm_jax.data.formats`. Trace corpora
+--out, --functions and --eval_set may be local paths or gs:// URLs (`cwm_jax.storage`); a corpus
+is complete once its manifest.json exists, which is written last. Every record is one UTF-8 JSON
+object in the schema of `cwm_jax.data.formats`. Trace corpora
 print progress on stderr; their manifest counts drops by reason, duplicates and contaminated
 records. Trace corpora are built by a Beam pipeline: the default `--runner DirectRunner` runs it
 locally in `--workers` processes; arguments after `--` are Beam pipeline options for any runner
@@ -28,7 +31,8 @@ from cwm_jax import cli
 from cwm_jax.base import ConfigError
 
 _CORPUS = flags.DEFINE_string('corpus', None, f'One of {corpus_build.CORPORA}.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder: a local path or a gs:// URL, new, '
+                          'empty or an earlier corpus (replaced).')
 _LIMIT = flags.DEFINE_integer('limit', None, 'At most this many source files / traced calls '
                               '/ test modules (repo_traces).')
 _SHARDS = flags.DEFINE_integer('shards', 1, 'ArrayRecord files to write.')

@@ -9,6 +9,7 @@ only when this writer is used.
 import functools
 import json
 
+from cwm_jax import storage
 from cwm_jax.data import corpora
 
 
@@ -57,9 +58,14 @@ def _builder_class():
 
 
 def write_tfds(corpus: str, out: str, limit: int | None) -> dict:
+  """Prepares corpus `corpus` as a TFDS builder under local folder `out` (its array_record
+  writer writes local files; `corpus_build` stages a URL's corpus and publishes it)."""
+  if storage.is_url(out):
+    raise ValueError(f'write_tfds writes local files, not {out!r}: stage the corpus with '
+                     'storage.publish_dir (as corpus_build does)')
   corpus_config, builder_class = _builder_class()
   config = corpus if limit is None else corpus_config(corpus=corpus, limit=limit)
   builder = builder_class(config=config, data_dir=out, file_format='array_record')
   builder.download_and_prepare()
-  return {'corpus': corpus, 'writer': 'tfds', 'path': builder.data_dir,
+  return {'corpus': corpus, 'writer': 'tfds', 'path': str(builder.data_dir),
           'records': builder.info.splits['train'].num_examples}

@@ -20,6 +20,7 @@ import time
 
 from array_record.python import array_record_module
 
+from cwm_jax import storage
 from cwm_jax.data import dedup
 from cwm_jax.data import repo_traces
 from cwm_jax.data import sources_functions as functions
@@ -45,7 +46,13 @@ class TraceBuildConfig:
 
 def write_array_record(records, out: str, prefix: str, num_shards: int = 1,
                        extra: dict | None = None) -> dict:
-  """Writes records round-robin into `num_shards` ArrayRecord files plus manifest.json."""
+  """Writes records round-robin into `num_shards` ArrayRecord files plus manifest.json.
+
+  `out` is a local folder: the ArrayRecord writer writes local files only (`corpus_build`
+  stages a URL's corpus locally and publishes it)."""
+  if storage.is_url(out):
+    raise ValueError(f'write_array_record writes local files, not {out!r}: stage the corpus '
+                     'with storage.publish_dir (as corpus_build does)')
   os.makedirs(out, exist_ok=True)
   paths = [os.path.join(out, f'{prefix}-{i:05d}-of-{num_shards:05d}'
                         '.array_record') for i in range(num_shards)]
@@ -63,8 +70,7 @@ def write_array_record(records, out: str, prefix: str, num_shards: int = 1,
   manifest = {'corpus': prefix, 'writer': 'array_record', 'records': count,
               'shards': [os.path.basename(p) for p in paths],
               'schema': 'one JSON object per record, see cwm_jax.data.formats', **(extra or {})}
-  with open(os.path.join(out, 'manifest.json'), 'w') as f:
-    json.dump(manifest, f, indent=1)
+  storage.write_json(os.path.join(out, 'manifest.json'), manifest, indent=1)
   return manifest
 
 
@@ -150,7 +156,7 @@ def trace_manifest(dropped: collections.Counter, contaminated_by: collections.Co
 def build_locally(name: str, items: list, out: str, cfg: TraceBuildConfig,
                   num_shards: int = 1) -> dict:
   """Traces `items` with a local thread pool, filters them and writes corpus `name` under
-  `out`; returns the manifest."""
+  local folder `out`; returns the manifest."""
   start = time.monotonic()
   flt, counts = TraceFilter(cfg), collections.Counter()
 
@@ -163,6 +169,5 @@ def build_locally(name: str, items: list, out: str, cfg: TraceBuildConfig,
   manifest.update(trace_manifest(flt.dropped, flt.contaminated_by, flt.candidates,
                                  flt.eval_programs, counts, cfg, len(items),
                                  time.monotonic() - start))
-  with open(os.path.join(out, 'manifest.json'), 'w') as f:
-    json.dump(manifest, f, indent=1)
+  storage.write_json(os.path.join(out, 'manifest.json'), manifest, indent=1)
   return manifest
