@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 import regex
 
+from cwm_jax import storage
 from cwm_jax.data import tokenizer as tokenizer_lib
 
 _SKIP_DIRS = frozenset(
@@ -142,12 +143,10 @@ def train_bpe(texts: Iterable[str], n_ranks: int) -> dict[bytes, int]:
 
 
 def write_rank_file(ranks: dict[bytes, int], path: str) -> None:
-  """Writes tiktoken's format: one `base64(token) rank` line per rank."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes tiktoken's format: one `base64(token) rank` line per rank (`path` local or a URL)."""
   lines = [f'{base64.b64encode(tok).decode()} {rank}\n'
            for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-  with open(path, 'w', encoding='ascii') as f:
-    f.writelines(lines)
+  storage.write_bytes(path, ''.join(lines).encode('ascii'))
 
 
 def train_stdlib(out: str, n_ranks: int = 4096,
@@ -160,7 +159,8 @@ def train_stdlib(out: str, n_ranks: int = 4096,
 
 def _define_flags():
   """Flags exist only when run as a program: importers get no globals."""
-  flags.DEFINE_string('out', None, 'Rank file to write.', required=True)
+  flags.DEFINE_string('out', None, 'Rank file to write (a local path or a gs:// URL).',
+                      required=True)
   flags.DEFINE_integer('vocab', 4096, 'Number of BPE ranks.')
   flags.DEFINE_integer('max_bytes', None,
                        'Train on at most this many bytes of stdlib sources.')

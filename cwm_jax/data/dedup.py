@@ -9,7 +9,8 @@ Decontamination: a source is contaminated by an evaluation program when it conta
 `threshold` of that program's distinct code-token n-grams (at least one), tokens being Python's
 NAME/OP/NUMBER/STRING tokens (comments and layout ignored). The evaluation set is the held-out
 shipped programs (`cwm_jax.data.traces.examples.is_held_out`) plus any files, folders of `.py`
-files or JSONL files (`source` or `text` per line) the user names.
+files or JSONL files (`source` or `text` per line) the user names, local paths or URLs
+(`cwm_jax.storage`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import re
 import tokenize
 
+from cwm_jax import storage
 from cwm_jax.data.traces import examples
 from cwm_jax.data.traces import format as trace_format
 
@@ -101,28 +103,37 @@ def held_out_programs() -> dict[str, str]:
   return docs
 
 
+def _py_files(folder: str) -> list[str]:
+  """The `.py` files under `folder` (local or URL), sorted, subfolders included."""
+  out = []
+  for name in storage.listdir(folder):
+    path = storage.join(folder, name)
+    if storage.isdir(path):
+      out += _py_files(path)
+    elif name.endswith('.py'):
+      out.append(path)
+  return out
+
+
 def read_eval_set(paths) -> dict[str, str]:
   """Evaluation documents from .py files, folders of .py files and JSONL files."""
   docs = {}
   for path in paths:
-    if os.path.isdir(path):
-      for folder, _, names in sorted(os.walk(path)):
-        for name in sorted(names):
-          if name.endswith('.py'):
-            docs.update(read_eval_set([os.path.join(folder, name)]))
-    elif path.endswith('.jsonl'):
-      with open(path, encoding='utf-8') as f:
-        for i, line in enumerate(f, 1):
-          if line.strip():
-            item = json.loads(line)
-            text = item.get('source') or item.get('text') if isinstance(item, dict) else None
-            if not isinstance(text, str):
-              raise ValueError(f'{path}:{i}: an evaluation JSONL line needs a "source" or '
-                               '"text" string')
-            docs[f'{path}:{i}'] = text
-    elif os.path.isfile(path):
-      with open(path, encoding='utf-8', errors='replace') as f:
-        docs[path] = f.read()
+    if storage.isdir(path):
+      docs.update(read_eval_set(_py_files(path)))
+    elif path.endswith('.jsonl') and storage.isfile(path):
+      # Universal newlines, as a text-mode file gives them.
+      lines = io.StringIO(storage.read_text(path), newline=None)
+      for i, line in enumerate(lines, 1):
+        if line.strip():
+          item = json.loads(line)
+          text = item.get('source') or item.get('text') if isinstance(item, dict) else None
+          if not isinstance(text, str):
+            raise ValueError(f'{path}:{i}: an evaluation JSONL line needs a "source" or '
+                             '"text" string')
+          docs[f'{path}:{i}'] = text
+    elif storage.isfile(path):
+      docs[path] = storage.read_bytes(path).decode('utf-8', errors='replace')
     else:
       raise ValueError(f'evaluation set {path!r} does not exist; give .py files, folders or '
                        'JSONL files with a "source" field')

@@ -3,7 +3,8 @@
 Inputs: a JSONL file of `{"source": TEXT or "path": FILE, "function": NAME, "args": [...],
 "kwargs": {...}}` (a relative `path` is relative to the JSONL file; `args` is a JSON list, each
 value a Python literal), and the literal calls found in the doctests of pure-Python modules
-(`cwm_jax.data.traces.doctest_calls`). Each call is traced by `trace_call` in the sandbox.
+(`cwm_jax.data.traces.doctest_calls`). Each call is traced by `trace_call` in the sandbox. The
+JSONL file and the files it names may be local or URLs (`cwm_jax.storage`).
 
 A `Candidate` is one traced (or failed) call from any source; `finalize` turns a good one into the
 CWM trace document, or gives the reason it is dropped.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
-import os
 
+from cwm_jax import storage
 from cwm_jax.data import dedup
 from cwm_jax.data import formats
 from cwm_jax.data import traces
@@ -42,17 +44,17 @@ class FunctionItem:
 def read_function_specs(path: str) -> list[traces.Call]:
   """The calls of a functions JSONL file; bad lines raise ValueError naming line and fix."""
   calls = []
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding='utf-8') as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{i}'
-      try:
-        spec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: not JSON ({e.msg})') from e
-      calls.append(_call(spec, where, base))
+  base = storage.dirname(path)
+  # Universal newlines, as a text-mode file gives them.
+  for i, line in enumerate(io.StringIO(storage.read_text(path), newline=None), 1):
+    if not line.strip():
+      continue
+    where = f'{path}:{i}'
+    try:
+      spec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{where}: not JSON ({e.msg})') from e
+    calls.append(_call(spec, where, base))
   return calls
 
 
@@ -68,11 +70,10 @@ def _call(spec, where: str, base: str) -> traces.Call:
   if not isinstance(args, list) or not isinstance(kwargs, dict):
     raise ValueError(f'{where}: "args" must be a JSON list and "kwargs" an object; {fix}')
   if 'path' in spec:
-    path = os.path.join(base, spec['path'])
-    if not os.path.isfile(path):
+    path = storage.join(base, spec['path'])
+    if not storage.isfile(path):
       raise ValueError(f'{where}: no file {path}; paths are relative to the JSONL file')
-    with open(path, encoding='utf-8') as f:
-      source, origin = f.read(), path
+    source, origin = storage.read_text(path), path
   else:
     source, origin = spec['source'], where
   if not isinstance(source, str):

@@ -17,6 +17,7 @@ import os
 
 import tiktoken
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
@@ -41,22 +42,21 @@ _FIXED_ROLES = ('system', 'user', 'assistant')
 
 
 def read_rank_file(path: str) -> dict[bytes, int]:
-  """Parses a tiktoken rank file (`base64 rank` per line)."""
-  if not os.path.isfile(path):
+  """Parses a tiktoken rank file (`base64 rank` per line; `path` local or a URL)."""
+  if not storage.isfile(path):
     raise FileNotFoundError(
         f'rank file {path!r} not found: pass the release tokenizer.model or '
         'train one with `python -m cwm_jax.data.bpe --out PATH`')
   ranks = {}
-  with open(path, 'rb') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        token, rank = line.split()
-        ranks[base64.b64decode(token, validate=True)] = int(rank)
-      except ValueError:
-        raise ConfigError(f'rank file {path}:{lineno} is not a `base64 rank` line: not a '
-                          'tiktoken rank file; pass the release tokenizer.model') from None
+  for lineno, line in enumerate(storage.read_bytes(path).split(b'\n'), 1):
+    if not line.strip():
+      continue
+    try:
+      token, rank = line.split()
+      ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except ValueError:
+      raise ConfigError(f'rank file {path}:{lineno} is not a `base64 rank` line: not a '
+                        'tiktoken rank file; pass the release tokenizer.model') from None
   if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
     raise ConfigError(f'rank file {path}: ranks must be 0..N-1, each once (found '
                       f'{len(ranks)} lines); pass the release tokenizer.model')
@@ -85,7 +85,7 @@ class Tokenizer:
   def from_rank_file(cls, path: str) -> 'Tokenizer':
     ranks = read_rank_file(path)
     try:
-      return cls(ranks, name=os.path.basename(path))
+      return cls(ranks, name=storage.basename(path))
     except ValueError as e:
       raise ConfigError(f'rank file {path} does not make a BPE tokenizer ({e}); pass the '
                         'release tokenizer.model') from None
