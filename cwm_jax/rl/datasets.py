@@ -1,6 +1,7 @@
 """RL task datasets from files, read through grain: per-process shards, shuffled, resumable.
 
-A task file is JSONL (or ArrayRecord) with one task record per line:
+A task file is JSONL (or ArrayRecord) with one task record per line; files, folders and globs
+may be local or object-store URLs (`gs://...`, read through `cwm_jax.data.sources`):
 
   {"id": STR, "kind": "code" | "math" | "trace" | "agentic",
    "prompt": STR  or  "messages": [{"role": R, "content": STR}, ...],
@@ -194,7 +195,8 @@ class TaskStream:
 def _records(paths: Sequence[str]) -> list:
   out = []
   for path in paths:
-    kind = "array_record" if path.endswith(".array_record") or "*" in path else "jsonl"
+    array_record = path.endswith(".array_record") or ("*" in path and not path.endswith(".jsonl"))
+    kind = "array_record" if array_record else "jsonl"
     source = sources.make_source(kind, path)
     out += [source[i] for i in range(len(source))]
   if not out:

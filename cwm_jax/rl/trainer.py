@@ -20,7 +20,6 @@ all have zero advantage skips the optimizer (`skipped` 1) but counts as a step.
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import time
@@ -34,6 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import isolation
@@ -49,7 +49,8 @@ def rl_config() -> ml_collections.ConfigDict:
   """Defaults of the `rl` config section. CWM's exact RL batch/LR figures are not public."""
   return ml_collections.ConfigDict(dict(
       tasks="toy,math,code,trace",  # kinds from cwm_jax.rl.tasks, or 'digits' (toy vocab)
-      task_files="",                # comma-separated task files, folders or globs (rl.datasets);
+      task_files="",                # comma-separated task files, folders or globs, local or
+                                    # gs:// (rl.datasets);
                                     # replaces `tasks`; a bare name is a shipped set
                                     # (cwm_jax/rl/task_sets/NAME.jsonl)
       max_turns=4,                  # policy messages per multi-turn (tool) episode
@@ -138,6 +139,14 @@ def task_paths(task_files: str) -> list[str]:
   names = [p.strip() for p in task_files.split(",") if p.strip()]
   return [os.path.join(TASK_SETS, f"{n}.jsonl") if "/" not in n and "." not in n else n
           for n in names]
+
+
+def _matches(pattern: str) -> list[str]:
+  """The files or folders a task-file pattern names (none when its bucket is missing)."""
+  try:
+    return storage.glob(pattern)
+  except OSError:
+    return []
 
 
 def _sft_batch(tasks, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -389,7 +398,7 @@ def task_source(config) -> tuple[object, _Tasks]:
   """(tokenizer, task source) of an RL config: its task files, else its embedded kinds."""
   rl, max_prompt = config.rl, config.seq_len - config.rl.max_new_tokens
   if rl.task_files:
-    missing = [p for p in task_paths(rl.task_files) if not glob.glob(p)]
+    missing = [p for p in task_paths(rl.task_files) if not _matches(p)]
     if missing:
       raise ConfigError(f"rl.task_files: nothing at {missing}; give JSONL task files, folders or "
                         f"globs, or a shipped set name ({', '.join(shipped_sets())})")
