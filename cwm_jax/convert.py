@@ -3,7 +3,8 @@
   python -m cwm_jax.convert --src DIR --dst DIR --to {orbax,hf,meta} \
       [--dtype bfloat16|float32] [--step N] [--max_shard_gb 5]
 
-The source format is detected from its files. Exit code 2 on bad arguments or
+Either directory may be local or a URL (gs://bucket/path). The source format is
+detected from its files. Exit code 2 on bad arguments or
 an invalid source (missing/extra tensors, shape/dtype mismatch, unknown format,
 non-empty destination).
 """
@@ -21,8 +22,10 @@ from cwm_jax.checkpoint.conversion import FORMATS, convert
 from cwm_jax.base import ConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "Source checkpoint directory (format detected).")
-flags.DEFINE_string("dst", None, "Destination directory (must not exist or be empty).")
+flags.DEFINE_string("src", None, "Source checkpoint directory, local or gs:// (format "
+                    "detected).")
+flags.DEFINE_string("dst", None, "Destination directory, local or gs:// (must not exist or be "
+                    "empty).")
 flags.DEFINE_enum("to", None, list(FORMATS), "Destination format.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Output dtype (default: the source's).")
 flags.DEFINE_integer("step", None, "Orbax step to read (default latest) or to write (default 0).")

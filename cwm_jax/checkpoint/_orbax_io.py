@@ -8,14 +8,14 @@ one slice is in host memory. The on-disk data is an ordinary numpy array
 entry that `restore_params` (or any orbax restore) reads.
 
 Reading opens one params leaf with tensorstore and reads one layer at a time.
+A checkpoint directory may be local or a URL (`gs://...`): files go through
+`cwm_jax.storage`, tensors through tensorstore's own drivers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +24,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import type_handlers
 
+from cwm_jax import storage
 from cwm_jax.checkpoint import manager
 from cwm_jax.base import ConfigError
 from cwm_jax.model.config import ModelConfig
@@ -100,21 +101,20 @@ def save_streaming(directory: str, cfg: ModelConfig, params: dict, step: int,
 
 def checkpoints_dir(directory: str) -> str:
   """The orbax manager directory: `directory` or `directory/checkpoints`."""
-  sub = os.path.join(directory, "checkpoints")
-  return sub if os.path.isdir(sub) else directory
+  sub = storage.join(directory, "checkpoints")
+  return sub if storage.isdir(sub) else directory
 
 
 def steps(directory: str) -> list[int]:
   """Committed steps holding a `state` item (uncommitted step directories are skipped)."""
   return [n for n in manager.complete_steps(directory)
-          if os.path.isdir(os.path.join(directory, str(n), "state"))]
+          if storage.isdir(storage.join(directory, str(n), "state"))]
 
 
 def _read_json(path: str) -> Any:
   """A checkpoint's JSON file; a missing or unparsable one is a ConfigError naming it."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return storage.read_json(path)
   except FileNotFoundError:
     raise ConfigError(f"checkpoint file {path} is missing: the checkpoint is incomplete; "
                       "restore it or pick another step") from None
@@ -127,7 +127,7 @@ class OrbaxReader:
   """Params of one orbax checkpoint, read one leaf slice at a time."""
 
   def __init__(self, directory: str, step: int | None = None):
-    root = checkpoints_dir(os.path.abspath(directory))
+    root = checkpoints_dir(storage.absolute(directory))
     found = steps(root)
     if not found:
       raise ConfigError(f"{directory}: no orbax checkpoint steps (<step>/state) found")
@@ -135,9 +135,9 @@ class OrbaxReader:
       raise ConfigError(f"{directory}: no committed step {step}; pass --step with one of "
                         f"{found}")
     self.step = found[-1] if step is None else step
-    step_dir = os.path.join(root, str(self.step))
-    meta_path, tree_path = (os.path.join(step_dir, "meta", "metadata"),
-                            os.path.join(step_dir, "state", "_METADATA"))
+    step_dir = storage.join(root, str(self.step))
+    meta_path, tree_path = (storage.join(step_dir, "meta", "metadata"),
+                            storage.join(step_dir, "state", "_METADATA"))
     self.meta, tree = _read_json(meta_path), _read_json(tree_path)
     try:
       self.cfg = manager.model_config_from_dict(self.meta["model"])

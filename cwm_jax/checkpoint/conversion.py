@@ -4,14 +4,19 @@ Every source is viewed as per-layer tensors in our layout (`Source.read(path,
 layer)`); every writer pulls them one at a time, so host memory stays near
 one tensor (plus its transformed copy) whatever the model size. Sources are
 validated against their config (names, shapes, dtypes) before anything is
-written; output goes to a hidden temporary directory beside the destination
-that is renamed into place only when complete.
+written.
+
+Source and destination may be local or URLs (`gs://...`); every file goes through
+`cwm_jax.storage`. Output is written into a staging folder that becomes the
+destination only when complete: locally a hidden `.DST.partial-PID` folder beside it,
+renamed into place; for a URL a local folder uploaded with the file readers check
+(`marker`) last, so a conversion that fails midway leaves no checkpoint readers
+would accept.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -21,6 +26,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from cwm_jax import storage
 from cwm_jax.checkpoint import _orbax_io, hf, manager, meta
 from cwm_jax.checkpoint.names import HF, META, Entry, locate
 from cwm_jax.base import ConfigError
@@ -38,9 +44,9 @@ class ConvertError(ConfigError):
 
 def detect_format(directory: str) -> str:
   """'hf', 'meta' or 'orbax', from the files in `directory`."""
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise ConvertError(f"source {directory!r} does not exist or is not a directory")
-  names = set(os.listdir(directory))
+  names = set(storage.listdir(directory))
   if "config.json" in names and any(n.endswith(".safetensors") for n in names):
     return "hf"
   if "params.json" in names and ".metadata" in names:
@@ -99,7 +105,10 @@ def _external_reader(entries: tuple[Entry, ...], store, cfg):
 
 
 def _files(directory: str, names) -> list[str]:
-  return [os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))]
+  """The files among `names` that exist in `directory`, as paths."""
+  present = set(storage.listdir(directory))
+  return [storage.join(directory, n) for n in names
+          if n in present and storage.isfile(storage.join(directory, n))]
 
 
 def _named(path: str, parse: Callable, config: Any) -> ModelConfig:
@@ -117,7 +126,7 @@ def open_source(directory: str, step: int | None = None) -> Source:
   """Opens and validates a checkpoint of any supported format (reads no tensor data)."""
   fmt = detect_format(directory)
   if fmt == "hf":
-    path = os.path.join(directory, "config.json")
+    path = storage.join(directory, "config.json")
     config = hf.read_json(path, "checkpoint config")
     cfg = _named(path, hf.config_from_hf, config)
     store = hf.SafetensorsReader(directory)
@@ -127,7 +136,7 @@ def open_source(directory: str, step: int | None = None) -> Source:
     return Source(fmt, cfg, _external_reader(HF, store, cfg), dtypes, ids,
                   _files(directory, hf.TOKENIZER_FILES))
   if fmt == "meta":
-    path = os.path.join(directory, "params.json")
+    path = storage.join(directory, "params.json")
     cfg = _named(path, meta.config_from_meta, hf.read_json(path, "checkpoint config"))
     store = meta.DcpReader(directory)
     dtypes = _check_external(directory, META, store, cfg, None)
@@ -145,11 +154,11 @@ def open_source(directory: str, step: int | None = None) -> Source:
       raise ConvertError(f"{directory} step {reader.step}: params/{'/'.join(path)} is "
                          f"{reader.shape(path)} {reader.dtype(path)}; its config implies "
                          f"{shape}, in the checkpoint's one dtype ({stored}), float32 or bfloat16")
-  tok = os.path.join(reader.root, "tokenizer")
+  tok = storage.join(reader.root, "tokenizer")
   run_config = reader.meta.get("config") if isinstance(reader.meta.get("config"), dict) else {}
   return Source(fmt, cfg, reader.read, {p: reader.dtype(p) for p in want},
                 dict(run_config.get("token_ids") or {}),
-                _files(tok, sorted(os.listdir(tok))) if os.path.isdir(tok) else [], reader.step,
+                _files(tok, storage.listdir(tok)), reader.step,
                 run_config)
 
 
@@ -189,7 +198,7 @@ def _write_orbax(src: Source, out: str, dtype: np.dtype, step: int, count: _Coun
   _orbax_io.save_streaming(out, cfg, params, step,
                            {"converted_from": src.fmt, "token_ids": token_ids(src)})
   if src.tokenizer_files:
-    _copy(src.tokenizer_files, os.path.join(out, "tokenizer"))
+    _copy(src.tokenizer_files, storage.join(out, "tokenizer"))
 
 
 def _external_specs(entries, src: Source, dtype: np.dtype, count: _Counter):
@@ -204,9 +213,10 @@ def _external_specs(entries, src: Source, dtype: np.dtype, count: _Counter):
 
 
 def _copy(files: list[str], directory: str) -> None:
-  os.makedirs(directory, exist_ok=True)
+  """Copies `files` (local or URLs) into `directory` under their own names."""
+  storage.makedirs(directory)
   for path in files:
-    shutil.copy2(path, os.path.join(directory, os.path.basename(path)))
+    storage.copy_file(path, storage.join(directory, storage.basename(path)))
 
 
 def token_ids(src: Source) -> dict[str, Any]:
@@ -226,10 +236,10 @@ def _model_tokenizer(src: Source) -> Tokenizer | None:
   ranks = [p for p in src.tokenizer_files if p.endswith((".model", ".tiktoken"))]
   try:
     if ranks:
-      return Tokenizer.from_rank_file(ranks[0])
+      return Tokenizer.from_rank_file(storage.local_copy(ranks[0]))
     if src.fmt == "orbax":
       path = (src.run_config.get("data") or {}).get("tokenizer") or ""
-      return Tokenizer.from_rank_file(path) if path else Tokenizer.default()
+      return Tokenizer.from_rank_file(storage.local_copy(path)) if path else Tokenizer.default()
   except (ConfigError, FileNotFoundError):
     return None  # no usable tokenizer: the ids are left out
   return None
@@ -239,16 +249,15 @@ def _write_hf(src, out, dtype, count, max_shard_bytes):
   specs, fetch = _external_specs(HF, src, dtype, count)
   hf.write_safetensors(out, specs, fetch, max_shard_bytes)
   _copy(src.tokenizer_files, out)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf.config_to_hf(src.cfg, dtype=dtype.name, **token_ids(src)), f, indent=2)
+  storage.write_json(storage.join(out, "config.json"),
+                     hf.config_to_hf(src.cfg, dtype=dtype.name, **token_ids(src)), indent=2)
 
 
 def _write_meta(src, out, dtype, count):
   specs, fetch = _external_specs(META, src, dtype, count)
   meta.write_dcp(out, specs, fetch)
   _copy([p for p in src.tokenizer_files if p.endswith("tokenizer.model")], out)
-  with open(os.path.join(out, "params.json"), "w") as f:
-    json.dump(meta.config_to_meta(src.cfg), f, indent=2)
+  storage.write_json(storage.join(out, "params.json"), meta.config_to_meta(src.cfg), indent=2)
 
 
 def _alive(pid: int) -> bool:
@@ -262,8 +271,10 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_partials(dst: str) -> list[str]:
-  """Removes `.DST.partial-PID` staging directories of conversions to `dst` whose process
-  is gone (killed before it could clean up); returns the removed paths."""
+  """Removes `.DST.partial-PID` staging directories of conversions to the local `dst` whose
+  process is gone (killed before it could clean up); returns the removed paths."""
+  if storage.is_url(dst):
+    return []  # a URL's staging folder is a local temporary one, removed by its process
   parent, prefix = os.path.dirname(dst), f".{os.path.basename(dst)}.partial-"
   removed = []
   for name in os.listdir(parent):
@@ -275,12 +286,37 @@ def sweep_partials(dst: str) -> list[str]:
   return removed
 
 
+def marker(to: str, step: int = 0) -> str:
+  """The file (relative to the destination) whose presence makes a `to` checkpoint
+  readable: `detect_format` needs config.json (HF) or params.json (Meta), orbax readers
+  a step's commit file. Published last, so an interrupted upload is never read."""
+  if to == "hf":
+    return "config.json"
+  if to == "meta":
+    return "params.json"
+  return f"{step}/{manager.COMMIT_FILE}"
+
+
+def _check_empty(dst: str) -> None:
+  if storage.isfile(dst) or storage.listdir(dst):
+    raise ConvertError(f"destination {dst!r} exists and is not empty; choose a new directory "
+                       "(or delete that one)")
+
+
 @contextlib.contextmanager
-def staging(dst: str):
-  """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-    raise ConvertError(f"destination {dst!r} exists and is not empty; choose a new directory")
+def staging(dst: str, marker_file: str):
+  """A local folder that becomes `dst` only if the block succeeds.
+
+  Locally it sits beside `dst` (`.DST.partial-PID`, swept once its process is gone) and
+  is renamed onto it; for a URL it is uploaded file by file, `marker_file` last
+  (`storage.publish_dir`).
+  """
+  dst = storage.absolute(dst)
+  _check_empty(dst)
+  if storage.is_url(dst):
+    with storage.publish_dir(dst, marker=marker_file) as tmp:
+      yield tmp
+    return
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   sweep_partials(dst)
@@ -295,6 +331,12 @@ def staging(dst: str):
   os.replace(tmp, dst)
 
 
+def _inside(path: str, root: str) -> bool:
+  """`path` is `root` or below it (both absolute, or URLs)."""
+  sep = "/" if storage.is_url(root) else os.sep
+  return path.rstrip(sep) == root.rstrip(sep) or path.startswith(root.rstrip(sep) + sep)
+
+
 def convert(src_dir: str, dst_dir: str, to: str, *, dtype: str | None = None,
             step: int | None = None, max_shard_bytes: int = 5 * 10**9) -> dict[str, Any]:
   """Converts `src_dir` (format detected) to format `to` in `dst_dir`; returns a summary.
@@ -307,14 +349,14 @@ def convert(src_dir: str, dst_dir: str, to: str, *, dtype: str | None = None,
   """
   if to not in FORMATS:
     raise ConvertError(f"--to {to!r} must be one of {FORMATS}")
-  src_abs, dst_abs = os.path.abspath(src_dir), os.path.abspath(dst_dir)
-  if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
+  src_abs, dst_abs = storage.absolute(src_dir), storage.absolute(dst_dir)
+  if _inside(dst_abs, src_abs):
     raise ConvertError(f"destination {dst_dir!r} must be outside the source {src_dir!r}")
   start = time.perf_counter()
   src = open_source(src_dir, step if detect_format(src_dir) == "orbax" else None)
   out_dtype, count = _out_dtype(src, dtype), _Counter()
   out_step = step if step is not None else (src.step or 0)
-  with staging(dst_dir) as tmp:
+  with staging(dst_dir, marker(to, out_step)) as tmp:
     if to == "orbax":
       _write_orbax(src, tmp, out_dtype, out_step, count)
     elif to == "hf":

@@ -1,4 +1,9 @@
-"""Hugging Face CWM checkpoints: config.json <-> ModelConfig, safetensors read and streamed write."""
+"""Hugging Face CWM checkpoints: config.json <-> ModelConfig, safetensors read and streamed write.
+
+A checkpoint directory may be local or a URL (`gs://...`): files are read through
+`cwm_jax.storage`, a safetensors file of a URL from its local cached copy
+(`storage.local_copy`), since safetensors maps a local file.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.model.config import ModelConfig, RopeScaling
 
@@ -109,11 +115,13 @@ def _bad(path: str, what: str) -> ConfigError:
 
 
 def _read_header(path: str) -> dict[str, Any]:
-  """The JSON header of a safetensors file (no tensor data is read), checked against the
-  file's size: a truncated, empty or garbage file is a ConfigError naming it."""
+  """The JSON header of a safetensors file (local or URL; no tensor data is read),
+  checked against the file's size: a truncated, empty or garbage file is a ConfigError
+  naming it."""
   try:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
+      size = f.seek(0, os.SEEK_END)
+      f.seek(0)
       if size < 8:
         raise _bad(path, f"{size} bytes, shorter than the 8-byte header length")
       (n,) = struct.unpack("<Q", f.read(8))
@@ -145,8 +153,7 @@ def _read_header(path: str) -> dict[str, Any]:
 def read_json(path: str, what: str) -> Any:
   """A checkpoint's JSON file; missing or unparsable is a ConfigError naming it."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return storage.read_json(path)
   except FileNotFoundError:
     raise ConfigError(f"{what} {path} is missing") from None
   except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -157,19 +164,19 @@ class SafetensorsReader:
   """Lazy access to the tensors of one or many safetensors files."""
 
   def __init__(self, directory: str):
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.exists(index):
+    index = storage.join(directory, "model.safetensors.index.json")
+    if storage.exists(index):
       data = read_json(index, "safetensors index")
       weight_map = data.get("weight_map") if isinstance(data, dict) else None
       if not isinstance(weight_map, dict) or not all(
           isinstance(v, str) and "/" not in v for v in weight_map.values()):
         raise ConfigError(f"{index} has no valid weight_map {{tensor: file name}}; restore it")
     else:
-      files = sorted(p for p in os.listdir(directory) if p.endswith(".safetensors"))
+      files = [p for p in storage.listdir(directory) if p.endswith(".safetensors")]
       if not files:
         raise FileNotFoundError(f"no *.safetensors files in {directory}")
       weight_map = {k: fname for fname in files
-                    for k in _read_header(os.path.join(directory, fname))}
+                    for k in _read_header(storage.join(directory, fname))}
     self.directory, self.weight_map = directory, weight_map
     self._headers: dict[str, dict] = {}
 
@@ -179,7 +186,7 @@ class SafetensorsReader:
   def _info(self, name: str) -> dict:
     fname = self.weight_map[name]
     if fname not in self._headers:
-      self._headers[fname] = _read_header(os.path.join(self.directory, fname))
+      self._headers[fname] = _read_header(storage.join(self.directory, fname))
     if name not in self._headers[fname]:
       raise ConfigError(f"{self.directory}: the index puts {name!r} in {fname}, which lacks it")
     return self._headers[fname][name]
@@ -195,10 +202,10 @@ class SafetensorsReader:
 
   def get(self, name: str) -> np.ndarray:
     """One tensor as numpy; bfloat16 arrives as ml_dtypes.bfloat16."""
-    path = os.path.join(self.directory, self.weight_map[name])
+    path = storage.join(self.directory, self.weight_map[name])
     self._info(name)  # header checked against the file size first
     try:
-      with safe_open(path, framework="numpy") as f:
+      with safe_open(storage.local_copy(path), framework="numpy") as f:
         return f.get_tensor(name)
     except Exception as e:  # pylint: disable=broad-except  (safetensors' own error types)
       raise _bad(path, f"reading {name} failed ({e})") from None
@@ -239,7 +246,7 @@ def write_safetensors(directory: str, specs, fetch: Callable[[str], np.ndarray],
       offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(os.path.join(directory, fname), "wb") as f:
+    with storage.open_file(storage.join(directory, fname), "wb") as f:
       f.write(struct.pack("<Q", len(blob)) + blob)
       for name, shape, dtype in shard:
         value = fetch(name)
@@ -249,6 +256,6 @@ def write_safetensors(directory: str, specs, fetch: Callable[[str], np.ndarray],
         f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
         weight_map[name] = fname
     total += offset
-  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  storage.write_json(storage.join(directory, "model.safetensors.index.json"),
+                     {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
   return weight_map

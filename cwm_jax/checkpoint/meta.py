@@ -5,6 +5,10 @@ torch.distributed.checkpoint (DCP) directory whose tensors are named
 `model.<name>` (Meta's Checkpointer saves {"model": module}); names without
 the prefix are accepted too. DCP's `.metadata` file is a pickle: it is read
 with an allow-list unpickler, never with plain `pickle.load`.
+
+A directory to read may be a URL (`gs://...`): torch's DCP reader needs local files,
+so it reads a local folder of hard links to the files' cached copies
+(`storage.local_copy`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import json
 import math
 import os
 import pickle
+import shutil
+import tempfile
 import warnings
+import weakref
 from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.model.config import ModelConfig, RopeScaling
 
@@ -178,12 +186,18 @@ class DcpReader:
   def __init__(self, directory: str):
     _require_torch()
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    path = os.path.join(directory, ".metadata")
-    if not os.path.exists(path):
+    path = storage.join(directory, ".metadata")
+    if not storage.exists(path):
       raise ConfigError(f"{directory} has no DCP .metadata file")
     md = _load_metadata(path)
-    _check_storage(directory, md)
     self.directory = directory
+    # What torch reads: the directory itself, or for a URL a local folder of links to
+    # its files' cached copies (removed with this reader).
+    self._local = directory
+    if storage.is_url(directory):
+      self._local = _local_mirror(directory, md)
+      weakref.finalize(self, shutil.rmtree, self._local, True)
+    _check_storage(directory, md, self._local)
     self._meta = {k[len(PREFIX):] if k.startswith(PREFIX) else k: (k, v)
                   for k, v in md.state_dict_metadata.items()
                   if isinstance(v, TensorStorageMetadata)}
@@ -206,7 +220,7 @@ class DcpReader:
     try:
       with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(out, storage_reader=_safe_reader(self.directory), no_dist=True)
+        dcp.load(out, storage_reader=_safe_reader(self._local), no_dist=True)
     except Exception as e:  # pylint: disable=broad-except  (torch's errors for damaged files)
       first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
       raise ConfigError(f"DCP checkpoint {self.directory}: reading {name} failed ({first[:300]});"
@@ -215,9 +229,10 @@ class DcpReader:
 
 
 def _load_metadata(path: str):
-  """DCP `.metadata` through the allow-list unpickler; garbage is a ConfigError naming it."""
+  """DCP `.metadata` (a local path or URL) through the allow-list unpickler; garbage is a
+  ConfigError naming it."""
   try:
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
       md = _MetadataUnpickler(f).load()
   except ConfigError:
     raise
@@ -229,15 +244,51 @@ def _load_metadata(path: str):
   return md
 
 
-def _check_storage(directory: str, md) -> None:
+def _data_files(md) -> list[str]:
+  """The data files (relative paths) `.metadata` points at."""
+  return sorted({str(getattr(info, "relative_path", ""))
+                 for info in (getattr(md, "storage_data", None) or {}).values()})
+
+
+def _local_mirror(directory: str, md) -> str:
+  """A temporary local folder holding `.metadata` and every data file of the DCP
+  directory `directory` (a URL) as hard links to their cached copies, so that the
+  cache evicting a copy cannot pull a file from under the reader; a data file that is
+  missing is left out (for `_check_storage` to name)."""
+  root = storage.cache_dir()
+  os.makedirs(root, exist_ok=True)
+  local = tempfile.mkdtemp(dir=root, prefix=".dcp-")  # dot names: never evicted
+  try:
+    for rel in (".metadata", *_data_files(md)):
+      if not rel or os.path.isabs(rel) or ".." in rel.split("/"):
+        continue  # only files inside the directory; `_check_storage` names the bad entry
+      try:
+        cached = storage.local_copy(storage.join(directory, *rel.split("/")))
+      except FileNotFoundError:
+        continue
+      target = os.path.join(local, *rel.split("/"))
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      try:
+        os.link(cached, target)
+      except OSError:  # a file system without hard links
+        shutil.copyfile(cached, target)
+  except BaseException:
+    shutil.rmtree(local, ignore_errors=True)
+    raise
+  return local
+
+
+def _check_storage(directory: str, md, local: str | None = None) -> None:
   """Every byte range `.metadata` points at exists: a missing or truncated .distcp file
-  is a ConfigError naming it, before any tensor is read."""
+  is a ConfigError naming it (under `directory`), before any tensor is read. Sizes are
+  those of the files under `local` (default: `directory`)."""
+  local = local or directory
   sizes: dict[str, int] = {}
   for info in (getattr(md, "storage_data", None) or {}).values():
     rel = str(getattr(info, "relative_path", ""))
-    path = os.path.join(directory, rel)
+    path, here = storage.join(directory, rel), os.path.join(local, rel)
     if rel not in sizes:
-      sizes[rel] = os.path.getsize(path) if os.path.isfile(path) else -1
+      sizes[rel] = os.path.getsize(here) if os.path.isfile(here) else -1
     if sizes[rel] < 0:
       raise ConfigError(f"DCP checkpoint file {path} is missing; re-download or re-convert")
     end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
@@ -262,11 +313,15 @@ def _safe_reader(directory: str):
 
 
 def write_dcp(directory: str, specs, fetch: Callable[[str], np.ndarray]) -> None:
-  """Streams tensors into a DCP directory, one file per tensor, names under 'model.'.
+  """Streams tensors into a local DCP directory, one file per tensor, names under 'model.'.
 
   `specs` are (name, shape, dtype); `fetch(name)` produces one tensor when DCP
-  writes it, so only one tensor is in memory at a time.
+  writes it, so only one tensor is in memory at a time. torch's writer needs a local
+  folder: conversion to a URL stages there and uploads (`storage.publish_dir`).
   """
+  if storage.is_url(directory):
+    raise ValueError(f"write_dcp writes a local folder, not {directory!r}; stage it locally "
+                     "and publish it with storage.publish_dir")
   torch = _require_torch()
   import torch.distributed.checkpoint as dcp
   from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
