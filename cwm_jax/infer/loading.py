@@ -1,10 +1,8 @@
-"""Model and tokenizer for inference from a checkpoint directory."""
+"""Model and tokenizer for inference from a checkpoint directory (local or a URL)."""
 
 from __future__ import annotations
 
-import glob
-import os
-
+from cwm_jax import storage
 from cwm_jax.checkpoint.load import load_model
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.base import ConfigError
@@ -14,18 +12,23 @@ RANK_FILES = ("tokenizer.model", "*.tiktoken")
 
 def find_rank_file(directory: str) -> str | None:
   """A tokenizer rank file shipped in the checkpoint directory (or its parent), if any."""
-  for folder in (directory, os.path.dirname(os.path.abspath(directory))):
+  parent = storage.dirname(directory)
+  # A bucket's root has no parent (`gs:` is no folder).
+  folders = [directory] + ([parent] if storage.is_url(parent) == storage.is_url(directory)
+                           else [])
+  for folder in folders:
     for pattern in RANK_FILES:
-      found = sorted(glob.glob(os.path.join(folder, pattern)))
+      found = storage.glob(storage.join(folder, pattern))
       if found:
         return found[0]
   return None
 
 
 def load_tokenizer(checkpoint: str, path: str | None = None) -> Tokenizer:
-  """`path`, else the checkpoint's rank file, else the project's default BPE."""
+  """`path`, else the checkpoint's rank file, else the project's default BPE; a rank
+  file at a URL is read from its cached local copy."""
   path = path or find_rank_file(checkpoint)
-  return Tokenizer.from_rank_file(path) if path else Tokenizer.default()
+  return Tokenizer.from_rank_file(storage.local_copy(path)) if path else Tokenizer.default()
 
 
 def load_for_inference(checkpoint: str, step: int | None = None,

@@ -31,6 +31,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.recipe import stages
 from cwm_jax.train import config as config_lib
@@ -130,13 +131,14 @@ def _slug(text: str) -> str:
 
 
 def expand(points: list[Point], sweep_name: str, workdir: str) -> list[Run]:
-  """Unique run names and workdirs: `NAME-IDX-field-value...` (DNS-1123 safe)."""
+  """Unique run names and workdirs: `NAME-IDX-field-value...` (DNS-1123 safe), each under
+  `workdir` (a local folder or a URL such as gs://bucket/sweeps)."""
   runs = []
   for i, point in enumerate(points):
     tag = "-".join(f"{k.rsplit('.', 1)[-1]}-{flag_value(v)}" for k, v in sorted(point.items()))
     name = _slug(f"{sweep_name}-{i:03d}-{tag}")[:63].rstrip("-")
     overrides = tuple(f"--config.{k}={flag_value(v)}" for k, v in point.items())
-    runs.append(Run(name, os.path.join(workdir, name), overrides, tuple(point.items())))
+    runs.append(Run(name, storage.join(workdir, name), overrides, tuple(point.items())))
   if len({r.name for r in runs}) != len(runs):
     raise SweepError("sweep points produce duplicate run names")
   return runs
@@ -226,6 +228,6 @@ def run_sweep(config_arg: str, sweep_path: str, launcher: str, workdir: str, *,
     print(shlex.join(cmd), file=out, flush=True)
     if not dry_run:
       if launcher == "local":
-        os.makedirs(run.workdir, exist_ok=True)
+        storage.makedirs(run.workdir)
       subprocess.run(cmd, check=True)
   return commands
