@@ -24,15 +24,28 @@ variable. Without it, real GCS with Application Default Credentials.
 from __future__ import annotations
 
 import contextlib
+import glob as glob_lib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
 from typing import Any, Iterator
 
+from etils import epath
+import fsspec
+
 _SCHEMES = ("gs://", "s3://")
+
+# Other processes (every host of a job) and tensorstore (orbax's array writer) change
+# the store behind fsspec's back, so a cached directory listing would hide committed
+# checkpoints: list afresh every time.
+for _protocol in ("gs", "s3"):
+  fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
+# gcsfs logs a line at INFO for every object it opens; a run's progress lines come first.
+logging.getLogger("gcsfs").setLevel(logging.WARNING)
 
 
 def configure_environment(env: "os._Environ | dict" = os.environ) -> None:
@@ -62,7 +75,6 @@ def is_url(path: Any) -> bool:
 
 
 def _epath(path):
-  from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(str(path))
 
 
@@ -117,7 +129,6 @@ def makedirs(path: Any) -> None:
 def glob(pattern: str) -> list[str]:
   """Sorted matches of a glob pattern (`*`, `?`, `[...]`), local or URL."""
   if not is_url(pattern):
-    import glob as glob_lib  # pylint: disable=g-import-not-at-top
     return sorted(glob_lib.glob(pattern))
   scheme, rest = pattern.split("://", 1)
   bucket, _, key = rest.partition("/")
@@ -221,8 +232,9 @@ def _walk(root: str) -> list[str]:
       rel = os.path.relpath(d, root)
       out += [f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}" for f in files]
     return sorted(out)
-  base = _epath(root)
-  return sorted(str(p)[len(str(base)) + 1:] for p in base.rglob("*") if p.is_file())
+  fs, key = fsspec.core.url_to_fs(root)
+  key = key.rstrip("/")
+  return sorted(name[len(key) + 1:] for name in fs.find(key))
 
 
 def copy_file(src: Any, dst: Any) -> None:
@@ -280,7 +292,6 @@ def cache_limit_bytes() -> int:
 
 def _version(url: str) -> str:
   """The object's generation (GCS) or ETag (S3), so a rewritten object is fetched anew."""
-  import fsspec  # pylint: disable=g-import-not-at-top
   fs, key = fsspec.core.url_to_fs(url)
   meta = fs.info(key)
   return str(meta.get("generation") or meta.get("ETag") or meta.get("etag") or

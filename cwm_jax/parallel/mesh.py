@@ -59,12 +59,25 @@ def axis_size(mesh_sizes: Mapping[str, int], axes: Sequence[str]) -> int:
   return math.prod(mesh_sizes[a] for a in axes)
 
 
+# A lost host must end the job, not hang it: every process's client and the coordinator
+# declare a peer dead after this many seconds without its heartbeat, and the
+# survivors then exit with an error (a collective with a dead peer fails sooner, when
+# its connection drops). A relaunch resumes from the last committed checkpoint.
+HEARTBEAT_TIMEOUT_S = 60
+# How long the final barrier waits for every process at a clean (or preempted) exit.
+SHUTDOWN_TIMEOUT_S = 120
+
+
 def initialize_distributed(coordinator: str = "", num_processes: int = 0,
-                           process_id: int = -1) -> None:
+                           process_id: int = -1, *,
+                           heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+                           shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
   """`jax.distributed.initialize` from arguments or JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES, JAX_PROCESS_ID; a no-op for a single process.
 
-  CPU processes use gloo collectives.
+  CPU processes use gloo collectives. JAX's preemption service is on: a SIGTERM to
+  any process (a cluster's preemption notice) reaches every process's
+  `reached_preemption_sync_point`, so all of them save the same step.
   """
   coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
@@ -76,4 +89,6 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0,
     raise MeshError("multi-process run needs a process id: --process_id or JAX_PROCESS_ID")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s,
+                             shutdown_timeout_seconds=shutdown_timeout_s)

@@ -7,12 +7,11 @@ turns them off. The summary is written to `WORKDIR/finish.json`.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from absl import logging
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint.conversion import convert
 from cwm_jax.infer import loading, trace_predict
@@ -34,7 +33,7 @@ def _all_done(config, results: dict) -> bool:
 
 def export_hf(ckpt_dir: str, out_dir: str) -> dict[str, Any]:
   """Converts the latest checkpoint in `ckpt_dir` to a Hugging Face directory."""
-  if os.path.isfile(os.path.join(out_dir, "config.json")):
+  if storage.isfile(storage.join(out_dir, "config.json")):
     return {"hf": out_dir, "skipped": "exists"}
   return {"hf": out_dir, **convert(ckpt_dir, out_dir, "hf")}
 
@@ -56,10 +55,9 @@ def after_schedule(config, workdir: str, results: dict) -> dict[str, Any]:
   """Runs the finish steps after the last stage; returns {'finish': summary} (or {})."""
   if not config.schedule.get("finish", True) or not _all_done(config, results):
     return {}
-  ckpt_dir = os.path.join(workdir, _lm_stages(config)[-1], "checkpoints")
-  summary = {"export": export_hf(ckpt_dir, os.path.join(workdir, "hf"))}
+  ckpt_dir = storage.join(workdir, _lm_stages(config)[-1], "checkpoints")
+  summary = {"export": export_hf(ckpt_dir, storage.join(workdir, "hf"))}
   logging.info("exported %s to %s", ckpt_dir, summary["export"]["hf"])
   summary["sample"] = sample_trace(config, ckpt_dir)
-  with open(os.path.join(workdir, "finish.json"), "w") as f:
-    json.dump(summary, f, indent=1, default=str)
+  storage.write_json(storage.join(workdir, "finish.json"), summary, indent=1, default=str)
   return {"finish": summary}

@@ -15,11 +15,11 @@ resumes), and each stage reads that folder's array_record files.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 from absl import logging
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.data import corpus_build
 from cwm_jax.recipe import finish, stages as stages_lib, trainers
@@ -37,8 +37,8 @@ def run_schedule(config, workdir: str, hooks: Sequence[runtime.Hook] = ()) -> di
   planned = stages_lib.plan_stages(config, workdir)  # every stage valid before any work
   prepare_data(config, workdir)
   for st, sc in planned:
-    stage_dir = os.path.join(workdir, st.name)
-    done = stages_lib.latest_step(os.path.join(stage_dir, "checkpoints"))
+    stage_dir = storage.join(workdir, st.name)
+    done = stages_lib.latest_step(storage.join(stage_dir, "checkpoints"))
     if done is not None and done >= sc.total_steps:
       logging.info("stage %s: finished (step %d), skipping", st.name, done)
       results[st.name] = "done"
@@ -79,7 +79,7 @@ def with_corpora(config, workdir: str):
   if not _names_corpora(config):
     return config
   config.data.mixture = corpus_build.resolve_corpora(config.data.mixture,
-                                              os.path.join(workdir, "data"))
+                                                     storage.join(workdir, "data"))
   return config
 
 

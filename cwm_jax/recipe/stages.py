@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import ml_collections
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint.manager import complete_steps
 from cwm_jax.recipe import trainers
@@ -159,7 +159,7 @@ def stage_config(config, i: int, workdir: str) -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict(dict(path="", params_only=True, step=-1))
   if st.start_from == PREVIOUS:
     prev = stages[i - 1]
-    c.init_from.path = os.path.join(workdir, prev.name, "checkpoints")
+    c.init_from.path = storage.join(workdir, prev.name, "checkpoints")
     c.init_from.step = step_range(stages, i - 1)[1]
     c.init_from.params_only = not st.carry_optimizer
   elif st.start_from != SCRATCH:

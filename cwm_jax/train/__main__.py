@@ -5,14 +5,13 @@ JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment).
 Exits 2 on a bad config, before anything is compiled.
 """
 
-import os
-
 from absl import flags, logging
 from ml_collections import config_flags
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.cli import run_main
-from cwm_jax.parallel.mesh import initialize_distributed
+from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.recipe import stages
 from cwm_jax.recipe.schedule import run as run_recipe
 from cwm_jax.train.config import check_values
@@ -23,6 +22,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _COORD = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", 0, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", -1, "This process's id.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", mesh_lib.HEARTBEAT_TIMEOUT_S,
+    "Multi-process: a process silent this long counts as lost and the job exits non-zero.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +42,7 @@ def _check_start_dirs(config, workdir: str) -> None:
     return
   for st in stages.selected(config, stages.stages_from_config(config)):
     if st.start_from in (stages.SCRATCH, stages.PREVIOUS) or stages.latest_step(
-        os.path.join(workdir, st.name, "checkpoints")) is not None:
+        storage.join(workdir, st.name, "checkpoints")) is not None:
       continue
     if stages.latest_step(st.start_from) is None:
       raise ConfigError(f"schedule.stages.{st.name}.start_from={st.start_from!r} holds no "
@@ -55,12 +57,13 @@ def main(argv, hooks=()):
   errors = check_values(_CONFIG.value)  # every field, before anything is built or created
   if errors:
     raise ConfigError("invalid training config: " + "; ".join(errors))
-  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+  if storage.isfile(_WORKDIR.value):
     raise ConfigError(f"--workdir {_WORKDIR.value!r} is a file; pass a directory (new or a "
                       "run's)")
   _check_start_dirs(_CONFIG.value, _WORKDIR.value)
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  mesh_lib.initialize_distributed(_COORD.value, _NPROC.value, _PID.value,
+                                  heartbeat_timeout_s=_HEARTBEAT.value)
   run_recipe(_CONFIG.value, _WORKDIR.value, hooks)
 
 

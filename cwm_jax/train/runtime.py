@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
@@ -38,9 +37,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint.manager import (Checkpointer, CorruptCheckpoint, complete_steps,
-                                        model_config_to_dict)
+                                        model_config_to_dict, step_dirs)
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.parallel import mesh as mesh_lib
@@ -212,7 +212,7 @@ def _resume(rt: Runtime, ckpt: Checkpointer, data_iter) -> tuple[dict, int] | No
 def _set_aside_after(ckpt: Checkpointer, step: int) -> None:
   """Step directories after `step` (corrupt, or never committed) are renamed aside so the
   resumed run can save those steps again."""
-  later = [int(n) for n in os.listdir(ckpt.directory) if n.isdigit() and int(n) > step]
+  later = [int(n) for n in step_dirs(ckpt.directory) if int(n) > step]
   if later and jax.process_index() == 0:
     for path in ckpt.set_aside(sorted(later)):
       logging.warning("set aside %s (corrupt or incomplete checkpoint)", path)
@@ -255,9 +255,9 @@ class _Preemption:
 def check_workdir(config, workdir: str) -> None:
   """A workdir that is not a directory, or a fresh run whose `init_from` names no
   checkpoint, is a ConfigError before anything is created."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if storage.isfile(workdir):
     raise ConfigError(f"--workdir {workdir!r} is a file; pass a directory (new or a run's)")
-  if not complete_steps(os.path.join(workdir, "checkpoints")) and config.init_from.path:
+  if not complete_steps(storage.join(workdir, "checkpoints")) and config.init_from.path:
     check_init_from(config)
 
 
@@ -327,7 +327,7 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
   """Runs `trainer` until step `config.total_steps`; returns {'step', 'records', 'preempted'}."""
   config = rt.config
   check_workdir(config, workdir)  # before anything is created
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = Checkpointer(storage.join(workdir, "checkpoints"),
                       max_to_keep=config.checkpoint.max_to_keep,
                       async_save=config.checkpoint.async_save)
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
@@ -350,6 +350,7 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
           preempted = preempt.reached(step)
           if preempted or (config.checkpoint_every and step % config.checkpoint_every == 0):
             log.check_now(step, update.metrics)  # never save a diverged state
+            writer.flush()  # the records up to a checkpoint are durable before it is
             ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
             saved = step
           _run_hooks(hooks, HookContext(step, state, rt, ckpt), log)
@@ -358,6 +359,7 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
       log.flush()
       if saved != step:
         log.check_now(step, update.metrics)
+        writer.flush()
         ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
       ckpt.wait()
   finally:
