@@ -44,8 +44,9 @@ _SCHEMES = ("gs://", "s3://")
 # checkpoints: list afresh every time.
 for _protocol in ("gs", "s3"):
   fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
-# gcsfs logs a line at INFO for every object it opens; a run's progress lines come first.
-logging.getLogger("gcsfs").setLevel(logging.WARNING)
+# gcsfs and fsspec log at INFO for every object they open, burying the progress lines.
+for _name in ("gcsfs", "fsspec"):
+  logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def configure_environment(env: "os._Environ | dict" = os.environ) -> None:
