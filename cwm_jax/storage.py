@@ -31,11 +31,14 @@ import logging
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 from typing import Any, Iterator
 
 from etils import epath
 import fsspec
+
+from cwm_jax.base import ConfigError
 
 _SCHEMES = ("gs://", "s3://")
 
@@ -135,6 +138,23 @@ def glob(pattern: str) -> list[str]:
   bucket, _, key = rest.partition("/")
   root = f"{scheme}://{bucket}"
   return sorted(str(p) for p in _epath(root).glob(key)) if key else [root]
+
+
+def check_writable(path: Any) -> None:
+  """A URL workdir this process can write to, or a ConfigError naming the fix (a missing
+  bucket otherwise reads as an empty folder and fails only at the first save)."""
+  if not is_url(path):
+    return
+  probe = join(path, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+  try:
+    write_bytes(probe, b"")
+    remove(probe)
+  except Exception as e:  # pylint: disable=broad-except  (any client error: no bucket, no rights)
+    first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+    raise ConfigError(f"cannot write to {path} ({type(e).__name__}: {first[:300]}); check that "
+                      "the bucket exists and that this machine's credentials may write to it "
+                      "(or, for tests, that STORAGE_EMULATOR_HOST names a running emulator)"
+                      ) from None
 
 
 def read_bytes(path: Any) -> bytes:

@@ -449,3 +449,19 @@ def _upload_ranks(bucket: str) -> str:
   url = f'{bucket}/ranks/cwm.tiktoken'
   storage.copy_file(tokenizer_lib.DEFAULT_RANK_FILE, url)
   return url
+
+
+def test_train_refuses_a_bucket_it_cannot_write_before_compiling(gcs, tmp_path):
+  """A missing bucket reads as an empty folder; the trainer probes a write first and
+  exits 2 naming the fix, before any corpus, compile or checkpoint."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "cwm_jax.train", "--config", os.path.join(root, "configs/smoke.py"),
+       "--workdir", "gs://no-such-bucket-here/run"],
+      cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "cannot write to gs://no-such-bucket-here/run" in out.stderr
+  assert "bucket exists" in out.stderr
+  assert os.listdir(tmp_path) == []

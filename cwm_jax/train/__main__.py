@@ -60,6 +60,7 @@ def main(argv, hooks=()):
   if storage.isfile(_WORKDIR.value):
     raise ConfigError(f"--workdir {_WORKDIR.value!r} is a file; pass a directory (new or a "
                       "run's)")
+  storage.check_writable(_WORKDIR.value)
   _check_start_dirs(_CONFIG.value, _WORKDIR.value)
   logging.get_absl_handler().addFilter(_QuietOrbax())
   mesh_lib.initialize_distributed(_COORD.value, _NPROC.value, _PID.value,
