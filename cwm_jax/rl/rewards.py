@@ -8,9 +8,11 @@
 Untrusted programs only ever run in the sandbox (`cwm_jax.data.traces`: isolated
 namespaces, time, memory, output and disk limits, no network): an endless loop is a
 'timeout', an unbounded allocation a 'memory' status, both reward -1. A code reward is +1
-only when the sandbox's test harness reports that every test statement ran and passed
-(`harness.run_tests`): exiting early, killing the harness, shadowing builtins, always-equal
-objects or printing what a pass looks like all earn -1.
+only when every assert of the hidden tests holds as evaluated by this process on the values
+the program computed in the sandbox (`harness.run_tests`): the program never sees the expected
+values and cannot reach the comparison, so exiting early, killing the worker, shadowing
+builtins, always-equal objects, patched modules or encoders all earn -1. Tests the caller
+cannot judge that way are a bad task (`check_tests` at load; status 'bad_task' if scored).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import fractions
 import re
 
 from cwm_jax.data.traces import format as trace_format
-from cwm_jax.data.traces.harness import run_tests
+from cwm_jax.data.traces.harness import BadTests, compile_tests, run_tests
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.trace_predict import outcome
 
@@ -60,10 +62,21 @@ def _compiles(source: str) -> bool:
     return False
 
 
+def check_tests(tests: str) -> None:
+  """Raises BadTests (a ValueError) if `tests` cannot be judged outside the program: call it
+  when a code task is loaded, and count the task as bad."""
+  compile_tests(tests)
+
+
 def code_reward(completion: str, tests: str, limits: Limits = DEFAULT_LIMITS) -> Reward:
-  """+1 iff the harness reports that every statement of `tests` (asserts) ran and passed
-  after the completion's code; status 'error' when a test failed or never ran."""
+  """+1 iff every assert of `tests` holds on the values the completion's code computed
+  (judged by the caller); status 'error' when one failed or could not be evaluated,
+  'bad_task' (nothing runs) when the tests cannot be judged outside the program."""
   program = extract_code(completion).rstrip() + "\n"
+  try:
+    compile_tests(tests)
+  except BadTests:
+    return _verdict(False, "bad_task")
   if not _compiles(program):
     return _verdict(False, "syntax")  # no process spawned for code that cannot run
   result = run_tests(program, tests, limits=limits)

@@ -14,8 +14,10 @@ supervised warmup); it is never shown to the policy.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import logging
 import operator
 from typing import Callable
 
@@ -77,9 +79,19 @@ def _answer(tokenizer, text: str) -> tuple[int, ...]:
   return (*tokenizer.encode(text), tokenizer.special_id("<|eot_id|>"))
 
 
-def code_tasks(tokenizer, limits=rewards.DEFAULT_LIMITS) -> list[Task]:
+def code_tasks(tokenizer, limits=rewards.DEFAULT_LIMITS, problems=CODE_PROBLEMS,
+               bad: collections.Counter | None = None) -> list[Task]:
+  """The code tasks of `problems`; those whose tests cannot be judged outside the program
+  (rewards.check_tests) are left out and counted in `bad` (by reason 'bad_tests')."""
   out = []
-  for name, statement, solution, tests in CODE_PROBLEMS:
+  for name, statement, solution, tests in problems:
+    try:
+      rewards.check_tests(tests)
+    except ValueError as e:
+      logging.warning("code task %s left out: %s", name, e)
+      if bad is not None:
+        bad["bad_tests"] += 1
+      continue
     text = f"Write a Python function `{name}` that {statement}. Reply with the code only."
     out.append(Task(f"code/{name}", "code", _chat(tokenizer, text),
                     functools.partial(rewards.code_reward, tests=tests, limits=limits),

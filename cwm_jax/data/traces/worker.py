@@ -5,12 +5,12 @@ Stdlib only, loaded by child.py (before the uid drop) and run in the forked work
   run    program.py runs as `__main__`; its exit code is the run's (no records);
   trace  the program's top level runs untraced, then `function(*args, **kwargs)` is recorded
          by tracer.py; one record {'status', 'frames', 'message'} goes to the caller;
-  test   the program runs as `__main__`, then the test items, one by one, in a namespace whose
-         builtins are the pristine ones: ['exec', statement] runs a statement (its result: true),
-         ['value', expression] evaluates one and returns the repr of its value, which must be a
-         builtin value (the caller holds the expected value and compares); one record
-         {'status': 'ok', 'results', 'message'}, results cut at the first statement that
-         raised; nothing else (exit code, output) counts.
+  test   the program runs as `__main__`, then the items the caller's test plan needs
+         (harness.py), one by one, in a namespace whose builtins are the pristine ones:
+         ['exec', statement] runs an import or assignment, ['value', k, expression] evaluates
+         a value of the program and returns its repr (a builtin value); one record
+         {'status': 'ok', 'results', 'message'}. No verdict is decided here: the caller holds
+         the expected values and evaluates every assert on the values read back.
 Everything the worker needs (json, os.write, settrace, exec) is bound before the program runs.
 """
 
@@ -161,31 +161,6 @@ def _plain(x, depth=0):
   return True
 
 
-def _strict_equal(a, b):
-  """`a == b`, where `b` holds only builtin values, and so must `a` (no always-equal objects)."""
-  if _plain(b):
-    return _plain(a) and a == b
-  return a == b
-
-
-def _strict_equality(tree):
-  """`assert x == y` -> `assert __cwm_equal__(x, y)` throughout `tree`."""
-  import ast  # pylint: disable=g-import-not-at-top  (not needed by 'run': ~3 ms of imports)
-  for node in ast.walk(tree):
-    test = getattr(node, 'test', None)
-    if (isinstance(node, ast.Assert) and isinstance(test, ast.Compare) and len(test.ops) == 1
-        and isinstance(test.ops[0], ast.Eq)):
-      call = ast.Call(ast.Name('__cwm_equal__', ast.Load()), [test.left, test.comparators[0]], [])
-      node.test = ast.copy_location(call, test)
-  return ast.fix_missing_locations(tree)
-
-
-def _compile_item(kind, text):
-  if kind == 'value':
-    return compile(text, '<tests>', 'eval')
-  return compile(_strict_equality(compile(text, '<tests>', 'exec', 0x400)), '<tests>', 'exec')
-
-
 def _value_text(value):
   if not _plain(value):
     return None
@@ -196,11 +171,17 @@ def _value_text(value):
 
 
 def test(request, writer, tracer=None):
-  items = [(kind, _compile_item(kind, text)) for kind, text in request['tests']]
+  """Runs the program, then each item: ['exec', statement] or ['value', k, expression] (its
+  value bound to `__cwm_vK__` for later items). Sends one record whose results hold, per item,
+  ['v', repr of the value ('' for a statement)] or ['x', the exception]. The caller decides
+  every verdict on these values (harness.py): nothing here is trusted."""
+  items = [(item[0], item[1] if item[0] == 'value' else None,
+            _compile(item[-1], 'eval' if item[0] == 'value' else 'exec'))
+           for item in request['tests']]
   pristine = dict(builtins.__dict__)
   try:
     run(request, writer, finalize=False)
-  except BaseException as e:  # exit(), sys.exit(0), os._exit(...) before the tests: no pass
+  except BaseException as e:  # exit(), sys.exit(0), os._exit(...) before the tests: no values
     return writer.send({'status': 'ok', 'results': [],
                         'message': 'the program stopped before the tests: ' + _tail(e)})
   _settrace(None)
@@ -211,27 +192,33 @@ def test(request, writer, tracer=None):
                if k not in pristine and not k.startswith('__')}
   namespace['__name__'] = '__tests__'
   results = []
-  for i, (kind, code) in enumerate(items):
-    # Fresh before every statement: code the tests call may have patched the namespace.
-    namespace.update(__builtins__=dict(pristine), __cwm_equal__=_strict_equal)
+  for kind, k, code in items:
+    namespace['__builtins__'] = dict(pristine)
     try:
       if kind == 'value':
-        results.append(_value_text(_eval(code, namespace)))
+        value = _eval(code, namespace)
+        namespace['__cwm_v%d__' % k] = value
+        text = _value_text(value)
+        results.append(['v', text] if text is not None else
+                       ['x', 'not a builtin value: %s' % type(value).__name__])
       else:
         _exec(code, namespace)
-        results.append(True)
+        results.append(['v', ''])
     except MemoryError:
       raise  # the run's 'memory' status, not a failed test
     except BaseException as e:
-      return writer.send({'status': 'ok', 'results': results,
-                          'message': 'test %d failed: %s' % (i + 1, _tail(e)[:500])})
+      results.append(['x', _tail(e)[:500]])
   writer.send({'status': 'ok', 'results': results, 'message': ''})
   for stream in (sys.__stdout__, sys.__stderr__):
     try:
       stream.flush()
     except BaseException:  # pylint: disable=broad-except
       pass
-  _exit(0)  # no atexit handler of the program runs after the verdict
+  _exit(0)  # no atexit handler of the program runs after the record
+
+
+def _compile(text, mode):
+  return compile(text, '<tests>', mode, dont_inherit=True)
 
 
 def main(request, record_fd, load):
