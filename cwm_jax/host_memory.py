@@ -1,16 +1,17 @@
 """Host memory for runs on the CPU backend: glibc's malloc set to keep what it frees.
 
-XLA:CPU allocates each execution's temporaries as one block (570 MB for the d512 train
-step of `benchmarks/train_step.py`) and frees it when the execution ends. glibc serves a
-block that size with `mmap` and hands it back with `munmap`, so every step touches some
-140,000 fresh, kernel-zeroed pages: 0.25-0.3 s of kernel time a step there, on 2 cores.
+XLA:CPU allocates each execution's temporaries as one block (hundreds of MB for the
+train step of `benchmarks/train_step.py`) and frees it when the execution ends. glibc
+serves a block that size with `mmap` and hands it back with `munmap`, so every step
+touches that many fresh, kernel-zeroed pages again, and the kernel time to fault them in
+is a visible share of a CPU step.
 `retain()` makes malloc keep freed memory for reuse: one arena (XLA's worker threads
 would otherwise allocate from arenas of their own, which `mmap` anything above 64 MB),
-no `mmap`, no trimming. The next step then reuses the block (the d512 step: 0 page
-faults, ~0.01 s of kernel time).
+no `mmap`, no trimming. The next step then reuses the block (no page faults, next to no
+kernel time).
 The cost: the process keeps its peak heap until it exits, and that peak holds the
-temporaries of executions that overlap (one freed after the next one's allocation): the
-d512 benchmark step settles at 3.5 GB resident with 3 steps in flight, against 1.5 GB.
+temporaries of executions that overlap (one freed after the next one's allocation), so
+with several steps in flight the process stays at a multiple of one step's temporaries.
 
 A thread keeps the arena it first allocated from, so this takes effect only before JAX
 starts its thread pools (before any backend is initialized); `cli.run_main` calls it for
@@ -61,7 +62,7 @@ def retain() -> bool:
   if mallopt is None:
     return False
   # The trim threshold is a size_t inside glibc, so -1 reads as SIZE_MAX: never trim.
-  # The largest positive int (2 GiB) still trimmed: three d512 steps in flight left a
-  # 2.3 GB free top, which glibc gave back and then faulted in again (66k faults a step).
+  # The largest positive int (2 GiB) still trimmed: a few steps in flight can leave a free
+  # top above it, which glibc gave back and then faulted in again at every step.
   return all(mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))

@@ -122,8 +122,9 @@ def _extend(graphdef, state, cache, tokens_BT, n_B):
 
 # On CPU a decode step of up to this many layers runs them unrolled on weights sliced
 # before the loop (`Transformer.layer_states`): the scanned stack copies every weight each
-# step (d512, 4 layers: 2x the tokens/s at batch 1). Deeper models keep the scan, whose
-# compile time is flat in depth (unrolled: 4.7 s at 16 layers, 15.1 s at 64).
+# step, which dominates a small model's decode step. Deeper models keep the scan, whose
+# compile time is flat in depth, where unrolled layers' compile time grows with depth
+# (benchmarks/sampler.py --compile_layers).
 UNROLL_DECODE_LAYERS = 16
 
 

@@ -49,14 +49,10 @@ def resolve_chunk(chunk: int, seq_len: int, platform: str | None = None,
   of two in [64, 512] ([32, 512] for those thin local layers).
   There the row schedule (`chunked.use_rows`) runs each query block against all its
   keys, so smaller blocks cut the causal and window waste until the products get too
-  thin. The kernel alone, fwd + bwd, at the shapes of benchmarks/train_step.py, ms:
-  d512 global 64 rows 55.3 vs 128 rows 58.6 vs 256 rows 62.0; d512 local (W=256) 128
-  rows 34.4 vs 64 rows 38.2 vs 256 rows 44.8 (with the transposed dk / dv operands, on
-  a loaded machine, 52.2 vs 56.3). Thin heads make thin block products, so the scores'
-  elementwise work weighs more and cutting waste wins: d256 (head 32, T=512) local
-  W=128 32 rows 21.9 vs 64 rows 25.3, local W=256 64 rows 21.0 vs 128 rows 21.4, global
-  64 rows 30.0 vs 32 rows 31.9. Not below 64 otherwise: fewer blocks to unroll and
-  compile for short sequences."""
+  thin; these sizes were the fastest of the kernel alone (fwd + bwd) at the shapes of
+  benchmarks/train_step.py. Thin heads make thin block products, so the scores'
+  elementwise work weighs more and cutting waste wins, hence W / 4 for them. Not below
+  64 otherwise: fewer blocks to unroll and compile for short sequences."""
   if chunk:
     return chunk
   if (platform or target_platform()) != "cpu":

@@ -113,8 +113,7 @@ def _transposed(*xs_BKQH):
   """[B, K, H, Q] copies of [B, K, Q, H] arrays, kept as copies by an optimization barrier.
   XLA:CPU runs a block's dk / dv product [H, Q] x [Q, S] from such a copy as a plain
   product on its YNNPACK path. Without the barrier it folds the transpose back into the
-  product, and the [Q, H]-transposed form runs on Eigen instead (one [2,2,256,64] operand
-  against [2,2,256,1024], alone: 103 against 164 GFLOP/s)."""
+  product, and the [Q, H]-transposed form runs on Eigen instead, at a lower rate."""
   return jax.lax.optimization_barrier(tuple(jnp.swapaxes(x, 2, 3) for x in xs_BKQH))
 
 
@@ -187,7 +186,7 @@ def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
     return _put(dq, a, i, cg), _put(dk_T, bb, j, c, 3), _put(dv_T, cc, j, c, 3)
 
   # dk and dv accumulate transposed ([B, K, H, S]): XLA:CPU runs a block's
-  # [H, Q] x [Q, S] product 1.4-1.9x faster than the [S, Q] x [Q, H] one, which contracts
+  # [H, Q] x [Q, S] product faster than the [S, Q] x [Q, H] one, which contracts
   # the rows of both operands; one transpose at the end restores [B, K, S, H].
   zeros_T = lambda x: jnp.zeros((*x.shape[:2], x.shape[3], x.shape[2]), jnp.float32)
   dq, dk_T, dv_T = _scan(step, (jnp.zeros(q.shape, jnp.float32), zeros_T(k), zeros_T(v)),
@@ -226,10 +225,9 @@ def use_rows(ranges, platform: str | None = None) -> bool:
   """The row schedule on CPU when every query block's key blocks are one run and there
   are at most `ROWS_MAX_BLOCKS` query blocks (it unrolls them); else the pair scan.
   On CPU a query block's scores against all its keys at once is one wider product
-  (XLA:CPU ran [C*G, H] x [H, R] at 100 GFLOP/s for R=128, 180 for R=512) and one
-  softmax, where the scan pays per pair (fwd + bwd of the kernel alone at the shapes of
-  benchmarks/train_step.py: d256 23.6 -> 15.6 ms local, 33.4 -> 22.5 global; d512
-  54.8 -> 34.4 and 75.9 -> 55.3). Elsewhere the pair scan keeps one [C*G, C] block of
+  (XLA:CPU runs [C*G, H] x [H, R] at a higher rate for wider R) and one softmax, where
+  the scan pays per pair, so the kernel is faster in every layer kind at the shapes of
+  benchmarks/train_step.py. Elsewhere the pair scan keeps one [C*G, C] block of
   scores alive."""
   return (ranges is not None and len(ranges) <= ROWS_MAX_BLOCKS
           and (platform or target_platform()) == "cpu")
@@ -283,14 +281,13 @@ def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
 
 # `_rowwise` keeps the forward pass's exponentials for the backward pass when all of a
 # call's fit in this many bytes (float32), and else recomputes them from q and k. Keeping
-# them spares the backward pass each block's exponentials and their score product: the
-# whole train step of benchmarks/train_step.py, in-process alternating rounds, d256 654 ->
-# 624 ms (9 of 11 rounds), d512 1561 -> 1525 (6 of 9). They are 36 MiB for one of d512's
-# global layers (T=1024, B=2, 8 heads), alive from the layer's forward pass to its backward.
-# Unrolled layers keep them at no extra memory (compiled d512 step: 818 MiB of temporaries
-# either way; XLA already held the forward's scores for the backward's), scanned ones would
-# not (634 -> 878 MiB: the scan stacks them and the switch over windows keeps every
-# branch's), so the model asks for them only when unrolled (`keep_probs`).
+# them spares the backward pass each block's exponentials and their score product, which
+# makes the whole train step of benchmarks/train_step.py a little faster. They are alive
+# from the layer's forward pass to its backward (tens of MiB for a global layer at the
+# benchmark's shapes). Unrolled layers keep them at no extra memory (the compiled step's
+# temporaries are the same either way; XLA already held the forward's scores for the
+# backward's), scanned ones would not (the scan stacks them and the switch over windows
+# keeps every branch's), so the model asks for them only when unrolled (`keep_probs`).
 KEEP_PROBS_BYTES = 64 << 20
 
 

@@ -82,8 +82,8 @@ class Attention(nnx.Module):
 
 
 # Tokens from which `project_qkv` on CPU joins the three weights into one product. A decode
-# step's few rows are bound by reading the weights, which the join would copy each step
-# (benchmarks/sampler.py, d512, batch 8: 10.0 ms a step apart, 10.3-11.3 joined).
+# step's few rows are bound by reading the weights, which the join would copy each step,
+# making decode slower (benchmarks/sampler.py).
 FUSED_QKV_MIN_ROWS = 256
 
 
@@ -103,8 +103,7 @@ def _mesh_splits(axis: str) -> bool:
 def _fused_qkv(x_BTD, wq_DNH, wk_DKH, wv_DKH):
   """q, k and v from one product with the three weights side by side, on CPU: the thin
   key and value products ([B*T, D] x [D, K*H]) and their gradients run below XLA:CPU's
-  GEMM rate alone (fwd + bwd at 2048 tokens: d=512, K*H=128, 23.2 ms apart, 19.0 joined;
-  d=256, K*H=64, 6.5 and 5.8)."""
+  GEMM rate alone, and joined they run at the rate of one wide product."""
   d, n, h = wq_DNH.shape
   k = wk_DKH.shape[1]
   w = jnp.concatenate([wq_DNH.reshape(d, n * h), wk_DKH.reshape(d, k * h),

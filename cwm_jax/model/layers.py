@@ -63,7 +63,7 @@ def dense(x, w, n_in: int = 1, preferred_element_type=None):
   On CPU targets the token dims are merged first, so the matmul and its weight
   gradient are plain 2-D GEMMs: XLA:CPU turns a weight gradient that contracts two
   token dims (B and T) into a physical transpose of the activation gradient, fused
-  with its elementwise producers, which made the d=256 train step's MLP 3x slower
+  with its elementwise producers, which made the train step's MLP several times slower
   (benchmarks/train_step.py). Other platforms get the same contraction unmerged,
   which keeps batch and sequence shardings intact.
 

@@ -51,9 +51,9 @@ def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, theta: float,
     return out.astype(x_BTNH.dtype)
   # On CPU the halves swap by reversing a size-2 axis, which XLA fuses into the
   # elementwise work, forward and backward: the split/concatenate form and its gradient
-  # cost ~13% of the d=256 train step, and a product with a 0/1 permutation matrix,
-  # the form before, 1.1 ms (d=256) and 0.8 ms (d=512) more than this per layer
-  # (projections + RoPE, fwd + bwd).
+  # cost a noticeable share of a small model's train step in copies, and a product with
+  # a 0/1 permutation matrix costs GEMM time on every layer (projections + RoPE, fwd +
+  # bwd; benchmarks/train_step.py --breakdown).
   cos2, sin2 = jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)
   halves = x.reshape(*x.shape[:-1], 2, head_dim // 2)
   swapped = jnp.flip(halves, axis=-2).reshape(x.shape)

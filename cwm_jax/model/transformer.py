@@ -117,8 +117,8 @@ class Transformer(nnx.Module):
     before the loop and passes these in reads them in place. A split (not L index
     slices) so that the gradient of unrolled layers is one concatenate per weight, where
     slices' gradients are each padded to the stacked shape and summed: L full-size
-    adds per weight (d512 CPU train step: 9% less op time in the profile; the wall-clock
-    step did not move measurably, the adds ran beside other work)."""
+    adds per weight (less op time in a CPU train step's profile, though the adds ran
+    beside other work, so the wall-clock step barely moves)."""
     _, stacked = nnx.split(self.layers)
     n = self.cfg.n_layers
     leaves, treedef = jax.tree.flatten(stacked)

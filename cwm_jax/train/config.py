@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(max_programs=4, max_new_tokens=256, max_tokens=512,
                                           batch_size=4, generate=True, perplexity=True))
   # XLA options for the init and step jits; an entry of -1 means XLA's default
-  # (level 0 compiles the tiny test models ~3x faster on CPU).
+  # (level 0 compiles the tiny test models much faster on CPU).
   c.compiler_options = ml_collections.ConfigDict(dict(xla_backend_optimization_level=-1))
   return c
 

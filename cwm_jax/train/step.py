@@ -82,9 +82,8 @@ def loss_total(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
 
 
 # float32 logits of one block of the fused head loss. Each block adds its [D, V] weight
-# gradient into the running sum, a pass over D*V floats, so fewer blocks are faster
-# (head + loss fwd+bwd, benchmarks/train_step.py configs: 32 MiB against 8 MiB,
-# d256 146 vs 153 ms, d512 282 vs 301 ms).
+# gradient into the running sum, a pass over D*V floats, so fewer, larger blocks are
+# faster (head + loss fwd+bwd at the benchmarks/train_step.py configs, against 8 MiB).
 FUSED_BLOCK_BYTES = 32 << 20
 
 
@@ -136,7 +135,7 @@ def _fused_blocks(z_loss, rows, h_MD, w_DV, targets_M, weights_M, grads: bool):
   zero = jnp.zeros((), jnp.float32)
   init = (zero, zero, jnp.zeros((d, v) if grads else (), jnp.float32))
   # Each block's hidden states also enter transposed, from one transpose outside the
-  # loop: XLA:CPU runs the weight gradient's [D, R] x [R, V] product 1.3-1.7x faster than
+  # loop: XLA:CPU runs the weight gradient's [D, R] x [R, V] product faster than
   # the same product contracting the rows of a [R, D] block (benchmarks/train_step.py
   # --breakdown, head_and_loss).
   xs = (blocks(h_MD), blocks(targets_M), blocks(weights_M))
