@@ -12,7 +12,7 @@ import os
 
 import grain
 
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, require_extra
 
 KINDS = ('array_record', 'tfds', 'jsonl')
 
@@ -59,7 +59,7 @@ class TfdsRecords(grain.sources.RandomAccessDataSource):
   """The `record` feature of a TFDS array_record data source, as bytes."""
 
   def __init__(self, builder_dir: str, split: str):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds = require_extra('tensorflow_datasets', 'data', 'a data source of kind tfds')
     try:
       builder = tfds.builder_from_directory(builder_dir)
     except Exception as e:  # tfds raises several kinds for a bad folder
