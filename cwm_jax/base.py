@@ -5,6 +5,8 @@ file of the wrong kind); its message names the problem and the fix, and the
 command-line programs turn it into exit code 2.
 """
 
+import importlib
+
 
 class ConfigError(ValueError):
   """A configuration is invalid; the message names the fields and the fix."""
@@ -19,7 +21,6 @@ class NonFiniteError(RuntimeError):
 def require_extra(module: str, extra: str, purpose: str):
   """Imports and returns `module`, an optional dependency installed by the package's `extra`;
   when it is missing, a ConfigError saying how to install it (so the programs exit 2)."""
-  import importlib  # pylint: disable=g-import-not-at-top
   try:
     return importlib.import_module(module)
   except ModuleNotFoundError as e:
