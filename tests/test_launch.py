@@ -372,3 +372,14 @@ def test_console_scripts_point_at_run_functions():
     with open(importlib.util.find_spec(module).origin) as f:
       tree = ast.parse(f.read())
     assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, name
+
+
+def test_images_install_with_the_install_script():
+  """One image recipe per platform; each installs this checkout with launch/install.sh and
+  the platform's extra."""
+  for platform, extra in (("tpu", "tpu"), ("gpu", "cuda12")):
+    with open(os.path.join(ROOT, "launch", "images", f"{platform}.Dockerfile")) as f:
+      steps = [l.split(None, 1) for l in f if l.strip() and not l.startswith("#")]
+    runs = [rest.strip() for op, rest in steps if op == "RUN"]
+    assert runs == [f"bash launch/install.sh /opt/venv {extra}"], platform
+    assert ["COPY", ". .\n"] in steps
