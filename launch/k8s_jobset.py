@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""Renders (and applies) a Kubernetes JobSet for multi-host training.
+"""Renders (and applies) a Kubernetes JobSet for multi-host training on GPUs or TPU slices.
 
-  python launch/k8s_jobset.py --name cwm-pretrain --image REGISTRY/cwm_jax:TAG \
-      --config configs/cwm_32b.py:stage=pretrain --workdir /ckpt/cwm32b \
+  python launch/k8s_jobset.py --name cwm-pretrain --image REGISTRY/cwm_jax:gpu \
+      --config configs/cwm_32b.py:stage=pretrain --workdir gs://BUCKET/cwm32b \
       --num_hosts 8 --gpus_per_host 8 [--dry_run] [-- TRAIN_FLAGS...]
+  python launch/k8s_jobset.py --name cwm-pretrain --image REGISTRY/cwm_jax:tpu \
+      --tpu_type v5p-16 --tpu_topology 2x2x2 --num_slices 2 --config ... --workdir gs://...
 
-One indexed pod per host (`completionMode: Indexed`); each pod gets the
+GPU: one indexed pod per host (`completionMode: Indexed`); each pod gets the
 jax.distributed environment read by `python -m cwm_jax.train`:
   JAX_COORDINATOR_ADDRESS  pod 0 via the JobSet's headless service: NAME-workers-0-0.NAME:PORT
   JAX_NUM_PROCESSES        --num_hosts
   JAX_PROCESS_ID           the pod's job-completion index
+TPU: one job per slice, one pod per host of the slice, requesting `google.com/tpu` on nodes
+selected by cloud.google.com/gke-tpu-accelerator and gke-tpu-topology; the pods get
+TPU_WORKER_ID, TPU_WORKER_HOSTNAMES and (several slices) MEGASCALE_*, and the command derives
+the three JAX variables from them (TPU_CONTRACT, shared with launch/xpk.py).
+Every pod has a memory-backed /dev/shm; the workdir is a bucket (gs://) or a path on
+--volume_claim mounted at --mount_path. Images: launch/images/{gpu,tpu}.Dockerfile.
 Without --dry_run the manifest is piped to `kubectl apply -f -`; with it, the
 manifest and that command are printed. `launch/k8s_jobset.yaml` is this
-script's output for the defaults.
+script's output for 64 GPU hosts.
 """
 
 from __future__ import annotations
