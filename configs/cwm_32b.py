@@ -12,7 +12,8 @@ starts from the previous stage's final checkpoint (GCS paths work as workdirs):
   # all three in order (resumable): configs/cwm_32b.py:schedule=all
   # RL (~172B tokens, GRPO recipe in config.rl) is run by the RL trainer from $ROOT/sft.
 
-On a cluster wrap the same command with launch/{slurm.sbatch,tpu_pod.sh,k8s_jobset.py}.
+On a cluster wrap the same command with launch/{slurm.sbatch,tpu_pod.sh,k8s_jobset.py,xpk.py}
+(docs/cluster.md).
 Variants `slice=v5p-512` (default) or `slice=v6e-256` pick per-stage meshes and
 micro-batching that fit that slice; check one with the TPU compiler first (no TPU needed):
 `python -m cwm_jax.plan --config configs/cwm_32b.py:stage=midtrain,slice=v6e-256

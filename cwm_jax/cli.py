@@ -1,6 +1,6 @@
 """Shared entry-point runner of every program: absl flags, and the exit codes.
 
-Exit codes (README "Error handling"): 0 success; 2 any user error (a bad
+Exit codes (README "Error handling"): 0 success (and --help); 2 any user error (a bad
 flag, a config file that is missing, fails to import or to build, a config
 field out of range, a missing or corrupt checkpoint, data or tokenizer file),
 reported as ONE line on stderr naming the flag or field and the fix, before
@@ -113,8 +113,37 @@ def _flag_error(e: BaseException) -> str:
   return one_line(_root_message(e))
 
 
+# absl's help flags: they print the usage and end the process (with status 1, as if it failed).
+_HELP_FLAGS = frozenset(f"{dash}{name}" for dash in ("-", "--")
+                        for name in ("?", "help", "helpshort", "helpfull", "helpxml"))
+
+
+def _asks_help(argv: list[str]) -> bool:
+  """Whether argv (before a literal `--`) holds one of absl's help flags."""
+  args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  return any(a in _HELP_FLAGS for a in args)
+
+
+def _show_program_help(main: Callable) -> None:
+  """Makes absl's --help describe the program, also when started as a console script.
+
+  absl's usage prints the docstring of `__main__` and the key flags of the module named by
+  sys.argv[0]. Under `python -m cwm_jax.X` both are the program's; under the installed
+  `cwm-X` script, `__main__` is pip's wrapper (no docstring) and the program's flags are
+  registered under its module name, so --help would list no flags at all.
+  """
+  program = sys.modules.get(main.__module__)
+  wrapper = sys.modules["__main__"]
+  if program is None or program is wrapper:
+    return
+  wrapper.__doc__ = program.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(program.__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def _parse_or_exit(argv: list[str]) -> list[str]:
-  """Parses flags (config files included); a bad flag or config exits 2 with one line."""
+  """Parses flags (config files included); a bad flag or config exits 2 with one line;
+  --help (and --helpfull, ...) prints the usage and exits 0."""
   names = _config_flags()
   try:
     for name in names:
@@ -122,6 +151,11 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
         check_config_file(name, value)
     try:
       rest = flags.FLAGS(argv)
+    except SystemExit as e:
+      if e.code == 1 and _asks_help(argv):
+        sys.stdout.flush()
+        sys.exit(0)  # asked for and printed: not a failure
+      raise
     except Exception as e:  # pylint: disable=broad-except  (flag values are user input)
       raise ConfigError(f"{_flag_error(e)} ({_FIX}; fix the flag or config field named "
                         "here)") from None
@@ -154,4 +188,5 @@ def run_main(main: Callable[[list[str]], None], errors: tuple[type, ...] = (),
       if not isinstance(code, int):
         raise
       fail(str(e), code)
+  _show_program_help(main)
   app.run(guarded, flags_parser=_parse_or_exit)

@@ -53,13 +53,51 @@ def test_dry_run_prints_four_distinct_commands_that_parse(tmp_path):
 def test_cluster_launchers_wrap_the_scripts(tmp_path):
   out = _sweep("--config", "configs/smoke.py", "--sweep", "configs/sweeps/smoke_lr.py",
                "--launcher", "slurm", "--workdir", str(tmp_path), "--dry_run",
-               "--launcher_flags=--nodes=2")
+               "--partition=h100", "--nodes=2", "--launcher_flags=--time=04:00:00")
   assert out.returncode == 0, out.stderr
   first = shlex.split(out.stdout.splitlines()[0])
-  assert first[:4] == ["sbatch", f"--job-name={os.path.basename(first[first.index('--workdir') + 1])}",
-                       "--nodes=2", "launch/slurm.sbatch"]
+  assert first[:6] == ["sbatch", f"--job-name={os.path.basename(first[first.index('--workdir') + 1])}",
+                       "--partition=h100", "--nodes=2", "--time=04:00:00", "launch/slurm.sbatch"]
   assert first[first.index("--") + 1:] == ["--config.optimizer.lr=0.001", "--config.total_steps=10",
                                            "--config.optimizer.warmup_steps=2"]
+
+
+def _dry_run_of(command):
+  """Runs a sweep's launch command with the launcher's own --dry_run (sbatch: the script)."""
+  if command[0] == "sbatch":
+    command = ["bash", *command[command.index("launch/slurm.sbatch"):]]
+  i = command.index("--") if "--" in command else len(command)
+  out = subprocess.run([*command[:i], "--dry_run", *command[i:]], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr
+  return out.stdout
+
+
+@pytest.mark.parametrize("launcher,target,needs", [
+    ("tpu", ["--tpu=cwm", "--zone=us-east5-a", "--tpu_type=v5p-16", "--project=p"], "--zone"),
+    ("slurm", ["--partition=h100"], "--partition"),
+    ("k8s", ["--image=reg/cwm:gpu", "--nodes=2"], "--image"),
+    ("xpk", ["--cluster=c", "--tpu_type=v5p-16", "--image=reg/cwm:tpu", "--num_slices=2"],
+     "--cluster"),
+])
+def test_each_launcher_gets_what_it_needs(tmp_path, launcher, target, needs):
+  """A missing target flag exits 2 naming it, before anything is written; given, each
+  printed launch runs the launcher's own dry run with the point's train flags."""
+  workdir = str(tmp_path / "runs") if launcher == "slurm" else "gs://bucket/sweeps"
+  args = ["--config", "configs/smoke.py", "--sweep", "configs/sweeps/smoke_lr.py",
+          "--launcher", launcher, "--workdir", workdir]
+  bad = _sweep(*args, *[t for t in target if not t.startswith(needs + "=")])
+  assert bad.returncode == 2 and needs in bad.stderr and f"--launcher {launcher}" in bad.stderr
+  assert bad.stdout == "" and not (tmp_path / "runs").exists()
+  out = _sweep(*args, *target, "--dry_run")
+  assert out.returncode == 0, out.stderr
+  command = shlex.split(out.stdout.splitlines()[3])
+  for t in target:
+    flag, value = t.split("=", 1)
+    assert any(value in w for w in command), (t, command)
+  printed = _dry_run_of(command)
+  assert "--config.optimizer.lr=0.003" in printed and "cwm_jax.train" in printed
+  assert not (tmp_path / "runs").exists()
 
 
 def test_invalid_point_fails_before_anything_launches(tmp_path):

@@ -9,9 +9,11 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from cwm_jax.base import ConfigError
+from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.train import planning, topology
 from test_launch import ROOT
 from test_plan import check_sampler_plan, rl_sampler_stage
@@ -170,3 +172,20 @@ def test_multi_slice_mesh_puts_data_across_slices():
   assert grid[0].flat[0].slice_index != grid[1].flat[0].slice_index
   with pytest.raises(ConfigError, match="multiple of --num_slices=2"):
     planning.slice_mesh({"data": 1, "fsdp": -1}, devs, num_slices=2)
+
+
+def test_runtime_mesh_over_two_slices_is_the_planners():
+  """The trainer's mesh (mesh_lib.make_mesh over all devices) sees the slices itself and
+  builds the hybrid ICI x DCN mesh that `plan --num_slices 2` compiles."""
+  devs = topology.devices(topology.slice_spec("v5p-16"), num_slices=2)
+  assert mesh_lib.num_slices(devs) == 2
+  sizes = {"data": 4, "fsdp": -1}
+  runtime_mesh = mesh_lib.make_mesh(sizes, devs)
+  planned = planning.slice_mesh(sizes, devs, num_slices=2)
+  assert runtime_mesh.shape == planned.shape and runtime_mesh.axis_names == planned.axis_names
+  assert (runtime_mesh.devices == planned.devices).all()
+  grid = runtime_mesh.devices
+  assert [{d.slice_index for d in grid[i].flat} for i in range(4)] == [{0}, {0}, {1}, {1}]
+  with pytest.raises(ConfigError, match="multiple of --num_slices=2"):
+    mesh_lib.make_mesh({"data": 1, "fsdp": -1}, devs)
+  assert mesh_lib.num_slices(jax.devices()) == 1  # CPU devices: one slice, the plain mesh

@@ -170,7 +170,7 @@ def test_bad_build_arguments_exit_2(tmp_path):
                          (['--corpus=repo_traces', '--stdlib_tests=test_nope'], 'no standard')
                          ] + ([] if importlib.util.find_spec('apache_beam') else [
                              (['--corpus=functions', '--noprograms', '--doctest_modules=',
-                               '--runner=DirectRunner'], "apache-beam is a dependency")]):
+                               '--runner=DirectRunner'], "cwm_jax[data]")]):
     run = subprocess.run([sys.executable, '-m', 'cwm_jax.data.build', f'--out={tmp_path}/o',
                           *flags], capture_output=True, text=True, timeout=300,
                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})

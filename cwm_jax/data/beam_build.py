@@ -10,8 +10,9 @@ DataflowRunner / FlinkRunner / SparkRunner with their usual flags; `out` must th
 filesystem the workers share, e.g. gs://). For the DirectRunner the defaults are
 `--direct_num_workers=WORKERS --direct_running_mode=multi_processing` unless given. Each worker
 traces in its own sandboxed processes, so workers need this package and the traced project's
-dependencies installed. apache_beam (and array_record.beam, which needs it) is imported inside
-the functions here, so that the package imports without it.
+dependencies installed. apache_beam (and array_record.beam, which needs it) comes with the `data`
+extra (`pip install cwm_jax[data]`) and is imported inside the functions here, so that the
+package imports without it.
 
 The manifest equals the local build's: the counts are gathered by the pipeline, then written with
 the shard list as `manifest.json` next to the shards, after them (readers trust a corpus folder only
@@ -28,7 +29,7 @@ import sys
 import time
 
 from cwm_jax import storage
-from cwm_jax.base import ConfigError
+from cwm_jax.base import require_extra
 from cwm_jax.data import dedup
 from cwm_jax.data import sources_functions as functions
 from cwm_jax.data import trace_build
@@ -124,11 +125,7 @@ def _add_stages(p, name, items, out, cfg, num_shards, eval_docs):
 def build(name: str, items: list, out: str, cfg: trace_build.TraceBuildConfig,
           num_shards: int = 1) -> dict:
   """Runs the pipeline to completion; returns the manifest (also written to out)."""
-  try:
-    import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as e:
-    raise ConfigError(f'--runner={cfg.runner} needs apache-beam ({e}); install it with '
-                      "`bash launch/install.sh .venv` (apache-beam is a dependency) or use --runner=local") from e
+  beam = require_extra('apache_beam', 'data', f'--runner={cfg.runner} (or use --runner=local)')
   start = time.monotonic()
   eval_docs = trace_build.eval_programs(cfg)
   with beam.Pipeline(options=pipeline_options(cfg)) as p:

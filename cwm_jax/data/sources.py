@@ -22,7 +22,7 @@ import tempfile
 import grain
 
 from cwm_jax import storage
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, require_extra
 
 KINDS = ('array_record', 'tfds', 'jsonl')
 
@@ -153,7 +153,7 @@ class TfdsRecords(grain.sources.RandomAccessDataSource):
   """The `record` feature of a TFDS array_record data source, as bytes."""
 
   def __init__(self, builder_dir: str, split: str):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds = require_extra('tensorflow_datasets', 'data', 'a data source of kind tfds')
     local = local_folder(builder_dir)
     try:
       builder = tfds.builder_from_directory(local)

@@ -10,13 +10,14 @@ import functools
 import json
 
 from cwm_jax import storage
+from cwm_jax.base import require_extra
 from cwm_jax.data import corpora
 
 
 @functools.cache
 def _builder_class():
   """(CorpusConfig, CwmCorpus), defined on first use (tfds registers builders by name)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = require_extra('tensorflow_datasets', 'data', 'the tfds writer (--writer tfds)')
 
   class CorpusConfig(tfds.core.BuilderConfig):
     """Which corpus and how many files/calls (None: all)."""

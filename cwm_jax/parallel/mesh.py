@@ -11,6 +11,8 @@ import math
 from typing import Mapping, Sequence
 
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from cwm_jax.base import ConfigError
@@ -47,11 +49,37 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with Auto axis types over `devices` (default: all devices)."""
+  """A mesh with Auto axis types over `devices` (default: all devices). Devices of several
+  TPU slices (multislice) get the hybrid ICI x DCN mesh of `multislice_mesh`."""
   devices = list(devices if devices is not None else jax.devices())
+  slices = num_slices(devices)
+  if slices > 1:
+    return multislice_mesh(sizes, devices, slices)
   shape = mesh_shape(sizes, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices the devices span (1 for CPU and GPU devices)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def multislice_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device],
+                    slices: int) -> Mesh:
+  """The mesh over several TPU slices: `data` is split into `slices` groups across the
+  data-centre network (DCN), every other axis stays inside a slice (ICI). The planner
+  (`plan --num_slices`) compiles the same mesh."""
+  shape = mesh_shape(sizes, len(devices))
+  data = shape[MESH_AXES.index("data")]
+  if data % slices:
+    raise MeshError(f"mesh.data={data} must be a multiple of --num_slices={slices} (the "
+                    "slices the devices span): only the data axis spans slices")
+  ici = tuple(s // slices if a == "data" else s for a, s in zip(MESH_AXES, shape))
+  dcn = tuple(slices if a == "data" else 1 for a in MESH_AXES)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, list(devices),
+                                              allow_split_physical_axes=True)
+  return Mesh(np.asarray(grid), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def axis_size(mesh_sizes: Mapping[str, int], axes: Sequence[str]) -> int:

@@ -37,7 +37,34 @@ from cwm_jax.recipe import stages
 from cwm_jax.train import config as config_lib
 
 Point = dict[str, Any]
-LAUNCHERS = ("local", "slurm", "tpu", "k8s")
+LAUNCHERS = ("local", "slurm", "tpu", "k8s", "xpk")
+# The sweep flags (`cwm_jax.sweep`) each cluster launcher cannot do without; checked before
+# any sweep point is expanded, written or launched.
+LAUNCHER_NEEDS = {
+    "slurm": {"partition": "the Slurm partition (sbatch --partition)"},
+    "tpu": {"tpu": "the TPU VM or queued resource name", "zone": "its zone"},
+    "k8s": {"image": "the container image (built from launch/images/)"},
+    "xpk": {"cluster": "the GKE cluster", "tpu_type": "the TPU type, e.g. v5p-128",
+            "image": "the container image (built from launch/images/tpu.Dockerfile)"},
+}
+# Optional target flags, passed on when set: {sweep flag: (launcher, the launcher's flag)}.
+_OPTIONAL = {"project": {"tpu": "--project", "xpk": "--project"},
+             "zone": {"xpk": "--zone"},
+             "nodes": {"slurm": "--nodes", "k8s": "--num_hosts"},
+             "tpu_type": {"tpu": "--accelerator_type"},
+             "num_slices": {"tpu": "--num_slices", "xpk": "--num_slices"}}
+
+
+def check_target(launcher: str, target: dict[str, Any]) -> None:
+  """Every flag `launcher` needs is set in `target` ({sweep flag: value}); else SweepError
+  naming the missing flags."""
+  if launcher not in LAUNCHERS:
+    raise SweepError(f"unknown launcher {launcher!r}; choose one of {LAUNCHERS}")
+  needs = LAUNCHER_NEEDS.get(launcher, {})
+  missing = [f"--{k} ({what})" for k, what in needs.items() if not target.get(k)]
+  if missing:
+    raise SweepError(f"--launcher {launcher} needs {', '.join(missing)}; pass "
+                     f"{' '.join(f'--{k}=...' for k in needs if not target.get(k))}")
 
 
 class SweepError(ConfigError):
@@ -195,35 +222,47 @@ def check_point(config, launcher: str = "local") -> None:
 
 
 def launch_command(launcher: str, config_arg: str, run: Run,
-                   launcher_flags: Sequence[str] = ()) -> list[str]:
-  """The argv that launches `run` with `launcher`."""
+                   launcher_flags: Sequence[str] = (),
+                   target: dict[str, Any] | None = None) -> list[str]:
+  """The argv that launches `run` with `launcher`; `target` holds the sweep's cluster flags
+  (see LAUNCHER_NEEDS)."""
+  target = dict(target or {})
   py = sys.executable
   passthrough = ["--", *run.overrides] if run.overrides else []
-  common = ["--config", config_arg, "--workdir", run.workdir, *launcher_flags]
+  train = ["--config", config_arg, "--workdir", run.workdir]
+  optional = [f"{flag}={target[k]}" for k, by in _OPTIONAL.items()
+              for l, flag in by.items() if l == launcher and target.get(k)]
   if launcher == "local":
     return [py, "-m", "cwm_jax.train", f"--config={config_arg}", f"--workdir={run.workdir}",
             *launcher_flags, *run.overrides]
   if launcher == "slurm":
-    # Launcher flags are sbatch options (--nodes=, --partition=, ...).
-    return ["sbatch", f"--job-name={run.name}", *launcher_flags, "launch/slurm.sbatch",
-            "--config", config_arg, "--workdir", run.workdir, *passthrough]
+    # sbatch options (--partition, --nodes, --launcher_flags) go before the script.
+    return ["sbatch", f"--job-name={run.name}", f"--partition={target['partition']}",
+            *optional, *launcher_flags, "launch/slurm.sbatch", *train, *passthrough]
   if launcher == "tpu":
-    return ["bash", "launch/tpu_pod.sh", *common, *passthrough]
+    return ["bash", "launch/tpu_pod.sh", f"--tpu={target['tpu']}", f"--zone={target['zone']}",
+            *optional, *train, *launcher_flags, *passthrough]
   if launcher == "k8s":
-    return [py, "launch/k8s_jobset.py", "--name", run.name, *common, *passthrough]
+    return [py, "launch/k8s_jobset.py", "--name", run.name, f"--image={target['image']}",
+            *optional, *train, *launcher_flags, *passthrough]
+  if launcher == "xpk":
+    return [py, "launch/xpk.py", f"--cluster={target['cluster']}", "--workload", run.name,
+            f"--tpu_type={target['tpu_type']}", f"--image={target['image']}", *optional,
+            *train, *launcher_flags, *passthrough]
   raise SweepError(f"unknown launcher {launcher!r}; choose one of {LAUNCHERS}")
 
 
 def run_sweep(config_arg: str, sweep_path: str, launcher: str, workdir: str, *,
               dry_run: bool = False, launcher_flags: Sequence[str] = (),
-              check: Callable[[Any], None] | None = None, out=sys.stdout) -> list[list[str]]:
-  """Expands, validates all points, then prints (dry run) or runs each launch."""
-  if launcher not in LAUNCHERS:
-    raise SweepError(f"unknown launcher {launcher!r}; choose one of {LAUNCHERS}")
+              check: Callable[[Any], None] | None = None, out=sys.stdout,
+              target: dict[str, Any] | None = None) -> list[list[str]]:
+  """Checks the launcher's flags, expands, validates all points, then prints (dry run) or
+  runs each launch."""
+  check_target(launcher, dict(target or {}))
   name = os.path.splitext(os.path.basename(sweep_path))[0]
   runs = expand(load_sweep(sweep_path), name, workdir)
   validate(config_arg, runs, check or (lambda c: check_point(c, launcher)))
-  commands = [launch_command(launcher, config_arg, r, launcher_flags) for r in runs]
+  commands = [launch_command(launcher, config_arg, r, launcher_flags, target) for r in runs]
   for run, cmd in zip(runs, commands):
     print(shlex.join(cmd), file=out, flush=True)
     if not dry_run:

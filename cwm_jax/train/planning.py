@@ -110,18 +110,10 @@ def ensure_host_devices(n: int, argv: list[str]) -> None:
 def slice_mesh(sizes: dict, devices, num_slices: int = 1) -> Mesh:
   """A mesh over TPU devices laid out on the torus; several slices split `data`
   (the only axis crossing the data-centre network)."""
+  if num_slices > 1:  # the runtime's mesh over the same devices (mesh_lib.make_mesh)
+    return mesh_lib.multislice_mesh(sizes, devices, num_slices)
   shape = mesh_lib.mesh_shape(sizes, len(devices))
-  if num_slices > 1:
-    data = shape[mesh_lib.MESH_AXES.index("data")]
-    if data % num_slices:
-      raise ConfigError(f"mesh.data={data} must be a multiple of --num_slices={num_slices}: "
-                        "only the data axis spans slices")
-    ici = tuple(s // num_slices if a == "data" else s for a, s in zip(mesh_lib.MESH_AXES, shape))
-    dcn = tuple(num_slices if a == "data" else 1 for a in mesh_lib.MESH_AXES)
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                allow_split_physical_axes=True)
-  else:
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   return Mesh(np.asarray(grid), mesh_lib.MESH_AXES,
               axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES))
 
