@@ -346,6 +346,33 @@ def test_the_program_cannot_forge_or_suppress_its_trace(namespaces):
   assert _trace(quits, **limits).status == 'error'
 
 
+_ENCODER_SWAP = (  # rewrites every local and returned value of the record it encodes
+    'import json\nclass Enc(json.JSONEncoder):\n    def encode(self, o):\n'
+    '        if "frames" in o:\n            o = dict(o, frames=[dict(fr, value=fr["value"] and "99",'
+    ' locals=fr["locals"] and {k: "7" for k in fr["locals"]}) for fr in o["frames"]])\n'
+    '        return super().encode(o)\njson.JSONEncoder = Enc\n')
+_LOOKUP_SWAP = (  # replaces what an encoder could look up when it runs
+    'import builtins, json, json.encoder, math, re\n'
+    'json.encoder.encode_basestring = json.encoder.c_encode_basestring = lambda s: \'"x"\'\n'
+    'json.encoder.c_make_encoder = None\njson.dumps = lambda *a, **k: "{}"\n'
+    'builtins.repr = lambda v: "forged"\nbuiltins.type = lambda v: str\n'
+    'math.isfinite = lambda v: False\nre.compile = None\n')
+
+
+@pytest.mark.parametrize('namespaces', [True, False])
+def test_replacing_encoders_and_builtins_changes_no_trace_record(namespaces):
+  source = 'def f():\n    x = [1, "\u00e9", 2.5, {"k": None}]\n    return x + [True]\n'
+  limits = dict(namespaces=namespaces, allow_no_isolation=True)
+  honest = _trace(source, **limits)
+  assert honest.status == 'ok' and honest.frames[-1]['value'] == (
+      '[1, "\u00e9", 2.5, {"k": null}, true]')
+  for attack in (_ENCODER_SWAP, _LOOKUP_SWAP):
+    shift = attack.count('\n')
+    result = _trace(attack + source, **limits)
+    assert result.status == 'ok', result.message
+    assert [dict(f, lineno=f['lineno'] - shift) for f in result.frames] == honest.frames
+
+
 @needs_root
 @pytest.mark.parametrize('namespaces', [True, False])
 def test_as_nobody_traces_and_verdicts_cannot_be_forged(namespaces, tmp_path):

@@ -4,19 +4,42 @@ Stdlib only: the child loads this file by path. A record on the wire is
   NONCE (16 bytes) | LENGTH (4 bytes, big-endian) | LENGTH bytes of UTF-8 JSON (an object)
 written to a pipe that only the sandbox's own code is handed. The nonce is fresh per run and
 reaches the child over a private socket, never through files or the environment. The writer
-binds `os.write` and `json.dumps` when this module loads, before the program runs, so a
-program that replaces `json.dump`, `os.write` or `sys.settrace` cannot change what is sent.
+builds its encoder when this module loads, before the program runs, from the C functions of
+`_json` (`make_encoder`, `encode_basestring`): nothing it calls is looked up at send time in
+a module or class the program can reach, so replacing `json.JSONEncoder`, `json.dumps`,
+`json.encoder.*`, `os.write` or builtins changes no record. (child.py gives every module it
+loads a private copy of the builtins, taken before the program runs.)
 `decode` is strict and never raises: every defect becomes an error string.
 """
 
 import json
+import json.encoder
 import os
 
 NONCE_BYTES = 16
 _HEADER = NONCE_BYTES + 4
-_dumps = json.dumps
 _loads = json.loads
 _write = os.write
+
+
+def _not_serializable(value):
+  raise TypeError('a record holds a %s' % type(value).__name__)
+
+
+def _make_encoder():
+  """encode(record) -> str: compact JSON, non-ASCII kept, NaN refused; bound now."""
+  make = json.encoder.c_make_encoder
+  if make is None:  # an interpreter without the `_json` accelerator: bound methods of a
+    # private encoder instance (its internals then look up json.encoder globals per call)
+    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(', ', ': '))
+    return encoder.encode
+  iterencode = make(None, _not_serializable, json.encoder.c_encode_basestring, None, ': ', ', ',
+                    False, False, False)
+  join = ''.join
+  return lambda record: join(iterencode(record, 0))
+
+
+_encode = _make_encoder()
 
 
 class Writer:
@@ -26,7 +49,7 @@ class Writer:
     self._fd, self._nonce = fd, nonce
 
   def send(self, record):
-    data = _dumps(record, ensure_ascii=False, allow_nan=False).encode('utf-8', 'surrogatepass')
+    data = _encode(record).encode('utf-8', 'surrogatepass')
     view = memoryview(self._nonce + len(data).to_bytes(4, 'big') + data)
     while view:
       view = view[_write(self._fd, view):]

@@ -6,6 +6,7 @@ caller, so no start pays for compiling them), then hands over to supervisor.py. 
 the request comes on stdin and the supervisor only checks what the kernel allows.
 """
 
+import builtins
 import marshal
 import os
 import sys
@@ -26,11 +27,14 @@ def read_request(fd):
 
 
 def loader(codes):
-  """load(name): a fresh module run from the caller-compiled code `codes[name]`."""
+  """load(name): a fresh module run from the caller-compiled code `codes[name]`, with a private
+  copy of the builtins taken now: a program that replaces `builtins.repr`, `len` or `isinstance`
+  later changes nothing the sandbox's own code computes."""
 
   def load(name):
     module = types.ModuleType('_cwm_' + name)
     module.__file__ = os.path.join(_HERE, name + '.py')
+    module.__dict__['__builtins__'] = dict(builtins.__dict__)
     exec(codes[name], module.__dict__)  # pylint: disable=exec-used
     return module
 

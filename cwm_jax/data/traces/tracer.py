@@ -13,12 +13,19 @@ encoding equals the one in the previous frame of the same scope (a scope runs
 from a call event to its return; call frames always list every value).
 """
 
+import json.encoder
 import math
 import re
 import sys
 
 TRUNCATION_MARKER = '...<truncated>'
-_ADDRESS = re.compile(r' at 0x[0-9a-fA-F]+')
+# Bound when the module loads (before the program runs): the program may replace json's,
+# math's or re's functions, and none of those replacements may change an encoding.
+_ADDRESS_SUB = re.compile(r' at 0x[0-9a-fA-F]+').sub
+_isfinite = math.isfinite
+_encode_str = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring
+_encode_ascii = (json.encoder.c_encode_basestring_ascii
+                 or json.encoder.py_encode_basestring_ascii)
 
 
 class _Full(Exception):
@@ -49,13 +56,12 @@ def _int_text(value):
 
 
 def _json_str(text, limit):
-  import json
   text = text[:limit + 1]
-  out = json.dumps(text, ensure_ascii=False)
+  out = _encode_str(text)
   try:
     out.encode('utf-8')
   except UnicodeEncodeError:  # lone surrogates: keep them as escapes
-    out = json.dumps(text)
+    out = _encode_ascii(text)
   return out
 
 
@@ -81,7 +87,7 @@ def _write_json(w, value, active):
       raise _NotJson
     w.put(text)
   elif kind is float:
-    if not math.isfinite(value):
+    if not _isfinite(value):
       raise _NotJson
     w.put(repr(value))
   elif kind is str:
@@ -139,7 +145,7 @@ def _safe_repr(value):
         value, int) else '<%s object (repr failed)>' % type(value).__name__
   except Exception:  # a user __repr__ may raise anything
     text = '<%s object (repr failed)>' % type(value).__name__
-  return _ADDRESS.sub('', text)
+  return _ADDRESS_SUB('', text)
 
 
 def encode_value(value, limit=1000):
