@@ -30,3 +30,9 @@ def gcs():
   _EMULATOR.start()
   yield _EMULATOR
   _EMULATOR.stop()
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "speed_check: reads XLA's compiled program (HLO text, buffer sizes) to keep a "
+      "CPU form fast; a failure after an XLA upgrade is a speed regression, not a wrong result")

@@ -282,12 +282,15 @@ def test_cache_by_layer_round_trip():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.speed_check
 def test_cpu_decode_step_reads_the_cache_in_place(hf_pair):
   """In XLA's optimized decode loop, the only ops that output an array of a layer's cache
   shape are the in-place scatters writing the new token, bitcasts and the loop carry's
   get-tuple-elements. (With [B, S, K, H]
   buffers read by a slice of a stacked group, the body held a transposed copy of every
-  layer's keys and values: `transpose_copy_fusion`s of that shape.)"""
+  layer's keys and values: `transpose_copy_fusion`s of that shape.)
+  Speed check: it reads XLA:CPU's compiled HLO, so an XLA upgrade that trips it is a speed
+  regression, not a wrong result."""
   model = hf_pair[3]
   graphdef, state = nnx.split(model)
   cache = kv.init_cache(model.cfg, 2, 16, jnp.float32)

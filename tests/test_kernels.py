@@ -113,11 +113,14 @@ def test_cpu_schedule_and_block_rows():
                             pairs=[(0, 0), (1, 0), (2, 0), (2, 2), (3, 3)], rows=True)
 
 
+@pytest.mark.speed_check
 def test_row_backward_contracts_no_operand_over_its_rows():
   """The row schedule's backward feeds its dk / dv block products from transposed copies
   of q and dO, so every compiled batched product contracts its left operand's last dim
   (its output has the left operand's rank). Contracting the rows instead runs on
-  XLA:CPU's slower Eigen path."""
+  XLA:CPU's slower Eigen path.
+  Speed check: it reads XLA:CPU's compiled HLO, so an XLA upgrade that trips it is a speed
+  regression, not a wrong result."""
   q, k, v, seg = _inputs(2, 64, 4, 2, 8, n_docs=1)
   loss = lambda q, k, v: jnp.sum(kernels.chunked_attention(q, k, v, seg, window=64, chunk=16,
                                                            rows=True) ** 2)
@@ -164,10 +167,13 @@ def test_row_schedule_keeps_the_softmax_numpy_computes(window, monkeypatch):
   assert fwd() is None
 
 
+@pytest.mark.speed_check
 def test_scanned_layers_do_not_keep_attention_probabilities(monkeypatch):
   """Under scanned layers the model does not ask the row schedule to keep its probabilities
   (the scan would stack them, and the switch over windows keep every branch's): the
-  compiled train step needs the same temporaries with keeping allowed or not."""
+  compiled train step needs the same temporaries with keeping allowed or not.
+  Speed check: it reads XLA:CPU's buffer assignment, so an XLA upgrade that trips it is a
+  memory regression, not a wrong result."""
   import optax
   from flax import nnx
   from cwm_jax.model import init_model
