@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import ast
 import json
 
 from absl import flags
 
 from cwm_jax.cli import run_main
+from cwm_jax.data.traces.driver import parse_literal, read_program
 from cwm_jax.infer.loading import load_for_inference
 from cwm_jax.infer.trace_predict import TraceError, predict_frames, real_trace, side_by_side
 from cwm_jax.base import ConfigError
@@ -33,10 +33,10 @@ def parse_target(argv) -> tuple[str, str, tuple, dict]:
                       "[--args '(1, 2)']")
   path, function = argv[1].rsplit(":", 1)
   try:
-    with open(path, encoding="utf-8") as f:
-      source = f.read()
-    args, kwargs = ast.literal_eval(FLAGS.args), ast.literal_eval(FLAGS.kwargs)
-  except (OSError, ValueError, SyntaxError) as e:
+    source = read_program(path)
+    args = parse_literal(FLAGS.args, "--args")
+    kwargs = parse_literal(FLAGS.kwargs, "--kwargs")
+  except ValueError as e:
     raise ConfigError(f"cannot read the program or the literals: {e}") from None
   if not isinstance(kwargs, dict):
     raise ConfigError("--kwargs must be a dict literal")

@@ -6,12 +6,13 @@
 Prints the trace document (prompt with the `# << START_OF_TRACE` marker, then the
 frames) or, with --format json, a JSON list of frames. The call runs in the
 sandbox (cwm_jax.data.traces.sandbox). Exit codes: 0 traced, 1 the sandbox
-reported a limit or an error (status on stderr), 2 bad arguments, or no network
-isolation on this machine without --allow_no_isolation. --sandbox_info prints, as
+reported a limit or an error (status on stderr), 2 bad arguments (a program that is not a
+regular UTF-8 file of at most 1 MiB, literals that do not parse or exhaust the parser, limits
+out of range), or no network isolation on this machine without --allow_no_isolation; every
+exit 2 is one line on stderr. --sandbox_info prints, as
 JSON, the isolation this machine allows.
 """
 
-import ast
 import json
 import sys
 
@@ -20,6 +21,7 @@ from absl import flags
 
 from cwm_jax.cli import run_main
 from cwm_jax.data import traces
+from cwm_jax.data.traces import driver
 from cwm_jax.data.traces import isolation
 
 _ARGS = flags.DEFINE_string('args', '()', 'positional arguments: a Python literal tuple')
@@ -37,12 +39,12 @@ _ALLOW = flags.DEFINE_bool('allow_no_isolation', False, 'run even where the netw
 
 def _literal(text, kind, flag):
   try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError) as e:
-    raise app.UsageError(f'--{flag} is not a Python literal ({e}): {text!r}', exitcode=2)
+    value = driver.parse_literal(text, f'--{flag}')
+  except ValueError as e:
+    raise app.UsageError(str(e), exitcode=2)
   if not isinstance(value, kind):
     raise app.UsageError(f'--{flag} must be a {kind.__name__} literal such as '
-                         f'{"(1,)" if kind is tuple else "{}"}; got {text!r}', exitcode=2)
+                         f'{"(1,)" if kind is tuple else "{}"}; got {text[:80]!r}', exitcode=2)
   return value
 
 
@@ -56,8 +58,7 @@ def main(argv):
   args = _literal(_ARGS.value, tuple, 'args')
   kwargs = _literal(_KWARGS.value, dict, 'kwargs')
   try:
-    with open(path, encoding='utf-8') as f:
-      source = f.read()
+    source = driver.read_program(path)
     limits = traces.Limits(timeout_s=_TIMEOUT.value, memory_mb=_MEMORY.value,
                            namespaces=_NAMESPACES.value, allow_no_isolation=_ALLOW.value)
     result = traces.trace_call(source, function, args, kwargs, limits)

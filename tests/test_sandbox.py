@@ -491,6 +491,36 @@ def test_cli_sandbox_info_and_attacks(tmp_path):
     assert refused.returncode == 2 and 'allow_no_isolation' in refused.stderr
 
 
+def test_cli_refuses_bad_inputs_with_one_line(tmp_path):
+  """Each bad input exits 2 at once with one line on stderr: a FIFO is not waited on,
+  /dev/zero is not read, parser-exhausting literals and absurd limits are not tracebacks."""
+  program = tmp_path / 'p.py'
+  program.write_text('def f(*a):\n    return len(a)\n')
+  fifo = tmp_path / 'fifo'
+  os.mkfifo(fifo)
+  big = tmp_path / 'big.py'
+  big.write_text('#' * ((1 << 20) + 1))
+  cases = {
+      'fifo': (f'{fifo}:f',), '/dev/zero': ('/dev/zero:f',), 'directory': (f'{tmp_path}:f',),
+      'too large': (f'{big}:f',), 'missing': (f'{tmp_path}/nope.py:f',),
+      'unary minuses': (f'{program}:f', '--args', '-' * 100_000 + '1'),
+      '+ chain': (f'{program}:f', '--args', '(' + '+'.join(['1'] * 60_000) + ',)'),
+      'nesting': (f'{program}:f', '--kwargs', '{"a": ' + '[' * 5000 + ']' * 5000 + '}'),
+      'timeout inf': (f'{program}:f', '--timeout_s', 'inf'),
+      'timeout nan': (f'{program}:f', '--timeout_s', 'nan'),
+      'huge memory': (f'{program}:f', '--memory_mb', str(10 ** 17)),
+  }
+  for name, argv in cases.items():
+    done = _cli(*argv)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), (
+        name, done.returncode, done.stderr[-500:])
+    assert 'Traceback' not in done.stderr, name
+  ok = _cli(f'{program}:f', '--args', '(1, 2)', '--format', 'json',
+            *(() if isolation.probe().namespaces else ('--allow_no_isolation',)))
+  assert ok.returncode == 0 and json.loads(ok.stdout)[-1]['value'] == '2', ok.stderr
+
+
 def test_sandbox_info_matches_the_kernel():
   info = isolation.probe().describe()
   works = subprocess.run(['unshare', *(() if ROOT else ('--user', '--map-root-user')), '--pid',

@@ -10,6 +10,8 @@ source and line texts equal to the source's lines. Any defect is status 'error' 
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces import pyast
@@ -25,6 +27,63 @@ class TraceResult:
   status: str  # one of TRACE_STATUSES; frames are empty unless 'ok'
   frames: list[dict]
   message: str = ''  # why it failed, or 'raised ...' when the call ended in an exception
+
+
+MAX_PROGRAM_BYTES = 1 << 20  # a program file read by a command line
+MAX_LITERAL_CHARS = 1 << 20  # an --args / --kwargs literal
+
+
+def read_program(path: str, max_bytes: int = MAX_PROGRAM_BYTES) -> str:
+  """The UTF-8 text of the regular file `path`, at most `max_bytes`; ValueError otherwise.
+  Opened without blocking and checked on the open descriptor: a FIFO, a device such as
+  /dev/zero, a directory or a file that grows past the cap is refused, never waited on or
+  read to the end."""
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, 'O_CLOEXEC', 0))
+  except OSError as e:
+    raise ValueError(f'cannot open the program {path}: {e.strerror}') from None
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      raise ValueError(f'the program {path} is not a regular file')
+    if info.st_size > max_bytes:
+      raise ValueError(f'the program {path} has {info.st_size} bytes, more than {max_bytes}')
+    chunks, size = [], 0
+    while size <= max_bytes:
+      chunk = os.read(fd, max_bytes + 1 - size)
+      if not chunk:
+        break
+      chunks.append(chunk)
+      size += len(chunk)
+    if size > max_bytes:
+      raise ValueError(f'the program {path} grew past {max_bytes} bytes while read')
+  except OSError as e:
+    raise ValueError(f'cannot read the program {path}: {e.strerror}') from None
+  finally:
+    os.close(fd)
+  try:
+    return b''.join(chunks).decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'the program {path} is not UTF-8 ({e.reason} at byte {e.start})') from None
+
+
+def parse_literal(text: str, what: str):
+  """The Python literal `text` (an --args / --kwargs value); ValueError with one line for
+  anything else, including input that exhausts the parser (deep nesting, long operator
+  chains: RecursionError, MemoryError)."""
+  if len(text) > MAX_LITERAL_CHARS:
+    raise ValueError(f'{what} is longer than {MAX_LITERAL_CHARS} characters')
+  try:
+    return pyast.literal_eval(text)
+  except (ValueError, SyntaxError, TypeError) as e:
+    raise ValueError(f'{what} is not a Python literal ({one_line(e)}): {text[:80]!r}') from None
+  except (MemoryError, RecursionError) as e:
+    raise ValueError(f'{what} is too deeply nested or too long to parse '
+                     f'({type(e).__name__})') from None
+
+
+def one_line(error: BaseException) -> str:
+  return ' '.join(str(error).split())[:200]
 
 
 def literal_text(value, what: str) -> str:

@@ -40,6 +40,10 @@ __all__ = ['CHILD', 'Limits', 'STATUSES', 'SandboxRefused', 'SandboxResult', 'ru
            'run_python']
 
 
+_MAX_COUNT = 1 << 50  # bytes, inodes, processes, events, characters
+_MAXIMA = {'timeout_s': 1e6, 'cpu_s': 1e6, 'memory_mb': 1 << 30}
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """Resource limits of one sandboxed run and of the trace it records."""
@@ -62,8 +66,14 @@ class Limits:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-        raise ValueError(f'Limits.{field.name} must be positive, got {value!r}')
+      if not isinstance(value, (int, float)) or isinstance(value, bool):
+        continue
+      # The kernel takes these as 64-bit counts (setrlimit, tmpfs size=, memory.max): an
+      # infinite or astronomically large limit is a typo, never a request.
+      top = _MAXIMA.get(field.name, _MAX_COUNT)
+      if not (0 < value <= top):  # also false for NaN
+        raise ValueError(f'Limits.{field.name} must be positive and at most {top}, got '
+                         f'{value!r}')
 
 
 @dataclasses.dataclass(frozen=True)
