@@ -29,6 +29,10 @@ ROOT = os.geteuid() == 0
 needs_namespaces = pytest.mark.skipif(not isolation.probe().namespaces,
                                       reason='this kernel allows no namespaces')
 needs_root = pytest.mark.skipif(not ROOT, reason='switching to uid 65534 needs root')
+# Without namespaces a root caller's program must drop to an unprivileged uid: where that uid
+# cannot read the interpreter (under a 0700 /root) the fallback is refused, never run as root.
+FALLBACK_REFUSED = isolation.fallback_refusal()
+needs_fallback = pytest.mark.skipif(bool(FALLBACK_REFUSED), reason=FALLBACK_REFUSED or 'ok')
 
 # Runs one sandbox call in a fresh caller process; prints its result as JSON on the last line.
 _CALLER = textwrap.dedent('''
@@ -158,7 +162,8 @@ def test_killing_the_caller_and_escaping_children_fail(user, tmp_path):
     assert kind == 'trace' or result['stdout'] == 'still here\n'
 
 
-@pytest.mark.parametrize('user', ['root', pytest.param('nobody', marks=needs_root)])
+@pytest.mark.parametrize('user', [pytest.param('root', marks=needs_fallback),
+                                  pytest.param('nobody', marks=needs_root)])
 def test_without_namespaces_children_still_die_with_the_run(user, tmp_path):
   """The opt-in fallback: the supervisor is a subreaper and kills what the program left."""
   marker = _marker()
@@ -176,6 +181,10 @@ def test_refused_without_isolation_unless_opted_in(namespaces, monkeypatch):
     traces.run_python('print(1)', limits=traces.Limits(namespaces=namespaces))
   with pytest.raises(traces.SandboxRefused, match='network isolation'):
     traces.trace_call('def f():\n    return 1\n', 'f')
+  if FALLBACK_REFUSED:
+    with pytest.raises(traces.SandboxRefused, match='as root'):
+      traces.run_python('print(1)', limits=traces.Limits(allow_no_isolation=True))
+    return
   opted = traces.run_python('print(1)', limits=traces.Limits(allow_no_isolation=True))
   assert opted.status == 'ok' and opted.stdout == '1\n'
 
@@ -265,8 +274,144 @@ def test_process_count_is_capped():
   assert result.status == 'ok' and int(result.stdout) < 20, result
 
 
+_LIBC = 'import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n'
+
+
+@needs_namespaces
+def test_no_nested_namespaces_mounts_or_memfd():
+  program = _LIBC + textwrap.dedent('''
+      import subprocess, threading
+      for name, flag in (('user', 0x10000000), ('mount', 0x20000), ('ipc', 0x08000000)):
+          print(name, libc.unshare(flag), ctypes.get_errno())
+      nested = subprocess.run(['unshare', '-Urm', 'sh', '-c', 'mount -t tmpfs t /tmp && echo in'],
+                              capture_output=True, text=True)
+      print('nested', nested.returncode, nested.stdout.strip() or '-')
+      try:
+          os.memfd_create('x')
+          print('memfd yes')
+      except OSError as e:
+          print('memfd', e.errno)
+      # the controls: threads (clone3 falls back to clone) and subprocesses still work
+      done = []
+      thread = threading.Thread(target=done.append, args=(1,))
+      thread.start()
+      thread.join()
+      print('thread', done, subprocess.run(['echo', 'child'], capture_output=True,
+                                           text=True).stdout.strip())
+  ''')
+  result = traces.run_python(program)
+  assert result.status == 'ok', result
+  out = result.stdout
+  for name in ('user', 'mount', 'ipc'):
+    assert f'{name} -1 1\n' in out  # EPERM
+  assert 'nested 1 -' in out and 'memfd 1' in out and 'thread [1] child' in out, out
+
+
+@needs_namespaces
+def test_each_run_has_its_own_capped_ipc_namespace():
+  shm = _LIBC + textwrap.dedent('''
+      libc.shmget.restype = ctypes.c_int
+      key = 0x5eed
+      found = libc.shmget(key, 0, 0)
+      print('found', found)
+      big = libc.shmget(0x5eee, 64 << 20, 0o1666)  # IPC_CREAT | 0666, past the cap
+      print('big', big, ctypes.get_errno())
+      small = libc.shmget(key, 1 << 20, 0o1666)
+      print('small', small >= 0)
+      queue = libc.msgget(key, 0o1666)
+      print('queue', queue >= 0)
+  ''')
+  first = traces.run_python(shm, limits=traces.Limits(disk_bytes=16 << 20))
+  second = traces.run_python(shm, limits=traces.Limits(disk_bytes=16 << 20))
+  for result in (first, second):  # the second run sees nothing the first one left
+    assert result.status == 'ok', result
+    assert result.stdout.split('\n')[:4] == ['found -1', 'big -1 22', 'small True',
+                                             'queue True'], result.stdout
+
+
+@needs_namespaces
+@needs_root
+def test_one_runs_processes_do_not_limit_another():
+  """RLIMIT_NPROC counts per uid: every run has a uid of its own, so a run that holds all of
+  its processes leaves a concurrent run's untouched (the controls: both runs fork)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  hog = textwrap.dedent('''
+      import os, time
+      for _ in range(40):
+          try:
+              if os.fork() == 0:
+                  time.sleep(600)
+                  os._exit(0)
+          except OSError:
+              break
+      time.sleep(600)
+  ''')
+  results = {}
+  thread = threading.Thread(target=lambda: results.update(hog=traces.run_python(
+      hog, limits=traces.Limits(max_processes=10, timeout_s=600))))
+  thread.start()
+  deadline = time.monotonic() + 120  # a fail-safe: the hog is normally full at once
+  while time.monotonic() < deadline and not _uid_with(9):
+    time.sleep(0.05)
+  uid = _uid_with(9)
+  assert uid is not None and uid >= isolation.UID_BASE
+  honest = traces.run_python('import subprocess\nfor _ in range(5):\n'
+                             '    subprocess.run(["true"], check=True)\nimport os\n'
+                             'print(os.getuid())\n', limits=traces.Limits(max_processes=10))
+  for pid in _pids_of(uid):
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  thread.join()
+  assert honest.status == 'ok' and int(honest.stdout) not in (uid, 0), honest
+  assert results['hog'].status != 'ok'  # killed from outside
+
+
+def _pids_of(uid):
+  found = []
+  for entry in os.listdir('/proc'):
+    try:
+      if entry.isdigit() and os.stat(f'/proc/{entry}').st_uid == uid:
+        found.append(int(entry))
+    except OSError:
+      pass
+  return found
+
+
+def _uid_with(count):
+  """A sandbox uid that owns at least `count` processes on the host, or None."""
+  uids = {}
+  for entry in os.listdir('/proc'):
+    try:
+      uid = os.stat(f'/proc/{entry}').st_uid if entry.isdigit() else -1
+    except OSError:
+      continue
+    if uid >= isolation.UID_BASE:
+      uids[uid] = uids.get(uid, 0) + 1
+  return next((u for u, n in uids.items() if n >= count), None)
+
+
+def test_root_never_runs_the_program_as_root(monkeypatch):
+  """Without namespaces a root caller's program must drop to its own uid; where that uid
+  could not read the interpreter, the run is refused instead of running as root."""
+  if not ROOT:
+    pytest.skip('the caller is not root')
+  absent = isolation.Isolation(False, (), isolation.UID_BASE, 'simulated: no namespaces')
+  monkeypatch.setattr(isolation, 'probe', lambda: absent)
+  limits = traces.Limits(allow_no_isolation=True)
+  if not FALLBACK_REFUSED:
+    done = traces.run_python('import os\nprint(os.getuid(), os.geteuid())', limits=limits)
+    uids = set(map(int, done.stdout.split())) if done.status == 'ok' else set()
+    assert done.status == 'ok' and len(uids) == 1 and min(uids) >= isolation.UID_BASE, done
+  monkeypatch.setattr(isolation, '_traversable', lambda path: False)
+  with pytest.raises(traces.SandboxRefused, match='as root'):
+    traces.run_python('print(1)', limits=limits)
+
+
 def test_scratch_and_processes_end_when_the_caller_is_killed(tmp_path):
-  for namespaces in ([True, False] if isolation.probe().namespaces else [False]):
+  modes = [True] if isolation.probe().namespaces else []
+  for namespaces in modes + ([] if FALLBACK_REFUSED else [False]):
     marker, before = _marker(), set(os.listdir('/tmp'))
     program = (f'import subprocess, time\nsubprocess.Popen(["sleep", "{marker}"], '
                'start_new_session=True)\nprint("started", flush=True)\ntime.sleep(60)\n')
@@ -321,7 +466,7 @@ def _trace(source, **limits):
   return traces.trace_call(source, 'f', limits=traces.Limits(**limits))
 
 
-@pytest.mark.parametrize('namespaces', [True, False])
+@pytest.mark.parametrize('namespaces', [True, pytest.param(False, marks=needs_fallback)])
 def test_the_program_cannot_forge_or_suppress_its_trace(namespaces):
   limits = dict(namespaces=namespaces, allow_no_isolation=True)
   honest = _trace(_SIMPLE, **limits)
@@ -359,7 +504,7 @@ _LOOKUP_SWAP = (  # replaces what an encoder could look up when it runs
     'math.isfinite = lambda v: False\nre.compile = None\n')
 
 
-@pytest.mark.parametrize('namespaces', [True, False])
+@pytest.mark.parametrize('namespaces', [True, pytest.param(False, marks=needs_fallback)])
 def test_replacing_encoders_and_builtins_changes_no_trace_record(namespaces):
   source = 'def f():\n    x = [1, "\u00e9", 2.5, {"k": None}]\n    return x + [True]\n'
   limits = dict(namespaces=namespaces, allow_no_isolation=True)
@@ -475,7 +620,7 @@ def test_cli_sandbox_info_and_attacks(tmp_path):
   assert info.returncode == 0, info.stderr
   described = json.loads(info.stdout)
   assert described['namespaces'] == isolation.probe().namespaces
-  assert described['program_uid'] == (65534 if ROOT else os.geteuid())
+  assert described['program_uid'] == ('per run' if ROOT else os.geteuid())
   marker = _marker()
   path = tmp_path / 'attack.py'
   path.write_text('def f():\n    exec(' + repr(_escape(marker)) + ')\n    return 1\n')
@@ -524,9 +669,9 @@ def test_cli_refuses_bad_inputs_with_one_line(tmp_path):
 def test_sandbox_info_matches_the_kernel():
   info = isolation.probe().describe()
   works = subprocess.run(['unshare', *(() if ROOT else ('--user', '--map-root-user')), '--pid',
-                          '--fork', '--mount-proc', '--net', '--mount', 'true'],  # all we need
+                          '--fork', '--mount-proc', '--net', '--mount', '--ipc', 'true'],
                          capture_output=True).returncode == 0 if shutil.which('unshare') else False
   assert info['namespaces'] == works and info['network_isolated'] == works
   if works and ROOT:
-    assert info['program_uid'] == 65534 and info['read_only']
+    assert info['program_uid'] == 'per run' and info['read_only'] and info['seccomp']
   assert sandbox.Limits().allow_no_isolation is False

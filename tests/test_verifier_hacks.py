@@ -119,6 +119,8 @@ def _naive_pass(completion, tests, limits):
 def limits(request):
   if request.param and not isolation.probe().namespaces:
     pytest.skip('this kernel allows no namespaces')
+  if not request.param and isolation.fallback_refusal():
+    pytest.skip(isolation.fallback_refusal())
   return traces.Limits(timeout_s=5, memory_mb=512, output_bytes=100_000,
                        namespaces=request.param, allow_no_isolation=not request.param)
 

@@ -1,14 +1,16 @@
 """What isolation this machine allows the sandbox, detected once per process.
 
-`probe()` tries `unshare --pid --net --mount` (plus `--user --map-root-user` for a caller
-that is not root) around `child.py --probe`, which makes the mounts read-only, mounts a
-capped tmpfs and forks a worker that mounts its /proc as PID 1 and drops its privileges.
-When that works, every run gets fresh PID, mount and network namespaces; a root caller's
-program also runs as uid 65534. When it does not, running untrusted code is refused
-(`SandboxRefused`) unless the caller opts in with `Limits(allow_no_isolation=True)`: the
-program then runs with resource limits, the in-process network block and, for root callers
-whose interpreter uid 65534 can read, the uid drop, but can reach the network through what
-Python cannot intercept (ctypes, a child interpreter), and signal its caller if uids match.
+`probe()` tries `unshare --pid --net --mount --ipc` (plus `--user --map-root-user` for a caller
+that is not root) around `child.py --probe`, which builds the run's filesystem and forks a
+worker that mounts its /proc as PID 1 and drops its privileges (seccomp filter included).
+When that works, every run gets fresh PID, mount, network and IPC namespaces; a root
+caller's program also runs as a uid of its own (UID_BASE + the supervisor's pid). When it
+does not, running untrusted code is refused (`SandboxRefused`) unless the caller opts in with
+`Limits(allow_no_isolation=True)`: the program then runs with resource limits, the seccomp
+filter, the in-process network block and, for root callers, the uid drop, but can reach the
+network through what Python cannot intercept (ctypes, a child interpreter), and signal its
+caller if uids match. A root caller whose interpreter an unprivileged uid cannot read (e.g.
+under a 0700 /root) is refused even then: the program never runs as uid 0.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from cwm_jax.base import ConfigError
 _HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(_HERE, 'child.py')
 CHILD_MODULES = ('supervisor', 'worker', 'channel', 'tracer')  # stdlib-only, run in the child
-UNPRIVILEGED_UID = 65534  # 'nobody'
+# A root caller's program runs as UID_BASE + its supervisor's pid (supervisor.run_uid): a uid
+# of its own, which no host file or other run has.
+UID_BASE = 2_000_000_000
 # No --fork: the supervisor stays outside the new PID namespace; its worker becomes PID 1.
-_NAMESPACE_FLAGS = ('--pid', '--net', '--mount')
+_NAMESPACE_FLAGS = ('--pid', '--net', '--mount', '--ipc')
 
 
 class SandboxRefused(ConfigError):
@@ -48,7 +52,7 @@ class Isolation:
 
   def describe(self) -> dict:
     return {'namespaces': self.namespaces, 'unshare': ' '.join(self.prefix) or None,
-            'program_uid': self.uid if self.uid is not None else os.geteuid(),
+            'program_uid': 'per run' if self.uid is not None else os.geteuid(),
             'user_namespace': '--user' in self.prefix, 'network_isolated': self.namespaces,
             'reason': self.reason, **self.details}
 
@@ -75,7 +79,7 @@ def _unshare_prefix() -> tuple[str, ...] | None:
 @functools.lru_cache(maxsize=None)
 def probe() -> Isolation:
   """Detects (once) whether namespaces work here; see the module docstring."""
-  uid = UNPRIVILEGED_UID if os.geteuid() == 0 else None
+  uid = UID_BASE if os.geteuid() == 0 else None
   prefix = _unshare_prefix()
   if prefix is None:
     return Isolation(False, (), uid, 'no `unshare` executable on PATH (util-linux)')
@@ -101,15 +105,26 @@ def check(namespaces: bool, allow_no_isolation: bool) -> Isolation:
   """The isolation of the next run; SandboxRefused if there is none and no opt-in."""
   iso = probe() if namespaces else dataclasses.replace(
       probe(), namespaces=False, prefix=(), reason='namespaces turned off (Limits.namespaces)')
-  if not iso.namespaces and iso.uid is not None and not _traversable(sys.base_prefix):
-    iso = dataclasses.replace(iso, uid=None)  # the dropped uid could not import the stdlib
   if not iso.namespaces and not allow_no_isolation:
     raise SandboxRefused(
         f'refusing to run untrusted code without network isolation: {iso.reason}. Run where '
         '`unshare --pid --net --mount` works (as root, or with '
         'unprivileged user namespaces), or opt in with Limits(allow_no_isolation=True) / '
         '--allow_no_isolation to run it with in-process network blocking only.')
+  if not iso.namespaces and fallback_refusal():
+    raise SandboxRefused(f'{fallback_refusal()} ({iso.reason})')
   return iso
+
+
+def fallback_refusal() -> str:
+  """Why a run without namespaces is refused outright on this machine, or ''. A root caller's
+  program must drop to an unprivileged uid, which must be able to read the interpreter."""
+  if os.geteuid() != 0 or _traversable(sys.base_prefix):
+    return ''
+  return ('refusing to run untrusted code as root: without namespaces the program must run '
+          'as an unprivileged uid, which cannot read the interpreter under '
+          f'{sys.base_prefix} (a private folder above it); install Python where every user '
+          'can read it, or run where namespaces work')
 
 
 def _traversable(path: str) -> bool:

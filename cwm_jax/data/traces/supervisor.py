@@ -1,8 +1,8 @@
 """The sandbox's supervisor: isolates the run, starts the worker, outlives the program.
 
 Run by child.py (started by sandbox.py as `python -s [-S] child.py SOCKET_FD RECORD_FD`), under
-`unshare --pid --net --mount [--user --map-root-user]` where the kernel allows it: this
-process is in fresh mount and network namespaces, and the worker it forks is PID 1 of a fresh
+`unshare --pid --net --mount --ipc [--user --map-root-user]` where the kernel allows it: this
+process is in fresh mount, network and IPC namespaces, and the worker it forks is PID 1 of a fresh
 PID namespace with its own /proc, so the program can neither see nor signal the caller or
 this process, and every process it starts dies when the worker does. Stdlib only: the
 package is not importable here. Steps:
@@ -13,9 +13,11 @@ package is not importable here. Steps:
      scratch directory, and re-expose the interpreter's directories hidden behind private
      ones (e.g. /root) read-only for the dropped uid;
      otherwise (an explicit opt-in) a scratch directory in the host's temp dir;
-  3. fork the worker: killed if this process dies, its own session, a private /proc, no
-     capabilities, no_new_privs, uid 65534 for root callers, setrlimit limits, the network
-     blocked, then worker.py runs the program;
+  3. fork the worker: killed if this process dies, its own session, a private /proc, capped
+     SysV shared memory and message queues in its own IPC namespace, no capabilities,
+     no_new_privs, a uid of its own for root callers (run_uid), a seccomp filter (no new
+     namespaces, no mounts, no memfd), setrlimit limits, the network blocked, then worker.py
+     runs the program;
   4. wait for it, the deadline or the caller's end; kill every process of the run (with
      namespaces: the worker, PID 1; without: as subreaper, everything it left);
      report 'exit WAIT_STATUS' or 'timeout' on the socket and exit.
@@ -38,7 +40,26 @@ _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP = 1, 4, 24
 _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
 _MS_NOEXEC = 8
 _SIGKILL = 9
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 _libc = ctypes.CDLL(None, use_errno=True)
+# Denied to the program by its seccomp filter: new namespaces (a nested user namespace would
+# give it mount rights: its own tmpfs outside the disk cap), entering others, any mount
+# operation, and memfd (memory outside the per-process limit where no cgroup counts it).
+# {machine: (audit arch, {syscall: number}, clone, clone3)}
+_SYSCALLS = {
+    'x86_64': (0xC000003E, {'unshare': 272, 'setns': 308, 'mount': 165, 'umount2': 166,
+                            'pivot_root': 155, 'chroot': 161, 'open_tree': 428, 'move_mount': 429,
+                            'fsopen': 430, 'fsconfig': 431, 'fsmount': 432, 'fspick': 433,
+                            'mount_setattr': 442, 'memfd_create': 319, 'memfd_secret': 447},
+               56, 435),
+    'aarch64': (0xC00000B7, {'unshare': 97, 'setns': 268, 'mount': 40, 'umount2': 39,
+                             'pivot_root': 41, 'chroot': 51, 'open_tree': 428, 'move_mount': 429,
+                             'fsopen': 430, 'fsconfig': 431, 'fsmount': 432, 'fspick': 433,
+                             'mount_setattr': 442, 'memfd_create': 279, 'memfd_secret': 447},
+                220, 435),
+}
+_CLONE_NAMESPACES = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+_EPERM, _ENOSYS = 1, 38
 
 
 class _MountAttr(ctypes.Structure):
@@ -139,8 +160,63 @@ def _prepare(request):
   return scratch
 
 
-def drop_privileges(uid):
-  """No capabilities (bounding set too), uid `uid` if given, no_new_privs: for the worker."""
+class _SockFilter(ctypes.Structure):
+  _fields_ = [('code', ctypes.c_uint16), ('jt', ctypes.c_uint8), ('jf', ctypes.c_uint8),
+              ('k', ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+  _fields_ = [('len', ctypes.c_uint16), ('filter', ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(machine, allow_memfd=False):
+  """The classic-BPF seccomp filter of the program (see _SYSCALLS), as (code, jt, jf, k)
+  tuples, or None on an architecture without a table. Another ABI (i386 or x32 calls on
+  x86_64) would bypass the numbers: it is refused as a whole."""
+  if machine not in _SYSCALLS:
+    return None
+  arch, denied, clone, clone3 = _SYSCALLS[machine]
+  ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+  allow, errno = 0x7FFF0000, 0x00050000
+  prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, errno | _EPERM), (ld, 0, 0, 0)]
+  if machine == 'x86_64':
+    prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, errno | _EPERM)]
+  # clone3 passes its flags in memory, out of a filter's sight: ENOSYS makes the C library
+  # fall back to clone, whose flags the filter can check.
+  prog += [(jeq, 0, 1, clone3), (ret, 0, 0, errno | _ENOSYS)]
+  for name, number in sorted(denied.items()):
+    if allow_memfd and name == 'memfd_create':
+      continue
+    prog += [(jeq, 0, 1, number), (ret, 0, 0, errno | _EPERM)]
+  prog += [(jeq, 0, 3, clone), (ld, 0, 0, 16), (jset, 0, 1, _CLONE_NAMESPACES),
+           (ret, 0, 0, errno | _EPERM), (ret, 0, 0, allow)]
+  return prog
+
+
+def install_seccomp(allow_memfd=False):
+  """Installs the filter on this process (inherited by every child); False where the
+  architecture has no table or the kernel refuses (the rlimits and namespaces still hold)."""
+  prog = seccomp_program(os.uname().machine, allow_memfd)
+  if prog is None:
+    return False
+  filters = (_SockFilter * len(prog))(*[_SockFilter(*i) for i in prog])
+  fprog = _SockFprog(len(prog), filters)
+  return _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+
+
+def limit_ipc(shm_bytes):
+  """Caps SysV shared memory and message queues of this (fresh, per-run) IPC namespace: they
+  live outside any process's address space, so RLIMIT_AS does not count them."""
+  page = os.sysconf('SC_PAGE_SIZE')
+  for name, value in (('shmmax', shm_bytes), ('shmall', max(shm_bytes // page, 1)),
+                      ('shmmni', 16), ('msgmni', 16), ('msgmnb', 16384)):
+    with open('/proc/sys/kernel/' + name, 'w') as f:
+      f.write(str(value))
+
+
+def drop_privileges(uid, seccomp=True):
+  """No capabilities (bounding set too), uid `uid` if given, no_new_privs, then the seccomp
+  filter (no new namespaces, no mounts, no memfd): for the worker."""
   for cap in range(64):
     if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == 22:
       break  # EINVAL: past the last capability; EPERM: not privileged, nothing to drop
@@ -152,6 +228,7 @@ def drop_privileges(uid):
   _check(_libc.capset(header, (ctypes.c_uint32 * 6)()), 'capset')
   _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 'no_new_privs')
   _libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+  return install_seccomp() if seccomp else False
 
 
 def apply_limits(spec, processes=None):
@@ -179,6 +256,7 @@ def _start_worker(request, sock, record_fd, scratch, load):
     os.setsid()  # kill(0, ...) by the program reaches its own processes only
     if request['namespaces']:  # PID 1 of the new PID namespace: its own /proc
       _mount('proc', '/proc', 'proc', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+      limit_ipc(request['disk_bytes'])
     drop_privileges(request.get('uid'))
     os.chdir(scratch)
     os.environ.update(HOME=scratch, TMPDIR=scratch)
@@ -262,9 +340,17 @@ def _kill_all(pid):
         break
 
 
+def run_uid(base):
+  """The program's uid for a root caller: `base` + this supervisor's pid, unique among the
+  runs alive on the host, so that RLIMIT_NPROC (counted per uid) and kill() never couple two
+  concurrent runs, and no file on the host belongs to it."""
+  return None if base is None else base + os.getpid()
+
+
 def supervise(request, sock, record_fd, load):
   """Runs the request's program in a worker (see the module docstring); reports on `sock`."""
   _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # the worker may not read this process's memory
+  request['uid'] = run_uid(request.get('uid'))
   if not request['namespaces']:
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us, to be killed
   scratch = _prepare(request)
@@ -292,7 +378,11 @@ def probe(request):
   pid = os.fork()
   if not pid:
     _mount('proc', '/proc', 'proc', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    drop_privileges(uid)
-    os._exit(0 if os.getpid() == 1 and os.listdir('/proc/self/fd') else 1)
-  info['worker'] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    limit_ipc(1 << 20)
+    filtered = drop_privileges(run_uid(uid))
+    ok = os.getpid() == 1 and os.listdir('/proc/self/fd')
+    os._exit((0 if ok else 1) | (0 if filtered else 2))
+  code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+  info['worker'] = code in (0, 2)
+  info['seccomp'] = code == 0
   print(json.dumps(info))

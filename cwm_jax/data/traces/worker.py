@@ -76,6 +76,9 @@ def _main_module(path):
     source = f.read()
   module = types.ModuleType('__main__')
   module.__file__ = path
+  # The shared builtins module, as in `python program.py`: left unset, exec would hand the
+  # program this module's private copy of the builtins (child.loader).
+  module.__builtins__ = builtins
   sys.modules['__main__'] = module
   return module, source
 
@@ -119,6 +122,7 @@ def trace(request, writer, tracer):
       source = f.read()
     module = types.ModuleType('program')
     module.__file__ = path
+    module.__builtins__ = builtins  # not this module's private copy (see _main_module)
     sys.modules['program'] = module
     _exec(compile(source, path, 'exec'), module.__dict__)
     function = module
