@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from cwm_jax import storage
-from cwm_jax.checkpoint import _orbax_io, hf, manager, meta
+from cwm_jax.checkpoint import _orbax_io, hf, hf_tokenizer, manager, meta
 from cwm_jax.checkpoint.names import HF, META, Entry, locate
 from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
@@ -249,8 +249,18 @@ def _write_hf(src, out, dtype, count, max_shard_bytes):
   specs, fetch = _external_specs(HF, src, dtype, count)
   hf.write_safetensors(out, specs, fetch, max_shard_bytes)
   _copy(src.tokenizer_files, out)
+  ids = token_ids(src)
+  hf_tokenizer.write(out, _fitting_tokenizer(src), ids, src.cfg.max_seq_len,
+                     frozenset(storage.basename(p) for p in src.tokenizer_files))
   storage.write_json(storage.join(out, "config.json"),
-                     hf.config_to_hf(src.cfg, dtype=dtype.name, **token_ids(src)), indent=2)
+                     hf.config_to_hf(src.cfg, dtype=dtype.name, **ids), indent=2)
+
+
+def _fitting_tokenizer(src: Source) -> Tokenizer | None:
+  """The model's tokenizer (`_model_tokenizer`) when all its ids are inside the model's
+  vocabulary, else None (e.g. a synthetic-vocabulary model: no tokenizer is exported)."""
+  tok = _model_tokenizer(src)
+  return tok if tok is not None and tok.vocab_size <= src.cfg.vocab_size else None
 
 
 def _write_meta(src, out, dtype, count):

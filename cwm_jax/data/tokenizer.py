@@ -76,6 +76,7 @@ class Tokenizer:
 
   def __init__(self, ranks: dict[bytes, int], name: str = 'cwm'):
     self.n_ranks = len(ranks)
+    self._ranks = dict(ranks)
     self._specials = {s: self.n_ranks + i for i, s in enumerate(SPECIAL_NAMES)}
     self._enc = tiktoken.Encoding(
         name=name, pat_str=PATTERN, mergeable_ranks=ranks,
@@ -94,6 +95,12 @@ class Tokenizer:
   def default(cls) -> 'Tokenizer':
     """The project's 4096-rank BPE shipped in `cwm_jax/data/assets/`."""
     return _default()
+
+  @property
+  def mergeable_ranks(self) -> dict[bytes, int]:
+    """A copy of the rank table {token bytes: rank} (what an export's tokenizer.json is
+    derived from)."""
+    return dict(self._ranks)
 
   @property
   def vocab_size(self) -> int:
