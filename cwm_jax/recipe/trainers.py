@@ -1,19 +1,28 @@
-"""The trainer registry: `{name: Trainer(validate, run)}`, and in-loop evaluation.
+"""The trainer registry: `{name: Trainer(validate, run)}`, in-loop evaluation and exports.
 
 A stage (or a plain config's `trainer` field) names its trainer: 'lm' for
 pre-train, mid-train and SFT (`cwm_jax.train.lm`), 'rl' for the RL stage
 (`cwm_jax.rl.trainer`). Both run on the one training runtime
 (`cwm_jax.train.runtime`); `validate(config)` makes every check `run` would
-make before compiling, so a whole schedule is checked before any stage runs.
+make before compiling, so a whole schedule is checked before any stage runs. The LM trainer
+adds two hooks of its own: evaluation every `eval_every` steps and a Hugging Face export every
+`export.every` steps (`ExportHook`, in a background thread).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from typing import Any, Callable, Sequence
 
+import jax
+from absl import logging
 from flax import nnx
 
+from cwm_jax import storage
+from cwm_jax.checkpoint import manager
+from cwm_jax.checkpoint.conversion import convert
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.base import ConfigError
 from cwm_jax.infer.evaluation import EvalConfig, evaluate
@@ -42,6 +51,79 @@ def evaluation_hook(config) -> runtime.Hook | None:
   return hook
 
 
+class ExportHook:
+  """Every `config.export.every` steps, a Hugging Face export of that step's checkpoint into
+  `WORKDIR/hf/step_N` (a gs:// workdir too), made off the step's path.
+
+  The hook itself only starts a thread and returns: the thread waits until the step's
+  checkpoint has committed (the runtime saves it, possibly asynchronously, just before the
+  hooks run; `validate` makes `export.every` a multiple of `checkpoint_every` so that the step
+  has one), then converts it (`conversion.convert`: tokenizer and generation config included,
+  staged so that a reader never sees half an export). Only process 0 exports: every process
+  would write the same files. A finished export is logged at the next step as `export/step`;
+  a failed one (e.g. its checkpoint already rotated away by `max_to_keep`) is a warning, never
+  a crash of the run. `close` waits for the exports under way.
+  """
+
+  def __init__(self, config, workdir: str, poll_s: float = 0.2):
+    self.every, self.poll_s = int(config.export.every), poll_s
+    self.ckpt_dir = storage.join(workdir, "checkpoints")
+    self.out_root = storage.join(workdir, "hf")
+    self.primary = jax.process_index() == 0
+    self.threads: list[threading.Thread] = []
+    self.done: list[dict] = []   # summaries of finished exports, in finishing order
+    self._unreported: list[dict] = []
+    self._lock = threading.Lock()
+    self._closing = threading.Event()
+
+  def __call__(self, ctx: runtime.HookContext) -> dict[str, float] | None:
+    with self._lock:
+      report, self._unreported = self._unreported, []
+    if self.primary and ctx.step % self.every == 0:
+      thread = threading.Thread(target=self._export, args=(ctx.step,),
+                                name=f"hf-export-{ctx.step}", daemon=True)
+      thread.start()
+      self.threads.append(thread)
+    ok = [r for r in report if "error" not in r]
+    return {"export/step": float(ok[-1]["step"])} if ok else None
+
+  def _committed(self, step: int) -> bool:
+    return step in manager.complete_steps(self.ckpt_dir)
+
+  def _export(self, step: int) -> None:
+    out = storage.join(self.out_root, f"step_{step}")
+    try:
+      while not self._committed(step):
+        if self._closing.is_set() and not self._committed(step):
+          raise ConfigError(f"checkpoint step {step} never committed in {self.ckpt_dir}")
+        time.sleep(self.poll_s)
+      if storage.isfile(storage.join(out, "config.json")):
+        summary = {"step": step, "hf": out, "skipped": "exists"}   # a resumed run
+      else:
+        summary = {"step": step, "hf": out, **convert(self.ckpt_dir, out, "hf", step=step)}
+      logging.info("exported step %d to %s", step, out)
+    except Exception as e:  # pylint: disable=broad-except  (an export never stops training)
+      logging.warning("Hugging Face export of step %d to %s failed: %s", step, out, e)
+      summary = {"step": step, "hf": out, "error": str(e)}
+    with self._lock:
+      self.done.append(summary)
+      self._unreported.append(summary)
+
+  def close(self) -> list[dict]:
+    """Waits for every export started (the run's last checkpoint has committed by now);
+    returns their summaries in step order."""
+    self._closing.set()
+    for thread in self.threads:
+      thread.join()
+    return sorted(self.done, key=lambda r: r["step"])
+
+
+def export_hook(config, workdir: str) -> ExportHook | None:
+  """The `ExportHook` of `config` (None when `export.every` is 0, the default)."""
+  every = (config.get("export") or {}).get("every", 0)
+  return ExportHook(config, workdir) if every else None
+
+
 def _validate_lm(config) -> None:
   lm.validate(config)
   if config.get("eval_every", 0):
@@ -53,8 +135,13 @@ def _validate_lm(config) -> None:
 
 def _train_lm(config, workdir: str, hooks: Sequence[runtime.Hook] = ()) -> dict:
   _validate_lm(config)
-  evaluation = evaluation_hook(config)
-  return lm.train(config, workdir, hooks=[*hooks, *([evaluation] if evaluation else [])])
+  own = [h for h in (evaluation_hook(config), export_hook(config, workdir)) if h is not None]
+  exporter = next((h for h in own if isinstance(h, ExportHook)), None)
+  try:
+    out = lm.train(config, workdir, hooks=[*hooks, *own])
+  finally:
+    exports = exporter.close() if exporter is not None else None
+  return {**out, "exports": exports} if exports is not None else out
 
 
 @dataclasses.dataclass(frozen=True)

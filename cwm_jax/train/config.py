@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0
   c.eval = ml_collections.ConfigDict(dict(max_programs=4, max_new_tokens=256, max_tokens=512,
                                           batch_size=4, generate=True, perplexity=True))
+  # Hugging Face exports during training (a hook of cwm_jax.recipe.trainers): every
+  # `export.every` steps (0 = off; a multiple of checkpoint_every) that step's checkpoint is
+  # converted, in a background thread, into WORKDIR/hf/step_N.
+  c.export = ml_collections.ConfigDict(dict(every=0))
   # XLA options for the init and step jits; an entry of -1 means XLA's default
   # (level 0 compiles the tiny test models much faster on CPU).
   c.compiler_options = ml_collections.ConfigDict(dict(xla_backend_optimization_level=-1))
@@ -141,12 +145,31 @@ def validate(config, model_cfg: ModelConfig, n_devices: int, n_processes: int) -
     errors.append(f"seq_len={config.seq_len} is not divisible by loss.chunk={config.loss.chunk}")
   if config.get("eval_every", 0) < 0:
     errors.append(f"eval_every={config.eval_every} must be >= 0 (0 turns evaluation off)")
+  errors += _export_errors(config)
   if not errors:
     shapes = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg), nnx.Param))
     errors += sharding.indivisible(shapes, sharding.param_specs(model_cfg, config.rules), sizes)
   if errors:
     raise ConfigError("invalid training config: " + "; ".join(errors))
   return sizes
+
+
+def _export_errors(config) -> list[str]:
+  """`export.every`: 0 (off) or a positive multiple of `checkpoint_every`, since an export
+  converts the checkpoint of its step."""
+  every = _get(config, "export.every")
+  if every is None or every == 0:
+    return []
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    return [f"export.every={every!r} must be an integer >= 0 (0 turns exports off)"]
+  if config.checkpoint_every <= 0:
+    return [f"export.every={every} needs checkpoints every N steps: set checkpoint_every to "
+            f"{every} or a divisor of it (it is {config.checkpoint_every})"]
+  if every % config.checkpoint_every:
+    return [f"export.every={every} must be a multiple of checkpoint_every="
+            f"{config.checkpoint_every} (an export converts that step's checkpoint); use "
+            f"export.every={-(-every // config.checkpoint_every) * config.checkpoint_every}"]
+  return []
 
 
 # (dotted field, lowest, highest, lowest included, highest included); None: unbounded.
