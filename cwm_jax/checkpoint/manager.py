@@ -10,7 +10,9 @@ target whose leaves carry other shardings reshards.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+import traceback
 from typing import Any
 
 import grain
@@ -52,6 +54,20 @@ def _restore_args(target):
     return ocp.RestoreArgs(restore_type=np.ndarray)
   return jax.tree.map(one, target)
 
+
+class _RestoreNoise(logging.Filter):
+  """Drops asyncio's after-the-fact reports of orbax restore tasks that failed on a corrupt
+  checkpoint ('Task exception was never retrieved', 'Event loop is closed'): the failure is
+  reported once, as `CorruptCheckpoint`, and the run falls back or stops."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info:
+      text += "".join(traceback.format_exception(*record.exc_info))
+    return not ("orbax" in text and ("never retrieved" in text or "loop is closed" in text))
+
+
+logging.getLogger("asyncio").addFilter(_RestoreNoise())
 
 COMMIT_FILE = "commit_success.txt"  # orbax writes it when a step's save has committed
 

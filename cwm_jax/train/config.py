@@ -54,7 +54,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, async_save=True,
                                                 on_corrupt="fallback"))
   c.init_from = ml_collections.ConfigDict(dict(path="", params_only=True, step=-1))
-  c.metrics = ml_collections.ConfigDict(dict(peak_flops=0.0, tensorboard=True))
+  # Trackers: metrics.jsonl always, TensorBoard, wandb when `wandb_project` is set
+  # ('online', or 'offline' to sync later). On a bucket workdir the metrics are rewritten
+  # every `flush_every_s` seconds and before every checkpoint.
+  c.metrics = ml_collections.ConfigDict(dict(peak_flops=0.0, tensorboard=True, wandb_project="",
+                                             wandb_mode="online", flush_every_s=60.0))
+  # A jax.profiler trace of `num_steps` steps from `start_step` (-1: none) into
+  # WORKDIR/profile/; also on request while running (WORKDIR/profile.request, SIGUSR1).
+  c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))
   # In-training evaluation (a hook of cwm_jax.recipe.trainers): every `eval_every` steps
   # (0 = off), logged to metrics.jsonl as `eval/*` records; `eval` holds EvalConfig fields.
   c.eval_every = 0
@@ -183,8 +190,10 @@ _RANGES = (
     ("loss.chunk", 0, None, True, True), ("seed", 0, None, True, True),
     ("data.prompt_fraction", 0, 1, True, True), ("data.mean_doc_len", 1, None, True, True),
     ("checkpoint.max_to_keep", 1, None, True, True), ("init_from.step", -1, None, True, True),
-    ("metrics.peak_flops", 0, None, True, True))
-_CHOICES = (("checkpoint.on_corrupt", ("fallback", "fail")),)
+    ("metrics.peak_flops", 0, None, True, True), ("metrics.flush_every_s", 0, None, False, True),
+    ("profile.start_step", -1, None, True, True), ("profile.num_steps", 1, None, True, True))
+_CHOICES = (("checkpoint.on_corrupt", ("fallback", "fail")),
+            ("metrics.wandb_mode", ("online", "offline")))
 
 
 def _leaves(node, prefix=""):

@@ -9,6 +9,7 @@ the grain pipeline, checkpointed with the state) and the jitted
 
 from __future__ import annotations
 
+import time
 from typing import Iterator, Sequence
 
 import jax
@@ -50,12 +51,14 @@ class LMTrainer:
     self.global_shape = (config.batch_size, config.seq_len)
 
   def iterate(self, state: dict, step: int) -> Iterator[runtime.Update]:
+    t = time.perf_counter()
     local = next(self.data_iter)
+    data_s = time.perf_counter() - t
     n = jax.process_count()  # processes hold equal shares of the batch
     tokens = n * float(np.count_nonzero(local["segment_ids"]))
     fl = n * flops.batch_flops(self.rt.cfg, local["positions"], local["segment_ids"])
     state, metrics = self.step_fn(state, runtime.put_batch(local, self.rt, self.global_shape))
-    yield runtime.Update(state, step + 1, metrics, tokens, fl)
+    yield runtime.Update(state, step + 1, metrics, tokens, fl, data_s)
 
   def close(self) -> None:
     pass

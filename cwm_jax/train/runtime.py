@@ -47,7 +47,7 @@ from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.parallel import sharding
 from cwm_jax.train import flops, state as state_lib
 from cwm_jax.train.config import model_config, validate
-from cwm_jax.train import health
+from cwm_jax.train import health, observe
 from cwm_jax.train.health import Guard
 from cwm_jax.train.metrics import MetricsWriter
 
@@ -84,13 +84,15 @@ class Update:
   """One optimizer step: the new state, its step, and what to log about it.
 
   `metrics` may hold device arrays: they are fetched one update later.
-  `tokens` / `flops` (host numbers) feed the throughput and MFU figures.
+  `tokens` / `flops` (host numbers) feed the throughput and MFU figures; `data_s` is
+  the time the trainer waited for its batch (goodput's data bucket).
   """
   state: dict
   step: int
   metrics: dict
   tokens: float = 0.0
   flops: float = 0.0
+  data_s: float = 0.0
 
 
 class Trainer(Protocol):
@@ -266,8 +268,8 @@ class _Logger:
   guard) and adds the data iterator's bad-record counts."""
 
   def __init__(self, writer: MetricsWriter, peak: float, start: int, guard: Guard,
-               data_iter=None):
-    self.guard, self.data_iter = guard, data_iter
+               data_iter=None, goodput: observe.Goodput | None = None, total: int = 0):
+    self.guard, self.data_iter, self.goodput, self.total = guard, data_iter, goodput, total
     self.writer, self.peak = writer, peak
     self.pending, self.records = None, []
     self.tokens = self.flops = 0.0
@@ -294,8 +296,14 @@ class _Logger:
     now = time.perf_counter()
     dt = max(now - self.t0, 1e-9)
     if tokens:
-      scalars.update(tokens_per_sec=tokens / dt, step_time=dt / max(step - self.step0, 1),
-                     mfu=fl / dt / self.peak if self.peak else 0.0)
+      step_time = dt / max(step - self.step0, 1)
+      scalars.update(tokens_per_sec=tokens / dt, step_time=step_time,
+                     mfu=fl / dt / self.peak if self.peak else 0.0,
+                     eta_s=observe.eta_seconds(step, self.total, step_time))
+    if self.goodput is not None:
+      scalars.update(self.goodput.interval())
+      self.goodput.save()  # so a relaunch after a crash knows how far this launch got
+    scalars.update(observe.memory_scalars())
     self.t0, self.step0, self.pending = now, step, None
     self.write(step, scalars)  # logged before the guard stops the run
     if stop is not None:
@@ -324,50 +332,81 @@ def _peak(config, mesh) -> float:
 
 
 def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ()) -> dict:
-  """Runs `trainer` until step `config.total_steps`; returns {'step', 'records', 'preempted'}."""
+  """Runs `trainer` until step `config.total_steps`; returns {'step', 'records',
+  'preempted', 'goodput'} (goodput: this workdir's launches so far, summed)."""
   config = rt.config
   check_workdir(config, workdir)  # before anything is created
   ckpt = Checkpointer(storage.join(workdir, "checkpoints"),
                       max_to_keep=config.checkpoint.max_to_keep,
                       async_save=config.checkpoint.async_save)
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                         tensorboard=config.metrics.tensorboard, total_steps=config.total_steps)
+  primary = jax.process_index() == 0
+  m = config.metrics
+  writer = MetricsWriter(workdir, enabled=primary, tensorboard=m.tensorboard,
+                         total_steps=config.total_steps,
+                         flush_every_s=m.get("flush_every_s", 60.0),
+                         wandb_project=m.get("wandb_project", ""),
+                         wandb_mode=m.get("wandb_mode", "online"), run_config=config.to_dict())
+  goodput = observe.Goodput(workdir, enabled=primary)
+  prof = config.get("profile", {})
+  profiler = observe.Profiler(workdir, prof.get("start_step", -1), prof.get("num_steps", 5))
   meta = {"model": model_config_to_dict(rt.cfg), "config": config.to_dict()}
   preempt = _Preemption()
+
+  def save(step, state):
+    with goodput.timed("save"):
+      writer.flush()  # the records up to a checkpoint are durable before it is
+      goodput.save()
+      ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
+
   try:
     with jax.set_mesh(rt.mesh):
-      state, step = initial_state(rt, ckpt, trainer.data_iter)
+      with goodput.timed("restore" if ckpt.complete_steps() else "startup"):
+        state, step = initial_state(rt, ckpt, trainer.data_iter)
+      goodput.resumed(step)
       writer.truncate_after(step)
       log = _Logger(writer, _peak(config, rt.mesh), step,
-                    Guard(config.optimizer.get("skip_nonfinite", 0), ckpt), trainer.data_iter)
+                    Guard(config.optimizer.get("skip_nonfinite", 0), ckpt), trainer.data_iter,
+                    goodput, config.total_steps)
       saved, preempted = step, False
       while step < config.total_steps and not preempted:
+        profiler.before_step(step, check_request=step % config.log_every == 0)
         for update in trainer.iterate(state, step):
           state, step = update.state, update.step
+          goodput.add("data", update.data_s)
+          goodput.last_step = step
           log.count(update)
           if step % config.log_every == 0 or step == config.total_steps:
             log.defer(step, update.metrics)  # fetches the previous record, not this one
           preempted = preempt.reached(step)
           if preempted or (config.checkpoint_every and step % config.checkpoint_every == 0):
             log.check_now(step, update.metrics)  # never save a diverged state
-            writer.flush()  # the records up to a checkpoint are durable before it is
-            ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
+            save(step, state)
             saved = step
-          _run_hooks(hooks, HookContext(step, state, rt, ckpt), log)
+          with goodput.timed("eval"):
+            _run_hooks(hooks, HookContext(step, state, rt, ckpt), log)
+          profiler.after_step(step, lambda: jax.block_until_ready(state))
           if preempted or step >= config.total_steps:
             break
       log.flush()
       if saved != step:
         log.check_now(step, update.metrics)
-        writer.flush()
-        ckpt.save(step, state, data_iter=trainer.data_iter, meta=meta)
-      ckpt.wait()
+        save(step, state)
+      with goodput.timed("save"):
+        ckpt.wait()
+      summary = goodput.summary()
+      goodput.save()
+      logging.info("goodput over %d launch(es): %.1f%% of %.1f s (%s)", summary["launches"],
+                   100 * summary["goodput"], summary["wall_s"],
+                   ", ".join(f"{k} {v:.1f} s" for k, v in summary["buckets"].items()) +
+                   f", lost {summary['lost_s']:.1f} s")
   finally:
+    profiler.close()
+    goodput.close()
     preempt.close()
     trainer.close()
     ckpt.close()
     writer.close()
-  return {"step": step, "records": log.records, "preempted": preempted}
+  return {"step": step, "records": log.records, "preempted": preempted, "goodput": summary}
 
 
 def _run_hooks(hooks: Sequence[Hook], ctx: HookContext, log: _Logger) -> None:
