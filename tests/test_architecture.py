@@ -14,8 +14,8 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PACKAGE = os.path.join(ROOT, "cwm_jax")
 
-LAYERS = {"base": 0, "host_memory": 0, "storage": 0, "kernels": 1, "model": 2, "parallel": 3, "data": 4,
-          "checkpoint": 4, "train": 5, "infer": 6, "rl": 6, "recipe": 7}
+LAYERS = {"base": 0, "host_memory": 0, "storage": 0, "kernels": 1, "model": 2, "parallel": 3,
+          "data": 4, "checkpoint": 4, "train": 5, "infer": 6, "rl": 6, "recipe": 7}
 PROGRAM_LAYER = 8
 # Command-line programs: `python -m cwm_jax.<name>` (plus the training and corpus-build
 # programs, which live beside their packages) and their shared runner.
@@ -23,7 +23,8 @@ PROGRAMS = {"cwm_jax.cli", "cwm_jax.convert", "cwm_jax.evaluate", "cwm_jax.plan"
             "cwm_jax.predict_trace", "cwm_jax.sample", "cwm_jax.score", "cwm_jax.sweep",
             "cwm_jax.trace", "cwm_jax.train.__main__", "cwm_jax.data.build"}
 # Imported where used, so that a light process does not pay for them.
-OPTIONAL_HEAVY = ("torch", "transformers", "tensorflow_datasets", "apache_beam", "libtpu", "wandb",
+OPTIONAL_HEAVY = ("torch", "transformers", "tensorflow_datasets", "apache_beam", "libtpu",
+                  "wandb",
                   "tensorboardX", "jax.experimental.pallas",
                   "array_record.beam")  # array_record's Beam sink imports apache_beam
 # Code that runs inside the sandboxed child interpreter imports lazily on purpose: the
