@@ -11,6 +11,7 @@ gradient norm (`base.NonFiniteError`; the last good checkpoint is kept);
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -91,6 +92,15 @@ def _check_config_values(names: list[str]) -> None:
                         "an ml_collections.ConfigDict")
 
 
+def _check_float_flags() -> None:
+  """Every float flag holds a finite number (`--timeout_s inf`, `--temperature nan` are
+  user errors, not crashes deep inside the program)."""
+  for name in sorted(flags.FLAGS):
+    value = flags.FLAGS[name].value
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"--{name}={value} must be a finite number")
+
+
 def _root_message(e: BaseException) -> str:
   """The message of the first ConfigError in e's cause chain, else of e itself."""
   seen, cur = set(), e
@@ -160,6 +170,7 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
       raise ConfigError(f"{_flag_error(e)} ({_FIX}; fix the flag or config field named "
                         "here)") from None
     _check_config_values(names)
+    _check_float_flags()
     return rest
   except ConfigError as e:
     fail(str(e))
