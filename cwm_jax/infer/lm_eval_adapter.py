@@ -1,6 +1,7 @@
 """An lm-evaluation-harness model over the project's scorer and sampler.
 
-  lm_eval --model cwm_jax --model_args checkpoint=DIR[,batch_size=8,max_length=2048] --tasks ...
+  python -c "import cwm_jax.infer.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()" \
+      run --model cwm_jax --model_args checkpoint=DIR[,batch_size=8,max_length=2047] --tasks ...
 
 (after `import cwm_jax.infer.lm_eval_adapter`, which registers the name `cwm_jax`; from Python:
 `lm_eval.simple_evaluate(model=CwmLM(checkpoint=DIR), tasks=[...])`). Any checkpoint the
