@@ -235,6 +235,50 @@ def test_no_network_no_other_processes_no_privileges(user, tmp_path):
 
 
 @needs_namespaces
+@pytest.mark.parametrize('user', ['root', pytest.param('nobody', marks=needs_root)])
+def test_the_program_sees_a_minimal_root(user, tmp_path):
+  """Hidden tests on the host's disk (a task file, the checkout, home directories) are out of
+  sight: the program walks its whole filesystem and finds no trace of them (the controls:
+  the standard library imports, /bin/sh runs, the scratch is writable)."""
+  marker = f'assert factorial(5) == {_marker()}'
+  tasks = tmp_path / 'task_set.jsonl'
+  tasks.write_text(json.dumps({'tests': marker}) + '\n')
+  os.chmod(tmp_path, 0o755)
+  os.chmod(tasks, 0o644)
+  program = textwrap.dedent(f'''
+      import json, os, subprocess
+      found = []
+      for top, dirs, files in os.walk('/'):
+          if top == '/proc' or top.startswith('/proc/'):
+              dirs[:] = []
+              continue
+          for name in files:
+              path = os.path.join(top, name)
+              if name.endswith(('.jsonl', '.json')) and os.path.isfile(path):
+                  try:
+                      if {marker.split('== ')[1]!r} in open(path, errors='replace').read():
+                          found.append(path)
+                  except OSError:
+                      pass
+      print('found', found)
+      print('tops', sorted(os.listdir('/')))
+      for path in ({str(tasks)!r}, {REPO!r}, '/home', '/root/.ssh', '/etc/shadow', '/run'):
+          print(path, os.path.exists(path))
+      print(subprocess.run(['/bin/sh', '-c', 'echo sh ok > x && cat x'], capture_output=True,
+                           text=True).stdout.strip(), json.dumps([1]))
+  ''')
+  result = _call('run', program, user=user, tmp=str(tmp_path), timeout_s=60)
+  out = result['stdout']
+  assert result['status'] == 'ok', result
+  assert 'found []' in out and 'sh ok [1]' in out, out
+  for path in (str(tasks), REPO, '/home', '/root/.ssh', '/etc/shadow', '/run'):
+    assert f'{path} False' in out, out
+  tops = set(json.loads(out.split('tops ')[1].split('\n')[0].replace("'", '"')))
+  assert tops <= {'bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32', 'usr', 'etc', 'dev', 'proc',
+                  'tmp', 'var', *[p.split('/')[1] for p in (sys.base_prefix, sys.prefix)]}, tops
+
+
+@needs_namespaces
 def test_disk_writes_are_capped_and_scratch_disappears():
   program = textwrap.dedent('''
       import os

@@ -109,7 +109,8 @@ def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
   request = dict(request, source=source, nonce=nonce.hex(), namespaces=iso.namespaces,
                  uid=iso.uid, timeout_s=limits.timeout_s, limits=_limit_spec(limits),
                  disk_bytes=limits.disk_bytes, disk_inodes=limits.disk_inodes,
-                 max_processes=limits.max_processes, modules=isolation.child_modules())
+                 max_processes=limits.max_processes, modules=isolation.child_modules(),
+                 site_packages=limits.site_packages, executable=os.path.realpath(sys.executable))
   ours, theirs = socket.socketpair()
   record_r, record_w = os.pipe()
   try:  # a whole trace fits: the worker never waits for this process to be scheduled

@@ -8,10 +8,10 @@ this process, and every process it starts dies when the worker does. Stdlib only
 package is not importable here. Steps:
   1. child.py reads the request from the caller's socket; the socket doubles as a lifeline:
      its end of file means the caller is gone, and the run is ended;
-  2. namespaces: make every mount read-only, hide /run (host sockets) under an empty tmpfs,
-     mount a size-capped tmpfs on /tmp (also bound on /dev/shm and /var/tmp) holding the
-     scratch directory, and re-expose the interpreter's directories hidden behind private
-     ones (e.g. /root) read-only for the dropped uid;
+  2. namespaces: build a minimal root on a fresh tmpfs and pivot into it (_minimal_root:
+     the system directories and the interpreter read-only, a synthesized /etc, a few
+     devices, a size-capped scratch tmpfs on /tmp, also bound on /dev/shm and /var/tmp; no
+     checkout, task files, home directories or host sockets);
      otherwise (an explicit opt-in) a scratch directory in the host's temp dir;
   3. fork the worker: killed if this process dies, its own session, a private /proc, capped
      SysV shared memory and message queues in its own IPC namespace, no capabilities,
@@ -78,77 +78,105 @@ def _mount(source, target, fstype, flags, data=None):
                      data and data.encode()), 'mount %s' % target)
 
 
-def _read_only_everywhere():
-  """Makes every mount of this namespace read-only (mount_setattr, Linux >= 5.12)."""
+def _read_only_tree(path):
+  """Makes every mount at and below `path` read-only and nosuid (mount_setattr, Linux 5.12+)."""
   attr = _MountAttr(1 | 2, 0, 0, 0)  # MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
   number = {'x86_64': 442, 'aarch64': 442}.get(os.uname().machine)
   if number is None:
     return False
-  return _libc.syscall(number, -100, b'/', 0x8000, ctypes.byref(attr), ctypes.sizeof(attr)) == 0
+  return _libc.syscall(number, -100, path.encode(), 0x8000, ctypes.byref(attr),
+                       ctypes.sizeof(attr)) == 0
 
 
-def _hidden_ancestor(path, uid):
-  """The highest ancestor of `path` that `uid` (not root) may not traverse, or None."""
-  if uid is None:
-    return None
-  parts = os.path.abspath(path).split(os.sep)[1:]
-  for i in range(1, len(parts)):
-    ancestor = os.sep + os.sep.join(parts[:i])
-    if not os.stat(ancestor).st_mode & 0o001:
-      return ancestor
-  return None
+_NEW_ROOT = '/tmp'  # the host's /tmp, covered in this mount namespace by the new root's tmpfs
+_SYSTEM = ('/usr', '/bin', '/sbin', '/lib', '/lib64', '/lib32', '/libx32')
+_ETC = ('ld.so.cache', 'ld.so.conf', 'localtime', 'nsswitch.conf', 'mime.types')
+_DEVICES = ('null', 'zero', 'full', 'random', 'urandom')
+_MNT_DETACH = 2
 
 
-def _expose(paths, uid):
-  """Covers private directories (e.g. /root) with an empty tmpfs, then binds `paths` back."""
-  hidden = {}
-  for path in paths:
-    ancestor = _hidden_ancestor(path, uid)
-    if ancestor and os.path.isdir(path):
-      hidden.setdefault(ancestor, []).append((path, os.open(path, os.O_PATH)))
-  for ancestor, binds in hidden.items():
-    _mount('tmpfs', ancestor, 'tmpfs', _MS_NOSUID | _MS_NODEV, 'size=64k,mode=755')
-    for path, fd in binds:
-      os.makedirs(path, exist_ok=True)
-      _mount('/proc/self/fd/%d' % fd, path, None, _MS_BIND | _MS_REC)
-      os.close(fd)
-  return sorted(p for binds in hidden.values() for p, _ in binds)
+def _minimal_root(request):
+  """Builds the program's whole filesystem on a fresh tmpfs and pivots into it.
 
-
-def _isolated_scratch(request):
-  """The namespace's filesystem: read-only, a capped tmpfs on /tmp; returns (scratch, notes)."""
-  read_only = _read_only_everywhere()
+  Visible, read-only: the system directories (/usr and the /bin, /lib links or folders: the
+  shell and tools of the bash tool, shared libraries), the interpreter's prefix and, with
+  site-packages, the virtualenv; a synthesized /etc (the loader's cache, passwd/group naming
+  the program's uid, localhost); /dev null, zero, full, random, urandom. Writable: the capped
+  scratch tmpfs on /tmp (also /dev/shm and /var/tmp). Nothing else of the host exists here:
+  no checkout, no task or data files, no home directories, no /run, /sys, /etc secrets.
+  Returns (scratch, notes)."""
   uid = request.get('uid')
-  venv = os.path.dirname(os.path.dirname(sys.executable))  # what `sys.executable` runs from
-  home = venv if os.path.isfile(os.path.join(venv, 'pyvenv.cfg')) else os.path.dirname(
-      sys.executable)
-  needed = sorted({sys.base_prefix, sys.prefix, home, _HERE})
-  exposed = _expose(needed, uid)
-  if os.path.isdir('/run'):  # hides the host's unix sockets (e.g. a user's D-Bus session)
-    _mount('tmpfs', '/run', 'tmpfs', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, 'size=16k,mode=755')
-  # The interpreter, a virtualenv or this package may live under /tmp (a checkout there):
-  # bind them back (read-only, as their mounts) over the scratch tmpfs that covers /tmp.
-  under_tmp = [(p, os.open(p, os.O_PATH)) for p in needed
-               if p == '/tmp' or p.startswith('/tmp/')]
-  _mount('tmpfs', '/tmp', 'tmpfs', _MS_NOSUID | _MS_NODEV,
-         'size=%d,nr_inodes=%d,mode=1777' % (request['disk_bytes'], request['disk_inodes']))
-  for path, fd in under_tmp:
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    _mount('/proc/self/fd/%d' % fd, path, None, _MS_BIND | _MS_REC)
+  python = {sys.base_prefix}
+  if request.get('site_packages'):
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    python |= {sys.prefix, venv if os.path.isfile(os.path.join(venv, 'pyvenv.cfg')) else
+               os.path.dirname(sys.executable)}
+  binds, links = [], []
+  for path in sorted(set(_SYSTEM) | python):
+    if path in _SYSTEM and os.path.islink(path):
+      links.append((path, os.readlink(path)))
+    elif os.path.isdir(path) and not any(path.startswith(p + '/') for p in python | set(
+        _SYSTEM) if p != path and not os.path.islink(p)):
+      binds.append((path, os.open(path, os.O_PATH)))  # before anything covers it
+  etc = {}
+  for name in _ETC:
+    try:
+      with open('/etc/' + name, 'rb') as f:
+        etc[name] = f.read(1 << 22)
+    except OSError:
+      pass
+  own = uid if uid is not None else os.getuid()
+  etc['passwd'] = ('root:x:0:0::/:/bin/sh\nsandbox:x:%d:%d::%s:/bin/sh\n' % (
+      own, own, _SCRATCH)).encode()
+  etc['group'] = b'root:x:0:\nsandbox:x:%d:\n' % own
+  etc['hosts'] = b'127.0.0.1 localhost\n::1 localhost\n'
+  devices = [name for name in _DEVICES if os.path.exists('/dev/' + name)]
+  new = _NEW_ROOT
+  _mount('tmpfs', new, 'tmpfs', _MS_NOSUID, 'size=4m,nr_inodes=4096,mode=755')
+  for path, fd in binds:
+    os.makedirs(new + path, mode=0o755, exist_ok=True)
+    _mount('/proc/self/fd/%d' % fd, new + path, None, _MS_BIND | _MS_REC)
     os.close(fd)
-  for target in ('/dev/shm', '/var/tmp'):
-    if os.path.isdir(target):
-      source = '/tmp/.%s' % os.path.basename(target)
-      os.mkdir(source, 0o1777)
-      os.chmod(source, 0o1777)
-      _mount(source, target, None, _MS_BIND)
+  for path, target in links:
+    os.symlink(target, new + path)
+  os.makedirs(new + '/etc', mode=0o755)
+  for name, data in etc.items():
+    with open(os.path.join(new, 'etc', name), 'wb') as f:
+      f.write(data)
+  for folder in ('/dev/shm', '/proc', '/tmp', '/var/tmp'):
+    os.makedirs(new + folder, mode=0o755, exist_ok=True)
+  for name in devices:
+    open(new + '/dev/' + name, 'wb').close()
+    _mount('/dev/' + name, new + '/dev/' + name, None, _MS_BIND)
+  for name, target in (('fd', '/proc/self/fd'), ('stdin', '/proc/self/fd/0'),
+                       ('stdout', '/proc/self/fd/1'), ('stderr', '/proc/self/fd/2')):
+    os.symlink(target, new + '/dev/' + name)
+  # In a user namespace the kernel mounts a fresh proc (the worker's) only where a proc mount
+  # is already visible in the namespace: the host's, covered by the worker's at once.
+  _mount('/proc', new + '/proc', None, _MS_BIND | _MS_REC)
+  read_only = _read_only_tree(new)
+  _mount('tmpfs', new + '/tmp', 'tmpfs', _MS_NOSUID | _MS_NODEV,
+         'size=%d,nr_inodes=%d,mode=1777' % (request['disk_bytes'], request['disk_inodes']))
+  for target in ('/dev/shm', '/var/tmp'):  # on the same capped tmpfs
+    source = new + '/tmp/.' + os.path.basename(target)
+    os.mkdir(source, 0o1777)
+    os.chmod(source, 0o1777)
+    _mount(source, new + target, None, _MS_BIND)
+  os.chdir(new)
+  _check(_libc.syscall(_PIVOT_ROOT[os.uname().machine], b'.', b'.'), 'pivot_root')
+  _check(_libc.umount2(b'.', _MNT_DETACH), 'detach the host root')
+  os.chdir('/')
   os.mkdir(_SCRATCH, 0o700)
-  return _SCRATCH, {'read_only': read_only, 'exposed': exposed}
+  return _SCRATCH, {'read_only': read_only, 'minimal_root': True,
+                    'visible': sorted([p for p, _ in binds] + [p for p, _ in links])}
+
+
+_PIVOT_ROOT = {'x86_64': 155, 'aarch64': 41}
 
 
 def _prepare(request):
   if request['namespaces']:
-    scratch, _ = _isolated_scratch(request)
+    scratch, _ = _minimal_root(request)
   else:
     import tempfile  # pylint: disable=g-import-not-at-top
     scratch = tempfile.mkdtemp(prefix='cwm_sandbox_%d_' % os.getpid(), dir='/tmp')
@@ -373,7 +401,7 @@ def probe(request):
   import json  # pylint: disable=g-import-not-at-top
   uid = request['uid']
   info = {'pid': os.getpid(), 'uid': uid}
-  _, notes = _isolated_scratch({'uid': uid, 'disk_bytes': 1 << 20, 'disk_inodes': 64})
+  _, notes = _minimal_root({'uid': run_uid(uid), 'disk_bytes': 1 << 20, 'disk_inodes': 64})
   info.update(notes)
   pid = os.fork()
   if not pid:
