@@ -21,10 +21,10 @@ PROGRAM_LAYER = 8
 # programs, which live beside their packages) and their shared runner.
 PROGRAMS = {"cwm_jax.cli", "cwm_jax.convert", "cwm_jax.evaluate", "cwm_jax.plan",
             "cwm_jax.predict_trace", "cwm_jax.sample", "cwm_jax.score", "cwm_jax.sweep",
-            "cwm_jax.trace", "cwm_jax.train.__main__", "cwm_jax.data.build"}
+            "cwm_jax.trace", "cwm_jax.train.__main__", "cwm_jax.data.build", "cwm_jax.report"}
 # Imported where used, so that a light process does not pay for them.
 OPTIONAL_HEAVY = ("torch", "transformers", "tensorflow_datasets", "apache_beam", "libtpu",
-                  "wandb",
+                  "wandb", "matplotlib",
                   "tensorboardX", "jax.experimental.pallas",
                   "array_record.beam")  # array_record's Beam sink imports apache_beam
 # Code that runs inside the sandboxed child interpreter imports lazily on purpose: the

@@ -99,3 +99,27 @@ def test_sigkill_in_midtrain_then_rerun_matches(gcs, uninterrupted, tmp_path):
   for stage in STEPS:
     np.testing.assert_allclose(got[stage], ref[stage], rtol=1e-6, err_msg=stage)
   assert os.listdir(tmp_path) == []
+
+
+def test_report_renders_every_stage_from_the_bucket(gcs, uninterrupted, tmp_path):
+  workdir, _, _ = uninterrupted
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  run = subprocess.run([sys.executable, "-m", "cwm_jax.report", workdir], cwd=str(tmp_path),
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.strip() == f"{workdir}/report/index.html"
+  page = storage.read_text(f"{workdir}/report/index.html")
+  for stage in STEPS:
+    assert f"{stage} ({len(LOGGED[stage])} records)" in page
+  for png in ("loss", "lr", "grad_norm", "throughput", "goodput", "memory"):
+    assert f'<img src="{png}.png"' in page
+    assert storage.read_bytes(f"{workdir}/report/{png}.png")[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "interpreter" in page and "def f(n):" in page  # the trace side by side
+  assert "<h2>goodput</h2>" in page
+  from cwm_jax import report
+  plotted = report.series([(s, [json.loads(l) for l in storage.read_text(
+      f"{workdir}/{s}/metrics.jsonl").splitlines()]) for s in STEPS])
+  xs = [x for s in STEPS for x in plotted[s][0]]
+  assert xs == sorted(xs) and len(set(xs)) == len(xs)  # stages laid end to end
+  assert os.listdir(tmp_path) == []

@@ -48,7 +48,8 @@ def sample_trace(config, ckpt_dir: str) -> dict[str, Any]:
                                      max_new_tokens=int(config.schedule.get("sample_tokens", 48)))
   logging.info("sampled trace prediction:\n%s", trace_predict.side_by_side(pred))
   return {"program": _PROGRAM, "call": "f(3)", "text": pred.text,
-          "frames_matched": pred.frames_matched, "real_frames": len(pred.real)}
+          "frames_matched": pred.frames_matched, "real_frames": len(pred.real),
+          "side_by_side": trace_predict.side_by_side(pred)}
 
 
 def after_schedule(config, workdir: str, results: dict) -> dict[str, Any]:
