@@ -90,7 +90,7 @@ def _read_only_tree(path):
 
 _NEW_ROOT = '/tmp'  # the host's /tmp, covered in this mount namespace by the new root's tmpfs
 _SYSTEM = ('/usr', '/bin', '/sbin', '/lib', '/lib64', '/lib32', '/libx32')
-_ETC = ('ld.so.cache', 'ld.so.conf', 'localtime', 'nsswitch.conf', 'mime.types')
+_ETC = ('ld.so.cache', 'ld.so.conf', 'localtime', 'nsswitch.conf')
 _DEVICES = ('null', 'zero', 'full', 'random', 'urandom')
 _MNT_DETACH = 2
 
@@ -151,9 +151,10 @@ def _minimal_root(request):
   for name, target in (('fd', '/proc/self/fd'), ('stdin', '/proc/self/fd/0'),
                        ('stdout', '/proc/self/fd/1'), ('stderr', '/proc/self/fd/2')):
     os.symlink(target, new + '/dev/' + name)
-  # In a user namespace the kernel mounts a fresh proc (the worker's) only where a proc mount
-  # is already visible in the namespace: the host's, covered by the worker's at once.
-  _mount('/proc', new + '/proc', None, _MS_BIND | _MS_REC)
+  if _in_user_namespace():
+    # There the kernel mounts a fresh proc (the worker's) only where a proc mount is already
+    # visible in the namespace: the host's (without its submounts), covered by the worker's.
+    _mount('/proc', new + '/proc', None, _MS_BIND)
   read_only = _read_only_tree(new)
   _mount('tmpfs', new + '/tmp', 'tmpfs', _MS_NOSUID | _MS_NODEV,
          'size=%d,nr_inodes=%d,mode=1777' % (request['disk_bytes'], request['disk_inodes']))
@@ -172,6 +173,11 @@ def _minimal_root(request):
 
 
 _PIVOT_ROOT = {'x86_64': 155, 'aarch64': 41}
+
+
+def _in_user_namespace():
+  with open('/proc/self/uid_map') as f:
+    return f.read().split() != ['0', '0', '4294967295']
 
 
 def _prepare(request):
@@ -236,8 +242,8 @@ def limit_ipc(shm_bytes):
   """Caps SysV shared memory and message queues of this (fresh, per-run) IPC namespace: they
   live outside any process's address space, so RLIMIT_AS does not count them."""
   page = os.sysconf('SC_PAGE_SIZE')
-  for name, value in (('shmmax', shm_bytes), ('shmall', max(shm_bytes // page, 1)),
-                      ('shmmni', 16), ('msgmni', 16), ('msgmnb', 16384)):
+  # shmall bounds all segments together; msgmni the queues (each holds msgmnb, 16 KiB).
+  for name, value in (('shmall', max(shm_bytes // page, 1)), ('msgmni', 16)):
     with open('/proc/sys/kernel/' + name, 'w') as f:
       f.write(str(value))
 
