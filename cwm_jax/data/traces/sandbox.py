@@ -1,11 +1,12 @@
 """Runs untrusted Python in an isolated child process with time, memory, output and disk limits.
 
-Caller side. Each run starts `child.py` (the supervisor) in fresh PID, mount and network
-namespaces where the kernel allows (isolation.py; otherwise the run is refused unless
+Caller side. Each run starts `child.py` (the supervisor) in fresh PID, mount, network and
+IPC namespaces where the kernel allows (isolation.py; otherwise the run is refused unless
 `Limits.allow_no_isolation`): the program cannot see or signal the caller, every process it
-starts dies with the run, the filesystem is read-only except a size-capped tmpfs scratch that
-vanishes with the namespace, and a root caller's program runs as uid 65534 without
-capabilities. The supervisor gets its request over a private socket that is also its lifeline
+starts dies with the run, its filesystem is a minimal read-only root (system directories and
+the interpreter) plus a size-capped tmpfs scratch that vanishes with the namespace, a seccomp
+filter denies new namespaces, mounts and memfd, and a root caller's program runs as a uid of
+its own without capabilities (docs/security.md). The supervisor gets its request over a private socket that is also its lifeline
 (the run ends when the caller dies) and reports the program's wait status on it; records
 (traces, test verdicts) come over a pipe, tagged with a per-run nonce (channel.py). Hitting a
 limit gives a status, never an exception in the caller.
@@ -54,7 +55,7 @@ class Limits:
   file_bytes: int = 64 << 20  # largest file the program may write
   disk_bytes: int = 128 << 20  # all files the program may write (the scratch tmpfs)
   disk_inodes: int = 4096  # files and directories in the scratch tmpfs
-  max_processes: int = 256  # processes of the program's uid (with namespaces or the uid drop)
+  max_processes: int = 256  # processes of the program's uid, which is the run's own
   max_events: int = 10_000  # traces with more line events are dropped ('too_long')
   max_trace_bytes: int = 1_000_000  # formatted trace text; larger ones are dropped
   max_value_chars: int = 1000  # longer value encodings are truncated
