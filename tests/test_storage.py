@@ -134,17 +134,22 @@ def test_publish_dir_failure_leaves_nothing_at_dst(root):
   assert not os.path.exists(stage)
 
 
-def test_an_interrupted_upload_leaves_no_marker(gcs, monkeypatch):
-  dst = _bucket(gcs) + '/corpus'
+def _fail_after_one_copy(monkeypatch):
+  """The network goes away after the first file of an upload."""
   copy, done = storage.copy_file, []
 
-  def fail_second(src, d):
+  def fail_after_one(src, dst):
     if done:
       raise ConnectionError('network gone')
-    copy(src, d)
-    done.append(d)
+    copy(src, dst)
+    done.append(dst)
 
-  monkeypatch.setattr(storage, 'copy_file', fail_second)
+  monkeypatch.setattr(storage, 'copy_file', fail_after_one)
+
+
+def test_an_interrupted_upload_leaves_no_marker(gcs, monkeypatch):
+  dst = _bucket(gcs) + '/corpus'
+  _fail_after_one_copy(monkeypatch)
   with pytest.raises(ConnectionError):
     with storage.publish_dir(dst, marker='DONE') as stage:
       for name in ('a.bin', 'b.bin', 'DONE'):  # the marker sorts first, and is still last
@@ -308,15 +313,8 @@ def test_an_interrupted_build_leaves_no_manifest_in_the_bucket(gcs, cache, monke
   assert gcs.objects(_bucket_name(bucket)) == []  # the build was staged locally
   monkeypatch.setattr(corpora, 'corpus_records', records)
   # Killed during the upload: the shards may be there, the manifest is not.
-  copy, done = storage.copy_file, []
-
-  def fail_after_one(src, dst):
-    if done:
-      raise ConnectionError('network gone')
-    copy(src, dst)
-    done.append(dst)
-
-  monkeypatch.setattr(storage, 'copy_file', fail_after_one)
+  copy = storage.copy_file
+  _fail_after_one_copy(monkeypatch)
   with pytest.raises(ConnectionError):
     corpus_build.ensure_corpus('code', out, limit=3)
   assert gcs.objects(_bucket_name(bucket)) == ['data/code/code-00000-of-00001.array_record']
