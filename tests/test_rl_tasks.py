@@ -272,3 +272,15 @@ def test_a_trace_completion_keeps_its_end_marker_for_the_verifier():
   assert task.verify(text).passed  # ... and still reaches the verifier
   chat = TOK.encode("Answer: 4") + [TOK.special_id("<|eot_id|>")]
   assert rollout.completion_text(TOK.decode, chat, TOK.stop_ids) == "Answer: 4"
+
+
+def test_code_tasks_whose_tests_cannot_be_judged_outside_the_program_are_bad_at_load():
+  """A test form the caller cannot evaluate on values read back from the sandbox (here a
+  try block) would be decided inside the program's process: the task is refused."""
+  record = {"id": "c9", "kind": "code", "prompt": "Write add.",
+            "tests": "try:\n  assert add(1, 2) == 3\nexcept Exception:\n  pass\n"}
+  with pytest.raises(datasets.BadTask) as e:
+    datasets.task_from_record(record, TOK)
+  assert e.value.reason == "bad_tests"
+  ok = dict(record, tests="assert add(1, 2) == 3")
+  assert datasets.task_from_record(ok, TOK).verify("def add(a, b):\n  return a + b").passed

@@ -116,7 +116,12 @@ def task_from_record(record: Any, tokenizer, limits: Limits = rewards.DEFAULT_LI
     return _trace_task(record, tokenizer, limits)
   prompt, name = _prompt_ids(record, tokenizer), str(record["id"])
   if kind == "code":
-    verify = functools.partial(rewards.code_reward, tests=_text(record, "tests"), limits=limits)
+    tests = _text(record, "tests")
+    try:
+      rewards.check_tests(tests)  # judged outside the program, or never scored
+    except ValueError as e:
+      raise BadTask("bad_tests", str(e)) from None
+    verify = functools.partial(rewards.code_reward, tests=tests, limits=limits)
     return Task(name, kind, prompt, verify, _reference(record, tokenizer))
   verify = functools.partial(rewards.exact_answer_reward, answer=_text(record, "answer"))
   tools = record.get("tools", ["python"]) if kind == "agentic" else []
