@@ -12,8 +12,9 @@
 token, bytes). `--config` compiles the stage's real step ahead of time and
 prints per-device memory (GiB) and step time: with `--topology` (a Cloud TPU
 accelerator type such as v5p-512 / v6e-256, or a topology such as v5p:4x8x8)
-for that TPU slice with libtpu's compiler, else on `--devices` simulated host
-devices. An RL stage also compiles the sampler's prefill, decode and extend steps
+for that TPU slice with libtpu's compiler (with `estimated_step_seconds`,
+`estimated_mfu` and `estimated_seconds_by_kind` from the TPU compiler's cost
+model, `cwm_jax.train.cost_model`), else on `--devices` simulated host devices. An RL stage also compiles the sampler's prefill, decode and extend steps
 (`"sampler"`), each counted with the train state that stays resident beside it
 (the optimizer state; all of it with async rollouts). Exit 2 when a program
 does not fit the chip's HBM (or `--hbm_gb`).
@@ -45,6 +46,9 @@ _DEVICES = flags.DEFINE_integer("devices", None, "Simulated host devices (defaul
 _MESH = flags.DEFINE_string("mesh", None, "Mesh override, e.g. data=8,fsdp=8.")
 _HBM_GB = flags.DEFINE_float("hbm_gb", None, "Memory per device in GiB (default with --topology: "
                              "the chip's HBM); exit 2 if a program does not fit.")
+_ESTIMATE = flags.DEFINE_boolean("estimate", True, "TPU plans: also compile the step unrolled at "
+                                 "two depths for the TPU cost model's estimated step seconds and "
+                                 "MFU (--noestimate skips those compiles).")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Host plans: peak bf16 TFLOP/s per device "
                            "(H100 SXM: 989).")
 
@@ -101,7 +105,7 @@ def main(argv):
                                      _step_builders())
     elif _TOPOLOGY.value:
       result = planning.tpu_plan(configs, _TOPOLOGY.value, _SLICES.value, _MESH.value,
-                                 _HBM_GB.value, _step_builders())
+                                 _HBM_GB.value, _step_builders(), _ESTIMATE.value)
     else:
       n = _DEVICES.value or planning.devices_needed(configs, _MESH.value)
       planning.ensure_host_devices(n, sys.argv)

@@ -79,6 +79,10 @@ def test_tiny_tpu_plan_exits_2_when_it_does_not_fit():
   assert "does not fit 0.001 GiB per device of 1 x v5p:2x2x1" in out.stderr
   assert plan["step_seconds_at_50pct_mfu"] == pytest.approx(
       2 * plan["flops_per_step"] / (4 * 459e12))
+  # The TPU cost model's estimate, with the splash kernels costed (never zero).
+  assert plan["estimated_mfu"] == pytest.approx(
+      plan["flops_per_step"] / (4 * 459e12 * plan["estimated_step_seconds"]))
+  assert plan["estimated_seconds_by_kind"]["attention_kernels"] > 0
 
 
 def test_a_step_libtpu_refuses_for_lack_of_hbm_is_reported_as_not_fitting():
@@ -101,7 +105,8 @@ def test_local_window_memory_grows_linearly_in_sequence_length():
     c = _small(t, windows=(1024, 1024))
     c.model.overrides.update(dict(dim=256, n_heads=2, n_kv_heads=1, head_dim=128, ffn_dim=512))
     c.loss.chunk = 1024
-    temps[t] = planning.tpu_plan([("train", c)], "v5p:2x2x1")["temp_gb_per_device"]
+    temps[t] = planning.tpu_plan([("train", c)], "v5p:2x2x1",
+                                 estimate=False)["temp_gb_per_device"]
   exponent = math.log(temps[65536] / temps[8192]) / math.log(8)
   assert 0.8 < exponent <= 1.1, temps
 
@@ -126,7 +131,8 @@ def test_rl_stage_plans_the_rl_update_step():
   from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
   from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
   configs = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
-  plan = planning.tpu_plan(configs, "v5p-8", step_builders={"rl": rl_step_builder})["stages"]["rl"]
+  plan = planning.tpu_plan(configs, "v5p-8", step_builders={"rl": rl_step_builder},
+                           estimate=False)["stages"]["rl"]
   assert plan["step"] == "rl_update" and plan["fits"] and plan["device_kind"] == "TPU v5"
   # The train state (params + AdamW mu, nu) is an argument of the compiled RL step.
   assert plan["argument_gb_per_device"] >= 12 * plan["params"] / plan["devices"] / 2 ** 30
@@ -136,7 +142,7 @@ def test_rl_stage_plans_the_sampler_steps_for_v5p():
   """The sampler's prefill and decode compiled by libtpu for 4 v5p chips (tile-aligned
   dims, so the cache argument is unpadded): split over the rows, and over the HBM given."""
   plan = check_sampler_plan(lambda configs, hbm_gb, builders: planning.tpu_plan(
-      configs, "v5p-8", hbm_gb=hbm_gb, step_builders=builders))
+      configs, "v5p-8", hbm_gb=hbm_gb, step_builders=builders, estimate=False))
   assert plan["device_kind"] == "TPU v5" and plan["chips"] == 4
 
 

@@ -16,7 +16,8 @@ Two targets:
 
 Memory is reported in GiB per device; FLOPs per step come from
 `cwm_jax.train.flops` (the compiler counts a scan body once); step time is
-FLOPs over the devices' bf16 peak at 100% and 50% MFU.
+FLOPs over the devices' bf16 peak at 100% and 50% MFU, and, for TPU plans, the
+TPU compiler's own estimate (`cost_model`: estimated step seconds and MFU).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from cwm_jax import kernels
 from cwm_jax.base import ConfigError
 from cwm_jax.model import abstract_model
 from cwm_jax.parallel import mesh as mesh_lib
-from cwm_jax.train import flops, state as state_lib, step as step_lib, topology
+from cwm_jax.train import cost_model, flops, state as state_lib, step as step_lib, topology
 from cwm_jax.train.config import execution_config, model_config, validate
 from cwm_jax.train.lm import step_parts
 
@@ -217,19 +218,22 @@ def _compile(program: Program, mesh: Mesh) -> tuple[Any, dict]:
 
 
 def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
-             step_builders: dict[str, StepBuilder] | None = None) -> dict:
+             step_builders: dict[str, StepBuilder] | None = None, estimate: bool = False) -> dict:
   """Compiles one training config's programs on `mesh` and measures them: the builder
   of the stage's trainer from `step_builders` ({'rl': ...}), else the LM train step.
 
   The step's figures are top-level fields; a builder's further programs are under their
   group's key ({'sampler': {'prefill': {...}, 'decode': {...}}}); `peak_gb_per_device`
   is the largest total with resident arrays over all of them (`peak_program`).
+  `estimate` adds the TPU cost model's step time and MFU (`cost_model.estimate`: two
+  more compiles of the step, unrolled) when the step compiled.
   """
   trainer = config.get("stage", {}).get("trainer", "lm")
   cfg = model_config(config)
   run = execution_config(config)
   sizes = validate(config, cfg, mesh.size, 1)
-  steps = (step_builders or {}).get(trainer, lm_step)(config, cfg, mesh)
+  build = (step_builders or {}).get(trainer, lm_step)
+  steps = build(config, cfg, mesh)
   compiled, mem = _compile(steps.step, mesh)
   state = steps.step.args[0]
   tokens = config.batch_size * config.seq_len
@@ -257,6 +261,12 @@ def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
       "stage_steps": stage_steps, "days_at_50pct_mfu": stage_steps * 2 * t100 / 86400,
       "compile_seconds": mem["compile_seconds"],
   }
+  if estimate and compiled is not None:
+    t0 = time.perf_counter()
+    plan.update(cost_model.estimate(config, mesh, build, peak_tflops_per_device, step_flops,
+                                    plan["attention_impl"]))
+    plan["days_at_estimated_mfu"] = stage_steps * plan["estimated_step_seconds"] / 86400
+    plan["estimate_compile_seconds"] = round(time.perf_counter() - t0, 2)
   peaks = {step_name: mem["total_with_resident_gb_per_device"]}
   for group, programs in steps.extra.items():
     plan[group] = {}
@@ -288,13 +298,14 @@ def _figures(name: str, p: dict) -> str:
 
 
 def _plan_stages(configs, make_mesh, peak: float, hbm_gb: float | None, mesh_text: str | None,
-                 step_builders: dict[str, StepBuilder] | None, where: str, extra: dict | None = None) -> dict:
+                 step_builders: dict[str, StepBuilder] | None, where: str, extra: dict | None = None,
+                 estimate: bool = False) -> dict:
   plans = {}
   for name, c in configs:
     c = c.copy_and_resolve_references()
     c.mesh.update(parse_mesh(mesh_text))
     try:
-      plans[name] = plan_one(c, make_mesh(c), peak, step_builders)
+      plans[name] = plan_one(c, make_mesh(c), peak, step_builders, estimate)
     except ConfigError as e:
       raise ConfigError(f"{name}: {e}") from e
     plans[name].update(extra or {})
@@ -328,8 +339,12 @@ def host_plan(configs: list[tuple[str, Any]], n_devices: int, mesh_text: str | N
 
 
 def tpu_plan(configs: list[tuple[str, Any]], slice_name: str, num_slices: int = 1, mesh_text: str | None = None,
-             hbm_gb: float | None = None, step_builders: dict[str, StepBuilder] | None = None) -> dict:
+             hbm_gb: float | None = None, step_builders: dict[str, StepBuilder] | None = None,
+             estimate: bool = True) -> dict:
   """Plans each (name, training config) for a TPU slice (type or topology) with libtpu.
+
+  With `estimate`, each compiled step also gets the TPU cost model's estimated step
+  seconds and MFU (`cost_model.estimate`), the compiler's own timing of its program.
 
   Fits when the largest compiled program's total per device, with its resident
   arrays, is within the chip's HBM (or `hbm_gb`); otherwise NotFitting naming the
@@ -346,4 +361,4 @@ def tpu_plan(configs: list[tuple[str, Any]], slice_name: str, num_slices: int = 
                peak_tflops_per_chip=spec.chip.peak_tflops)
   return _plan_stages(configs, lambda c: slice_mesh(dict(c.mesh), devs, num_slices),
                       spec.chip.peak_tflops / per_chip, limit, mesh_text, step_builders,
-                      f"{num_slices} x {spec.topology}", extra)
+                      f"{num_slices} x {spec.topology}", extra, estimate)
