@@ -89,8 +89,8 @@ def test_preemption_saves_one_step_everywhere_and_relaunch_matches(gcs, referenc
   assert f"resuming from {workdir}/checkpoints step {preempted_at}" in run.stderr
   np.testing.assert_allclose(_losses(gcs, workdir), reference, rtol=1e-5)
   assert os.listdir(tmp_path) == []  # nothing local: no 'gs:' folder, no stray files
-  assert {o.split("/")[1] for o in gcs.objects("rehearsal-term")} == {"checkpoints",
-                                                                      "metrics.jsonl"}
+  assert {o.split("/")[1] for o in gcs.objects("rehearsal-term")} == {
+      "checkpoints", "metrics.jsonl", "goodput.json"}
 
 
 def _losses_upto(workdir: str) -> int:

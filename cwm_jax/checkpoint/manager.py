@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 import traceback
 from typing import Any
@@ -68,6 +69,19 @@ class _RestoreNoise(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_RestoreNoise())
+_UNRAISABLE = sys.unraisablehook
+
+
+def _quiet_closed_loop(unraisable) -> None:
+  """orbax's restore threads may still post to the event loop of a restore that failed
+  and closed it; Python reports that as an ignored exception with a traceback."""
+  e = unraisable.exc_value
+  if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+    return
+  _UNRAISABLE(unraisable)
+
+
+sys.unraisablehook = _quiet_closed_loop
 
 COMMIT_FILE = "commit_success.txt"  # orbax writes it when a step's save has committed
 
