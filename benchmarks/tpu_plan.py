@@ -1,7 +1,8 @@
 """The 32B recipe compiled for real TPU slices: every stage on each slice, with libtpu.
 
   python benchmarks/tpu_plan.py [--stages pretrain,midtrain,sft,rl] \
-      [--slices v5p-512,v6e-256] [--out /tmp/tpu_plans]
+      [--slices v5p-512,v6e-256] [--out /tmp/tpu_plans] [--noestimate]
+  python benchmarks/tpu_plan.py --from_dir /tmp/tpu_plans   # summarize kept plans
 
 For each (stage, slice) runs `python -m cwm_jax.plan --config
 configs/cwm_32b.py:stage=STAGE,slice=SLICE --topology SLICE` in a fresh
@@ -9,7 +10,10 @@ process (one at a time: a 32B compile takes minutes and GBs of host memory),
 keeps the plan JSON and the compile time, and prints one JSON object:
 {"STAGE@SLICE": {mesh, grad_accum, tokens_per_step, per-device GiB, fits,
 step seconds at 50% MFU, days for the stage's token budget at 50% MFU,
-compile_seconds, wall_seconds}}. `--out` also keeps each raw plan.
+the TPU cost model's estimated step seconds, MFU, breakdown by kind and days
+(`cwm_jax.train.cost_model`), compile_seconds, wall_seconds}}. `--out` also
+keeps each raw plan as STAGE@SLICE.json; `--from_dir` prints the same summary
+from such kept plans without compiling again.
 """
 
 import argparse
@@ -23,13 +27,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("device_kind", "chips", "mesh", "grad_accum", "batch_size", "seq_len", "tokens_per_step",
         "step", "attention_impl", "argument_gb_per_device", "temp_gb_per_device",
         "total_gb_per_device", "hbm_gb", "fits", "flops_per_step", "step_seconds_at_50pct_mfu",
-        "stage_steps", "days_at_50pct_mfu", "compile_seconds")
+        "stage_steps", "days_at_50pct_mfu", "estimated_step_seconds", "estimated_mfu",
+        "estimated_seconds_by_kind", "days_at_estimated_mfu", "estimate_method",
+        "kernel_efficiency", "remat", "compile_seconds", "estimate_compile_seconds")
 
 
-def plan(stage: str, slice_name: str, out_dir: str | None) -> dict:
+def summarize(stage: str, text: str) -> dict | None:
+  """The KEYS of one stage's plan in a `cwm_jax.plan` JSON output, or None."""
+  try:
+    p = json.loads(text)["stages"][stage]
+  except (ValueError, KeyError):
+    return None
+  return {k: p.get(k) for k in KEYS}
+
+
+def plan(stage: str, slice_name: str, out_dir: str | None, estimate: bool = True) -> dict:
   """One compiled plan (its JSON plus wall time), or the error."""
   cmd = [sys.executable, "-m", "cwm_jax.plan", "--config",
-         f"configs/cwm_32b.py:stage={stage},slice={slice_name}", "--topology", slice_name]
+         f"configs/cwm_32b.py:stage={stage},slice={slice_name}", "--topology", slice_name,
+         "--estimate" if estimate else "--noestimate"]
   t0 = time.perf_counter()
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -37,12 +53,10 @@ def plan(stage: str, slice_name: str, out_dir: str | None) -> dict:
   if out_dir:
     with open(os.path.join(out_dir, f"{stage}@{slice_name}.json"), "w") as f:
       f.write(out.stdout)
-  try:
-    p = json.loads(out.stdout)["stages"][stage]
-  except (ValueError, KeyError):
+  row = summarize(stage, out.stdout)
+  if row is None:
     return {"error": out.stderr.strip().splitlines()[-1:], "exit_code": out.returncode,
             "wall_seconds": wall}
-  row = {k: p.get(k) for k in KEYS}
   row.update(exit_code=out.returncode, wall_seconds=wall)
   return row
 
@@ -52,10 +66,22 @@ def main():
   ap.add_argument("--stages", default="pretrain,midtrain,sft,rl")
   ap.add_argument("--slices", default="v5p-512,v6e-256")
   ap.add_argument("--out", default=None, help="directory for the raw plan JSON of each run")
+  ap.add_argument("--noestimate", action="store_true",
+                  help="skip the cost-model estimate (two more compiles per stage)")
+  ap.add_argument("--from_dir", default=None,
+                  help="summarize the STAGE@SLICE.json plans kept there by --out instead")
   args = ap.parse_args()
+  if args.from_dir:
+    result = {}
+    for name in sorted(os.listdir(args.from_dir)):
+      if name.endswith(".json") and "@" in name:
+        with open(os.path.join(args.from_dir, name)) as f:
+          result[name[:-5]] = summarize(name.split("@")[0], f.read())
+    print(json.dumps(result, indent=1))
+    return
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-  result = {f"{st}@{sl}": plan(st, sl, args.out)
+  result = {f"{st}@{sl}": plan(st, sl, args.out, not args.noestimate)
             for st in args.stages.split(",") for sl in args.slices.split(",")}
   print(json.dumps(result, indent=1))
 

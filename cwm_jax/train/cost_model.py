@@ -18,8 +18,10 @@ Pallas kernels (splash attention) out. So the estimate is built from pieces:
 * Attention kernels, derived: splash's FLOPs from its block-sparse schedule
   (every (q-block, kv-block) tile the mask touches, as the kernel computes
   them), on the busiest sequence shard, forward + backward (separate dq and
-  dkv kernels, each recomputing the scores) + the forward again under remat,
-  at `KERNEL_EFFICIENCY` of the chip's bf16 peak.
+  dkv kernels, each recomputing the scores) + the forward again under any remat
+  policy but 'none' (assumed: the kernel's residuals are not named, so even
+  'save_attention_out' reruns it to rebuild them), at `KERNEL_EFFICIENCY` of the
+  chip's bf16 peak.
 
 `estimated_seconds_by_kind`: `matmul` is the cost model's FLOPs (measured) at
 peak; `attention_kernels` the derived kernel time; `other` the cost model's
