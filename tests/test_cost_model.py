@@ -75,6 +75,23 @@ def test_window_period_and_tiles():
   assert cost_model.tiles_touched(512, 1024, 1024, 512, 512, 512) == 2
 
 
+def test_kernel_flops_follow_the_busiest_sequence_shard():
+  """Causal work is uneven over sequence shards: the last shard's queries see every key,
+  so two shards cost more per device than half of one device's work."""
+  c = _config()
+  c.model.overrides.update(dict(layer_windows=[2048] * 4, global_window=2048, max_seq_len=2048))
+  cfg = planning.model_config(c)
+  one = cost_model.kernel_flops_per_device(cfg, 2048, 8, {"fsdp": 4}, remat=True)
+  two = cost_model.kernel_flops_per_device(cfg, 2048, 8, {"fsdp": 2, "sequence": 2}, remat=True)
+  # 512-tiles: the last shard computes 7 over 2 devices' rows; unsplit, 10 over 4.
+  assert two / one == pytest.approx((7 / 2) / (10 / 4))
+  # Full remat reruns the forward kernel: 11 matmuls per tile pair instead of 9.
+  assert one / cost_model.kernel_flops_per_device(cfg, 2048, 8, {"fsdp": 4}, remat=False) == (
+      pytest.approx(11 / 9))
+  with pytest.raises(ConfigError, match="sequence axis"):
+    cost_model.kernel_flops_per_device(cfg, 2048, 8, {"sequence": 3}, remat=True)
+
+
 def test_extrapolated_estimate_matches_a_full_unrolled_compile(small):
   """Layers 1 and 2 extrapolated to 4 against all 4 compiled unrolled.
 

@@ -75,9 +75,12 @@ def kernel_flops_per_device(cfg, seq_len: int, batch: int, mesh_sizes: dict, rem
   window, sized by the busiest sequence shard (each shard's queries against all earlier
   keys: causal work is uneven over shards and the slowest one sets the step)."""
   shards = int(mesh_sizes.get("sequence", 1))
+  if seq_len % shards:
+    raise ConfigError(f"seq_len={seq_len} is not a multiple of the sequence axis ({shards})")
   t = seq_len // shards
-  bq = splash.fit_block(t, splash.MAX_BLOCK, splash.MIN_BLOCK)
-  bkv = splash.fit_block(seq_len, splash.MAX_BLOCK, splash.MIN_BLOCK)
+  pad = splash.MIN_BLOCK  # the kernel runs on lengths padded to its smallest tile
+  bq = splash.fit_block(-(-t // pad) * pad, splash.MAX_BLOCK, pad)
+  bkv = splash.fit_block(-(-seq_len // pad) * pad, splash.MAX_BLOCK, pad)
   matmuls = BWD_MATMULS + FWD_MATMULS * (2 if remat else 1)
   per_head_seq = 0.0
   for w in cfg.effective_windows(seq_len):
