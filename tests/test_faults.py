@@ -234,3 +234,37 @@ def test_evaluation_never_reports_a_metric_over_nothing():
   assert m["tokens_empty"] == 0 and math.isnan(m["ppl_empty"])  # no assistant token
   assert evaluation.unscored(m) == ["nll_empty", "ppl_empty", "trace_nll",
                                     "trace_token_accuracy"]
+
+
+def test_cli_fallback_past_a_truncated_checkpoint_is_one_warning_line(reference, tmp_path):
+  """The program, not the library: resuming past a checkpoint whose array data files were
+  truncated prints one warning line about it and no traceback, then finishes (exit 0)."""
+  from test_train_loop import FLAGS as TRAIN_FLAGS, _env
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  _truncate_state(os.path.join(workdir, "checkpoints", "5"))
+  run = subprocess.run(
+      [sys.executable, "-m", "cwm_jax.train", "--config", os.path.join(ROOT, "configs/smoke.py"),
+       "--workdir", workdir, *TRAIN_FLAGS, "--config.checkpoint_every=1",
+       "--config.checkpoint.max_to_keep=10", "--config.checkpoint.async_save=False",
+       "--config.mesh.fsdp=1", "--config.compiler_options.xla_backend_optimization_level=0"],
+      cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  warned = [l for l in run.stderr.splitlines() if "is corrupt or incomplete" in l]
+  assert len(warned) == 1 and "trying the previous checkpoint" in warned[0], run.stderr[-3000:]
+  assert "Traceback" not in run.stderr and "Event loop is closed" not in run.stderr
+  assert "resuming from" in run.stderr and "step 4" in run.stderr
+
+
+def test_asyncio_reports_of_failed_orbax_restores_are_dropped_and_others_kept():
+  """After a restore fails on a corrupt checkpoint, asyncio reports orbax's abandoned tasks
+  when they are collected (often at exit, so no run can be asserted on): those reports are
+  dropped, any other asyncio error is kept."""
+  import logging  # pylint: disable=g-import-not-at-top
+  noise = manager._RestoreNoise()  # pylint: disable=protected-access
+  record = lambda msg: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+  assert not noise.filter(record(
+      "Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize() "
+      "defined at .../orbax/checkpoint/_src/serialization/serialization.py:394>>"))
+  assert noise.filter(record("Task exception was never retrieved\nfuture: <Task coro=<mine()>>"))
+  assert noise.filter(record("orbax: something else went wrong"))
