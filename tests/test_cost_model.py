@@ -125,6 +125,17 @@ def test_small_sharded_step_keeps_its_estimated_mfu_floor(small):
       f"({FLOOR_FILE}); breakdown {kinds}")
 
 
+def test_a_cost_model_that_does_not_grow_with_depth_gives_no_estimate(monkeypatch):
+  """Extrapolating a shrinking time would print a negative step; it is reported instead."""
+  seconds = iter([2e-3, 1e-3])
+  monkeypatch.setattr(cost_model, "compile_cost",
+                      lambda *a: {"optimal_seconds": next(seconds), "flops": 1.0})
+  c = _config()
+  est = cost_model.estimate(c, None, planning.lm_step, 459.0, 1.0, "splash", layers=1)
+  assert "estimated_mfu" not in est and "does not grow" in est["estimate_error"]
+  assert est["estimate_points"] == {1: 2e-3, 2: 1e-3}
+
+
 def test_bad_accumulation_is_a_config_error(small):
   c, mesh, _ = small
   c = c.copy_and_resolve_references()

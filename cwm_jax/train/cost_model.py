@@ -123,6 +123,7 @@ def estimate(config, mesh, build: Callable, peak_tflops_per_device: float,
   is the step's model FLOPs (the MFU numerator); `attention_impl` the resolved
   backend (only 'splash' runs uncosted kernels). `layers` forces the depth of the
   smaller compile (the larger is twice it); default: the window pattern's period.
+  A cost model whose time does not grow with depth gives `estimate_error` instead.
   """
   if config.batch_size % config.grad_accum:
     raise ConfigError(f"batch_size={config.batch_size} is not a multiple of "
@@ -136,6 +137,13 @@ def estimate(config, mesh, build: Callable, peak_tflops_per_device: float,
   if 2 * p <= cfg.n_layers:  # two depths, extrapolated linearly in layers
     lo = compile_cost(_variant(config, p, windows), mesh, build)
     hi = compile_cost(_variant(config, 2 * p, windows), mesh, build)
+    points = {p: float(lo.get("optimal_seconds", 0.0)), 2 * p: float(hi.get("optimal_seconds", 0.0))}
+    if not 0 < points[p] < points[2 * p]:
+      # More layers must cost more; a cost model that says otherwise gives no estimate,
+      # reported rather than extrapolated into a negative time.
+      return {"estimate_error": f"cost model optimal_seconds by unrolled layers {points} does "
+                                "not grow with depth: no estimate",
+              "estimate_points": points}
     scale = (cfg.n_layers - p) / p
     xla = {k: float(lo.get(k, 0.0)) + (float(hi.get(k, 0.0)) - float(lo.get(k, 0.0))) * scale
            for k in ("optimal_seconds", "flops", "bytes accessed")}
@@ -144,6 +152,8 @@ def estimate(config, mesh, build: Callable, peak_tflops_per_device: float,
     full = compile_cost(_variant(config, cfg.n_layers, windows), mesh, build)
     xla = {k: float(full.get(k, 0.0)) for k in ("optimal_seconds", "flops", "bytes accessed")}
     method = f"unrolled {cfg.n_layers} layers (full depth)"
+  if not xla["optimal_seconds"] > 0:
+    return {"estimate_error": f"cost model optimal_seconds {xla['optimal_seconds']}: no estimate"}
   accum = config.grad_accum
   micro = config.batch_size // accum
   run = execution_config(config)

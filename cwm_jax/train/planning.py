@@ -265,7 +265,8 @@ def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
     t0 = time.perf_counter()
     plan.update(cost_model.estimate(config, mesh, build, peak_tflops_per_device, step_flops,
                                     plan["attention_impl"]))
-    plan["days_at_estimated_mfu"] = stage_steps * plan["estimated_step_seconds"] / 86400
+    if "estimated_step_seconds" in plan:
+      plan["days_at_estimated_mfu"] = stage_steps * plan["estimated_step_seconds"] / 86400
     plan["estimate_compile_seconds"] = round(time.perf_counter() - t0, 2)
   peaks = {step_name: mem["total_with_resident_gb_per_device"]}
   for group, programs in steps.extra.items():
