@@ -137,7 +137,7 @@ def estimate(config, mesh, build: Callable, peak_tflops_per_device: float,
   if 2 * p <= cfg.n_layers:  # two depths, extrapolated linearly in layers
     lo = compile_cost(_variant(config, p, windows), mesh, build)
     hi = compile_cost(_variant(config, 2 * p, windows), mesh, build)
-    points = {p: float(lo.get("optimal_seconds", 0.0)), 2 * p: float(hi.get("optimal_seconds", 0.0))}
+    points = {n: float(c.get("optimal_seconds", 0.0)) for n, c in ((p, lo), (2 * p, hi))}
     if not 0 < points[p] < points[2 * p]:
       # More layers must cost more; a cost model that says otherwise gives no estimate,
       # reported rather than extrapolated into a negative time.
