@@ -15,7 +15,8 @@ accelerator type such as v5p-512 / v6e-256, or a topology such as v5p:4x8x8)
 for that TPU slice with libtpu's compiler (with `estimated_step_seconds`,
 `estimated_mfu` and `estimated_seconds_by_kind` from the TPU compiler's cost
 model, `cwm_jax.train.cost_model`), else on `--devices` simulated host devices.
-An RL stage also compiles the sampler's prefill, decode and extend steps (`"sampler"`), each counted with the train state that stays resident beside it
+An RL stage also compiles the sampler's prefill, decode and extend steps
+(`"sampler"`), each counted with the train state that stays resident beside it
 (the optimizer state; all of it with async rollouts). Exit 2 when a program
 does not fit the chip's HBM (or `--hbm_gb`).
 """
