@@ -21,7 +21,7 @@ from cwm_jax.base import ConfigError
 from cwm_jax.cli import run_main
 
 FLAGS = flags.FLAGS
-_OUT = flags.DEFINE_string("out", "", "Where to write the page (default: WORKDIR/report).")
+_OUT = flags.DEFINE_string("report_dir", "", "Where to write the page (default: WORKDIR/report).")
 
 # Plotted series: (file name, title, record keys, y scale).
 PLOTS = (

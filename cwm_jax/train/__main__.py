@@ -57,7 +57,7 @@ def main(argv, hooks=()):
   errors = check_values(_CONFIG.value)  # every field, before anything is built or created
   if errors:
     raise ConfigError("invalid training config: " + "; ".join(errors))
-  if storage.isfile(_WORKDIR.value):
+  if not storage.is_url(_WORKDIR.value) and storage.isfile(_WORKDIR.value):
     raise ConfigError(f"--workdir {_WORKDIR.value!r} is a file; pass a directory (new or a "
                       "run's)")
   storage.check_writable(_WORKDIR.value)

@@ -257,7 +257,8 @@ class _Preemption:
 def check_workdir(config, workdir: str) -> None:
   """A workdir that is not a directory, or a fresh run whose `init_from` names no
   checkpoint, is a ConfigError before anything is created."""
-  if storage.isfile(workdir):
+  # A bucket prefix may share its name with an object: only a local path can be "a file".
+  if not storage.is_url(workdir) and storage.isfile(workdir):
     raise ConfigError(f"--workdir {workdir!r} is a file; pass a directory (new or a run's)")
   if not complete_steps(storage.join(workdir, "checkpoints")) and config.init_from.path:
     check_init_from(config)

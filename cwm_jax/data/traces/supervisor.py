@@ -133,10 +133,12 @@ def _minimal_root(request):
   devices = [name for name in _DEVICES if os.path.exists('/dev/' + name)]
   new = _NEW_ROOT
   _mount('tmpfs', new, 'tmpfs', _MS_NOSUID, 'size=4m,nr_inodes=4096,mode=755')
+  # A checkout (and its virtualenv) may live under /tmp: those are bound once the scratch
+  # tmpfs covers /tmp, or it would hide them.
+  under_scratch = [(p, fd) for p, fd in binds if p.startswith(_SCRATCH_DIRS)]
   for path, fd in binds:
-    os.makedirs(new + path, mode=0o755, exist_ok=True)
-    _mount('/proc/self/fd/%d' % fd, new + path, None, _MS_BIND | _MS_REC)
-    os.close(fd)
+    if (path, fd) not in under_scratch:
+      _bind(fd, new + path)
   for path, target in links:
     os.symlink(target, new + path)
   os.makedirs(new + '/etc', mode=0o755)
@@ -163,6 +165,9 @@ def _minimal_root(request):
     os.mkdir(source, 0o1777)
     os.chmod(source, 0o1777)
     _mount(source, new + target, None, _MS_BIND)
+  for path, fd in under_scratch:
+    _bind(fd, new + path)
+    read_only = _read_only_tree(new + path) and read_only
   os.chdir(new)
   _check(_libc.syscall(_PIVOT_ROOT[os.uname().machine], b'.', b'.'), 'pivot_root')
   _check(_libc.umount2(b'.', _MNT_DETACH), 'detach the host root')
@@ -172,6 +177,14 @@ def _minimal_root(request):
                     'visible': sorted([p for p, _ in binds] + [p for p, _ in links])}
 
 
+def _bind(fd, target):
+  """Binds the folder open as `fd` (an O_PATH descriptor) on `target`, made first."""
+  os.makedirs(target, mode=0o755, exist_ok=True)
+  _mount('/proc/self/fd/%d' % fd, target, None, _MS_BIND | _MS_REC)
+  os.close(fd)
+
+
+_SCRATCH_DIRS = ('/tmp/', '/var/tmp/', '/dev/shm/')
 _PIVOT_ROOT = {'x86_64': 155, 'aarch64': 41}
 
 
