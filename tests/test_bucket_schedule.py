@@ -24,7 +24,8 @@ STEPS = dict(pretrain=6, midtrain=4, sft=4)
 LOGGED = dict(pretrain=range(1, 7), midtrain=range(7, 11), sft=range(1, 5))
 ARGS = ["--config", os.path.join(ROOT, "configs/smoke.py") + ":schedule=all,corpus_limit=4",
         "--config.checkpoint_every=2", "--config.schedule.sample_tokens=8",
-        "--config.compiler_options.xla_backend_optimization_level=0"] + [
+        "--config.compiler_options.xla_backend_optimization_level=0",
+        "--config.profile.start_step=2", "--config.profile.num_steps=1"] + [
             f"--config.schedule.stages.{k}.steps={v}" for k, v in STEPS.items()]
 
 
@@ -67,6 +68,19 @@ def test_schedule_lands_in_the_bucket_and_reruns_skip(gcs, uninterrupted):
         f"{workdir}/{stage}/metrics.jsonl").splitlines()] == list(logged)
     assert any(o.startswith(f"run/{stage}/tensorboard/events.out.tfevents.")
                for o in objects)
+  for stage in STEPS:  # goodput and memory in every record
+    for r in map(json.loads, storage.read_text(f"{workdir}/{stage}/metrics.jsonl").splitlines()):
+      assert 0 <= r["goodput/fraction"] <= 1 and r["memory/host_rss_bytes"] > 0
+  # Profiling on: the stages whose steps include step 2 leave a trace that loads.
+  from jax.profiler import ProfileData
+  for stage in ("pretrain", "sft"):
+    xplanes = [o for o in objects if o.startswith(f"run/{stage}/profile/step_2/process_0/")
+               and o.endswith(".xplane.pb")]
+    assert len(xplanes) == 1, objects
+    profile = ProfileData.from_serialized_xspace(storage.read_bytes(f"gs://schedule-ref/"
+                                                                    f"{xplanes[0]}"))
+    assert any(p.name.startswith("/host:") for p in profile.planes)
+  assert not any(o.startswith("run/midtrain/profile/") for o in objects)  # steps 7-10
   assert storage.read_json(f"{workdir}/hf/config.json")["vocab_size"] > 0
   finish = storage.read_json(f"{workdir}/finish.json")
   assert finish["export"]["hf"] == f"{workdir}/hf" and isinstance(finish["sample"]["text"], str)
