@@ -38,9 +38,13 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 class Goodput:
   """Wall-time buckets of one launch; `lost` from the previous launches in the workdir."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, save_every_s: float = 0.0):
     self.path = storage.join(workdir, "goodput.json")
     self.enabled = enabled
+    # On a bucket every save is an upload: records save at most this often (checkpoints and
+    # the end of a stage always do).
+    self.save_every_s = save_every_s if storage.is_url(workdir) else 0.0
+    self._saved_at = float("-inf")
     self.t_start = time.time()
     self._t0 = time.perf_counter()
     self.total = dict.fromkeys(BUCKETS, 0.0)
@@ -116,7 +120,12 @@ class Goodput:
     return {"launches": len(launches), "wall_s": wall, "lost_s": lost, "buckets": buckets,
             "goodput": buckets["step"] / wall if wall else 0.0}
 
-  def save(self) -> None:
+  def save(self, *, if_due: bool = False) -> None:
+    """Writes goodput.json; with `if_due`, only once `save_every_s` has passed."""
+    now = time.monotonic()
+    if if_due and now - self._saved_at < self.save_every_s:
+      return
+    self._saved_at = now
     if self.enabled:
       storage.write_json(self.path, {"launches": self.launches + [self.record()],
                                      "summary": self.summary()}, indent=1)

@@ -303,7 +303,7 @@ class _Logger:
                      eta_s=observe.eta_seconds(step, self.total, step_time))
     if self.goodput is not None:
       scalars.update(self.goodput.interval())
-      self.goodput.save()  # so a relaunch after a crash knows how far this launch got
+      self.goodput.save(if_due=True)  # a relaunch after a crash learns how far it got
     scalars.update(observe.memory_scalars())
     self.t0, self.step0, self.pending = now, step, None
     self.write(step, scalars)  # logged before the guard stops the run
@@ -347,7 +347,8 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
                          flush_every_s=m.get("flush_every_s", 60.0),
                          wandb_project=m.get("wandb_project", ""),
                          wandb_mode=m.get("wandb_mode", "online"), run_config=config.to_dict())
-  goodput = observe.Goodput(workdir, enabled=primary)
+  goodput = observe.Goodput(workdir, enabled=primary,
+                            save_every_s=m.get("flush_every_s", 60.0))
   prof = config.get("profile", {})
   profiler = observe.Profiler(workdir, prof.get("start_step", -1), prof.get("num_steps", 5))
   meta = {"model": model_config_to_dict(rt.cfg), "config": config.to_dict()}
