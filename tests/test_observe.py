@@ -2,7 +2,6 @@
 memory, ETA, profiles on a schedule and on request (into a bucket), and wandb offline."""
 
 import json
-import os
 
 import jax
 import pytest

@@ -9,7 +9,6 @@ target whose leaves carry other shardings reshards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import time

@@ -132,7 +132,6 @@ class MetricsWriter:
                wandb_project: str = "", wandb_mode: str = "online",
                run_config: dict | None = None):
     self.enabled, self.total = enabled, total_steps
-    self.path = storage.join(workdir, "metrics.jsonl")
     self._flushed_at, self._flush_every_s = time.monotonic(), flush_every_s
     self._remote = storage.is_url(workdir)
     self._jsonl = None
