@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cwm_jax.kernels.chunked import block_pairs, flash_attention
-from cwm_jax.train.flops import causal_pairs
 from cwm_jax.kernels.reference import reference_attention
+from cwm_jax.train.flops import causal_pairs
 
 N, K, H = 48, 8, 128
 
@@ -42,8 +42,9 @@ def main():
   pairs = block_pairs(t // c, t // c, c, w)
 
   def chunked(pair_list, unroll):
-    return lambda q, k, v, s: flash_attention(q, k, v, s, s, idx, idx, window=w, chunk=c,
-                                              pairs=pair_list, unroll=unroll)[0]
+    return lambda q, k, v, s: flash_attention(
+      q, k, v, s, s, idx, idx, window=w, chunk=c, pairs=pair_list, unroll=unroll
+    )[0]
 
   scanned = _flops(chunked(pairs, False), t)
   one, two = _flops(chunked(pairs[:1], True), t), _flops(chunked(pairs[:2], True), t)
@@ -51,14 +52,24 @@ def main():
   chunked_total = scanned + (len(pairs) - 1) * body
   dense = _flops(lambda q, k, v, s: reference_attention(q, k, v, s, s, window=w), t)
   ideal = 4.0 * N * H * causal_pairs(t, w)
-  print(json.dumps({
-      "chunked_over_ideal": round(chunked_total / ideal, 4),
-      "dense_over_ideal": round(dense / ideal, 4),
-      "chunked_flops": chunked_total, "dense_flops": dense, "ideal_flops": ideal,
-      "block_pairs": len(pairs), "pair_body_flops": body,
-      "block_pairs_over_ideal": round(len(pairs) * c * c / causal_pairs(t, w), 4),
-      "seq": t, "window": w, "chunk": c, "heads": [N, K, H],
-  }))
+  print(
+    json.dumps(
+      {
+        "chunked_over_ideal": round(chunked_total / ideal, 4),
+        "dense_over_ideal": round(dense / ideal, 4),
+        "chunked_flops": chunked_total,
+        "dense_flops": dense,
+        "ideal_flops": ideal,
+        "block_pairs": len(pairs),
+        "pair_body_flops": body,
+        "block_pairs_over_ideal": round(len(pairs) * c * c / causal_pairs(t, w), 4),
+        "seq": t,
+        "window": w,
+        "chunk": c,
+        "heads": [N, K, H],
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

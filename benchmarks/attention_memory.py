@@ -26,8 +26,10 @@ from cwm_jax.train.step import make_train_step
 def temp_bytes(cfg, run, t: int) -> int:
   tx = optax.adamw(1e-3, weight_decay=0.1)
   state = abstract_state(cfg, tx, execution=run)
-  batch = {k: jax.ShapeDtypeStruct((1, t), jnp.float32 if k == "weights" else jnp.int32)
-           for k in ("inputs", "targets", "positions", "segment_ids", "weights")}
+  batch = {
+    k: jax.ShapeDtypeStruct((1, t), jnp.float32 if k == "weights" else jnp.int32)
+    for k in ("inputs", "targets", "positions", "segment_ids", "weights")
+  }
   step = jax.jit(make_train_step(cfg, tx, lambda s: 1e-3, execution=run), donate_argnums=0)
   return int(step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
 
@@ -43,18 +45,33 @@ def main():
   a = p.parse_args()
   seqs = [int(s) for s in a.seqs.split(",")]
   dense_seqs = [int(s) for s in a.dense_seqs.split(",")]
-  base = dict(n_layers=2, layer_windows=(131072, 1024), global_window=131072,
-              max_seq_len=131072, dim=128, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256)
-  chunked = [temp_bytes(tiny(**base), Execution(attention_impl="chunked", attention_chunk=512), t)
-             for t in seqs]
+  base = dict(
+    n_layers=2,
+    layer_windows=(131072, 1024),
+    global_window=131072,
+    max_seq_len=131072,
+    dim=128,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=32,
+    ffn_dim=256,
+  )
+  chunked = [
+    temp_bytes(tiny(**base), Execution(attention_impl="chunked", attention_chunk=512), t)
+    for t in seqs
+  ]
   dense = [temp_bytes(tiny(**base), Execution(attention_impl="reference"), t) for t in dense_seqs]
-  print(json.dumps({
-      "growth_exponent": round(slope(seqs, chunked), 3),
-      "dense_growth_exponent": round(slope(dense_seqs, dense), 3),
-      "chunked_temp_bytes": dict(zip(map(str, seqs), chunked)),
-      "dense_temp_bytes": dict(zip(map(str, dense_seqs), dense)),
-      "model": "2 layers (global + local W=1024), D=128, N=4, K=2, H=32, chunk 512, batch 1",
-  }))
+  print(
+    json.dumps(
+      {
+        "growth_exponent": round(slope(seqs, chunked), 3),
+        "dense_growth_exponent": round(slope(dense_seqs, dense), 3),
+        "chunked_temp_bytes": dict(zip(map(str, seqs), chunked)),
+        "dense_temp_bytes": dict(zip(map(str, dense_seqs), dense)),
+        "model": "2 layers (global + local W=1024), D=128, N=4, K=2, H=32, chunk 512, batch 1",
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

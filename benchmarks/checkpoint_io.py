@@ -79,8 +79,11 @@ def _args(argv=None):
   p.add_argument("--io_rounds", type=int, default=4, help="save+restore rounds per target")
   p.add_argument("--step_rounds", type=int, default=4)
   p.add_argument("--steps", type=int, default=4, help="train steps per phase per round")
-  p.add_argument("--execution", default="{}", help="JSON of Execution fields (default: the "
-                 "base config's, as the trainer runs)")
+  p.add_argument(
+    "--execution",
+    default="{}",
+    help="JSON of Execution fields (default: the base config's, as the trainer runs)",
+  )
   return p.parse_args(argv)
 
 
@@ -89,6 +92,7 @@ def _start_emulator():
   (or cwm_jax, which derives tensorstore's and gcsfs's settings from it) is imported."""
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import gcs_emulator  # pylint: disable=g-import-not-at-top
+
   emulator = gcs_emulator.Emulator(gcs_emulator.free_port()).start()
   os.environ["STORAGE_EMULATOR_HOST"] = emulator.host
   os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)  # derived from the variable above
@@ -97,15 +101,25 @@ def _start_emulator():
 
 def _config(a):
   from cwm_jax.train.config import base_config
+
   c = base_config()
   c.model.preset = "tiny"
-  c.model.overrides.update(dict(
-      n_layers=a.layers, dim=a.dim, n_heads=a.heads, n_kv_heads=a.kv_heads,
-      head_dim=a.head_dim, ffn_dim=a.ffn, vocab_size=a.vocab,
-      local_window=a.window or max(1, a.seq // 4), global_window=a.seq))
+  c.model.overrides.update(
+    dict(
+      n_layers=a.layers,
+      dim=a.dim,
+      n_heads=a.heads,
+      n_kv_heads=a.kv_heads,
+      head_dim=a.head_dim,
+      ffn_dim=a.ffn,
+      vocab_size=a.vocab,
+      local_window=a.window or max(1, a.seq // 4),
+      global_window=a.seq,
+    )
+  )
   c.execution.update(json.loads(a.execution))
   c.batch_size, c.seq_len = a.batch, a.seq
-  c.total_steps, c.checkpoint_every = 10 ** 6, 0  # a constant LR-schedule phase, no cadence
+  c.total_steps, c.checkpoint_every = 10**6, 0  # a constant LR-schedule phase, no cadence
   c.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
   c.metrics.tensorboard = False
   return c
@@ -115,18 +129,25 @@ def _full_batch(vocab, b, t):
   """One fixed batch of full-length sequences (every token weighted): the same work
   every step, unlike the packed synthetic source's random document boundaries."""
   import numpy as np
+
   tokens = np.random.default_rng(0).integers(0, vocab, (b, t + 1)).astype(np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-          "segment_ids": np.ones((b, t), np.int32), "weights": np.ones((b, t), np.float32)}
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+    "segment_ids": np.ones((b, t), np.int32),
+    "weights": np.ones((b, t), np.float32),
+  }
 
 
 def _files_bytes(path):
   """Total bytes of the files under `path` (local folder or gs:// prefix)."""
   from cwm_jax import storage
+
   if not storage.is_url(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
   import gcsfs  # pylint: disable=g-import-not-at-top
+
   # A fresh filesystem: gcsfs caches listings per instance.
   return int(gcsfs.GCSFileSystem(skip_instance_cache=True).du(path))
 
@@ -134,18 +155,21 @@ def _files_bytes(path):
 def _host_copy(tree):
   import jax
   import numpy as np
+
   return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
 def _equal(got, want) -> bool:
   import jax
   import numpy as np
+
   eq = jax.tree.map(lambda g, w: bool(np.array_equal(np.asarray(g), np.asarray(w))), got, want)
   return jax.tree.structure(got) == jax.tree.structure(want) and all(jax.tree.leaves(eq))
 
 
 def _remove(path):
   from cwm_jax import storage
+
   storage.remove(path)
 
 
@@ -168,15 +192,20 @@ def main(argv=None):
     if emulator is not None:
       emulator.stop()
   out["wall_s"] = round(time.perf_counter() - wall, 1)
-  out["load_avg"] = {"start": [round(x, 2) for x in load_start],
-                     "end": [round(x, 2) for x in os.getloadavg()]}
+  out["load_avg"] = {
+    "start": [round(x, 2) for x in load_start],
+    "end": [round(x, 2) for x in os.getloadavg()],
+  }
   print(json.dumps(out))
 
 
 def _run(a, targets, emulator, tmp):
   import jax
+
   from cwm_jax.checkpoint.manager import Checkpointer, model_config_to_dict
-  from cwm_jax.train import flops, lm, runtime, state as state_lib
+  from cwm_jax.train import flops, lm, runtime
+  from cwm_jax.train import state as state_lib
+
   sys.path.insert(0, HERE)
   from train_step import matmul_rate  # pylint: disable=g-import-not-at-top
 
@@ -192,8 +221,8 @@ def _run(a, targets, emulator, tmp):
   step_flops = flops.batch_flops(rt.cfg, batch_np["positions"], batch_np["segment_ids"])
   med = statistics.median
 
-  trainer = lm.LMTrainer(rt)   # the trainer's cached, jitted step (state donated)
-  with jax.set_mesh(rt.mesh):   # as runtime.run: the trainer is built outside the mesh
+  trainer = lm.LMTrainer(rt)  # the trainer's cached, jitted step (state donated)
+  with jax.set_mesh(rt.mesh):  # as runtime.run: the trainer is built outside the mesh
     batch = runtime.put_batch(batch_np, rt, (a.batch, a.seq))
     holder = {"state": rt.init_fn()}
 
@@ -206,13 +235,14 @@ def _run(a, targets, emulator, tmp):
     start = time.perf_counter()
     steps(1)
     first_step_s = time.perf_counter() - start
-    loss_start = steps(2)   # non-zero moments, and the step's host heap at its steady size
+    loss_start = steps(2)  # non-zero moments, and the step's host heap at its steady size
     probe = matmul_rate("ours")
     state_bytes = flops.tree_bytes(holder["state"])
 
     # 1. Throughput: synchronous saves and fresh restores, alternating targets.
-    io = {t: {"save_s": [], "restore_s": [], "bytes_written": [], "restored_equal": []}
-          for t in targets}
+    io = {
+      t: {"save_s": [], "restore_s": [], "bytes_written": [], "restored_equal": []} for t in targets
+    }
     for r in range(a.io_rounds):
       for t in targets:
         path = f"{roots[t]}/io{r}"
@@ -258,7 +288,8 @@ def _run(a, targets, emulator, tmp):
         # wait() on a watcher thread: it returns when the save commits, which may be in
         # the middle of the steps; the main thread only joins it after them.
         watcher = threading.Thread(
-            target=lambda: (ckpt.wait(), finished.update(t=time.perf_counter())))
+          target=lambda: (ckpt.wait(), finished.update(t=time.perf_counter()))
+        )
         watcher.start()
         steps(a.steps)
         steps_end = time.perf_counter()
@@ -284,15 +315,20 @@ def _run(a, targets, emulator, tmp):
     d = io[t]
     save_mb_s = [state_bytes / MB / s for s in d["save_s"]]
     restore_mb_s = [state_bytes / MB / s for s in d["restore_s"]]
-    return {"save_mb_s": round(med(save_mb_s), 1), "restore_mb_s": round(med(restore_mb_s), 1),
-            "save_mb_s_rounds": rounds(save_mb_s, 1),
-            "restore_mb_s_rounds": rounds(restore_mb_s, 1),
-            "save_s_rounds": rounds(d["save_s"]), "restore_s_rounds": rounds(d["restore_s"]),
-            "bytes_written": d["bytes_written"][0] if len(set(d["bytes_written"])) == 1
-            else d["bytes_written"],
-            "restored_equal": all(d["restored_equal"])}
+    return {
+      "save_mb_s": round(med(save_mb_s), 1),
+      "restore_mb_s": round(med(restore_mb_s), 1),
+      "save_mb_s_rounds": rounds(save_mb_s, 1),
+      "restore_mb_s_rounds": rounds(restore_mb_s, 1),
+      "save_s_rounds": rounds(d["save_s"]),
+      "restore_s_rounds": rounds(d["restore_s"]),
+      "bytes_written": d["bytes_written"][0]
+      if len(set(d["bytes_written"])) == 1
+      else d["bytes_written"],
+      "restored_equal": all(d["restored_equal"]),
+    }
 
-  def ratio(p):   # per round, so each save phase is compared with its own round's steps
+  def ratio(p):  # per round, so each save phase is compared with its own round's steps
     return round(med([s / n for s, n in zip(step_s[p], step_s["none"])]), 3)
 
   def lost(p):
@@ -300,46 +336,68 @@ def _run(a, targets, emulator, tmp):
 
   none_ms = med(step_s["none"])
   train = {
-      "batch": a.batch, "seq_len": a.seq, "steps_per_phase": a.steps, "rounds": a.step_rounds,
-      "first_step_s": round(first_step_s, 2),
-      "flops_per_step": step_flops,
-      "matmul_gflop_per_s": round(med(mm) / 1e9, 1),
-      "matmul_gflop_per_s_rounds": rounds([m / 1e9 for m in mm], 1),
-      "step_s_no_save": round(none_ms, 4),
-      "step_s_no_save_rounds": rounds(step_s["none"], 4),
-      # Model FLOP/s of the no-save steps over the GEMM rate of the same round.
-      "fraction_of_matmul_rate": round(med([step_flops / s / m
-                                            for s, m in zip(step_s["none"], mm)]), 3),
-      "loss_start": loss_start, "loss_end": loss_end,
-      "save_in_flight": {p: {
-          "step_s": round(med(step_s[p]), 4), "step_s_rounds": rounds(step_s[p], 4),
-          "step_time_ratio": ratio(p),
-          "save_blocking_s": round(med(block_s[p]), 3),
-          "save_blocking_s_rounds": rounds(block_s[p]),
-          "save_total_s": round(med(total_s[p]), 3), "save_total_s_rounds": rounds(total_s[p]),
-          # What the save cost the training: the steps' extra seconds over the same round's
-          # no-save steps, plus the blocking; to compare with a synchronous save's seconds.
-          "train_s_lost": round(med(lost(p)), 3), "train_s_lost_rounds": rounds(lost(p)),
-          "sync_save_s": round(med(io[p]["save_s"]), 3) if io[p]["save_s"] else None,
-          "save_done_within_steps": save_done_in_steps[p],
-          "async_restored_equal": async_equal.get(p)} for p in targets},
+    "batch": a.batch,
+    "seq_len": a.seq,
+    "steps_per_phase": a.steps,
+    "rounds": a.step_rounds,
+    "first_step_s": round(first_step_s, 2),
+    "flops_per_step": step_flops,
+    "matmul_gflop_per_s": round(med(mm) / 1e9, 1),
+    "matmul_gflop_per_s_rounds": rounds([m / 1e9 for m in mm], 1),
+    "step_s_no_save": round(none_ms, 4),
+    "step_s_no_save_rounds": rounds(step_s["none"], 4),
+    # Model FLOP/s of the no-save steps over the GEMM rate of the same round.
+    "fraction_of_matmul_rate": round(
+      med([step_flops / s / m for s, m in zip(step_s["none"], mm)]), 3
+    ),
+    "loss_start": loss_start,
+    "loss_end": loss_end,
+    "save_in_flight": {
+      p: {
+        "step_s": round(med(step_s[p]), 4),
+        "step_s_rounds": rounds(step_s[p], 4),
+        "step_time_ratio": ratio(p),
+        "save_blocking_s": round(med(block_s[p]), 3),
+        "save_blocking_s_rounds": rounds(block_s[p]),
+        "save_total_s": round(med(total_s[p]), 3),
+        "save_total_s_rounds": rounds(total_s[p]),
+        # What the save cost the training: the steps' extra seconds over the same round's
+        # no-save steps, plus the blocking; to compare with a synchronous save's seconds.
+        "train_s_lost": round(med(lost(p)), 3),
+        "train_s_lost_rounds": rounds(lost(p)),
+        "sync_save_s": round(med(io[p]["save_s"]), 3) if io[p]["save_s"] else None,
+        "save_done_within_steps": save_done_in_steps[p],
+        "async_restored_equal": async_equal.get(p),
+      }
+      for p in targets
+    },
   }
   cfg = rt.cfg
   return {
-      "benchmark": "checkpoint_io", "device_kind": devices[0].device_kind,
-      "devices": len(devices), "cpu_count": os.cpu_count(),
-      "model": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim,
-                "vocab_size": cfg.vocab_size, "layer_windows": list(cfg.layer_windows),
-                "params": cfg.param_count()},
-      "execution": vars(rt.execution),
-      "state_bytes": state_bytes, "state_mb": round(state_bytes / MB, 1),
-      "state_leaves": len(jax.tree.leaves(holder["state"])),
-      "io_rounds": a.io_rounds,
-      "io": {t: io_report(t) for t in targets},
-      "restored_equal": all(all(io[t]["restored_equal"]) for t in targets)
-                        and all(v is not False for v in async_equal.values()),
-      "train": train,
+    "benchmark": "checkpoint_io",
+    "device_kind": devices[0].device_kind,
+    "devices": len(devices),
+    "cpu_count": os.cpu_count(),
+    "model": {
+      "dim": cfg.dim,
+      "n_layers": cfg.n_layers,
+      "n_heads": cfg.n_heads,
+      "n_kv_heads": cfg.n_kv_heads,
+      "head_dim": cfg.head_dim,
+      "ffn_dim": cfg.ffn_dim,
+      "vocab_size": cfg.vocab_size,
+      "layer_windows": list(cfg.layer_windows),
+      "params": cfg.param_count(),
+    },
+    "execution": vars(rt.execution),
+    "state_bytes": state_bytes,
+    "state_mb": round(state_bytes / MB, 1),
+    "state_leaves": len(jax.tree.leaves(holder["state"])),
+    "io_rounds": a.io_rounds,
+    "io": {t: io_report(t) for t in targets},
+    "restored_equal": all(all(io[t]["restored_equal"]) for t in targets)
+    and all(v is not False for v in async_equal.values()),
+    "train": train,
   }
 
 

@@ -27,7 +27,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from cwm_jax.model import Execution, cwm_32b  # noqa: E402
 from cwm_jax.model.transformer import abstract_model  # noqa: E402
@@ -36,10 +37,10 @@ from cwm_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from cwm_jax.train.state import abstract_state, state_shardings, with_shardings  # noqa: E402
 from cwm_jax.train.step import BATCH_KEYS, jit_train_step, make_train_step  # noqa: E402
 
-
 # The execution of configs/cwm_32b.py's step.
-RUN = Execution(compute_dtype="bfloat16", attention_impl="chunked", attention_chunk=1024,
-                remat_policy="full")
+RUN = Execution(
+  compute_dtype="bfloat16", attention_impl="chunked", attention_chunk=1024, remat_policy="full"
+)
 
 
 def _timed(lowered_fn):
@@ -56,20 +57,26 @@ def train_step(cfg, mesh, batch_rows):
   shardings = state_shardings(cfg, tx, DEFAULT_RULES, mesh)
   state = with_shardings(abstract_state(cfg, tx, execution=RUN), shardings)
   batch_sh = NamedSharding(mesh, P(("data", "fsdp"), "sequence"))
-  batch = {k: jax.ShapeDtypeStruct((batch_rows, ARGS.seq),
-                                   jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh)
-           for k in BATCH_KEYS}
-  step = jit_train_step(make_train_step(cfg, tx, lambda s: 1e-4, rules=DEFAULT_RULES,
-                                        execution=RUN),
-                        shardings, batch_sh)
+  batch = {
+    k: jax.ShapeDtypeStruct(
+      (batch_rows, ARGS.seq), jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh
+    )
+    for k in BATCH_KEYS
+  }
+  step = jit_train_step(
+    make_train_step(cfg, tx, lambda s: 1e-4, rules=DEFAULT_RULES, execution=RUN),
+    shardings,
+    batch_sh,
+  )
   with jax.set_mesh(mesh):
     return _timed(lambda: step.lower(state, batch))
 
 
 def forward(cfg, mesh, batch_rows, run):
   graphdef, params = nnx.split(abstract_model(cfg, run), nnx.Param)
-  tokens = jax.ShapeDtypeStruct((batch_rows, ARGS.seq), jnp.int32,
-                                sharding=NamedSharding(mesh, P(("data", "fsdp"), "sequence")))
+  tokens = jax.ShapeDtypeStruct(
+    (batch_rows, ARGS.seq), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), "sequence"))
+  )
   fn = jax.jit(lambda p, t: nnx.merge(graphdef, p).hidden(t))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
     return _timed(lambda: fn.lower(params, tokens))
@@ -83,16 +90,26 @@ def main():
   mem = compiled.memory_analysis()
   scan_lower, scan_compile, _ = forward(cfg, mesh, rows, RUN)
   unroll_lower, unroll_compile, _ = forward(cfg, mesh, rows, RUN.replace(scan_layers=False))
-  print(json.dumps({
-      "train_step_compile_s": compile_s, "train_step_lower_s": lower_s,
-      "forward_scan_compile_s": scan_compile, "forward_scan_lower_s": scan_lower,
-      "forward_unrolled_compile_s": unroll_compile, "forward_unrolled_lower_s": unroll_lower,
-      "train_step_temp_gib_per_device": round(mem.temp_size_in_bytes / 2 ** 30, 2),
-      "train_step_argument_gib_per_device": round(mem.argument_size_in_bytes / 2 ** 30, 2),
-      "mesh": dict(mesh.shape), "batch_rows": rows, "seq": ARGS.seq,
-      "params": cfg.param_count(), "attention_impl": RUN.attention_impl,
-      "remat_policy": RUN.remat_policy,
-  }))
+  print(
+    json.dumps(
+      {
+        "train_step_compile_s": compile_s,
+        "train_step_lower_s": lower_s,
+        "forward_scan_compile_s": scan_compile,
+        "forward_scan_lower_s": scan_lower,
+        "forward_unrolled_compile_s": unroll_compile,
+        "forward_unrolled_lower_s": unroll_lower,
+        "train_step_temp_gib_per_device": round(mem.temp_size_in_bytes / 2**30, 2),
+        "train_step_argument_gib_per_device": round(mem.argument_size_in_bytes / 2**30, 2),
+        "mesh": dict(mesh.shape),
+        "batch_rows": rows,
+        "seq": ARGS.seq,
+        "params": cfg.param_count(),
+        "attention_impl": RUN.attention_impl,
+        "remat_policy": RUN.remat_policy,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -13,49 +13,54 @@ import os
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from cwm_jax.data import corpus_build
-from cwm_jax.data import pipeline
+from cwm_jax.data import corpus_build, pipeline
 
-_CODE_FILES = flags.DEFINE_integer('code_files', 120, 'stdlib files to use.')
-_TRACE_CALLS = flags.DEFINE_integer('trace_calls', 60, 'calls to trace.')
-_SECONDS = flags.DEFINE_float('seconds', 4.0, 'time per measurement.')
-_ROWS = flags.DEFINE_integer('rows', 2, 'rows per batch.')
+_CODE_FILES = flags.DEFINE_integer("code_files", 120, "stdlib files to use.")
+_TRACE_CALLS = flags.DEFINE_integer("trace_calls", 60, "calls to trace.")
+_SECONDS = flags.DEFINE_float("seconds", 4.0, "time per measurement.")
+_ROWS = flags.DEFINE_integer("rows", 2, "rows per batch.")
 
 
 def measure(folder: str, seq_len: int, rows: int, seconds: float) -> dict:
   cfg = pipeline.default_data_config().to_dict()
-  cfg['mixture'] = [{'kind': 'array_record', 'path': folder}]
+  cfg["mixture"] = [{"kind": "array_record", "path": folder}]
   it = pipeline.make_iterator(cfg, seq_len=seq_len, global_batch=rows)
   next(it)  # warm-up: opens files, loads the tokenizer
   tokens = slots = batches = 0
   start = time.perf_counter()
   while time.perf_counter() - start < seconds or batches < 2:
     batch = next(it)
-    real = int((batch['segment_ids'] > 0).sum())
-    tokens, slots, batches = tokens + real, slots + batch['inputs'].size, batches + 1
+    real = int((batch["segment_ids"] > 0).sum())
+    tokens, slots, batches = tokens + real, slots + batch["inputs"].size, batches + 1
   elapsed = time.perf_counter() - start
-  return {'tokens_per_s_per_worker': round(tokens / elapsed),
-          'padding_fraction': round(1 - tokens / slots, 4), 'batches': batches,
-          'bad_records': it.bad_record_counts()}
+  return {
+    "tokens_per_s_per_worker": round(tokens / elapsed),
+    "padding_fraction": round(1 - tokens / slots, 4),
+    "batches": batches,
+    "bad_records": it.bad_record_counts(),
+  }
 
 
 def main(argv):
   del argv
-  out = {'device': 'cpu (one in-process worker)', 'packing': 'first_fit',
-         'rows_per_batch': _ROWS.value, 'results': {}}
+  out = {
+    "device": "cpu (one in-process worker)",
+    "packing": "first_fit",
+    "rows_per_batch": _ROWS.value,
+    "results": {},
+  }
   with tempfile.TemporaryDirectory() as tmp:
-    limits = {'code': _CODE_FILES.value, 'traces': _TRACE_CALLS.value}
+    limits = {"code": _CODE_FILES.value, "traces": _TRACE_CALLS.value}
     for corpus, limit in limits.items():
       folder = os.path.join(tmp, corpus)
-      records = corpus_build.build_corpus(corpus, folder, limit=limit)['records']
+      records = corpus_build.build_corpus(corpus, folder, limit=limit)["records"]
       for seq_len in (8192, 131072):
         result = measure(folder, seq_len, _ROWS.value, _SECONDS.value)
-        out['results'][f'{corpus}@{seq_len}'] = {'records': records, **result}
+        out["results"][f"{corpus}@{seq_len}"] = {"records": records, **result}
   print(json.dumps(out))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   app.run(main)

@@ -52,8 +52,13 @@ def packed_batch(vocab: int, batch: int, seq: int, docs: int, seed: int = 0) -> 
     lengths = np.diff(np.r_[0, cuts, seq]).astype(int)
     segments[row] = np.repeat(np.arange(1, docs + 1), lengths)
     positions[row] = np.concatenate([np.arange(n) for n in lengths])
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
-          "segment_ids": segments, "weights": np.ones((batch, seq), np.float32)}
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "positions": positions,
+    "segment_ids": segments,
+    "weights": np.ones((batch, seq), np.float32),
+  }
 
 
 def matmul_rate(n: int = 8192, chain: int = 20, rounds: int = 5) -> float:
@@ -64,7 +69,7 @@ def matmul_rate(n: int = 8192, chain: int = 20, rounds: int = 5) -> float:
 
   @jax.jit
   def run(c, b):
-    return jax.lax.fori_loop(0, chain, lambda _, c: (c @ b) * jnp.bfloat16(n ** -0.5), c)
+    return jax.lax.fori_loop(0, chain, lambda _, c: (c @ b) * jnp.bfloat16(n**-0.5), c)
 
   run(a, b).block_until_ready()
   times = []
@@ -72,13 +77,13 @@ def matmul_rate(n: int = 8192, chain: int = 20, rounds: int = 5) -> float:
     start = time.perf_counter()
     run(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
-  return 2 * n ** 3 * chain / statistics.median(times)
+  return 2 * n**3 * chain / statistics.median(times)
 
 
 KERNEL_KINDS = (  # (category, pattern on the kernel name), first match wins
-    ("attention", re.compile(r"cudnn|fmha|flash|fprop|dgrad|sdpa", re.I)),
-    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|matmul|dot", re.I)),
-    ("reduction", re.compile(r"reduce|reduction", re.I)),
+  ("attention", re.compile(r"cudnn|fmha|flash|fprop|dgrad|sdpa", re.I)),
+  ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|matmul|dot", re.I)),
+  ("reduction", re.compile(r"reduce|reduction", re.I)),
 )
 
 
@@ -109,20 +114,30 @@ def kernel_profile(run_steps, n_steps: int, step_s: float, top: int = 30) -> dic
         op = dict(event.stats).get("hlo_op")
         if op:
           ops[event.name[:90]][str(op)] += ms
-  seen = lambda: sorted({f"{plane.name}: {line.name}" for plane in planes
-                         for line in plane.lines})[:20]
-  return {"kernel_ms_per_step": round(total, 2),
-          **({} if total else {"no_gpu_kernels_in": seen()}),
-          "busy_fraction": round(total / 1e3 / step_s, 3),
-          "by_category_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
-          "top_kernels_ms": [[name, round(v, 2), [o for o, _ in ops[name].most_common(3)]]
-                             for name, v in by_kernel.most_common(top)]}
+  seen = lambda: sorted({f"{plane.name}: {line.name}" for plane in planes for line in plane.lines})[
+    :20
+  ]
+  return {
+    "kernel_ms_per_step": round(total, 2),
+    **({} if total else {"no_gpu_kernels_in": seen()}),
+    "busy_fraction": round(total / 1e3 / step_s, 3),
+    "by_category_ms": {k: round(v, 2) for k, v in by_kind.most_common()},
+    "top_kernels_ms": [
+      [name, round(v, 2), [o for o, _ in ops[name].most_common(3)]]
+      for name, v in by_kernel.most_common(top)
+    ],
+  }
 
 
 def measure(a) -> dict:
   cfg = cwm_1b()
-  run = Execution(param_dtype="float32", compute_dtype="bfloat16", attention_impl=a.impl,
-                  remat_policy=a.remat, attention_max_segments=a.max_segments)
+  run = Execution(
+    param_dtype="float32",
+    compute_dtype="bfloat16",
+    attention_impl=a.impl,
+    remat_policy=a.remat,
+    attention_max_segments=a.max_segments,
+  )
   if a.impl == "cudnn":
     check_gpu_dtypes(run.compute_dtype)
   tx = optax.adamw(1e-4, weight_decay=0.1)
@@ -130,14 +145,20 @@ def measure(a) -> dict:
   @jax.jit
   def init():
     params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0, run), nnx.Param))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jnp.zeros((2,), jnp.uint32)}
+    return {
+      "params": params,
+      "opt_state": tx.init(params),
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jnp.zeros((2,), jnp.uint32),
+    }
 
   state = init()
   host = packed_batch(cfg.vocab_size, a.batch, a.seq, a.docs)
   batch = {k: jnp.asarray(v) for k, v in host.items()}
-  step = jax.jit(make_train_step(cfg, tx, lambda s: 1e-4, loss_chunk=a.loss_chunk,
-                                 execution=run), donate_argnums=0)
+  step = jax.jit(
+    make_train_step(cfg, tx, lambda s: 1e-4, loss_chunk=a.loss_chunk, execution=run),
+    donate_argnums=0,
+  )
   start = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics["loss"])
@@ -151,11 +172,13 @@ def measure(a) -> dict:
   step_s = statistics.median(times)
   profile = None
   if a.profile_steps:
+
     def run_steps():
       nonlocal state, metrics
       for _ in range(a.profile_steps):
         state, metrics = step(state, batch)
       jax.block_until_ready(metrics["loss"])
+
     profile = kernel_profile(run_steps, a.profile_steps, step_s)
   dev = jax.devices()[0]
   flops = batch_flops(cfg, host["positions"], host["segment_ids"])
@@ -163,17 +186,28 @@ def measure(a) -> dict:
   stats = dev.memory_stats() or {}
   rate = matmul_rate() if a.measure_matmul else None
   return {
-      "mfu": round(flops / step_s / peak, 4) if peak else None, "step_s": round(step_s, 4),
-      "step_s_min_max": [round(min(times), 4), round(max(times), 4)],
-      "matmul_tflop_per_s": round(rate / 1e12, 1) if rate else None,
-      "fraction_of_matmul_rate": round(flops / step_s / rate, 4) if rate else None,
-      "first_step_s": round(compile_s, 1), "tokens_per_s": round(a.batch * a.seq / step_s, 1),
-      "model_flops_per_step": flops, "device": dev.device_kind, "peak_flops": peak,
-      "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
-      "config": "cwm_1b", "params": cfg.param_count(), "seq": a.seq, "batch": a.batch,
-      "docs_per_row": a.docs, "attention_impl": a.impl, "remat": a.remat,
-      "max_segments": a.max_segments,
-      "loss_chunk": a.loss_chunk, "loss": float(metrics["loss"]), "profile": profile,
+    "mfu": round(flops / step_s / peak, 4) if peak else None,
+    "step_s": round(step_s, 4),
+    "step_s_min_max": [round(min(times), 4), round(max(times), 4)],
+    "matmul_tflop_per_s": round(rate / 1e12, 1) if rate else None,
+    "fraction_of_matmul_rate": round(flops / step_s / rate, 4) if rate else None,
+    "first_step_s": round(compile_s, 1),
+    "tokens_per_s": round(a.batch * a.seq / step_s, 1),
+    "model_flops_per_step": flops,
+    "device": dev.device_kind,
+    "peak_flops": peak,
+    "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+    "config": "cwm_1b",
+    "params": cfg.param_count(),
+    "seq": a.seq,
+    "batch": a.batch,
+    "docs_per_row": a.docs,
+    "attention_impl": a.impl,
+    "remat": a.remat,
+    "max_segments": a.max_segments,
+    "loss_chunk": a.loss_chunk,
+    "loss": float(metrics["loss"]),
+    "profile": profile,
   }
 
 
@@ -186,18 +220,38 @@ def main():
   p.add_argument("--impl", default="cudnn")
   p.add_argument("--remat", default="none")
   p.add_argument("--loss_chunk", type=int, default=0)
-  p.add_argument("--max_segments", type=int, default=0,
-                 help="documents per row of cuDNN's packed layout (0: its default)")
-  p.add_argument("--profile_steps", type=int, default=0,
-                 help="N > 0: trace N more steps and report GPU kernel time by category")
-  p.add_argument("--measure_matmul", type=int, default=1,
-                 help="1: also measure the bf16 8192^3 matmul rate in this process")
+  p.add_argument(
+    "--max_segments",
+    type=int,
+    default=0,
+    help="documents per row of cuDNN's packed layout (0: its default)",
+  )
+  p.add_argument(
+    "--profile_steps",
+    type=int,
+    default=0,
+    help="N > 0: trace N more steps and report GPU kernel time by category",
+  )
+  p.add_argument(
+    "--measure_matmul",
+    type=int,
+    default=1,
+    help="1: also measure the bf16 8192^3 matmul rate in this process",
+  )
   a = p.parse_args()
   if not 1 <= a.docs <= a.seq:
     p.error(f"--docs={a.docs} must be in [1, --seq]")
   if jax.default_backend() != "gpu":
-    print(json.dumps({"mfu": None, "skipped": f"needs an NVIDIA GPU; backend is "
-                      f"{jax.default_backend()!r}", "config": "cwm_1b", "seq": a.seq}))
+    print(
+      json.dumps(
+        {
+          "mfu": None,
+          "skipped": f"needs an NVIDIA GPU; backend is {jax.default_backend()!r}",
+          "config": "cwm_1b",
+          "seq": a.seq,
+        }
+      )
+    )
     return
   print(json.dumps(measure(a)))
 

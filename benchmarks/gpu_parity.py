@@ -23,10 +23,10 @@ from cwm_jax import kernels
 from cwm_jax.kernels import cudnn, packing
 
 CASES = (  # name, T, documents per row, padding, window, max_segments
-    ("packed_local", 2048, 7, 100, 512, None),
-    ("packed_global", 2048, 7, 100, 2048, None),
-    ("one_document_local", 4096, 1, 0, 1024, None),
-    ("fallback_many_documents", 1024, 12, 0, 256, 4),
+  ("packed_local", 2048, 7, 100, 512, None),
+  ("packed_global", 2048, 7, 100, 2048, None),
+  ("one_document_local", 4096, 1, 0, 1024, None),
+  ("fallback_many_documents", 1024, 12, 0, 256, 4),
 )
 
 
@@ -59,26 +59,37 @@ def _errors(got, want):
 
 def run_case(name, t, n_docs, pad, window, max_segments):
   (q, k, v), seg = _inputs(t, n_docs, pad)
-  fits = bool(jnp.all(packing.packed_layout(
-      seg, max_segments or cudnn.default_max_segments(t)).fits_B))
-  gpu = lambda q, k, v: cudnn.cudnn_attention(q, k, v, seg, window=window, chunk=256,
-                                              max_segments=max_segments)
+  fits = bool(
+    jnp.all(packing.packed_layout(seg, max_segments or cudnn.default_max_segments(t)).fits_B)
+  )
+  gpu = lambda q, k, v: cudnn.cudnn_attention(
+    q, k, v, seg, window=window, chunk=256, max_segments=max_segments
+  )
   ref = lambda q, k, v: kernels.attend(q, k, v, seg, window=window, impl="reference")
   got = jax.jit(lambda *a: _value_and_grads(gpu, *a))(q, k, v)
-  want = jax.jit(lambda *a: _value_and_grads(ref, *a))(
-      *(x.astype(jnp.float32) for x in (q, k, v)))
+  want = jax.jit(lambda *a: _value_and_grads(ref, *a))(*(x.astype(jnp.float32) for x in (q, k, v)))
   ref_bf16 = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v)
   err, yardstick = _errors(got, want), _errors(ref_bf16, want)
   ok = all(err[key] <= max(2e-2, 2 * yardstick[key]) for key in err)
-  return {"case": name, "T": t, "documents": n_docs, "window": window, "cudnn_layout": fits,
-          "max_err": {k: round(e, 5) for k, e in err.items()},
-          "reference_bf16_err": {k: round(e, 5) for k, e in yardstick.items()}, "ok": ok}
+  return {
+    "case": name,
+    "T": t,
+    "documents": n_docs,
+    "window": window,
+    "cudnn_layout": fits,
+    "max_err": {k: round(e, 5) for k, e in err.items()},
+    "reference_bf16_err": {k: round(e, 5) for k, e in yardstick.items()},
+    "ok": ok,
+  }
 
 
 def main():
   if jax.default_backend() != "gpu":
-    print(json.dumps({"ok": None, "skipped": "needs an NVIDIA GPU; backend is "
-                      f"{jax.default_backend()!r}"}))
+    print(
+      json.dumps(
+        {"ok": None, "skipped": f"needs an NVIDIA GPU; backend is {jax.default_backend()!r}"}
+      )
+    )
     return 0
   results = [run_case(*case) for case in CASES]
   ok = all(r["ok"] for r in results)

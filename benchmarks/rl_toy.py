@@ -19,18 +19,24 @@ import numpy as np
 from cwm_jax.checkpoint.manager import restore_params
 from cwm_jax.infer.sampler import generate
 from cwm_jax.model.transformer import init_model, model_from_params
-from cwm_jax.rl import tasks
-from cwm_jax.rl import trainer
+from cwm_jax.rl import tasks, trainer
 from cwm_jax.train.config import model_config
 
 
 def greedy_eval(model, seed: int) -> dict:
   vocab, toy = tasks.DigitVocab(), tasks.digit_tasks(seed=seed)
-  out = generate(model, [list(t.prompt_ids) for t in toy], max_new_tokens=1,
-                 stop_ids=vocab.stop_ids, pad_multiple=1)
+  out = generate(
+    model,
+    [list(t.prompt_ids) for t in toy],
+    max_new_tokens=1,
+    stop_ids=vocab.stop_ids,
+    pad_multiple=1,
+  )
   verdicts = [t.verify(vocab.decode(ids)) for t, ids in zip(toy, out.tokens)]
-  return {"pass_rate": float(np.mean([v.passed for v in verdicts])),
-          "mean_reward": float(np.mean([v.value for v in verdicts]))}
+  return {
+    "pass_rate": float(np.mean([v.passed for v in verdicts])),
+    "mean_reward": float(np.mean([v.value for v in verdicts])),
+  }
 
 
 def main():
@@ -48,15 +54,24 @@ def main():
     _, params = restore_params(os.path.join(workdir, "checkpoints"))
   after = greedy_eval(model_from_params(cfg, params), args.seed)
   rewards = [r["reward_mean"] for r in out["records"]]
-  print(json.dumps({
-      "benchmark": "rl_toy", "task": "digit in prompt (16-token vocab, chance 1/16)",
-      "model": "1 layer, dim 32, random init", "updates": args.steps,
-      "rollouts_per_update": config.batch_size, "group_size": config.rl.group_size,
-      "sampled_reward_first5": round(float(np.mean(rewards[:5])), 3),
-      "sampled_reward_last5": round(float(np.mean(rewards[-5:])), 3),
-      "greedy_before": before, "greedy_after": after,
-      "updates_skipped": int(sum(r["skipped"] for r in out["records"])),
-      "wall_s_including_compile": round(wall, 1)}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "rl_toy",
+        "task": "digit in prompt (16-token vocab, chance 1/16)",
+        "model": "1 layer, dim 32, random init",
+        "updates": args.steps,
+        "rollouts_per_update": config.batch_size,
+        "group_size": config.rl.group_size,
+        "sampled_reward_first5": round(float(np.mean(rewards[:5])), 3),
+        "sampled_reward_last5": round(float(np.mean(rewards[-5:])), 3),
+        "greedy_before": before,
+        "greedy_after": after,
+        "updates_skipped": int(sum(r["skipped"] for r in out["records"])),
+        "wall_s_including_compile": round(wall, 1),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

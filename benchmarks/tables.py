@@ -32,22 +32,31 @@ def attention_memory(r: dict) -> str:
   for t, b in sorted(r["chunked_temp_bytes"].items(), key=lambda kv: int(kv[0])):
     d = _mb(dense[t]) if t in dense else ""
     rows.append(f"| {int(t):,} | {_mb(b)} | {b / int(t) / 1e3:,.1f} | {d} |")
-  return (f"Model: {r['model']}. `growth_exponent` {r['growth_exponent']} "
-          f"(dense {r['dense_growth_exponent']}).\n\n" + "\n".join(rows) + "\n")
+  return (
+    f"Model: {r['model']}. `growth_exponent` {r['growth_exponent']} "
+    f"(dense {r['dense_growth_exponent']}).\n\n" + "\n".join(rows) + "\n"
+  )
 
 
 def checkpoint_io(r: dict) -> str:
   """Save / restore rates per target and the train step with an async save in flight."""
-  rows = ["| target | save MB/s | restore MB/s | step time, save in flight / none | "
-          "blocking part of a save (s) | restored equal |", "|---|---|---|---|---|---|"]
+  rows = [
+    "| target | save MB/s | restore MB/s | step time, save in flight / none | "
+    "blocking part of a save (s) | restored equal |",
+    "|---|---|---|---|---|---|",
+  ]
   flight = r["train"]["save_in_flight"]
   for target, io in r["io"].items():
     f = flight.get(target, {})
-    rows.append(f"| {target} | {io['save_mb_s']} | {io['restore_mb_s']} | "
-                f"{f.get('step_time_ratio', '')}x | {f.get('save_blocking_s', '')} | "
-                f"{io['restored_equal']} |")
-  return (f"State {r['state_mb']} MB ({r['model']['params']:,} parameters with AdamW), "
-          f"{r['cpu_count']} CPU cores, {r['io_rounds']} rounds.\n\n" + "\n".join(rows) + "\n")
+    rows.append(
+      f"| {target} | {io['save_mb_s']} | {io['restore_mb_s']} | "
+      f"{f.get('step_time_ratio', '')}x | {f.get('save_blocking_s', '')} | "
+      f"{io['restored_equal']} |"
+    )
+  return (
+    f"State {r['state_mb']} MB ({r['model']['params']:,} parameters with AdamW), "
+    f"{r['cpu_count']} CPU cores, {r['io_rounds']} rounds.\n\n" + "\n".join(rows) + "\n"
+  )
 
 
 RENDERERS = {"attention_memory": attention_memory, "checkpoint_io": checkpoint_io}
@@ -55,6 +64,7 @@ RENDERERS = {"attention_memory": attention_memory, "checkpoint_io": checkpoint_i
 
 def render(text: str, results: str = RESULTS) -> str:
   """`text` with every generated block rendered afresh from its results file."""
+
   def block(m):
     name = m.group(2)
     path = os.path.join(results, f"{name}.json")
@@ -62,6 +72,7 @@ def render(text: str, results: str = RESULTS) -> str:
       raise ValueError(f"tables:{name} needs a renderer and {path}")
     with open(path) as f:
       return m.group(1) + RENDERERS[name](json.load(f)) + m.group(4)
+
   return BLOCK.sub(block, text)
 
 

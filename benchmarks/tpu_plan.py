@@ -24,12 +24,35 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ("device_kind", "chips", "mesh", "grad_accum", "batch_size", "seq_len", "tokens_per_step",
-        "step", "attention_impl", "argument_gb_per_device", "temp_gb_per_device",
-        "total_gb_per_device", "hbm_gb", "fits", "flops_per_step", "step_seconds_at_50pct_mfu",
-        "stage_steps", "days_at_50pct_mfu", "estimated_step_seconds", "estimated_mfu",
-        "estimated_seconds_by_kind", "days_at_estimated_mfu", "estimate_method",
-        "kernel_efficiency", "remat", "compile_seconds", "estimate_compile_seconds")
+KEYS = (
+  "device_kind",
+  "chips",
+  "mesh",
+  "grad_accum",
+  "batch_size",
+  "seq_len",
+  "tokens_per_step",
+  "step",
+  "attention_impl",
+  "argument_gb_per_device",
+  "temp_gb_per_device",
+  "total_gb_per_device",
+  "hbm_gb",
+  "fits",
+  "flops_per_step",
+  "step_seconds_at_50pct_mfu",
+  "stage_steps",
+  "days_at_50pct_mfu",
+  "estimated_step_seconds",
+  "estimated_mfu",
+  "estimated_seconds_by_kind",
+  "days_at_estimated_mfu",
+  "estimate_method",
+  "kernel_efficiency",
+  "remat",
+  "compile_seconds",
+  "estimate_compile_seconds",
+)
 
 
 def summarize(stage: str, text: str) -> dict | None:
@@ -43,20 +66,31 @@ def summarize(stage: str, text: str) -> dict | None:
 
 def plan(stage: str, slice_name: str, out_dir: str | None, estimate: bool = True) -> dict:
   """One compiled plan (its JSON plus wall time), or the error."""
-  cmd = [sys.executable, "-m", "cwm_jax.plan", "--config",
-         f"configs/cwm_32b.py:stage={stage},slice={slice_name}", "--topology", slice_name,
-         "--estimate" if estimate else "--noestimate"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "cwm_jax.plan",
+    "--config",
+    f"configs/cwm_32b.py:stage={stage},slice={slice_name}",
+    "--topology",
+    slice_name,
+    "--estimate" if estimate else "--noestimate",
+  ]
   t0 = time.perf_counter()
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run(
+    cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+  )
   wall = round(time.perf_counter() - t0, 1)
   if out_dir:
     with open(os.path.join(out_dir, f"{stage}@{slice_name}.json"), "w") as f:
       f.write(out.stdout)
   row = summarize(stage, out.stdout)
   if row is None:
-    return {"error": out.stderr.strip().splitlines()[-1:], "exit_code": out.returncode,
-            "wall_seconds": wall}
+    return {
+      "error": out.stderr.strip().splitlines()[-1:],
+      "exit_code": out.returncode,
+      "wall_seconds": wall,
+    }
   row.update(exit_code=out.returncode, wall_seconds=wall)
   return row
 
@@ -66,10 +100,16 @@ def main():
   ap.add_argument("--stages", default="pretrain,midtrain,sft,rl")
   ap.add_argument("--slices", default="v5p-512,v6e-256")
   ap.add_argument("--out", default=None, help="directory for the raw plan JSON of each run")
-  ap.add_argument("--noestimate", action="store_true",
-                  help="skip the cost-model estimate (two more compiles per stage)")
-  ap.add_argument("--from_dir", default=None,
-                  help="summarize the STAGE@SLICE.json plans kept there by --out instead")
+  ap.add_argument(
+    "--noestimate",
+    action="store_true",
+    help="skip the cost-model estimate (two more compiles per stage)",
+  )
+  ap.add_argument(
+    "--from_dir",
+    default=None,
+    help="summarize the STAGE@SLICE.json plans kept there by --out instead",
+  )
   args = ap.parse_args()
   if args.from_dir:
     result = {}
@@ -81,8 +121,11 @@ def main():
     return
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-  result = {f"{st}@{sl}": plan(st, sl, args.out, not args.noestimate)
-            for st in args.stages.split(",") for sl in args.slices.split(",")}
+  result = {
+    f"{st}@{sl}": plan(st, sl, args.out, not args.noestimate)
+    for st in args.stages.split(",")
+    for sl in args.slices.split(",")
+  }
   print(json.dumps(result, indent=1))
 
 

@@ -27,22 +27,32 @@ def main(n_calls=None):
   for call in calls:
     result = traces.trace_call(call.source, call.function, call.args, call.kwargs)
     statuses[result.status] += 1
-    if result.status == 'ok':
+    if result.status == "ok":
       frames.append(len(result.frames))
-      text_bytes.append(len(traces.format_trace(call.source, call.function,
-                                                result.frames).encode()))
+      text_bytes.append(
+        len(traces.format_trace(call.source, call.function, result.frames).encode())
+      )
   elapsed = time.perf_counter() - start
   empty = time.perf_counter()
   for _ in range(5):
-    traces.run_python('pass')
+    traces.run_python("pass")
   empty = (time.perf_counter() - empty) / 5
-  print(json.dumps({
-      'calls': len(calls), 'statuses': dict(statuses), 'seconds': round(elapsed, 2),
-      'traces_per_s': round(len(calls) / elapsed, 2),
-      'frames_mean': round(sum(frames) / max(len(frames), 1), 1), 'frames_max': max(frames),
-      'trace_bytes_mean': round(sum(text_bytes) / max(len(text_bytes), 1)),
-      'run_python_empty_s': round(empty, 3), 'namespaces': isolation.probe().namespaces}))
+  print(
+    json.dumps(
+      {
+        "calls": len(calls),
+        "statuses": dict(statuses),
+        "seconds": round(elapsed, 2),
+        "traces_per_s": round(len(calls) / elapsed, 2),
+        "frames_mean": round(sum(frames) / max(len(frames), 1), 1),
+        "frames_max": max(frames),
+        "trace_bytes_mean": round(sum(text_bytes) / max(len(text_bytes), 1)),
+        "run_python_empty_s": round(empty, 3),
+        "namespaces": isolation.probe().namespaces,
+      }
+    )
+  )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main(int(sys.argv[1]) if len(sys.argv) > 1 else None)

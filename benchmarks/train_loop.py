@@ -30,8 +30,11 @@ def main():
   args = _args()
   os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
+
   from cwm_jax.train.lm import train  # pylint: disable=g-import-not-at-top
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("smoke", os.path.join(root, "configs/smoke.py"))
   smoke = importlib.util.module_from_spec(spec)
@@ -42,20 +45,33 @@ def main():
   c.mesh.update({k: 1 for k in ("data", "fsdp", "tensor", "sequence") if k not in args.mesh})
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory() as workdir:
-    out = train(c, workdir, devices=jax.devices()[:args.devices])
+    out = train(c, workdir, devices=jax.devices()[: args.devices])
   wall = time.perf_counter() - t0
   rec = out["records"]
   steady = rec[2:] or rec
   med = lambda k: statistics.median(r[k] for r in steady)
-  print(json.dumps({
-      "benchmark": "train_loop", "config": f"configs/smoke.py:{args.arg}", "mesh": args.mesh,
-      "devices": args.devices, "device_kind": jax.devices()[0].device_kind,
-      "batch_size": c.batch_size, "seq_len": c.seq_len, "steps": args.steps,
-      "tokens_per_sec": round(med("tokens_per_sec"), 1),
-      "step_time_ms": round(1e3 * med("step_time"), 2), "mfu": med("mfu"),
-      "first_step_s": round(rec[0]["step_time"], 2), "wall_s": round(wall, 1),
-      "loss_first": rec[0]["loss"], "loss_last": rec[-1]["loss"],
-      "load_avg_1m": os.getloadavg()[0]}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "train_loop",
+        "config": f"configs/smoke.py:{args.arg}",
+        "mesh": args.mesh,
+        "devices": args.devices,
+        "device_kind": jax.devices()[0].device_kind,
+        "batch_size": c.batch_size,
+        "seq_len": c.seq_len,
+        "steps": args.steps,
+        "tokens_per_sec": round(med("tokens_per_sec"), 1),
+        "step_time_ms": round(1e3 * med("step_time"), 2),
+        "mfu": med("mfu"),
+        "first_step_s": round(rec[0]["step_time"], 2),
+        "wall_s": round(wall, 1),
+        "loss_first": rec[0]["loss"],
+        "loss_last": rec[-1]["loss"],
+        "load_avg_1m": os.getloadavg()[0],
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

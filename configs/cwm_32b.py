@@ -38,10 +38,18 @@ T, B = 1e12, 1e9
 # Data mixtures (weights per corpus; SPEC: mid-train 30% CWM data, 40% code, 30% rehearsal).
 # Each corpus is read as ArrayRecord shards from DATA_ROOT/NAME (variant `data_root=`); build
 # them with `python -m cwm_jax.data.build` or any writer of the records in README "Records".
-DATA_ROOT = "/data/cwm"                     # (default)
+DATA_ROOT = "/data/cwm"  # (default)
 PRETRAIN_MIX = dict(code=0.30, text=0.70)
-MIDTRAIN_MIX = dict(traces=0.10, agentic=0.08, pull_requests=0.06, compiler_ir=0.02,
-                    kernels=0.02, lean=0.02, code=0.40, rehearsal=0.30)
+MIDTRAIN_MIX = dict(
+  traces=0.10,
+  agentic=0.08,
+  pull_requests=0.06,
+  compiler_ir=0.02,
+  kernels=0.02,
+  lean=0.02,
+  code=0.40,
+  rehearsal=0.30,
+)
 SFT_MIX = dict(reasoning=0.6, chat=0.2, agentic=0.1, traces=0.1)
 
 
@@ -55,16 +63,18 @@ def _mixture(weights: dict, root: str) -> list[dict]:
 # Parameters and optimizer state are sharded over fsdp x sequence (see RULES), so a
 # sequence axis does not replicate the 391 GB train state. 256 chips each.
 SLICES = {
-    "v5p-512": dict(  # 256 v5p chips, 95 GiB HBM each
-        pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
-        midtrain=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), grad_accum=4),
-        sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
-        rl=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), batch_size=32)),
-    "v6e-256": dict(  # 256 v6e chips, 32 GiB HBM each
-        pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
-        midtrain=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), grad_accum=8),
-        sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
-        rl=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), batch_size=16)),
+  "v5p-512": dict(  # 256 v5p chips, 95 GiB HBM each
+    pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
+    midtrain=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), grad_accum=4),
+    sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
+    rl=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), batch_size=32),
+  ),
+  "v6e-256": dict(  # 256 v6e chips, 32 GiB HBM each
+    pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
+    midtrain=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), grad_accum=8),
+    sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
+    rl=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), batch_size=16),
+  ),
 }
 RULES_OVERRIDES = {"embed": ["fsdp", "sequence"]}  # ZeRO-3 over every device of the slice
 
@@ -72,22 +82,58 @@ RULES_OVERRIDES = {"embed": ["fsdp", "sequence"]}  # ZeRO-3 over every device of
 def _stages(root: str, slice_name: str) -> dict:
   """Stage fields; unknown figures are marked (default)."""
   stages = dict(
-      pretrain=dict(tokens=8 * T, seq_len=8192, global_window=8192, rope_scaling=False,
-                    batch_size=2048,                                   # (default) 16.8M tok/step
-                    optimizer=dict(lr=3e-4, warmup_steps=2000, schedule="cosine",  # (default)
-                                   min_lr_ratio=0.1, weight_decay=0.1),
-                    data=dict(mixture=_mixture(PRETRAIN_MIX, root)), remat="full", start_from="scratch"),
-      midtrain=dict(tokens=5 * T, seq_len=131072, global_window=131072, rope_scaling=True,
-                    batch_size=128,                                    # (default) 16.8M tok/step
-                    data=dict(mixture=_mixture(MIDTRAIN_MIX, root)), remat="full", carry_optimizer=True),
-      sft=dict(tokens=100 * B, seq_len=32768, global_window=131072, rope_scaling=True,
-               batch_size=256,                                         # (default) 8.4M tok/step
-               optimizer=dict(lr=1e-5, warmup_steps=100, schedule="cosine",  # (default)
-                              min_lr_ratio=0.1, weight_decay=0.1),
-               data=dict(mixture=_mixture(SFT_MIX, root)), remat="full"),
-      rl=dict(tokens=172 * B, seq_len=131072, global_window=131072, rope_scaling=True,
-              optimizer=dict(lr=1e-6, warmup_steps=0, schedule="constant"),     # (default)
-              remat="full", trainer="rl"),
+    pretrain=dict(
+      tokens=8 * T,
+      seq_len=8192,
+      global_window=8192,
+      rope_scaling=False,
+      batch_size=2048,  # (default) 16.8M tok/step
+      optimizer=dict(
+        lr=3e-4,
+        warmup_steps=2000,
+        schedule="cosine",  # (default)
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+      ),
+      data=dict(mixture=_mixture(PRETRAIN_MIX, root)),
+      remat="full",
+      start_from="scratch",
+    ),
+    midtrain=dict(
+      tokens=5 * T,
+      seq_len=131072,
+      global_window=131072,
+      rope_scaling=True,
+      batch_size=128,  # (default) 16.8M tok/step
+      data=dict(mixture=_mixture(MIDTRAIN_MIX, root)),
+      remat="full",
+      carry_optimizer=True,
+    ),
+    sft=dict(
+      tokens=100 * B,
+      seq_len=32768,
+      global_window=131072,
+      rope_scaling=True,
+      batch_size=256,  # (default) 8.4M tok/step
+      optimizer=dict(
+        lr=1e-5,
+        warmup_steps=100,
+        schedule="cosine",  # (default)
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+      ),
+      data=dict(mixture=_mixture(SFT_MIX, root)),
+      remat="full",
+    ),
+    rl=dict(
+      tokens=172 * B,
+      seq_len=131072,
+      global_window=131072,
+      rope_scaling=True,
+      optimizer=dict(lr=1e-6, warmup_steps=0, schedule="constant"),  # (default)
+      remat="full",
+      trainer="rl",
+    ),
   )
   for name, layout in SLICES[slice_name].items():  # (default) meshes, accumulation, RL batch
     stages[name].update(layout)
@@ -101,12 +147,26 @@ def _rl(root: str) -> ml_collections.ConfigDict:
   verifier rewards, asynchronous rollouts with stale ones dropped. Tasks are JSONL task files
   (code, math, trace, agentic with tools) under DATA_ROOT/rl."""
   c = rl_config()
-  c.update(dict(task_files=f"{root}/rl", group_size=8,         # (default) group size
-                max_new_tokens=32768, loss_max_len=131072,    # (default) response budget
-                eps_low=0.2, eps_high=0.25, temperature=1.0, top_p=1.0,
-                async_rollouts=True, max_staleness=1,         # (default) staleness bound
-                max_turns=32, episode_tokens=131072, episode_seconds=1800.0,  # (default)
-                verifier_workers=32, sandbox_timeout_s=30.0, sandbox_memory_mb=4096))
+  c.update(
+    dict(
+      task_files=f"{root}/rl",
+      group_size=8,  # (default) group size
+      max_new_tokens=32768,
+      loss_max_len=131072,  # (default) response budget
+      eps_low=0.2,
+      eps_high=0.25,
+      temperature=1.0,
+      top_p=1.0,
+      async_rollouts=True,
+      max_staleness=1,  # (default) staleness bound
+      max_turns=32,
+      episode_tokens=131072,
+      episode_seconds=1800.0,  # (default)
+      verifier_workers=32,
+      sandbox_timeout_s=30.0,
+      sandbox_memory_mb=4096,
+    )
+  )
   return c
 
 
@@ -115,28 +175,47 @@ def get_config(arg: str | None = None):
   unknown = sorted(set(variant) - {"stage", "schedule", "data_root", "slice"})
   stage = variant.get("stage", "")
   slice_name = variant.get("slice", "v5p-512")
-  if (unknown or (stage and stage not in STAGES) or variant.get("schedule", "all") != "all"
-      or slice_name not in SLICES):
-    raise ConfigError(f"configs/cwm_32b.py: use stage={'|'.join(STAGES)} or schedule=all "
-                      f"[,slice={'|'.join(SLICES)}][,data_root=DIR] "
-                      f"(got {arg!r})")
+  if (
+    unknown
+    or (stage and stage not in STAGES)
+    or variant.get("schedule", "all") != "all"
+    or slice_name not in SLICES
+  ):
+    raise ConfigError(
+      f"configs/cwm_32b.py: use stage={'|'.join(STAGES)} or schedule=all "
+      f"[,slice={'|'.join(SLICES)}][,data_root=DIR] "
+      f"(got {arg!r})"
+    )
   c = base_config()
   c.model.preset = "cwm_32b"
   # 'auto': splash on TPU, cuDNN on GPU, chunked on CPU; K/V all-gathered over `sequence`
   # for global layers, a window-sized halo for local ones.
-  c.execution.update(dict(param_dtype="float32", compute_dtype="bfloat16",
-                          attention_impl="auto", attention_chunk=512, scan_layers=True,
-                          remat_policy="full", context_parallel="allgather"))
+  c.execution.update(
+    dict(
+      param_dtype="float32",
+      compute_dtype="bfloat16",
+      attention_impl="auto",
+      attention_chunk=512,
+      scan_layers=True,
+      remat_policy="full",
+      context_parallel="allgather",
+    )
+  )
   c.rules = [[name, RULES_OVERRIDES.get(name, axes)] for name, axes in c.rules]
-  c.checkpoint_every = 1000               # (default)
+  c.checkpoint_every = 1000  # (default)
   c.log_every = 10
-  c.loss.chunk = 1024                     # vocab projection in chunks of 1024 tokens
+  c.loss.chunk = 1024  # vocab projection in chunks of 1024 tokens
   c.optimizer.update(dict(b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))  # (default)
   c.data.source = "grain"
   c.checkpoint.max_to_keep = 3
   c.rl = _rl(variant.get("data_root", DATA_ROOT))
   order = "pretrain,midtrain,sft" if stage != "rl" else ",".join(STAGES)
-  c.schedule = ml_collections.ConfigDict(dict(order=order, only=stage, finish=False,
-                                              stages=_stages(variant.get("data_root", DATA_ROOT),
-                                                             slice_name)))
+  c.schedule = ml_collections.ConfigDict(
+    dict(
+      order=order,
+      only=stage,
+      finish=False,
+      stages=_stages(variant.get("data_root", DATA_ROOT), slice_name),
+    )
+  )
   return c

@@ -52,8 +52,18 @@ def get_config(arg: str | None = None):
   if unknown:
     raise ConfigError(f"configs/smoke.py: unknown variant keys {unknown}; known: {VARIANTS}")
   c.model.preset = "tiny"
-  c.model.overrides.update(dict(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
-                                ffn_dim=128, vocab_size=512, local_window=16))
+  c.model.overrides.update(
+    dict(
+      n_layers=4,
+      dim=64,
+      n_heads=4,
+      n_kv_heads=2,
+      head_dim=16,
+      ffn_dim=128,
+      vocab_size=512,
+      local_window=16,
+    )
+  )
   c.execution.compute_dtype = variant.get("dtype", "float32")
   c.execution.remat_policy = variant.get("remat", "none")
   c.grad_accum = int(variant.get("accum", 1))
@@ -63,6 +73,7 @@ def get_config(arg: str | None = None):
   c.data.source = variant.get("source", "grain" if staged else "synthetic")
   if c.data.source == "grain":  # the grain pipeline's fields; then set data.mixture
     from cwm_jax.data.pipeline import default_data_config  # pylint: disable=g-import-not-at-top
+
     c.data.update(default_data_config())
     c.data.long_documents = "split"  # stdlib files and traces are longer than T
     c.data.shuffle_window = 256  # so a batch mixes pieces of several documents
@@ -70,8 +81,9 @@ def get_config(arg: str | None = None):
     return add_rl_stage(c)
   if schedule == "all" or "stage" in variant:
     limit = int(variant.get("corpus_limit", 0)) or None
-    add_stages(c, only=variant.get("stage", ""), corpus_limit=limit,
-               traces=variant.get("traces", "programs"))
+    add_stages(
+      c, only=variant.get("stage", ""), corpus_limit=limit, traces=variant.get("traces", "programs")
+    )
   return c
 
 
@@ -82,20 +94,45 @@ def add_stages(c, only: str = "", corpus_limit: int | None = None, traces: str =
   (pre, mid, sft), c.checkpoint_every = STEPS["grain" if c.data.source == "grain" else "synthetic"]
   # The project tokenizer's vocabulary (4352), so the model reads the corpora and can sample.
   from cwm_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
   c.model.overrides.vocab_size = Tokenizer.default().vocab_size
   data = stage_data(c.data.source, corpus_limit, traces)
   stages = dict(
-      pretrain=dict(seq_len=64, batch_size=8, steps=pre, global_window=64, rope_scaling=False,
-                    mesh=dict(data=1, fsdp=-1), start_from="scratch", data=data["pretrain"],
-                    optimizer=dict(lr=3e-3, warmup_steps=2, schedule="cosine")),
-      midtrain=dict(seq_len=128, batch_size=8, steps=mid, global_window=128, rope_scaling=True,
-                    mesh=dict(data=-1, fsdp=1), carry_optimizer=True, data=data["midtrain"]),
-      sft=dict(seq_len=96, batch_size=8, steps=sft, global_window=128, rope_scaling=True,
-               mesh=dict(data=1, fsdp=-1), data=data["sft"],
-               optimizer=dict(lr=1e-3, warmup_steps=1, schedule="constant")),
+    pretrain=dict(
+      seq_len=64,
+      batch_size=8,
+      steps=pre,
+      global_window=64,
+      rope_scaling=False,
+      mesh=dict(data=1, fsdp=-1),
+      start_from="scratch",
+      data=data["pretrain"],
+      optimizer=dict(lr=3e-3, warmup_steps=2, schedule="cosine"),
+    ),
+    midtrain=dict(
+      seq_len=128,
+      batch_size=8,
+      steps=mid,
+      global_window=128,
+      rope_scaling=True,
+      mesh=dict(data=-1, fsdp=1),
+      carry_optimizer=True,
+      data=data["midtrain"],
+    ),
+    sft=dict(
+      seq_len=96,
+      batch_size=8,
+      steps=sft,
+      global_window=128,
+      rope_scaling=True,
+      mesh=dict(data=1, fsdp=-1),
+      data=data["sft"],
+      optimizer=dict(lr=1e-3, warmup_steps=1, schedule="constant"),
+    ),
   )
-  c.schedule = ml_collections.ConfigDict(dict(order=",".join(STAGES), only=only, finish=True,
-                                              sample_tokens=48, stages=stages))
+  c.schedule = ml_collections.ConfigDict(
+    dict(order=",".join(STAGES), only=only, finish=True, sample_tokens=48, stages=stages)
+  )
   return c
 
 
@@ -109,13 +146,18 @@ def stage_data(source: str, corpus_limit: int | None = None, traces: str = "prog
     return dict(pretrain={}, midtrain={}, sft=dict(prompt_fraction=0.5))
   trace_corpus = "repo_traces" if traces == "repo" else "traces"
   corpus = lambda name, weight=1.0: dict(
-      kind="corpus", name=name, weight=weight,
-      limit=min(CORPUS_LIMITS[name], corpus_limit or CORPUS_LIMITS[name]))
-  return dict(pretrain=dict(mixture=[corpus("code")]),
-              # CWM mid-train: world-model (trace) data mixed with code.
-              midtrain=dict(mixture=[corpus(trace_corpus, 0.6), corpus("code", 0.4)]),
-              # Trace/output-prediction dialogs; only assistant turns carry loss weight.
-              sft=dict(mixture=[corpus("sft")]))
+    kind="corpus",
+    name=name,
+    weight=weight,
+    limit=min(CORPUS_LIMITS[name], corpus_limit or CORPUS_LIMITS[name]),
+  )
+  return dict(
+    pretrain=dict(mixture=[corpus("code")]),
+    # CWM mid-train: world-model (trace) data mixed with code.
+    midtrain=dict(mixture=[corpus(trace_corpus, 0.6), corpus("code", 0.4)]),
+    # Trace/output-prediction dialogs; only assistant turns carry loss weight.
+    sft=dict(mixture=[corpus("sft")]),
+  )
 
 
 def add_rl_stage(c):
@@ -123,14 +165,23 @@ def add_rl_stage(c):
   (the smoke SFT model is trained on synthetic tokens, so it knows no more than a fresh
   one); a real recipe sets start_from='previous' to continue from SFT."""
   from cwm_jax.rl.trainer import rl_config  # pylint: disable=g-import-not-at-top
+
   add_stages(c)
   c.rl = rl_config()
-  c.rl.update(tasks="toy,math,code", group_size=4, max_new_tokens=24, warmup_steps=30,
-              sandbox_timeout_s=2.0)  # add 'trace' with seq_len >= 320 (longer prompts)
+  c.rl.update(
+    tasks="toy,math,code", group_size=4, max_new_tokens=24, warmup_steps=30, sandbox_timeout_s=2.0
+  )  # add 'trace' with seq_len >= 320 (longer prompts)
   c.schedule.stages.rl = dict(
-      seq_len=80, batch_size=32, steps=60, global_window=128, rope_scaling=True,
-      mesh=dict(data=-1, fsdp=1), start_from="scratch", trainer="rl",
-      optimizer=dict(lr=1e-2, warmup_steps=2, schedule="constant", weight_decay=0.0))
+    seq_len=80,
+    batch_size=32,
+    steps=60,
+    global_window=128,
+    rope_scaling=True,
+    mesh=dict(data=-1, fsdp=1),
+    start_from="scratch",
+    trainer="rl",
+    optimizer=dict(lr=1e-2, warmup_steps=2, schedule="constant", weight_decay=0.0),
+  )
   c.schedule.order += ",rl"
   c.schedule.only = "rl"
   return c

@@ -15,6 +15,7 @@ class ConfigError(ValueError):
 class NonFiniteError(RuntimeError):
   """Training stopped on a non-finite loss or gradient norm (the last good checkpoint is
   kept); programs exit with `exit_code`."""
+
   exit_code = 3
 
 
@@ -24,5 +25,7 @@ def require_extra(module: str, extra: str, purpose: str):
   try:
     return importlib.import_module(module)
   except ModuleNotFoundError as e:
-    raise ConfigError(f"{purpose} needs {e.name!r}, which is not installed: pip install "
-                      f"'cwm_jax[{extra}]' (or: bash launch/install.sh .venv {extra})") from None
+    raise ConfigError(
+      f"{purpose} needs {e.name!r}, which is not installed: pip install "
+      f"'cwm_jax[{extra}]' (or: bash launch/install.sh .venv {extra})"
+    ) from None

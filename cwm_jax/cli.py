@@ -15,7 +15,7 @@ import math
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict
@@ -45,8 +45,9 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _config_flags() -> list[str]:
-  return [name for name in flags.FLAGS
-          if isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser)]
+  return [
+    name for name in flags.FLAGS if isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser)
+  ]
 
 
 def _flag_args(argv: list[str], name: str) -> list[str]:
@@ -66,16 +67,19 @@ def check_config_file(flag: str, value: str) -> None:
   if not path:
     raise ConfigError(f"--{flag} is empty; pass a config file such as configs/smoke.py")
   if not os.path.isfile(path):
-    raise ConfigError(f"--{flag}: config file {path!r} not found (or not a file); pass an "
-                      "existing config file such as configs/smoke.py")
+    raise ConfigError(
+      f"--{flag}: config file {path!r} not found (or not a file); pass an "
+      "existing config file such as configs/smoke.py"
+    )
   try:
     with open(path, encoding="utf-8") as f:
       compile(f.read(), path, "exec")
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f"--{flag}: cannot read config file {path!r}: {e}") from None
   except SyntaxError as e:
-    raise ConfigError(f"--{flag}: config file {path} line {e.lineno}: {e.msg}; fix the "
-                      "syntax error") from None
+    raise ConfigError(
+      f"--{flag}: config file {path} line {e.lineno}: {e.msg}; fix the syntax error"
+    ) from None
 
 
 def _check_config_values(names: list[str]) -> None:
@@ -88,8 +92,10 @@ def _check_config_values(names: list[str]) -> None:
       err = object.__getattribute__(value, "_error")
       raise ConfigError(f"--{name}: {one_line(err)}")
     if not isinstance(value, ConfigDict):
-      raise ConfigError(f"--{name}: get_config() returned {type(value).__name__}; it must return "
-                        "an ml_collections.ConfigDict")
+      raise ConfigError(
+        f"--{name}: get_config() returned {type(value).__name__}; it must return "
+        "an ml_collections.ConfigDict"
+      )
 
 
 def _check_float_flags() -> None:
@@ -118,19 +124,24 @@ def _flag_error(e: BaseException) -> str:
   while root.__cause__ is not None or root.__context__ is not None:
     root = root.__cause__ or root.__context__
   if isinstance(root, KeyError):
-    return (f"no config field {root}: check the spelling of the --config.FIELD=VALUE "
-            "overrides against the config file")
+    return (
+      f"no config field {root}: check the spelling of the --config.FIELD=VALUE "
+      "overrides against the config file"
+    )
   return one_line(_root_message(e))
 
 
 # absl's help flags: they print the usage and end the process (with status 1, as if it failed).
-_HELP_FLAGS = frozenset(f"{dash}{name}" for dash in ("-", "--")
-                        for name in ("?", "help", "helpshort", "helpfull", "helpxml"))
+_HELP_FLAGS = frozenset(
+  f"{dash}{name}"
+  for dash in ("-", "--")
+  for name in ("?", "help", "helpshort", "helpfull", "helpxml")
+)
 
 
 def _asks_help(argv: list[str]) -> bool:
   """Whether argv (before a literal `--`) holds one of absl's help flags."""
-  args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
   return any(a in _HELP_FLAGS for a in args)
 
 
@@ -167,8 +178,9 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
         sys.exit(0)  # asked for and printed: not a failure
       raise
     except Exception as e:  # pylint: disable=broad-except  (flag values are user input)
-      raise ConfigError(f"{_flag_error(e)} ({_FIX}; fix the flag or config field named "
-                        "here)") from None
+      raise ConfigError(
+        f"{_flag_error(e)} ({_FIX}; fix the flag or config field named here)"
+      ) from None
     _check_config_values(names)
     _check_float_flags()
     return rest
@@ -176,8 +188,9 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
     fail(str(e))
 
 
-def run_main(main: Callable[[list[str]], None], errors: tuple[type, ...] = (),
-             quiet: bool = True) -> None:
+def run_main(
+  main: Callable[[list[str]], None], errors: tuple[type, ...] = (), quiet: bool = True
+) -> None:
   """`app.run(main)` where bad flags, bad configs (`ConfigError`), missing files, usage
   errors and `errors` raised by `main` print one line and exit 2, and an exception with
   an `exit_code` (a non-finite training stop) prints one line and exits with it.
@@ -185,19 +198,27 @@ def run_main(main: Callable[[list[str]], None], errors: tuple[type, ...] = (),
   `quiet`: library INFO logs (orbax's) are off unless --verbosity is given. On a CPU
   run, host memory is retained for reuse between executions (`host_memory.retain`).
   """
+
   def guarded(argv):
     if quiet and not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     try:
       host_memory.retain()  # before JAX starts its thread pools
       return main(argv)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            app.UsageError, *errors) as e:
+    except (
+      ConfigError,
+      FileNotFoundError,
+      NotADirectoryError,
+      IsADirectoryError,
+      app.UsageError,
+      *errors,
+    ) as e:
       fail(_root_message(e))
     except Exception as e:  # pylint: disable=broad-except
       code = getattr(e, "exit_code", None)
       if not isinstance(code, int):
         raise
       fail(str(e), code)
+
   _show_program_help(main)
   app.run(guarded, flags_parser=_parse_or_exit)

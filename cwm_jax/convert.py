@@ -17,15 +17,15 @@ import sys
 
 from absl import flags
 
-from cwm_jax.cli import run_main
-from cwm_jax.checkpoint.conversion import FORMATS, convert
 from cwm_jax.base import ConfigError
+from cwm_jax.checkpoint.conversion import FORMATS, convert
+from cwm_jax.cli import run_main
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "Source checkpoint directory, local or gs:// (format "
-                    "detected).")
-flags.DEFINE_string("dst", None, "Destination directory, local or gs:// (must not exist or be "
-                    "empty).")
+flags.DEFINE_string("src", None, "Source checkpoint directory, local or gs:// (format detected).")
+flags.DEFINE_string(
+  "dst", None, "Destination directory, local or gs:// (must not exist or be empty)."
+)
 flags.DEFINE_enum("to", None, list(FORMATS), "Destination format.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Output dtype (default: the source's).")
 flags.DEFINE_integer("step", None, "Orbax step to read (default latest) or to write (default 0).")
@@ -39,12 +39,20 @@ def main(argv):
   if not (FLAGS.src and FLAGS.dst and FLAGS.to):
     raise ConfigError("--src, --dst and --to are required")
   if not (math.isfinite(FLAGS.max_shard_gb) and FLAGS.max_shard_gb >= 0.001):
-    raise ConfigError(f"--max_shard_gb={FLAGS.max_shard_gb} must be a number >= 0.001 (1 MB); "
-                      "the Hub's usual size is 5")
+    raise ConfigError(
+      f"--max_shard_gb={FLAGS.max_shard_gb} must be a number >= 0.001 (1 MB); "
+      "the Hub's usual size is 5"
+    )
   if FLAGS.step is not None and FLAGS.step < 0:
     raise ConfigError(f"--step={FLAGS.step} must be >= 0 (omit it for the latest step)")
-  summary = convert(FLAGS.src, FLAGS.dst, FLAGS.to, dtype=FLAGS.dtype, step=FLAGS.step,
-                    max_shard_bytes=int(FLAGS.max_shard_gb * 1e9))
+  summary = convert(
+    FLAGS.src,
+    FLAGS.dst,
+    FLAGS.to,
+    dtype=FLAGS.dtype,
+    step=FLAGS.step,
+    max_shard_bytes=int(FLAGS.max_shard_gb * 1e9),
+  )
   print(json.dumps(summary))
 
 

@@ -16,17 +16,18 @@ import sys
 from absl import flags
 
 from cwm_jax import storage
+from cwm_jax.base import ConfigError
 from cwm_jax.cli import run_main
 from cwm_jax.infer import benchmarks
 from cwm_jax.infer.evaluation import EvalConfig, evaluate, held_out_cases, unscored
 from cwm_jax.infer.loading import load_for_inference
-from cwm_jax.base import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (orbax workdir, HF or Meta).")
 flags.DEFINE_integer("step", None, "Orbax checkpoint step (default: latest).")
-flags.DEFINE_string("tokenizer", None, "Rank file (default: the checkpoint's, else the "
-                    "project BPE).")
+flags.DEFINE_string(
+  "tokenizer", None, "Rank file (default: the checkpoint's, else the project BPE)."
+)
 flags.DEFINE_string("programs_dir", None, "Programs with INPUTS (default: the shipped ones).")
 flags.DEFINE_integer("max_programs", EvalConfig.max_programs, "Held-out calls to evaluate.")
 flags.DEFINE_integer("max_new_tokens", EvalConfig.max_new_tokens, "Tokens per predicted trace.")
@@ -36,15 +37,20 @@ flags.DEFINE_bool("generate", True, "Generate traces (exact-match metrics).")
 flags.DEFINE_bool("perplexity", True, "Per-source perplexity.")
 flags.DEFINE_string("suite", None, f"A code benchmark: one of {', '.join(benchmarks.SUITES)}.")
 flags.DEFINE_string("data", None, "The suite's JSONL file in its published format.")
-flags.DEFINE_string("samples", None, "Score these completions (JSONL: task_id, completion) "
-                    "instead of generating.")
-flags.DEFINE_bool("references", False, "Score each task's reference answer (checks the data "
-                  "file and the sandbox: all should pass).")
+flags.DEFINE_string(
+  "samples", None, "Score these completions (JSONL: task_id, completion) instead of generating."
+)
+flags.DEFINE_bool(
+  "references",
+  False,
+  "Score each task's reference answer (checks the data file and the sandbox: all should pass).",
+)
 flags.DEFINE_integer("n", 1, "Completions generated per task.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature of generated completions (0: greedy).")
 flags.DEFINE_list("k", ["1"], "pass@k for these k.")
-flags.DEFINE_string("results", None, "Per-sample results JSONL (default: SUITE_results.jsonl "
-                    "in the current folder).")
+flags.DEFINE_string(
+  "results", None, "Per-sample results JSONL (default: SUITE_results.jsonl in the current folder)."
+)
 flags.DEFINE_integer("workers", 2, "Sandboxed runs at a time.")
 
 
@@ -70,8 +76,10 @@ def run_suite() -> dict:
   if FLAGS.n < 1 or FLAGS.temperature < 0 or FLAGS.workers < 1:
     raise ConfigError("--n and --workers must be >= 1 and --temperature >= 0")
   if FLAGS.n > 1 and FLAGS.temperature == 0:
-    raise ConfigError(f"--n {FLAGS.n} greedy completions would all be the same; set "
-                      "--temperature (e.g. 0.8) or --n 1")
+    raise ConfigError(
+      f"--n {FLAGS.n} greedy completions would all be the same; set "
+      "--temperature (e.g. 0.8) or --n 1"
+    )
   ks = _ks()
   tasks = benchmarks.load_tasks(FLAGS.suite, FLAGS.data)
   if FLAGS.samples:
@@ -80,10 +88,16 @@ def run_suite() -> dict:
     samples = benchmarks.references(tasks)
   else:
     model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)
-    samples = benchmarks.generate(model, tok, FLAGS.suite, tasks, n=FLAGS.n,
-                                  temperature=FLAGS.temperature,
-                                  max_new_tokens=FLAGS.max_new_tokens,
-                                  batch_size=FLAGS.batch_size)
+    samples = benchmarks.generate(
+      model,
+      tok,
+      FLAGS.suite,
+      tasks,
+      n=FLAGS.n,
+      temperature=FLAGS.temperature,
+      max_new_tokens=FLAGS.max_new_tokens,
+      batch_size=FLAGS.batch_size,
+    )
   summary, rows = benchmarks.score(FLAGS.suite, tasks, samples, ks, workers=FLAGS.workers)
   results = FLAGS.results or f"{FLAGS.suite}_results.jsonl"
   benchmarks.write_results(results, rows)
@@ -100,14 +114,21 @@ def main(argv):
   if not FLAGS.checkpoint:
     raise ConfigError("--checkpoint DIR is required")
   if FLAGS.programs_dir is not None and not os.path.isdir(FLAGS.programs_dir):
-    raise ConfigError(f"--programs_dir {FLAGS.programs_dir!r} is not a directory; pass a folder "
-                      "of programs with INPUTS (or omit it for the shipped ones)")
+    raise ConfigError(
+      f"--programs_dir {FLAGS.programs_dir!r} is not a directory; pass a folder "
+      "of programs with INPUTS (or omit it for the shipped ones)"
+    )
   if FLAGS.step is not None and FLAGS.step < 0:
     raise ConfigError(f"--step={FLAGS.step} must be >= 0 (omit it for the latest step)")
-  config = EvalConfig(programs_dir=FLAGS.programs_dir, max_programs=FLAGS.max_programs,
-                      max_new_tokens=FLAGS.max_new_tokens, max_tokens=FLAGS.max_tokens,
-                      batch_size=FLAGS.batch_size, generate=FLAGS.generate,
-                      perplexity=FLAGS.perplexity)
+  config = EvalConfig(
+    programs_dir=FLAGS.programs_dir,
+    max_programs=FLAGS.max_programs,
+    max_new_tokens=FLAGS.max_new_tokens,
+    max_tokens=FLAGS.max_tokens,
+    batch_size=FLAGS.batch_size,
+    generate=FLAGS.generate,
+    perplexity=FLAGS.perplexity,
+  )
   # Trace the held-out programs (cached) before JAX starts its threads.
   held_out_cases(config.programs_dir, config.max_programs, config.timeout_s)
   model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer)
@@ -115,8 +136,11 @@ def main(argv):
   empty = unscored(metrics)
   out = {k: (None if k in empty else v) for k, v in metrics.items()}
   if empty:
-    out["unscored"] = {"metrics": empty, "why": "nothing was scored for these (no tokens, "
-                       "frames or programs); raise --max_tokens or --max_programs"}
+    out["unscored"] = {
+      "metrics": empty,
+      "why": "nothing was scored for these (no tokens, "
+      "frames or programs); raise --max_tokens or --max_programs",
+    }
   print(json.dumps(out, indent=1, sort_keys=True))
 
 

@@ -44,7 +44,7 @@ def cpu_run() -> bool:
 
 
 def _backends_started() -> bool:
-  bridge = sys.modules.get("jax._src.xla_bridge")   # no jax imported: nothing started
+  bridge = sys.modules.get("jax._src.xla_bridge")  # no jax imported: nothing started
   return bridge is not None and bridge.backends_are_initialized()
 
 
@@ -54,8 +54,10 @@ def retain() -> bool:
   not asked for, JAX's backends have started already, or the C library is not glibc."""
   choice = os.environ.get(ENV, "").strip().lower()
   if choice not in ("", "retain", "system"):
-    raise ConfigError(f"{ENV}={choice!r}: use 'retain' (keep freed host memory for reuse) "
-                      "or 'system' (glibc's defaults), or leave it unset")
+    raise ConfigError(
+      f"{ENV}={choice!r}: use 'retain' (keep freed host memory for reuse) "
+      "or 'system' (glibc's defaults), or leave it unset"
+    )
   if choice == "system" or (not choice and not cpu_run()) or _backends_started():
     return False
   mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
@@ -64,5 +66,7 @@ def retain() -> bool:
   # The trim threshold is a size_t inside glibc, so -1 reads as SIZE_MAX: never trim.
   # The largest positive int (2 GiB) still trimmed: a few steps in flight can leave a free
   # top above it, which glibc gave back and then faulted in again at every step.
-  return all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+  return all(
+    mallopt(param, value) == 1
+    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+  )

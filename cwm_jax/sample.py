@@ -1,7 +1,7 @@
 """Sample from a checkpoint (orbax, Hugging Face or Meta) with a KV cache.
 
-  python -m cwm_jax.sample --checkpoint DIR --prompt 'def add(a, b):' --max_new_tokens 32
-  python -m cwm_jax.sample --checkpoint DIR --prompt_ids 5,17,9 --json
+python -m cwm_jax.sample --checkpoint DIR --prompt 'def add(a, b):' --max_new_tokens 32
+python -m cwm_jax.sample --checkpoint DIR --prompt_ids 5,17,9 --json
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import sys
 
 from absl import flags
 
+from cwm_jax.base import ConfigError
 from cwm_jax.cli import run_main
 from cwm_jax.infer.loading import load_for_inference
 from cwm_jax.infer.sampler import generate
-from cwm_jax.base import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (orbax workdir, HF or Meta).")
@@ -26,10 +26,15 @@ flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
 flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("stop_ids", None, "Comma-separated stop ids (default: the tokenizer's "
-                    "stop tokens with --prompt, none with --prompt_ids).")
-flags.DEFINE_string("tokenizer", None, "Rank file (default: the checkpoint's, else the "
-                    "project BPE).")
+flags.DEFINE_string(
+  "stop_ids",
+  None,
+  "Comma-separated stop ids (default: the tokenizer's "
+  "stop tokens with --prompt, none with --prompt_ids).",
+)
+flags.DEFINE_string(
+  "tokenizer", None, "Rank file (default: the checkpoint's, else the project BPE)."
+)
 flags.DEFINE_bool("json", False, "Print a JSON object with the ids and log-probs.")
 
 
@@ -43,8 +48,9 @@ def parse_ids(text: str, what: str) -> list[int]:
 def check_flags() -> None:
   """Sampling flags are finite and in range (ConfigError naming the flag otherwise)."""
   if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
-    raise ConfigError(f"--temperature={FLAGS.temperature} must be a finite number >= 0 "
-                      "(0 is greedy)")
+    raise ConfigError(
+      f"--temperature={FLAGS.temperature} must be a finite number >= 0 (0 is greedy)"
+    )
   if not (math.isfinite(FLAGS.top_p) and 0 < FLAGS.top_p <= 1):
     raise ConfigError(f"--top_p={FLAGS.top_p} must be in (0, 1] (1 keeps every token)")
   if FLAGS.max_new_tokens < 1:
@@ -61,10 +67,16 @@ def run_sample() -> dict:
     raise ConfigError("--checkpoint DIR is required")
   use_text = FLAGS.prompt is not None
   model, tok = load_for_inference(FLAGS.checkpoint, FLAGS.step, FLAGS.tokenizer, use_text)
-  prompt = tok.encode(FLAGS.prompt, bos=True) if use_text else parse_ids(FLAGS.prompt_ids,
-                                                                           "--prompt_ids")
-  stop = (parse_ids(FLAGS.stop_ids, "--stop_ids") if FLAGS.stop_ids is not None
-          else list(tok.stop_ids) if use_text else [])
+  prompt = (
+    tok.encode(FLAGS.prompt, bos=True) if use_text else parse_ids(FLAGS.prompt_ids, "--prompt_ids")
+  )
+  stop = (
+    parse_ids(FLAGS.stop_ids, "--stop_ids")
+    if FLAGS.stop_ids is not None
+    else list(tok.stop_ids)
+    if use_text
+    else []
+  )
   vocab = model.cfg.vocab_size
   for what, ids in (("--prompt_ids", prompt), ("--stop_ids", stop)):
     bad = [i for i in ids if not 0 <= i < vocab]
@@ -73,9 +85,15 @@ def run_sample() -> dict:
   if not prompt:
     raise ConfigError("the prompt is empty; pass --prompt TEXT or --prompt_ids 5,17,9")
   try:
-    result = generate(model, [prompt], max_new_tokens=FLAGS.max_new_tokens,
-                      temperature=FLAGS.temperature, top_p=FLAGS.top_p, stop_ids=stop,
-                      seed=FLAGS.seed)
+    result = generate(
+      model,
+      [prompt],
+      max_new_tokens=FLAGS.max_new_tokens,
+      temperature=FLAGS.temperature,
+      top_p=FLAGS.top_p,
+      stop_ids=stop,
+      seed=FLAGS.seed,
+    )
   except ValueError as e:
     raise ConfigError(str(e)) from None
   out = {"prompt_ids": prompt, "tokens": result.tokens[0], "logprobs": result.logprobs[0]}

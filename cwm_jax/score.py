@@ -15,16 +15,20 @@ import numpy as np
 from absl import flags
 
 from cwm_jax import storage
-from cwm_jax.cli import run_main
-from cwm_jax.checkpoint.load import load_model
 from cwm_jax.base import ConfigError
+from cwm_jax.checkpoint.load import load_model
+from cwm_jax.cli import run_main
 from cwm_jax.model.logprobs import token_logprobs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Hugging Face, Meta or orbax checkpoint directory.")
 flags.DEFINE_string("token_ids", None, "Comma-separated token ids (at least 2).")
-flags.DEFINE_string("output", None, "Where to write the float32 .npy of length T-1 (local "
-                    "or gs://; '.npy' is appended when missing).")
+flags.DEFINE_string(
+  "output",
+  None,
+  "Where to write the float32 .npy of length T-1 (local "
+  "or gs://; '.npy' is appended when missing).",
+)
 flags.DEFINE_integer("step", None, "Orbax checkpoint step (default: latest).")
 
 
@@ -56,8 +60,9 @@ def output_path(output: str) -> str:
   if not storage.is_url(path):  # an object store needs no parent folder
     bad = bad or not storage.isdir(storage.dirname(path))
   if bad:
-    raise ConfigError(f"--output {output!r} must be a file path in an existing directory "
-                      "(or a gs:// object path)")
+    raise ConfigError(
+      f"--output {output!r} must be a file path in an existing directory (or a gs:// object path)"
+    )
   return path
 
 

@@ -33,10 +33,11 @@ import posixpath
 import shutil
 import socket
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from etils import epath
 import fsspec
+from etils import epath
 
 from cwm_jax.base import ConfigError
 
@@ -52,7 +53,7 @@ for _name in ("gcsfs", "fsspec"):
   logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def configure_environment(env: "os._Environ | dict" = os.environ) -> None:
+def configure_environment(env: os._Environ | dict = os.environ) -> None:
   """Points tensorstore and gcsfs at `STORAGE_EMULATOR_HOST` when it is set.
 
   Runs at package import (before gcsfs or tensorstore read their settings); a
@@ -151,10 +152,11 @@ def check_writable(path: Any) -> None:
     remove(probe)
   except Exception as e:  # pylint: disable=broad-except  (any client error: no bucket, no rights)
     first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
-    raise ConfigError(f"cannot write to {path} ({type(e).__name__}: {first[:300]}); check that "
-                      "the bucket exists and that this machine's credentials may write to it "
-                      "(or, for tests, that STORAGE_EMULATOR_HOST names a running emulator)"
-                      ) from None
+    raise ConfigError(
+      f"cannot write to {path} ({type(e).__name__}: {first[:300]}); check that "
+      "the bucket exists and that this machine's credentials may write to it "
+      "(or, for tests, that STORAGE_EMULATOR_HOST names a running emulator)"
+    ) from None
 
 
 def read_bytes(path: Any) -> bytes:
@@ -255,7 +257,7 @@ def _walk(root: str) -> list[str]:
     return sorted(out)
   fs, key = fsspec.core.url_to_fs(root)
   key = key.rstrip("/")
-  return sorted(name[len(key) + 1:] for name in fs.find(key))
+  return sorted(name[len(key) + 1 :] for name in fs.find(key))
 
 
 def copy_file(src: Any, dst: Any) -> None:
@@ -303,7 +305,8 @@ def publish_dir(dst: Any, *, marker: str) -> Iterator[str]:
 def cache_dir() -> str:
   """Where `local_copy` keeps objects: $CWM_CACHE_DIR, else ~/.cache/cwm_jax/objects."""
   return os.environ.get("CWM_CACHE_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "cwm_jax", "objects")
+    os.path.expanduser("~"), ".cache", "cwm_jax", "objects"
+  )
 
 
 def cache_limit_bytes() -> int:
@@ -315,8 +318,12 @@ def _version(url: str) -> str:
   """The object's generation (GCS) or ETag (S3), so a rewritten object is fetched anew."""
   fs, key = fsspec.core.url_to_fs(url)
   meta = fs.info(key)
-  return str(meta.get("generation") or meta.get("ETag") or meta.get("etag") or
-             f"{meta.get('size')}-{meta.get('updated') or meta.get('LastModified')}")
+  return str(
+    meta.get("generation")
+    or meta.get("ETag")
+    or meta.get("etag")
+    or f"{meta.get('size')}-{meta.get('updated') or meta.get('LastModified')}"
+  )
 
 
 def local_copy(path: Any) -> str:

@@ -13,7 +13,6 @@ point exits 2 naming the point and the field.
 
 from __future__ import annotations
 
-
 from absl import flags
 
 from cwm_jax.base import ConfigError
@@ -26,32 +25,45 @@ _LAUNCHER = flags.DEFINE_enum("launcher", "local", grids.LAUNCHERS, "Where to la
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sweeps", "Parent of the runs' workdirs.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the launch commands only.")
 _LAUNCHER_FLAGS = flags.DEFINE_multi_string(
-    "launcher_flags", [], "Extra argument for the launcher script (repeatable), e.g. "
-    "--max_restarts=5 (sbatch options for --launcher slurm).")
+  "launcher_flags",
+  [],
+  "Extra argument for the launcher script (repeatable), e.g. "
+  "--max_restarts=5 (sbatch options for --launcher slurm).",
+)
 # Where the runs go; which of these each launcher needs is grids.LAUNCHER_NEEDS.
 _TARGET = {
-    "tpu": flags.DEFINE_string("tpu", None, "tpu: the TPU VM or queued resource name."),
-    "zone": flags.DEFINE_string("zone", None, "tpu, xpk: the zone."),
-    "project": flags.DEFINE_string("project", None, "tpu, xpk: the Google Cloud project."),
-    "tpu_type": flags.DEFINE_string("tpu_type", None, "tpu (a queued resource is created), xpk: "
-                                    "the TPU type, e.g. v5p-128."),
-    "num_slices": flags.DEFINE_integer("num_slices", None, "tpu, xpk: TPU slices."),
-    "partition": flags.DEFINE_string("partition", None, "slurm: the partition."),
-    "nodes": flags.DEFINE_integer("nodes", None, "slurm: nodes per run; k8s: hosts per run."),
-    "image": flags.DEFINE_string("image", None, "k8s, xpk: the container image."),
-    "cluster": flags.DEFINE_string("cluster", None, "xpk: the GKE cluster."),
+  "tpu": flags.DEFINE_string("tpu", None, "tpu: the TPU VM or queued resource name."),
+  "zone": flags.DEFINE_string("zone", None, "tpu, xpk: the zone."),
+  "project": flags.DEFINE_string("project", None, "tpu, xpk: the Google Cloud project."),
+  "tpu_type": flags.DEFINE_string(
+    "tpu_type", None, "tpu (a queued resource is created), xpk: the TPU type, e.g. v5p-128."
+  ),
+  "num_slices": flags.DEFINE_integer("num_slices", None, "tpu, xpk: TPU slices."),
+  "partition": flags.DEFINE_string("partition", None, "slurm: the partition."),
+  "nodes": flags.DEFINE_integer("nodes", None, "slurm: nodes per run; k8s: hosts per run."),
+  "image": flags.DEFINE_string("image", None, "k8s, xpk: the container image."),
+  "cluster": flags.DEFINE_string("cluster", None, "xpk: the GKE cluster."),
 }
 
 
 def main(argv):
   if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments {argv[1:]}; pass settings as --flags "
-                      "(launcher options as --launcher_flags=...)")
+    raise ConfigError(
+      f"unexpected arguments {argv[1:]}; pass settings as --flags "
+      "(launcher options as --launcher_flags=...)"
+    )
   target = {k: f.value for k, f in _TARGET.items() if f.value is not None}
   grids.check_target(_LAUNCHER.value, target)  # before the config or any point is read
   check_config_file("config", _CONFIG.value)
-  grids.run_sweep(_CONFIG.value, _SWEEP.value, _LAUNCHER.value, _WORKDIR.value,
-                   dry_run=_DRY_RUN.value, launcher_flags=_LAUNCHER_FLAGS.value, target=target)
+  grids.run_sweep(
+    _CONFIG.value,
+    _SWEEP.value,
+    _LAUNCHER.value,
+    _WORKDIR.value,
+    dry_run=_DRY_RUN.value,
+    launcher_flags=_LAUNCHER_FLAGS.value,
+    target=target,
+  )
 
 
 def run():

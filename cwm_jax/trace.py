@@ -16,35 +16,43 @@ JSON, the isolation this machine allows.
 import json
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from cwm_jax.cli import run_main
 from cwm_jax.data import traces
-from cwm_jax.data.traces import driver
-from cwm_jax.data.traces import isolation
+from cwm_jax.data.traces import driver, isolation
 
-_ARGS = flags.DEFINE_string('args', '()', 'positional arguments: a Python literal tuple')
-_KWARGS = flags.DEFINE_string('kwargs', '{}', 'keyword arguments: a Python literal dict')
-_FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'json'], 'output format')
-_TIMEOUT = flags.DEFINE_float('timeout_s', 10.0, 'wall-clock limit of the traced run')
-_MEMORY = flags.DEFINE_integer('memory_mb', 1024, 'address-space limit of the traced run')
-_INFO = flags.DEFINE_bool('sandbox_info', False, 'print the isolation this machine allows, as '
-                          'JSON, and exit')
-_NAMESPACES = flags.DEFINE_bool('namespaces', True, 'run the program in fresh PID, mount and '
-                                'network namespaces (where the kernel allows)')
-_ALLOW = flags.DEFINE_bool('allow_no_isolation', False, 'run even where the network cannot be '
-                           'isolated (namespaces unavailable); refused otherwise')
+_ARGS = flags.DEFINE_string("args", "()", "positional arguments: a Python literal tuple")
+_KWARGS = flags.DEFINE_string("kwargs", "{}", "keyword arguments: a Python literal dict")
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "output format")
+_TIMEOUT = flags.DEFINE_float("timeout_s", 10.0, "wall-clock limit of the traced run")
+_MEMORY = flags.DEFINE_integer("memory_mb", 1024, "address-space limit of the traced run")
+_INFO = flags.DEFINE_bool(
+  "sandbox_info", False, "print the isolation this machine allows, as JSON, and exit"
+)
+_NAMESPACES = flags.DEFINE_bool(
+  "namespaces",
+  True,
+  "run the program in fresh PID, mount and network namespaces (where the kernel allows)",
+)
+_ALLOW = flags.DEFINE_bool(
+  "allow_no_isolation",
+  False,
+  "run even where the network cannot be isolated (namespaces unavailable); refused otherwise",
+)
 
 
 def _literal(text, kind, flag):
   try:
-    value = driver.parse_literal(text, f'--{flag}')
+    value = driver.parse_literal(text, f"--{flag}")
   except ValueError as e:
-    raise app.UsageError(str(e), exitcode=2)
+    raise app.UsageError(str(e), exitcode=2) from None
   if not isinstance(value, kind):
-    raise app.UsageError(f'--{flag} must be a {kind.__name__} literal such as '
-                         f'{"(1,)" if kind is tuple else "{}"}; got {text[:80]!r}', exitcode=2)
+    raise app.UsageError(
+      f"--{flag} must be a {kind.__name__} literal such as "
+      f"{'(1,)' if kind is tuple else '{}'}; got {text[:80]!r}",
+      exitcode=2,
+    )
   return value
 
 
@@ -52,22 +60,26 @@ def main(argv):
   if _INFO.value:
     print(json.dumps(isolation.probe().describe(), indent=1))
     return 0
-  if len(argv) != 2 or ':' not in argv[1]:
-    raise app.UsageError('give exactly one FILE.py:FUNCTION', exitcode=2)
-  path, function = argv[1].rsplit(':', 1)
-  args = _literal(_ARGS.value, tuple, 'args')
-  kwargs = _literal(_KWARGS.value, dict, 'kwargs')
+  if len(argv) != 2 or ":" not in argv[1]:
+    raise app.UsageError("give exactly one FILE.py:FUNCTION", exitcode=2)
+  path, function = argv[1].rsplit(":", 1)
+  args = _literal(_ARGS.value, tuple, "args")
+  kwargs = _literal(_KWARGS.value, dict, "kwargs")
   try:
     source = driver.read_program(path)
-    limits = traces.Limits(timeout_s=_TIMEOUT.value, memory_mb=_MEMORY.value,
-                           namespaces=_NAMESPACES.value, allow_no_isolation=_ALLOW.value)
+    limits = traces.Limits(
+      timeout_s=_TIMEOUT.value,
+      memory_mb=_MEMORY.value,
+      namespaces=_NAMESPACES.value,
+      allow_no_isolation=_ALLOW.value,
+    )
     result = traces.trace_call(source, function, args, kwargs, limits)
   except (OSError, ValueError, SyntaxError) as e:
-    raise app.UsageError(str(e), exitcode=2)
-  if result.status != 'ok':
-    print(f'trace {result.status}: {result.message}', file=sys.stderr)
+    raise app.UsageError(str(e), exitcode=2) from None
+  if result.status != "ok":
+    print(f"trace {result.status}: {result.message}", file=sys.stderr)
     return 1
-  if _FORMAT.value == 'json':
+  if _FORMAT.value == "json":
     print(json.dumps(result.frames, indent=1, ensure_ascii=False))
   else:
     print(traces.format_trace(source, function, result.frames))
@@ -80,5 +92,5 @@ def run():
   run_main(main)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   run()

@@ -46,8 +46,10 @@ MEGASCALE_PORT = 8080
 REMOTE_DIST = "~/cwm_jax_dist"
 REMOTE_RUN = "~/cwm_jax_run"
 VENV = "~/cwm_jax_venv"
-WORKER_ID = ("$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/"
-             "computeMetadata/v1/instance/attributes/agent-worker-number)")
+WORKER_ID = (
+  "$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/"
+  "computeMetadata/v1/instance/attributes/agent-worker-number)"
+)
 # A finished stage; a user error or a non-finite loss: relaunching cannot help.
 FINAL_CODES = (2, 3)
 
@@ -61,10 +63,14 @@ def parse_args(argv):
   p.add_argument("--tpu", required=True, help="TPU VM / queued resource name.")
   p.add_argument("--zone", required=True)
   p.add_argument("--project", default="")
-  p.add_argument("--accelerator_type", default="",
-                 help="Create a queued resource of this type (e.g. v5p-128).")
-  p.add_argument("--runtime_version", default="v2-alpha-tpuv5",
-                 help="TPU software version of a created queued resource.")
+  p.add_argument(
+    "--accelerator_type", default="", help="Create a queued resource of this type (e.g. v5p-128)."
+  )
+  p.add_argument(
+    "--runtime_version",
+    default="v2-alpha-tpuv5",
+    help="TPU software version of a created queued resource.",
+  )
   p.add_argument("--spot", action="store_true", help="A Spot queued resource.")
   p.add_argument("--num_slices", type=int, default=1)
   p.add_argument("--config", required=True)
@@ -73,16 +79,20 @@ def parse_args(argv):
   p.add_argument("--max_restarts", type=int, default=20)
   p.add_argument("--poll_s", type=float, default=60.0)
   p.add_argument("--keep", action="store_true", help="Keep the queued resource at the end.")
-  p.add_argument("--no_constraints", action="store_true",
-                 help="Install the newest allowed versions, not constraints.txt's.")
-  p.add_argument("--num_workers", type=int, default=0,
-                 help="Workers per slice (default: from `describe`).")
+  p.add_argument(
+    "--no_constraints",
+    action="store_true",
+    help="Install the newest allowed versions, not constraints.txt's.",
+  )
+  p.add_argument(
+    "--num_workers", type=int, default=0, help="Workers per slice (default: from `describe`)."
+  )
   p.add_argument("--coordinator", default="", help="Slice 0 worker 0's IP (default: describe).")
   p.add_argument("--dry_run", action="store_true")
   ours, extra = [], []
   if "--" in argv:
     i = argv.index("--")
-    ours, extra = argv[:i], argv[i + 1:]
+    ours, extra = argv[:i], argv[i + 1 :]
   else:
     ours = argv
   args = p.parse_args(ours)
@@ -117,9 +127,17 @@ class Launcher:
     return [f"{self.a.tpu}-{i}" for i in range(self.a.num_slices)]
 
   def qr_create(self):
-    cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", self.a.tpu, *self.scope,
-           f"--accelerator-type={self.a.accelerator_type}",
-           f"--runtime-version={self.a.runtime_version}"]
+    cmd = [
+      "gcloud",
+      "compute",
+      "tpus",
+      "queued-resources",
+      "create",
+      self.a.tpu,
+      *self.scope,
+      f"--accelerator-type={self.a.accelerator_type}",
+      f"--runtime-version={self.a.runtime_version}",
+    ]
     if self.a.num_slices == 1:
       cmd.append(f"--node-id={self.a.tpu}")
     else:
@@ -127,54 +145,107 @@ class Launcher:
     return cmd + (["--spot"] if self.a.spot else [])
 
   def qr_state(self):
-    return ["gcloud", "compute", "tpus", "queued-resources", "describe", self.a.tpu,
-            *self.scope, "--format=value(state.state)"]
+    return [
+      "gcloud",
+      "compute",
+      "tpus",
+      "queued-resources",
+      "describe",
+      self.a.tpu,
+      *self.scope,
+      "--format=value(state.state)",
+    ]
 
   def qr_delete(self):
-    return ["gcloud", "compute", "tpus", "queued-resources", "delete", self.a.tpu, *self.scope,
-            "--force", "--quiet"]
+    return [
+      "gcloud",
+      "compute",
+      "tpus",
+      "queued-resources",
+      "delete",
+      self.a.tpu,
+      *self.scope,
+      "--force",
+      "--quiet",
+    ]
 
   def node_describe(self, node, fmt):
-    return ["gcloud", "compute", "tpus", "tpu-vm", "describe", node, *self.scope,
-            f"--format=value({fmt})"]
+    return [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "describe",
+      node,
+      *self.scope,
+      f"--format=value({fmt})",
+    ]
 
   def ssh(self, node, command):
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", node, *self.scope, "--worker=all",
-            f"--command={command}"]
+    return [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "ssh",
+      node,
+      *self.scope,
+      "--worker=all",
+      f"--command={command}",
+    ]
 
   def wheel(self, dist):
     return [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist, ROOT]
 
   def scp(self, node, files):
-    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", *files, f"{node}:{REMOTE_DIST}/",
-            *self.scope, "--worker=all"]
+    return [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "scp",
+      *files,
+      f"{node}:{REMOTE_DIST}/",
+      *self.scope,
+      "--worker=all",
+    ]
 
   def install(self, wheel_name):
     constraints = "none" if self.a.no_constraints else f"{REMOTE_DIST}/constraints.txt"
-    return (f"CONSTRAINTS={constraints} PACKAGE={REMOTE_DIST}/{wheel_name} "
-            f"bash {REMOTE_DIST}/install.sh {VENV} tpu")
+    return (
+      f"CONSTRAINTS={constraints} PACKAGE={REMOTE_DIST}/{wheel_name} "
+      f"bash {REMOTE_DIST}/install.sh {VENV} tpu"
+    )
 
   def worker_script(self, slice_id: int, workers: int, coordinator: str) -> str:
     """The script every worker of slice `slice_id` runs in the background."""
     a = self.a
-    total = (workers * a.num_slices if isinstance(workers, int)
-             else f"$(({workers} * {a.num_slices}))")
-    env = [f"JAX_COORDINATOR_ADDRESS={coordinator}:{PORT}",
-           f"JAX_NUM_PROCESSES={total}",
-           f"JAX_PROCESS_ID=$(({slice_id} * {workers} + w))"]
+    total = (
+      workers * a.num_slices if isinstance(workers, int) else f"$(({workers} * {a.num_slices}))"
+    )
+    env = [
+      f"JAX_COORDINATOR_ADDRESS={coordinator}:{PORT}",
+      f"JAX_NUM_PROCESSES={total}",
+      f"JAX_PROCESS_ID=$(({slice_id} * {workers} + w))",
+    ]
     if a.num_slices > 1:
-      env += [f"MEGASCALE_COORDINATOR_ADDRESS={coordinator}:{MEGASCALE_PORT}",
-              f"MEGASCALE_NUM_SLICES={a.num_slices}", f"MEGASCALE_SLICE_ID={slice_id}",
-              f"MEGASCALE_PORT={MEGASCALE_PORT}"]
+      env += [
+        f"MEGASCALE_COORDINATOR_ADDRESS={coordinator}:{MEGASCALE_PORT}",
+        f"MEGASCALE_NUM_SLICES={a.num_slices}",
+        f"MEGASCALE_SLICE_ID={slice_id}",
+        f"MEGASCALE_PORT={MEGASCALE_PORT}",
+      ]
     env += [f"{k}={shlex.quote(v)}" for k, v in (kv.split("=", 1) for kv in a.env)]
-    train = f"{VENV}/bin/python " + shlex.join(["-m", "cwm_jax.train", f"--config={a.config}",
-                                                f"--workdir={a.workdir}", *a.extra])
+    train = f"{VENV}/bin/python " + shlex.join(
+      ["-m", "cwm_jax.train", f"--config={a.config}", f"--workdir={a.workdir}", *a.extra]
+    )
     logs = f"{a.workdir.rstrip('/')}/logs"
     if "://" in a.workdir:
       copy = f'gcloud storage cp -q "$log" {shlex.quote(logs)}/worker-$id.log 2>/dev/null'
     else:
       copy = f'mkdir -p {shlex.quote(logs)} && cp "$log" {shlex.quote(logs)}/worker-$id.log'
-    return "\n".join([
+    return "\n".join(
+      [
         "set -uo pipefail",
         f"w={WORKER_ID}",
         f"id=$(({slice_id} * {workers} + w))",
@@ -184,33 +255,39 @@ class Launcher:
         "term=0",
         "on_term() { term=1; kill -TERM $pid 2>/dev/null; }",
         "trap on_term TERM",
-        f"{train} > \"$log\" 2>&1 &",
+        f'{train} > "$log" 2>&1 &',
         "pid=$!",
         'echo "running $pid" > "$status"',
         "( while kill -0 $pid 2>/dev/null; do sleep 60; copy_log; done ) &",
         "while true; do wait $pid; rc=$?; kill -0 $pid 2>/dev/null || break; done",
         "copy_log",
         'echo "exit $rc term $term" > "$status"',
-    ])
+      ]
+    )
 
   def start(self, slice_id, workers, coordinator):
     script = self.worker_script(slice_id, workers, coordinator)
-    return (f"mkdir -p {REMOTE_RUN} && rm -f {REMOTE_RUN}/status && "
-            f"echo {shlex.quote(script)} > {REMOTE_RUN}/worker.sh && "
-            f"nohup setsid bash {REMOTE_RUN}/worker.sh > /dev/null 2>&1 < /dev/null &")
+    return (
+      f"mkdir -p {REMOTE_RUN} && rm -f {REMOTE_RUN}/status && "
+      f"echo {shlex.quote(script)} > {REMOTE_RUN}/worker.sh && "
+      f"nohup setsid bash {REMOTE_RUN}/worker.sh > /dev/null 2>&1 < /dev/null &"
+    )
 
   # Prints each worker's status: 'running PID', 'exit RC term 0|1', 'lost' (the process is
   # gone without a status: the VM restarted) or 'missing' (never started).
-  STATUS = (f"s=$(cat {REMOTE_RUN}/status 2>/dev/null || echo missing); "
-            'if [[ $s == running* ]] && ! kill -0 ${s#running } 2>/dev/null; then echo lost; '
-            'else echo "$s"; fi')
+  STATUS = (
+    f"s=$(cat {REMOTE_RUN}/status 2>/dev/null || echo missing); "
+    "if [[ $s == running* ]] && ! kill -0 ${s#running } 2>/dev/null; then echo lost; "
+    'else echo "$s"; fi'
+  )
 
   # -- running ----------------------------------------------------------------------------------
   def _subprocess(self, cmd, check=True):
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if check and out.returncode != 0:
-      raise LaunchError(f"{shlex.join(cmd[:6])} ... failed ({out.returncode}): "
-                        f"{out.stderr.strip()[-500:]}")
+      raise LaunchError(
+        f"{shlex.join(cmd[:6])} ... failed ({out.returncode}): {out.stderr.strip()[-500:]}"
+      )
     return out.stdout
 
   def log(self, msg):
@@ -263,8 +340,11 @@ class Launcher:
     self.run(self.wheel(dist))
     names = [] if self.a.dry_run else [f for f in os.listdir(dist) if f.endswith(".whl")]
     wheel = names[0] if names else "cwm_jax-0.1.0-py3-none-any.whl"
-    files = [os.path.join(dist, wheel), os.path.join(ROOT, "launch", "install.sh"),
-             os.path.join(ROOT, "constraints.txt")]
+    files = [
+      os.path.join(dist, wheel),
+      os.path.join(ROOT, "launch", "install.sh"),
+      os.path.join(ROOT, "constraints.txt"),
+    ]
     for node in self.nodes:
       self.run(self.ssh(node, f"mkdir -p {REMOTE_DIST}"))
       self.run(self.scp(node, files))
@@ -281,14 +361,18 @@ class Launcher:
     if self.a.accelerator_type:
       if self.run(self.qr_state(), check=False).strip() != "ACTIVE":
         return True
-    return any(self.run(self.node_describe(n, "state"), check=False).strip() != "READY"
-               for n in self.nodes)
+    return any(
+      self.run(self.node_describe(n, "state"), check=False).strip() != "READY" for n in self.nodes
+    )
 
   def statuses(self) -> list[str]:
     out = []
     for node in self.nodes:
-      out += [l.strip() for l in self.run(self.ssh(node, self.STATUS), check=False).splitlines()
-              if l.strip()]
+      out += [
+        l.strip()
+        for l in self.run(self.ssh(node, self.STATUS), check=False).splitlines()
+        if l.strip()
+      ]
     return out
 
   def verdict(self):
@@ -319,8 +403,9 @@ class Launcher:
         self.wait_active()
         self.deploy()
         return
-    while any(self.run(self.node_describe(n, "state"), check=False).strip() != "READY"
-              for n in self.nodes):
+    while any(
+      self.run(self.node_describe(n, "state"), check=False).strip() != "READY" for n in self.nodes
+    ):
       self.sleep(self.a.poll_s)
 
   def supervise(self) -> int:
@@ -331,9 +416,11 @@ class Launcher:
       for n in self.nodes:
         self.run(self.node_describe(n, "state"))
         self.run(self.ssh(n, self.STATUS))
-      self.log("# relaunch (from the queued resource on when it was lost) after preemption, "
-               f"maintenance or SIGTERM, at most {self.a.max_restarts} times; stop when every "
-               "worker exited 0")
+      self.log(
+        "# relaunch (from the queued resource on when it was lost) after preemption, "
+        f"maintenance or SIGTERM, at most {self.a.max_restarts} times; stop when every "
+        "worker exited 0"
+      )
       return 0
     while True:
       self.sleep(self.a.poll_s)

@@ -32,15 +32,30 @@ from k8s_jobset import TPU_CONTRACT  # pylint: disable=wrong-import-position
 
 def command(args) -> list[str]:
   """The `xpk workload create` argv."""
-  train = shlex.join(["python", "-m", "cwm_jax.train", f"--config={args.config}",
-                      f"--workdir={args.workdir}", *args.extra])
+  train = shlex.join(
+    [
+      "python",
+      "-m",
+      "cwm_jax.train",
+      f"--config={args.config}",
+      f"--workdir={args.workdir}",
+      *args.extra,
+    ]
+  )
   exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in (kv.split("=", 1) for kv in args.env))
   contract = TPU_CONTRACT.replace("PORT", str(args.port)).removesuffix('; exec "$@"')
   inner = (f"export {exports}; " if exports else "") + f"{contract}; exec {train}"
-  cmd = ["xpk", "workload", "create", f"--cluster={args.cluster}",
-         f"--workload={args.workload}", f"--tpu-type={args.tpu_type}",
-         f"--num-slices={args.num_slices}", f"--docker-image={args.image}",
-         f"--max-restarts={args.max_restarts}"]
+  cmd = [
+    "xpk",
+    "workload",
+    "create",
+    f"--cluster={args.cluster}",
+    f"--workload={args.workload}",
+    f"--tpu-type={args.tpu_type}",
+    f"--num-slices={args.num_slices}",
+    f"--docker-image={args.image}",
+    f"--max-restarts={args.max_restarts}",
+  ]
   cmd += [f"--project={args.project}"] if args.project else []
   cmd += [f"--zone={args.zone}"] if args.zone else []
   return cmd + [f"--command=bash -c {shlex.quote(inner)}"]
@@ -62,7 +77,9 @@ def main(argv=None) -> int:
   p.add_argument("--port", type=int, default=8476)
   p.add_argument("--dry_run", action="store_true")
   argv = sys.argv[1:] if argv is None else argv
-  ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  ours, extra = (
+    (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+  )
   args = p.parse_args(ours)
   args.extra = extra
   if args.num_slices < 1:

@@ -34,5 +34,7 @@ def gcs():
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "speed_check: reads XLA's compiled program (HLO text, buffer sizes) to keep a "
-      "CPU form fast; a failure after an XLA upgrade is a speed regression, not a wrong result")
+    "markers",
+    "speed_check: reads XLA's compiled program (HLO text, buffer sizes) to keep a "
+    "CPU form fast; a failure after an XLA upgrade is a speed regression, not a wrong result",
+  )

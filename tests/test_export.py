@@ -29,20 +29,35 @@ from cwm_jax.recipe.finish import export_hf
 TOK = Tokenizer.default()
 NEW = 24
 _PROGRAMS = (
-    ("def f(n):\n  total = 0\n  for i in range(n):\n    total += i\n  return total\n", "f", (4,)),
-    ("def g(s):\n  out = {}\n  for c in s:\n    out[c] = out.get(c, 0) + 1\n  return out\n",
-     "g", ("héllo wörld 🙂",)),
-    ("def h(x):\n  if x < 0:\n    raise ValueError(f'negative: {x!r}')\n  return x ** 0.5\n",
-     "h", (-2.5,)),
+  ("def f(n):\n  total = 0\n  for i in range(n):\n    total += i\n  return total\n", "f", (4,)),
+  (
+    "def g(s):\n  out = {}\n  for c in s:\n    out[c] = out.get(c, 0) + 1\n  return out\n",
+    "g",
+    ("héllo wörld 🙂",),
+  ),
+  (
+    "def h(x):\n  if x < 0:\n    raise ValueError(f'negative: {x!r}')\n  return x ** 0.5\n",
+    "h",
+    (-2.5,),
+  ),
 )
 _DIALOGS = (
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "What does `f(3)` return?\n\n```python\ndef f(n):\n"
-      "  return n * 2\n```"}],
-    [{"role": "user", "content": "Write a function that reverses a string."},
-     {"role": "assistant", "content": "def rev(s):\n  return s[::-1]",
-      "reasoning": "Slicing with step -1 reverses."},
-     {"role": "user", "content": "Now in place, for a list: résumé, 1,234 items."}],
+  [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {
+      "role": "user",
+      "content": "What does `f(3)` return?\n\n```python\ndef f(n):\n  return n * 2\n```",
+    },
+  ],
+  [
+    {"role": "user", "content": "Write a function that reverses a string."},
+    {
+      "role": "assistant",
+      "content": "def rev(s):\n  return s[::-1]",
+      "reasoning": "Slicing with step -1 reverses.",
+    },
+    {"role": "user", "content": "Now in place, for a list: résumé, 1,234 items."},
+  ],
 )
 
 
@@ -51,8 +66,10 @@ def _stdlib_sample(every: int = 12) -> list[str]:
 
 
 def _traces() -> list[str]:
-  return [trace_format.format_trace(src, fn, trace_predict.real_trace(src, fn, args))
-          for src, fn, args in _PROGRAMS]
+  return [
+    trace_format.format_trace(src, fn, trace_predict.real_trace(src, fn, args))
+    for src, fn, args in _PROGRAMS
+  ]
 
 
 def test_tokenizer_json_encodes_like_tiktoken():
@@ -61,19 +78,32 @@ def test_tokenizer_json_encodes_like_tiktoken():
   tokenizers = pytest.importorskip("tokenizers")
   fast = tokenizers.Tokenizer.from_str(json.dumps(hf_tokenizer.tokenizer_json(TOK)))
   texts = _stdlib_sample(every=3)
-  texts += ["", " ", "\n\n\n", "  \n \t\n", "x  = 1\r\n\r\n", "1234567 89", "I'm we'LL you'd",
-            "emoji 🙂🙂 and CJK 漢字 and \x00\x7f", " " * 37 + "x"]
+  texts += [
+    "",
+    " ",
+    "\n\n\n",
+    "  \n \t\n",
+    "x  = 1\r\n\r\n",
+    "1234567 89",
+    "I'm we'LL you'd",
+    "emoji 🙂🙂 and CJK 漢字 and \x00\x7f",
+    " " * 37 + "x",
+  ]
   ranks = TOK.mergeable_ranks
-  parts = sorted({p for t in hf_tokenizer.ambiguous_merges(ranks)
-                  for p in (t, t[:1], t[1:], t[:-1], t[-1:])})
+  parts = sorted(
+    {p for t in hf_tokenizer.ambiguous_merges(ranks) for p in (t, t[:1], t[1:], t[:-1], t[-1:])}
+  )
   rng = random.Random(0)
-  texts += [b"".join(rng.choice(parts) for _ in range(rng.randint(2, 6))).decode("latin-1")
-            for _ in range(3000)]
+  texts += [
+    b"".join(rng.choice(parts) for _ in range(rng.randint(2, 6))).decode("latin-1")
+    for _ in range(3000)
+  ]
   for text in texts:
     assert fast.encode(text, add_special_tokens=False).ids == TOK.encode(text), text[:80]
   # A special's string in text is that special (as `encode_trace` reads trace markers).
   assert fast.encode("<|eot_id|> plain", add_special_tokens=False).ids == [
-      TOK.special_id("<|eot_id|>")] + TOK.encode(" plain")
+    TOK.special_id("<|eot_id|>")
+  ] + TOK.encode(" plain")
   ids = TOK.encode(texts[0]) + [TOK.special_id("<|frame_sep|>")] + TOK.encode("done")
   assert fast.decode(ids, skip_special_tokens=False) == TOK.decode(ids)
 
@@ -106,8 +136,17 @@ def export(tmp_path_factory):
   by the smoke schedule's finish step (`finish.export_hf`). The lm_head columns of one token
   the greedy continuation emits and of `<|eot_id|>` are swapped, so that generation meets a
   stop id partway and both sides must honour it."""
-  cfg = tiny(n_layers=3, local_window=6, global_window=128, vocab_size=TOK.vocab_size, dim=32,
-             ffn_dim=64, n_heads=4, n_kv_heads=2, head_dim=8)
+  cfg = tiny(
+    n_layers=3,
+    local_window=6,
+    global_window=128,
+    vocab_size=TOK.vocab_size,
+    dim=32,
+    ffn_dim=64,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+  )
   root = tmp_path_factory.mktemp("export")
   params = _random_params(cfg, str(root / "init"))
   prompt = TOK.encode_dialog([(m["role"], m["content"]) for m in _DIALOGS[0]])
@@ -138,15 +177,17 @@ def test_export_files(export):
 def test_auto_tokenizer_matches_project_tokenizer(export):
   tk = transformers.AutoTokenizer.from_pretrained(export["dir"])
   assert len(tk) == TOK.vocab_size
-  assert tk.convert_tokens_to_ids(list(SPECIAL_NAMES)) == list(
-      range(TOK.n_ranks, TOK.vocab_size))
+  assert tk.convert_tokens_to_ids(list(SPECIAL_NAMES)) == list(range(TOK.n_ranks, TOK.vocab_size))
   assert (tk.bos_token_id, tk.eos_token_id, tk.pad_token_id) == (
-      TOK.bos_id, TOK.special_id("<|eot_id|>"), TOK.pad_id)
+    TOK.bos_id,
+    TOK.special_id("<|eot_id|>"),
+    TOK.pad_id,
+  )
   for text in _stdlib_sample():
     ids = tk(text).input_ids
     assert ids == TOK.encode(text, bos=True)
     assert tk.decode(ids) == TOK.decode(ids) and tk.decode(ids, skip_special_tokens=True) == text
-  for text in _traces():   # trace markers are specials on both sides
+  for text in _traces():  # trace markers are specials on both sides
     ids = tk(text, add_special_tokens=False).input_ids
     assert ids == TOK.encode_trace(text) and tk.decode(ids) == text
   for dialog in _DIALOGS:
@@ -156,8 +197,7 @@ def test_auto_tokenizer_matches_project_tokenizer(export):
     if not any("reasoning" in m for m in dialog):
       assert ids == TOK.encode_dialog([(m["role"], m["content"]) for m in dialog])
     complete = tk.apply_chat_template(dialog, tokenize=False)
-    assert tk(complete, add_special_tokens=False).input_ids == formats.chat_example(
-        TOK, dialog)[0]
+    assert tk(complete, add_special_tokens=False).input_ids == formats.chat_example(TOK, dialog)[0]
 
 
 def test_generate_equals_sampler(export):
@@ -171,8 +211,10 @@ def test_generate_equals_sampler(export):
   got = sampler.generate(ours, prompts, max_new_tokens=NEW, stop_ids=tok.stop_ids).tokens
   for prompt, mine in zip(prompts, got):
     with torch.no_grad():
-      out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                                                              dtype=torch.long),
-                           max_new_tokens=NEW)
-    assert out[0, len(prompt):].tolist() == mine
+      out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=NEW,
+      )
+    assert out[0, len(prompt) :].tolist() == mine
   assert got[0][-1] == TOK.special_id("<|eot_id|>") and len(got[0]) == export["k"] + 1

@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_train_loop import _config as train_loop_config
 
 from cwm_jax.base import ConfigError, NonFiniteError
 from cwm_jax.checkpoint import conversion, manager
@@ -26,7 +27,6 @@ from cwm_jax.model.transformer import model_from_params
 from cwm_jax.train import health, lm, runtime, sources
 from cwm_jax.train.metrics import MetricsWriter, progress_line
 from cwm_jax.train.synthetic import SyntheticSource
-from test_train_loop import _config as train_loop_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,8 +91,7 @@ def test_resume_with_on_corrupt_fail_names_the_checkpoint(reference, tmp_path):
   shutil.copytree(reference[0], workdir)
   _truncate_state(os.path.join(workdir, "checkpoints", "5"))
   with pytest.raises(ConfigError, match=r"checkpoints/5 is corrupt.*on_corrupt=fail"):
-    lm.train(_config(**{"checkpoint.on_corrupt": "fail"}), workdir,
-             devices=jax.devices()[:1])
+    lm.train(_config(**{"checkpoint.on_corrupt": "fail"}), workdir, devices=jax.devices()[:1])
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == list("12345")
 
 
@@ -105,6 +104,7 @@ def test_rejected_init_from_creates_nothing(tmp_path):
 
 def _nan_source(at_index):
   """Synthetic batches whose loss weights are NaN at batch `at_index` (a poisoned batch)."""
+
   def factory(config, model_cfg, process_index, process_count):
     src = sources.SOURCES["synthetic"](config, model_cfg, process_index, process_count)
 
@@ -115,8 +115,10 @@ def _nan_source(at_index):
         if index == at_index:
           batch["weights"] = np.full_like(batch["weights"], np.nan)
         return batch
+
     src.__class__ = Poisoned
     return src
+
   return factory
 
 
@@ -124,8 +126,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_
   sources.register_source("nan_at_3", _nan_source(3))
   workdir = str(tmp_path / "run")
   config = _config(**{"data.source": "nan_at_3", "checkpoint_every": 2})
-  with pytest.raises(NonFiniteError, match=r"step 4: non-finite loss=nan.*last good "
-                     r"checkpoint is step 2") as e:
+  with pytest.raises(
+    NonFiniteError,
+    match=r"step 4: non-finite loss=nan.*last good "
+    r"checkpoint is step 2",
+  ) as e:
     lm.train(config, workdir, devices=jax.devices()[:1])
   assert e.value.exit_code == 3
   assert manager.complete_steps(os.path.join(workdir, "checkpoints")) == [2]
@@ -138,8 +143,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_
 def test_skip_nonfinite_skips_the_update(tmp_path):
   sources.register_source("nan_at_2", _nan_source(2))
   workdir = str(tmp_path / "run")
-  config = _config(**{"data.source": "nan_at_2", "optimizer.skip_nonfinite": 2,
-                      "checkpoint_every": 0})
+  config = _config(
+    **{"data.source": "nan_at_2", "optimizer.skip_nonfinite": 2, "checkpoint_every": 0}
+  )
   out = lm.train(config, workdir, devices=jax.devices()[:1])
   assert out["step"] == 5
   records = _records(workdir)
@@ -150,18 +156,27 @@ def test_skip_nonfinite_skips_the_update(tmp_path):
 
 
 def test_nonfinite_error_exits_3_with_one_line():
-  code = ("from cwm_jax.cli import run_main\nfrom cwm_jax.base import NonFiniteError\n"
-          "def main(argv):\n  raise NonFiniteError('step 7: non-finite loss=nan')\n"
-          "run_main(main)\n")
-  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                     timeout=120)
+  code = (
+    "from cwm_jax.cli import run_main\nfrom cwm_jax.base import NonFiniteError\n"
+    "def main(argv):\n  raise NonFiniteError('step 7: non-finite loss=nan')\n"
+    "run_main(main)\n"
+  )
+  p = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+  )
   assert p.returncode == 3
   assert p.stderr.strip().splitlines() == ["error: step 7: non-finite loss=nan"]
 
 
 def test_bad_record_counts_reach_metrics_and_progress_line(tmp_path):
-  lines = [b'{"text": "fine words"}', b"[" * 50_000, b'{"text": 5}', b"\xff", b"",
-           b'{"text": "more fine words"}']
+  lines = [
+    b'{"text": "fine words"}',
+    b"[" * 50_000,
+    b'{"text": 5}',
+    b"\xff",
+    b"",
+    b'{"text": "more fine words"}',
+  ]
   path = tmp_path / "c.jsonl"
   path.write_bytes(b"\n".join(lines) + b"\n")
   cfg = pipeline.default_data_config().to_dict()
@@ -181,12 +196,15 @@ def test_bad_record_counts_reach_metrics_and_progress_line(tmp_path):
 
 def test_conversion_sweeps_partials_of_dead_processes(tmp_path):
   cfg = tiny(n_layers=1, vocab_size=512)
-  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32),
-                        manager.params_target(cfg))
+  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), manager.params_target(cfg))
   src = str(tmp_path / "orb")
   manager.save_params_checkpoint(src, cfg, params)
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True).stdout.strip()
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   stale, live = tmp_path / f".hf.partial-{dead}", tmp_path / f".hf.partial-{os.getppid()}"
   stale.mkdir()
   live.mkdir()
@@ -201,8 +219,7 @@ def test_conversion_sweeps_partials_of_dead_processes(tmp_path):
 def test_exported_special_token_ids_come_from_the_model_tokenizer(tmp_path):
   tok = Tokenizer.default()
   cfg = tiny(n_layers=1, vocab_size=tok.vocab_size)
-  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32),
-                        manager.params_target(cfg))
+  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), manager.params_target(cfg))
   src = str(tmp_path / "orb")
   manager.save_params_checkpoint(src, cfg, params)
   conversion.convert(src, str(tmp_path / "hf"), "hf")
@@ -220,35 +237,58 @@ def test_evaluation_never_reports_a_metric_over_nothing():
   tok = Tokenizer.default()
   cfg = tiny(n_layers=1, vocab_size=tok.vocab_size)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: rng.normal(0, 0.02, a.shape).astype(np.float32),
-                        manager.params_target(cfg))
+  params = jax.tree.map(
+    lambda a: rng.normal(0, 0.02, a.shape).astype(np.float32), manager.params_target(cfg)
+  )
   model = model_from_params(cfg, params)
-  config = evaluation.EvalConfig(max_programs=1, max_tokens=4, generate=False,
-                                 records={"code": [{"text": "def f(x):\n  return x\n"}],
-                                          "empty": [{"format": "chat", "messages": [
-                                              {"role": "user", "content": "hi"}]}]})
+  config = evaluation.EvalConfig(
+    max_programs=1,
+    max_tokens=4,
+    generate=False,
+    records={
+      "code": [{"text": "def f(x):\n  return x\n"}],
+      "empty": [{"format": "chat", "messages": [{"role": "user", "content": "hi"}]}],
+    },
+  )
   m = evaluation.evaluate(model, tok, config)
   assert m["trace_cases"] == 1 and m["trace_tokens"] == 0
   assert math.isnan(m["trace_nll"]) and math.isnan(m["trace_token_accuracy"])
   assert m["tokens_code"] == 3 and math.isfinite(m["ppl_code"])  # 4 tokens -> 3 predictions
   assert m["tokens_empty"] == 0 and math.isnan(m["ppl_empty"])  # no assistant token
-  assert evaluation.unscored(m) == ["nll_empty", "ppl_empty", "trace_nll",
-                                    "trace_token_accuracy"]
+  assert evaluation.unscored(m) == ["nll_empty", "ppl_empty", "trace_nll", "trace_token_accuracy"]
 
 
 def test_cli_fallback_past_a_truncated_checkpoint_is_one_warning_line(reference, tmp_path):
   """The program, not the library: resuming past a checkpoint whose array data files were
   truncated prints one warning line about it and no traceback, then finishes (exit 0)."""
-  from test_train_loop import FLAGS as TRAIN_FLAGS, _env
+  from test_train_loop import FLAGS as TRAIN_FLAGS
+  from test_train_loop import _env
+
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
   _truncate_state(os.path.join(workdir, "checkpoints", "5"))
   run = subprocess.run(
-      [sys.executable, "-m", "cwm_jax.train", "--config", os.path.join(ROOT, "configs/smoke.py"),
-       "--workdir", workdir, *TRAIN_FLAGS, "--config.checkpoint_every=1",
-       "--config.checkpoint.max_to_keep=10", "--config.checkpoint.async_save=False",
-       "--config.mesh.fsdp=1", "--config.compiler_options.xla_backend_optimization_level=0"],
-      cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "cwm_jax.train",
+      "--config",
+      os.path.join(ROOT, "configs/smoke.py"),
+      "--workdir",
+      workdir,
+      *TRAIN_FLAGS,
+      "--config.checkpoint_every=1",
+      "--config.checkpoint.max_to_keep=10",
+      "--config.checkpoint.async_save=False",
+      "--config.mesh.fsdp=1",
+      "--config.compiler_options.xla_backend_optimization_level=0",
+    ],
+    cwd=ROOT,
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   warned = [l for l in run.stderr.splitlines() if "is corrupt or incomplete" in l]
   assert len(warned) == 1 and "trying the previous checkpoint" in warned[0], run.stderr[-3000:]
@@ -261,10 +301,14 @@ def test_asyncio_reports_of_failed_orbax_restores_are_dropped_and_others_kept():
   when they are collected (often at exit, so no run can be asserted on): those reports are
   dropped, any other asyncio error is kept."""
   import logging  # pylint: disable=g-import-not-at-top
+
   noise = manager._RestoreNoise()  # pylint: disable=protected-access
   record = lambda msg: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
-  assert not noise.filter(record(
+  assert not noise.filter(
+    record(
       "Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize() "
-      "defined at .../orbax/checkpoint/_src/serialization/serialization.py:394>>"))
+      "defined at .../orbax/checkpoint/_src/serialization/serialization.py:394>>"
+    )
+  )
   assert noise.filter(record("Task exception was never retrieved\nfuture: <Task coro=<mine()>>"))
   assert noise.filter(record("orbax: something else went wrong"))

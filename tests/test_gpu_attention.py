@@ -54,17 +54,18 @@ def _value_and_grads(attn, q, k, v):
 
 def _assert_close(got, want, atol):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                               atol=atol, rtol=0)
+    np.testing.assert_allclose(
+      np.asarray(g, np.float32), np.asarray(w, np.float32), atol=atol, rtol=0
+    )
 
 
 def test_layout_of_hand_written_rows():
   seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0, 0], [5] * 8, [3, 4, 4, 4, 4, 4, 4, 9]], jnp.int32)
   layout = packing.packed_layout(seg, 4)
-  np.testing.assert_array_equal(layout.seqlen_BM, [[3, 2, 3, -1], [8, -1, -1, -1],
-                                                   [1, 6, 1, -1]])
-  np.testing.assert_array_equal(layout.offsets_BM1, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1],
-                                                     [0, 1, 7, -1, -1]])
+  np.testing.assert_array_equal(layout.seqlen_BM, [[3, 2, 3, -1], [8, -1, -1, -1], [1, 6, 1, -1]])
+  np.testing.assert_array_equal(
+    layout.offsets_BM1, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1], [0, 1, 7, -1, -1]]
+  )
   assert np.asarray(layout.fits_B).tolist() == [True, True, True]
 
 
@@ -96,8 +97,9 @@ def test_portable_path_through_the_layout_matches_reference(window):
   q, k, v = _qkv(2, 96, 6, 2, 8)
   seg = _runs(2, 96, 5, seed=window, pad=9)
   assert bool(jnp.all(packing.packed_layout(seg, 8).fits_B))
-  packed = lambda q, k, v: cudnn.cudnn_attention(q, k, v, seg, window=window, chunk=16,
-                                                 max_segments=8, implementation="xla")
+  packed = lambda q, k, v: cudnn.cudnn_attention(
+    q, k, v, seg, window=window, chunk=16, max_segments=8, implementation="xla"
+  )
   ref = lambda q, k, v: kernels.attend(q, k, v, seg, window=window, impl="reference")
   got = jax.jit(lambda *a: _value_and_grads(packed, *a))(q, k, v)
   want = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v)
@@ -106,15 +108,19 @@ def test_portable_path_through_the_layout_matches_reference(window):
 
 def test_rows_beyond_the_layout_fall_back_and_still_match_reference():
   q, k, v = _qkv(2, 64, 4, 2, 8, seed=5)
-  many = np.asarray(_runs(1, 64, 9, seed=1))[0]       # 9 documents > M=4
-  reused = np.r_[[1] * 20, [2] * 20, [1] * 24]         # id 1 in two runs
+  many = np.asarray(_runs(1, 64, 9, seed=1))[0]  # 9 documents > M=4
+  reused = np.r_[[1] * 20, [2] * 20, [1] * 24]  # id 1 in two runs
   seg = jnp.asarray(np.stack([many, reused]), jnp.int32)
   assert not np.asarray(packing.packed_layout(seg, 4).fits_B).any()
-  packed = lambda q, k, v: cudnn.cudnn_attention(q, k, v, seg, window=24, chunk=16,
-                                                 max_segments=4, implementation="xla")
+  packed = lambda q, k, v: cudnn.cudnn_attention(
+    q, k, v, seg, window=24, chunk=16, max_segments=4, implementation="xla"
+  )
   ref = lambda q, k, v: kernels.attend(q, k, v, seg, window=24, impl="reference")
-  _assert_close(jax.jit(lambda *a: _value_and_grads(packed, *a))(q, k, v),
-                jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v), atol=2e-6)
+  _assert_close(
+    jax.jit(lambda *a: _value_and_grads(packed, *a))(q, k, v),
+    jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v),
+    atol=2e-6,
+  )
 
 
 def test_only_bf16_and_fp16_pass_the_gpu_dtype_rule(monkeypatch):
@@ -161,8 +167,10 @@ def _square_arrays(shapes, t):
 
 
 def _module_shapes(text):
-  return [tuple(int(d) for d in m.split("x")[:-1])
-          for m in re.findall(r"tensor<((?:\d+x)+)[a-z]\w*>", text)]
+  return [
+    tuple(int(d) for d in m.split("x")[:-1])
+    for m in re.findall(r"tensor<((?:\d+x)+)[a-z]\w*>", text)
+  ]
 
 
 def test_gpu_step_lowered_for_cuda_holds_no_t_by_t_array(monkeypatch):
@@ -175,11 +183,12 @@ def test_gpu_step_lowered_for_cuda_holds_no_t_by_t_array(monkeypatch):
     def loss(q, k, v):
       outs = [kernels.attend(q, k, v, seg, window=w, impl=impl, chunk=64) for w in (100, t)]
       return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in outs)
+
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   jaxpr, text = _cuda_lowering(monkeypatch, lambda *a: step(*a, "cudnn"), q, k, v, seg)
   assert text.count("__cudnn$fmhaSoftmax(") == 2 and text.count("__cudnn$fmhaSoftmaxBackward(") == 2
-  assert '\\22sliding_window_length\\22: 100' in text and '\\22max_seg_per_batch\\22: 64' in text
+  assert "\\22sliding_window_length\\22: 100" in text and "\\22max_seg_per_batch\\22: 64" in text
   assert _square_arrays(_jaxpr_shapes(jaxpr), t) == []
   assert _square_arrays(_module_shapes(text), t) == []
   # The checks can fail: the dense reference holds [B, T, T] masks and [B, K, G, T, T] scores.
@@ -188,14 +197,20 @@ def test_gpu_step_lowered_for_cuda_holds_no_t_by_t_array(monkeypatch):
   assert (b, 2, 2, t, t) in _square_arrays(_module_shapes(ref_text), t)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs an NVIDIA GPU (backend is "
-                    f"{jax.default_backend()!r}); benchmarks/gpu_check.sh runs this on one")
+@pytest.mark.skipif(
+  not ON_GPU,
+  reason="cuDNN attention needs an NVIDIA GPU (backend is "
+  f"{jax.default_backend()!r}); benchmarks/gpu_check.sh runs this on one",
+)
 @pytest.mark.parametrize("window", [64, 1024])
 def test_cudnn_matches_reference_on_gpu_bf16(window):
   q, k, v = _qkv(2, 1024, 8, 2, 128, dtype=jnp.bfloat16)
   seg = _runs(2, 1024, 6, seed=window, pad=40)
-  got = jax.jit(lambda *a: _value_and_grads(
-      lambda q, k, v: kernels.attend(q, k, v, seg, window=window, impl="cudnn"), *a))(q, k, v)
+  got = jax.jit(
+    lambda *a: _value_and_grads(
+      lambda q, k, v: kernels.attend(q, k, v, seg, window=window, impl="cudnn"), *a
+    )
+  )(q, k, v)
   ref = lambda q, k, v: kernels.attend(q, k, v, seg, window=window, impl="reference")
   want = jax.jit(lambda *a: _value_and_grads(ref, *a))(*(x.astype(jnp.float32) for x in (q, k, v)))
   _assert_close(got[0], want[0], atol=2e-2)
@@ -211,10 +226,16 @@ def test_train_step_built_for_cuda_holds_no_t_by_t_array(monkeypatch):
   run = Execution(compute_dtype="bfloat16", attention_impl="cudnn", attention_chunk=128)
   tx = optax.adamw(1e-3)
   params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(abstract_model(cfg, run), nnx.Param)))
-  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-           "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "weights" else jnp.int32)
-           for k in ("inputs", "targets", "positions", "segment_ids", "weights")}
+  state = {
+    "params": params,
+    "opt_state": jax.eval_shape(tx.init, params),
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+  }
+  batch = {
+    k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "weights" else jnp.int32)
+    for k in ("inputs", "targets", "positions", "segment_ids", "weights")
+  }
   step = make_train_step(cfg, tx, lambda s: 1e-3, execution=run)
   jaxpr, text = _cuda_lowering(monkeypatch, step, state, batch)
   assert text.count("__cudnn$fmhaSoftmaxBackward(") >= 2  # local and global kernels
@@ -225,12 +246,14 @@ def test_train_step_built_for_cuda_holds_no_t_by_t_array(monkeypatch):
 def test_sharded_rows_and_heads_match_reference():
   # 8 simulated devices: rows over data x fsdp, heads over tensor; one shard's rows need the
   # fallback (too many documents), the others take the layout path.
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   q, k, v = _qkv(4, 64, 4, 2, 8, seed=7)
   seg = jnp.concatenate([_runs(3, 64, 3, seed=4), _runs(1, 64, 12, seed=5)])
-  packed = lambda q, k, v: cudnn.cudnn_attention(q, k, v, seg, window=20, chunk=16,
-                                                 max_segments=4, implementation="xla")
+  packed = lambda q, k, v: cudnn.cudnn_attention(
+    q, k, v, seg, window=20, chunk=16, max_segments=4, implementation="xla"
+  )
   ref = lambda q, k, v: kernels.attend(q, k, v, seg, window=20, impl="reference")
   with jax.set_mesh(mesh):
     got = jax.jit(lambda *a: _value_and_grads(packed, *a))(q, k, v)
@@ -238,7 +261,8 @@ def test_sharded_rows_and_heads_match_reference():
   assert "sdy.manual_computation" in text  # per-shard call
   _assert_close(got, jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v), atol=2e-6)
   assert cudnn.shard_specs(mesh, 4, 4, 2)[0] == jax.sharding.PartitionSpec(
-      ("data", "fsdp"), None, "tensor", None)
+    ("data", "fsdp"), None, "tensor", None
+  )
   assert cudnn.shard_specs(mesh, 2, 4, 3)[1] == jax.sharding.PartitionSpec("data", None, None, None)
 
 
@@ -269,11 +293,16 @@ def test_element_offsets_cudnn_receives_match_the_keys_it_receives(monkeypatch):
   layout = packing.packed_layout(seg, 4)
   cudnn.packed_cudnn_attention(q, k, v, layout.seqlen_BM, layout.offsets_BM1, window=16)
   _, _, _, kv_elems = cudnn_fmha._fix_seqlen_offsets(
-      seen["seqlen"], seen["seqlen"], seen["offsets"], seen["offsets"], seen["q"], seen["k"])
-  starts = [np.flatnonzero(np.r_[True, row[1:] != row[:-1]]) + i * t
-            for i, row in enumerate(np.asarray(seg))]
+    seen["seqlen"], seen["seqlen"], seen["offsets"], seen["offsets"], seen["q"], seen["k"]
+  )
+  starts = [
+    np.flatnonzero(np.r_[True, row[1:] != row[:-1]]) + i * t
+    for i, row in enumerate(np.asarray(seg))
+  ]
   stride = seen["k"].shape[2] * h  # elements per token of the keys cuDNN is given
-  np.testing.assert_array_equal(np.asarray(kv_elems).reshape(-1)[:6], np.concatenate(starts) * stride)
+  np.testing.assert_array_equal(
+    np.asarray(kv_elems).reshape(-1)[:6], np.concatenate(starts) * stride
+  )
   # The repeated keys keep the reference's grouping: query head i reads kv head i // 3.
   np.testing.assert_array_equal(seen["k"][:, :, 4], k[:, :, 1])
 
@@ -281,6 +310,7 @@ def test_element_offsets_cudnn_receives_match_the_keys_it_receives(monkeypatch):
 def test_execution_config_checks_the_gpu_dtype_and_auto_avoids_cudnn_in_float32():
   from cwm_jax.kernels import backend
   from cwm_jax.model.execution import Execution
+
   with pytest.raises(ConfigError, match="needs compute_dtype in"):
     Execution(attention_impl="cudnn")  # float32 compute
   with pytest.raises(ConfigError, match="needs compute_dtype in"):
@@ -294,9 +324,11 @@ def test_execution_config_checks_the_gpu_dtype_and_auto_avoids_cudnn_in_float32(
 def test_execution_max_segments_reaches_cudnn(monkeypatch):
   from cwm_jax.model.attention import attention_kernel
   from cwm_jax.model.execution import Execution
+
   seen = []
-  monkeypatch.setattr(kernels, "cudnn_attention",
-                      lambda q, *a, **kw: seen.append(kw.get("max_segments")) or q)
+  monkeypatch.setattr(
+    kernels, "cudnn_attention", lambda q, *a, **kw: seen.append(kw.get("max_segments")) or q
+  )
   q, k, v = _qkv(1, 16, 4, 2, 8, dtype=jnp.bfloat16)
   seg = jnp.ones((1, 16), jnp.int32)
   for m in (0, 16):

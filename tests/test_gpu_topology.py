@@ -17,8 +17,10 @@ from cwm_jax.train import gpu_topology
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
 NEEDS_PLUGIN = pytest.mark.skipif(
-    not HAVE_PLUGIN, reason="the CUDA plugin is not installed (pip install "
-    "'jax[cuda12]==<jax version>'); a GPU is not needed")
+  not HAVE_PLUGIN,
+  reason="the CUDA plugin is not installed (pip install "
+  "'jax[cuda12]==<jax version>'); a GPU is not needed",
+)
 
 
 def test_cluster_names():
@@ -34,7 +36,7 @@ def test_cluster_names():
 def test_target_config_carries_the_public_figures():
   text = gpu_topology.GPUS["h100"].target_config()
   assert "core_count: 132" in text and "major: 9 minor: 0" in text
-  assert f"device_memory_size: {int(79.6 * 2 ** 30)}" in text
+  assert f"device_memory_size: {int(79.6 * 2**30)}" in text
   assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
   assert "major: 8 minor: 0" in gpu_topology.GPUS["a100"].target_config()
 
@@ -57,7 +59,9 @@ def test_missing_plugin_is_a_clear_error():
 
 
 def _smoke_config(stage):
-  spec = importlib.util.spec_from_file_location("smoke_config", os.path.join(ROOT, "configs/smoke.py"))
+  spec = importlib.util.spec_from_file_location(
+    "smoke_config", os.path.join(ROOT, "configs/smoke.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(f"stage={stage}")

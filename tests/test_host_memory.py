@@ -14,8 +14,8 @@ from cwm_jax import host_memory
 from cwm_jax.base import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 4096   # x @ w is [N, N]: 64 MB, above glibc's largest mmap threshold (32 MB), so
-           # glibc's defaults map it afresh each call
+N = 4096  # x @ w is [N, N]: 64 MB, above glibc's largest mmap threshold (32 MB), so
+# glibc's defaults map it afresh each call
 
 # Each call of `f` holds x @ w as a temporary and frees it when the call ends; prints
 # the page faults of each of 10 calls after 40 warm-up calls.
@@ -39,10 +39,16 @@ print(json.dumps({{"retained": retained, "faults": faults}}))
 
 
 def _probe(choice):
-  env = {**os.environ, host_memory.ENV: choice, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": ROOT, "XLA_FLAGS": ""}
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
-                       text=True, timeout=300, check=True)
+  env = {
+    **os.environ,
+    host_memory.ENV: choice,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": ROOT,
+    "XLA_FLAGS": "",
+  }
+  out = subprocess.run(
+    [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300, check=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -51,7 +57,7 @@ def test_retained_memory_is_reused_between_executions():
   system, retained = _probe("system"), _probe("retain")
   pages = N * N * 4 / 4096
   assert not system["retained"] and retained["retained"]
-  assert min(system["faults"]) > pages / 2    # a fresh 64 MB temporary every call
+  assert min(system["faults"]) > pages / 2  # a fresh 64 MB temporary every call
   # Retained, freed blocks are reused. A call may start before the previous call's
   # temporary is freed (more often on a loaded machine), so the heap first grows to hold
   # the most that overlap (seen: up to 7 blocks, within 13 calls under load; now and then
@@ -68,7 +74,8 @@ def test_cpu_run_follows_jax_platforms(monkeypatch):
 
 def test_retain_does_nothing_once_backends_started_or_when_told(monkeypatch):
   import jax
-  jax.devices()   # this test process's backend is up: too late to change arenas
+
+  jax.devices()  # this test process's backend is up: too late to change arenas
   monkeypatch.setenv(host_memory.ENV, "retain")
   assert host_memory.retain() is False
   monkeypatch.setenv(host_memory.ENV, "system")

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cwm_jax.checkpoint.hf import config_to_hf
 from cwm_jax.checkpoint.load import load_params
@@ -32,16 +33,16 @@ def _cfg(**kw):
 
 # Every generate call below uses these shapes (2 prompts, <= 32 tokens, 14 new), so the
 # jitted loop compiles once per sharding.
-PROMPT_LENGTHS, NEW = (3, 11), 14   # shorter and longer than the window (6)
+PROMPT_LENGTHS, NEW = (3, 11), 14  # shorter and longer than the window (6)
 
 
 def test_ring_buffer_shapes():
   cfg = cwm_32b()
   cache = jax.eval_shape(lambda: kv.init_cache(cfg, 2, 20000, jnp.bfloat16))
   keys, values = dict(zip(cache.layout.windows, cache.k)), dict(zip(cache.layout.windows, cache.v))
-  assert keys[8192].shape == (47, 2, 8, 8192, 128)   # local layers: O(window)
+  assert keys[8192].shape == (47, 2, 8, 8192, 128)  # local layers: O(window)
   assert keys[131072].shape == (17, 2, 8, 20000, 128)  # global layers: whole sequence
-  assert values[8192].shape == (47, 2, 8, 128, 8192)   # values transposed
+  assert values[8192].shape == (47, 2, 8, 128, 8192)  # values transposed
   layout = kv.cache_layout(_cfg(), 5)  # shorter than the window: no bigger than needed
   assert layout.sizes == (5, 5) and layout.groups == (1, 0, 1) and layout.slots == (0, 0, 1)
 
@@ -61,8 +62,10 @@ def hf_pair(tmp_path_factory):
   cfg = _cfg()
   torch.manual_seed(0)
   hf = transformers.CwmForCausalLM(
-      transformers.CwmConfig(**config_to_hf(cfg, dtype="float32", bos_token_id=1,
-                                            eos_token_id=2, pad_token_id=0))).eval()
+    transformers.CwmConfig(
+      **config_to_hf(cfg, dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    )
+  ).eval()
   with torch.no_grad():  # a larger init keeps greedy choices far from ties
     for p in hf.parameters():
       if p.dim() > 1:
@@ -75,6 +78,7 @@ def hf_pair(tmp_path_factory):
 
 def _hf_logprobs(hf, tokens):
   import torch
+
   with torch.no_grad():
     return torch.log_softmax(hf(torch.tensor([tokens])).logits[0], -1).numpy()
 
@@ -83,7 +87,7 @@ def test_cached_decoding_matches_full_forward(hf_pair):
   hf, cfg, _, model = hf_pair
   rng = np.random.RandomState(0)
   prompts = [rng.randint(0, 96, n).tolist() for n in PROMPT_LENGTHS]
-  feed = rng.randint(0, 96, (2, NEW))   # 14 steps wrap the 6-slot ring twice
+  feed = rng.randint(0, 96, (2, NEW))  # 14 steps wrap the 6-slot ring twice
   tokens, n = sampler.right_pad(prompts, 8)
   cache = kv.init_cache(cfg, 2, tokens.shape[1] + NEW, jnp.float32)
   logits, cache = nnx.jit(sampler.prefill)(model, cache, jnp.asarray(tokens), jnp.asarray(n))
@@ -93,23 +97,25 @@ def test_cached_decoding_matches_full_forward(hf_pair):
     logits, cache = decode(model, cache, jnp.asarray(feed[:, t], jnp.int32))
     got.append(logits)
   got = jax.nn.log_softmax(np.stack(got, 1), -1)  # [B, NEW + 1, V]
-  for b, prompt in enumerate(prompts):   # full forward pass of the unpadded row
-    want = _hf_logprobs(hf, prompt + feed[b].tolist())[len(prompt) - 1:]
+  for b, prompt in enumerate(prompts):  # full forward pass of the unpadded row
+    want = _hf_logprobs(hf, prompt + feed[b].tolist())[len(prompt) - 1 :]
     np.testing.assert_allclose(got[b], want, atol=1e-4, rtol=0)
 
 
 def test_greedy_and_logprobs_match_transformers(hf_pair):
   import torch
+
   hf, cfg, _, model = hf_pair
   rng = np.random.RandomState(1)
   prompts = [rng.randint(0, 96, n).tolist() for n in PROMPT_LENGTHS]
   result = sampler.generate(model, prompts, max_new_tokens=NEW)
   for prompt, tokens, logprobs in zip(prompts, result.tokens, result.logprobs):
     ids = torch.tensor([prompt])
-    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                       do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    want = hf.generate(
+      ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0
+    )[0, len(prompt) :].tolist()
     assert tokens == want
-    logp = _hf_logprobs(hf, prompt + tokens)[len(prompt) - 1:-1]
+    logp = _hf_logprobs(hf, prompt + tokens)[len(prompt) - 1 : -1]
     np.testing.assert_allclose(logprobs, logp[np.arange(NEW), tokens], atol=1e-4)
   # Stop tokens: row 0 stops at its 5th token (kept); row 1 at its first occurrence, if any.
   stop = result.tokens[0][4]
@@ -119,22 +125,32 @@ def test_greedy_and_logprobs_match_transformers(hf_pair):
     assert cut == full[:n]
   assert len(stopped.tokens[0]) == result.tokens[0].index(stop) + 1
   # The same generation with the model and cache sharded over a data x tensor mesh.
-  mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=jax.devices()[:4])
-  rules = (("batch", "data"), ("act_kv_heads", "tensor"), ("act_heads", "tensor"),
-           ("kv_heads", "tensor"), ("heads", "tensor"))
+  mesh = jax.make_mesh(
+    (2, 2),
+    ("data", "tensor"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    devices=jax.devices()[:4],
+  )
+  rules = (
+    ("batch", "data"),
+    ("act_kv_heads", "tensor"),
+    ("act_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("heads", "tensor"),
+  )
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     cache = jax.jit(lambda: kv.init_cache(cfg, 2, 16, jnp.float32))()
     for buf in cache.k + cache.v:
       assert buf.sharding.is_equivalent_to(
-          NamedSharding(mesh, P(None, "data", "tensor", None, None)), buf.ndim)
+        NamedSharding(mesh, P(None, "data", "tensor", None, None)), buf.ndim
+      )
     assert sampler.generate(model, prompts, max_new_tokens=NEW).tokens == result.tokens
 
 
 def test_top_p_filter_by_hand():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   kept = np.isfinite(np.asarray(sampler.top_p_filter(logits, 0.7)))
-  np.testing.assert_array_equal(kept, [[True, True, False, False]])   # 0.5 < 0.7 <= 0.8
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])  # 0.5 < 0.7 <= 0.8
   kept = np.isfinite(np.asarray(sampler.top_p_filter(logits, 0.5)))
   np.testing.assert_array_equal(kept, [[True, False, False, False]])
   assert np.isfinite(np.asarray(sampler.top_p_filter(logits, 1.0))).all()
@@ -143,12 +159,11 @@ def test_top_p_filter_by_hand():
 def test_sampling_frequencies():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 4000)
-  draw = jax.jit(jax.vmap(
-      lambda k: sampler.sample_token(logits, k, 0.5, 0.95, greedy=False)[0][0]))
+  draw = jax.jit(jax.vmap(lambda k: sampler.sample_token(logits, k, 0.5, 0.95, greedy=False)[0][0]))
   freq = np.bincount(np.asarray(draw(keys)), minlength=4) / 4000
-  p = np.array([0.5, 0.3, 0.15, 0.05]) ** 2      # temperature 0.5 squares the probabilities
-  p /= p.sum()                                     # [0.685, 0.247, 0.062, 0.007]
-  p[3] = 0                                         # top-p 0.95 drops the last token
+  p = np.array([0.5, 0.3, 0.15, 0.05]) ** 2  # temperature 0.5 squares the probabilities
+  p /= p.sum()  # [0.685, 0.247, 0.062, 0.007]
+  p[3] = 0  # top-p 0.95 drops the last token
   np.testing.assert_allclose(freq, p / p.sum(), atol=0.03)
 
 
@@ -164,14 +179,28 @@ def test_bad_inputs_are_named(hf_pair):
 
 def test_sample_cli_on_orbax_checkpoint(tmp_path, hf_pair):
   from cwm_jax.checkpoint.manager import save_params_checkpoint
+
   _, cfg, params, model = hf_pair
   save_params_checkpoint(str(tmp_path / "ckpt"), cfg, params)
   want = sampler.generate(model, [[5, 17, 9], [1]], max_new_tokens=NEW)
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  run = lambda *a: subprocess.run([sys.executable, "-m", "cwm_jax.sample", *a], cwd=REPO,
-                                  env=env, capture_output=True, text=True, timeout=300)
-  out = run("--checkpoint", str(tmp_path / "ckpt"), "--prompt_ids", "5,17,9",
-            "--max_new_tokens", str(NEW), "--json")
+  run = lambda *a: subprocess.run(
+    [sys.executable, "-m", "cwm_jax.sample", *a],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  out = run(
+    "--checkpoint",
+    str(tmp_path / "ckpt"),
+    "--prompt_ids",
+    "5,17,9",
+    "--max_new_tokens",
+    str(NEW),
+    "--json",
+  )
   assert out.returncode == 0, out.stderr
   got = json.loads(out.stdout)
   assert got["tokens"] == want.tokens[0]
@@ -181,8 +210,9 @@ def test_sample_cli_on_orbax_checkpoint(tmp_path, hf_pair):
 def _random_model(cfg, seed):
   rng = np.random.RandomState(seed)
   shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-  return model_from_params(cfg, jax.tree.map(
-      lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes))
+  return model_from_params(
+    cfg, jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
+  )
 
 
 @nnx.jit
@@ -199,7 +229,7 @@ def _teacher_forced(model, prompts, continuations):
   logits = _forward(model, *(jnp.asarray(a, jnp.int32) for a in (tokens, positions, segments)))
   logp = np.asarray(jax.nn.log_softmax(logits, -1))
   n = len(continuations[0])
-  return np.stack([logp[b, len(p) - 1:len(p) + n] for b, p in enumerate(prompts)])
+  return np.stack([logp[b, len(p) - 1 : len(p) + n] for b, p in enumerate(prompts)])
 
 
 def test_sampled_logprobs_equal_teacher_forced(hf_pair):
@@ -207,8 +237,7 @@ def test_sampled_logprobs_equal_teacher_forced(hf_pair):
   model = hf_pair[3]
   rng = np.random.RandomState(2)
   prompts = [rng.randint(0, 96, n).tolist() for n in PROMPT_LENGTHS]
-  result = sampler.generate(model, prompts, max_new_tokens=NEW, temperature=1.3, top_p=0.9,
-                            seed=3)
+  result = sampler.generate(model, prompts, max_new_tokens=NEW, temperature=1.3, top_p=0.9, seed=3)
   assert [len(t) for t in result.tokens] == [NEW, NEW]
   want = _teacher_forced(model, prompts, result.tokens)[:, :-1]
   want = np.take_along_axis(want, np.asarray(result.tokens)[..., None], -1)[..., 0]
@@ -249,7 +278,7 @@ def test_cache_layouts_agree(hf_pair, monkeypatch):
   model = hf_pair[3]
   prompts = [[5, 17, 9], list(range(1, 12))]
 
-  def two_turns(pad):   # prompt widths no other call compiles: a fresh trace of each step
+  def two_turns(pad):  # prompt widths no other call compiles: a fresh trace of each step
     turns = sampler.Turns(model, 2, 48, pad_multiple=pad)
     first = turns(prompts, 5)
     second = turns([p + t + [7, 8, 9] for p, t in zip(prompts, first.tokens)], 5)
@@ -268,12 +297,14 @@ def test_cache_by_layer_round_trip():
   cfg = _cfg(n_layers=5, layer_windows=(4, 64, 6, 4, 64))
   cache = kv.init_cache(cfg, 2, 12, jnp.float32)
   rng = np.random.RandomState(0)
-  cache = cache.replace(k=tuple(jnp.asarray(rng.randn(*b.shape), jnp.float32) for b in cache.k),
-                        v=tuple(jnp.asarray(rng.randn(*b.shape), jnp.float32) for b in cache.v))
+  cache = cache.replace(
+    k=tuple(jnp.asarray(rng.randn(*b.shape), jnp.float32) for b in cache.k),
+    v=tuple(jnp.asarray(rng.randn(*b.shape), jnp.float32) for b in cache.v),
+  )
   split = kv.by_layer(cache)
   assert split.layout.groups == (0, 1, 2, 3, 4) and split.layout.sizes == (4, 12, 6, 4, 12)
   layout = cache.layout
-  for i in range(5):   # layer i's buffers, as arrays of their own
+  for i in range(5):  # layer i's buffers, as arrays of their own
     np.testing.assert_array_equal(split.k[i][0], cache.k[layout.groups[i]][layout.slots[i]])
     np.testing.assert_array_equal(split.v[i][0], cache.v[layout.groups[i]][layout.slots[i]])
   back = kv.by_window(split)
@@ -295,11 +326,26 @@ def test_cpu_decode_step_reads_the_cache_in_place(hf_pair):
   graphdef, state = nnx.split(model)
   cache = kv.init_cache(model.cfg, 2, 16, jnp.float32)
   _, cache = jax.jit(lambda s, c, t: sampler.prefill(nnx.merge(graphdef, s), c, t))(
-      state, cache, jnp.ones((2, 4), jnp.int32))
-  text = sampler._decode.lower(
-      graphdef, state, cache, jnp.zeros((2, model.cfg.vocab_size)), jnp.zeros((2,), bool),
-      jax.random.key(0), jnp.float32(1), jnp.float32(1), jnp.zeros((1,), jnp.int32), max_new=4,
-      greedy=True, unrolled=True).compile().as_text()
+    state, cache, jnp.ones((2, 4), jnp.int32)
+  )
+  text = (
+    sampler._decode.lower(
+      graphdef,
+      state,
+      cache,
+      jnp.zeros((2, model.cfg.vocab_size)),
+      jnp.zeros((2,), bool),
+      jax.random.key(0),
+      jnp.float32(1),
+      jnp.float32(1),
+      jnp.zeros((1,), jnp.int32),
+      max_new=4,
+      greedy=True,
+      unrolled=True,
+    )
+    .compile()
+    .as_text()
+  )
   body = re.search(r"body=%([\w.\-]+)", text).group(1)
   ops = re.search(r"\n%%%s [^\n]*\{\n(.*?)\n\}" % re.escape(body), text, re.S).group(1)
   layer_shapes = {tuple(sorted(b.shape[1:])) for b in cache.k + cache.v}
@@ -311,8 +357,11 @@ def test_cpu_decode_step_reads_the_cache_in_place(hf_pair):
       if dims in {tuple(d for d in s if d != 1) for s in layer_shapes}:
         of_cache_shape.append((m.group(1), m.group(3)))
   assert of_cache_shape, "no scatter into the cache found: the HLO format changed"
-  copies = [(name, op) for name, op in of_cache_shape
-            if op not in ("bitcast", "get-tuple-element") and "scatter" not in name]
+  copies = [
+    (name, op)
+    for name, op in of_cache_shape
+    if op not in ("bitcast", "get-tuple-element") and "scatter" not in name
+  ]
   assert not copies, copies
 
 
@@ -321,11 +370,22 @@ def _weight_slices_per_step(model, unrolled):
   shape [L, D, F]): a slice, or the layer scan that slices it each step."""
   graphdef, state = nnx.split(model)
   cache = kv.init_cache(model.cfg, 2, 16, jnp.float32).replace(empty=False)
-  jaxpr = jax.make_jaxpr(lambda s, c: sampler._decode(
-      graphdef, s, c, jnp.zeros((2, model.cfg.vocab_size)), jnp.zeros((2,), bool),
-      jax.random.key(0), 0.0, 1.0, jnp.zeros((1,), jnp.int32), max_new=4, greedy=True,
-      unrolled=unrolled))(
-          state, cache).jaxpr
+  jaxpr = jax.make_jaxpr(
+    lambda s, c: sampler._decode(
+      graphdef,
+      s,
+      c,
+      jnp.zeros((2, model.cfg.vocab_size)),
+      jnp.zeros((2,), bool),
+      jax.random.key(0),
+      0.0,
+      1.0,
+      jnp.zeros((1,), jnp.int32),
+      max_new=4,
+      greedy=True,
+      unrolled=unrolled,
+    )
+  )(state, cache).jaxpr
   stacked = model.layers.mlp.w1[...].shape
   found = []
 
@@ -338,17 +398,18 @@ def _weight_slices_per_step(model, unrolled):
           sub = getattr(sub, "jaxpr", sub)
           if hasattr(sub, "eqns"):
             walk(sub, in_loop or (eqn.primitive.name == "while" and name == "body_jaxpr"))
+
   walk(jaxpr, False)
   return len(found)
 
 
 def test_cpu_decode_loop_reads_weights_without_slicing_them_each_step(hf_pair, monkeypatch):
   model = hf_pair[3]
-  assert sampler.unroll_decode(model.cfg)   # CPU, 3 layers
+  assert sampler.unroll_decode(model.cfg)  # CPU, 3 layers
   assert _weight_slices_per_step(model, unrolled=True) == 0
-  assert _weight_slices_per_step(model, unrolled=False) > 0   # the layer scan slices them
+  assert _weight_slices_per_step(model, unrolled=False) > 0  # the layer scan slices them
   monkeypatch.setattr(sampler, "UNROLL_DECODE_LAYERS", 2)
-  assert not sampler.unroll_decode(model.cfg)   # deeper models keep the scan
+  assert not sampler.unroll_decode(model.cfg)  # deeper models keep the scan
 
 
 @pytest.mark.parametrize("windows", [(64, 64, 64), (4, 64, 6, 4, 64)])
@@ -385,7 +446,7 @@ def _count(jaxpr, name):
 
 def _step_jaxprs(n_layers):
   cfg = _cfg(n_layers=n_layers)
-  graphdef, state = nnx.split(abstract_model(cfg))   # traced abstractly: nothing allocated
+  graphdef, state = nnx.split(abstract_model(cfg))  # traced abstractly: nothing allocated
   cache = jax.eval_shape(lambda: kv.init_cache(cfg, 2, 16, jnp.float32))
   tokens = jnp.ones((2, 4), jnp.int32)
   prefill = jax.make_jaxpr(lambda s, c: sampler.prefill(nnx.merge(graphdef, s), c, tokens))
@@ -400,7 +461,7 @@ def test_decode_step_scans_layers():
     assert _count(a, "dot_general") == _count(b, "dot_general") > 0
     assert _count(a, "scan") == _count(b, "scan") >= 1
   lengths = [e.params["length"] for e in deep[1].eqns if e.primitive.name == "scan"]
-  assert 11 in lengths   # the layer stack is one scan over all 11 layers
+  assert 11 in lengths  # the layer stack is one scan over all 11 layers
 
 
 def test_cached_forward_bad_inputs(hf_pair):
@@ -432,7 +493,7 @@ def test_ragged_rows_and_appended_blocks_match_the_full_forward(hf_pair, windows
   got = [[(len(r) - 1, np.asarray(logits[b]))] for b, r in enumerate(rows)]
   decode, extend = nnx.jit(sampler.decode_step), nnx.jit(sampler.extend)
 
-  def step(feed):   # one decode step; rows in `feed` take a random token
+  def step(feed):  # one decode step; rows in `feed` take a random token
     token = rng.randint(0, 96, 3)
     logits_BV, new = decode(model, cache, jnp.asarray(token, jnp.int32), jnp.asarray(feed))
     for b in np.flatnonzero(feed):
@@ -440,7 +501,7 @@ def test_ragged_rows_and_appended_blocks_match_the_full_forward(hf_pair, windows
       got[b].append((len(rows[b]) - 1, np.asarray(logits_BV[b])))
     return new
 
-  for t in range(5):   # row 0 feeds 5 tokens, row 1 two, row 2 none
+  for t in range(5):  # row 0 feeds 5 tokens, row 1 two, row 2 none
     cache = step(np.array([True, t < 2, False]))
   block_lengths = (2, 9, 4)
   block = np.zeros((3, 12), np.int32)
@@ -455,13 +516,26 @@ def test_ragged_rows_and_appended_blocks_match_the_full_forward(hf_pair, windows
     cache = step(np.ones(3, bool))
   full, lengths = sampler.right_pad(rows)
   cols = np.broadcast_to(np.arange(full.shape[1])[None], full.shape)
-  want = np.asarray(jax.nn.log_softmax(_forward(
-      model, jnp.asarray(full), jnp.asarray(cols, jnp.int32),
-      jnp.asarray(cols < lengths[:, None], jnp.int32)), -1))
+  want = np.asarray(
+    jax.nn.log_softmax(
+      _forward(
+        model,
+        jnp.asarray(full),
+        jnp.asarray(cols, jnp.int32),
+        jnp.asarray(cols < lengths[:, None], jnp.int32),
+      ),
+      -1,
+    )
+  )
   for b in range(3):
     for position, row_logits in got[b]:
-      np.testing.assert_allclose(jax.nn.log_softmax(row_logits), want[b, position], atol=2e-5,
-                                 rtol=0, err_msg=f"row {b} position {position}")
+      np.testing.assert_allclose(
+        jax.nn.log_softmax(row_logits),
+        want[b, position],
+        atol=2e-5,
+        rtol=0,
+        err_msg=f"row {b} position {position}",
+      )
 
 
 @pytest.mark.parametrize("block", [128, 2])
@@ -482,9 +556,12 @@ def test_turns_feed_only_new_tokens_and_equal_a_fresh_prefill(hf_pair, block, mo
     got = turns(contexts, 5, active)
     assert [t for t, a in zip(got.tokens, active) if a] == want.tokens
     assert all(not t for t, a in zip(got.tokens, active) if not a)
-    np.testing.assert_allclose(np.concatenate([l for l, a in zip(got.logprobs, active) if a]),
-                               np.concatenate(want.logprobs), atol=2e-5)
-    for b in np.flatnonzero(active):   # the message, then 1-4 environment tokens
+    np.testing.assert_allclose(
+      np.concatenate([l for l, a in zip(got.logprobs, active) if a]),
+      np.concatenate(want.logprobs),
+      atol=2e-5,
+    )
+    for b in np.flatnonzero(active):  # the message, then 1-4 environment tokens
       contexts[b] += got.tokens[b] + rng.randint(3, 96, 1 + b + turn).tolist()
     active[2] = False
     assert all(h <= len(c) for h, c in zip(turns.held, contexts))

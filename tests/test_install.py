@@ -68,7 +68,10 @@ def test_ranges_extras_and_constraints_agree():
     if _norm(r.name) == "cwm-jax" or r.marker is not None:
       continue
     assert _norm(r.name) in pins, f"{r.name} has no pin in constraints.txt"
-    assert r.specifier.contains(pins[_norm(r.name)], prereleases=True), (str(r), pins[_norm(r.name)])
+    assert r.specifier.contains(pins[_norm(r.name)], prereleases=True), (
+      str(r),
+      pins[_norm(r.name)],
+    )
 
 
 def test_installed_core_versions_are_in_range():
@@ -106,16 +109,19 @@ def test_console_scripts_show_the_programs_help_and_exit_0():
   jobs = {}
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     for name, module in scripts:
-      jobs[name] = (pool.submit(_help, [os.path.join(bindir, name), "--help"]),
-                    pool.submit(_help, [sys.executable, "-m", module, "--help"]))
+      jobs[name] = (
+        pool.submit(_help, [os.path.join(bindir, name), "--help"]),
+        pool.submit(_help, [sys.executable, "-m", module, "--help"]),
+      )
     full = pool.submit(_help, [os.path.join(bindir, "cwm-plan"), "--helpfull"])
   for name, module in scripts:
     (rc_script, script, err), (rc_module, by_module, _) = (j.result() for j in jobs[name])
     assert (rc_script, rc_module) == (0, 0), (name, err[-500:])
     assert script == by_module, name
     assert "USAGE:" not in script, f"{name} --help shows the wrapper's empty usage"
-    assert [l for l in script.splitlines() if l.startswith("  --")], \
-        f"{name} --help lists none of {module}'s flags"
+    assert [l for l in script.splitlines() if l.startswith("  --")], (
+      f"{name} --help lists none of {module}'s flags"
+    )
   rc, text, _ = full.result()
   assert rc == 0 and "--num_slices" in text and "--verbosity" in text  # absl's own flags too
 
@@ -127,6 +133,7 @@ def test_bad_flag_still_exits_2():
 
 def test_missing_data_extra_names_it(monkeypatch, tmp_path):
   from cwm_jax.data import sources, tfds_build
+
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
   with pytest.raises(ConfigError, match=r"pip install 'cwm_jax\[data\]'"):
     sources.TfdsRecords(str(tmp_path), "train")
@@ -136,18 +143,31 @@ def test_missing_data_extra_names_it(monkeypatch, tmp_path):
   tfds_build._builder_class.cache_clear()
 
 
-@pytest.mark.parametrize("blocked,flags", [
-    ("apache_beam", ["--corpus=functions", "--noprograms", "--doctest_modules=",
-                     "--runner=DirectRunner"]),
+@pytest.mark.parametrize(
+  "blocked,flags",
+  [
+    (
+      "apache_beam",
+      ["--corpus=functions", "--noprograms", "--doctest_modules=", "--runner=DirectRunner"],
+    ),
     ("tensorflow_datasets", ["--corpus=code", "--limit=1", "--writer=tfds"]),
-])
+  ],
+)
 def test_corpus_build_without_data_extra_exits_2(tmp_path, blocked, flags):
   """The corpus-build program, run where the data extra is not installed (the module is
   made unimportable), exits 2 with one line naming the extra."""
-  prelude = (f"import runpy, sys; sys.modules[{blocked!r}] = None; "
-             "sys.argv = ['build', *sys.argv[1:]]; "
-             "runpy.run_module('cwm_jax.data.build', run_name='__main__')")
-  out = subprocess.run([sys.executable, "-c", prelude, f"--out={tmp_path}/o", *flags],
-                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+  prelude = (
+    f"import runpy, sys; sys.modules[{blocked!r}] = None; "
+    "sys.argv = ['build', *sys.argv[1:]]; "
+    "runpy.run_module('cwm_jax.data.build', run_name='__main__')"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", prelude, f"--out={tmp_path}/o", *flags],
+    capture_output=True,
+    text=True,
+    env=ENV,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert out.returncode == 2, out.stderr[-2000:]
   assert "cwm_jax[data]" in out.stderr and len(out.stderr.strip().splitlines()) == 1

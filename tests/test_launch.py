@@ -25,8 +25,13 @@ print(json.dumps({"workdir": flags.FLAGS.workdir, "config": flags.FLAGS.config.t
 
 def parse_train_argv(argv):
   """(workdir, config dict) as the train entry point parses `argv`; fails the test otherwise."""
-  out = subprocess.run([sys.executable, "-c", _PARSE, json.dumps(argv)], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run(
+    [sys.executable, "-c", _PARSE, json.dumps(argv)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   parsed = json.loads(out.stdout.strip().splitlines()[-1])
   return parsed["workdir"], parsed["config"]
@@ -36,7 +41,7 @@ def train_argv(words):
   """The arguments after `-m cwm_jax.train` in a command."""
   i = words.index("cwm_jax.train")
   assert words[i - 1] == "-m"
-  return words[i + 1:]
+  return words[i + 1 :]
 
 
 def run(cmd, **kw):
@@ -56,15 +61,31 @@ def check_parsed(argv, workdir):
 
 
 def test_slurm_dry_run_one_process_per_gpu():
-  out = run(["bash", "launch/slurm.sbatch", "--config", "configs/smoke.py:schedule=all",
-             "--workdir", "/ckpt/run a", "--nodes=2", "--gpus_per_node", "4", "--dry_run", *EXTRA],
-            env={**os.environ, "COORDINATOR_HOST": "gpu-node-07"})
+  out = run(
+    [
+      "bash",
+      "launch/slurm.sbatch",
+      "--config",
+      "configs/smoke.py:schedule=all",
+      "--workdir",
+      "/ckpt/run a",
+      "--nodes=2",
+      "--gpus_per_node",
+      "4",
+      "--dry_run",
+      *EXTRA,
+    ],
+    env={**os.environ, "COORDINATOR_HOST": "gpu-node-07"},
+  )
   words = shlex.split(out.strip())
   assert words[0] == "srun" and "--ntasks=8" in words and "--ntasks-per-node=4" in words
   assert "--export=ALL,JAX_COORDINATOR_ADDRESS=gpu-node-07:8476" in words
   inner = words[words.index("-c") + 1]
-  for var in ("JAX_PROCESS_ID=$SLURM_PROCID", "JAX_NUM_PROCESSES=$SLURM_NTASKS",
-              "JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID"):
+  for var in (
+    "JAX_PROCESS_ID=$SLURM_PROCID",
+    "JAX_NUM_PROCESSES=$SLURM_NTASKS",
+    "JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID",
+  ):
     assert var in inner
   check_parsed(train_argv(words), "/ckpt/run a")
 
@@ -73,36 +94,82 @@ def test_slurm_preemption_container_and_gpu_settings():
   with open(os.path.join(ROOT, "launch", "slurm.sbatch")) as f:
     header = [l.split()[1] for l in f if l.startswith("#SBATCH ")]
   assert "--requeue" in header and any(re.fullmatch(r"--signal=TERM@\d+", h) for h in header)
-  out = run(["bash", "launch/slurm.sbatch", "--config", "configs/smoke.py:schedule=all",
-             "--workdir", "/ckpt/r", "--container_image", "nvcr.io/org/cwm:1",
-             "--container_mounts", "/data:/data", "--dry_run", *EXTRA],
-            env={**os.environ, "XLA_FLAGS": "--xla_dump_to=/tmp/d", "NCCL_PROTO": "Simple"})
+  out = run(
+    [
+      "bash",
+      "launch/slurm.sbatch",
+      "--config",
+      "configs/smoke.py:schedule=all",
+      "--workdir",
+      "/ckpt/r",
+      "--container_image",
+      "nvcr.io/org/cwm:1",
+      "--container_mounts",
+      "/data:/data",
+      "--dry_run",
+      *EXTRA,
+    ],
+    env={**os.environ, "XLA_FLAGS": "--xla_dump_to=/tmp/d", "NCCL_PROTO": "Simple"},
+  )
   words = shlex.split(out.strip())
   assert "--container-image=nvcr.io/org/cwm:1" in words
   assert "--container-mounts=/data:/data,/ckpt/r:/ckpt/r" in words  # the workdir is mounted
-  env_args = words[words.index("env") + 1:words.index("-m") - 1]
+  env_args = words[words.index("env") + 1 : words.index("-m") - 1]
   env = dict(a.split("=", 1) for a in env_args)
   assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d --xla_gpu_enable_latency_hiding_scheduler=true"
   assert env["NCCL_PROTO"] == "Simple"  # the caller's setting wins
-  assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9" and env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+  assert (
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9" and env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+  )
   check_parsed(train_argv(words), "/ckpt/r")
-  gcs = shlex.split(run(["bash", "launch/slurm.sbatch", "--config", "c.py", "--workdir",
-                         "gs://b/r", "--container_image", "img", "--dry_run"]))
+  gcs = shlex.split(
+    run(
+      [
+        "bash",
+        "launch/slurm.sbatch",
+        "--config",
+        "c.py",
+        "--workdir",
+        "gs://b/r",
+        "--container_image",
+        "img",
+        "--dry_run",
+      ]
+    )
+  )
   assert not any(w.startswith("--container-mounts") for w in gcs)  # a bucket is not mounted
 
 
 def test_slurm_per_host_and_bad_args():
-  out = run(["bash", "launch/slurm.sbatch", "--config", "c.py", "--workdir", "w", "--nodes", "3",
-             "--per", "host", "--dry_run"])
+  out = run(
+    [
+      "bash",
+      "launch/slurm.sbatch",
+      "--config",
+      "c.py",
+      "--workdir",
+      "w",
+      "--nodes",
+      "3",
+      "--per",
+      "host",
+      "--dry_run",
+    ]
+  )
   words = shlex.split(out)
   assert "--ntasks=3" in words and "JAX_LOCAL_DEVICE_IDS" not in out
-  bad = subprocess.run(["bash", "launch/slurm.sbatch", "--workdir", "w", "--dry_run"], cwd=ROOT,
-                       capture_output=True, text=True)
+  bad = subprocess.run(
+    ["bash", "launch/slurm.sbatch", "--workdir", "w", "--dry_run"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert bad.returncode == 2 and "usage" in bad.stderr
 
 
 def _tpu_vm():
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("tpu_vm", os.path.join(ROOT, "launch", "tpu_vm.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -126,26 +193,58 @@ def commands(out):
 
 
 def test_tpu_pod_dry_run_queued_resource_multislice():
-  out = run(["bash", "launch/tpu_pod.sh", "--tpu", "cwm", "--zone=us-east5-a", "--project", "proj",
-             "--accelerator_type", "v5p-16", "--num_slices", "2", "--spot",
-             "--config", "configs/smoke.py:schedule=all", "--workdir", "gs://bucket/run",
-             "--num_workers", "2", "--coordinator", "10.0.0.2", "--env", "XLA_FLAGS=--x=1",
-             "--dry_run", *EXTRA])
+  out = run(
+    [
+      "bash",
+      "launch/tpu_pod.sh",
+      "--tpu",
+      "cwm",
+      "--zone=us-east5-a",
+      "--project",
+      "proj",
+      "--accelerator_type",
+      "v5p-16",
+      "--num_slices",
+      "2",
+      "--spot",
+      "--config",
+      "configs/smoke.py:schedule=all",
+      "--workdir",
+      "gs://bucket/run",
+      "--num_workers",
+      "2",
+      "--coordinator",
+      "10.0.0.2",
+      "--env",
+      "XLA_FLAGS=--x=1",
+      "--dry_run",
+      *EXTRA,
+    ]
+  )
   cmds = commands(out)
   # Order: create the queued resource, wait, build and install the code, start, supervise, delete.
   assert cmds[0][:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "cwm"]
-  assert {"--accelerator-type=v5p-16", "--node-count=2", "--node-prefix=cwm", "--spot",
-          "--zone=us-east5-a", "--project=proj"} <= set(cmds[0])
+  assert {
+    "--accelerator-type=v5p-16",
+    "--node-count=2",
+    "--node-prefix=cwm",
+    "--spot",
+    "--zone=us-east5-a",
+    "--project=proj",
+  } <= set(cmds[0])
   assert cmds[1][4] == "describe" and "--format=value(state.state)" in cmds[1]
   assert cmds[2][1:4] == ["-m", "pip", "wheel"] and cmds[2][-1] == ROOT
   for node in ("cwm-0", "cwm-1"):
     scp = [c for c in cmds if c[4] == "scp" and f"{node}:~/cwm_jax_dist/" in c][0]
-    assert {os.path.join(ROOT, "launch", "install.sh"), os.path.join(ROOT, "constraints.txt")} <= set(scp)
+    assert {
+      os.path.join(ROOT, "launch", "install.sh"),
+      os.path.join(ROOT, "constraints.txt"),
+    } <= set(scp)
     assert any(c[4:6] == ["ssh", node] and "install.sh ~/cwm_jax_venv tpu" in c[-1] for c in cmds)
   starts = [c for c in cmds if c[4] == "ssh" and "cwm_jax.train" in c[-1]]
   assert [c[5] for c in starts] == ["cwm-0", "cwm-1"] and all("--worker=all" in c for c in starts)
   for slice_id, start in enumerate(starts):
-    remote = start[-1][len("--command="):]
+    remote = start[-1][len("--command=") :]
     assert "nohup setsid bash ~/cwm_jax_run/worker.sh" in remote
     words = shlex.split(remote)
     script = words[words.index("echo") + 1]
@@ -162,16 +261,32 @@ def test_tpu_pod_dry_run_queued_resource_multislice():
 
 
 def test_tpu_pod_existing_vm_and_bad_args():
-  out = run(["bash", "launch/tpu_pod.sh", "--tpu", "t", "--zone", "z", "--config", "c.py",
-             "--workdir", "/mnt/run", "--dry_run"])
+  out = run(
+    [
+      "bash",
+      "launch/tpu_pod.sh",
+      "--tpu",
+      "t",
+      "--zone",
+      "z",
+      "--config",
+      "c.py",
+      "--workdir",
+      "/mnt/run",
+      "--dry_run",
+    ]
+  )
   cmds = commands(out)
   assert not any("queued-resources" in c for c in cmds)  # an existing TPU VM: nothing created
   assert any(c[4:6] == ["describe", "t"] for c in cmds)
-  assert "cp \"$log\" /mnt/run/logs/worker-$id.log" in out
-  for bad in (["--zone", "z", "--config", "c", "--workdir", "w"],
-              ["--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "w", "--env", "NOEQ"]):
-    out = subprocess.run(["bash", "launch/tpu_pod.sh", *bad, "--dry_run"], cwd=ROOT,
-                         capture_output=True, text=True)
+  assert 'cp "$log" /mnt/run/logs/worker-$id.log' in out
+  for bad in (
+    ["--zone", "z", "--config", "c", "--workdir", "w"],
+    ["--tpu", "t", "--zone", "z", "--config", "c", "--workdir", "w", "--env", "NOEQ"],
+  ):
+    out = subprocess.run(
+      ["bash", "launch/tpu_pod.sh", *bad, "--dry_run"], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 2 and "usage" in out.stderr
 
 
@@ -205,8 +320,21 @@ class FakeGcloud:
 
 def _supervise(fake, *flags):
   tpu_vm = _tpu_vm()
-  args = tpu_vm.parse_args(["--tpu", "cwm", "--zone", "z", "--config", "c.py", "--workdir",
-                            "gs://b/r", "--poll_s", "0", *flags])
+  args = tpu_vm.parse_args(
+    [
+      "--tpu",
+      "cwm",
+      "--zone",
+      "z",
+      "--config",
+      "c.py",
+      "--workdir",
+      "gs://b/r",
+      "--poll_s",
+      "0",
+      *flags,
+    ]
+  )
   launcher = tpu_vm.Launcher(args, run=fake, sleep=lambda s: None, out=open(os.devnull, "w"))
   launcher.dist = os.path.join(ROOT, "build", "test_tpu_vm_dist")
   return launcher.main(), launcher
@@ -214,35 +342,74 @@ def _supervise(fake, *flags):
 
 def test_tpu_supervisor_relaunches_after_preemption_until_finished():
   fake = FakeGcloud(
-      qr_describe=["ACCEPTED", "ACTIVE", "ACTIVE", "SUSPENDED", "SUSPENDED", "ACTIVE", "ACTIVE"],
-      ips=["10.0.0.2;10.0.0.3"], node_state=["READY"],
-      status=["running 11\nrunning 12", "exit 0 term 0\nexit 0 term 0"])
+    qr_describe=["ACCEPTED", "ACTIVE", "ACTIVE", "SUSPENDED", "SUSPENDED", "ACTIVE", "ACTIVE"],
+    ips=["10.0.0.2;10.0.0.3"],
+    node_state=["READY"],
+    status=["running 11\nrunning 12", "exit 0 term 0\nexit 0 term 0"],
+  )
   rc, launcher = _supervise(fake, "--accelerator_type", "v5p-16")
   assert rc == 0 and launcher.restarts == 1
   calls = [c for c in fake.calls if c not in ("node_state", "qr_describe")]
-  assert calls == ["qr_create", "wheel", "ssh", "scp", "ssh", "ips", "start", "status",
-                   # preempted: the suspended queued resource is replaced, the code reinstalled
-                   "qr_delete", "qr_create", "wheel", "ssh", "scp", "ssh", "ips", "start",
-                   "status", "qr_delete"]
+  assert calls == [
+    "qr_create",
+    "wheel",
+    "ssh",
+    "scp",
+    "ssh",
+    "ips",
+    "start",
+    "status",
+    # preempted: the suspended queued resource is replaced, the code reinstalled
+    "qr_delete",
+    "qr_create",
+    "wheel",
+    "ssh",
+    "scp",
+    "ssh",
+    "ips",
+    "start",
+    "status",
+    "qr_delete",
+  ]
 
 
 def test_tpu_supervisor_sigterm_relaunches_and_user_errors_stop():
-  fake = FakeGcloud(ips=["10.0.0.2"], node_state=["READY"],
-                    status=["exit 0 term 1", "exit 2 term 0"])
+  fake = FakeGcloud(
+    ips=["10.0.0.2"], node_state=["READY"], status=["exit 0 term 1", "exit 2 term 0"]
+  )
   rc, launcher = _supervise(fake)
   assert rc == 2 and launcher.restarts == 1 and fake.calls.count("start") == 2
   assert "qr_create" not in fake.calls and "qr_delete" not in fake.calls  # an existing TPU VM
-  fake = FakeGcloud(ips=["10.0.0.2"], node_state=["READY", "PREEMPTED", "PREEMPTED", "READY"],
-                    status=["lost"])
+  fake = FakeGcloud(
+    ips=["10.0.0.2"], node_state=["READY", "PREEMPTED", "PREEMPTED", "READY"], status=["lost"]
+  )
   rc, launcher = _supervise(fake, "--max_restarts", "2")
   assert rc == 1 and launcher.restarts == 2 and fake.calls.count("start") == 3
 
 
 def test_k8s_jobset_dry_run():
-  out = run([sys.executable, "launch/k8s_jobset.py", "--name", "cwm-smoke", "--image", "img:1",
-             "--config", "configs/smoke.py:schedule=all", "--workdir", "/ckpt/x",
-             "--volume_claim", "ckpt", "--num_hosts", "4", "--gpus_per_host", "8", "--dry_run",
-             *EXTRA])
+  out = run(
+    [
+      sys.executable,
+      "launch/k8s_jobset.py",
+      "--name",
+      "cwm-smoke",
+      "--image",
+      "img:1",
+      "--config",
+      "configs/smoke.py:schedule=all",
+      "--workdir",
+      "/ckpt/x",
+      "--volume_claim",
+      "ckpt",
+      "--num_hosts",
+      "4",
+      "--gpus_per_host",
+      "8",
+      "--dry_run",
+      *EXTRA,
+    ]
+  )
   manifest = yaml.safe_load(out)
   assert out.rstrip().endswith("# kubectl apply -f -")
   assert manifest["kind"] == "JobSet"
@@ -262,9 +429,11 @@ def _fake_python(tmp_path):
   bindir = tmp_path / "bin"
   bindir.mkdir()
   fake = bindir / "python"
-  fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                  "print(json.dumps({'argv': sys.argv[1:], 'env': {k: v for k, v in "
-                  "os.environ.items() if k.startswith(('JAX_', 'MEGASCALE_', 'A'))}}))\n")
+  fake.write_text(
+    f"#!{sys.executable}\nimport json, os, sys\n"
+    "print(json.dumps({'argv': sys.argv[1:], 'env': {k: v for k, v in "
+    "os.environ.items() if k.startswith(('JAX_', 'MEGASCALE_', 'A'))}}))\n"
+  )
   fake.chmod(0o755)
   return str(bindir)
 
@@ -278,17 +447,37 @@ def _in_pod(command, env, tmp_path):
 
 
 def test_k8s_jobset_tpu_multislice(tmp_path):
-  out = run([sys.executable, "launch/k8s_jobset.py", "--name", "cwm", "--image", "reg/cwm:tpu",
-             "--config", "configs/smoke.py:schedule=all", "--workdir", "gs://bucket/run",
-             "--tpu_type", "v5p-16", "--tpu_topology", "2x2x2", "--num_slices", "2",
-             "--dry_run", *EXTRA])
+  out = run(
+    [
+      sys.executable,
+      "launch/k8s_jobset.py",
+      "--name",
+      "cwm",
+      "--image",
+      "reg/cwm:tpu",
+      "--config",
+      "configs/smoke.py:schedule=all",
+      "--workdir",
+      "gs://bucket/run",
+      "--tpu_type",
+      "v5p-16",
+      "--tpu_topology",
+      "2x2x2",
+      "--num_slices",
+      "2",
+      "--dry_run",
+      *EXTRA,
+    ]
+  )
   spec = yaml.safe_load(out)["spec"]["replicatedJobs"][0]
   assert spec["name"] == "slice" and spec["replicas"] == 2
   job = spec["template"]["spec"]
   assert job["parallelism"] == job["completions"] == 2  # v5p-16: 8 chips, 4 per host
   pod = job["template"]["spec"]
-  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
-                                 "cloud.google.com/gke-tpu-topology": "2x2x2"}
+  assert pod["nodeSelector"] == {
+    "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+    "cloud.google.com/gke-tpu-topology": "2x2x2",
+  }
   container = pod["containers"][0]
   assert container["resources"]["limits"] == {"google.com/tpu": 4}
   assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
@@ -296,63 +485,161 @@ def test_k8s_jobset_tpu_multislice(tmp_path):
   env = {e["name"]: e for e in container["env"]}
   names = [e["name"] for e in container["env"]]
   assert names.index("MEGASCALE_SLICE_ID") < names.index("TPU_WORKER_HOSTNAMES")
-  assert "jobset.sigs.k8s.io/job-index" in env["MEGASCALE_SLICE_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+  assert (
+    "jobset.sigs.k8s.io/job-index"
+    in env["MEGASCALE_SLICE_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+  )
   # The pod of slice 1, host 1: Kubernetes expands $(MEGASCALE_SLICE_ID) in the host names.
   hosts = env["TPU_WORKER_HOSTNAMES"]["value"].replace("$(MEGASCALE_SLICE_ID)", "1")
-  got = _in_pod(container["command"], {
-      "TPU_WORKER_ID": "1", "TPU_WORKER_HOSTNAMES": hosts, "MEGASCALE_SLICE_ID": "1",
+  got = _in_pod(
+    container["command"],
+    {
+      "TPU_WORKER_ID": "1",
+      "TPU_WORKER_HOSTNAMES": hosts,
+      "MEGASCALE_SLICE_ID": "1",
       "MEGASCALE_NUM_SLICES": env["MEGASCALE_NUM_SLICES"]["value"],
-      "MEGASCALE_COORDINATOR_ADDRESS": env["MEGASCALE_COORDINATOR_ADDRESS"]["value"]}, tmp_path)
+      "MEGASCALE_COORDINATOR_ADDRESS": env["MEGASCALE_COORDINATOR_ADDRESS"]["value"],
+    },
+    tmp_path,
+  )
   assert got["env"]["JAX_COORDINATOR_ADDRESS"] == "cwm-slice-0-0.cwm:8476"
   assert (got["env"]["JAX_NUM_PROCESSES"], got["env"]["JAX_PROCESS_ID"]) == ("4", "3")
   check_parsed(train_argv(["python", *got["argv"]]), "gs://bucket/run")
 
 
 def test_k8s_jobset_workdir_volume_and_bad_args():
-  out = run([sys.executable, "launch/k8s_jobset.py", "--config", "c.py", "--workdir", "/ckpt/x",
-             "--volume_claim", "cwm-ckpt", "--dry_run"])
+  out = run(
+    [
+      sys.executable,
+      "launch/k8s_jobset.py",
+      "--config",
+      "c.py",
+      "--workdir",
+      "/ckpt/x",
+      "--volume_claim",
+      "cwm-ckpt",
+      "--dry_run",
+    ]
+  )
   pod = yaml.safe_load(out)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
   assert {"name": "workdir", "persistentVolumeClaim": {"claimName": "cwm-ckpt"}} in pod["volumes"]
   assert {"name": "workdir", "mountPath": "/ckpt"} in pod["containers"][0]["volumeMounts"]
-  for bad in (["--workdir", "/ckpt/x"],  # a local path with nothing mounted
-              ["--workdir", "gs://b/r", "--tpu_type", "v5p-16"],
-              ["--workdir", "gs://b/r", "--tpu_type", "v5p-16", "--tpu_topology", "2x2"],
-              ["--workdir", "gs://b/r", "--num_slices", "2"]):
-    out = subprocess.run([sys.executable, "launch/k8s_jobset.py", "--config", "c.py", *bad,
-                          "--dry_run"], cwd=ROOT, capture_output=True, text=True)
+  for bad in (
+    ["--workdir", "/ckpt/x"],  # a local path with nothing mounted
+    ["--workdir", "gs://b/r", "--tpu_type", "v5p-16"],
+    ["--workdir", "gs://b/r", "--tpu_type", "v5p-16", "--tpu_topology", "2x2"],
+    ["--workdir", "gs://b/r", "--num_slices", "2"],
+  ):
+    out = subprocess.run(
+      [sys.executable, "launch/k8s_jobset.py", "--config", "c.py", *bad, "--dry_run"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+    )
     assert out.returncode == 2 and "error:" in out.stderr, bad
 
 
 def test_xpk_dry_run_runs_the_contract(tmp_path):
-  out = run([sys.executable, "launch/xpk.py", "--cluster", "tpu-cluster", "--workload", "cwm-pre",
-             "--tpu_type", "v5p-128", "--num_slices", "2", "--image", "reg/cwm:tpu",
-             "--project", "p", "--zone", "us-east5-a", "--config", "configs/smoke.py:schedule=all",
-             "--workdir", "gs://bucket/run", "--env", "A_SETTING=x y", "--dry_run", *EXTRA])
+  out = run(
+    [
+      sys.executable,
+      "launch/xpk.py",
+      "--cluster",
+      "tpu-cluster",
+      "--workload",
+      "cwm-pre",
+      "--tpu_type",
+      "v5p-128",
+      "--num_slices",
+      "2",
+      "--image",
+      "reg/cwm:tpu",
+      "--project",
+      "p",
+      "--zone",
+      "us-east5-a",
+      "--config",
+      "configs/smoke.py:schedule=all",
+      "--workdir",
+      "gs://bucket/run",
+      "--env",
+      "A_SETTING=x y",
+      "--dry_run",
+      *EXTRA,
+    ]
+  )
   words = shlex.split(out)
   assert words[:3] == ["xpk", "workload", "create"]
-  assert {"--cluster=tpu-cluster", "--workload=cwm-pre", "--tpu-type=v5p-128", "--num-slices=2",
-          "--docker-image=reg/cwm:tpu", "--project=p", "--zone=us-east5-a"} <= set(words)
-  command = [w for w in words if w.startswith("--command=")][0][len("--command="):]
+  assert {
+    "--cluster=tpu-cluster",
+    "--workload=cwm-pre",
+    "--tpu-type=v5p-128",
+    "--num-slices=2",
+    "--docker-image=reg/cwm:tpu",
+    "--project=p",
+    "--zone=us-east5-a",
+  } <= set(words)
+  command = [w for w in words if w.startswith("--command=")][0][len("--command=") :]
   # Slice 0, host 3 of a 16-host slice, with the variables XPK sets.
-  got = _in_pod(shlex.split(command), {
-      "TPU_WORKER_ID": "3", "TPU_WORKER_HOSTNAMES": ",".join(f"h{i}" for i in range(16)),
-      "MEGASCALE_SLICE_ID": "0", "MEGASCALE_NUM_SLICES": "2",
-      "MEGASCALE_COORDINATOR_ADDRESS": "h0"}, tmp_path)
+  got = _in_pod(
+    shlex.split(command),
+    {
+      "TPU_WORKER_ID": "3",
+      "TPU_WORKER_HOSTNAMES": ",".join(f"h{i}" for i in range(16)),
+      "MEGASCALE_SLICE_ID": "0",
+      "MEGASCALE_NUM_SLICES": "2",
+      "MEGASCALE_COORDINATOR_ADDRESS": "h0",
+    },
+    tmp_path,
+  )
   assert got["env"]["JAX_COORDINATOR_ADDRESS"] == "h0:8476" and got["env"]["A_SETTING"] == "x y"
   assert (got["env"]["JAX_NUM_PROCESSES"], got["env"]["JAX_PROCESS_ID"]) == ("32", "3")
   check_parsed(train_argv(["python", *got["argv"]]), "gs://bucket/run")
-  bad = subprocess.run([sys.executable, "launch/xpk.py", "--cluster", "c", "--workload", "w",
-                        "--tpu_type", "v5p-8", "--image", "i", "--config", "c.py", "--workdir",
-                        "/local", "--dry_run"], cwd=ROOT, capture_output=True, text=True)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "launch/xpk.py",
+      "--cluster",
+      "c",
+      "--workload",
+      "w",
+      "--tpu_type",
+      "v5p-8",
+      "--image",
+      "i",
+      "--config",
+      "c.py",
+      "--workdir",
+      "/local",
+      "--dry_run",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert bad.returncode == 2 and "gs://" in bad.stderr
 
 
 def test_checked_in_jobset_matches_generator():
   with open(os.path.join(ROOT, "launch", "k8s_jobset.yaml")) as f:
     checked_in = yaml.safe_load(f)
-  out = run([sys.executable, "launch/k8s_jobset.py", "--config", "configs/cwm_32b.py:stage=pretrain",
-             "--workdir", "/ckpt/cwm32b", "--volume_claim", "cwm-ckpt", "--name", "cwm-pretrain",
-             "--num_hosts", "64", "--dry_run"])
+  out = run(
+    [
+      sys.executable,
+      "launch/k8s_jobset.py",
+      "--config",
+      "configs/cwm_32b.py:stage=pretrain",
+      "--workdir",
+      "/ckpt/cwm32b",
+      "--volume_claim",
+      "cwm-ckpt",
+      "--name",
+      "cwm-pretrain",
+      "--num_hosts",
+      "64",
+      "--dry_run",
+    ]
+  )
   assert yaml.safe_load(out) == checked_in
 
 
@@ -362,6 +649,7 @@ def test_console_scripts_point_at_run_functions():
   import ast
   import configparser
   import importlib.util
+
   parser = configparser.ConfigParser()
   parser.read(os.path.join(ROOT, "setup.cfg"))
   lines = parser["options.entry_points"]["console_scripts"].strip().splitlines()

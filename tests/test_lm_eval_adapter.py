@@ -14,12 +14,12 @@ lm_eval = pytest.importorskip("lm_eval")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from lm_eval.api.instance import Instance  # pylint: disable=wrong-import-position
+from lm_eval.api.instance import Instance
 
-from cwm_jax.checkpoint.hf import config_to_hf  # pylint: disable=wrong-import-position
-from cwm_jax.data.tokenizer import Tokenizer  # pylint: disable=wrong-import-position
-from cwm_jax.infer.lm_eval_adapter import CwmLM  # pylint: disable=wrong-import-position
-from cwm_jax.model import tiny  # pylint: disable=wrong-import-position
+from cwm_jax.checkpoint.hf import config_to_hf
+from cwm_jax.data.tokenizer import Tokenizer
+from cwm_jax.infer.lm_eval_adapter import CwmLM
+from cwm_jax.model import tiny
 
 TOK = Tokenizer.default()
 
@@ -27,8 +27,17 @@ TOK = Tokenizer.default()
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
   """(transformers model, adapter) over one random tiny checkpoint with the project's vocab."""
-  cfg = tiny(n_layers=2, local_window=8, global_window=256, vocab_size=TOK.vocab_size, dim=32,
-             ffn_dim=64, n_heads=4, n_kv_heads=2, head_dim=8)
+  cfg = tiny(
+    n_layers=2,
+    local_window=8,
+    global_window=256,
+    vocab_size=TOK.vocab_size,
+    dim=32,
+    ffn_dim=64,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+  )
   torch.manual_seed(0)
   hf = transformers.CwmForCausalLM(transformers.CwmConfig(**config_to_hf(cfg, "float32")))
   with torch.no_grad():
@@ -54,18 +63,22 @@ def test_loglikelihood_matches_transformers(pair):
   trailing spaces of the context belong to the continuation), the context cut from the left
   to 64 predicted positions."""
   hf, lm = pair
-  cases = [("def add(a, b):\n  return", " a + b"), ("x = [1, 2, 3]\nprint(len(x)) # ", "3"),
-           ("The answer is ", "42."), ("import os\n" * 30, "os.getcwd()")]
+  cases = [
+    ("def add(a, b):\n  return", " a + b"),
+    ("x = [1, 2, 3]\nprint(len(x)) # ", "3"),
+    ("The answer is ", "42."),
+    ("import os\n" * 30, "os.getcwd()"),
+  ]
   got = lm.loglikelihood([_req("loglikelihood", c, x) for c, x in cases])
   for (context, continuation), (ll, greedy) in zip(cases, got):
     stripped = context.rstrip()
     whole = TOK.encode(context + continuation, bos=True)
-    targets = whole[len(TOK.encode(stripped, bos=True)):]
+    targets = whole[len(TOK.encode(stripped, bos=True)) :]
     seq = whole[-65:]
-    logp = _logprobs(hf, seq[:-1])[-len(targets):]
+    logp = _logprobs(hf, seq[:-1])[-len(targets) :]
     assert ll == pytest.approx(float(logp[np.arange(len(targets)), targets].sum()), abs=2e-3)
     assert greedy == bool((logp.argmax(-1) == targets).all())
-  assert len(TOK.encode(cases[-1][0] + cases[-1][1])) > 65   # the last case was cut
+  assert len(TOK.encode(cases[-1][0] + cases[-1][1])) > 65  # the last case was cut
 
 
 def test_loglikelihood_rolling_matches_transformers(pair):
@@ -84,21 +97,26 @@ def test_loglikelihood_rolling_matches_transformers(pair):
       logp = _logprobs(hf, padded[start:e])
       expected += sum(float(logp[j - start, padded[j + 1]]) for j in range(s, e))
     assert value == pytest.approx(expected, abs=5e-3)
-  assert len(TOK.encode(texts[1])) > 64   # several windows
+  assert len(TOK.encode(texts[1])) > 64  # several windows
 
 
 def test_generate_until_matches_transformers(pair):
   hf, lm = pair
   contexts = ["def fib(n):\n", "# a comment\nx ="]
-  got = lm.generate_until([_req("generate_until", c, {"until": ["\n\n"], "max_gen_toks": 12})
-                           for c in contexts])
+  got = lm.generate_until(
+    [_req("generate_until", c, {"until": ["\n\n"], "max_gen_toks": 12}) for c in contexts]
+  )
   for context, text in zip(contexts, got):
     prompt = TOK.encode(context, bos=True)
     with torch.no_grad():
-      out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                                                           dtype=torch.long),
-                        max_new_tokens=12, do_sample=False, eos_token_id=list(TOK.stop_ids))
-    ids = [i for i in out[0, len(prompt):].tolist() if not TOK.is_special(i)]
+      out = hf.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=list(TOK.stop_ids),
+      )
+    ids = [i for i in out[0, len(prompt) :].tolist() if not TOK.is_special(i)]
     assert text == TOK.decode(ids).split("\n\n")[0]
 
 
@@ -108,28 +126,35 @@ def test_simple_evaluate_runs_local_tasks(pair, tmp_path, monkeypatch):
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   _, lm = pair
-  docs = [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1)],
-           "label": 0} for a, b in ((1, 2), (3, 4), (10, 5))]
+  docs = [
+    {"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a + b + 1)], "label": 0}
+    for a, b in ((1, 2), (3, 4), (10, 5))
+  ]
   data = tmp_path / "arith.jsonl"
   data.write_text("".join(json.dumps(d) + "\n" for d in docs))
   (tmp_path / "mc.yaml").write_text(
-      "task: cwm_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-      f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
-      "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
-      "metric_list:\n  - metric: acc\n")
+    "task: cwm_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+    f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+    'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+    "metric_list:\n  - metric: acc\n"
+  )
   (tmp_path / "gen.yaml").write_text(
-      "task: cwm_local_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-      f"    test: {data}\ntest_split: test\noutput_type: generate_until\n"
-      "doc_to_text: \"{{question}} Answer:\"\ndoc_to_target: \"{{choices[0]}}\"\n"
-      "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n"
-      "metric_list:\n  - metric: exact_match\n")
+    "task: cwm_local_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+    f"    test: {data}\ntest_split: test\noutput_type: generate_until\n"
+    'doc_to_text: "{{question}} Answer:"\ndoc_to_target: "{{choices[0]}}"\n'
+    'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n'
+    "metric_list:\n  - metric: exact_match\n"
+  )
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+
   manager = TaskManager(include_path=str(tmp_path))
-  out = lm_eval.simple_evaluate(model=lm, tasks=["cwm_local_mc", "cwm_local_gen"],
-                                task_manager=manager, log_samples=True)
+  out = lm_eval.simple_evaluate(
+    model=lm, tasks=["cwm_local_mc", "cwm_local_gen"], task_manager=manager, log_samples=True
+  )
   mc, gen = out["results"]["cwm_local_mc"], out["results"]["cwm_local_gen"]
-  scores = lm.loglikelihood([_req("loglikelihood", d["question"], " " + c)
-                             for d in docs for c in d["choices"]])
+  scores = lm.loglikelihood(
+    [_req("loglikelihood", d["question"], " " + c) for d in docs for c in d["choices"]]
+  )
   expected = np.mean([scores[2 * i][0] > scores[2 * i + 1][0] for i in range(len(docs))])
   assert mc["acc,none"] == pytest.approx(expected)
   assert 0.0 <= gen["exact_match,none"] <= 1.0 and len(out["samples"]["cwm_local_gen"]) == 3

@@ -8,13 +8,13 @@ import sys
 
 import ml_collections
 import numpy as np
+from test_launch import ROOT
 
 from cwm_jax.checkpoint.load import load_params
 from cwm_jax.checkpoint.manager import restore_params
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.train import sources
 from cwm_jax.train.config import model_config
-from test_launch import ROOT
 
 STEPS = dict(pretrain=16, midtrain=8, sft=12)
 
@@ -25,15 +25,31 @@ def _records(workdir, stage):
 
 
 def _run_main_job(workdir):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
   steps = [f"--config.schedule.stages.{k}.steps={v}" for k, v in STEPS.items()]
   return subprocess.run(
-      [sys.executable, "-m", "cwm_jax.train", "--config",
-       "configs/smoke.py:schedule=all,corpus_limit=4", "--workdir", str(workdir),
-       "--config.checkpoint_every=8", "--config.schedule.sample_tokens=8",
-       "--config.compiler_options.xla_backend_optimization_level=0", *steps],
-      cwd=ROOT, env=env, capture_output=True, text=True)
+    [
+      sys.executable,
+      "-m",
+      "cwm_jax.train",
+      "--config",
+      "configs/smoke.py:schedule=all,corpus_limit=4",
+      "--workdir",
+      str(workdir),
+      "--config.checkpoint_every=8",
+      "--config.schedule.sample_tokens=8",
+      "--config.compiler_options.xla_backend_optimization_level=0",
+      *steps,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
 
 
 def _prompt_answer_segments(batch, header):
@@ -44,7 +60,7 @@ def _prompt_answer_segments(batch, header):
     for s in set(seg.tolist()) - {0}:
       idx = np.flatnonzero(seg == s)
       ids = batch["inputs"][b, idx].tolist() + [int(batch["targets"][b, idx[-1]])]
-      starts = [i for i in range(len(ids)) if ids[i:i + len(header)] == header]
+      starts = [i for i in range(len(ids)) if ids[i : i + len(header)] == header]
       if starts:  # target j predicts ids[j + 1]
         answer = np.arange(1, len(ids)) >= starts[0] + len(header)
         yield batch["weights"][b, idx], answer.astype(np.float32)
@@ -66,8 +82,9 @@ def test_main_job_trains_every_stage_on_the_corpora(tmp_path):
   # The SFT stage's own data config (saved with its checkpoint) reads the built corpus.
   with open(tmp_path / "sft" / "checkpoints" / "12" / "meta" / "metadata") as f:
     sft = ml_collections.ConfigDict(json.load(f)["config"])
-  assert sft.data.mixture == [{"kind": "array_record", "path": str(tmp_path / "data" / "sft"),
-                               "weight": 1.0}]
+  assert sft.data.mixture == [
+    {"kind": "array_record", "path": str(tmp_path / "data" / "sft"), "weight": 1.0}
+  ]
   tok = Tokenizer.default()
   it = sources.make_source(sft, model_config(sft), 0, 1)
   batch = next(it)
@@ -82,14 +99,16 @@ def test_main_job_trains_every_stage_on_the_corpora(tmp_path):
   cfg, params = load_params(str(tmp_path / "hf"))
   ours_cfg, ours = restore_params(str(tmp_path / "sft" / "checkpoints"))
   assert cfg.vocab_size == ours_cfg.vocab_size == tok.vocab_size
-  np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"]),
-                                np.asarray(ours["embed"]["embedding"]))
+  np.testing.assert_array_equal(
+    np.asarray(params["embed"]["embedding"]), np.asarray(ours["embed"]["embedding"])
+  )
   with open(tmp_path / "finish.json") as f:
     assert isinstance(json.load(f)["sample"]["text"], str)
 
   # The trained model beats an untrained one on the held-out trace eval (teacher-forced).
   from cwm_jax.infer.evaluation import EvalConfig, evaluate
   from cwm_jax.model import init_model, model_from_params
+
   eval_cfg = EvalConfig(max_programs=2, max_tokens=512, generate=False, perplexity=False)
   trained = evaluate(model_from_params(cfg, params), tok, eval_cfg)
   untrained = evaluate(init_model(cfg, seed=0), tok, eval_cfg)

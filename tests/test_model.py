@@ -11,32 +11,57 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint.hf import config_to_hf
 from cwm_jax.checkpoint.load import load_params
-from cwm_jax.base import ConfigError
-from cwm_jax.model import (Execution, ModelConfig, attention, init_model, layers,
-                           meta_layer_windows, model_from_params, tiny)
+from cwm_jax.model import (
+  Execution,
+  ModelConfig,
+  attention,
+  init_model,
+  layers,
+  meta_layer_windows,
+  model_from_params,
+  tiny,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROPE = dict(rope_theta=1e6, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=32, rope_type="llama3")
+ROPE = dict(
+  rope_theta=1e6,
+  factor=4.0,
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=32,
+  rope_type="llama3",
+)
 HF_CASES = {
-    # default transformers pattern (i % 4 == 0 global), T > window, GQA 2
-    "default_pattern": dict(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=16, sliding_window=8),
-    # Meta's pattern with the last layer global, GQA 4
-    "last_layer_global": dict(num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
-                              head_dim=8, sliding_window=12,
-                              layer_types=["full_attention" if i % 4 == 0 or i == 5
-                                           else "sliding_attention" for i in range(6)]),
-    # an arbitrary custom pattern, no RoPE scaling, MHA
-    "custom_types": dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                         head_dim=16, sliding_window=5,
-                         layer_types=["sliding_attention", "full_attention",
-                                      "sliding_attention", "sliding_attention"],
-                         rope_parameters=dict(rope_theta=10000.0, rope_type="default")),
+  # default transformers pattern (i % 4 == 0 global), T > window, GQA 2
+  "default_pattern": dict(
+    num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8
+  ),
+  # Meta's pattern with the last layer global, GQA 4
+  "last_layer_global": dict(
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    sliding_window=12,
+    layer_types=[
+      "full_attention" if i % 4 == 0 or i == 5 else "sliding_attention" for i in range(6)
+    ],
+  ),
+  # an arbitrary custom pattern, no RoPE scaling, MHA
+  "custom_types": dict(
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,
+    sliding_window=5,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+    rope_parameters=dict(rope_theta=10000.0, rope_type="default"),
+  ),
 }
 
 
@@ -46,9 +71,16 @@ def _forward(model, *args):
 
 def _hf_checkpoint(tmp_path, name, **kw):
   torch.manual_seed(sum(map(ord, name)))
-  fields = dict(vocab_size=301, hidden_size=64, intermediate_size=96,
-                max_position_embeddings=256, rope_parameters=ROPE, bos_token_id=1,
-                eos_token_id=2, pad_token_id=0)
+  fields = dict(
+    vocab_size=301,
+    hidden_size=64,
+    intermediate_size=96,
+    max_position_embeddings=256,
+    rope_parameters=ROPE,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+  )
   fields.update(kw)
   model = transformers.CwmForCausalLM(transformers.CwmConfig(**fields)).eval()
   path = tmp_path / name
@@ -65,7 +97,8 @@ def test_parity_with_transformers(tmp_path, case):
   ref_lp = torch.log_softmax(ref, -1).numpy()
   cfg, params = load_params(path)
   assert [w < cfg.global_window for w in cfg.layer_windows] == [
-      t == "sliding_attention" for t in ref_model.config.layer_types]
+    t == "sliding_attention" for t in ref_model.config.layer_types
+  ]
   for impl in ("reference", "chunked"):
     model = model_from_params(cfg, params, Execution(attention_impl=impl, attention_chunk=8))
     logits = _forward(model, ids.numpy()).astype(np.float64)
@@ -82,7 +115,7 @@ def test_parity_with_transformers_when_qkv_are_joined(tmp_path):
   ids = torch.randint(0, 301, (2, t), generator=torch.Generator().manual_seed(1))
   assert attention._join_qkv(jnp.zeros((2, t, 64)))
   assert not attention._join_qkv(jnp.zeros((2, 37, 64)))
-  for tensor, joined in ((2, False), (1, True)):   # not with heads split over the mesh
+  for tensor, joined in ((2, False), (1, True)):  # not with heads split over the mesh
     mesh = jax.sharding.AbstractMesh((tensor, 2), ("tensor", "fsdp"))
     with jax.sharding.use_abstract_mesh(mesh):
       assert attention._join_qkv(jnp.zeros((2, t, 64))) == joined
@@ -90,8 +123,9 @@ def test_parity_with_transformers_when_qkv_are_joined(tmp_path):
     ref = ref_model(ids).logits.double().numpy()
   cfg, params = load_params(path)
   model = model_from_params(cfg, params, Execution(attention_impl="chunked", attention_chunk=16))
-  np.testing.assert_allclose(_forward(model, ids.numpy()).astype(np.float64), ref, atol=1e-4,
-                             rtol=0)
+  np.testing.assert_allclose(
+    _forward(model, ids.numpy()).astype(np.float64), ref, atol=1e-4, rtol=0
+  )
 
 
 def test_score_cli_matches_transformers(tmp_path):
@@ -99,9 +133,20 @@ def test_score_cli_matches_transformers(tmp_path):
   ids = [5, 17, 9, 200, 3, 3, 42, 7, 100, 11, 12, 250]
   out = tmp_path / "lp.npy"
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "cwm_jax.score", f"--checkpoint={path}",
-                         f"--token_ids={','.join(map(str, ids))}", f"--output={out}"],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "cwm_jax.score",
+      f"--checkpoint={path}",
+      f"--token_ids={','.join(map(str, ids))}",
+      f"--output={out}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   with torch.no_grad():
     ref = torch.log_softmax(ref_model(torch.tensor([ids])).logits.double(), -1)[0]
@@ -109,9 +154,20 @@ def test_score_cli_matches_transformers(tmp_path):
   got = np.load(out)
   assert got.dtype == np.float32 and got.shape == (len(ids) - 1,)
   np.testing.assert_allclose(got, expected, atol=1e-4)
-  bad = subprocess.run([sys.executable, "-m", "cwm_jax.score", f"--checkpoint={path}",
-                        "--token_ids=5,99999", f"--output={out}"], capture_output=True,
-                       text=True, env=env, timeout=300)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "cwm_jax.score",
+      f"--checkpoint={path}",
+      "--token_ids=5,99999",
+      f"--output={out}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert bad.returncode == 2 and "outside the vocabulary" in bad.stderr
 
 
@@ -120,6 +176,7 @@ def test_hf_config_roundtrip_keeps_layer_pattern():
   hf = config_to_hf(cfg)
   assert hf["layer_types"][-1] == "full_attention"  # Meta's last-layer-global rule
   from cwm_jax.checkpoint.hf import config_from_hf
+
   assert config_from_hf(hf) == cfg
 
 
@@ -140,7 +197,7 @@ def test_packed_documents_equal_separate_runs(impl):
   start = 0
   for doc in docs:
     alone = _forward(model, doc[None])[0]
-    np.testing.assert_allclose(packed[start:start + len(doc)], alone, atol=1e-5)
+    np.testing.assert_allclose(packed[start : start + len(doc)], alone, atol=1e-5)
     start += len(doc)
 
 
@@ -161,6 +218,7 @@ def _loss_and_grads(cfg, run, params, tokens, segs, pos):
   def loss(p):
     logits = model_from_params(cfg, p, run)(tokens, pos, segs)
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
   return jax.value_and_grad(loss)(params)
 
 
@@ -170,11 +228,14 @@ def test_execution_variants_agree():
   params = nnx.to_pure_dict(nnx.state(init_model(base_cfg, seed=3), nnx.Param))
   _, tokens, segs, pos = _packed_inputs([9, 17, 3])
   tokens, segs, pos = map(jnp.asarray, (tokens, segs, pos))
-  ref_loss, ref_grads = _loss_and_grads(base_cfg, Execution(scan_layers=False), params,
-                                        tokens, segs, pos)
-  variants = [dict(remat_policy="full"),
-              dict(attention_impl="chunked", remat_policy="save_attention_out"),
-              dict(attention_impl="chunked", scan_layers=False, remat_policy="dots")]
+  ref_loss, ref_grads = _loss_and_grads(
+    base_cfg, Execution(scan_layers=False), params, tokens, segs, pos
+  )
+  variants = [
+    dict(remat_policy="full"),
+    dict(attention_impl="chunked", remat_policy="save_attention_out"),
+    dict(attention_impl="chunked", scan_layers=False, remat_policy="dots"),
+  ]
   for v in variants:
     run = Execution(attention_chunk=8, **v)
     loss, grads = _loss_and_grads(base_cfg, run, params, tokens, segs, pos)
@@ -192,8 +253,11 @@ def test_jit_equals_eager():
 
 def test_bfloat16_policy():
   full = init_model(tiny(), seed=0)
-  model = model_from_params(tiny(), nnx.to_pure_dict(nnx.state(full, nnx.Param)),
-                            Execution(param_dtype="bfloat16", compute_dtype="bfloat16"))
+  model = model_from_params(
+    tiny(),
+    nnx.to_pure_dict(nnx.state(full, nnx.Param)),
+    Execution(param_dtype="bfloat16", compute_dtype="bfloat16"),
+  )
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   tokens = jnp.arange(8, dtype=jnp.int32)[None]
   logits, h = nnx.jit(lambda m, t: (m(t), m.hidden(t)))(model, tokens)
@@ -255,15 +319,18 @@ def test_params_carry_logical_axes_only():
   abstract = nnx.state(nnx.eval_shape(lambda: init_model(tiny())), nnx.Param)
   names = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers"}
   specs = nnx.get_partition_spec(abstract)
-  for path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(
-      x, jax.sharding.PartitionSpec)):
+  for path, spec in jax.tree_util.tree_leaves_with_path(
+    specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  ):
     assert spec is not None and set(spec) <= names, (path, spec)
-  assert nnx.get_partition_spec(abstract)["layers"]["attention"]["wq"] == \
-      jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
+  assert nnx.get_partition_spec(abstract)["layers"]["attention"][
+    "wq"
+  ] == jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
 
 
 def test_cwm_32b_preset_matches_spec():
   from cwm_jax.model import cwm_32b
+
   cfg = cwm_32b()
   assert cfg.param_count() == 32_581_097_472
   assert len(cfg.global_layers) == 17 and cfg.global_layers[-1] == 63
@@ -272,22 +339,28 @@ def test_cwm_32b_preset_matches_spec():
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == 32_581_097_472
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(
+  "bad, message",
+  [
     (dict(n_heads=6, n_kv_heads=4), "divisible by n_kv_heads"),
     (dict(head_dim=15), "head_dim=15 must be even"),
     (dict(layer_windows=(16, 0, 16, 16)), "windows < 1"),
     (dict(layer_windows=(16, 16, 16)), "one window per layer"),
-])
+  ],
+)
 def test_invalid_configs_raise(bad, message):
   with pytest.raises(ConfigError, match=message):
     tiny(**bad)
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(
+  "bad, message",
+  [
     (dict(attention_impl="magic"), "attention_impl='magic' must be one of"),
     (dict(remat_policy="most"), "remat_policy='most' must be one of"),
     (dict(attention_chunk=-1), "attention_chunk=-1 must be >= 1"),
-])
+  ],
+)
 def test_invalid_execution_raises(bad, message):
   with pytest.raises(ConfigError, match=message):
     Execution(**bad)
@@ -300,9 +373,17 @@ def test_model_config_holds_architecture_only():
   before the split (with them inside) still reads."""
   with pytest.raises(TypeError):
     tiny(attention_impl="chunked")
-  old = dict(tiny().to_dict(), attention_impl="chunked", remat_policy="full",
-             param_dtype="bfloat16", scan_layers=True, attention_chunk=8,
-             compute_dtype="bfloat16", global_attention_impl="", context_parallel="none")
+  old = dict(
+    tiny().to_dict(),
+    attention_impl="chunked",
+    remat_policy="full",
+    param_dtype="bfloat16",
+    scan_layers=True,
+    attention_chunk=8,
+    compute_dtype="bfloat16",
+    global_attention_impl="",
+    context_parallel="none",
+  )
   assert ModelConfig.from_dict(old) == tiny()
   with pytest.raises(ConfigError, match="unknown ModelConfig fields"):
     ModelConfig.from_dict(dict(tiny().to_dict(), colour="blue"))

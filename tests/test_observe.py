@@ -5,11 +5,11 @@ import json
 
 import jax
 import pytest
+from test_train_loop import _config
 
 from cwm_jax import storage
 from cwm_jax.train import lm
 from cwm_jax.train.metrics import progress_line
-from test_train_loop import _config
 
 
 def _records(workdir):
@@ -34,8 +34,9 @@ def test_goodput_memory_eta_and_profiles_in_a_bucket(gcs):
   objects = gcs.objects("observe-run", "run/profile/")
   # Scheduled: steps 2-3. Requested after step 1, served once that capture ended: steps 4-5.
   for name in ("step_2", "request_step_4"):
-    assert any(o.startswith(f"run/profile/{name}/process_0/") and o.endswith(".xplane.pb")
-               for o in objects), objects
+    assert any(
+      o.startswith(f"run/profile/{name}/process_0/") and o.endswith(".xplane.pb") for o in objects
+    ), objects
 
   records = _records(workdir)
   for r in records:

@@ -29,11 +29,14 @@ def test_mesh_shape_fills_minus_one():
   assert mesh_lib.mesh_shape(dict(data=2, fsdp=2, tensor=2), 8) == (2, 2, 2, 1)
 
 
-@pytest.mark.parametrize("sizes, fields", [
+@pytest.mark.parametrize(
+  "sizes, fields",
+  [
     (dict(data=3, fsdp=-1), "mesh.data=3"),
     (dict(data=2, fsdp=2, tensor=1, sequence=1), "product 4 != 8"),
     (dict(data=-1, fsdp=-1), "at most one -1"),
-])
+  ],
+)
 def test_mesh_errors_name_fields(sizes, fields):
   with pytest.raises(mesh_lib.MeshError, match=fields.replace("*", r"\*")):
     mesh_lib.mesh_shape(sizes, 8)

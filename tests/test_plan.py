@@ -7,15 +7,15 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
+from test_launch import ROOT
 
 from cwm_jax.kernels.masks import allowed
 from cwm_jax.model import abstract_model
 from cwm_jax.model.config import cwm_32b, meta_layer_windows, tiny
 from cwm_jax.train import flops, planning
-from flax import nnx
-from test_launch import ROOT
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def test_cwm_32b_analytic_plan():
@@ -31,17 +31,23 @@ def test_flops_per_token_matches_brute_force_counts():
   cfg = tiny(n_layers=5, local_window=4)
   t = 11
   q = np.arange(t)
-  keys = {w: int(np.asarray(allowed(q[:, None], q[None, :], np.ones(t), np.ones(t), w)).sum())
-          for w in set(cfg.layer_windows)}
+  keys = {
+    w: int(np.asarray(allowed(q[:, None], q[None, :], np.ones(t), np.ones(t), w)).sum())
+    for w in set(cfg.layer_windows)
+  }
   attention = sum(12 * cfg.n_heads * cfg.head_dim * keys[w] / t for w in cfg.layer_windows)
   shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-  matmul = sum(int(np.prod(x.shape)) for path, x in _flat(shapes)  # no gather, no norms
-               if "embed/" not in path and "norm" not in path)
+  matmul = sum(
+    int(np.prod(x.shape))
+    for path, x in _flat(shapes)  # no gather, no norms
+    if "embed/" not in path and "norm" not in path
+  )
   np.testing.assert_allclose(flops.flops_per_token(cfg, t), 6 * matmul + attention, rtol=1e-12)
   # The per-batch count of packed documents agrees on one full document.
   pos, seg = q[None, :], np.ones((1, t), np.int32)
-  np.testing.assert_allclose(flops.batch_flops(cfg, pos, seg) / t,
-                             flops.flops_per_token(cfg, t), rtol=1e-12)
+  np.testing.assert_allclose(
+    flops.batch_flops(cfg, pos, seg) / t, flops.flops_per_token(cfg, t), rtol=1e-12
+  )
   for w in set(cfg.layer_windows):
     assert flops.causal_pairs(t, w) == keys[w]
 
@@ -56,8 +62,9 @@ def _flat(tree, prefix=""):
 
 def _plan(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  return subprocess.run([sys.executable, "-m", "cwm_jax.plan", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True)
+  return subprocess.run(
+    [sys.executable, "-m", "cwm_jax.plan", *args], cwd=ROOT, env=env, capture_output=True, text=True
+  )
 
 
 def test_preset_cli_prints_exact_count():
@@ -68,8 +75,17 @@ def test_preset_cli_prints_exact_count():
 
 def test_cwm_32b_pretrain_on_64_devices_reports_memory_and_exits_2_when_too_small():
   # One compile serves both checks: the plan JSON is printed before the fit check fails.
-  out = _plan("--config", "configs/cwm_32b.py:stage=pretrain", "--devices", "64",
-              "--mesh", "data=1,fsdp=64", "--config.grad_accum=32", "--hbm_gb", "2")
+  out = _plan(
+    "--config",
+    "configs/cwm_32b.py:stage=pretrain",
+    "--devices",
+    "64",
+    "--mesh",
+    "data=1,fsdp=64",
+    "--config.grad_accum=32",
+    "--hbm_gb",
+    "2",
+  )
   assert out.returncode == 2, out.stderr[-2000:]
   assert "does not fit 2.0 GiB per device" in out.stderr and "pretrain:" in out.stderr
   plan = json.loads(out.stdout)["stages"]["pretrain"]
@@ -78,8 +94,12 @@ def test_cwm_32b_pretrain_on_64_devices_reports_memory_and_exits_2_when_too_smal
   assert abs(plan["argument_gb_per_device"] - 12 * 32_581_097_472 / 64 / GIB) < 0.1
   assert plan["total_gb_per_device"] > 2 and plan["temp_gb_per_device"] > 0
   assert plan["fits"] is False and plan["hbm_gb"] == 2
-  assert plan["flops_per_step"] == flops.flops_per_token(
-      cwm_32b(layer_windows=(8192,) * 64, global_window=8192), 8192) * 2048 * 8192
+  assert (
+    plan["flops_per_step"]
+    == flops.flops_per_token(cwm_32b(layer_windows=(8192,) * 64, global_window=8192), 8192)
+    * 2048
+    * 8192
+  )
   assert plan["step_seconds_at_50pct_mfu"] == 2 * plan["step_seconds_at_100pct_mfu"]
 
 
@@ -97,9 +117,20 @@ def rl_sampler_stage():
   global layers of 8 kv heads x 128 on a narrow stream (dim 128, vocab 512), params and
   optimizer state over fsdp=4, so the 32 rollout rows are split 4 ways."""
   from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
-  (name, c), = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
-  c.model.overrides.update(dict(vocab_size=512, n_layers=16, layer_windows=[128] * 16, dim=128,
-                                ffn_dim=128, n_heads=8, n_kv_heads=8, head_dim=128))
+
+  ((name, c),) = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
+  c.model.overrides.update(
+    dict(
+      vocab_size=512,
+      n_layers=16,
+      layer_windows=[128] * 16,
+      dim=128,
+      ffn_dim=128,
+      n_heads=8,
+      n_kv_heads=8,
+      head_dim=128,
+    )
+  )
   c.execution.remat_policy = "full"
   c.mesh.update(data=1, fsdp=4)
   return [(name, c)]
@@ -110,16 +141,26 @@ def check_sampler_plan(plan_stages, hbm_gb=0.1):
   prefill, decode and extend take the cache split over the rows, and it is the sampler, not the
   update step, that does not fit `hbm_gb`."""
   from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+
   configs = rl_sampler_stage()
-  (_, c), = configs
-  with pytest.raises(planning.NotFitting, match=r"rl: sampler\.(prefill|decode|extend) .* where the "
-                     r"rl_update step alone needs .*fewer rows per device") as e:
+  ((_, c),) = configs
+  with pytest.raises(
+    planning.NotFitting,
+    match=r"rl: sampler\.(prefill|decode|extend) .* where the "
+    r"rl_update step alone needs .*fewer rows per device",
+  ) as e:
     plan_stages(configs, hbm_gb, {"rl": rl_step_builder})
   plan = e.value.plan["stages"]["rl"]
   cfg = planning.model_config(c)
   # float32 K and V of every layer's slots (min(window, seq_len)) for every row
-  cache = sum(min(w, c.seq_len) for w in cfg.layer_windows) * c.batch_size * cfg.n_kv_heads \
-      * cfg.head_dim * 2 * 4
+  cache = (
+    sum(min(w, c.seq_len) for w in cfg.layer_windows)
+    * c.batch_size
+    * cfg.n_kv_heads
+    * cfg.head_dim
+    * 2
+    * 4
+  )
   params = 4 * plan["params"] / 4  # float32, over fsdp=4
   assert plan["devices"] == 4 and plan["sampler"]["prefill"]["prompt_len"] == 80 - 24
   assert plan["sampler"]["extend"]["block_len"] == 56
@@ -128,29 +169,43 @@ def check_sampler_plan(plan_stages, hbm_gb=0.1):
     assert p["cache_len"] == 80 and p["rows"] == 32
     # arguments: the params, a quarter of the cache, the tokens and row starts (and on a TPU
     # the tiling of small arrays: < 64 KiB in all)
-    assert 0 <= p["argument_gb_per_device"] * GIB - params - cache / 4 < 2 ** 16, (p, cache)
+    assert 0 <= p["argument_gb_per_device"] * GIB - params - cache / 4 < 2**16, (p, cache)
     # resident: AdamW's float32 mu and nu, over fsdp like the params
     assert p["resident_gb_per_device"] * GIB == pytest.approx(2 * params, rel=1e-3)
     assert p["total_with_resident_gb_per_device"] == pytest.approx(
-        p["total_gb_per_device"] + p["resident_gb_per_device"])
+      p["total_gb_per_device"] + p["resident_gb_per_device"]
+    )
   assert plan["total_gb_per_device"] < hbm_gb < plan["peak_gb_per_device"]
   assert plan["peak_program"].startswith("sampler.") and plan["fits"] is False
   return plan
 
 
 def test_rl_stage_plans_the_sampler_steps_on_host_devices():
-  check_sampler_plan(lambda configs, hbm_gb, builders: planning.host_plan(
-      configs, 4, hbm_gb=hbm_gb, step_builders=builders))
+  check_sampler_plan(
+    lambda configs, hbm_gb, builders: planning.host_plan(
+      configs, 4, hbm_gb=hbm_gb, step_builders=builders
+    )
+  )
 
 
-@pytest.mark.parametrize("stage, devices, mesh, accum, seq_len", [
+@pytest.mark.parametrize(
+  "stage, devices, mesh, accum, seq_len",
+  [
     ("midtrain", 64, "data=1,fsdp=8,tensor=1,sequence=8", 16, 131072),
     ("sft", 128, "data=1,fsdp=64,tensor=1,sequence=2", 4, 32768),
-])
+  ],
+)
 def test_cwm_32b_long_context_stages_compile(stage, devices, mesh, accum, seq_len):
   """Mid-training (131k, context parallel over `sequence`) and SFT plan in CI-sized form."""
-  out = _plan("--config", f"configs/cwm_32b.py:stage={stage}", "--devices", str(devices),
-              "--mesh", mesh, f"--config.grad_accum={accum}")
+  out = _plan(
+    "--config",
+    f"configs/cwm_32b.py:stage={stage}",
+    "--devices",
+    str(devices),
+    "--mesh",
+    mesh,
+    f"--config.grad_accum={accum}",
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   plan = json.loads(out.stdout)["stages"][stage]
   assert plan["seq_len"] == seq_len and plan["rope_scaling"] and plan["devices"] == devices

@@ -12,15 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import PROGRAMS_DIR, format_frames
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.sampler import GenerateResult
 from cwm_jax.infer.trace_predict import real_trace
-from cwm_jax.base import ConfigError
-from cwm_jax.rl import grpo, rewards, rollout, tasks
-
-from cwm_jax.rl import trainer
+from cwm_jax.rl import grpo, rewards, rollout, tasks, trainer
 
 # Runaway loops stop at 2 s of CPU time; the wall-clock limit is generous so that a busy
 # machine (slow interpreter starts) cannot turn a passing or memory-bound run into a timeout.
@@ -51,8 +49,9 @@ def test_grpo_loss_by_hand():
   assert float(m["loss_sequences"]) == 2
   # d loss / d logp = -r*A/8 where the unclipped term is taken, 0 where blocked or masked.
   grad = jax.jit(jax.grad(lambda x: loss_fn(x)[0]))(logp)
-  np.testing.assert_allclose(grad, [[0, -0.9 / 8, 0], [0, 0.55 / 8, 0.65 / 8], [0, 0, 0]],
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    grad, [[0, -0.9 / 8, 0], [0, 0.55 / 8, 0.65 / 8], [0, 0, 0]], atol=1e-7
+  )
 
 
 def _group(task, turns_list, values):
@@ -66,8 +65,9 @@ def test_batch_masks_prompt_and_environment_tokens():
   multi_turn = [([1, 2, 3], None), ([4, 5], [-0.1, -0.2]), ([6, 7], None), ([8], [-0.3])]
   single = [([1, 2], None), ([9], [-0.5])]
   batch, stats = rollout.make_batch(
-      [_group(task, [multi_turn, single], [1.0, -1.0]),
-       _group(task, [single, single], [-1.0, -1.0])], seq_len=8)
+    [_group(task, [multi_turn, single], [1.0, -1.0]), _group(task, [single, single], [-1.0, -1.0])],
+    seq_len=8,
+  )
   np.testing.assert_array_equal(batch["inputs"][0], [1, 2, 3, 4, 5, 6, 7, 0])
   np.testing.assert_array_equal(batch["targets"][0], [2, 3, 4, 5, 6, 7, 8, 0])
   np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 1, 1, 0, 0, 1, 0])
@@ -93,10 +93,12 @@ def test_code_verifier_in_sandbox():
 def test_runaway_programs_get_minus_one_and_rollouts_continue():
   tok = Tokenizer.default()
   task = next(t for t in tasks.code_tasks(tok, FAST) if t.name == "code/add")
-  programs = ["def add(a, b):\n    while True:\n        pass\n",
-              "def add(a, b):\n    x = []\n    while True:\n        x.append(' ' * 10**7)\n",
-              "def add(a, b):\n    return a + b\n",
-              "def add(a, b):\n    return a * b\n"]
+  programs = [
+    "def add(a, b):\n    while True:\n        pass\n",
+    "def add(a, b):\n    x = []\n    while True:\n        x.append(' ' * 10**7)\n",
+    "def add(a, b):\n    return a + b\n",
+    "def add(a, b):\n    return a * b\n",
+  ]
   eot = tok.special_id("<|eot_id|>")
 
   def fake_generate(model, prompts, **kw):
@@ -104,15 +106,27 @@ def test_runaway_programs_get_minus_one_and_rollouts_continue():
     return GenerateResult(ids, [[-0.5] * len(x) for x in ids])
 
   scorer = rollout.Scorer(workers=2)
-  groups = rollout.collect(None, [task], group_size=4, max_new_tokens=64, temperature=1.0,
-                           top_p=1.0, stop_ids=tok.stop_ids, decode=tok.decode, scorer=scorer,
-                           seed=0, version=0, generate_fn=fake_generate)
+  groups = rollout.collect(
+    None,
+    [task],
+    group_size=4,
+    max_new_tokens=64,
+    temperature=1.0,
+    top_p=1.0,
+    stop_ids=tok.stop_ids,
+    decode=tok.decode,
+    scorer=scorer,
+    seed=0,
+    version=0,
+    generate_fn=fake_generate,
+  )
   scorer.close()
   assert [r.status for r in groups[0].rewards] == ["timeout", "memory", "pass", "error"]
   assert [r.value for r in groups[0].rewards] == [-1, -1, 1, -1]
   batch, stats = rollout.make_batch(groups, seq_len=128)
   loss, _ = jax.jit(grpo.grpo_loss, static_argnames="max_len")(
-      batch["old_logp"], batch["old_logp"], batch["advantages"], batch["loss_mask"], max_len=64)
+    batch["old_logp"], batch["old_logp"], batch["advantages"], batch["loss_mask"], max_len=64
+  )
   assert stats["pass_rate"] == 0.25 and np.isfinite(float(loss))
 
 
@@ -189,7 +203,7 @@ def test_bad_rl_configs():
   c.rl.temperature = 0.0
   with pytest.raises(ConfigError, match="temperature"):
     trainer.validate(c)
-  c = trainer.toy_config(2)   # 16 prompts of 8 samples: whole groups on each of 2 processes
+  c = trainer.toy_config(2)  # 16 prompts of 8 samples: whole groups on each of 2 processes
   trainer.validate(c, n_processes=2)
   with pytest.raises(ConfigError, match="do not split over 32 processes"):
     trainer.validate(c, n_processes=32)
@@ -205,7 +219,9 @@ def test_bad_rl_configs():
 def test_smoke_rl_stage_config():
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
   import smoke  # pylint: disable=import-outside-toplevel
+
   from cwm_jax.recipe import stages  # pylint: disable=import-outside-toplevel
+
   c = smoke.get_config("stage=rl")
   plan = stages.plan_stages(c, "/nonexistent")
   assert [st.name for st, _ in plan] == ["rl"] and plan[0][0].trainer == "rl"

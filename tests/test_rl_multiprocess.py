@@ -17,14 +17,27 @@ def _run(mode: str, out: str, processes: int) -> None:
   port = str(random.randint(20000, 40000))
   procs = []
   for i in range(processes):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}",
+      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     if processes > 1:
-      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                 JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen([sys.executable, DRIVER, mode, out], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+      env.update(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES=str(processes),
+        JAX_PROCESS_ID=str(i),
+      )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, DRIVER, mode, out],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   logs = [p.communicate(timeout=900)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-4000:]
@@ -42,10 +55,11 @@ def test_rl_loop_on_two_processes_matches_one(tmp_path):
   _run("rl", str(tmp_path / "two"), 2)
   want, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
   assert [r["step"] for r in got] == [1, 2, 3]
-  assert any(r["grad_norm"] > 0 for r in want)   # real updates, not skipped groups
+  assert any(r["grad_norm"] > 0 for r in want)  # real updates, not skipped groups
   for key in ("reward_mean", "pass_rate", "groups_kept", "loss", "grad_norm"):
-    np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5,
-                               atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(
+      [r[key] for r in got], [r[key] for r in want], rtol=1e-5, atol=1e-7, err_msg=key
+    )
 
 
 def test_multi_turn_sampling_on_two_processes_matches_one(tmp_path):
@@ -58,10 +72,12 @@ def test_multi_turn_sampling_on_two_processes_matches_one(tmp_path):
   for turn in range(2):
     tokens = parts[0][turn]["tokens"] + parts[1][turn]["tokens"]
     assert tokens == want[turn]["tokens"]
-    assert sum(map(len, tokens)) > 8   # rows sampled more than their first token
+    assert sum(map(len, tokens)) > 8  # rows sampled more than their first token
     np.testing.assert_allclose(
-        np.concatenate(parts[0][turn]["logprobs"] + parts[1][turn]["logprobs"]),
-        np.concatenate(want[turn]["logprobs"]), atol=1e-5)
+      np.concatenate(parts[0][turn]["logprobs"] + parts[1][turn]["logprobs"]),
+      np.concatenate(want[turn]["logprobs"]),
+      atol=1e-5,
+    )
 
 
 def test_processes_with_different_task_kinds_sample_together(tmp_path):
@@ -70,5 +86,5 @@ def test_processes_with_different_task_kinds_sample_together(tmp_path):
   _run("mixed", str(tmp_path / "mixed"), 2)
   records = _metrics(tmp_path / "mixed")
   assert [r["step"] for r in records] == [1, 2]
-  for r in records:   # statistics over both processes' groups
+  for r in records:  # statistics over both processes' groups
     assert {"reward_math", "reward_agentic"} <= set(r) and r["rollout_tokens_per_sec"] > 0

@@ -7,15 +7,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cwm_jax import kernels
 from cwm_jax.kernels import splash
 from cwm_jax.parallel.mesh import make_mesh
 
 # Packed documents crossing the 128-row kernel blocks, and padding (segment 0).
-SEGMENTS = np.array([[1] * 100 + [2] * 90 + [3] * 60 + [0] * 6,
-                     [1] * 5 + [2] * 200 + [3] * 51], np.int32)
+SEGMENTS = np.array(
+  [[1] * 100 + [2] * 90 + [3] * 60 + [0] * 6, [1] * 5 + [2] * 200 + [3] * 51], np.int32
+)
 
 
 def _inputs(n, k, seed=0):
@@ -36,11 +38,14 @@ def _assert_close(got, want, atol=1e-5):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("mesh_sizes, n, k", [
-    ({"data": 2, "tensor": 4}, 4, 2),             # one query head per shard, K replicated
+@pytest.mark.parametrize(
+  "mesh_sizes, n, k",
+  [
+    ({"data": 2, "tensor": 4}, 4, 2),  # one query head per shard, K replicated
     ({"data": 2, "fsdp": 2, "tensor": 2}, 4, 2),  # B=2 over data only; K sharded
-    ({"fsdp": 4, "tensor": 2}, 6, 3),             # 3 query heads per shard span 2 kv heads
-])
+    ({"fsdp": 4, "tensor": 2}, 6, 3),  # 3 query heads per shard span 2 kv heads
+  ],
+)
 def test_sharded_splash_matches_reference(mesh_sizes, n, k):
   mesh = make_mesh(mesh_sizes, jax.devices()[:8])
   q, kk, v, seg, proj = _inputs(n, k)
@@ -49,22 +54,36 @@ def test_sharded_splash_matches_reference(mesh_sizes, n, k):
     q_spec, kv_spec, _ = splash.mesh_specs(mesh, 2, n, k)
     q, proj = (jax.device_put(x, NamedSharding(mesh, q_spec)) for x in (q, proj))
     kk, v = (jax.device_put(x, NamedSharding(mesh, kv_spec)) for x in (kk, v))
-    got = jax.jit(lambda q, k, v, p: [_outputs(
-        lambda q, k, v: splash.splash_attention(q, k, v, seg, window=w, block=128), q, k, v, p)
-        for w in windows])(q, kk, v, proj)
-    jaxpr = str(jax.make_jaxpr(lambda q, k, v: splash.splash_attention(
-        q, k, v, seg, window=150, block=128))(q, kk, v))
+    got = jax.jit(
+      lambda q, k, v, p: [
+        _outputs(
+          lambda q, k, v: splash.splash_attention(q, k, v, seg, window=w, block=128), q, k, v, p
+        )
+        for w in windows
+      ]
+    )(q, kk, v, proj)
+    jaxpr = str(
+      jax.make_jaxpr(lambda q, k, v: splash.splash_attention(q, k, v, seg, window=150, block=128))(
+        q, kk, v
+      )
+    )
   assert "shard_map" in jaxpr and "pallas_call" in jaxpr
-  want = [_outputs(lambda q, k, v: kernels.attend(q, k, v, seg, window=w, impl="reference"),
-                   q, kk, v, proj) for w in windows]
+  want = [
+    _outputs(
+      lambda q, k, v: kernels.attend(q, k, v, seg, window=w, impl="reference"), q, kk, v, proj
+    )
+    for w in windows
+  ]
   _assert_close(got, want)
 
 
 def test_mesh_specs_and_block_fitting():
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-  assert splash.mesh_specs(mesh, 4, 48, 8) == (P(("data", "fsdp"), None, "tensor", None),
-                                               P(("data", "fsdp"), None, "tensor", None),
-                                               P(("data", "fsdp"), None))
+  assert splash.mesh_specs(mesh, 4, 48, 8) == (
+    P(("data", "fsdp"), None, "tensor", None),
+    P(("data", "fsdp"), None, "tensor", None),
+    P(("data", "fsdp"), None),
+  )
   # B=2 only divides data; 6 heads over tensor=2 but 3 kv heads replicated.
   assert splash.mesh_specs(mesh, 2, 6, 3)[1] == P("data", None, None, None)
   assert splash.fit_block(8192, 512, 128) == 512 and splash.fit_block(384, 512, 128) == 384

@@ -1,6 +1,5 @@
 """Stage schedules: stage configs, the cwm_32b recipe, and a killed-and-resumed smoke run."""
 
-import dataclasses
 import json
 import math
 import os
@@ -10,15 +9,14 @@ import sys
 import numpy as np
 import optax
 import pytest
+from test_launch import ROOT
 
+from cwm_jax.base import ConfigError
 from cwm_jax.data.pipeline import DataConfig
 from cwm_jax.data.tokenizer import Tokenizer
-from cwm_jax.base import ConfigError
 from cwm_jax.model.config import cwm_32b
-from cwm_jax.recipe import schedule, stages
+from cwm_jax.recipe import grids, schedule, stages
 from cwm_jax.train.config import model_config
-from test_launch import ROOT
-from cwm_jax.recipe import grids
 
 
 def smoke(arg="schedule=all,source=synthetic"):  # the 20-step plumbing schedule
@@ -38,10 +36,16 @@ def test_smoke_stage_configs():
   assert m_pre.layer_windows == (64, 16, 16, 64) and m_mid.layer_windows == (128, 16, 16, 128)
   assert dict(pre.mesh)["fsdp"] == -1 and dict(mid.mesh)["data"] == -1  # stages reshard
   assert not pre.init_from.path
-  assert (mid.init_from.path, mid.init_from.step, mid.init_from.params_only) == \
-      ("/w/pretrain/checkpoints", 8, False)
-  assert (sft.init_from.path, sft.init_from.step, sft.init_from.params_only) == \
-      ("/w/midtrain/checkpoints", 14, True)
+  assert (mid.init_from.path, mid.init_from.step, mid.init_from.params_only) == (
+    "/w/pretrain/checkpoints",
+    8,
+    False,
+  )
+  assert (sft.init_from.path, sft.init_from.step, sft.init_from.params_only) == (
+    "/w/midtrain/checkpoints",
+    14,
+    True,
+  )
   assert sft.data.prompt_fraction == 0.5 and pre.data.prompt_fraction == 0.0
   only = smoke("stage=midtrain,source=synthetic")
   assert [s.name for s in stages.selected(only, stages.stages_from_config(only))] == ["midtrain"]
@@ -60,8 +64,9 @@ def test_smoke_schedule_reads_the_embedded_corpora(tmp_path):
   os.makedirs(tmp_path / "data" / "code")
   (tmp_path / "data" / "code" / "manifest.json").write_text("{}")
   resolved = schedule.with_corpora(pre, str(tmp_path))
-  assert resolved.data.mixture == [{"kind": "array_record", "path": str(tmp_path / "data" / "code"),
-                                    "weight": 1.0}]
+  assert resolved.data.mixture == [
+    {"kind": "array_record", "path": str(tmp_path / "data" / "code"), "weight": 1.0}
+  ]
   with pytest.raises(ConfigError, match="must be one of"):
     with c.unlocked():
       c.schedule.only = "sft"
@@ -96,7 +101,9 @@ def test_cwm_32b_recipe():
   assert sft.total_steps == math.ceil(100e9 / (256 * 32768))
   m_pre, m_mid, m_sft = (model_config(x) for x in (pre, mid, sft))
   assert m_pre.rope_scaling is None and set(m_pre.layer_windows) == {8192}
-  assert m_mid.rope_scaling == cwm_32b().rope_scaling and m_mid.layer_windows == cwm_32b().layer_windows
+  assert (
+    m_mid.rope_scaling == cwm_32b().rope_scaling and m_mid.layer_windows == cwm_32b().layer_windows
+  )
   assert m_sft.rope_scaling is not None and sft.seq_len == 32768
   assert m_mid.param_count() == 32_581_097_472
   assert not mid.init_from.params_only and sft.init_from.params_only
@@ -112,15 +119,33 @@ def test_cwm_32b_recipe():
 
 
 def _train(workdir, *extra, kill_at_step=0):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  program = (["-m", "cwm_jax.train"] if not kill_at_step else
-             [os.path.join(ROOT, "tests", "faults.py"), "train", f"--kill_at_step={kill_at_step}"])
-  return subprocess.run([sys.executable, *program, "--config",
-                         "configs/smoke.py:schedule=all,source=synthetic", "--workdir", str(workdir),
-                         "--config.schedule.finish=False", "--config.model.overrides.vocab_size=512",
-                         *extra],
-                        cwd=ROOT, env=env, capture_output=True, text=True)
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+  program = (
+    ["-m", "cwm_jax.train"]
+    if not kill_at_step
+    else [os.path.join(ROOT, "tests", "faults.py"), "train", f"--kill_at_step={kill_at_step}"]
+  )
+  return subprocess.run(
+    [
+      sys.executable,
+      *program,
+      "--config",
+      "configs/smoke.py:schedule=all,source=synthetic",
+      "--workdir",
+      str(workdir),
+      "--config.schedule.finish=False",
+      "--config.model.overrides.vocab_size=512",
+      *extra,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
 
 
 def _records(path):
@@ -162,6 +187,7 @@ def test_schedule_runs_all_stages_and_resumes_after_a_kill(tmp_path):
 
 def test_sft_batches_leave_prompt_tokens_out_of_the_loss():
   from cwm_jax.train import sources  # pylint: disable=g-import-not-at-top
+
   sft = stages.stage_config(smoke(), 2, "/w")
   batch = next(sources.make_source(sft, model_config(sft), 0, 1))
   for row in range(batch["inputs"].shape[0]):

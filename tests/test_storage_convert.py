@@ -11,10 +11,11 @@ import os
 import subprocess
 import sys
 
+import fsspec
 import numpy as np
 import pytest
 import torch
-import fsspec
+from test_convert import REPO, TOKENS, _bits, _hf_checkpoint, _torch_logits
 
 from cwm_jax import storage
 from cwm_jax.base import ConfigError
@@ -24,7 +25,6 @@ from cwm_jax.checkpoint.load import load_model
 from cwm_jax.data.tokenizer import DEFAULT_RANK_FILE
 from cwm_jax.infer import loading
 from cwm_jax.recipe import grids
-from test_convert import REPO, TOKENS, _bits, _hf_checkpoint, _torch_logits
 
 SHARD = 150_000  # bytes: several safetensors shards for the tiny model
 
@@ -51,7 +51,7 @@ def _files(directory):
   """{relative path: bytes} of every file under a local folder or a URL."""
   if storage.is_url(directory):
     fs, root = fsspec.core.url_to_fs(directory)
-    return {key[len(root) + 1:]: fs.cat_file(key) for key in fs.find(root)}
+    return {key[len(root) + 1 :]: fs.cat_file(key) for key in fs.find(root)}
   out = {}
   for d, _, files in os.walk(directory):
     for f in files:
@@ -72,6 +72,7 @@ def _recording_copies(monkeypatch):
   def record(src, dst):
     copy(src, dst)
     copied.append(str(dst))
+
   monkeypatch.setattr(storage, "copy_file", record)
   return copied
 
@@ -94,7 +95,8 @@ def test_hf_to_orbax_to_hf_through_a_bucket_is_the_local_conversion(gcs, local, 
   for name in ref:
     assert ours[name] == ref[name], name  # every shard, the index, config and tokenizer
   assert sorted(gcs.objects("convert-hf-roundtrip", "export/hf/")) == sorted(
-      f"export/hf/{n}" for n in ref)
+    f"export/hf/{n}" for n in ref
+  )
 
   # Read back from the bucket: the tensors are the source's, bit for bit.
   src, back = hf.SafetensorsReader(paths["hf"]), hf.SafetensorsReader(out)
@@ -146,9 +148,11 @@ def test_damaged_bucket_checkpoints_are_named_errors(gcs, local):
   storage.upload_tree(paths["hf2"], f"{bucket}/hf")
   shard = sorted(n for n in os.listdir(paths["hf2"]) if n.endswith(".safetensors"))[1]
   data = storage.read_bytes(os.path.join(paths["hf2"], shard))
-  storage.write_bytes(f"{bucket}/hf/{shard}", data[:len(data) // 2])
-  with pytest.raises(ConfigError, match=f"safetensors file {bucket}/hf/{shard} is corrupt: "
-                     ".* the file is truncated or damaged"):
+  storage.write_bytes(f"{bucket}/hf/{shard}", data[: len(data) // 2])
+  with pytest.raises(
+    ConfigError,
+    match=f"safetensors file {bucket}/hf/{shard} is corrupt: .* the file is truncated or damaged",
+  ):
     cv.open_source(f"{bucket}/hf")
 
 
@@ -166,6 +170,7 @@ def test_a_failed_conversion_leaves_no_checkpoint_in_the_bucket(gcs, local, monk
     if self.tensors >= 4:
       raise OSError("disk full")
     return count(self, x)
+
   with monkeypatch.context() as m:
     m.setattr(cv._Counter, "__call__", failing)  # pylint: disable=protected-access
     with pytest.raises(OSError, match="disk full"):
@@ -181,6 +186,7 @@ def test_a_failed_conversion_leaves_no_checkpoint_in_the_bucket(gcs, local, monk
       if len(calls) == 4:
         raise OSError("connection reset")
     copy(s, d)
+
   with monkeypatch.context() as m:
     m.setattr(storage, "copy_file", failing_copy)
     with pytest.raises(OSError, match="connection reset"):
@@ -224,8 +230,14 @@ def test_tokenizer_rank_file_beside_a_bucket_checkpoint(gcs, local, tmp_path):
 
 def _program(module, *args):
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_score_reads_and_writes_the_bucket_like_local_paths(gcs, local, tmp_path):
@@ -234,11 +246,16 @@ def test_score_reads_and_writes_the_bucket_like_local_paths(gcs, local, tmp_path
   storage.upload_tree(paths["hf2"], f"{bucket}/ckpt")
   ids = "5,17,9,200,3,3,42,7,100,11"
   ref = tmp_path / "lp.npy"
-  r = _program("cwm_jax.score", f"--checkpoint={paths['hf2']}", f"--token_ids={ids}",
-               f"--output={ref}")
+  r = _program(
+    "cwm_jax.score", f"--checkpoint={paths['hf2']}", f"--token_ids={ids}", f"--output={ref}"
+  )
   assert r.returncode == 0, r.stderr[-2000:]
-  r = _program("cwm_jax.score", f"--checkpoint={bucket}/ckpt", f"--token_ids={ids}",
-               f"--output={bucket}/scores/lp")
+  r = _program(
+    "cwm_jax.score",
+    f"--checkpoint={bucket}/ckpt",
+    f"--token_ids={ids}",
+    f"--output={bucket}/scores/lp",
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"to {bucket}/scores/lp.npy" in r.stdout
   assert "scores/lp.npy" in gcs.objects("score-output", "scores/")
@@ -250,8 +267,9 @@ def test_score_reads_and_writes_the_bucket_like_local_paths(gcs, local, tmp_path
     logp = torch.log_softmax(model(torch.tensor([tokens])).logits.double(), -1)[0]
   expected = logp[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].numpy()
   np.testing.assert_allclose(lp, expected, atol=1e-4)
-  r = _program("cwm_jax.score", f"--checkpoint={bucket}/ckpt", f"--token_ids={ids}",
-               f"--output={bucket}/ckpt")
+  r = _program(
+    "cwm_jax.score", f"--checkpoint={bucket}/ckpt", f"--token_ids={ids}", f"--output={bucket}/ckpt"
+  )
   assert r.returncode == 2 and "must be a file path" in r.stderr
 
 
@@ -266,7 +284,7 @@ def test_sweep_with_a_bucket_workdir_launches_runs_there(gcs, tmp_path, monkeypa
   local = grids.run_sweep(config, sweep, "local", str(tmp_path / "sweeps"), out=io.StringIO())
   assert launched == commands + local and len(commands) > 1
   for cmd, ref in zip(commands, local):
-    workdir = next(a for a in cmd if a.startswith("--workdir="))[len("--workdir="):]
+    workdir = next(a for a in cmd if a.startswith("--workdir="))[len("--workdir=") :]
     name = storage.basename(workdir)
     assert workdir == f"{bucket}/sweeps/{name}"
     assert ref == [a.replace(f"{bucket}/sweeps", str(tmp_path / "sweeps")) for a in cmd]

@@ -11,14 +11,16 @@ import sys
 
 import jax
 import pytest
+from test_launch import ROOT
+from test_plan import check_sampler_plan, rl_sampler_stage
 
 from cwm_jax.base import ConfigError
 from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.train import planning, topology
-from test_launch import ROOT
-from test_plan import check_sampler_plan, rl_sampler_stage
 
-pytest.importorskip("libtpu", reason="libtpu is part of the test extra: bash launch/install.sh .venv test")
+pytest.importorskip(
+  "libtpu", reason="libtpu is part of the test extra: bash launch/install.sh .venv test"
+)
 
 
 def test_slice_names():
@@ -28,8 +30,12 @@ def test_slice_names():
   assert topology.slice_spec("v6e-256").topology == "v6e:16x16"
   assert topology.slice_spec("v5litepod-16").topology == "v5e:4x4"
   assert topology.slice_spec("v5p:8x8x8").chips == 512
-  for bad, match in (("v5p-7", "TensorCores"), ("v6e-24", "power of two"),
-                     ("v9-8", "accelerator type"), ("v5p:4x4", "3 axes")):
+  for bad, match in (
+    ("v5p-7", "TensorCores"),
+    ("v6e-24", "power of two"),
+    ("v9-8", "accelerator type"),
+    ("v5p:4x4", "3 axes"),
+  ):
     with pytest.raises(ConfigError, match=match):
       topology.slice_spec(bad)
 
@@ -37,20 +43,28 @@ def test_slice_names():
 def _small(seq_len=1024, windows=None, batch=4, impl="splash"):
   sys.path.insert(0, ROOT)
   from configs import smoke  # pylint: disable=g-import-not-at-top
+
   c = smoke.get_config()
   c.seq_len, c.batch_size, c.loss.chunk = seq_len, batch, 0
   c.execution.attention_impl = impl
   if windows:
-    c.model.overrides.update(dict(n_layers=len(windows), layer_windows=list(windows),
-                                  global_window=max(seq_len, max(windows)),
-                                  max_seq_len=seq_len))
+    c.model.overrides.update(
+      dict(
+        n_layers=len(windows),
+        layer_windows=list(windows),
+        global_window=max(seq_len, max(windows)),
+        max_seq_len=seq_len,
+      )
+    )
   return c
 
 
 def test_small_model_train_step_compiles_for_v5p_with_mosaic_splash():
   """attention_impl='auto' picks splash for TPU devices though this process runs on CPU."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from cwm_jax import kernels  # pylint: disable=g-import-not-at-top
+
   assert kernels.resolve("auto") == "chunked" and jax.default_backend() == "cpu"
   config = _small(impl="auto")
   devs = topology.devices(topology.slice_spec("v5p:2x2x1"))
@@ -68,20 +82,39 @@ def test_small_model_train_step_compiles_for_v5p_with_mosaic_splash():
 
 def test_tiny_tpu_plan_exits_2_when_it_does_not_fit():
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  out = subprocess.run([sys.executable, "-m", "cwm_jax.plan", "--config", "configs/smoke.py",
-                        "--topology", "v5p-8", "--config.seq_len=1024", "--config.batch_size=4",
-                        "--config.execution.attention_impl=splash", "--hbm_gb", "0.001"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "cwm_jax.plan",
+      "--config",
+      "configs/smoke.py",
+      "--topology",
+      "v5p-8",
+      "--config.seq_len=1024",
+      "--config.batch_size=4",
+      "--config.execution.attention_impl=splash",
+      "--hbm_gb",
+      "0.001",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 2, out.stderr[-3000:]
   plan = json.loads(out.stdout)
   assert plan["fits"] is False and plan["device_kind"] == "TPU v5" and plan["chips"] == 4
   assert plan["total_gb_per_device"] > 0.001 and plan["attention_impl"] == "splash"
   assert "does not fit 0.001 GiB per device of 1 x v5p:2x2x1" in out.stderr
   assert plan["step_seconds_at_50pct_mfu"] == pytest.approx(
-      2 * plan["flops_per_step"] / (4 * 459e12))
+    2 * plan["flops_per_step"] / (4 * 459e12)
+  )
   # The TPU cost model's estimate, with the splash kernels costed (never zero).
   assert plan["estimated_mfu"] == pytest.approx(
-      plan["flops_per_step"] / (4 * 459e12 * plan["estimated_step_seconds"]))
+    plan["flops_per_step"] / (4 * 459e12 * plan["estimated_step_seconds"])
+  )
   assert plan["estimated_seconds_by_kind"]["attention_kernels"] > 0
 
 
@@ -105,8 +138,7 @@ def test_local_window_memory_grows_linearly_in_sequence_length():
     c = _small(t, windows=(1024, 1024))
     c.model.overrides.update(dict(dim=256, n_heads=2, n_kv_heads=1, head_dim=128, ffn_dim=512))
     c.loss.chunk = 1024
-    temps[t] = planning.tpu_plan([("train", c)], "v5p:2x2x1",
-                                 estimate=False)["temp_gb_per_device"]
+    temps[t] = planning.tpu_plan([("train", c)], "v5p:2x2x1", estimate=False)["temp_gb_per_device"]
   exponent = math.log(temps[65536] / temps[8192]) / math.log(8)
   assert 0.8 < exponent <= 1.1, temps
 
@@ -114,14 +146,16 @@ def test_local_window_memory_grows_linearly_in_sequence_length():
 def test_cwm_32b_slice_variants():
   """Per-stage, per-slice layouts reach the stage configs the trainer and planner use."""
   from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
-  (name, c), = stages.stage_configs(grids.parse_config(
-      "configs/cwm_32b.py:stage=midtrain,slice=v6e-256"))
+
+  ((name, c),) = stages.stage_configs(
+    grids.parse_config("configs/cwm_32b.py:stage=midtrain,slice=v6e-256")
+  )
   assert name == "midtrain" and c.seq_len == 131072 and c.grad_accum == 8
   assert dict(c.mesh) == dict(data=1, fsdp=16, tensor=1, sequence=16)
   assert c.execution.attention_impl == "auto" and c.execution.context_parallel == "allgather"
-  (_, rl), = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=rl,slice=v6e-256"))
+  ((_, rl),) = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=rl,slice=v6e-256"))
   assert rl.stage.trainer == "rl" and rl.batch_size == 16
-  (_, pre), = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=pretrain"))
+  ((_, pre),) = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=pretrain"))
   assert pre.grad_accum == 8 and dict(pre.mesh)["fsdp"] == 256  # default slice: v5p-512
   with pytest.raises(ConfigError, match="slice=v5p-512|v6e-256"):
     grids.parse_config("configs/cwm_32b.py:stage=sft,slice=v4-8")
@@ -130,19 +164,24 @@ def test_cwm_32b_slice_variants():
 def test_rl_stage_plans_the_rl_update_step():
   from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
   from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+
   configs = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
-  plan = planning.tpu_plan(configs, "v5p-8", step_builders={"rl": rl_step_builder},
-                           estimate=False)["stages"]["rl"]
+  plan = planning.tpu_plan(configs, "v5p-8", step_builders={"rl": rl_step_builder}, estimate=False)[
+    "stages"
+  ]["rl"]
   assert plan["step"] == "rl_update" and plan["fits"] and plan["device_kind"] == "TPU v5"
   # The train state (params + AdamW mu, nu) is an argument of the compiled RL step.
-  assert plan["argument_gb_per_device"] >= 12 * plan["params"] / plan["devices"] / 2 ** 30
+  assert plan["argument_gb_per_device"] >= 12 * plan["params"] / plan["devices"] / 2**30
 
 
 def test_rl_stage_plans_the_sampler_steps_for_v5p():
   """The sampler's prefill and decode compiled by libtpu for 4 v5p chips (tile-aligned
   dims, so the cache argument is unpadded): split over the rows, and over the HBM given."""
-  plan = check_sampler_plan(lambda configs, hbm_gb, builders: planning.tpu_plan(
-      configs, "v5p-8", hbm_gb=hbm_gb, step_builders=builders, estimate=False))
+  plan = check_sampler_plan(
+    lambda configs, hbm_gb, builders: planning.tpu_plan(
+      configs, "v5p-8", hbm_gb=hbm_gb, step_builders=builders, estimate=False
+    )
+  )
   assert plan["device_kind"] == "TPU v5" and plan["chips"] == 4
 
 
@@ -151,19 +190,23 @@ def test_prefill_fills_the_cache_without_gathering_its_rows():
   the cache (split by rows only) must not gather every row's buffer, which gave the 32B RL
   prefill 156 GiB of temporaries per chip. Here its temporaries stay below the cache."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
-  (_, c), = rl_sampler_stage()  # 4 rows, 1 per (fsdp) row shard, 512-token prompts
+
+  ((_, c),) = rl_sampler_stage()  # 4 rows, 1 per (fsdp) row shard, 512-token prompts
   c.seq_len, c.batch_size, c.rl.max_new_tokens = 768, 4, 256
-  c.model.overrides.update(dict(layer_windows=[768, 128, 128, 128] * 4, global_window=768,
-                                max_seq_len=768))
-  c.execution.update(dict(compute_dtype="float32", attention_impl="auto",
-                          context_parallel="allgather"))
+  c.model.overrides.update(
+    dict(layer_windows=[768, 128, 128, 128] * 4, global_window=768, max_seq_len=768)
+  )
+  c.execution.update(
+    dict(compute_dtype="float32", attention_impl="auto", context_parallel="allgather")
+  )
   c.mesh.update(data=1, fsdp=4, sequence=2)
   mesh = planning.slice_mesh(dict(c.mesh), topology.devices(topology.slice_spec("v5p-16")))
   prefill = rl_step_builder(c, planning.model_config(c), mesh).extra["sampler"]["prefill"]
   with jax.set_mesh(mesh):
     memory = prefill.jitted.lower(*prefill.args).compile().memory_analysis()
-  cache = prefill.info["cache_gb_per_device"] * 2 ** 30
+  cache = prefill.info["cache_gb_per_device"] * 2**30
   assert memory.temp_size_in_bytes < cache, (memory.temp_size_in_bytes, cache)
 
 

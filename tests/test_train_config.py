@@ -10,32 +10,53 @@ import pytest
 
 from cwm_jax.base import ConfigError
 from cwm_jax.model.config import tiny
-from cwm_jax.train import config as config_lib, flops
+from cwm_jax.train import config as config_lib
+from cwm_jax.train import flops
 from cwm_jax.train.synthetic import SyntheticSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_cli_bad_mesh_exits_2_before_compiling(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    JAX_LOG_COMPILES="1",
+  )
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   workdir = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "-m", "cwm_jax.train", "--config",
-                         os.path.join(ROOT, "configs/smoke.py"), "--workdir", str(workdir),
-                         "--config.mesh.fsdp=3"], env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "cwm_jax.train",
+      "--config",
+      os.path.join(ROOT, "configs/smoke.py"),
+      "--workdir",
+      str(workdir),
+      "--config.mesh.fsdp=3",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "mesh.fsdp=3" in proc.stderr and "8 devices" in proc.stderr, proc.stderr[-2000:]
   assert "Compiling" not in proc.stderr and not workdir.exists()
 
 
-@pytest.mark.parametrize("update, names", [
+@pytest.mark.parametrize(
+  "update, names",
+  [
     (dict(mesh=dict(fsdp=2, tensor=4)), ["n_kv_heads=2", "mesh.tensor=4"]),
     (dict(batch_size=6, mesh=dict(data=4, fsdp=2)), ["batch_size=6", "mesh.data*mesh.fsdp=8"]),
-])
+  ],
+)
 def test_train_rejects_heads_and_batch_before_compiling(tmp_path, update, names):
   from cwm_jax.train import lm  # pylint: disable=g-import-not-at-top
+
   c = config_lib.base_config()
   c.mesh.update(update.pop("mesh"))
   c.update(update)
@@ -70,9 +91,12 @@ def _source(**kw):
 def test_synthetic_batch_contract():
   b = next(_source())
   assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
-      "inputs": ((4, 48), "int32"), "targets": ((4, 48), "int32"),
-      "positions": ((4, 48), "int32"), "segment_ids": ((4, 48), "int32"),
-      "weights": ((4, 48), "float32")}
+    "inputs": ((4, 48), "int32"),
+    "targets": ((4, 48), "int32"),
+    "positions": ((4, 48), "int32"),
+    "segment_ids": ((4, 48), "int32"),
+    "weights": ((4, 48), "float32"),
+  }
   for r in range(4):
     seg, pos = b["segment_ids"][r], b["positions"][r]
     real = seg > 0

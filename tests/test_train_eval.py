@@ -27,8 +27,7 @@ def _config(**kw):
 
 def test_eval_every_logs_eval_records(tmp_path):
   c = _config()
-  out = lm.train(c, str(tmp_path), devices=jax.devices()[:1],
-                 hooks=[trainers.evaluation_hook(c)])
+  out = lm.train(c, str(tmp_path), devices=jax.devices()[:1], hooks=[trainers.evaluation_hook(c)])
   assert out["step"] == 2
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   evals = [r for r in records if "eval/trace_nll" in r]

@@ -5,7 +5,6 @@ import json
 import os
 import threading
 
-import jax
 import numpy as np
 import pytest
 
@@ -49,7 +48,7 @@ def test_export_every_writes_loadable_exports(tmp_path, monkeypatch):
     out = real_hook(self, ctx)
     seen.append((ctx.step, list(self.done)))
     if ctx.step == 4:
-      release.set()   # the exports were waiting all along: training was not
+      release.set()  # the exports were waiting all along: training was not
     return out
 
   monkeypatch.setattr(trainers.ExportHook, "__call__", watch)
@@ -61,8 +60,12 @@ def test_export_every_writes_loadable_exports(tmp_path, monkeypatch):
   assert [(e["step"], "error" in e) for e in out["exports"]] == [(2, False), (4, False)]
   for step in (2, 4):
     d = tmp_path / "hf" / f"step_{step}"
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= set(os.listdir(d))
+    assert {
+      "config.json",
+      "tokenizer.json",
+      "tokenizer_config.json",
+      "generation_config.json",
+    } <= set(os.listdir(d))
     _, params = manager.restore_params(str(tmp_path / "checkpoints"), step)
     head = hf.SafetensorsReader(str(d)).get("lm_head.weight")
     np.testing.assert_array_equal(head.T, np.asarray(params["lm_head"]))
@@ -80,7 +83,7 @@ def test_finished_export_is_logged_at_a_later_step(tmp_path, monkeypatch):
     hooks["export"] = real(config, workdir)
     return hooks["export"]
 
-  def wait_for_step_2(ctx):   # runs before the trainer's own hooks at each step
+  def wait_for_step_2(ctx):  # runs before the trainer's own hooks at each step
     if ctx.step == 3:
       hooks["export"].threads[0].join(300)
     return None
@@ -91,10 +94,14 @@ def test_finished_export_is_logged_at_a_later_step(tmp_path, monkeypatch):
   assert [(r["step"], r["export/step"]) for r in records if "export/step" in r] == [(3, 2.0)]
 
 
-@pytest.mark.parametrize("every, ckpt, match", [
+@pytest.mark.parametrize(
+  "every, ckpt, match",
+  [
     (3, 2, "must be a multiple of checkpoint_every=2.*export.every=4"),
     (-1, 2, "must be an integer >= 0"),
-    (2, 0, "needs checkpoints every N steps")])
+    (2, 0, "needs checkpoints every N steps"),
+  ],
+)
 def test_bad_export_every_is_a_config_error(every, ckpt, match):
   c = _config(checkpoint_every=ckpt)
   c.export.every = every

@@ -16,16 +16,18 @@ import jax
 import numpy as np
 import pytest
 
-from cwm_jax.train import sources
-
-from cwm_jax.train import lm
+from cwm_jax.train import lm, sources
 from cwm_jax.train.synthetic import SyntheticSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(n_layers=2, dim=32, ffn_dim=64, vocab_size=128)
-FLAGS = ["--config.total_steps=5", "--config.seq_len=32", "--config.checkpoint_every=0",
-         "--config.optimizer.decay_steps=5", "--config.metrics.tensorboard=False"] + [
-             f"--config.model.overrides.{k}={v}" for k, v in SMALL.items()]
+FLAGS = [
+  "--config.total_steps=5",
+  "--config.seq_len=32",
+  "--config.checkpoint_every=0",
+  "--config.optimizer.decay_steps=5",
+  "--config.metrics.tensorboard=False",
+] + [f"--config.model.overrides.{k}={v}" for k, v in SMALL.items()]
 
 
 def _config(**mesh):
@@ -72,8 +74,10 @@ def _sigterm_source(at_index):
         if self._index == at_index:
           os.kill(os.getpid(), signal.SIGTERM)
         return SyntheticSource.__next__(self)
+
     src.__class__ = Wrapped
     return src
+
   return factory
 
 
@@ -100,18 +104,33 @@ def test_sharded_meshes_match_and_restore_reshards(reference, tmp_path):
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest")
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    JAX_DEFAULT_MATMUL_PRECISION="highest",
+  )
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   return env
 
 
 def _cli(workdir, *extra, kill_at_step=0):
-  program = (["-m", "cwm_jax.train"] if not kill_at_step else
-             [os.path.join(ROOT, "tests", "faults.py"), "train", f"--kill_at_step={kill_at_step}"])
-  return [sys.executable, *program, "--config", os.path.join(ROOT, "configs/smoke.py"),
-          "--workdir", str(workdir), *FLAGS,
-          "--config.compiler_options.xla_backend_optimization_level=0", *extra]
+  program = (
+    ["-m", "cwm_jax.train"]
+    if not kill_at_step
+    else [os.path.join(ROOT, "tests", "faults.py"), "train", f"--kill_at_step={kill_at_step}"]
+  )
+  return [
+    sys.executable,
+    *program,
+    "--config",
+    os.path.join(ROOT, "configs/smoke.py"),
+    "--workdir",
+    str(workdir),
+    *FLAGS,
+    "--config.compiler_options.xla_backend_optimization_level=0",
+    *extra,
+  ]
 
 
 def test_sigkill_then_restart_matches(reference, tmp_path):
@@ -119,13 +138,22 @@ def test_sigkill_then_restart_matches(reference, tmp_path):
   env = _env(1)
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  killed = subprocess.run(_cli(tmp_path / "run", *one, "--config.checkpoint_every=3",
-                               kill_at_step=4),
-                          env=env, capture_output=True, text=True, timeout=600)
+  killed = subprocess.run(
+    _cli(tmp_path / "run", *one, "--config.checkpoint_every=3", kill_at_step=4),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert os.listdir(tmp_path / "run" / "checkpoints") == ["3"]
-  done = subprocess.run(_cli(tmp_path / "run", *one, "--config.checkpoint_every=3"),
-                        env=env, capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+    _cli(tmp_path / "run", *one, "--config.checkpoint_every=3"),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   np.testing.assert_allclose(_losses(tmp_path / "run"), reference, rtol=1e-6)
 
@@ -135,8 +163,12 @@ def test_two_processes_match_one(reference, tmp_path):
   env = dict(_env(4), PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
   del env["XLA_FLAGS"]
   mesh = ["--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.total_steps=3"]
-  proc = subprocess.run(["bash", os.path.join(ROOT, "launch/local.sh"), "2",
-                         *_cli(tmp_path, *mesh)[3:]],
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    ["bash", os.path.join(ROOT, "launch/local.sh"), "2", *_cli(tmp_path, *mesh)[3:]],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   np.testing.assert_allclose(_losses(tmp_path), reference[:3], rtol=1e-5)

@@ -10,7 +10,9 @@ from flax import nnx
 from cwm_jax.model.config import tiny
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.transformer import abstract_model, init_model
-from cwm_jax.train import config as config_lib, flops, optimizer, step as step_lib
+from cwm_jax.train import config as config_lib
+from cwm_jax.train import flops, optimizer
+from cwm_jax.train import step as step_lib
 from cwm_jax.train.synthetic import SyntheticSource
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -24,8 +26,13 @@ def _params():
 
 
 def _batch(batch_size=8, seq_len=32, prompt_fraction=0.3):
-  src = SyntheticSource(batch_size=batch_size, seq_len=seq_len, vocab=CFG.vocab_size,
-                        mean_doc_len=10, prompt_fraction=prompt_fraction)
+  src = SyntheticSource(
+    batch_size=batch_size,
+    seq_len=seq_len,
+    vocab=CFG.vocab_size,
+    mean_doc_len=10,
+    prompt_fraction=prompt_fraction,
+  )
   return next(src)
 
 
@@ -34,7 +41,7 @@ def _numpy_loss(logits, targets, weights):
   m = logits.max(-1, keepdims=True)
   lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
   tgt = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  return (weights * (lse - tgt)).sum() / weights.sum(), (weights * lse ** 2).sum()
+  return (weights * (lse - tgt)).sum() / weights.sum(), (weights * lse**2).sum()
 
 
 def test_loss_matches_numpy_and_chunking():
@@ -79,10 +86,16 @@ def test_grad_accumulation_equals_big_batch():
   c.optimizer.warmup_steps = 0
   tx, schedule = optimizer.make_optimizer(c.optimizer, 10)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape).astype(a.dtype),
-                        nnx.to_pure_dict(nnx.state(abstract_model(CFG), nnx.Param)))
-  state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0),
-           "rng": np.zeros(2, np.uint32)}
+  params = jax.tree.map(
+    lambda a: 0.1 * rng.standard_normal(a.shape).astype(a.dtype),
+    nnx.to_pure_dict(nnx.state(abstract_model(CFG), nnx.Param)),
+  )
+  state = {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": np.int32(0),
+    "rng": np.zeros(2, np.uint32),
+  }
   batch = _batch(batch_size=8)
   out = []
   for accum in (1, 2):
@@ -104,13 +117,16 @@ def test_decay_mask_excludes_norms_and_embeddings():
   assert not mask["layers"]["attention_norm"]["scale"] and not mask["layers"]["ffn_norm"]["scale"]
 
 
-@pytest.mark.parametrize("name, expect", [
+@pytest.mark.parametrize(
+  "name, expect",
+  [
     # lr=1, warmup 2, 10 steps, floor 0.1: hand-derived values at steps 0, 1, 2, 6, 10.
     ("cosine", [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 4 / 8)), 0.1]),
     ("linear", [0.0, 0.5, 1.0, 1.0 - 0.9 * 4 / 8, 0.1]),
     ("wsd", [0.0, 0.5, 1.0, 1.0, 0.1]),  # decay over the last 2 steps (decay_fraction 0.2)
     ("constant", [0.0, 0.5, 1.0, 1.0, 1.0]),
-])
+  ],
+)
 def test_schedules(name, expect):
   c = config_lib.base_config().optimizer
   c.update(dict(lr=1.0, warmup_steps=2, min_lr_ratio=0.1, decay_fraction=0.2, schedule=name))
@@ -124,15 +140,16 @@ def test_schedules(name, expect):
 def test_dot_flops_counts_nested_products_by_hand():
   x, w = jnp.ones((4, 5)), jnp.ones((5, 6))
   f = lambda x, w: jnp.sum(jnp.tanh(x @ w))
-  prod = 2 * 4 * 5 * 6   # one [4, 5] x [5, 6] product
+  prod = 2 * 4 * 5 * 6  # one [4, 5] x [5, 6] product
   assert flops.dot_flops(jax.make_jaxpr(f)(x, w)) == prod
   assert flops.dot_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)) == 3 * prod
-  remat = jax.jit(jax.grad(jax.checkpoint(f), argnums=(0, 1)))   # forward recomputed
+  remat = jax.jit(jax.grad(jax.checkpoint(f), argnums=(0, 1)))  # forward recomputed
   assert flops.dot_flops(jax.make_jaxpr(remat)(x, w)) == 4 * prod
 
   def g(x, w):
     c, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w[:, :5]), None), x, None, length=3)
     return jax.lax.cond(c.sum() > 0, lambda c: jnp.sum(c @ w), jnp.sum, c)
+
   assert flops.dot_flops(jax.make_jaxpr(g)(x, w)) == 3 * (2 * 4 * 5 * 5) + prod
 
 
@@ -149,8 +166,12 @@ def test_dot_flops_of_the_train_step_match_the_hand_count():
   tx = optax.adamw(1e-3)
   fn = step_lib.make_train_step(CFG, tx, lambda s: 0.0, execution=execution)
   params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(init_model(CFG, 0), nnx.Param)))
-  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-           "step": jax.ShapeDtypeStruct((), np.int32), "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+  state = {
+    "params": params,
+    "opt_state": jax.eval_shape(tx.init, params),
+    "step": jax.ShapeDtypeStruct((), np.int32),
+    "rng": jax.ShapeDtypeStruct((2,), np.uint32),
+  }
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _batch(b, t))
   m = b * t
   per_layer = 6 * m * (d * h * (2 * n + 2 * k) + 3 * d * f) + 12 * b * n * t * t * h

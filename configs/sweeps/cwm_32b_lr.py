@@ -10,6 +10,6 @@ from cwm_jax.recipe.grids import axis, product
 
 def get_sweep():
   return product(
-      axis("schedule.stages.pretrain.optimizer.lr", [1.5e-4, 3e-4, 6e-4]),
-      axis("schedule.stages.pretrain.optimizer.warmup_steps", [1000, 2000]),
+    axis("schedule.stages.pretrain.optimizer.lr", [1.5e-4, 3e-4, 6e-4]),
+    axis("schedule.stages.pretrain.optimizer.warmup_steps", [1000, 2000]),
   )

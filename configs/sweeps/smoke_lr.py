@@ -9,6 +9,6 @@ from cwm_jax.recipe.grids import axis, product, zip_
 
 def get_sweep():
   return product(
-      axis("optimizer.lr", [1e-3, 3e-3]),
-      zip_(axis("total_steps", [10, 20]), axis("optimizer.warmup_steps", [2, 4])),
+    axis("optimizer.lr", [1e-3, 3e-3]),
+    zip_(axis("total_steps", [10, 20]), axis("optimizer.warmup_steps", [2, 4])),
   )

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
@@ -25,8 +26,8 @@ from etils import epath
 from orbax.checkpoint import type_handlers
 
 from cwm_jax import storage
-from cwm_jax.checkpoint import manager
 from cwm_jax.base import ConfigError
+from cwm_jax.checkpoint import manager
 from cwm_jax.model.config import ModelConfig
 
 
@@ -34,13 +35,14 @@ from cwm_jax.model.config import ModelConfig
 class LazyArray:
   """A params leaf produced on demand: fetch(i) gives layer i (or the whole
   tensor, fetch(None), when not stacked)."""
+
   shape: tuple[int, ...]
   dtype: np.dtype
   fetch: Callable[[int | None], np.ndarray]
   stacked: bool
 
   @property
-  def ndim(self) -> int:   # orbax inspects leaves like arrays
+  def ndim(self) -> int:  # orbax inspects leaves like arrays
     return len(self.shape)
 
 
@@ -66,16 +68,23 @@ class _LazyArrayHandler(type_handlers.NumpyHandler):
     rows = 1 if value.stacked else _block_rows(value.shape, np.dtype(value.dtype).itemsize)
     local = (rows, *value.shape[1:])
     spec = type_handlers.get_json_tspec_write(
-        info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape,
-        local_shape=local, dtype=np.dtype(value.dtype), process_index=0, arg=arg)
+      info,
+      use_ocdbt=info.is_ocdbt_checkpoint,
+      global_shape=value.shape,
+      local_shape=local,
+      dtype=np.dtype(value.dtype),
+      process_index=0,
+      arg=arg,
+    )
     t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
     whole = None if value.stacked else value.fetch(None)
     for i in range(0, value.shape[0], rows):
-      data = value.fetch(i)[None] if value.stacked else whole[i:i + rows]
+      data = value.fetch(i)[None] if value.stacked else whole[i : i + rows]
       if data.shape != local or data.dtype != value.dtype:
-        raise ValueError(f"{info.name}[{i}]: got {data.shape} {data.dtype}, "
-                         f"expected {local} {value.dtype}")
-      await t[i:i + rows].write(data, can_reference_source_data_indefinitely=True)
+        raise ValueError(
+          f"{info.name}[{i}]: got {data.shape} {data.dtype}, expected {local} {value.dtype}"
+        )
+      await t[i : i + rows].write(data, can_reference_source_data_indefinitely=True)
 
   async def serialize(self, values, infos, args=None):
     args = args or [type_handlers.SaveArgs()] * len(values)
@@ -84,8 +93,9 @@ class _LazyArrayHandler(type_handlers.NumpyHandler):
     return []
 
 
-def save_streaming(directory: str, cfg: ModelConfig, params: dict, step: int,
-                   config: dict[str, Any]) -> None:
+def save_streaming(
+  directory: str, cfg: ModelConfig, params: dict, step: int, config: dict[str, Any]
+) -> None:
   """A params-only checkpoint `directory/<step>/` from a tree of LazyArray."""
   if not type_handlers.has_type_handler(LazyArray):
     # Shares the 'np.ndarray' typestr (so restores see plain numpy entries); reading
@@ -107,8 +117,11 @@ def checkpoints_dir(directory: str) -> str:
 
 def steps(directory: str) -> list[int]:
   """Committed steps holding a `state` item (uncommitted step directories are skipped)."""
-  return [n for n in manager.complete_steps(directory)
-          if storage.isdir(storage.join(directory, str(n), "state"))]
+  return [
+    n
+    for n in manager.complete_steps(directory)
+    if storage.isdir(storage.join(directory, str(n), "state"))
+  ]
 
 
 def _read_json(path: str) -> Any:
@@ -116,11 +129,14 @@ def _read_json(path: str) -> Any:
   try:
     return storage.read_json(path)
   except FileNotFoundError:
-    raise ConfigError(f"checkpoint file {path} is missing: the checkpoint is incomplete; "
-                      "restore it or pick another step") from None
+    raise ConfigError(
+      f"checkpoint file {path} is missing: the checkpoint is incomplete; "
+      "restore it or pick another step"
+    ) from None
   except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise ConfigError(f"checkpoint file {path} is corrupt ({e}); restore it or pick another "
-                      "step") from None
+    raise ConfigError(
+      f"checkpoint file {path} is corrupt ({e}); restore it or pick another step"
+    ) from None
 
 
 class OrbaxReader:
@@ -132,28 +148,34 @@ class OrbaxReader:
     if not found:
       raise ConfigError(f"{directory}: no orbax checkpoint steps (<step>/state) found")
     if step is not None and step not in found:
-      raise ConfigError(f"{directory}: no committed step {step}; pass --step with one of "
-                        f"{found}")
+      raise ConfigError(f"{directory}: no committed step {step}; pass --step with one of {found}")
     self.step = found[-1] if step is None else step
     step_dir = storage.join(root, str(self.step))
-    meta_path, tree_path = (storage.join(step_dir, "meta", "metadata"),
-                            storage.join(step_dir, "state", "_METADATA"))
+    meta_path, tree_path = (
+      storage.join(step_dir, "meta", "metadata"),
+      storage.join(step_dir, "state", "_METADATA"),
+    )
     self.meta, tree = _read_json(meta_path), _read_json(tree_path)
     try:
       self.cfg = manager.model_config_from_dict(self.meta["model"])
     except (TypeError, KeyError, ValueError) as e:
-      raise ConfigError(f"checkpoint file {meta_path} holds no valid model config ({e!r}); "
-                        "is this a cwm_jax checkpoint?") from None
+      raise ConfigError(
+        f"checkpoint file {meta_path} holds no valid model config ({e!r}); "
+        "is this a cwm_jax checkpoint?"
+      ) from None
     self._state_dir = epath.Path(step_dir) / "state"
     try:
       self._ocdbt, self._zarr3 = tree.get("use_ocdbt", True), tree.get("use_zarr3", False)
-      self._keys = [tuple(k["key"] for k in v["key_metadata"])
-                    for v in tree["tree_metadata"].values()]
+      self._keys = [
+        tuple(k["key"] for k in v["key_metadata"]) for v in tree["tree_metadata"].values()
+      ]
     except (AttributeError, TypeError, KeyError) as e:
-      raise ConfigError(f"checkpoint file {tree_path} is not orbax tree metadata ({e!r}); "
-                        "restore it or pick another step") from None
+      raise ConfigError(
+        f"checkpoint file {tree_path} is not orbax tree metadata ({e!r}); "
+        "restore it or pick another step"
+      ) from None
     self._context = type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
-    self._open: dict[tuple[str, ...], Any] = {}   # only the last leaf stays open
+    self._open: dict[tuple[str, ...], Any] = {}  # only the last leaf stays open
     self.root = root
 
   def paths(self) -> list[tuple[str, ...]]:
@@ -163,8 +185,12 @@ class OrbaxReader:
   def _store(self, path: tuple[str, ...]):
     if path not in self._open:
       info = type_handlers.ParamInfo(
-          name=".".join(("params", *path)), parent_dir=self._state_dir,
-          is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3, ts_context=self._context)
+        name=".".join(("params", *path)),
+        parent_dir=self._state_dir,
+        is_ocdbt_checkpoint=self._ocdbt,
+        use_zarr3=self._zarr3,
+        ts_context=self._context,
+      )
       spec = type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
       try:
         self._open = {path: ts.open(ts.Spec(spec), open=True, context=self._context).result()}
@@ -174,8 +200,10 @@ class OrbaxReader:
 
   def _corrupt(self, path, e: BaseException) -> ConfigError:
     first = next((l for l in str(e).splitlines() if l.strip()), "")
-    return ConfigError(f"checkpoint {self._state_dir} is corrupt: params/{'/'.join(path)} cannot "
-                       f"be read ({first[:400]}); restore it or pick another step")
+    return ConfigError(
+      f"checkpoint {self._state_dir} is corrupt: params/{'/'.join(path)} cannot "
+      f"be read ({first[:400]}); restore it or pick another step"
+    )
 
   def shape(self, path) -> tuple[int, ...]:
     return tuple(self._store(path).shape)

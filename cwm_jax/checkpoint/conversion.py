@@ -20,16 +20,17 @@ import contextlib
 import os
 import shutil
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 
 from cwm_jax import storage
+from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint import _orbax_io, hf, hf_tokenizer, manager, meta
 from cwm_jax.checkpoint.names import HF, META, Entry, locate
-from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.model.config import ModelConfig
 
@@ -53,8 +54,10 @@ def detect_format(directory: str) -> str:
     return "meta"
   if _orbax_io.steps(_orbax_io.checkpoints_dir(directory)):
     return "orbax"
-  raise ConvertError(f"{directory!r} is not a Hugging Face (config.json + *.safetensors), "
-                     "Meta (params.json + DCP .metadata) or orbax (<step>/state) checkpoint")
+  raise ConvertError(
+    f"{directory!r} is not a Hugging Face (config.json + *.safetensors), "
+    "Meta (params.json + DCP .metadata) or orbax (<step>/state) checkpoint"
+  )
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
@@ -66,9 +69,17 @@ def expected_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
 class Source:
   """A checkpoint seen as our per-layer tensors: read(path, layer) in the source dtype."""
 
-  def __init__(self, fmt: str, cfg: ModelConfig, read: Callable, dtypes: dict[Path, np.dtype],
-               token_ids: dict[str, Any], tokenizer_files: list[str], step: int | None = None,
-               run_config: dict | None = None):
+  def __init__(
+    self,
+    fmt: str,
+    cfg: ModelConfig,
+    read: Callable,
+    dtypes: dict[Path, np.dtype],
+    token_ids: dict[str, Any],
+    tokenizer_files: list[str],
+    step: int | None = None,
+    run_config: dict | None = None,
+  ):
     self.fmt, self.cfg, self.read, self.dtypes = fmt, cfg, read, dtypes
     self.token_ids, self.tokenizer_files, self.step = token_ids, tokenizer_files, step
     self.run_config = run_config or {}  # an orbax checkpoint's training config
@@ -80,15 +91,18 @@ def _check_external(directory, entries, store, cfg, declared: np.dtype | None):
   present = set(store.names())
   missing, extra = sorted(set(where) - present), sorted(present - set(where))
   if missing or extra:
-    raise ConvertError(f"{directory}: tensors missing {missing[:5]} ({len(missing)} in all), "
-                       f"unexpected {extra[:5]} ({len(extra)} in all) for the config's "
-                       f"{cfg.n_layers} layers; is the config from the same checkpoint?")
+    raise ConvertError(
+      f"{directory}: tensors missing {missing[:5]} ({len(missing)} in all), "
+      f"unexpected {extra[:5]} ({len(extra)} in all) for the config's "
+      f"{cfg.n_layers} layers; is the config from the same checkpoint?"
+    )
   dtypes: dict[Path, np.dtype] = {}
   for name, (e, _) in where.items():
     shape, dtype = store.shape(name), store.dtype(name)
     if shape != e.shape(cfg):
-      raise ConvertError(f"{directory}: {name} has shape {shape}; the config implies "
-                         f"{e.shape(cfg)}")
+      raise ConvertError(
+        f"{directory}: {name} has shape {shape}; the config implies {e.shape(cfg)}"
+      )
     if declared is not None and dtype != declared:
       raise ConvertError(f"{directory}: {name} is {dtype} but the config declares {declared}")
     dtypes[e.ours] = dtype
@@ -101,14 +115,18 @@ def _external_reader(entries: tuple[Entry, ...], store, cfg):
   def read(path: Path, layer: int | None) -> np.ndarray:
     e = by_path[path]
     return e.to_ours(store.get(e.theirs.format(i=layer) if e.stacked else e.theirs), cfg)
+
   return read
 
 
 def _files(directory: str, names) -> list[str]:
   """The files among `names` that exist in `directory`, as paths."""
   present = set(storage.listdir(directory))
-  return [storage.join(directory, n) for n in names
-          if n in present and storage.isfile(storage.join(directory, n))]
+  return [
+    storage.join(directory, n)
+    for n in names
+    if n in present and storage.isfile(storage.join(directory, n))
+  ]
 
 
 def _named(path: str, parse: Callable, config: Any) -> ModelConfig:
@@ -118,8 +136,9 @@ def _named(path: str, parse: Callable, config: Any) -> ModelConfig:
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
   except (TypeError, ValueError, KeyError, AttributeError) as e:
-    raise ConfigError(f"{path} is not a valid CWM config ({type(e).__name__}: {e}); restore "
-                      "the file") from None
+    raise ConfigError(
+      f"{path} is not a valid CWM config ({type(e).__name__}: {e}); restore the file"
+    ) from None
 
 
 def open_source(directory: str, step: int | None = None) -> Source:
@@ -133,33 +152,50 @@ def open_source(directory: str, step: int | None = None) -> Source:
     declared = config.get("dtype") or config.get("torch_dtype")
     dtypes = _check_external(directory, HF, store, cfg, DTYPES.get(declared))
     ids = {k: config[k] for k in hf.TOKEN_ID_KEYS if config.get(k) is not None}
-    return Source(fmt, cfg, _external_reader(HF, store, cfg), dtypes, ids,
-                  _files(directory, hf.TOKENIZER_FILES))
+    return Source(
+      fmt, cfg, _external_reader(HF, store, cfg), dtypes, ids, _files(directory, hf.TOKENIZER_FILES)
+    )
   if fmt == "meta":
     path = storage.join(directory, "params.json")
     cfg = _named(path, meta.config_from_meta, hf.read_json(path, "checkpoint config"))
     store = meta.DcpReader(directory)
     dtypes = _check_external(directory, META, store, cfg, None)
-    return Source(fmt, cfg, _external_reader(META, store, cfg), dtypes, {},
-                  _files(directory, ("tokenizer.model",)))
+    return Source(
+      fmt,
+      cfg,
+      _external_reader(META, store, cfg),
+      dtypes,
+      {},
+      _files(directory, ("tokenizer.model",)),
+    )
   reader = _orbax_io.OrbaxReader(directory, step)
   cfg, want = reader.cfg, expected_shapes(reader.cfg)
   missing, extra = sorted(set(want) - set(reader.paths())), sorted(set(reader.paths()) - set(want))
   if missing or extra:
-    raise ConvertError(f"{directory} step {reader.step}: params missing {missing[:5]}, "
-                       f"unexpected {extra[:5]} for its model config")
+    raise ConvertError(
+      f"{directory} step {reader.step}: params missing {missing[:5]}, "
+      f"unexpected {extra[:5]} for its model config"
+    )
   stored = reader.dtype(next(iter(want)))
   for path, shape in want.items():
     if reader.shape(path) != shape or reader.dtype(path) != stored or stored not in DTYPES.values():
-      raise ConvertError(f"{directory} step {reader.step}: params/{'/'.join(path)} is "
-                         f"{reader.shape(path)} {reader.dtype(path)}; its config implies "
-                         f"{shape}, in the checkpoint's one dtype ({stored}), float32 or bfloat16")
+      raise ConvertError(
+        f"{directory} step {reader.step}: params/{'/'.join(path)} is "
+        f"{reader.shape(path)} {reader.dtype(path)}; its config implies "
+        f"{shape}, in the checkpoint's one dtype ({stored}), float32 or bfloat16"
+      )
   tok = storage.join(reader.root, "tokenizer")
   run_config = reader.meta.get("config") if isinstance(reader.meta.get("config"), dict) else {}
-  return Source(fmt, cfg, reader.read, {p: reader.dtype(p) for p in want},
-                dict(run_config.get("token_ids") or {}),
-                _files(tok, storage.listdir(tok)), reader.step,
-                run_config)
+  return Source(
+    fmt,
+    cfg,
+    reader.read,
+    {p: reader.dtype(p) for p in want},
+    dict(run_config.get("token_ids") or {}),
+    _files(tok, storage.listdir(tok)),
+    reader.step,
+    run_config,
+  )
 
 
 def _out_dtype(src: Source, dtype: str | None) -> np.dtype:
@@ -189,14 +225,17 @@ def _write_orbax(src: Source, out: str, dtype: np.dtype, step: int, count: _Coun
   cfg = src.cfg
   params: dict = {}
   for path, shape in expected_shapes(cfg).items():
+
     def fetch(i, path=path):
       return count(src.read(path, i).astype(dtype, copy=False))
+
     node = params
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = _orbax_io.LazyArray(shape, dtype, fetch, stacked=path[0] == "layers")
-  _orbax_io.save_streaming(out, cfg, params, step,
-                           {"converted_from": src.fmt, "token_ids": token_ids(src)})
+  _orbax_io.save_streaming(
+    out, cfg, params, step, {"converted_from": src.fmt, "token_ids": token_ids(src)}
+  )
   if src.tokenizer_files:
     _copy(src.tokenizer_files, storage.join(out, "tokenizer"))
 
@@ -209,6 +248,7 @@ def _external_specs(entries, src: Source, dtype: np.dtype, count: _Counter):
   def fetch(name: str) -> np.ndarray:
     e, layer = where[name]
     return count(e.to_theirs(src.read(e.ours, layer).astype(dtype, copy=False), cfg))
+
   return specs, fetch
 
 
@@ -227,8 +267,11 @@ def token_ids(src: Source) -> dict[str, Any]:
   if not ids:
     tok = _model_tokenizer(src)
     if tok is not None:
-      ids = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids),
-             "pad_token_id": tok.special_id("<|pad|>")}
+      ids = {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": list(tok.stop_ids),
+        "pad_token_id": tok.special_id("<|pad|>"),
+      }
   return hf.fitting_token_ids(ids, src.cfg.vocab_size)
 
 
@@ -250,10 +293,16 @@ def _write_hf(src, out, dtype, count, max_shard_bytes):
   hf.write_safetensors(out, specs, fetch, max_shard_bytes)
   _copy(src.tokenizer_files, out)
   ids = token_ids(src)
-  hf_tokenizer.write(out, _fitting_tokenizer(src), ids, src.cfg.max_seq_len,
-                     frozenset(storage.basename(p) for p in src.tokenizer_files))
-  storage.write_json(storage.join(out, "config.json"),
-                     hf.config_to_hf(src.cfg, dtype=dtype.name, **ids), indent=2)
+  hf_tokenizer.write(
+    out,
+    _fitting_tokenizer(src),
+    ids,
+    src.cfg.max_seq_len,
+    frozenset(storage.basename(p) for p in src.tokenizer_files),
+  )
+  storage.write_json(
+    storage.join(out, "config.json"), hf.config_to_hf(src.cfg, dtype=dtype.name, **ids), indent=2
+  )
 
 
 def _fitting_tokenizer(src: Source) -> Tokenizer | None:
@@ -288,9 +337,10 @@ def sweep_partials(dst: str) -> list[str]:
   parent, prefix = os.path.dirname(dst), f".{os.path.basename(dst)}.partial-"
   removed = []
   for name in os.listdir(parent):
-    pid = name[len(prefix):]
-    if name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _alive(
-        int(pid)):
+    pid = name[len(prefix) :]
+    if (
+      name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+    ):
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
       removed.append(os.path.join(parent, name))
   return removed
@@ -309,8 +359,9 @@ def marker(to: str, step: int = 0) -> str:
 
 def _check_empty(dst: str) -> None:
   if storage.isfile(dst) or storage.listdir(dst):
-    raise ConvertError(f"destination {dst!r} exists and is not empty; choose a new directory "
-                       "(or delete that one)")
+    raise ConvertError(
+      f"destination {dst!r} exists and is not empty; choose a new directory (or delete that one)"
+    )
 
 
 @contextlib.contextmanager
@@ -347,8 +398,15 @@ def _inside(path: str, root: str) -> bool:
   return path.rstrip(sep) == root.rstrip(sep) or path.startswith(root.rstrip(sep) + sep)
 
 
-def convert(src_dir: str, dst_dir: str, to: str, *, dtype: str | None = None,
-            step: int | None = None, max_shard_bytes: int = 5 * 10**9) -> dict[str, Any]:
+def convert(
+  src_dir: str,
+  dst_dir: str,
+  to: str,
+  *,
+  dtype: str | None = None,
+  step: int | None = None,
+  max_shard_bytes: int = 5 * 10**9,
+) -> dict[str, Any]:
   """Converts `src_dir` (format detected) to format `to` in `dst_dir`; returns a summary.
 
   Args:
@@ -374,7 +432,14 @@ def convert(src_dir: str, dst_dir: str, to: str, *, dtype: str | None = None,
     else:
       _write_meta(src, tmp, out_dtype, count)
   seconds = time.perf_counter() - start
-  return {"from": src.fmt, "to": to, "dst": dst_abs, "dtype": out_dtype.name,
-          "tensors": count.tensors, "bytes": count.bytes, "seconds": round(seconds, 3),
-          "gb_per_s": round(count.bytes / 1e9 / max(seconds, 1e-9), 3),
-          **({"step": out_step} if to == "orbax" else {})}
+  return {
+    "from": src.fmt,
+    "to": to,
+    "dst": dst_abs,
+    "dtype": out_dtype.name,
+    "tensors": count.tensors,
+    "bytes": count.bytes,
+    "seconds": round(seconds, 3),
+    "gb_per_s": round(count.bytes / 1e9 / max(seconds, 1e-9), 3),
+    **({"step": out_step} if to == "orbax" else {}),
+  }

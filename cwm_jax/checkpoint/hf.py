@@ -11,7 +11,8 @@ import json
 import math
 import os
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -28,8 +29,17 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   """ModelConfig from a config.json dict; `layer_types` is copied verbatim."""
   if not isinstance(hf, dict):
     raise ConfigError("config.json must hold a JSON object")
-  missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size",
-                         "intermediate_size", "vocab_size") if not isinstance(hf.get(k), int)]
+  missing = [
+    k
+    for k in (
+      "num_hidden_layers",
+      "num_attention_heads",
+      "hidden_size",
+      "intermediate_size",
+      "vocab_size",
+    )
+    if not isinstance(hf.get(k), int)
+  ]
   if missing:
     raise ConfigError(f"config.json lacks integer fields {missing}; is this a CWM config.json?")
   n_layers = hf["num_hidden_layers"]
@@ -38,8 +48,9 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   types = hf.get("layer_types") or [FULL if i % 4 == 0 else SLIDING for i in range(n_layers)]
   unknown = sorted(set(types) - {FULL, SLIDING})
   if unknown:
-    raise ConfigError(f"config.json layer_types has unknown kinds {unknown}; "
-                      f"expected {FULL!r} or {SLIDING!r}")
+    raise ConfigError(
+      f"config.json layer_types has unknown kinds {unknown}; expected {FULL!r} or {SLIDING!r}"
+    )
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = float(rope.get("rope_theta", hf.get("rope_theta", 1e6)))
   kind = rope.get("rope_type", rope.get("type", "default"))
@@ -47,19 +58,28 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     raise ConfigError(f"unsupported rope_type {kind!r}; CWM uses 'llama3'")
   scaling = None
   if kind == "llama3":
-    scaling = RopeScaling(factor=float(rope["factor"]),
-                          low_freq_factor=float(rope["low_freq_factor"]),
-                          high_freq_factor=float(rope["high_freq_factor"]),
-                          original_context=int(rope["original_max_position_embeddings"]))
+    scaling = RopeScaling(
+      factor=float(rope["factor"]),
+      low_freq_factor=float(rope["low_freq_factor"]),
+      high_freq_factor=float(rope["high_freq_factor"]),
+      original_context=int(rope["original_max_position_embeddings"]),
+    )
   n_heads = hf["num_attention_heads"]
   fields = dict(
-      vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=n_layers,
-      n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-      ffn_dim=hf["intermediate_size"], global_window=global_window,
-      layer_windows=tuple(global_window if t == FULL else int(sliding) for t in types),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=theta, rope_scaling=scaling,
-      max_seq_len=global_window)
+    vocab_size=hf["vocab_size"],
+    dim=hf["hidden_size"],
+    n_layers=n_layers,
+    n_heads=n_heads,
+    n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+    ffn_dim=hf["intermediate_size"],
+    global_window=global_window,
+    layer_windows=tuple(global_window if t == FULL else int(sliding) for t in types),
+    norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+    rope_theta=theta,
+    rope_scaling=scaling,
+    max_seq_len=global_window,
+  )
   fields.update(overrides)
   return ModelConfig(**fields)
 
@@ -72,18 +92,31 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "bfloat16", **token_ids: Any) ->
   rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling
-    rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_context)
+    rope.update(
+      rope_type="llama3",
+      factor=s.factor,
+      low_freq_factor=s.low_freq_factor,
+      high_freq_factor=s.high_freq_factor,
+      original_max_position_embeddings=s.original_context,
+    )
   out = {
-      "architectures": ["CwmForCausalLM"], "model_type": "cwm",
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
-      "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
-      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-      "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-      "max_position_embeddings": cfg.global_window,
-      "sliding_window": local[0] if local else cfg.global_window,
-      "layer_types": [FULL if w >= cfg.global_window else SLIDING for w in cfg.layer_windows],
-      "rope_parameters": rope, "tie_word_embeddings": False, "dtype": dtype,
+    "architectures": ["CwmForCausalLM"],
+    "model_type": "cwm",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.dim,
+    "intermediate_size": cfg.ffn_dim,
+    "num_hidden_layers": cfg.n_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": cfg.norm_eps,
+    "max_position_embeddings": cfg.global_window,
+    "sliding_window": local[0] if local else cfg.global_window,
+    "layer_types": [FULL if w >= cfg.global_window else SLIDING for w in cfg.layer_windows],
+    "rope_parameters": rope,
+    "tie_word_embeddings": False,
+    "dtype": dtype,
   }
   out.update(fitting_token_ids(token_ids, cfg.vocab_size))
   return out
@@ -103,11 +136,21 @@ def fitting_token_ids(token_ids: dict[str, Any], vocab_size: int) -> dict[str, A
   return out
 
 
-ST_DTYPES = {"F32": np.dtype("float32"), "F16": np.dtype("float16"),
-             "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype("float64")}
+ST_DTYPES = {
+  "F32": np.dtype("float32"),
+  "F16": np.dtype("float16"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F64": np.dtype("float64"),
+}
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "generation_config.json",
+  "chat_template.jinja",
+)
 
 
 def _bad(path: str, what: str) -> ConfigError:
@@ -145,8 +188,11 @@ def _read_header(path: str) -> dict[str, Any]:
     except (TypeError, KeyError, ValueError):
       raise _bad(path, f"tensor {name!r} has an invalid header entry {info!r}") from None
     if not 0 <= begin <= end <= data or end - begin != nbytes:
-      raise _bad(path, f"tensor {name!r} spans bytes [{begin}, {end}) of {data} data bytes "
-                 f"(needs {nbytes}): the file is truncated or damaged")
+      raise _bad(
+        path,
+        f"tensor {name!r} spans bytes [{begin}, {end}) of {data} data bytes "
+        f"(needs {nbytes}): the file is truncated or damaged",
+      )
   return header
 
 
@@ -169,14 +215,16 @@ class SafetensorsReader:
       data = read_json(index, "safetensors index")
       weight_map = data.get("weight_map") if isinstance(data, dict) else None
       if not isinstance(weight_map, dict) or not all(
-          isinstance(v, str) and "/" not in v for v in weight_map.values()):
+        isinstance(v, str) and "/" not in v for v in weight_map.values()
+      ):
         raise ConfigError(f"{index} has no valid weight_map {{tensor: file name}}; restore it")
     else:
       files = [p for p in storage.listdir(directory) if p.endswith(".safetensors")]
       if not files:
         raise FileNotFoundError(f"no *.safetensors files in {directory}")
-      weight_map = {k: fname for fname in files
-                    for k in _read_header(storage.join(directory, fname))}
+      weight_map = {
+        k: fname for fname in files for k in _read_header(storage.join(directory, fname))
+      }
     self.directory, self.weight_map = directory, weight_map
     self._headers: dict[str, dict] = {}
 
@@ -211,8 +259,9 @@ class SafetensorsReader:
       raise _bad(path, f"reading {name} failed ({e})") from None
 
 
-def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int
-                ) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+def plan_shards(
+  specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int
+) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
   """Greedy split of (name, shape, dtype) into shards of at most max_shard_bytes
   (a tensor larger than the limit gets a shard of its own)."""
   shards, size = [[]], 0
@@ -226,8 +275,9 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_by
   return shards
 
 
-def write_safetensors(directory: str, specs, fetch: Callable[[str], np.ndarray],
-                      max_shard_bytes: int = 5 * 10**9) -> dict[str, str]:
+def write_safetensors(
+  directory: str, specs, fetch: Callable[[str], np.ndarray], max_shard_bytes: int = 5 * 10**9
+) -> dict[str, str]:
   """Streams tensors into sharded safetensors files plus the index.
 
   The header of each shard is written first from `specs` (name, shape, dtype),
@@ -241,8 +291,11 @@ def write_safetensors(directory: str, specs, fetch: Callable[[str], np.ndarray],
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in shard:
       nbytes = math.prod(shape) * dtype.itemsize
-      header[name] = {"dtype": code[dtype], "shape": list(shape),
-                      "data_offsets": [offset, offset + nbytes]}
+      header[name] = {
+        "dtype": code[dtype],
+        "shape": list(shape),
+        "data_offsets": [offset, offset + nbytes],
+      }
       offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -251,11 +304,15 @@ def write_safetensors(directory: str, specs, fetch: Callable[[str], np.ndarray],
       for name, shape, dtype in shard:
         value = fetch(name)
         if value.shape != tuple(shape) or value.dtype != dtype:
-          raise ValueError(f"{name}: produced {value.shape} {value.dtype}, "
-                           f"planned {tuple(shape)} {dtype}")
+          raise ValueError(
+            f"{name}: produced {value.shape} {value.dtype}, planned {tuple(shape)} {dtype}"
+          )
         f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
         weight_map[name] = fname
     total += offset
-  storage.write_json(storage.join(directory, "model.safetensors.index.json"),
-                     {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+  storage.write_json(
+    storage.join(directory, "model.safetensors.index.json"),
+    {"metadata": {"total_size": total}, "weight_map": weight_map},
+    indent=2,
+  )
   return weight_map

@@ -24,8 +24,9 @@ def load_params(directory: str, step: int | None = None) -> tuple[ModelConfig, d
   params: dict = {}
   for path, shape in expected_shapes(src.cfg).items():
     stacked = path[0] == "layers" and src.fmt != "orbax"  # orbax leaves are stored stacked
-    value = (np.stack([src.read(path, i) for i in range(shape[0])]) if stacked
-             else src.read(path, None))
+    value = (
+      np.stack([src.read(path, i) for i in range(shape[0])]) if stacked else src.read(path, None)
+    )
     node = params
     for key in path[:-1]:
       node = node.setdefault(key, {})
@@ -33,8 +34,9 @@ def load_params(directory: str, step: int | None = None) -> tuple[ModelConfig, d
   return src.cfg, params
 
 
-def load_model(directory: str, step: int | None = None, execution: Execution = Execution()
-               ) -> tuple[ModelConfig, Transformer]:
+def load_model(
+  directory: str, step: int | None = None, execution: Execution = Execution()
+) -> tuple[ModelConfig, Transformer]:
   """(architecture, model) from a checkpoint, run with `execution`."""
   cfg, params = load_params(directory, step)
   return cfg, model_from_params(cfg, params, execution)

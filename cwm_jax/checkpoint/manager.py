@@ -17,9 +17,9 @@ from typing import Any
 
 import grain
 import jax
-from flax import nnx
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from cwm_jax import storage
 from cwm_jax.base import ConfigError
@@ -48,10 +48,12 @@ def _is_grain(it) -> bool:
 
 def _restore_args(target):
   """Per-leaf restore args: arrays with the target's sharding, else numpy."""
+
   def one(x):
     if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
       return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
     return ocp.RestoreArgs(restore_type=np.ndarray)
+
   return jax.tree.map(one, target)
 
 
@@ -92,8 +94,9 @@ class CorruptCheckpoint(ConfigError):
 def complete_steps(directory: str) -> list[int]:
   """Steps under `directory` whose save committed, ascending; a step directory without
   orbax's commit marker (a killed save, an empty `70/`) is never among them."""
-  return sorted(int(n) for n in step_dirs(directory)
-                if storage.isfile(storage.join(directory, n, COMMIT_FILE)))
+  return sorted(
+    int(n) for n in step_dirs(directory) if storage.isfile(storage.join(directory, n, COMMIT_FILE))
+  )
 
 
 def step_dirs(directory: str) -> list[str]:
@@ -103,9 +106,11 @@ def step_dirs(directory: str) -> list[str]:
 
 def _corrupt(directory: str, step: int, e: BaseException) -> CorruptCheckpoint:
   first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
-  return CorruptCheckpoint(f"checkpoint {storage.join(directory, str(step))} is corrupt or "
-                           f"incomplete ({type(e).__name__}: {first[:400]}); restore it, or "
-                           "pick another step")
+  return CorruptCheckpoint(
+    f"checkpoint {storage.join(directory, str(step))} is corrupt or "
+    f"incomplete ({type(e).__name__}: {first[:400]}); restore it, or "
+    "pick another step"
+  )
 
 
 class Checkpointer:
@@ -115,11 +120,18 @@ class Checkpointer:
   `CorruptCheckpoint`. With `create=False` nothing is created on disk.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
-               create: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int | None = 3,
+    async_save: bool = True,
+    create: bool = True,
+  ):
     self.directory = storage.absolute(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save
+    )
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
   def complete_steps(self) -> list[int]:
@@ -146,21 +158,27 @@ class Checkpointer:
     """Starts a (possibly async) save; arrays are copied off-device before it returns."""
     items = {_STATE: ocp.args.PyTreeSave(state)}
     if data_iter is not None:
-      items[_DATA] = (grain.checkpoint.CheckpointSave(data_iter) if _is_grain(data_iter)
-                      else ocp.args.JsonSave(data_iter.get_state()))
+      items[_DATA] = (
+        grain.checkpoint.CheckpointSave(data_iter)
+        if _is_grain(data_iter)
+        else ocp.args.JsonSave(data_iter.get_state())
+      )
     if meta is not None:
       items[_META] = ocp.args.JsonSave(meta)
     self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
 
   def meta(self, step: int) -> dict:
     try:
-      out = self._mgr.restore(step, args=ocp.args.Composite(
-          **{_META: ocp.args.JsonRestore()}))[_META]
+      out = self._mgr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[
+        _META
+      ]
     except Exception as e:  # pylint: disable=broad-except  (any read failure: corrupt files)
       raise _corrupt(self.directory, step, e) from e
     if not isinstance(out, dict) or not isinstance(out.get("model"), dict):
-      raise CorruptCheckpoint(f"checkpoint {storage.join(self.directory, str(step))}: meta "
-                              "holds no model config; is this a cwm_jax checkpoint?")
+      raise CorruptCheckpoint(
+        f"checkpoint {storage.join(self.directory, str(step))}: meta "
+        "holds no model config; is this a cwm_jax checkpoint?"
+      )
     return out
 
   def restore(self, step: int, target: dict, *, data_iter=None, partial: bool = False) -> dict:
@@ -168,11 +186,17 @@ class Checkpointer:
 
     `partial=True` restores only the keys present in `target` (e.g. {'params'}).
     """
-    items = {_STATE: ocp.args.PyTreeRestore(target, restore_args=_restore_args(target),
-                                            partial_restore=partial)}
+    items = {
+      _STATE: ocp.args.PyTreeRestore(
+        target, restore_args=_restore_args(target), partial_restore=partial
+      )
+    }
     if data_iter is not None:
-      items[_DATA] = (grain.checkpoint.CheckpointRestore(data_iter) if _is_grain(data_iter)
-                      else ocp.args.JsonRestore())
+      items[_DATA] = (
+        grain.checkpoint.CheckpointRestore(data_iter)
+        if _is_grain(data_iter)
+        else ocp.args.JsonRestore()
+      )
     try:
       out = self._mgr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  (any read failure: corrupt files)
@@ -188,12 +212,14 @@ class Checkpointer:
     self._mgr.close()
 
 
-def save_params_checkpoint(directory: str, cfg: ModelConfig, params: dict, step: int = 0,
-                           config: dict | None = None) -> None:
+def save_params_checkpoint(
+  directory: str, cfg: ModelConfig, params: dict, step: int = 0, config: dict | None = None
+) -> None:
   """Writes a params-only checkpoint `directory/<step>/{state,meta}`."""
   ckpt = Checkpointer(directory, max_to_keep=None, async_save=False)
-  ckpt.save(step, {"params": params},
-            meta={"model": model_config_to_dict(cfg), "config": config or {}})
+  ckpt.save(
+    step, {"params": params}, meta={"model": model_config_to_dict(cfg), "config": config or {}}
+  )
   ckpt.close()
 
 
@@ -202,17 +228,21 @@ def params_target(cfg: ModelConfig, shardings=None) -> dict:
   shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
   if shardings is None:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), shapes)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      shapes, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+  )
 
 
-def restore_params(directory: str, step: int | None = None, shardings=None
-                   ) -> tuple[ModelConfig, Any]:
+def restore_params(
+  directory: str, step: int | None = None, shardings=None
+) -> tuple[ModelConfig, Any]:
   """(cfg, params) from a full or params-only checkpoint; numpy without `shardings`."""
   found = complete_steps(directory)
   if not found or (step is not None and step not in found):
-    raise ConfigError(f"{directory}: no committed checkpoint step {'' if step is None else step}"
-                      f" (committed steps: {found}); pass a checkpoint directory or --step")
+    raise ConfigError(
+      f"{directory}: no committed checkpoint step {'' if step is None else step}"
+      f" (committed steps: {found}); pass a checkpoint directory or --step"
+    )
   ckpt = Checkpointer(directory, max_to_keep=None, async_save=False, create=False)
   try:
     step = found[-1] if step is None else step

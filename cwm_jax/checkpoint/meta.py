@@ -13,7 +13,6 @@ so it reads a local folder of hard links to the files' cached copies
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -21,7 +20,8 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -33,8 +33,9 @@ from cwm_jax.model.config import ModelConfig, RopeScaling
 PREFIX = "model."
 
 
-def ffn_hidden_meta(dim: int, ffn_exp: int, multiple_of: int,
-                    ffn_dim_multiplier: float | None) -> int:
+def ffn_hidden_meta(
+  dim: int, ffn_exp: int, multiple_of: int, ffn_dim_multiplier: float | None
+) -> int:
   """Meta's FeedForward size rule, as in its code (int() before rounding up)."""
   hidden = int(2 * ffn_exp * dim / 3)
   if ffn_dim_multiplier is not None:
@@ -67,25 +68,37 @@ def _window_fields(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _meta_windows(n_layers, local, glob, pattern, global_last_layer) -> list[int]:
-  return [glob if (global_last_layer and i == n_layers - 1) or i % pattern == 0 else local
-          for i in range(n_layers)]
+  return [
+    glob if (global_last_layer and i == n_layers - 1) or i % pattern == 0 else local
+    for i in range(n_layers)
+  ]
 
 
 def config_to_meta(cfg: ModelConfig) -> dict[str, Any]:
   """params.json dict ({"model": TransformerArgs fields}) for `cfg`."""
   model = {
-      "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-      "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
-      "max_seq_len": cfg.max_seq_len, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-      **_ffn_fields(cfg.dim, cfg.ffn_dim), "weight_tying": False,
-      "pos_embed_impl": "rope" if cfg.rope_scaling is None else "scaled_rope",
-      "window_attn": _window_fields(cfg),
+    "dim": cfg.dim,
+    "n_layers": cfg.n_layers,
+    "n_heads": cfg.n_heads,
+    "n_kv_heads": cfg.n_kv_heads,
+    "head_dim": cfg.head_dim,
+    "vocab_size": cfg.vocab_size,
+    "max_seq_len": cfg.max_seq_len,
+    "norm_eps": cfg.norm_eps,
+    "rope_theta": cfg.rope_theta,
+    **_ffn_fields(cfg.dim, cfg.ffn_dim),
+    "weight_tying": False,
+    "pos_embed_impl": "rope" if cfg.rope_scaling is None else "scaled_rope",
+    "window_attn": _window_fields(cfg),
   }
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling
-    model["scaled_rope"] = {"scale_factor": s.factor, "old_context_len": s.original_context,
-                            "low_freq_factor": s.low_freq_factor,
-                            "high_freq_factor": s.high_freq_factor}
+    model["scaled_rope"] = {
+      "scale_factor": s.factor,
+      "old_context_len": s.original_context,
+      "low_freq_factor": s.low_freq_factor,
+      "high_freq_factor": s.high_freq_factor,
+    }
   return {"model": model}
 
 
@@ -104,27 +117,42 @@ def config_from_meta(params: dict[str, Any], **overrides: Any) -> ModelConfig:
     windows = [int(x) for x in w["layer_windows"]]
   elif w:
     local = int(w.get("local_window") or glob)
-    windows = _meta_windows(n_layers, local, glob, int(w.get("window_pattern", 6)),
-                            bool(w.get("global_last_layer", True)))
+    windows = _meta_windows(
+      n_layers, local, glob, int(w.get("window_pattern", 6)), bool(w.get("global_last_layer", True))
+    )
   else:
     windows = [glob] * n_layers
   impl, scaling = m.get("pos_embed_impl", "rope"), None
   if impl == "scaled_rope":
     s = m.get("scaled_rope") or {}
-    scaling = RopeScaling(factor=float(s.get("scale_factor", 8)),
-                          low_freq_factor=float(s.get("low_freq_factor", 1)),
-                          high_freq_factor=float(s.get("high_freq_factor", 4)),
-                          original_context=int(s.get("old_context_len", 8192)))
+    scaling = RopeScaling(
+      factor=float(s.get("scale_factor", 8)),
+      low_freq_factor=float(s.get("low_freq_factor", 1)),
+      high_freq_factor=float(s.get("high_freq_factor", 4)),
+      original_context=int(s.get("old_context_len", 8192)),
+    )
   elif impl != "rope":
     raise ConfigError(f"params.json pos_embed_impl={impl!r}; expected 'rope' or 'scaled_rope'")
   fields = dict(
-      vocab_size=m["vocab_size"], dim=m["dim"], n_layers=n_layers, n_heads=m["n_heads"],
-      n_kv_heads=m.get("n_kv_heads") or m["n_heads"],
-      head_dim=m.get("head_dim") or m["dim"] // m["n_heads"],
-      ffn_dim=ffn_hidden_meta(m["dim"], int(m.get("ffn_exp", 4)), int(m.get("multiple_of", 256)),
-                              m.get("ffn_dim_multiplier")),
-      layer_windows=tuple(windows), global_window=glob, norm_eps=float(m.get("norm_eps", 1e-5)),
-      rope_theta=float(m.get("rope_theta", 10000.0)), rope_scaling=scaling, max_seq_len=max_seq)
+    vocab_size=m["vocab_size"],
+    dim=m["dim"],
+    n_layers=n_layers,
+    n_heads=m["n_heads"],
+    n_kv_heads=m.get("n_kv_heads") or m["n_heads"],
+    head_dim=m.get("head_dim") or m["dim"] // m["n_heads"],
+    ffn_dim=ffn_hidden_meta(
+      m["dim"],
+      int(m.get("ffn_exp", 4)),
+      int(m.get("multiple_of", 256)),
+      m.get("ffn_dim_multiplier"),
+    ),
+    layer_windows=tuple(windows),
+    global_window=glob,
+    norm_eps=float(m.get("norm_eps", 1e-5)),
+    rope_theta=float(m.get("rope_theta", 10000.0)),
+    rope_scaling=scaling,
+    max_seq_len=max_seq,
+  )
   fields.update(overrides)
   return ModelConfig(**fields)
 
@@ -133,17 +161,26 @@ class _MetadataUnpickler(pickle.Unpickler):
   """Unpickles DCP `.metadata`, allowing only the classes DCP metadata is built of."""
 
   _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-  _NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-            ("collections", "OrderedDict")}
+  _NAMES = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+  }
 
   def find_class(self, module, name):
     torch = _require_torch()
-    allowed = ((module, name) in self._NAMES or module in self._MODULES
-               or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+    allowed = (
+      (module, name) in self._NAMES
+      or module in self._MODULES
+      or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+    )
     if not allowed:
-      raise ConfigError(f"DCP .metadata refers to {module}.{name}, which is not DCP metadata; "
-                        "refusing to unpickle it")
+      raise ConfigError(
+        f"DCP .metadata refers to {module}.{name}, which is not DCP metadata; "
+        "refusing to unpickle it"
+      )
     return super().find_class(module, name)
 
 
@@ -158,8 +195,12 @@ def _require_torch():
 
 def _np_dtype(torch_dtype) -> np.dtype:
   torch = _require_torch()
-  table = {torch.float32: np.dtype("float32"), torch.float16: np.dtype("float16"),
-           torch.bfloat16: np.dtype(ml_dtypes.bfloat16), torch.float64: np.dtype("float64")}
+  table = {
+    torch.float32: np.dtype("float32"),
+    torch.float16: np.dtype("float16"),
+    torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
+    torch.float64: np.dtype("float64"),
+  }
   if torch_dtype not in table:
     raise ConfigError(f"DCP tensor dtype {torch_dtype} is not a float type CWM uses")
   return table[torch_dtype]
@@ -186,6 +227,7 @@ class DcpReader:
   def __init__(self, directory: str):
     _require_torch()
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     path = storage.join(directory, ".metadata")
     if not storage.exists(path):
       raise ConfigError(f"{directory} has no DCP .metadata file")
@@ -198,9 +240,11 @@ class DcpReader:
       self._local = _local_mirror(directory, md)
       weakref.finalize(self, shutil.rmtree, self._local, True)
     _check_storage(directory, md, self._local)
-    self._meta = {k[len(PREFIX):] if k.startswith(PREFIX) else k: (k, v)
-                  for k, v in md.state_dict_metadata.items()
-                  if isinstance(v, TensorStorageMetadata)}
+    self._meta = {
+      k[len(PREFIX) :] if k.startswith(PREFIX) else k: (k, v)
+      for k, v in md.state_dict_metadata.items()
+      if isinstance(v, TensorStorageMetadata)
+    }
 
   def names(self) -> list[str]:
     return sorted(self._meta)
@@ -215,6 +259,7 @@ class DcpReader:
     """One tensor; only its bytes are read."""
     torch = _require_torch()
     import torch.distributed.checkpoint as dcp
+
     key, md = self._meta[name]
     out = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
     try:
@@ -223,8 +268,10 @@ class DcpReader:
         dcp.load(out, storage_reader=_safe_reader(self._local), no_dist=True)
     except Exception as e:  # pylint: disable=broad-except  (torch's errors for damaged files)
       first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
-      raise ConfigError(f"DCP checkpoint {self.directory}: reading {name} failed ({first[:300]});"
-                        " a .distcp file is damaged: re-download or re-convert it") from None
+      raise ConfigError(
+        f"DCP checkpoint {self.directory}: reading {name} failed ({first[:300]});"
+        " a .distcp file is damaged: re-download or re-convert it"
+      ) from None
     return _numpy(out[key])
 
 
@@ -237,8 +284,10 @@ def _load_metadata(path: str):
   except ConfigError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (any unpickling failure)
-    raise ConfigError(f"DCP metadata file {path} is corrupt ({type(e).__name__}: {e}); "
-                      "re-download or re-convert the checkpoint") from None
+    raise ConfigError(
+      f"DCP metadata file {path} is corrupt ({type(e).__name__}: {e}); "
+      "re-download or re-convert the checkpoint"
+    ) from None
   if not hasattr(md, "state_dict_metadata"):
     raise ConfigError(f"DCP metadata file {path} holds {type(md).__name__}, not DCP metadata")
   return md
@@ -246,8 +295,12 @@ def _load_metadata(path: str):
 
 def _data_files(md) -> list[str]:
   """The data files (relative paths) `.metadata` points at."""
-  return sorted({str(getattr(info, "relative_path", ""))
-                 for info in (getattr(md, "storage_data", None) or {}).values()})
+  return sorted(
+    {
+      str(getattr(info, "relative_path", ""))
+      for info in (getattr(md, "storage_data", None) or {}).values()
+    }
+  )
 
 
 def _local_mirror(directory: str, md) -> str:
@@ -293,8 +346,10 @@ def _check_storage(directory: str, md, local: str | None = None) -> None:
       raise ConfigError(f"DCP checkpoint file {path} is missing; re-download or re-convert")
     end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
     if end > sizes[rel]:
-      raise ConfigError(f"DCP checkpoint file {path} is truncated ({sizes[rel]} bytes, data "
-                        f"up to byte {end}); re-download or re-convert it")
+      raise ConfigError(
+        f"DCP checkpoint file {path} is truncated ({sizes[rel]} bytes, data "
+        f"up to byte {end}); re-download or re-convert it"
+      )
 
 
 def _safe_reader(directory: str):
@@ -309,6 +364,7 @@ def _safe_reader(directory: str):
         md.storage_meta = StorageMeta()
       md.storage_meta.load_id = self.load_id
       return md
+
   return Reader(directory)
 
 
@@ -320,18 +376,22 @@ def write_dcp(directory: str, specs, fetch: Callable[[str], np.ndarray]) -> None
   folder: conversion to a URL stages there and uploads (`storage.publish_dir`).
   """
   if storage.is_url(directory):
-    raise ValueError(f"write_dcp writes a local folder, not {directory!r}; stage it locally "
-                     "and publish it with storage.publish_dir")
+    raise ValueError(
+      f"write_dcp writes a local folder, not {directory!r}; stage it locally "
+      "and publish it with storage.publish_dir"
+    )
   torch = _require_torch()
   import torch.distributed.checkpoint as dcp
   from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
   class LazyPlanner(DefaultSavePlanner):
     def resolve_data(self, write_item):
-      return _torch(fetch(write_item.index.fqn[len(PREFIX):]))
+      return _torch(fetch(write_item.index.fqn[len(PREFIX) :]))
 
-  state = {PREFIX + name: torch.empty(tuple(shape), dtype=_torch(np.zeros(0, dtype)).dtype,
-                                      device="meta") for name, shape, dtype in specs}
+  state = {
+    PREFIX + name: torch.empty(tuple(shape), dtype=_torch(np.zeros(0, dtype)).dtype, device="meta")
+    for name, shape, dtype in specs
+  }
   writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, thread_count=1)
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")

@@ -14,7 +14,7 @@ Layouts: Hugging Face stores torch Linear weights [out, in] with RoPE pairs
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,11 +25,11 @@ Shape = tuple[int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  ours: tuple[str, ...]          # path in the nnx state, e.g. ('layers', 'mlp', 'w1')
-  theirs: str                    # external name; '{i}' is the layer index for stacked tensors
+  ours: tuple[str, ...]  # path in the nnx state, e.g. ('layers', 'mlp', 'w1')
+  theirs: str  # external name; '{i}' is the layer index for stacked tensors
   to_ours: Callable[[np.ndarray, ModelConfig], np.ndarray]
   to_theirs: Callable[[np.ndarray, ModelConfig], np.ndarray]
-  shape: Callable[[ModelConfig], Shape] | None = None   # external shape of one tensor
+  shape: Callable[[ModelConfig], Shape] | None = None  # external shape of one tensor
 
   @property
   def stacked(self) -> bool:
@@ -61,6 +61,7 @@ def _t(w, cfg):
 
 def _in_heads(n_attr, rope_interleaved=False):
   """[n*H, D] (torch Linear, out x in) <-> [D, n, H]; optionally RoPE rows permuted."""
+
   def to_ours(w, cfg):
     w_DnH = w.T.reshape(cfg.dim, getattr(cfg, n_attr), cfg.head_dim)
     return interleaved_to_half(w_DnH) if rope_interleaved else np.ascontiguousarray(w_DnH)
@@ -69,6 +70,7 @@ def _in_heads(n_attr, rope_interleaved=False):
     if rope_interleaved:
       w = half_to_interleaved(w)
     return np.ascontiguousarray(w.reshape(cfg.dim, -1).T)
+
   return to_ours, to_theirs
 
 
@@ -113,40 +115,58 @@ _KV = _in_heads("n_kv_heads")
 _OUT = (_out_heads_to_ours, _out_heads_to_theirs)
 
 HF = (
-    Entry(("embed", "embedding"), "model.embed_tokens.weight", _same, _same, _vd),
-    Entry(("norm", "scale"), "model.norm.weight", _same, _same, _d),
-    Entry(("lm_head",), "lm_head.weight", _t, _t, _vd),
-    Entry(("layers", "attention_norm", "scale"), "model.layers.{i}.input_layernorm.weight",
-          _same, _same, _d),
-    Entry(("layers", "ffn_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight",
-          _same, _same, _d),
-    Entry(("layers", "attention", "wq"), "model.layers.{i}.self_attn.q_proj.weight", *_Q, _qd),
-    Entry(("layers", "attention", "wk"), "model.layers.{i}.self_attn.k_proj.weight", *_KV, _kd),
-    Entry(("layers", "attention", "wv"), "model.layers.{i}.self_attn.v_proj.weight", *_KV, _kd),
-    Entry(("layers", "attention", "wo"), "model.layers.{i}.self_attn.o_proj.weight", *_OUT, _dq),
-    Entry(("layers", "mlp", "w1"), "model.layers.{i}.mlp.gate_proj.weight", _t, _t, _fd),
-    Entry(("layers", "mlp", "w3"), "model.layers.{i}.mlp.up_proj.weight", _t, _t, _fd),
-    Entry(("layers", "mlp", "w2"), "model.layers.{i}.mlp.down_proj.weight", _t, _t, _df),
+  Entry(("embed", "embedding"), "model.embed_tokens.weight", _same, _same, _vd),
+  Entry(("norm", "scale"), "model.norm.weight", _same, _same, _d),
+  Entry(("lm_head",), "lm_head.weight", _t, _t, _vd),
+  Entry(
+    ("layers", "attention_norm", "scale"),
+    "model.layers.{i}.input_layernorm.weight",
+    _same,
+    _same,
+    _d,
+  ),
+  Entry(
+    ("layers", "ffn_norm", "scale"),
+    "model.layers.{i}.post_attention_layernorm.weight",
+    _same,
+    _same,
+    _d,
+  ),
+  Entry(("layers", "attention", "wq"), "model.layers.{i}.self_attn.q_proj.weight", *_Q, _qd),
+  Entry(("layers", "attention", "wk"), "model.layers.{i}.self_attn.k_proj.weight", *_KV, _kd),
+  Entry(("layers", "attention", "wv"), "model.layers.{i}.self_attn.v_proj.weight", *_KV, _kd),
+  Entry(("layers", "attention", "wo"), "model.layers.{i}.self_attn.o_proj.weight", *_OUT, _dq),
+  Entry(("layers", "mlp", "w1"), "model.layers.{i}.mlp.gate_proj.weight", _t, _t, _fd),
+  Entry(("layers", "mlp", "w3"), "model.layers.{i}.mlp.up_proj.weight", _t, _t, _fd),
+  Entry(("layers", "mlp", "w2"), "model.layers.{i}.mlp.down_proj.weight", _t, _t, _df),
 )
 
 # Meta's names (inside DCP they may carry a 'model.' prefix; see checkpoint.meta).
 META = (
-    Entry(("embed", "embedding"), "tok_embeddings.weight", _same, _same, _vd),
-    Entry(("norm", "scale"), "norm.weight", _same, _same, _d),
-    Entry(("lm_head",), "output.weight", _t, _t, _vd),
-    Entry(("layers", "attention_norm", "scale"), "layers.{i}.attention_norm.weight",
-          _same, _same, _d),
-    Entry(("layers", "ffn_norm", "scale"), "layers.{i}.ffn_norm.weight", _same, _same, _d),
-    Entry(("layers", "attention", "wq"), "layers.{i}.attention.wq.weight",
-          *_in_heads("n_heads", rope_interleaved=True), _qd),
-    Entry(("layers", "attention", "wk"), "layers.{i}.attention.wk.weight",
-          *_in_heads("n_kv_heads", rope_interleaved=True), _kd),
-    Entry(("layers", "attention", "wv"), "layers.{i}.attention.wv.weight", *_KV, _kd),
-    Entry(("layers", "attention", "wo"), "layers.{i}.attention.wo.weight", *_OUT, _dq),
-    Entry(("layers", "mlp", "w1"),
-          "layers.{i}.feed_forward.w1.weight", _t, _t, _fd),
-    Entry(("layers", "mlp", "w3"), "layers.{i}.feed_forward.w3.weight", _t, _t, _fd),
-    Entry(("layers", "mlp", "w2"), "layers.{i}.feed_forward.w2.weight", _t, _t, _df),
+  Entry(("embed", "embedding"), "tok_embeddings.weight", _same, _same, _vd),
+  Entry(("norm", "scale"), "norm.weight", _same, _same, _d),
+  Entry(("lm_head",), "output.weight", _t, _t, _vd),
+  Entry(
+    ("layers", "attention_norm", "scale"), "layers.{i}.attention_norm.weight", _same, _same, _d
+  ),
+  Entry(("layers", "ffn_norm", "scale"), "layers.{i}.ffn_norm.weight", _same, _same, _d),
+  Entry(
+    ("layers", "attention", "wq"),
+    "layers.{i}.attention.wq.weight",
+    *_in_heads("n_heads", rope_interleaved=True),
+    _qd,
+  ),
+  Entry(
+    ("layers", "attention", "wk"),
+    "layers.{i}.attention.wk.weight",
+    *_in_heads("n_kv_heads", rope_interleaved=True),
+    _kd,
+  ),
+  Entry(("layers", "attention", "wv"), "layers.{i}.attention.wv.weight", *_KV, _kd),
+  Entry(("layers", "attention", "wo"), "layers.{i}.attention.wo.weight", *_OUT, _dq),
+  Entry(("layers", "mlp", "w1"), "layers.{i}.feed_forward.w1.weight", _t, _t, _fd),
+  Entry(("layers", "mlp", "w3"), "layers.{i}.feed_forward.w3.weight", _t, _t, _fd),
+  Entry(("layers", "mlp", "w2"), "layers.{i}.feed_forward.w2.weight", _t, _t, _df),
 )
 
 

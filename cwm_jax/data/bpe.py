@@ -14,21 +14,20 @@ Reproduce the shipped file (Python 3.11 standard library):
 
 import base64
 import collections
-from collections.abc import Iterable, Iterator
 import heapq
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator
 
-from absl import app
-from absl import flags
 import regex
+from absl import app, flags
 
 from cwm_jax import storage
 from cwm_jax.data import tokenizer as tokenizer_lib
 
 _SKIP_DIRS = frozenset(
-    {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test',
-     '__pycache__'})
+  {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+)
 
 
 def stdlib_files() -> list[str]:
@@ -36,22 +35,21 @@ def stdlib_files() -> list[str]:
 
   Test suites and third-party `site-packages` are left out.
   """
-  root = sysconfig.get_paths()['stdlib']
+  root = sysconfig.get_paths()["stdlib"]
   files = []
   for folder, dirs, names in os.walk(root):
     dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-    files += [os.path.join(folder, n) for n in sorted(names)
-              if n.endswith('.py')]
+    files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
   return files
 
 
 def stdlib_sources() -> Iterator[tuple[str, str]]:
   """Yields (path, text) of the decodable stdlib sources in a fixed order."""
   for path in stdlib_files():
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
       data = f.read()
     try:
-      yield path, data.decode('utf-8')
+      yield path, data.decode("utf-8")
     except UnicodeDecodeError:
       continue
 
@@ -60,7 +58,7 @@ def stdlib_texts(max_bytes: int | None = None) -> Iterator[str]:
   """Yields decodable stdlib sources in a fixed order, up to `max_bytes` (UTF-8)."""
   total = 0
   for _, text in stdlib_sources():
-    size = len(text.encode('utf-8'))
+    size = len(text.encode("utf-8"))
     if max_bytes is not None and total + size > max_bytes:
       return
     total += size
@@ -97,9 +95,9 @@ def train_bpe(texts: Iterable[str], n_ranks: int) -> dict[bytes, int]:
   Fewer ranks come back only when the corpus has no pair left to merge.
   """
   if n_ranks < 256:
-    raise ValueError(f'n_ranks={n_ranks} < 256: every byte needs a rank')
+    raise ValueError(f"n_ranks={n_ranks} < 256: every byte needs a rank")
   counts = _count_words(texts)
-  words = [list(w.encode('utf-8')) for w in counts]
+  words = [list(w.encode("utf-8")) for w in counts]
   freqs = list(counts.values())
   vocab = [bytes([i]) for i in range(256)]
   index = {b: i for i, b in enumerate(vocab)}
@@ -144,13 +142,14 @@ def train_bpe(texts: Iterable[str], n_ranks: int) -> dict[bytes, int]:
 
 def write_rank_file(ranks: dict[bytes, int], path: str) -> None:
   """Writes tiktoken's format: one `base64(token) rank` line per rank (`path` local or a URL)."""
-  lines = [f'{base64.b64encode(tok).decode()} {rank}\n'
-           for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-  storage.write_bytes(path, ''.join(lines).encode('ascii'))
+  lines = [
+    f"{base64.b64encode(tok).decode()} {rank}\n"
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+  ]
+  storage.write_bytes(path, "".join(lines).encode("ascii"))
 
 
-def train_stdlib(out: str, n_ranks: int = 4096,
-                 max_bytes: int | None = None) -> dict[bytes, int]:
+def train_stdlib(out: str, n_ranks: int = 4096, max_bytes: int | None = None) -> dict[bytes, int]:
   """Trains on the standard library sources and writes the rank file."""
   ranks = train_bpe(stdlib_texts(max_bytes), n_ranks)
   write_rank_file(ranks, out)
@@ -159,23 +158,23 @@ def train_stdlib(out: str, n_ranks: int = 4096,
 
 def _define_flags():
   """Flags exist only when run as a program: importers get no globals."""
-  flags.DEFINE_string('out', None, 'Rank file to write (a local path or a gs:// URL).',
-                      required=True)
-  flags.DEFINE_integer('vocab', 4096, 'Number of BPE ranks.')
-  flags.DEFINE_integer('max_bytes', None,
-                       'Train on at most this many bytes of stdlib sources.')
+  flags.DEFINE_string(
+    "out", None, "Rank file to write (a local path or a gs:// URL).", required=True
+  )
+  flags.DEFINE_integer("vocab", 4096, "Number of BPE ranks.")
+  flags.DEFINE_integer("max_bytes", None, "Train on at most this many bytes of stdlib sources.")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}', exitcode=2)
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=2)
   f = flags.FLAGS
   if f.vocab < 256:
-    raise app.UsageError(f'--vocab={f.vocab}: must be >= 256', exitcode=2)
+    raise app.UsageError(f"--vocab={f.vocab}: must be >= 256", exitcode=2)
   ranks = train_stdlib(f.out, f.vocab, f.max_bytes)
-  print(f'wrote {len(ranks)} ranks to {f.out}')
+  print(f"wrote {len(ranks)} ranks to {f.out}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   _define_flags()
   app.run(main)

@@ -13,31 +13,28 @@ Each corpus is an iterator of record dicts in the JSON schema of
           ('chat' records; only the assistant turn is in the loss).
 """
 
-from collections.abc import Iterator
 import functools
 import itertools
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 
 from absl import logging
 
-from cwm_jax.data import bpe
-from cwm_jax.data import formats
-from cwm_jax.data import traces
+from cwm_jax.data import bpe, formats, traces
 from cwm_jax.data.traces.examples import is_held_out
 
-CORPORA = ('code', 'traces', 'sft')
+CORPORA = ("code", "traces", "sft")
 _MAX_REASONING_STEPS = 48
 
 
 def code_records(limit: int | None = None) -> Iterator[dict]:
   """Standard-library sources, one 'text' record per decodable file."""
-  root = sysconfig.get_paths()['stdlib']
+  root = sysconfig.get_paths()["stdlib"]
   for path, text in itertools.islice(bpe.stdlib_sources(), limit):
     if text.strip():
-      yield {'format': 'text', 'text': text,
-             'source': os.path.relpath(path, root)}
+      yield {"format": "text", "text": text, "source": os.path.relpath(path, root)}
 
 
 def _calls(limit: int | None):
@@ -49,7 +46,7 @@ def _calls(limit: int | None):
     try:
       calls += traces.doctest_calls(module)
     except ValueError as e:
-      logging.warning('skipping doctests of %s: %s', module, e)
+      logging.warning("skipping doctests of %s: %s", module, e)
   return calls[:limit]
 
 
@@ -67,28 +64,36 @@ def _traced(limit: int | None) -> tuple[dict, ...]:
 
 def _trace_calls(limit: int | None) -> Iterator[dict]:
   for call in _calls(limit):
-    result = traces.trace_call(call.source, call.function, call.args,
-                               call.kwargs)
-    if result.status != 'ok' or not result.frames:
-      logging.info('dropped %s:%s (%s) %s', call.origin, call.function,
-                   result.status, result.message[:200])
+    result = traces.trace_call(call.source, call.function, call.args, call.kwargs)
+    if result.status != "ok" or not result.frames:
+      logging.info(
+        "dropped %s:%s (%s) %s", call.origin, call.function, result.status, result.message[:200]
+      )
       continue
-    yield {'source': call.source, 'function': call.function,
-           'args': call.args, 'kwargs': call.kwargs, 'origin': call.origin,
-           'frames': result.frames,
-           'prompt': traces.format_prompt(call.source, call.function),
-           'frames_text': traces.format_frames(result.frames, end=False)}
+    yield {
+      "source": call.source,
+      "function": call.function,
+      "args": call.args,
+      "kwargs": call.kwargs,
+      "origin": call.origin,
+      "frames": result.frames,
+      "prompt": traces.format_prompt(call.source, call.function),
+      "frames_text": traces.format_frames(result.frames, end=False),
+    }
 
 
 def trace_records(limit: int | None = None) -> Iterator[dict]:
   for t in traced_calls(limit):
-    yield {'format': 'trace', 'origin': t['origin'],
-           'text': formats.trace_document(t['prompt'], t['frames_text'])}
+    yield {
+      "format": "trace",
+      "origin": t["origin"],
+      "text": formats.trace_document(t["prompt"], t["frames_text"]),
+    }
 
 
 def _call_text(t: dict) -> str:
-  args = [repr(a) for a in t['args']]
-  args += [f'{k}={v!r}' for k, v in t['kwargs'].items()]
+  args = [repr(a) for a in t["args"]]
+  args += [f"{k}={v!r}" for k, v in t["kwargs"].items()]
   return f"{t['function']}({', '.join(args)})"
 
 
@@ -96,38 +101,53 @@ def _walkthrough(frames: list[dict]) -> str:
   """Reasoning for output prediction: the executed lines and new locals."""
   steps = []
   for frame in frames[:_MAX_REASONING_STEPS]:
-    line = frame['line'].strip()
-    if frame['event'] in ('call', 'line'):
-      changed = {k: v for k, v in (frame.get('locals') or {}).items()
-                 if v != '..'}
-      state = f" with {json.dumps(changed)}" if changed else ''
+    line = frame["line"].strip()
+    if frame["event"] in ("call", "line"):
+      changed = {k: v for k, v in (frame.get("locals") or {}).items() if v != ".."}
+      state = f" with {json.dumps(changed)}" if changed else ""
       steps.append(f"line {frame['lineno']}{state}: `{line}`")
     else:
       steps.append(f"{frame['event']} at `{line}`: {frame['value']}")
   if len(frames) > _MAX_REASONING_STEPS:
-    steps.append(f'... {len(frames) - _MAX_REASONING_STEPS} more events')
-  return '\n'.join(steps)
+    steps.append(f"... {len(frames) - _MAX_REASONING_STEPS} more events")
+  return "\n".join(steps)
 
 
 def sft_dialogs(t: dict) -> list[dict]:
   """Trace-prediction and output-prediction dialogs for one traced call."""
   call = _call_text(t)
   code = f"```python\n{t['source']}\n```"
-  last = t['frames'][-1]
-  verb = 'returns' if last['event'] == 'return' else 'raises'
-  trace_q = (f'{code}\n\nPredict the execution trace of `{call}` in the CWM '
-             'trace format, one frame per executed event.')
-  output_q = f'{code}\n\nWhat does `{call}` return? Think step by step.'
+  last = t["frames"][-1]
+  verb = "returns" if last["event"] == "return" else "raises"
+  trace_q = (
+    f"{code}\n\nPredict the execution trace of `{call}` in the CWM "
+    "trace format, one frame per executed event."
+  )
+  output_q = f"{code}\n\nWhat does `{call}` return? Think step by step."
   return [
-      formats.chat_record([
-          {'role': 'user', 'content': trace_q},
-          {'role': 'assistant', 'trace': True, 'content': t['frames_text'],
-           'reasoning': (f'I will execute `{call}` line by line and record '
-                         'the locals after each event.')}]),
-      formats.chat_record([
-          {'role': 'user', 'content': output_q},
-          {'role': 'assistant', 'reasoning': _walkthrough(t['frames']),
-           'content': f"`{call}` {verb} `{last['value']}`."}]),
+    formats.chat_record(
+      [
+        {"role": "user", "content": trace_q},
+        {
+          "role": "assistant",
+          "trace": True,
+          "content": t["frames_text"],
+          "reasoning": (
+            f"I will execute `{call}` line by line and record the locals after each event."
+          ),
+        },
+      ]
+    ),
+    formats.chat_record(
+      [
+        {"role": "user", "content": output_q},
+        {
+          "role": "assistant",
+          "reasoning": _walkthrough(t["frames"]),
+          "content": f"`{call}` {verb} `{last['value']}`.",
+        },
+      ]
+    ),
   ]
 
 
@@ -138,10 +158,10 @@ def sft_records(limit: int | None = None) -> Iterator[dict]:
 
 def corpus_records(name: str, limit: int | None = None) -> Iterator[dict]:
   """Records of corpus `name` (one of CORPORA); `limit` caps files/calls."""
-  if name == 'code':
+  if name == "code":
     return code_records(limit)
-  if name == 'traces':
+  if name == "traces":
     return trace_records(limit)
-  if name == 'sft':
+  if name == "sft":
     return sft_records(limit)
-  raise ValueError(f'unknown corpus {name!r}; choose one of {CORPORA}')
+  raise ValueError(f"unknown corpus {name!r}; choose one of {CORPORA}")

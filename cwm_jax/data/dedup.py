@@ -30,40 +30,47 @@ from cwm_jax.data.traces import examples
 from cwm_jax.data.traces import format as trace_format
 
 _KEPT_TOKENS = (tokenize.NAME, tokenize.OP, tokenize.NUMBER, tokenize.STRING)
-_FALLBACK = re.compile(r'\w+|[^\w\s]')
+_FALLBACK = re.compile(r"\w+|[^\w\s]")
 
 
 @functools.lru_cache(maxsize=1024)
 def _source_digest(source: str) -> str:
-  return hashlib.sha256(normalize_source(source).encode('utf-8', 'surrogatepass')).hexdigest()
+  return hashlib.sha256(normalize_source(source).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def normalize_source(source: str) -> str:
-  lines = trace_format.normalize_newlines(source).split('\n')
-  return '\n'.join(line.rstrip() for line in lines if line.strip())
+  lines = trace_format.normalize_newlines(source).split("\n")
+  return "\n".join(line.rstrip() for line in lines if line.strip())
 
 
 def dedup_key(source: str, function: str, frames: list[dict], frames_text: str) -> str:
   """The exact-duplicate key of one trace (see the module docstring)."""
-  inputs = json.dumps(frames[0].get('locals') if frames else None, sort_keys=True)
+  inputs = json.dumps(frames[0].get("locals") if frames else None, sort_keys=True)
   h = hashlib.sha256()
-  for part in (_source_digest(source), function, inputs,
-               hashlib.sha256(frames_text.encode('utf-8', 'surrogatepass')).hexdigest()):
-    h.update(part.encode('utf-8', 'surrogatepass') + b'\0')
+  for part in (
+    _source_digest(source),
+    function,
+    inputs,
+    hashlib.sha256(frames_text.encode("utf-8", "surrogatepass")).hexdigest(),
+  ):
+    h.update(part.encode("utf-8", "surrogatepass") + b"\0")
   return h.hexdigest()
 
 
 def code_tokens(text: str) -> list[str]:
   """Python tokens that carry content; a regex split where the text does not tokenize."""
   try:
-    return [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)
-            if t.type in _KEPT_TOKENS]
+    return [
+      t.string
+      for t in tokenize.generate_tokens(io.StringIO(text).readline)
+      if t.type in _KEPT_TOKENS
+    ]
   except (tokenize.TokenError, IndentationError, SyntaxError):
     return _FALLBACK.findall(text)
 
 
 def _ngrams(tokens: list[str], n: int) -> set[int]:
-  return {hash(tuple(tokens[i:i + n])) for i in range(len(tokens) - n + 1)}
+  return {hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1)}
 
 
 class Decontaminator:
@@ -71,8 +78,9 @@ class Decontaminator:
 
   def __init__(self, eval_docs: dict[str, str], *, n: int = 13, threshold: float = 0.1):
     if n < 1 or not 0 < threshold <= 1:
-      raise ValueError(f'decontamination needs n >= 1 and 0 < threshold <= 1 (got n={n}, '
-                       f'threshold={threshold})')
+      raise ValueError(
+        f"decontamination needs n >= 1 and 0 < threshold <= 1 (got n={n}, threshold={threshold})"
+      )
     self.n, self.threshold = n, threshold
     self.index = collections.defaultdict(set)
     self.needed = {}
@@ -99,7 +107,7 @@ def held_out_programs() -> dict[str, str]:
   docs = {}
   for call in examples.program_calls():
     if examples.is_held_out(call.origin):
-      docs['held_out:' + os.path.basename(call.origin)] = call.source
+      docs["held_out:" + os.path.basename(call.origin)] = call.source
   return docs
 
 
@@ -110,7 +118,7 @@ def _py_files(folder: str) -> list[str]:
     path = storage.join(folder, name)
     if storage.isdir(path):
       out += _py_files(path)
-    elif name.endswith('.py'):
+    elif name.endswith(".py"):
       out.append(path)
   return out
 
@@ -121,20 +129,23 @@ def read_eval_set(paths) -> dict[str, str]:
   for path in paths:
     if storage.isdir(path):
       docs.update(read_eval_set(_py_files(path)))
-    elif path.endswith('.jsonl') and storage.isfile(path):
+    elif path.endswith(".jsonl") and storage.isfile(path):
       # Universal newlines, as a text-mode file gives them.
       lines = io.StringIO(storage.read_text(path), newline=None)
       for i, line in enumerate(lines, 1):
         if line.strip():
           item = json.loads(line)
-          text = item.get('source') or item.get('text') if isinstance(item, dict) else None
+          text = item.get("source") or item.get("text") if isinstance(item, dict) else None
           if not isinstance(text, str):
-            raise ValueError(f'{path}:{i}: an evaluation JSONL line needs a "source" or '
-                             '"text" string')
-          docs[f'{path}:{i}'] = text
+            raise ValueError(
+              f'{path}:{i}: an evaluation JSONL line needs a "source" or "text" string'
+            )
+          docs[f"{path}:{i}"] = text
     elif storage.isfile(path):
-      docs[path] = storage.read_bytes(path).decode('utf-8', errors='replace')
+      docs[path] = storage.read_bytes(path).decode("utf-8", errors="replace")
     else:
-      raise ValueError(f'evaluation set {path!r} does not exist; give .py files, folders or '
-                       'JSONL files with a "source" field')
+      raise ValueError(
+        f"evaluation set {path!r} does not exist; give .py files, folders or "
+        'JSONL files with a "source" field'
+      )
   return docs

@@ -27,20 +27,19 @@ import json
 
 import numpy as np
 
-from cwm_jax.data.tokenizer import Tokenizer
-from cwm_jax.data.tokenizer import TRACE_SPECIALS
+from cwm_jax.data.tokenizer import TRACE_SPECIALS, Tokenizer
 
-FORMATS = ('text', 'trace', 'chat')
-THINK_START = '<|reasoning_thinking_start|>'
-THINK_END = '<|reasoning_thinking_end|>'
-END_OF_TEXT = '<|end_of_text|>'
+FORMATS = ("text", "trace", "chat")
+THINK_START = "<|reasoning_thinking_start|>"
+THINK_END = "<|reasoning_thinking_end|>"
+END_OF_TEXT = "<|end_of_text|>"
 
 
 class BadRecord(ValueError):
   """A record that cannot become a document; `reason` names the kind."""
 
   def __init__(self, reason: str, detail: str):
-    super().__init__(f'{reason}: {detail}')
+    super().__init__(f"{reason}: {detail}")
     self.reason = reason
 
 
@@ -51,29 +50,26 @@ def parse_record(data) -> dict:
   else:
     if isinstance(data, (bytes, bytearray, memoryview)):
       try:
-        data = bytes(data).decode('utf-8')
+        data = bytes(data).decode("utf-8")
       except UnicodeDecodeError as e:
-        raise BadRecord('invalid_utf8', str(e)) from e
+        raise BadRecord("invalid_utf8", str(e)) from e
     if not data.strip():
-      raise BadRecord('empty', 'empty record')
+      raise BadRecord("empty", "empty record")
     try:
       record = json.loads(data)
     except (ValueError, RecursionError, MemoryError) as e:
       # JSONDecodeError, an integer of more than 4300 digits (ValueError), nesting
       # deeper than the interpreter's recursion limit, or a record too large to hold.
-      raise BadRecord('schema', f'not parseable JSON: {type(e).__name__}: '
-                      f'{str(e)[:200]}') from None
+      raise BadRecord("schema", f"not parseable JSON: {type(e).__name__}: {str(e)[:200]}") from None
   if not isinstance(record, dict):
-    raise BadRecord('schema', f'record is a {type(record).__name__}, '
-                    'not a JSON object')
+    raise BadRecord("schema", f"record is a {type(record).__name__}, not a JSON object")
   return record
 
 
 def _field(record: dict, key: str, kind: type):
   value = record.get(key)
   if not isinstance(value, kind):
-    raise BadRecord('schema', f'field {key!r} must be {kind.__name__}, got '
-                    f'{type(value).__name__}')
+    raise BadRecord("schema", f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
   return value
 
 
@@ -97,58 +93,55 @@ def trace_ids(tok: Tokenizer, text: str) -> list[int]:
 
 
 def _body_ids(tok: Tokenizer, message: dict) -> list[int]:
-  content = _field(message, 'content', str)
-  body = (tok.encode_trace(content) if message.get('trace')
-          else tok.encode(content))
-  reasoning = message.get('reasoning')
+  content = _field(message, "content", str)
+  body = tok.encode_trace(content) if message.get("trace") else tok.encode(content)
+  reasoning = message.get("reasoning")
   if reasoning is None:
     return body
   if not isinstance(reasoning, str):
-    raise BadRecord('schema', 'field reasoning must be str')
-  return ([tok.special_id(THINK_START)] + tok.encode(reasoning)
-          + [tok.special_id(THINK_END)] + body)
+    raise BadRecord("schema", "field reasoning must be str")
+  return [tok.special_id(THINK_START)] + tok.encode(reasoning) + [tok.special_id(THINK_END)] + body
 
 
 def chat_example(tok: Tokenizer, messages) -> tuple[list[int], list[float]]:
   """Dialog ids and weights: 1 on assistant bodies and their end token."""
   if not isinstance(messages, list) or not messages:
-    raise BadRecord('schema', 'messages must be a non-empty list')
+    raise BadRecord("schema", "messages must be a non-empty list")
   ids, weights = [tok.bos_id], [0.0]
   for message in messages:
     if not isinstance(message, dict):
-      raise BadRecord('schema', 'each message must be a JSON object')
-    role = _field(message, 'role', str)
+      raise BadRecord("schema", "each message must be a JSON object")
+    role = _field(message, "role", str)
     try:
       header = tok.header(role)
     except ValueError as e:
-      raise BadRecord('schema', str(e)) from e
-    body = _body_ids(tok, message) + [tok.special_id('<|eot_id|>')]
-    w = 1.0 if role == 'assistant' else 0.0
+      raise BadRecord("schema", str(e)) from e
+    body = _body_ids(tok, message) + [tok.special_id("<|eot_id|>")]
+    w = 1.0 if role == "assistant" else 0.0
     ids += header + body
     weights += [0.0] * len(header) + [w] * len(body)
   return ids, weights
 
 
 def chat_record(messages: list[dict]) -> dict:
-  return {'format': 'chat', 'messages': messages}
+  return {"format": "chat", "messages": messages}
 
 
-def example_from_record(tok: Tokenizer, record: dict
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def example_from_record(tok: Tokenizer, record: dict) -> tuple[np.ndarray, np.ndarray]:
   """Record dict -> (ids int32 [n], weights float32 [n]); raises BadRecord."""
-  fmt = record.get('format', 'text')
-  if fmt in ('text', 'trace') and record.get('text') == '':
-    raise BadRecord('empty', f'empty {fmt} record')
-  if fmt == 'text':
-    ids = text_ids(tok, _field(record, 'text', str))
+  fmt = record.get("format", "text")
+  if fmt in ("text", "trace") and record.get("text") == "":
+    raise BadRecord("empty", f"empty {fmt} record")
+  if fmt == "text":
+    ids = text_ids(tok, _field(record, "text", str))
     weights = [1.0] * len(ids)
-  elif fmt == 'trace':
-    ids = trace_ids(tok, _field(record, 'text', str))
+  elif fmt == "trace":
+    ids = trace_ids(tok, _field(record, "text", str))
     weights = [1.0] * len(ids)
-  elif fmt == 'chat':
-    ids, weights = chat_example(tok, record.get('messages'))
+  elif fmt == "chat":
+    ids, weights = chat_example(tok, record.get("messages"))
   else:
-    raise BadRecord('schema', f'unknown format {fmt!r}; use one of {FORMATS}')
+    raise BadRecord("schema", f"unknown format {fmt!r}; use one of {FORMATS}")
   return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
 
 

@@ -41,47 +41,56 @@ data config (ml_collections.ConfigDict or dict; see `default_data_config`):
 import dataclasses
 import functools
 
-from absl import flags
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
-from cwm_jax.data import formats
-from cwm_jax.data import sources
-from cwm_jax.data import tokenizer as tokenizer_lib
 from cwm_jax.base import ConfigError
+from cwm_jax.data import formats, sources
+from cwm_jax.data import tokenizer as tokenizer_lib
 
-REASONS = ('invalid_utf8', 'empty', 'too_long', 'schema')
-PACKINGS = ('first_fit', 'concat_then_split')
-LONG_DOCUMENTS = ('skip', 'split')
-_FEATURES = ('inputs', 'targets', 'weights')
-_FOREIGN_KEYS = ('source', 'mean_doc_len', 'prompt_fraction')  # train's keys
+REASONS = ("invalid_utf8", "empty", "too_long", "schema")
+PACKINGS = ("first_fit", "concat_then_split")
+LONG_DOCUMENTS = ("skip", "split")
+_FEATURES = ("inputs", "targets", "weights")
+_FOREIGN_KEYS = ("source", "mean_doc_len", "prompt_fraction")  # train's keys
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      mixture=[], packing='first_fit', long_documents='skip', shuffle_window=0,
-      num_packing_bins=0, tokenizer='',
-      shuffle=True, num_epochs=None, worker_count=0, worker_buffer_size=2,
-      read_threads=4))
+  return ml_collections.ConfigDict(
+    dict(
+      mixture=[],
+      packing="first_fit",
+      long_documents="skip",
+      shuffle_window=0,
+      num_packing_bins=0,
+      tokenizer="",
+      shuffle=True,
+      num_epochs=None,
+      worker_count=0,
+      worker_buffer_size=2,
+      read_threads=4,
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Component:
   kind: str
   path: str
-  split: str = 'train'
+  split: str = "train"
   weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   mixture: tuple[Component, ...]
-  packing: str = 'first_fit'
-  long_documents: str = 'skip'
+  packing: str = "first_fit"
+  long_documents: str = "skip"
   shuffle_window: int = 0
   num_packing_bins: int = 0
-  tokenizer: str = ''
+  tokenizer: str = ""
   shuffle: bool = True
   num_epochs: int | None = None
   worker_count: int = 0
@@ -89,30 +98,29 @@ class DataConfig:
   read_threads: int = 4
 
   @classmethod
-  def from_config(cls, config) -> 'DataConfig':
+  def from_config(cls, config) -> "DataConfig":
     """Validates a ConfigDict/dict; raises ConfigError naming bad fields."""
-    d = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
+    d = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     for key in _FOREIGN_KEYS:
       d.pop(key, None)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise ConfigError(f'data config: unknown fields {unknown}; known: '
-                        f'{sorted(known)}')
+      raise ConfigError(f"data config: unknown fields {unknown}; known: {sorted(known)}")
     comps = []
-    for i, c in enumerate(d.get('mixture') or ()):
-      if dict(c).get('kind') == 'corpus':
+    for i, c in enumerate(d.get("mixture") or ()):
+      if dict(c).get("kind") == "corpus":
         raise ConfigError(
-            f'data.mixture[{i}] is an embedded corpus entry {dict(c)}: build '
-            'it first (cwm_jax.train resolves these into WORKDIR/data/NAME; '
-            'or run `python -m cwm_jax.data.build --corpus NAME --out DIR` '
-            'and use {kind: array_record, path: DIR})')
+          f"data.mixture[{i}] is an embedded corpus entry {dict(c)}: build "
+          "it first (cwm_jax.train resolves these into WORKDIR/data/NAME; "
+          "or run `python -m cwm_jax.data.build --corpus NAME --out DIR` "
+          "and use {kind: array_record, path: DIR})"
+        )
       try:
         comps.append(Component(**dict(c)))
       except TypeError as e:
-        raise ConfigError(f'data.mixture[{i}]: {e}; fields are kind, path, '
-                          'split, weight') from e
-    d['mixture'] = tuple(comps)
+        raise ConfigError(f"data.mixture[{i}]: {e}; fields are kind, path, split, weight") from e
+    d["mixture"] = tuple(comps)
     cfg = cls(**d)
     cfg.validate()
     return cfg
@@ -120,24 +128,22 @@ class DataConfig:
   def validate(self):
     errors = []
     if not self.mixture:
-      errors.append('data.mixture is empty: add {kind, path}')
+      errors.append("data.mixture is empty: add {kind, path}")
     for i, c in enumerate(self.mixture):
       if c.kind not in sources.KINDS:
-        errors.append(f'data.mixture[{i}].kind={c.kind!r} not in {sources.KINDS}')
+        errors.append(f"data.mixture[{i}].kind={c.kind!r} not in {sources.KINDS}")
       if not c.weight > 0:
-        errors.append(f'data.mixture[{i}].weight={c.weight} must be > 0')
+        errors.append(f"data.mixture[{i}].weight={c.weight} must be > 0")
     if self.packing not in PACKINGS:
-      errors.append(f'data.packing={self.packing!r} not in {PACKINGS}')
+      errors.append(f"data.packing={self.packing!r} not in {PACKINGS}")
     if self.long_documents not in LONG_DOCUMENTS:
-      errors.append(f'data.long_documents={self.long_documents!r} not in '
-                    f'{LONG_DOCUMENTS}')
+      errors.append(f"data.long_documents={self.long_documents!r} not in {LONG_DOCUMENTS}")
     if self.num_epochs is not None and self.num_epochs < 1:
-      errors.append('data.num_epochs must be None or >= 1')
+      errors.append("data.num_epochs must be None or >= 1")
     if min(self.worker_count, self.num_packing_bins, self.shuffle_window) < 0:
-      errors.append('data.worker_count, num_packing_bins and shuffle_window '
-                    'must be >= 0')
+      errors.append("data.worker_count, num_packing_bins and shuffle_window must be >= 0")
     if errors:
-      raise ConfigError('; '.join(errors))
+      raise ConfigError("; ".join(errors))
 
 
 class Tokenize(grain.transforms.Map):
@@ -149,28 +155,30 @@ class Tokenize(grain.transforms.Map):
     self._rank_file, self._seq_len, self._tok = rank_file, seq_len, None
 
   def __getstate__(self):
-    return {**self.__dict__, '_tok': None}
+    return {**self.__dict__, "_tok": None}
 
   def _tokenizer(self) -> tokenizer_lib.Tokenizer:
     if self._tok is None:
-      self._tok = (tokenizer_lib.Tokenizer.from_rank_file(self._rank_file)
-                   if self._rank_file else tokenizer_lib.Tokenizer.default())
+      self._tok = (
+        tokenizer_lib.Tokenizer.from_rank_file(self._rank_file)
+        if self._rank_file
+        else tokenizer_lib.Tokenizer.default()
+      )
     return self._tok
 
   def map(self, raw):
     try:
-      ids, weights = formats.example_from_record(
-          self._tokenizer(), formats.parse_record(raw))
+      ids, weights = formats.example_from_record(self._tokenizer(), formats.parse_record(raw))
     except formats.BadRecord as e:
-      return {'bad': np.int32(REASONS.index(e.reason))}
+      return {"bad": np.int32(REASONS.index(e.reason))}
     except (ValueError, TypeError, KeyError, RecursionError, MemoryError):
       # Anything else a malformed record makes the tokenizer raise is a schema error.
-      return {'bad': np.int32(REASONS.index('schema'))}
+      return {"bad": np.int32(REASONS.index("schema"))}
     if len(ids) < 2:
-      return {'bad': np.int32(REASONS.index('empty'))}
+      return {"bad": np.int32(REASONS.index("empty"))}
     if self._seq_len is not None and len(ids) - 1 > self._seq_len:
-      return {'bad': np.int32(REASONS.index('too_long'))}
-    return {'inputs': ids[:-1], 'targets': ids[1:], 'weights': weights[1:]}
+      return {"bad": np.int32(REASONS.index("too_long"))}
+    return {"inputs": ids[:-1], "targets": ids[1:], "weights": weights[1:]}
 
 
 class SplitLong(grain.experimental.FlatMapTransform):
@@ -184,16 +192,17 @@ class SplitLong(grain.experimental.FlatMapTransform):
     self._seq_len = seq_len
 
   def flat_map(self, element):
-    n = len(element.get('inputs', ()))
+    n = len(element.get("inputs", ()))
     if n <= self._seq_len:
       return [element]
-    return [{k: v[i:i + self._seq_len] for k, v in element.items()}
-            for i in range(0, n, self._seq_len)
-            if element['weights'][i:i + self._seq_len].any()]
+    return [
+      {k: v[i : i + self._seq_len] for k, v in element.items()}
+      for i in range(0, n, self._seq_len)
+      if element["weights"][i : i + self._seq_len].any()
+    ]
 
 
 class _SkipBadIterator(grain.DatasetIterator):
-
   def __init__(self, parent):
     super().__init__(parent)
     self.counts = [0] * len(REASONS)
@@ -201,16 +210,16 @@ class _SkipBadIterator(grain.DatasetIterator):
   def __next__(self):
     while True:
       element = next(self._parent)
-      if 'bad' not in element:
+      if "bad" not in element:
         return element
-      self.counts[int(element['bad'])] += 1
+      self.counts[int(element["bad"])] += 1
 
   def get_state(self):
-    return {'parent': self._parent.get_state(), 'counts': list(self.counts)}
+    return {"parent": self._parent.get_state(), "counts": list(self.counts)}
 
   def set_state(self, state):
-    self._parent.set_state(state['parent'])
-    self.counts = list(state['counts'])
+    self._parent.set_state(state["parent"])
+    self.counts = list(state["counts"])
 
 
 class SkipBad(grain.IterDataset):
@@ -226,19 +235,18 @@ def _skip_bad_iterators(it) -> list[_SkipBadIterator]:
     node = stack.pop()
     if isinstance(node, _SkipBadIterator):
       found.append(node)
-    stack.extend(getattr(node, '_parents', ()))
+    stack.extend(getattr(node, "_parents", ()))
   return found
 
 
 class _AttachCountsIterator(grain.DatasetIterator):
-
   def __next__(self):
     batch = next(self._parent)
-    if not hasattr(self, '_counters'):
+    if not hasattr(self, "_counters"):
       self._counters = _skip_bad_iterators(self)
     counts = np.sum([c.counts for c in self._counters], axis=0, dtype=np.int64)
-    batch['_bad'] = counts.reshape(len(REASONS))
-    batch['_worker'] = np.int64(self._ctx.mp_context.process_index)
+    batch["_bad"] = counts.reshape(len(REASONS))
+    batch["_worker"] = np.int64(self._ctx.mp_context.process_index)
     return batch
 
   def get_state(self):
@@ -264,7 +272,7 @@ class DataIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._parent)
-    self._bad[str(int(batch.pop('_worker')))] = batch.pop('_bad').tolist()
+    self._bad[str(int(batch.pop("_worker")))] = batch.pop("_bad").tolist()
     return batch
 
   def bad_record_counts(self) -> dict[str, int]:
@@ -272,14 +280,14 @@ class DataIterator(grain.DatasetIterator):
     return {r: int(n) for r, n in zip(REASONS, totals)}
 
   def get_state(self):
-    return {'pipeline': self._parent.get_state(), 'bad_records': dict(self._bad)}
+    return {"pipeline": self._parent.get_state(), "bad_records": dict(self._bad)}
 
   def set_state(self, state):
-    self._parent.set_state(state['pipeline'])
-    self._bad = {k: list(v) for k, v in state['bad_records'].items()}
+    self._parent.set_state(state["pipeline"])
+    self._bad = {k: list(v) for k, v in state["bad_records"].items()}
 
   def close(self):
-    close = getattr(self._parent, 'close', None)
+    close = getattr(self._parent, "close", None)
     if close is not None:
       close()
 
@@ -292,98 +300,134 @@ def bad_record_counts(it: DataIterator) -> dict[str, int]:
 def _to_contract(packed: dict, rows: int) -> dict[str, np.ndarray]:
   """Packer output (possibly a short last batch) -> the batch contract."""
   batch = {
-      'inputs': packed['inputs'].astype(np.int32),
-      'targets': packed['targets'].astype(np.int32),
-      'positions': packed['inputs_positions'].astype(np.int32),
-      'segment_ids': packed['inputs_segment_ids'].astype(np.int32),
-      'weights': packed['weights'].astype(np.float32),
+    "inputs": packed["inputs"].astype(np.int32),
+    "targets": packed["targets"].astype(np.int32),
+    "positions": packed["inputs_positions"].astype(np.int32),
+    "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
+    "weights": packed["weights"].astype(np.float32),
   }
-  short = rows - batch['inputs'].shape[0]
+  short = rows - batch["inputs"].shape[0]
   if short:  # the end of a finite epoch: pad with empty rows
     batch = {k: np.pad(v, ((0, short), (0, 0))) for k, v in batch.items()}
   return batch
 
 
-def _component(comp: Component, index: int, cfg: DataConfig, tokenize,
-               seq_len: int, process_index: int, process_count: int, seed: int):
-  ds = grain.MapDataset.source(sources.make_source(comp.kind, comp.path,
-                                                   comp.split))
+def _component(
+  comp: Component,
+  index: int,
+  cfg: DataConfig,
+  tokenize,
+  seq_len: int,
+  process_index: int,
+  process_count: int,
+  seed: int,
+):
+  ds = grain.MapDataset.source(sources.make_source(comp.kind, comp.path, comp.split))
   ds = ds[process_index::process_count]
   if cfg.shuffle:
     ds = ds.shuffle(seed=seed + 7919 * index)
   ds = ds.repeat(cfg.num_epochs).map(tokenize)
-  read = grain.ReadOptions(num_threads=cfg.read_threads,
-                           prefetch_buffer_size=4 * max(cfg.read_threads, 1))
+  read = grain.ReadOptions(
+    num_threads=cfg.read_threads, prefetch_buffer_size=4 * max(cfg.read_threads, 1)
+  )
   ds = ds.to_iter_dataset(read)
-  if cfg.long_documents == 'split':
+  if cfg.long_documents == "split":
     ds = grain.experimental.FlatMapIterDataset(ds, SplitLong(seq_len))
   if cfg.shuffle and cfg.shuffle_window:
     ds = grain.experimental.WindowShuffleIterDataset(
-        ds, window_size=cfg.shuffle_window, seed=seed + 7919 * index + 1)
+      ds, window_size=cfg.shuffle_window, seed=seed + 7919 * index + 1
+    )
   return SkipBad(ds)
 
 
 def _pack(ds, cfg: DataConfig, seq_len: int, rows: int, seed: int):
   lengths = {k: seq_len for k in _FEATURES}
-  if cfg.packing == 'first_fit':
+  if cfg.packing == "first_fit":
     return grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=lengths, num_packing_bins=cfg.num_packing_bins or rows,
-        seed=seed, shuffle_bins=True)
+      ds,
+      length_struct=lengths,
+      num_packing_bins=cfg.num_packing_bins or rows,
+      seed=seed,
+      shuffle_bins=True,
+    )
   return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
 
 
-def build_dataset(cfg: DataConfig, *, seq_len: int, rows: int,
-                  process_index: int, process_count: int, seed: int):
+def build_dataset(
+  cfg: DataConfig, *, seq_len: int, rows: int, process_index: int, process_count: int, seed: int
+):
   """The grain IterDataset of contract batches (with count side fields)."""
-  tokenize = Tokenize(cfg.tokenizer,
-                      seq_len if cfg.long_documents == 'skip' else None)
-  parts = [_component(c, i, cfg, tokenize, seq_len, process_index,
-                      process_count, seed)
-           for i, c in enumerate(cfg.mixture)]
-  ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(
-      parts, [c.weight for c in cfg.mixture])
+  tokenize = Tokenize(cfg.tokenizer, seq_len if cfg.long_documents == "skip" else None)
+  parts = [
+    _component(c, i, cfg, tokenize, seq_len, process_index, process_count, seed)
+    for i, c in enumerate(cfg.mixture)
+  ]
+  ds = (
+    parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, [c.weight for c in cfg.mixture])
+  )
   ds = _pack(ds, cfg, seq_len, rows, seed)
   ds = ds.batch(rows, drop_remainder=False)
   ds = AttachCounts(ds.map(functools.partial(_to_contract, rows=rows)))
   if cfg.worker_count:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.worker_count,
-        per_worker_buffer_size=cfg.worker_buffer_size))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
+      )
+    )
   return ds
 
 
-def make_iterator(data_config, *, seq_len: int, global_batch: int,
-                  process_index: int = 0, process_count: int = 1,
-                  seed: int = 0) -> DataIterator:
+def make_iterator(
+  data_config,
+  *,
+  seq_len: int,
+  global_batch: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  seed: int = 0,
+) -> DataIterator:
   """A checkpointable iterator of this process's [global_batch/n, seq_len]
   batches (numpy dicts of the batch contract)."""
   cfg = DataConfig.from_config(data_config)
   if global_batch % process_count:
-    raise ConfigError(f'global_batch={global_batch} is not divisible by '
-                      f'process_count={process_count}')
+    raise ConfigError(
+      f"global_batch={global_batch} is not divisible by process_count={process_count}"
+    )
   if not 0 <= process_index < process_count or seq_len < 1:
-    raise ConfigError(f'bad process_index={process_index}/{process_count} '
-                      f'or seq_len={seq_len}')
-  ds = build_dataset(cfg, seq_len=seq_len, rows=global_batch // process_count,
-                     process_index=process_index, process_count=process_count,
-                     seed=seed)
+    raise ConfigError(f"bad process_index={process_index}/{process_count} or seq_len={seq_len}")
+  ds = build_dataset(
+    cfg,
+    seq_len=seq_len,
+    rows=global_batch // process_count,
+    process_index=process_index,
+    process_count=process_count,
+    seed=seed,
+  )
   return DataIterator(iter(ds))
 
 
-def make_train_iterator(config, model_cfg, process_index: int,
-                        process_count: int) -> DataIterator:
+def make_train_iterator(config, model_cfg, process_index: int, process_count: int) -> DataIterator:
   """`data.source='grain'` hook of cwm_jax.train: uses config.data,
   config.seq_len, config.batch_size and config.seed."""
   cfg = DataConfig.from_config(config.data)
-  tok = (tokenizer_lib.Tokenizer.from_rank_file(cfg.tokenizer)
-         if cfg.tokenizer else tokenizer_lib.Tokenizer.default())
+  tok = (
+    tokenizer_lib.Tokenizer.from_rank_file(cfg.tokenizer)
+    if cfg.tokenizer
+    else tokenizer_lib.Tokenizer.default()
+  )
   if tok.vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f'tokenizer vocab {tok.vocab_size} > model vocab_size '
-                      f'{model_cfg.vocab_size}: set model vocab_size to '
-                      f'{tok.vocab_size}')
-  return make_iterator(config.data, seq_len=config.seq_len,
-                       global_batch=config.batch_size,
-                       process_index=process_index,
-                       process_count=process_count, seed=config.seed)
+    raise ConfigError(
+      f"tokenizer vocab {tok.vocab_size} > model vocab_size "
+      f"{model_cfg.vocab_size}: set model vocab_size to "
+      f"{tok.vocab_size}"
+    )
+  return make_iterator(
+    config.data,
+    seq_len=config.seq_len,
+    global_batch=config.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    seed=config.seed,
+  )

@@ -18,26 +18,26 @@ import io
 import json
 
 from cwm_jax import storage
-from cwm_jax.data import dedup
-from cwm_jax.data import formats
-from cwm_jax.data import traces
+from cwm_jax.data import dedup, formats, traces
 from cwm_jax.data.traces import format as trace_format
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
   """One call from a source: its status ('ok' or a drop reason), program and frames."""
+
   status: str
   source: str
   function: str
   frames: list
   origin: str
-  message: str = ''
+  message: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class FunctionItem:
   """A work item: one call to trace."""
+
   call: traces.Call
 
 
@@ -49,36 +49,38 @@ def read_function_specs(path: str) -> list[traces.Call]:
   for i, line in enumerate(io.StringIO(storage.read_text(path), newline=None), 1):
     if not line.strip():
       continue
-    where = f'{path}:{i}'
+    where = f"{path}:{i}"
     try:
       spec = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f'{where}: not JSON ({e.msg})') from e
+      raise ValueError(f"{where}: not JSON ({e.msg})") from e
     calls.append(_call(spec, where, base))
   return calls
 
 
 def _call(spec, where: str, base: str) -> traces.Call:
-  fix = ('each line is {"source": TEXT or "path": FILE, "function": NAME, "args": [...], '
-         '"kwargs": {...}}')
-  if not isinstance(spec, dict) or ('source' in spec) == ('path' in spec):
+  fix = (
+    'each line is {"source": TEXT or "path": FILE, "function": NAME, "args": [...], '
+    '"kwargs": {...}}'
+  )
+  if not isinstance(spec, dict) or ("source" in spec) == ("path" in spec):
     raise ValueError(f'{where}: give exactly one of "source" and "path"; {fix}')
-  unknown = sorted(set(spec) - {'source', 'path', 'function', 'args', 'kwargs'})
-  if unknown or not isinstance(spec.get('function'), str):
+  unknown = sorted(set(spec) - {"source", "path", "function", "args", "kwargs"})
+  if unknown or not isinstance(spec.get("function"), str):
     raise ValueError(f'{where}: unknown fields {unknown} or no "function" string; {fix}')
-  args, kwargs = spec.get('args', []), spec.get('kwargs', {})
+  args, kwargs = spec.get("args", []), spec.get("kwargs", {})
   if not isinstance(args, list) or not isinstance(kwargs, dict):
     raise ValueError(f'{where}: "args" must be a JSON list and "kwargs" an object; {fix}')
-  if 'path' in spec:
-    path = storage.join(base, spec['path'])
+  if "path" in spec:
+    path = storage.join(base, spec["path"])
     if not storage.isfile(path):
-      raise ValueError(f'{where}: no file {path}; paths are relative to the JSONL file')
+      raise ValueError(f"{where}: no file {path}; paths are relative to the JSONL file")
     source, origin = storage.read_text(path), path
   else:
-    source, origin = spec['source'], where
+    source, origin = spec["source"], where
   if not isinstance(source, str):
     raise ValueError(f'{where}: "source" must be a string; {fix}')
-  return traces.Call(source, spec['function'], tuple(args), kwargs, origin)
+  return traces.Call(source, spec["function"], tuple(args), kwargs, origin)
 
 
 def doctest_items(modules) -> list[FunctionItem]:
@@ -91,9 +93,12 @@ def trace_function(item: FunctionItem, limits: traces.Limits) -> list[Candidate]
   try:
     result = traces.trace_call(call.source, call.function, call.args, call.kwargs, limits)
   except (ValueError, SyntaxError) as e:
-    return [Candidate('error', call.source, call.function, [], call.origin, str(e)[:500])]
-  return [Candidate(result.status, call.source, call.function, result.frames, call.origin,
-                    result.message[:500])]
+    return [Candidate("error", call.source, call.function, [], call.origin, str(e)[:500])]
+  return [
+    Candidate(
+      result.status, call.source, call.function, result.frames, call.origin, result.message[:500]
+    )
+  ]
 
 
 # Many traces share one program (a repository module): parse it once.
@@ -102,17 +107,20 @@ _prompt = functools.lru_cache(maxsize=1024)(trace_format.format_prompt)
 
 def finalize(c: Candidate, max_trace_bytes: int) -> tuple[str, dict | None, str | None]:
   """(status, record, dedup key) of a candidate: the trace record when it is kept."""
-  if c.status != 'ok':
+  if c.status != "ok":
     return c.status, None, None
   if not c.frames:
-    return 'error', None, None
+    return "error", None, None
   try:
     prompt = _prompt(c.source, c.function)
     frames_text = trace_format.format_frames(c.frames, end=False)
   except (ValueError, SyntaxError):  # special-token text, or not a top-level def
-    return 'error', None, None
-  if len(frames_text.encode('utf-8', 'surrogatepass')) > max_trace_bytes:
-    return 'too_long', None, None
-  record = {'format': 'trace', 'origin': c.origin,
-            'text': formats.trace_document(prompt, frames_text)}
-  return 'ok', record, dedup.dedup_key(c.source, c.function, c.frames, frames_text)
+    return "error", None, None
+  if len(frames_text.encode("utf-8", "surrogatepass")) > max_trace_bytes:
+    return "too_long", None, None
+  record = {
+    "format": "trace",
+    "origin": c.origin,
+    "text": formats.trace_document(prompt, frames_text),
+  }
+  return "ok", record, dedup.dedup_key(c.source, c.function, c.frames, frames_text)

@@ -9,5 +9,15 @@ from cwm_jax.infer.evaluation import EvalConfig, is_held_out
 from cwm_jax.infer.sampler import GenerateResult, generate
 from cwm_jax.infer.trace_predict import TracePrediction, predict_trace, side_by_side
 
-__all__ = ["EvalConfig", "GenerateResult", "KVCache", "TracePrediction", "cache_layout",
-           "generate", "init_cache", "is_held_out", "predict_trace", "side_by_side"]
+__all__ = [
+  "EvalConfig",
+  "GenerateResult",
+  "KVCache",
+  "TracePrediction",
+  "cache_layout",
+  "generate",
+  "init_cache",
+  "is_held_out",
+  "predict_trace",
+  "side_by_side",
+]

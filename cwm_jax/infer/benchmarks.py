@@ -38,7 +38,8 @@ import json
 import math
 import re
 import zlib
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from cwm_jax import storage
 from cwm_jax.base import ConfigError
@@ -57,25 +58,28 @@ _ANSWER_TAG = re.compile(r"\[ANSWER\](.*?)(?:\[/ANSWER\]|\Z)", re.DOTALL)
 class Task:
   """One benchmark item: the prompt a model continues, the reference completion (what a
   correct model would write), and what the scorer needs."""
+
   task_id: str
   prompt: str
   reference: str
   record: dict
-  bad: str = ""   # why the task cannot be judged ('' when it can)
+  bad: str = ""  # why the task cannot be judged ('' when it can)
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   passed: bool
-  status: str   # 'pass', or why not: 'failed', 'syntax', 'timeout', 'memory', 'bad_answer', ...
+  status: str  # 'pass', or why not: 'failed', 'syntax', 'timeout', 'memory', 'bad_answer', ...
   message: str = ""
 
 
 def _fields(record: dict, where: str, names: tuple[str, ...], types=(str,)) -> None:
   missing = [n for n in names if not isinstance(record.get(n), types)]
   if missing:
-    raise ConfigError(f"{where}: fields {missing} missing or not {'/'.join(t.__name__ for t in types)}; "
-                      "is the file in this suite's published format (see docs/evaluation.md)?")
+    raise ConfigError(
+      f"{where}: fields {missing} missing or not {'/'.join(t.__name__ for t in types)}; "
+      "is the file in this suite's published format (see docs/evaluation.md)?"
+    )
 
 
 def _decode_cases(value: Any, where: str) -> list[dict]:
@@ -91,20 +95,26 @@ def _decode_cases(value: Any, where: str) -> list[dict]:
       try:
         value = json.loads(zlib.decompress(base64.b64decode(text, validate=True)))
       except (ValueError, zlib.error):
-        raise ConfigError(f"{where}: test cases are neither JSON nor base64 of zlib-compressed "
-                          "JSON (pickled test cases are not read: convert them to JSON)") from None
+        raise ConfigError(
+          f"{where}: test cases are neither JSON nor base64 of zlib-compressed "
+          "JSON (pickled test cases are not read: convert them to JSON)"
+        ) from None
   if not isinstance(value, list) or not all(
-      isinstance(c, dict) and isinstance(c.get("input"), str) and isinstance(c.get("output"), str)
-      for c in value):
-    raise ConfigError(f"{where}: test cases must be a list of {{input, output, testtype}} with "
-                      "string input and output")
+    isinstance(c, dict) and isinstance(c.get("input"), str) and isinstance(c.get("output"), str)
+    for c in value
+  ):
+    raise ConfigError(
+      f"{where}: test cases must be a list of {{input, output, testtype}} with "
+      "string input and output"
+    )
   return value
 
 
 def _humaneval(r: dict, where: str) -> Task:
   _fields(r, where, ("task_id", "prompt", "canonical_solution", "test", "entry_point"))
-  return Task(r["task_id"], r["prompt"], r["canonical_solution"], r,
-              _bad_tests(_humaneval_tests(r)))
+  return Task(
+    r["task_id"], r["prompt"], r["canonical_solution"], r, _bad_tests(_humaneval_tests(r))
+  )
 
 
 def _humaneval_tests(r: dict) -> str:
@@ -131,10 +141,21 @@ def _cruxeval(output: bool) -> Callable[[dict, str], Task]:
     if not task_id:
       raise ConfigError(f"{where}: CRUXEval needs an id")
     if output:
-      return Task(task_id, f"{r['code']}\nassert f({r['input']}) == ", r["output"], r,
-                  _bad_tests(f"assert f({r['input']}) == {r['output']}\n"))
-    return Task(task_id, f"{r['code']}\nassert f(", f"f({r['input']})", r,
-                _bad_tests(f"assert f({r['input']}) == {r['output']}\n"))
+      return Task(
+        task_id,
+        f"{r['code']}\nassert f({r['input']}) == ",
+        r["output"],
+        r,
+        _bad_tests(f"assert f({r['input']}) == {r['output']}\n"),
+      )
+    return Task(
+      task_id,
+      f"{r['code']}\nassert f(",
+      f"f({r['input']})",
+      r,
+      _bad_tests(f"assert f({r['input']}) == {r['output']}\n"),
+    )
+
   return load
 
 
@@ -143,13 +164,21 @@ def _livecodebench(r: dict, where: str) -> Task:
   task_id = str(r.get("question_id", r.get("task_id", "")))
   if not task_id:
     raise ConfigError(f"{where}: LiveCodeBench needs a question_id")
-  cases = (_decode_cases(r.get("public_test_cases", []), where)
-           + _decode_cases(r.get("private_test_cases", []), where))
+  cases = _decode_cases(r.get("public_test_cases", []), where) + _decode_cases(
+    r.get("private_test_cases", []), where
+  )
   kinds = sorted({c.get("testtype", "stdin") for c in cases} - {"stdin"})
-  bad = (f"test types {kinds} are not run here (stdin/stdout tests only)" if kinds
-         else "" if cases else "no test cases")
-  prompt = (f"{r['question_content']}\n\nWrite a Python program that reads the input from "
-            "standard input and prints the answer.\n```python\n")
+  bad = (
+    f"test types {kinds} are not run here (stdin/stdout tests only)"
+    if kinds
+    else ""
+    if cases
+    else "no test cases"
+  )
+  prompt = (
+    f"{r['question_content']}\n\nWrite a Python program that reads the input from "
+    "standard input and prints the answer.\n```python\n"
+  )
   return Task(task_id, prompt, str(r.get("solution", "")), {**r, "_cases": cases}, bad)
 
 
@@ -162,8 +191,13 @@ def _bad_tests(tests: str) -> str:
   return ""
 
 
-_LOADERS = {"humaneval": _humaneval, "mbpp": _mbpp, "cruxeval_o": _cruxeval(True),
-            "cruxeval_i": _cruxeval(False), "livecodebench": _livecodebench}
+_LOADERS = {
+  "humaneval": _humaneval,
+  "mbpp": _mbpp,
+  "cruxeval_o": _cruxeval(True),
+  "cruxeval_i": _cruxeval(False),
+  "livecodebench": _livecodebench,
+}
 
 
 def check_suite(suite: str) -> None:
@@ -236,8 +270,10 @@ def _expression(text: str) -> ast.expr | None:
 
 
 def _calls_f(node: ast.AST) -> bool:
-  return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "f"
-             for n in ast.walk(node))
+  return any(
+    isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "f"
+    for n in ast.walk(node)
+  )
 
 
 def output_prediction(completion: str, task: Task) -> str | None:
@@ -245,10 +281,14 @@ def output_prediction(completion: str, task: Task) -> str | None:
   no expression or calls `f` (which would not predict anything)."""
   text = _strip_answer(completion)
   if text.startswith("assert "):
-    text = text[len("assert "):]
+    text = text[len("assert ") :]
   node = _expression(text)
-  if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq) \
-      and _calls_f(node.left):
+  if (
+    isinstance(node, ast.Compare)
+    and len(node.ops) == 1
+    and isinstance(node.ops[0], ast.Eq)
+    and _calls_f(node.left)
+  ):
     text, node = ast.unparse(node.comparators[0]), node.comparators[0]
   if node is None or _calls_f(node):
     return None
@@ -259,7 +299,7 @@ def input_prediction(completion: str, task: Task) -> str | None:
   """The predicted call `f(...)` (`assert f(X) == Y` and `f(X)` alike), or None."""
   text = _strip_answer(completion)
   if text.startswith("assert "):
-    text = text[len("assert "):]
+    text = text[len("assert ") :]
   node = _expression(text)
   if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq):
     node = node.left if _calls_f(node.left) else node.comparators[0]
@@ -291,8 +331,9 @@ def _tests_verdict(program: str, tests: str, limits: sandbox.Limits) -> Verdict:
   return Verdict(result.passed, result.status, result.message[:300])
 
 
-def score_one(suite: str, task: Task, completion: str,
-              limits: sandbox.Limits = rewards.DEFAULT_LIMITS) -> Verdict:
+def score_one(
+  suite: str, task: Task, completion: str, limits: sandbox.Limits = rewards.DEFAULT_LIMITS
+) -> Verdict:
   """Whether `completion` solves `task`; every program runs in the sandbox."""
   if task.bad:
     return Verdict(False, "bad_task", task.bad)
@@ -337,9 +378,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def score(suite: str, tasks: list[Task], samples: dict[str, list[str]], ks=(1,),
-          limits: sandbox.Limits = rewards.DEFAULT_LIMITS, workers: int = 2
-          ) -> tuple[dict[str, Any], list[dict]]:
+def score(
+  suite: str,
+  tasks: list[Task],
+  samples: dict[str, list[str]],
+  ks=(1,),
+  limits: sandbox.Limits = rewards.DEFAULT_LIMITS,
+  workers: int = 2,
+) -> tuple[dict[str, Any], list[dict]]:
   """(summary, per-sample rows) for `samples` {task_id: [completion, ...]}.
 
   Runs go to `workers` threads (each run is a sandboxed process). The summary counts tasks,
@@ -350,27 +396,40 @@ def score(suite: str, tasks: list[Task], samples: dict[str, list[str]], ks=(1,),
   jobs = [(t, i, c) for t in tasks for i, c in enumerate(samples.get(t.task_id, []))]
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     verdicts = list(pool.map(lambda j: score_one(suite, j[0], j[2], limits), jobs))
-  rows = [{"task_id": t.task_id, "sample": i, "completion": c, "passed": v.passed,
-           "status": v.status, **({"message": v.message} if v.message else {})}
-          for (t, i, c), v in zip(jobs, verdicts)]
+  rows = [
+    {
+      "task_id": t.task_id,
+      "sample": i,
+      "completion": c,
+      "passed": v.passed,
+      "status": v.status,
+      **({"message": v.message} if v.message else {}),
+    }
+    for (t, i, c), v in zip(jobs, verdicts)
+  ]
   per_task: dict[str, list[bool]] = collections.defaultdict(list)
   for row in rows:
     per_task[row["task_id"]].append(row["passed"])
   good = [t for t in tasks if not t.bad and per_task.get(t.task_id)]
   summary: dict[str, Any] = {
-      "suite": suite, "tasks": len(tasks), "bad_tasks": sum(bool(t.bad) for t in tasks),
-      "tasks_without_samples": sum(not t.bad and not per_task.get(t.task_id) for t in tasks),
-      "scored_tasks": len(good), "samples": sum(len(per_task[t.task_id]) for t in good),
-      "passed": sum(sum(per_task[t.task_id]) for t in good),
-      "statuses": dict(sorted(collections.Counter(r["status"] for r in rows).items()))}
+    "suite": suite,
+    "tasks": len(tasks),
+    "bad_tasks": sum(bool(t.bad) for t in tasks),
+    "tasks_without_samples": sum(not t.bad and not per_task.get(t.task_id) for t in tasks),
+    "scored_tasks": len(good),
+    "samples": sum(len(per_task[t.task_id]) for t in good),
+    "passed": sum(sum(per_task[t.task_id]) for t in good),
+    "statuses": dict(sorted(collections.Counter(r["status"] for r in rows).items())),
+  }
   unscored = []
   for k in sorted(set(ks)):
     eligible = [t for t in good if len(per_task[t.task_id]) >= k]
     if not eligible:
       unscored.append(f"pass@{k}: no task has {k} samples")
       continue
-    summary[f"pass@{k}"] = sum(pass_at_k(len(per_task[t.task_id]), sum(per_task[t.task_id]), k)
-                               for t in eligible) / len(eligible)
+    summary[f"pass@{k}"] = sum(
+      pass_at_k(len(per_task[t.task_id]), sum(per_task[t.task_id]), k) for t in eligible
+    ) / len(eligible)
     summary[f"pass@{k}_tasks"] = len(eligible)
   if unscored:
     summary["unscored"] = unscored
@@ -386,7 +445,7 @@ def truncate(suite: str, text: str) -> str:
   if suite == "livecodebench":
     return text.split("```", 1)[0]
   line = text.split("\n", 1)[0]
-  if suite == "cruxeval_i":   # the prompt ends in 'assert f(': keep the call, not '== OUTPUT'
+  if suite == "cruxeval_i":  # the prompt ends in 'assert f(': keep the call, not '== OUTPUT'
     call = "f(" + line
     node = _expression(call)
     if isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.Eq):
@@ -395,18 +454,32 @@ def truncate(suite: str, text: str) -> str:
   return line
 
 
-def generate(model, tokenizer, suite: str, tasks: list[Task], *, n: int, temperature: float,
-             max_new_tokens: int, batch_size: int = 8, seed: int = 0) -> dict[str, list[str]]:
+def generate(
+  model,
+  tokenizer,
+  suite: str,
+  tasks: list[Task],
+  *,
+  n: int,
+  temperature: float,
+  max_new_tokens: int,
+  batch_size: int = 8,
+  seed: int = 0,
+) -> dict[str, list[str]]:
   """`n` completions per task from the project's sampler (prompt = BOS + the task's prompt;
   greedy at temperature 0), each cut where its answer ends (`truncate`)."""
-  rows = [(t, tokenizer.encode(t.prompt, bos=True)) for t in tasks if not t.bad
-          for _ in range(n)]
+  rows = [(t, tokenizer.encode(t.prompt, bos=True)) for t in tasks if not t.bad for _ in range(n)]
   out: dict[str, list[str]] = collections.defaultdict(list)
   for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    result = sampler.generate(model, [ids for _, ids in chunk], max_new_tokens=max_new_tokens,
-                              temperature=temperature, stop_ids=tokenizer.stop_ids,
-                              seed=seed + start)
+    chunk = rows[start : start + batch_size]
+    result = sampler.generate(
+      model,
+      [ids for _, ids in chunk],
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      stop_ids=tokenizer.stop_ids,
+      seed=seed + start,
+    )
     for (task, _), ids in zip(chunk, result.tokens):
       ids = [i for i in ids if not tokenizer.is_special(i)]
       out[task.task_id].append(truncate(suite, tokenizer.decode(ids)))

@@ -32,7 +32,8 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,32 +41,32 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from cwm_jax.base import ConfigError
 from cwm_jax.data import formats
 from cwm_jax.data.traces import examples
-from cwm_jax.data.traces.examples import HOLD_OUT_MODULUS, is_held_out
 from cwm_jax.data.traces import format as trace_format
+from cwm_jax.data.traces.examples import HOLD_OUT_MODULUS, is_held_out
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer import trace_predict
-from cwm_jax.base import ConfigError
 from cwm_jax.model.logprobs import token_logprobs
 
-MIN_BUCKET = 256   # teacher-forced rows pad to a power of two >= this (few compilations)
+MIN_BUCKET = 256  # teacher-forced rows pad to a power of two >= this (few compilations)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  programs_dir: str | None = None   # default: the shipped programs
-  max_programs: int = 32            # held-out calls evaluated (sorted, first N)
-  max_new_tokens: int = 512         # generation budget per predicted trace
-  max_tokens: int = 2048            # teacher-forced sequences are cut to this length
+  programs_dir: str | None = None  # default: the shipped programs
+  max_programs: int = 32  # held-out calls evaluated (sorted, first N)
+  max_new_tokens: int = 512  # generation budget per predicted trace
+  max_tokens: int = 2048  # teacher-forced sequences are cut to this length
   batch_size: int = 8
-  generate: bool = True             # exact-match metrics (needs generation; slower)
+  generate: bool = True  # exact-match metrics (needs generation; slower)
   perplexity: bool = True
   records: Mapping[str, Any] | None = None  # {source: [record dicts]} (data.formats)
-  timeout_s: float = 10.0           # wall clock per traced call
+  timeout_s: float = 10.0  # wall clock per traced call
 
   @classmethod
-  def from_mapping(cls, m) -> "EvalConfig":
+  def from_mapping(cls, m) -> EvalConfig:
     """From a dict or ml_collections ConfigDict; unknown keys are an error."""
     d = dict(m.to_dict() if hasattr(m, "to_dict") else m)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -81,20 +82,24 @@ class EvalConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def held_out_cases(programs_dir: str | None, max_programs: int, timeout_s: float
-                   ) -> tuple[tuple, int]:
+def held_out_cases(
+  programs_dir: str | None, max_programs: int, timeout_s: float
+) -> tuple[tuple, int]:
   """((source, function, frames), ...) of held-out calls traced for real, and the
   number of calls skipped because the interpreter could not trace them."""
   calls = [c for c in examples.program_calls(programs_dir) if is_held_out(c.origin)]
   if not calls:
-    raise ConfigError(f"no held-out program in {programs_dir or examples.PROGRAMS_DIR} "
-                      f"(rule: sha256(file name) % {HOLD_OUT_MODULUS} == 0); add programs")
+    raise ConfigError(
+      f"no held-out program in {programs_dir or examples.PROGRAMS_DIR} "
+      f"(rule: sha256(file name) % {HOLD_OUT_MODULUS} == 0); add programs"
+    )
   calls.sort(key=lambda c: (os.path.basename(c.origin), c.function, repr(c.args)))
   cases, skipped = [], 0
   for call in calls[:max_programs]:
     try:
-      frames = trace_predict.real_trace(call.source, call.function, call.args, call.kwargs,
-                                        Limits(timeout_s=timeout_s))
+      frames = trace_predict.real_trace(
+        call.source, call.function, call.args, call.kwargs, Limits(timeout_s=timeout_s)
+      )
     except trace_predict.TraceError:
       skipped += 1
       continue
@@ -119,13 +124,13 @@ def score(model, sequences, weights, *, batch_size: int, max_tokens: int) -> np.
   graphdef, state = nnx.split(model)
   out = np.zeros((len(sequences), 3))
   for start in range(0, len(sequences), batch_size):
-    seqs = [np.asarray(s[:max_tokens]) for s in sequences[start:start + batch_size]]
-    ws = [np.asarray(w[:max_tokens], np.float64) for w in weights[start:start + batch_size]]
+    seqs = [np.asarray(s[:max_tokens]) for s in sequences[start : start + batch_size]]
+    ws = [np.asarray(w[:max_tokens], np.float64) for w in weights[start : start + batch_size]]
     length = max(MIN_BUCKET, 1 << (max(len(s) for s in seqs) - 1).bit_length())
     tokens = np.zeros((batch_size, length), np.int32)
     segs = np.zeros((batch_size, length), np.int32)
     for i, s in enumerate(seqs):
-      tokens[i, :len(s)], segs[i, :len(s)] = s, 1
+      tokens[i, : len(s)], segs[i, : len(s)] = s, 1
     logp, correct = jax.device_get(_target_logprobs(graphdef, state, tokens, segs))
     for i, (s, w) in enumerate(zip(seqs, ws)):
       n = len(s) - 1
@@ -139,7 +144,7 @@ def _trace_documents(tokenizer, cases):
   for source, function, frames in cases:
     prompt = tokenizer.encode_trace(trace_predict.prompt_text(source, function, frames[0]))
     ids = tokenizer.encode_trace(trace_format.format_trace(source, function, list(frames)))
-    assert ids[:len(prompt)] == prompt, "trace prompt must tokenize as a prefix of the trace"
+    assert ids[: len(prompt)] == prompt, "trace prompt must tokenize as a prefix of the trace"
     seqs.append(ids)
     weights.append([0.0] * len(prompt) + [1.0] * (len(ids) - len(prompt)))
   return seqs, weights
@@ -162,24 +167,41 @@ def unscored(metrics: Mapping[str, float]) -> list[str]:
 
 def trace_metrics(model, tokenizer, cases, config: EvalConfig) -> dict[str, float]:
   seqs, weights = _trace_documents(tokenizer, cases)
-  sums = (score(model, seqs, weights, batch_size=config.batch_size,
-                max_tokens=config.max_tokens).sum(0) if cases else np.zeros(3))
-  metrics = {"trace_cases": float(len(cases)), "trace_tokens": float(sums[1]),
-             "trace_nll": _ratio(sums[0], sums[1]),
-             "trace_token_accuracy": _ratio(sums[2], sums[1])}
+  sums = (
+    score(model, seqs, weights, batch_size=config.batch_size, max_tokens=config.max_tokens).sum(0)
+    if cases
+    else np.zeros(3)
+  )
+  metrics = {
+    "trace_cases": float(len(cases)),
+    "trace_tokens": float(sums[1]),
+    "trace_nll": _ratio(sums[0], sums[1]),
+    "trace_token_accuracy": _ratio(sums[2], sums[1]),
+  }
   if config.generate:
-    preds = (trace_predict.predict_frames(model, tokenizer,
-                                          [(s, f, list(fr)) for s, f, fr in cases],
-                                          max_new_tokens=config.max_new_tokens,
-                                          batch_size=config.batch_size) if cases else [])
+    preds = (
+      trace_predict.predict_frames(
+        model,
+        tokenizer,
+        [(s, f, list(fr)) for s, f, fr in cases],
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+      )
+      if cases
+      else []
+    )
     n_frames = sum(len(p.real) for p in preds)
     metrics.update(
-        trace_frames=float(n_frames),
-        trace_frame_exact=_ratio(sum(p.frames_matched for p in preds), n_frames),
-        trace_prefix=_mean((len(p.real) if p.divergence is None else p.divergence)
-                           / len(p.real) for p in preds if p.real),
-        trace_return_exact=_mean(p.return_match for p in preds),
-        trace_full_exact=_mean(p.divergence is None for p in preds))
+      trace_frames=float(n_frames),
+      trace_frame_exact=_ratio(sum(p.frames_matched for p in preds), n_frames),
+      trace_prefix=_mean(
+        (len(p.real) if p.divergence is None else p.divergence) / len(p.real)
+        for p in preds
+        if p.real
+      ),
+      trace_return_exact=_mean(p.return_match for p in preds),
+      trace_full_exact=_mean(p.divergence is None for p in preds),
+    )
   return metrics
 
 
@@ -187,37 +209,61 @@ def default_records(cases) -> dict[str, list[dict]]:
   """Held-out documents per source: program text, traces, output-prediction dialogs."""
   sources = sorted({s for s, _, _ in cases})
   code = [{"format": "text", "text": s} for s in sources]
-  traces = [{"format": "trace", "text": trace_format.format_trace(s, f, list(fr))}
-            for s, f, fr in cases]
-  sft = [formats.chat_record([
-      {"role": "user", "content": f"What does `{f}` return when called with these "
-       f"arguments: {fr[0]['locals']}?\n\n```python\n{s}\n```"},
-      {"role": "assistant", "content": str(fr[-1].get("value"))}]) for s, f, fr in cases]
+  traces = [
+    {"format": "trace", "text": trace_format.format_trace(s, f, list(fr))} for s, f, fr in cases
+  ]
+  sft = [
+    formats.chat_record(
+      [
+        {
+          "role": "user",
+          "content": f"What does `{f}` return when called with these "
+          f"arguments: {fr[0]['locals']}?\n\n```python\n{s}\n```",
+        },
+        {"role": "assistant", "content": str(fr[-1].get("value"))},
+      ]
+    )
+    for s, f, fr in cases
+  ]
   return {"code": code, "traces": traces, "sft": sft}
 
 
-def perplexity_metrics(model, tokenizer, records: Mapping[str, list], config: EvalConfig
-                       ) -> dict[str, float]:
+def perplexity_metrics(
+  model, tokenizer, records: Mapping[str, list], config: EvalConfig
+) -> dict[str, float]:
   metrics = {}
   for source, recs in sorted(records.items()):
     examples_ = [formats.example_from_record(tokenizer, r) for r in recs]
-    sums = score(model, [e[0] for e in examples_], [e[1] for e in examples_],
-                 batch_size=config.batch_size, max_tokens=config.max_tokens).sum(0)
+    sums = score(
+      model,
+      [e[0] for e in examples_],
+      [e[1] for e in examples_],
+      batch_size=config.batch_size,
+      max_tokens=config.max_tokens,
+    ).sum(0)
     nll = _ratio(sums[0], sums[1])
-    metrics.update({f"nll_{source}": nll,
-                    f"ppl_{source}": math.exp(min(nll, 50.0)) if sums[1] > 0 else math.nan,
-                    f"tokens_{source}": sums[1]})
+    metrics.update(
+      {
+        f"nll_{source}": nll,
+        f"ppl_{source}": math.exp(min(nll, 50.0)) if sums[1] > 0 else math.nan,
+        f"tokens_{source}": sums[1],
+      }
+    )
   return metrics
 
 
-def evaluate(model, tokenizer, eval_config: EvalConfig | Mapping | None = None
-             ) -> dict[str, float]:
+def evaluate(model, tokenizer, eval_config: EvalConfig | Mapping | None = None) -> dict[str, float]:
   """All metrics for `model` (an nnx Transformer, possibly sharded) as floats."""
-  config = (eval_config if isinstance(eval_config, EvalConfig)
-            else EvalConfig.from_mapping(eval_config or {}))
+  config = (
+    eval_config
+    if isinstance(eval_config, EvalConfig)
+    else EvalConfig.from_mapping(eval_config or {})
+  )
   if tokenizer.vocab_size > model.cfg.vocab_size:
-    raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
-                      f"{model.cfg.vocab_size}; evaluate with the checkpoint's tokenizer")
+    raise ConfigError(
+      f"tokenizer has {tokenizer.vocab_size} ids but the model only "
+      f"{model.cfg.vocab_size}; evaluate with the checkpoint's tokenizer"
+    )
   cases, skipped = held_out_cases(config.programs_dir, config.max_programs, config.timeout_s)
   metrics = {"trace_skipped": float(skipped), **trace_metrics(model, tokenizer, cases, config)}
   if config.perplexity:
@@ -226,7 +272,11 @@ def evaluate(model, tokenizer, eval_config: EvalConfig | Mapping | None = None
   metrics = {k: float(v) for k, v in metrics.items()}
   empty = unscored(metrics)
   if empty:
-    logging.warning("evaluation scored nothing for %s (reported as NaN): %d programs, %d trace "
-                    "tokens; raise max_tokens / max_programs", ", ".join(empty),
-                    metrics["trace_cases"], metrics["trace_tokens"])
+    logging.warning(
+      "evaluation scored nothing for %s (reported as NaN): %d programs, %d trace "
+      "tokens; raise max_tokens / max_programs",
+      ", ".join(empty),
+      metrics["trace_cases"],
+      metrics["trace_tokens"],
+    )
   return metrics

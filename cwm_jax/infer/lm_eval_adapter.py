@@ -39,16 +39,25 @@ class CwmLM(LM):
   """lm-eval's LM interface for a cwm_jax model: `checkpoint=DIR` (loaded with its tokenizer),
   or an already built `model` and `tokenizer`."""
 
-  def __init__(self, checkpoint: str | None = None, model=None, tokenizer=None,
-               batch_size: int | str = 8, max_length: int | str | None = None,
-               max_gen_toks: int | str = 256, step: int | str | None = None,
-               tokenizer_path: str | None = None, **unused: Any):
+  def __init__(
+    self,
+    checkpoint: str | None = None,
+    model=None,
+    tokenizer=None,
+    batch_size: int | str = 8,
+    max_length: int | str | None = None,
+    max_gen_toks: int | str = 256,
+    step: int | str | None = None,
+    tokenizer_path: str | None = None,
+    **unused: Any,
+  ):
     super().__init__()
     if model is None:
       if not checkpoint:
         raise ConfigError("CwmLM needs checkpoint=DIR (or model= and tokenizer=)")
       model, tokenizer = loading.load_for_inference(
-          checkpoint, None if step is None else int(step), tokenizer_path)
+        checkpoint, None if step is None else int(step), tokenizer_path
+      )
     if tokenizer is None:
       raise ConfigError("CwmLM(model=...) needs its tokenizer= as well")
     self.model, self.tok = model, tokenizer
@@ -66,7 +75,7 @@ class CwmLM(LM):
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = self.tok.encode(context + continuation, bos=True)
     ctx = self.tok.encode(context, bos=True)
-    return whole[:len(ctx)], whole[len(ctx):]
+    return whole[: len(ctx)], whole[len(ctx) :]
 
   def _score(self, pieces: list[tuple[list[int], list[int]]]) -> np.ndarray:
     """[n, 3] (NLL, tokens, greedy-correct) of each continuation after its context, the
@@ -76,13 +85,15 @@ class CwmLM(LM):
       if not cont:
         raise ValueError("lm-eval asked for the likelihood of an empty continuation")
       if len(cont) > self.max_length:
-        raise ValueError(f"a continuation of {len(cont)} tokens exceeds max_length="
-                         f"{self.max_length}")
-      seq = (ctx + cont)[-(self.max_length + 1):]
+        raise ValueError(
+          f"a continuation of {len(cont)} tokens exceeds max_length={self.max_length}"
+        )
+      seq = (ctx + cont)[-(self.max_length + 1) :]
       seqs.append(seq)
       weights.append([0.0] * (len(seq) - len(cont)) + [1.0] * len(cont))
-    return evaluation.score(self.model, seqs, weights, batch_size=self.batch_size_per_call,
-                            max_tokens=self.max_length + 1)
+    return evaluation.score(
+      self.model, seqs, weights, batch_size=self.batch_size_per_call, max_tokens=self.max_length + 1
+    )
 
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
     sums = self._score([self._pair(*r.args) for r in requests])
@@ -92,9 +103,12 @@ class CwmLM(LM):
     out = []
     for r in requests:
       ids = self.tok.encode(r.args[0])
-      windows = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
-          token_list=ids, prefix_token=self.tok.bos_id, max_seq_len=self.max_length,
-          context_len=1)]
+      windows = [
+        lm_utils.make_disjoint_window(w)
+        for w in lm_utils.get_rolling_token_windows(
+          token_list=ids, prefix_token=self.tok.bos_id, max_seq_len=self.max_length, context_len=1
+        )
+      ]
       out.append(-float(self._score(windows)[:, 0].sum()) if windows else 0.0)
     return out
 
@@ -109,13 +123,18 @@ class CwmLM(LM):
       sample = kwargs.pop("do_sample", False)
       temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
       prompt = self.tok.encode(context, bos=True)
-      prompt = prompt[-max(1, self.max_length - max_new):]
-      ids = sampler.generate(self.model, [prompt], max_new_tokens=max_new,
-                             temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0)),
-                             stop_ids=self.tok.stop_ids).tokens[0]
+      prompt = prompt[-max(1, self.max_length - max_new) :]
+      ids = sampler.generate(
+        self.model,
+        [prompt],
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=float(kwargs.pop("top_p", 1.0)),
+        stop_ids=self.tok.stop_ids,
+      ).tokens[0]
       text = self.tok.decode([i for i in ids if not self.tok.is_special(i)])
       for stop in until:
         if stop and stop in text:
-          text = text[:text.index(stop)]
+          text = text[: text.index(stop)]
       out.append(text)
     return out

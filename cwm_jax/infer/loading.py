@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from cwm_jax import storage
+from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint.load import load_model
 from cwm_jax.data.tokenizer import Tokenizer
-from cwm_jax.base import ConfigError
 
 RANK_FILES = ("tokenizer.model", "*.tiktoken")
 
@@ -14,8 +14,7 @@ def find_rank_file(directory: str) -> str | None:
   """A tokenizer rank file shipped in the checkpoint directory (or its parent), if any."""
   parent = storage.dirname(directory)
   # A bucket's root has no parent (`gs:` is no folder).
-  folders = [directory] + ([parent] if storage.is_url(parent) == storage.is_url(directory)
-                           else [])
+  folders = [directory] + ([parent] if storage.is_url(parent) == storage.is_url(directory) else [])
   for folder in folders:
     for pattern in RANK_FILES:
       found = storage.glob(storage.join(folder, pattern))
@@ -31,8 +30,12 @@ def load_tokenizer(checkpoint: str, path: str | None = None) -> Tokenizer:
   return Tokenizer.from_rank_file(storage.local_copy(path)) if path else Tokenizer.default()
 
 
-def load_for_inference(checkpoint: str, step: int | None = None,
-                       tokenizer_path: str | None = None, need_tokenizer: bool = True):
+def load_for_inference(
+  checkpoint: str,
+  step: int | None = None,
+  tokenizer_path: str | None = None,
+  need_tokenizer: bool = True,
+):
   """(model, tokenizer or None) for an orbax, Hugging Face or Meta checkpoint.
 
   An orbax training workdir is accepted as well as its `checkpoints/` folder.
@@ -42,7 +45,9 @@ def load_for_inference(checkpoint: str, step: int | None = None,
     return model, None
   tokenizer = load_tokenizer(checkpoint, tokenizer_path)
   if tokenizer.vocab_size > cfg.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's "
-                      f"vocabulary is {cfg.vocab_size}: pass the right --tokenizer rank file, "
-                      "or use --prompt_ids")
+    raise ConfigError(
+      f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's "
+      f"vocabulary is {cfg.vocab_size}: pass the right --tokenizer rank file, "
+      "or use --prompt_ids"
+    )
   return model, tokenizer

@@ -32,9 +32,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cwm_jax.infer import cache as kv
 from cwm_jax.kernels.backend import target_platform
@@ -52,6 +53,7 @@ class GenerateResult:
   """Generated ids per prompt (prompt excluded, stop token included) and their
   log-probabilities under the model (softmax of raw logits: before temperature
   and top-p), as RL needs for old-policy log-probs."""
+
   tokens: list[list[int]]
   logprobs: list[list[float]]
 
@@ -66,8 +68,10 @@ def prefill(model, cache: kv.KVCache, tokens_BP, n_B=None):
   the model into an empty cache. Returns float32 logits [B, V] at each row's last
   token and the cache."""
   if not cache.empty:
-    raise ValueError("prefill needs an empty cache (from init_cache); "
-                     "feed further tokens with extend or decode_step")
+    raise ValueError(
+      "prefill needs an empty cache (from init_cache); "
+      "feed further tokens with extend or decode_step"
+    )
   return extend(model, cache, tokens_BP, n_B)
 
 
@@ -110,8 +114,9 @@ def sample_token(logits_BV, key, temperature, top_p, greedy: bool):
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(graphdef, state, tokens_BP, n_B, *, cache_len: int):
   model = nnx.merge(graphdef, state)
-  cache = kv.init_cache(model.cfg, tokens_BP.shape[0], cache_len,
-                        dtype_of(model.execution.compute_dtype))
+  cache = kv.init_cache(
+    model.cfg, tokens_BP.shape[0], cache_len, dtype_of(model.execution.compute_dtype)
+  )
   return prefill(model, cache, tokens_BP, n_B)
 
 
@@ -133,10 +138,24 @@ def unroll_decode(cfg) -> bool:
   return target_platform() == "cpu" and cfg.n_layers <= UNROLL_DECODE_LAYERS
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "unrolled"),
-                   donate_argnames=("cache",))
-def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, stop_ids,
-            *, max_new: int, greedy: bool, unrolled: bool):
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "max_new", "greedy", "unrolled"), donate_argnames=("cache",)
+)
+def _decode(
+  graphdef,
+  state,
+  cache,
+  logits_BV,
+  done_B,
+  key,
+  temperature,
+  top_p,
+  stop_ids,
+  *,
+  max_new: int,
+  greedy: bool,
+  unrolled: bool,
+):
   """Samples up to `max_new` tokens per row that is not `done_B` from `logits_BV` on:
   (tokens [B, N], log-probs [B, N], counts [B], cache). A sampled token is fed
   (written to the cache) at the next step, if the loop runs one: the last token of a
@@ -146,20 +165,27 @@ def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, 
   model = nnx.merge(graphdef, state)
   b = logits_BV.shape[0]
   layers = None
-  if unrolled:   # each layer's weights and cache buffers as arrays of their own, read in place
+  if unrolled:  # each layer's weights and cache buffers as arrays of their own, read in place
     layers, cache = model.layer_states(), kv.by_layer(cache)
 
   def pick(step, logits_BV, done_B, out):
-    token_B, logp_B = sample_token(logits_BV, jax.random.fold_in(key, step), temperature,
-                                   top_p, greedy)
+    token_B, logp_B = sample_token(
+      logits_BV, jax.random.fold_in(key, step), temperature, top_p, greedy
+    )
     token_B = jnp.where(done_B, PAD_ID, token_B)
     tokens_BN, logps_BN, n_B = out
-    out = (tokens_BN.at[:, step].set(token_B), logps_BN.at[:, step].set(logp_B),
-           n_B + (~done_B).astype(jnp.int32))
+    out = (
+      tokens_BN.at[:, step].set(token_B),
+      logps_BN.at[:, step].set(logp_B),
+      n_B + (~done_B).astype(jnp.int32),
+    )
     return token_B, done_B | jnp.isin(token_B, stop_ids), out
 
-  out = (jnp.zeros((b, max_new), jnp.int32), jnp.zeros((b, max_new), jnp.float32),
-         jnp.zeros((b,), jnp.int32))
+  out = (
+    jnp.zeros((b, max_new), jnp.int32),
+    jnp.zeros((b, max_new), jnp.float32),
+    jnp.zeros((b,), jnp.int32),
+  )
   feed_B = ~done_B
   token_B, done_B, out = pick(0, logits_BV, done_B, out)
 
@@ -175,7 +201,8 @@ def _decode(graphdef, state, cache, logits_BV, done_B, key, temperature, top_p, 
     return step + 1, cache, token_B, feed_B, done_B, out
 
   _, cache, _, _, _, out = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), cache, token_B, feed_B, done_B, out))
+    cond, body, (jnp.int32(1), cache, token_B, feed_B, done_B, out)
+  )
   return out + (kv.by_window(cache),)
 
 
@@ -186,27 +213,33 @@ def right_pad(rows, multiple: int = 1, width: int | None = None):
   p = max(-(-longest // multiple) * multiple, 1)
   tokens = np.full((len(rows), p), PAD_ID, np.int32)
   for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
+    tokens[i, : len(row)] = row
   return tokens, np.asarray([len(r) for r in rows], np.int32)
 
 
 def _check(model, prompts, max_new_tokens, temperature, top_p):
   cfg = model.cfg
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("generate needs at least one prompt and no empty prompt; "
-                     "start each prompt with at least one token (e.g. BOS)")
+    raise ValueError(
+      "generate needs at least one prompt and no empty prompt; "
+      "start each prompt with at least one token (e.g. BOS)"
+    )
   bad = sorted({t for p in prompts for t in p if not 0 <= t < cfg.vocab_size})
   if bad:
-    raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                     f"[0, {cfg.vocab_size}); check the tokenizer matches the checkpoint")
+    raise ValueError(
+      f"prompt token ids {bad[:5]} are outside the vocabulary "
+      f"[0, {cfg.vocab_size}); check the tokenizer matches the checkpoint"
+    )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
   longest = max(len(p) for p in prompts) + max_new_tokens
   if longest > cfg.max_seq_len:
-    raise ValueError(f"prompt + max_new_tokens = {longest} exceeds the model's max_seq_len="
-                     f"{cfg.max_seq_len}; shorten the prompt or lower max_new_tokens")
+    raise ValueError(
+      f"prompt + max_new_tokens = {longest} exceeds the model's max_seq_len="
+      f"{cfg.max_seq_len}; shorten the prompt or lower max_new_tokens"
+    )
 
 
 class _Rows:
@@ -219,8 +252,9 @@ class _Rows:
     if self.multi:
       counts = multihost_utils.process_allgather(np.int32(local_rows))
       if len(set(counts.tolist())) != 1:
-        raise ValueError(f"every process must sample the same number of rows, got "
-                         f"{counts.tolist()}")
+        raise ValueError(
+          f"every process must sample the same number of rows, got {counts.tolist()}"
+        )
     self.rows = local_rows * (jax.process_count() if self.multi else 1)
 
   def agree(self, value: int) -> int:
@@ -234,17 +268,20 @@ class _Rows:
     if self.sharding is None:
       return jnp.asarray(local)
     if self.multi:
-      return jax.make_array_from_process_local_data(self._rows_of(local.ndim), local,
-                                                    (self.rows,) + local.shape[1:])
+      return jax.make_array_from_process_local_data(
+        self._rows_of(local.ndim), local, (self.rows,) + local.shape[1:]
+      )
     return jax.device_put(local, self._rows_of(local.ndim))
 
   def get(self, *arrays) -> list[np.ndarray]:
     if not self.multi:
       return [np.asarray(a) for a in jax.device_get(arrays)]
     out = []
-    for a in arrays:   # resharded by rows only, this process's shards are its own rows
-      shards = {s.index[0].start or 0: s
-                for s in jax.device_put(a, self._rows_of(a.ndim)).addressable_shards}
+    for a in arrays:  # resharded by rows only, this process's shards are its own rows
+      shards = {
+        s.index[0].start or 0: s
+        for s in jax.device_put(a, self._rows_of(a.ndim)).addressable_shards
+      }
       out.append(np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)]))
     return out
 
@@ -260,12 +297,23 @@ class Turns:
   first call's padded width + its `max_new_tokens`, enough for one turn).
   """
 
-  def __init__(self, model, rows: int, cache_len: int | None, *, temperature: float = 0.0,
-               top_p: float = 1.0, stop_ids=(), seed: int = 0, pad_multiple: int = 32,
-               row_sharding: NamedSharding | None = None):
+  def __init__(
+    self,
+    model,
+    rows: int,
+    cache_len: int | None,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids=(),
+    seed: int = 0,
+    pad_multiple: int = 32,
+    row_sharding: NamedSharding | None = None,
+  ):
     if cache_len is not None and cache_len > model.cfg.max_seq_len:
-      raise ValueError(f"cache_len={cache_len} exceeds the model's max_seq_len="
-                       f"{model.cfg.max_seq_len}")
+      raise ValueError(
+        f"cache_len={cache_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}"
+      )
     self.graphdef, self.state = nnx.split(model)
     self.model, self.cache_len, self.pad = model, cache_len, pad_multiple
     self.temperature, self.top_p, self.seed, self.turn = temperature, top_p, seed, 0
@@ -273,46 +321,63 @@ class Turns:
     self.io = _Rows(row_sharding, rows)
     self.cache, self.held = None, np.zeros((rows,), np.int64)  # tokens the cache holds per row
 
-  def __call__(self, contexts: list[list[int]], max_new_tokens: int,
-               active: list[bool] | None = None) -> GenerateResult:
+  def __call__(
+    self, contexts: list[list[int]], max_new_tokens: int, active: list[bool] | None = None
+  ) -> GenerateResult:
     """One message for each active row of `contexts` (each row's whole context so far;
     it must extend what earlier turns fed). Inactive rows get an empty message."""
     active = np.ones(len(contexts), bool) if active is None else np.asarray(active, bool)
     if len(contexts) != self.io.local or len(active) != self.io.local:
       raise ValueError(f"Turns was built for {self.io.local} rows, got {len(contexts)}")
     live = [c for c, a in zip(contexts, active) if a]
-    if live or not contexts:   # no rows at all: _check names the error
+    if live or not contexts:  # no rows at all: _check names the error
       _check(self.model, live, max_new_tokens, self.temperature, self.top_p)
     new = [list(c[h:]) if a else [] for c, h, a in zip(contexts, self.held, active)]
     if any(a and not n for n, a in zip(new, active)):
       raise ValueError("an active row's context adds nothing to what the cache holds")
     width = self.io.agree(max(len(r) for r in new))
-    if self.cache is None:   # a prefill: one block, padded to limit recompiles
+    if self.cache is None:  # a prefill: one block, padded to limit recompiles
       tokens, n = right_pad(new, self.pad, width)
-    else:                    # blocks of EXTEND_BLOCK (fewer: a power of two) columns
+    else:  # blocks of EXTEND_BLOCK (fewer: a power of two) columns
       tokens, n = right_pad(new, min(EXTEND_BLOCK, 1 << max(width - 1, 1).bit_length()), width)
     if self.cache_len is None:
       self.cache_len = tokens.shape[1] + max_new_tokens
     longest = max((len(c) + max_new_tokens for c in live), default=0)
     if longest > self.cache_len:
-      raise ValueError(f"a context of {longest - max_new_tokens} tokens + {max_new_tokens} "
-                       f"new exceeds the cache's {self.cache_len} columns")
+      raise ValueError(
+        f"a context of {longest - max_new_tokens} tokens + {max_new_tokens} "
+        f"new exceeds the cache's {self.cache_len} columns"
+      )
     if self.cache is None:
-      logits, cache = _prefill(self.graphdef, self.state, self.io.put(tokens), self.io.put(n),
-                               cache_len=self.cache_len)
+      logits, cache = _prefill(
+        self.graphdef, self.state, self.io.put(tokens), self.io.put(n), cache_len=self.cache_len
+      )
     else:
       logits, cache = self._extend(tokens, n)
     greedy = self.temperature == 0
     key = jax.random.fold_in(jax.random.key(self.seed), self.turn)
     tokens_BN, logps_BN, count_B, self.cache = _decode(
-        self.graphdef, self.state, cache, logits, self.io.put(~active), key,
-        jnp.float32(max(self.temperature, 1e-6)), jnp.float32(self.top_p), self.stop_ids,
-        max_new=max_new_tokens, greedy=greedy, unrolled=unroll_decode(self.model.cfg))
+      self.graphdef,
+      self.state,
+      cache,
+      logits,
+      self.io.put(~active),
+      key,
+      jnp.float32(max(self.temperature, 1e-6)),
+      jnp.float32(self.top_p),
+      self.stop_ids,
+      max_new=max_new_tokens,
+      greedy=greedy,
+      unrolled=unroll_decode(self.model.cfg),
+    )
     self.turn += 1
-    tokens_BN, logps_BN, count_B, self.held = self.io.get(tokens_BN, logps_BN, count_B,
-                                                          self.cache.length_B)
-    return GenerateResult(tokens=[row[:c].tolist() for row, c in zip(tokens_BN, count_B)],
-                          logprobs=[row[:c].tolist() for row, c in zip(logps_BN, count_B)])
+    tokens_BN, logps_BN, count_B, self.held = self.io.get(
+      tokens_BN, logps_BN, count_B, self.cache.length_B
+    )
+    return GenerateResult(
+      tokens=[row[:c].tolist() for row, c in zip(tokens_BN, count_B)],
+      logprobs=[row[:c].tolist() for row, c in zip(logps_BN, count_B)],
+    )
 
   def _extend(self, tokens: np.ndarray, n: np.ndarray):
     """Feeds a [B, W] block in slices of at most EXTEND_BLOCK columns; the logits at each
@@ -320,16 +385,25 @@ class Turns:
     cache, logits, step = self.cache, None, min(EXTEND_BLOCK, tokens.shape[1])
     for c in range(0, tokens.shape[1], step):
       n_c = np.clip(n - c, 0, step).astype(np.int32)
-      new, cache = _extend(self.graphdef, self.state, cache, self.io.put(tokens[:, c:c + step]),
-                           self.io.put(n_c))
+      new, cache = _extend(
+        self.graphdef, self.state, cache, self.io.put(tokens[:, c : c + step]), self.io.put(n_c)
+      )
       logits = new if logits is None else jnp.where(self.io.put(n_c > 0)[:, None], new, logits)
     return logits, cache
 
 
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop_ids=(), seed: int = 0,
-             pad_multiple: int = 32, row_sharding: NamedSharding | None = None
-             ) -> GenerateResult:
+def generate(
+  model,
+  prompts: list[list[int]],
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  stop_ids=(),
+  seed: int = 0,
+  pad_multiple: int = 32,
+  row_sharding: NamedSharding | None = None,
+) -> GenerateResult:
   """Generates up to `max_new_tokens` per prompt; temperature 0 is greedy.
 
   A row stops after emitting any of `stop_ids` (which is kept in its output).
@@ -339,6 +413,14 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
   Over a multi-process mesh, `prompts` are this process's rows (every process passes
   as many) and the result holds them.
   """
-  return Turns(model, len(prompts), None, temperature=temperature, top_p=top_p,
-               stop_ids=stop_ids, seed=seed, pad_multiple=pad_multiple,
-               row_sharding=row_sharding)(prompts, max_new_tokens)
+  return Turns(
+    model,
+    len(prompts),
+    None,
+    temperature=temperature,
+    top_p=top_p,
+    stop_ids=stop_ids,
+    seed=seed,
+    pad_multiple=pad_multiple,
+    row_sharding=row_sharding,
+  )(prompts, max_new_tokens)

@@ -41,8 +41,13 @@ CPU_CHUNK_MIN, CPU_BLOCKS = 64, 16
 THIN_HEAD_DIM = 32  # heads this narrow or narrower: local blocks of W / 4 rows on CPU
 
 
-def resolve_chunk(chunk: int, seq_len: int, platform: str | None = None,
-                  window: int | None = None, head_dim: int | None = None) -> int:
+def resolve_chunk(
+  chunk: int,
+  seq_len: int,
+  platform: str | None = None,
+  window: int | None = None,
+  head_dim: int | None = None,
+) -> int:
   """Block rows of the blockwise kernels: `chunk`, or for 0 ('auto') 512 on TPU and GPU,
   and on CPU T / 16 for a global layer (`window` >= T or None), the larger of T / 16
   and W / 2 for a local one (W / 4 for heads of at most `THIN_HEAD_DIM` dims), a power
@@ -65,11 +70,19 @@ def resolve_chunk(chunk: int, seq_len: int, platform: str | None = None,
 
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes a kernel's rows are split over
-HEAD_AXIS = "tensor"           # the mesh axis its heads are split over
+HEAD_AXIS = "tensor"  # the mesh axis its heads are split over
 
 
-def shard_specs(mesh, b: int, n: int, k: int, *, heads_together: bool = False,
-                batch_axes=BATCH_AXES, head_axis: str = HEAD_AXIS):
+def shard_specs(
+  mesh,
+  b: int,
+  n: int,
+  k: int,
+  *,
+  heads_together: bool = False,
+  batch_axes=BATCH_AXES,
+  head_axis: str = HEAD_AXIS,
+):
   """(q/out, kv, segment-id) PartitionSpecs of a per-shard kernel call on `mesh` for
   [B, T, N|K, H] and [B, T] operands: B over the batch axes whose running product divides
   B; N over `head_axis` if it divides N; K too if it divides K (else K is replicated), or,
@@ -89,4 +102,3 @@ def shard_specs(mesh, b: int, n: int, k: int, *, heads_together: bool = False,
     n_spec = None
   P = jax.sharding.PartitionSpec
   return P(rows, None, n_spec, None), P(rows, None, k_spec, None), P(rows, None)
-

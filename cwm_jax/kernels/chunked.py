@@ -35,8 +35,9 @@ from cwm_jax.kernels.masks import allowed, pad_rows, pad_segments
 NEG_INF = -1e30
 
 
-def block_pairs(n_q: int, n_k: int, chunk: int, window: int | None, q_offset: int = 0
-                ) -> tuple[tuple[int, int], ...]:
+def block_pairs(
+  n_q: int, n_k: int, chunk: int, window: int | None, q_offset: int = 0
+) -> tuple[tuple[int, int], ...]:
   """Static (i, j) pairs where query block i may see key block j.
 
   Query row r sits at position `q_offset + r`, key row c at position c.
@@ -81,7 +82,7 @@ def _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window):
 def _scores(q_BKQH, k_BKSH, mask):
   h = q_BKQH.shape[-1]
   s = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
-  return jnp.where(mask, s * (h ** -0.5), NEG_INF)
+  return jnp.where(mask, s * (h**-0.5), NEG_INF)
 
 
 def _block_grads(q_i, k_j, v_j, do_i, mask, lse_i, d_row_i, q_T_i, do_T_i):
@@ -97,12 +98,13 @@ def _grads_from_probs(p, inv_l, k_j, v_j, do_i, d_row_i, q_T_i, do_T_i):
   """`_block_grads` from a block's probabilities: `p` itself, or with `inv_l` [B, K, Q] the
   unnormalised exponentials the forward pass kept, whose rows inv_l normalises."""
   h = k_j.shape[-1]
-  if inv_l is not None:   # scale the [H, Q] operand, not the [Q, S] probabilities
+  if inv_l is not None:  # scale the [H, Q] operand, not the [Q, S] probabilities
     do_T_i = do_T_i * inv_l[:, :, None, :].astype(do_T_i.dtype)
-  dv_j = jnp.einsum("BKHQ,BKQS->BKHS", do_T_i, p.astype(do_i.dtype),
-                    preferred_element_type=jnp.float32)
+  dv_j = jnp.einsum(
+    "BKHQ,BKQS->BKHS", do_T_i, p.astype(do_i.dtype), preferred_element_type=jnp.float32
+  )
   dp = jnp.einsum("BKQH,BKSH->BKQS", do_i, v_j, preferred_element_type=jnp.float32)
-  row = (h ** -0.5) if inv_l is None else inv_l[..., None] * (h ** -0.5)
+  row = (h**-0.5) if inv_l is None else inv_l[..., None] * (h**-0.5)
   ds = (p * (dp - d_row_i[..., None]) * row).astype(q_T_i.dtype)
   dq_i = jnp.einsum("BKQS,BKSH->BKQH", ds, k_j, preferred_element_type=jnp.float32)
   dk_j = jnp.einsum("BKHQ,BKQS->BKHS", q_T_i, ds, preferred_element_type=jnp.float32)
@@ -118,9 +120,13 @@ def _transposed(*xs_BKQH):
 
 
 def _scan(step, carry, pairs, unroll):
-  xs = (jnp.asarray([p[0] for p in pairs], jnp.int32), jnp.asarray([p[1] for p in pairs], jnp.int32))
-  carry, _ = jax.lax.scan(lambda c, ij: (step(c, ij), None), carry, xs,
-                          unroll=len(pairs) if unroll else 1)
+  xs = (
+    jnp.asarray([p[0] for p in pairs], jnp.int32),
+    jnp.asarray([p[1] for p in pairs], jnp.int32),
+  )
+  carry, _ = jax.lax.scan(
+    lambda c, ij: (step(c, ij), None), carry, xs, unroll=len(pairs) if unroll else 1
+  )
   return carry
 
 
@@ -140,8 +146,9 @@ def _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_i
       m_new = jnp.maximum(m_old, s.max(-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m_old - m_new)
-      pv = jnp.einsum("BKQS,BKSH->BKQH", p.astype(v.dtype), _rows(v, j, c),
-                      preferred_element_type=jnp.float32)
+      pv = jnp.einsum(
+        "BKQS,BKSH->BKQH", p.astype(v.dtype), _rows(v, j, c), preferred_element_type=jnp.float32
+      )
       return acc_old * corr[..., None] + pv, m_new, l_old * corr + p.sum(-1)
 
     if skip_empty:
@@ -150,8 +157,11 @@ def _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_i
       a, mm, ll = compute(None)
     return _put(acc, a, i, cg), _put(m, mm, i, cg), _put(l, ll, i, cg)
 
-  init = (jnp.zeros((b, kv, rows, h), jnp.float32), jnp.full((b, kv, rows), NEG_INF, jnp.float32),
-          jnp.zeros((b, kv, rows), jnp.float32))
+  init = (
+    jnp.zeros((b, kv, rows, h), jnp.float32),
+    jnp.full((b, kv, rows), NEG_INF, jnp.float32),
+    jnp.zeros((b, kv, rows), jnp.float32),
+  )
   acc, m, l = _scan(step, init, pairs, unroll)
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
@@ -174,9 +184,17 @@ def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
       # Plain swaps: XLA folds them back into the products, which stay as they were here
       # (TPU, GPU, long CPU sequences); `_transposed` was measured for the row schedule.
       q_i, do_i = _rows(q, i, cg), _rows(do, i, cg)
-      dq_i, dk_j, dv_j = _block_grads(q_i, _rows(k, j, c), _rows(v, j, c), do_i, mask,
-                                      _rows(lse, i, cg), _rows(d_row, i, cg),
-                                      jnp.swapaxes(q_i, 2, 3), jnp.swapaxes(do_i, 2, 3))
+      dq_i, dk_j, dv_j = _block_grads(
+        q_i,
+        _rows(k, j, c),
+        _rows(v, j, c),
+        do_i,
+        mask,
+        _rows(lse, i, cg),
+        _rows(d_row, i, cg),
+        jnp.swapaxes(q_i, 2, 3),
+        jnp.swapaxes(do_i, 2, 3),
+      )
       return dq_old + dq_i, dk_old + dk_j, dv_old + dv_j
 
     if skip_empty:
@@ -189,22 +207,24 @@ def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
   # [H, Q] x [Q, S] product faster than the [S, Q] x [Q, H] one, which contracts
   # the rows of both operands; one transpose at the end restores [B, K, S, H].
   zeros_T = lambda x: jnp.zeros((*x.shape[:2], x.shape[3], x.shape[2]), jnp.float32)
-  dq, dk_T, dv_T = _scan(step, (jnp.zeros(q.shape, jnp.float32), zeros_T(k), zeros_T(v)),
-                         pairs, unroll)
-  return (dq.astype(q.dtype), jnp.swapaxes(dk_T, 2, 3).astype(k.dtype),
-          jnp.swapaxes(dv_T, 2, 3).astype(v.dtype))
+  dq, dk_T, dv_T = _scan(
+    step, (jnp.zeros(q.shape, jnp.float32), zeros_T(k), zeros_T(v)), pairs, unroll
+  )
+  return (
+    dq.astype(q.dtype),
+    jnp.swapaxes(dk_T, 2, 3).astype(k.dtype),
+    jnp.swapaxes(dv_T, 2, 3).astype(v.dtype),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
 def _flash(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse = _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx,
-                      k_idx)
+  out, lse = _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx)
   return out.astype(q.dtype), lse
 
 
 def _flash_fwd(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse = _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx,
-                      k_idx)
+  out, lse = _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx)
   out = out.astype(q.dtype)
   return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse)
 
@@ -229,8 +249,11 @@ def use_rows(ranges, platform: str | None = None) -> bool:
   the scan pays per pair, so the kernel is faster in every layer kind at the shapes of
   benchmarks/train_step.py. Elsewhere the pair scan keeps one [C*G, C] block of
   scores alive."""
-  return (ranges is not None and len(ranges) <= ROWS_MAX_BLOCKS
-          and (platform or target_platform()) == "cpu")
+  return (
+    ranges is not None
+    and len(ranges) <= ROWS_MAX_BLOCKS
+    and (platform or target_platform()) == "cpu"
+  )
 
 
 def row_ranges(pairs, n_q: int):
@@ -249,12 +272,13 @@ def _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx):
   """Query block i's rows, its run of keys and values, and their [B, 1, C*G, R] mask."""
   lo, hi = rng[0] * c, rng[1] * c
   cg = c * g
-  sq, qi = q_seg[:, i * c:(i + 1) * c], q_idx[i * c:(i + 1) * c]
-  mask = allowed(qi[None, :, None], k_idx[None, None, lo:hi], sq[:, :, None],
-                 k_seg[:, None, lo:hi], window)
+  sq, qi = q_seg[:, i * c : (i + 1) * c], q_idx[i * c : (i + 1) * c]
+  mask = allowed(
+    qi[None, :, None], k_idx[None, None, lo:hi], sq[:, :, None], k_seg[:, None, lo:hi], window
+  )
   b, n = mask.shape[0], hi - lo
   mask = jnp.broadcast_to(mask[:, :, None, :], (b, c, g, n)).reshape(b, 1, cg, n)
-  return q[:, :, i * cg:(i + 1) * cg], k[:, :, lo:hi], v[:, :, lo:hi], mask
+  return q[:, :, i * cg : (i + 1) * cg], k[:, :, lo:hi], v[:, :, lo:hi], mask
 
 
 def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
@@ -308,19 +332,38 @@ def _rows_backward(c, g, window, ranges, res, do, dlse):
     q_i, k_r, v_r, mask = _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx)
     rows = slice(i * cg, (i + 1) * cg)
     if kept is None:
-      dq_i, dk_j, dv_j = _block_grads(q_i, k_r, v_r, do[:, :, rows], mask, lse[:, :, rows],
-                                      d_row[:, :, rows], q_T[..., rows], do_T[..., rows])
+      dq_i, dk_j, dv_j = _block_grads(
+        q_i,
+        k_r,
+        v_r,
+        do[:, :, rows],
+        mask,
+        lse[:, :, rows],
+        d_row[:, :, rows],
+        q_T[..., rows],
+        do_T[..., rows],
+      )
     else:
       exps, inv_l = kept
-      dq_i, dk_j, dv_j = _grads_from_probs(exps[i], inv_l[:, :, rows], k_r, v_r,
-                                           do[:, :, rows], d_row[:, :, rows],
-                                           q_T[..., rows], do_T[..., rows])
+      dq_i, dk_j, dv_j = _grads_from_probs(
+        exps[i],
+        inv_l[:, :, rows],
+        k_r,
+        v_r,
+        do[:, :, rows],
+        d_row[:, :, rows],
+        q_T[..., rows],
+        do_T[..., rows],
+      )
     dq.append(dq_i)
     cols = slice(rng[0] * c, rng[1] * c)
     dk_T = dk_T.at[..., cols].add(dk_j)
     dv_T = dv_T.at[..., cols].add(dv_j)
-  return (jnp.concatenate(dq, axis=2).astype(q.dtype), jnp.swapaxes(dk_T, 2, 3).astype(k.dtype),
-          jnp.swapaxes(dv_T, 2, 3).astype(v.dtype))
+  return (
+    jnp.concatenate(dq, axis=2).astype(q.dtype),
+    jnp.swapaxes(dk_T, 2, 3).astype(k.dtype),
+    jnp.swapaxes(dv_T, 2, 3).astype(v.dtype),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
@@ -346,10 +389,24 @@ def _rowwise_bwd(c, g, window, ranges, keep, res, cotangents):
 _rowwise.defvjp(_rowwise_fwd, _rowwise_bwd)
 
 
-def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S, *,
-                    window: int, chunk: int, pairs=None, q_offset: int | None = 0,
-                    skip_empty: bool = True, unroll: bool = False, rows: bool | None = None,
-                    keep_probs: bool = True):
+def flash_attention(
+  q_BTNH,
+  k_BSKH,
+  v_BSKH,
+  q_seg_BT,
+  k_seg_BS,
+  q_idx_T,
+  k_idx_S,
+  *,
+  window: int,
+  chunk: int,
+  pairs=None,
+  q_offset: int | None = 0,
+  skip_empty: bool = True,
+  unroll: bool = False,
+  rows: bool | None = None,
+  keep_probs: bool = True,
+):
   """Attention with explicit positions; returns (out [B,T,N,H], lse [B,T,N] f32).
 
   `q_idx_T`/`k_idx_S` are the positions the mask compares (may be traced).
@@ -374,14 +431,19 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
   pad_t, pad_s = -t % c, -s % c
   tp = t + pad_t
   if pairs is None:
-    pairs = block_pairs(tp // c, (s + pad_s) // c, c,
-                        None if q_offset is None else window, q_offset or 0)
+    pairs = block_pairs(
+      tp // c, (s + pad_s) // c, c, None if q_offset is None else window, q_offset or 0
+    )
   q = pad_rows(q_BTNH, pad_t, 0).reshape(b, tp, kv, g, h).transpose(0, 2, 1, 3, 4)
   heads_first = lambda x: pad_rows(x, pad_s, 0).transpose(0, 2, 1, 3)
-  operands = (q.reshape(b, kv, tp * g, h), heads_first(k_BSKH), heads_first(v_BSKH),
-              *pad_segments(q_seg_BT, k_seg_BS, pad_t, pad_s),
-              _pad_1d(jnp.asarray(q_idx_T, jnp.int32), pad_t),
-              _pad_1d(jnp.asarray(k_idx_S, jnp.int32), pad_s))
+  operands = (
+    q.reshape(b, kv, tp * g, h),
+    heads_first(k_BSKH),
+    heads_first(v_BSKH),
+    *pad_segments(q_seg_BT, k_seg_BS, pad_t, pad_s),
+    _pad_1d(jnp.asarray(q_idx_T, jnp.int32), pad_t),
+    _pad_1d(jnp.asarray(k_idx_S, jnp.int32), pad_s),
+  )
   ranges = row_ranges(pairs, tp // c)
   if rows is None:
     rows = use_rows(ranges)
@@ -396,12 +458,34 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, k_seg_BS, q_idx_T, k_idx_S
   return out[:, :t], lse[:, :t]
 
 
-def chunked_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int,
-                      skip_empty: bool = True, unroll: bool = False, rows: bool | None = None,
-                      keep_probs: bool = True):
+def chunked_attention(
+  q_BTNH,
+  k_BTKH,
+  v_BTKH,
+  segment_ids_BT,
+  *,
+  window: int,
+  chunk: int,
+  skip_empty: bool = True,
+  unroll: bool = False,
+  rows: bool | None = None,
+  keep_probs: bool = True,
+):
   """Self-attention over packed rows; matches `reference_attention`."""
   idx = np.arange(q_BTNH.shape[1])
-  out, _ = flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT, idx, idx,
-                           window=window, chunk=chunk, skip_empty=skip_empty, unroll=unroll,
-                           rows=rows, keep_probs=keep_probs)
+  out, _ = flash_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    segment_ids_BT,
+    segment_ids_BT,
+    idx,
+    idx,
+    window=window,
+    chunk=chunk,
+    skip_empty=skip_empty,
+    unroll=unroll,
+    rows=rows,
+    keep_probs=keep_probs,
+  )
   return out

@@ -48,7 +48,7 @@ def _halo(x, rows, r, axis, n, fill):
   parts = []
   for hop in range(math.ceil(rows / t), 0, -1):
     take = min(t, rows - (hop - 1) * t)
-    got = jax.lax.ppermute(x[:, t - take:], axis, [(s, s + hop) for s in range(n - hop)])
+    got = jax.lax.ppermute(x[:, t - take :], axis, [(s, s + hop) for s in range(n - hop)])
     if fill is not None:  # shards with no source get padding segment ids
       got = jnp.where(r >= hop, got, fill)
     parts.append(got)
@@ -61,18 +61,31 @@ def _local(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
   rows = halo_rows(window, t, n)
   c = splash.MIN_BLOCK if impl == "splash" else min(chunk, t)
   front = -rows % c  # aligns query blocks to key blocks; local padding, not sent
-  pad = lambda x, value: jnp.pad(x, [(0, 0), (front, 0)] + [(0, 0)] * (x.ndim - 2),
-                                 constant_values=value)
+  pad = lambda x, value: jnp.pad(
+    x, [(0, 0), (front, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=value
+  )
   k_all = pad(jnp.concatenate([_halo(k, rows, r, axis, n, None), k], axis=1), 0)
   v_all = pad(jnp.concatenate([_halo(v, rows, r, axis, n, None), v], axis=1), 0)
-  s_all = pad(jnp.concatenate([_halo(seg, rows, r, axis, n, PAD_K_SEGMENT), seg], axis=1),
-              PAD_K_SEGMENT)
+  s_all = pad(
+    jnp.concatenate([_halo(seg, rows, r, axis, n, PAD_K_SEGMENT), seg], axis=1), PAD_K_SEGMENT
+  )
   offset = front + rows
   if impl == "splash":
-    return splash.attend_local(q, k_all, v_all, seg, s_all, window=window, offset=offset,
-                               block=chunk)
-  out, _ = flash_attention(q, k_all, v_all, seg, s_all, offset + np.arange(t),
-                           np.arange(offset + t), window=window, chunk=c, q_offset=offset)
+    return splash.attend_local(
+      q, k_all, v_all, seg, s_all, window=window, offset=offset, block=chunk
+    )
+  out, _ = flash_attention(
+    q,
+    k_all,
+    v_all,
+    seg,
+    s_all,
+    offset + np.arange(t),
+    np.arange(offset + t),
+    window=window,
+    chunk=c,
+    q_offset=offset,
+  )
   return out
 
 
@@ -81,12 +94,24 @@ def _allgather(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
   r = jax.lax.axis_index(axis)
   gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
   if impl == "splash":  # shard r's queries sit at key rows r*T...: one causal kernel per r
-    branches = [functools.partial(splash.attend_local, window=window, offset=i * t, block=chunk)
-                for i in range(n)]
+    branches = [
+      functools.partial(splash.attend_local, window=window, offset=i * t, block=chunk)
+      for i in range(n)
+    ]
     return jax.lax.switch(r, branches, q, gather(k), gather(v), seg, gather(seg))
   q_idx = r * t + jnp.arange(t)
-  out, _ = flash_attention(q, gather(k), gather(v), seg, gather(seg), q_idx,
-                           jnp.arange(n * t), window=window, chunk=chunk, q_offset=None)
+  out, _ = flash_attention(
+    q,
+    gather(k),
+    gather(v),
+    seg,
+    gather(seg),
+    q_idx,
+    jnp.arange(n * t),
+    window=window,
+    chunk=chunk,
+    q_offset=None,
+  )
   return out
 
 
@@ -104,8 +129,18 @@ def _ring(q, k, v, seg, window, chunk, axis, n):
 
     def past(kvs, src=src):
       k_s, v_s, seg_s = kvs
-      o, l = flash_attention(q, k_s, v_s, seg, seg_s, r * t + idx, src * t + idx,
-                             window=window, chunk=chunk, q_offset=None)
+      o, l = flash_attention(
+        q,
+        k_s,
+        v_s,
+        seg,
+        seg_s,
+        r * t + idx,
+        src * t + idx,
+        window=window,
+        chunk=chunk,
+        q_offset=None,
+      )
       return o.astype(jnp.float32), l
 
     def future(kvs):
@@ -113,14 +148,26 @@ def _ring(q, k, v, seg, window, chunk, axis, n):
 
     o_s, lse_s = jax.lax.cond(src < r, past, future, kvs)
     new = jnp.logaddexp(lse, lse_s)
-    out = (out * jnp.exp(lse - new)[..., None] + o_s * jnp.exp(lse_s - new)[..., None])
+    out = out * jnp.exp(lse - new)[..., None] + o_s * jnp.exp(lse_s - new)[..., None]
     lse = new
   return out.astype(q.dtype)
 
 
-def sharded_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int,
-                      mode: str, q_spec: P, kv_spec: P, seg_spec: P, axis: str = AXIS,
-                      impl: str = "chunked"):
+def sharded_attention(
+  q_BTNH,
+  k_BTKH,
+  v_BTKH,
+  segment_ids_BT,
+  *,
+  window: int,
+  chunk: int,
+  mode: str,
+  q_spec: P,
+  kv_spec: P,
+  seg_spec: P,
+  axis: str = AXIS,
+  impl: str = "chunked",
+):
   """Self-attention of global arrays under the current mesh, sharded on `axis`.
 
   Specs name the mesh axes of each operand (the sequence dimension must be
@@ -136,14 +183,17 @@ def sharded_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, ch
   n = mesh.shape[axis]
   t = q_BTNH.shape[1]
   if t % n:
-    raise ValueError(f"sequence length {t} is not divisible by the {axis!r} mesh axis "
-                     f"size {n}; pad the batch to a multiple of {n}")
+    raise ValueError(
+      f"sequence length {t} is not divisible by the {axis!r} mesh axis "
+      f"size {n}; pad the batch to a multiple of {n}"
+    )
   if window < t:
     body = lambda q, k, v, s: _local(q, k, v, s, window, chunk, axis, n, impl)
   elif mode == "allgather":
     body = lambda q, k, v, s: _allgather(q, k, v, s, window, chunk, axis, n, impl)
   else:
     body = lambda q, k, v, s: _ring(q, k, v, s, window, chunk, axis, n)
-  fn = jax.shard_map(body, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                     check_vma=False)
+  fn = jax.shard_map(
+    body, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+  )
   return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)

@@ -59,9 +59,10 @@ def check_gpu_dtypes(compute_dtype) -> None:
     name = str(compute_dtype)
   if name not in GPU_DTYPES:
     raise ConfigError(
-        f"attention_impl='cudnn' needs compute_dtype in {GPU_DTYPES} (cuDNN flash "
-        f"attention has no float32 kernel); got {name!r}. Set compute_dtype='bfloat16', "
-        "or use attention_impl='chunked' for float32.")
+      f"attention_impl='cudnn' needs compute_dtype in {GPU_DTYPES} (cuDNN flash "
+      f"attention has no float32 kernel); got {name!r}. Set compute_dtype='bfloat16', "
+      "or use attention_impl='chunked' for float32."
+    )
 
 
 def default_max_segments(t: int) -> int:
@@ -73,8 +74,10 @@ def require_gpu() -> None:
   """RuntimeError unless JAX runs on a GPU or has the CUDA plugin (ahead-of-time
   compilation for GPU targets from a CPU host)."""
   if jax.default_backend() != "gpu" and cudnn_fmha.cuda_versions is None:
-    raise RuntimeError("attention_impl='cudnn' needs an NVIDIA GPU (backend is "
-                       f"{jax.default_backend()!r}); use 'chunked' on CPU/TPU")
+    raise RuntimeError(
+      "attention_impl='cudnn' needs an NVIDIA GPU (backend is "
+      f"{jax.default_backend()!r}); use 'chunked' on CPU/TPU"
+    )
 
 
 @contextlib.contextmanager
@@ -86,9 +89,10 @@ def compiling_for(capability: str = "9.0"):
   compile-only GPU devices answers for the target instead. Not thread-safe.
   """
   target = tuple(int(x) for x in capability.split("."))
-  answers = {"check_compute_capability": lambda c: target >= tuple(int(x) for x in c.split(".")),
-             "is_cuda_compute_capability_equal":
-                 lambda c: target == tuple(int(x) for x in c.split("."))}
+  answers = {
+    "check_compute_capability": lambda c: target >= tuple(int(x) for x in c.split(".")),
+    "is_cuda_compute_capability_equal": lambda c: target == tuple(int(x) for x in c.split(".")),
+  }
   saved = {name: getattr(cudnn_fmha, name) for name in answers}
   try:
     for name, fn in answers.items():
@@ -99,8 +103,17 @@ def compiling_for(capability: str = "9.0"):
       setattr(cudnn_fmha, name, fn)
 
 
-def cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chunk: int = 512,
-                    max_segments: int | None = None, implementation: str = "cudnn"):
+def cudnn_attention(
+  q_BTNH,
+  k_BTKH,
+  v_BTKH,
+  segment_ids_BT,
+  *,
+  window: int,
+  chunk: int = 512,
+  max_segments: int | None = None,
+  implementation: str = "cudnn",
+):
   """Self-attention over packed rows; matches `reference_attention`.
 
   Args:
@@ -138,10 +151,14 @@ def cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int, chun
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or mesh.size == 1:
     return attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
-  q_spec, kv_spec, seg_spec = shard_specs(mesh, *q_BTNH.shape[:1], q_BTNH.shape[2],
-                                          k_BTKH.shape[2])
-  return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
-                       out_specs=q_spec, check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+  q_spec, kv_spec, seg_spec = shard_specs(mesh, *q_BTNH.shape[:1], q_BTNH.shape[2], k_BTKH.shape[2])
+  return jax.shard_map(
+    attend,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
 
 
 def shard_specs(mesh, b: int, n: int, k: int):
@@ -153,9 +170,10 @@ def _check_arrays(q_BTNH, k_BTKH, v_BTKH):
   dtypes = {jnp.dtype(x.dtype).name for x in (q_BTNH, k_BTKH, v_BTKH)}
   if len(dtypes) != 1 or not dtypes <= set(GPU_DTYPES):
     raise ConfigError(
-        f"cuDNN attention got q/k/v dtypes {sorted(dtypes)}; it needs one of {GPU_DTYPES} "
-        "for all three. Run the model with compute_dtype='bfloat16', or use "
-        "attention_impl='chunked' for float32.")
+      f"cuDNN attention got q/k/v dtypes {sorted(dtypes)}; it needs one of {GPU_DTYPES} "
+      "for all three. Run the model with compute_dtype='bfloat16', or use "
+      "attention_impl='chunked' for float32."
+    )
 
 
 @functools.cache
@@ -183,13 +201,25 @@ def packed_cudnn_attention(q_BTNH, k_BTKH, v_BTKH, seqlen_BM, offsets_BM1, *, wi
     k_BTKH, v_BTKH = jnp.repeat(k_BTKH, g, axis=2), jnp.repeat(v_BTKH, g, axis=2)
   try:
     return cudnn_fmha.dot_product_attention(
-        q_BTNH, k_BTKH, v_BTKH, None, None, seqlen_BM, seqlen_BM, offsets_BM1, offsets_BM1,
-        scale=h ** -0.5, mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL,
-        sliding_window_length=window if window < t else None)
+      q_BTNH,
+      k_BTKH,
+      v_BTKH,
+      None,
+      None,
+      seqlen_BM,
+      seqlen_BM,
+      offsets_BM1,
+      offsets_BM1,
+      scale=h**-0.5,
+      mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL,
+      sliding_window_length=window if window < t else None,
+    )
   except NotImplementedError as e:  # pre-Hopper GPU, head dim > 256 or not a multiple of 8
-    raise ConfigError(f"cuDNN flash attention cannot run this case: {e} (packed documents need "
-                      "a Hopper or newer GPU, head_dim a multiple of 8 up to 256); use "
-                      "attention_impl='chunked'") from e
+    raise ConfigError(
+      f"cuDNN flash attention cannot run this case: {e} (packed documents need "
+      "a Hopper or newer GPU, head_dim a multiple of 8 up to 256); use "
+      "attention_impl='chunked'"
+    ) from e
 
 
 def packed_xla_attention(q_BTNH, k_BTKH, v_BTKH, seqlen_BM, offsets_BM1, *, window: int):
@@ -200,7 +230,11 @@ def packed_xla_attention(q_BTNH, k_BTKH, v_BTKH, seqlen_BM, offsets_BM1, *, wind
   """
   t = q_BTNH.shape[1]
   slot_BT, local_BT = packing.decode_layout(packing.PackedLayout(seqlen_BM, offsets_BM1, None), t)
-  mask_BTS = allowed(local_BT[:, :, None], local_BT[:, None, :], slot_BT[:, :, None],
-                     slot_BT[:, None, :], window) & (slot_BT >= 0)[:, :, None]
+  mask_BTS = (
+    allowed(
+      local_BT[:, :, None], local_BT[:, None, :], slot_BT[:, :, None], slot_BT[:, None, :], window
+    )
+    & (slot_BT >= 0)[:, :, None]
+  )
   probs = masked_softmax(gqa_scores(q_BTNH, k_BTKH), mask_BTS[:, None, None])
   return gqa_combine(probs, v_BTKH)

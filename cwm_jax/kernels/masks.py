@@ -35,5 +35,6 @@ def self_mask_BTS(segment_ids_BT, window):
   """[B, T, T] mask for self-attention over one packed row."""
   t = segment_ids_BT.shape[1]
   idx = jnp.arange(t)
-  return allowed(idx[:, None], idx[None, :], segment_ids_BT[:, :, None],
-                 segment_ids_BT[:, None, :], window)
+  return allowed(
+    idx[:, None], idx[None, :], segment_ids_BT[:, :, None], segment_ids_BT[:, None, :], window
+  )

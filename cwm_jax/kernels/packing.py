@@ -26,16 +26,17 @@ import jax.numpy as jnp
 
 
 class PackedLayout(NamedTuple):
-  seqlen_BM: jax.Array     # int32 run lengths, -1 past the last run
-  offsets_BM1: jax.Array   # int32 run starts, -1 past the last run and in column M
-  fits_B: jax.Array        # bool: the two arrays above describe the row exactly
+  seqlen_BM: jax.Array  # int32 run lengths, -1 past the last run
+  offsets_BM1: jax.Array  # int32 run starts, -1 past the last run and in column M
+  fits_B: jax.Array  # bool: the two arrays above describe the row exactly
 
 
 def run_ids(segment_ids_BT):
   """Index of each token's run within its row: [B, T] int32, starting at 0."""
   b = segment_ids_BT.shape[0]
   changed_BT = jnp.concatenate(
-      [jnp.ones((b, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    [jnp.ones((b, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+  )
   return jnp.cumsum(changed_BT, axis=1, dtype=jnp.int32) - 1
 
 
@@ -49,8 +50,10 @@ def ids_are_contiguous(segment_ids_BT, run_BT):
 def packed_layout(segment_ids_BT, max_segments: int) -> PackedLayout:
   """Per-run lengths and offsets of each row, capped at `max_segments` runs."""
   if max_segments < 2:
-    raise ValueError(f"max_segments={max_segments} must be >= 2 (cuDNN's packed layout "
-                     "needs at least two documents per row)")
+    raise ValueError(
+      f"max_segments={max_segments} must be >= 2 (cuDNN's packed layout "
+      "needs at least two documents per row)"
+    )
   b, t = segment_ids_BT.shape
   m = max_segments
   run_BT = run_ids(segment_ids_BT)
@@ -63,7 +66,8 @@ def packed_layout(segment_ids_BT, max_segments: int) -> PackedLayout:
   valid_BM = jnp.arange(m)[None] < n_runs_B[:, None]
   seqlen_BM = jnp.where(valid_BM, lengths_BM, -1)
   offsets_BM1 = jnp.concatenate(
-      [jnp.where(valid_BM, starts_BM, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    [jnp.where(valid_BM, starts_BM, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1
+  )
   fits_B = (n_runs_B <= m) & ids_are_contiguous(segment_ids_BT, run_BT)
   return PackedLayout(seqlen_BM, offsets_BM1, fits_B)
 
@@ -77,8 +81,11 @@ def decode_layout(layout: PackedLayout, t: int):
   starts_BM = layout.offsets_BM1[:, :-1]
   valid_BM = layout.seqlen_BM >= 0
   pos_T = jnp.arange(t, dtype=jnp.int32)
-  inside_BTM = (valid_BM[:, None] & (starts_BM[:, None] <= pos_T[None, :, None])
-                & (pos_T[None, :, None] < (starts_BM + layout.seqlen_BM)[:, None]))
+  inside_BTM = (
+    valid_BM[:, None]
+    & (starts_BM[:, None] <= pos_T[None, :, None])
+    & (pos_T[None, :, None] < (starts_BM + layout.seqlen_BM)[:, None])
+  )
   covered_BT = jnp.any(inside_BTM, axis=-1)
   slot_BT = jnp.where(covered_BT, jnp.argmax(inside_BTM, axis=-1), -1).astype(jnp.int32)
   start_BT = jnp.take_along_axis(starts_BM, jnp.maximum(slot_BT, 0), axis=1)

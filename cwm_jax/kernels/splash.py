@@ -26,7 +26,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from cwm_jax.kernels import backend, masks
 
@@ -37,6 +36,7 @@ MIN_BLOCK = 128  # the TPU lane width: smallest sequence tile (interpret mode to
 
 def _sa():
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU kernel, CPU-importable
+
   return sa
 
 
@@ -49,9 +49,11 @@ def fit_block(length: int, block: int, min_block: int) -> int:
     if length % b == 0:
       return b
     b //= 2
-  raise ValueError(f"splash attention: sequence length {length} has no tile in "
-                   f"[{min_block}, {block}] dividing it; pad the sequence to a multiple "
-                   f"of {min_block} or set attention_chunk")
+  raise ValueError(
+    f"splash attention: sequence length {length} has no tile in "
+    f"[{min_block}, {block}] dividing it; pad the sequence to a multiple "
+    f"of {min_block} or set attention_chunk"
+  )
 
 
 def block_sizes(t: int, s: int, block: int | None = None):
@@ -59,13 +61,19 @@ def block_sizes(t: int, s: int, block: int | None = None):
   `attend_local` pads them): `block` (default 512) fitted to each length."""
   bq = fit_block(t, max(block or MAX_BLOCK, MIN_BLOCK), MIN_BLOCK)
   bkv = fit_block(s, max(block or MAX_BLOCK, MIN_BLOCK), MIN_BLOCK)
-  return _sa().BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
-                          block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
-                          block_kv_dq=bkv)
+  return _sa().BlockSizes(
+    block_q=bq,
+    block_kv=bkv,
+    block_kv_compute=bkv,
+    block_q_dkv=bq,
+    block_kv_dkv=bkv,
+    block_kv_dkv_compute=bkv,
+    block_q_dq=bq,
+    block_kv_dq=bkv,
+  )
 
 
-def _kernel(t: int, s: int, n: int, window: int, offset: int, block: int | None,
-            interpret: bool):
+def _kernel(t: int, s: int, n: int, window: int, offset: int, block: int | None, interpret: bool):
   """Kernel for n heads of a [T, S] mask: causal if `window` covers T + offset.
 
   Built per trace (its mask info becomes constants of that trace); the costly
@@ -75,9 +83,9 @@ def _kernel(t: int, s: int, n: int, window: int, offset: int, block: int | None,
     head_mask = sa.CausalMask((t, s), offset=offset)
   else:
     head_mask = sa.LocalMask((t, s), window_size=(window - 1, 0), offset=offset)
-  return sa.make_splash_mha_single_device(sa.MultiHeadMask([head_mask] * n),
-                                          block_sizes=block_sizes(t, s, block),
-                                          interpret=interpret)
+  return sa.make_splash_mha_single_device(
+    sa.MultiHeadMask([head_mask] * n), block_sizes=block_sizes(t, s, block), interpret=interpret
+  )
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -85,8 +93,18 @@ def _interpret(interpret: bool | None) -> bool:
   return backend.target_platform() != "tpu" if interpret is None else interpret
 
 
-def attend_local(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, *, window: int, offset: int = 0,
-                 block: int | None = None, interpret: bool | None = None):
+def attend_local(
+  q_BTNH,
+  k_BSKH,
+  v_BSKH,
+  q_seg_BT,
+  kv_seg_BS,
+  *,
+  window: int,
+  offset: int = 0,
+  block: int | None = None,
+  interpret: bool | None = None,
+):
   """Splash attention of unsharded (or per-shard) arrays; query row i sits at key
   position `offset + i`. Returns [B, T, N, H] in q's dtype.
 
@@ -95,19 +113,19 @@ def attend_local(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, *, window: int, of
   b, t, n, h = q_BTNH.shape
   s = k_BSKH.shape[1]
   pad_t, pad_s = -t % MIN_BLOCK, -s % MIN_BLOCK
-  kernel = _kernel(t + pad_t, s + pad_s, n, int(window), int(offset), block,
-                   _interpret(interpret))
+  kernel = _kernel(t + pad_t, s + pad_s, n, int(window), int(offset), block, _interpret(interpret))
   sa = _sa()
   heads_first = lambda x, rows: jnp.swapaxes(masks.pad_rows(x, rows, 0), 1, 2)
-  q_BNTH = heads_first(q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype), pad_t)
+  q_BNTH = heads_first(q_BTNH * jnp.asarray(h**-0.5, q_BTNH.dtype), pad_t)
   k_BKSH = heads_first(k_BSKH, pad_s).astype(q_BTNH.dtype)
   v_BKSH = heads_first(v_BSKH, pad_s).astype(q_BTNH.dtype)
 
   def one(q, k, v, q_seg, kv_seg):
     return kernel(q, k, v, segment_ids=sa.SegmentIds(q=q_seg, kv=kv_seg))
 
-  o_BNTH = jax.vmap(one)(q_BNTH, k_BKSH, v_BKSH,
-                         *masks.pad_segments(q_seg_BT, kv_seg_BS, pad_t, pad_s))
+  o_BNTH = jax.vmap(one)(
+    q_BNTH, k_BKSH, v_BKSH, *masks.pad_segments(q_seg_BT, kv_seg_BS, pad_t, pad_s)
+  )
   return jnp.swapaxes(o_BNTH[:, :, :t], 1, 2).astype(q_BTNH.dtype)
 
 
@@ -129,9 +147,19 @@ def mesh_specs(mesh, b: int, n: int, k: int, batch_axes=BATCH_AXES, head_axis=HE
   return backend.shard_specs(mesh, b, n, k, batch_axes=batch_axes, head_axis=head_axis)
 
 
-def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int,
-                     block: int | None = None, interpret: bool | None = None, mesh=None,
-                     batch_axes=BATCH_AXES, head_axis: str = HEAD_AXIS):
+def splash_attention(
+  q_BTNH,
+  k_BTKH,
+  v_BTKH,
+  segment_ids_BT,
+  *,
+  window: int,
+  block: int | None = None,
+  interpret: bool | None = None,
+  mesh=None,
+  batch_axes=BATCH_AXES,
+  head_axis: str = HEAD_AXIS,
+):
   """Self-attention over packed rows; matches `reference_attention`.
 
   Under a mesh (`mesh`, or the one set by `jax.set_mesh`) of more than one
@@ -155,6 +183,11 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window: int,
       v = kv_for_heads(v, q.shape[2], n // k, head_axis)
     return local(q, k_, v, seg, seg)
 
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
-                     out_specs=q_spec, check_vma=False)
+  fn = jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )
   return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)

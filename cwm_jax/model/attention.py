@@ -9,10 +9,10 @@ import functools
 import math
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.ad_checkpoint import checkpoint_name
 
 from cwm_jax import kernels
 from cwm_jax.kernels import context_parallel
@@ -90,8 +90,11 @@ FUSED_QKV_MIN_ROWS = 256
 def _join_qkv(x_BTD) -> bool:
   """`_fused_qkv` for `project_qkv`: on CPU, for at least FUSED_QKV_MIN_ROWS tokens, and
   with heads whole (joining weights split over the heads axis would gather them)."""
-  return (target_platform() == "cpu" and not _mesh_splits(HEAD_AXIS)
-          and math.prod(x_BTD.shape[:-1]) >= FUSED_QKV_MIN_ROWS)
+  return (
+    target_platform() == "cpu"
+    and not _mesh_splits(HEAD_AXIS)
+    and math.prod(x_BTD.shape[:-1]) >= FUSED_QKV_MIN_ROWS
+  )
 
 
 def _mesh_splits(axis: str) -> bool:
@@ -106,8 +109,9 @@ def _fused_qkv(x_BTD, wq_DNH, wk_DKH, wv_DKH):
   GEMM rate alone, and joined they run at the rate of one wide product."""
   d, n, h = wq_DNH.shape
   k = wk_DKH.shape[1]
-  w = jnp.concatenate([wq_DNH.reshape(d, n * h), wk_DKH.reshape(d, k * h),
-                       wv_DKH.reshape(d, k * h)], axis=1)
+  w = jnp.concatenate(
+    [wq_DNH.reshape(d, n * h), wk_DKH.reshape(d, k * h), wv_DKH.reshape(d, k * h)], axis=1
+  )
   y = dense(x_BTD, w)
   q, kk, v = jnp.split(y, [n * h, (n + k) * h], axis=-1)
   lead = x_BTD.shape[:-1]
@@ -124,20 +128,38 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
   axis = context_parallel.AXIS
   if run.context_parallel != "none" and _mesh_splits(axis):
     mesh = jax.sharding.get_abstract_mesh()
-    specs = [_manual_spec(names, mesh, axis) for names in
-             (("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None),
-              ("batch", "seq"))]
-    return functools.partial(context_parallel.sharded_attention, window=window,
-                             chunk=kernels.resolve_chunk(run.attention_chunk, cfg.max_seq_len),
-                             mode=run.context_parallel,
-                             q_spec=specs[0], kv_spec=specs[1], seg_spec=specs[2], axis=axis,
-                             impl="splash" if impl == "splash" else "chunked")
+    specs = [
+      _manual_spec(names, mesh, axis)
+      for names in (
+        ("batch", "seq", "act_heads", None),
+        ("batch", "seq", "act_kv_heads", None),
+        ("batch", "seq"),
+      )
+    ]
+    return functools.partial(
+      context_parallel.sharded_attention,
+      window=window,
+      chunk=kernels.resolve_chunk(run.attention_chunk, cfg.max_seq_len),
+      mode=run.context_parallel,
+      q_spec=specs[0],
+      kv_spec=specs[1],
+      seg_spec=specs[2],
+      axis=axis,
+      impl="splash" if impl == "splash" else "chunked",
+    )
   # The row schedule's kept probabilities cost memory only under scanned layers (see
   # `chunked.KEEP_PROBS_BYTES`).
-  return lambda q, k, v, s: kernels.attend(q, k, v, s, window=window, impl=impl,
-                                           chunk=run.attention_chunk,
-                                           max_segments=run.attention_max_segments,
-                                           keep_probs=not run.scan_layers)
+  return lambda q, k, v, s: kernels.attend(
+    q,
+    k,
+    v,
+    s,
+    window=window,
+    impl=impl,
+    chunk=run.attention_chunk,
+    max_segments=run.attention_max_segments,
+    keep_probs=not run.scan_layers,
+  )
 
 
 def _manual_spec(names, mesh, seq_axis):

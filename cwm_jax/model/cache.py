@@ -48,8 +48,8 @@ from cwm_jax.kernels.reference import reference_attention
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.layers import constrain, logical_to_spec
 
-CACHE_AXES = (None, "batch", None, "act_kv_heads", None)   # [L, B, S, K, H]
-TRANSPOSED_CACHE_AXES = (None, "batch", "act_kv_heads", None, None)   # [L, B, K, S|H, H|S]
+CACHE_AXES = (None, "batch", None, "act_kv_heads", None)  # [L, B, S, K, H]
+TRANSPOSED_CACHE_AXES = (None, "batch", "act_kv_heads", None, None)  # [L, B, K, S|H, H|S]
 
 
 def distinct_windows(cfg: ModelConfig) -> tuple[int, ...]:
@@ -60,11 +60,12 @@ def distinct_windows(cfg: ModelConfig) -> tuple[int, ...]:
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
   """Static placement of layers in groups: layer i is `slots[i]` of group `groups[i]`."""
-  windows: tuple[int, ...]   # window of each group
-  sizes: tuple[int, ...]     # ring-buffer slots of each group
-  groups: tuple[int, ...]    # group of each layer
-  slots: tuple[int, ...]     # index of each layer inside its group
-  transposed: bool = False   # keys [L, B, K, S, H], values [L, B, K, H, S] (CPU)
+
+  windows: tuple[int, ...]  # window of each group
+  sizes: tuple[int, ...]  # ring-buffer slots of each group
+  groups: tuple[int, ...]  # group of each layer
+  slots: tuple[int, ...]  # index of each layer inside its group
+  transposed: bool = False  # keys [L, B, K, S, H], values [L, B, K, H, S] (CPU)
 
   def window(self, layer: int) -> int:
     return self.windows[self.groups[layer]]
@@ -109,8 +110,11 @@ def _by_window(layer_windows, layer_sizes, transposed: bool) -> CacheLayout:
 
 
 def cache_layout(cfg: ModelConfig, cache_len: int) -> CacheLayout:
-  return _by_window(cfg.layer_windows, [min(w, cache_len) for w in cfg.layer_windows],
-                    transposed=target_platform() == "cpu")
+  return _by_window(
+    cfg.layer_windows,
+    [min(w, cache_len) for w in cfg.layer_windows],
+    transposed=target_platform() == "cpu",
+  )
 
 
 @struct.dataclass
@@ -120,9 +124,10 @@ class KVCache:
   `empty` (static) marks a cache no token was written to: the next forward
   pass is a prefill, whose queries attend among themselves.
   """
-  k: tuple   # per group [L, B, S, K, H]; transposed layout [L, B, K, S, H]
-  v: tuple   # per group [L, B, S, K, H]; transposed layout [L, B, K, H, S]
-  length_B: jnp.ndarray   # [B] columns (tokens) each row holds
+
+  k: tuple  # per group [L, B, S, K, H]; transposed layout [L, B, K, S, H]
+  v: tuple  # per group [L, B, S, K, H]; transposed layout [L, B, K, H, S]
+  length_B: jnp.ndarray  # [B] columns (tokens) each row holds
   layout: CacheLayout = struct.field(pytree_node=False)
   empty: bool = struct.field(pytree_node=False, default=True)
 
@@ -131,6 +136,7 @@ class KVCache:
 class LayerCache:
   """One layer's handle on the cache: its group and its slot inside the group (Python
   ints for unrolled layers, traced under scan)."""
+
   cache: KVCache
   slot: jnp.ndarray | int
   group: jnp.ndarray | int
@@ -148,39 +154,56 @@ def by_layer(cache: KVCache) -> KVCache:
   the layer scan needs the cache by window."""
   layout, n = cache.layout, len(cache.layout.groups)
   per_layer = [_layer_buffers(cache, i) for i in range(n)]
-  split = CacheLayout(windows=tuple(layout.window(i) for i in range(n)),
-                      sizes=tuple(layout.sizes[g] for g in layout.groups),
-                      groups=tuple(range(n)), slots=(0,) * n, transposed=layout.transposed)
-  return cache.replace(k=tuple(k[None] for k, _ in per_layer),
-                       v=tuple(v[None] for _, v in per_layer), layout=split)
+  split = CacheLayout(
+    windows=tuple(layout.window(i) for i in range(n)),
+    sizes=tuple(layout.sizes[g] for g in layout.groups),
+    groups=tuple(range(n)),
+    slots=(0,) * n,
+    transposed=layout.transposed,
+  )
+  return cache.replace(
+    k=tuple(k[None] for k, _ in per_layer), v=tuple(v[None] for _, v in per_layer), layout=split
+  )
 
 
 def by_window(cache: KVCache) -> KVCache:
   """The cache with layers grouped by window (as `init_cache` makes it)."""
   layout, n = cache.layout, len(cache.layout.groups)
-  grouped = _by_window([layout.window(i) for i in range(n)],
-                       [layout.sizes[g] for g in layout.groups], layout.transposed)
+  grouped = _by_window(
+    [layout.window(i) for i in range(n)],
+    [layout.sizes[g] for g in layout.groups],
+    layout.transposed,
+  )
   if grouped == layout:
     return cache
   per_layer = [_layer_buffers(cache, i) for i in range(n)]
 
   def stack(which):
-    return tuple(constrain(jnp.stack([per_layer[i][which] for i in range(n)
-                                      if grouped.groups[i] == g]), grouped.axes)
-                 for g in range(len(grouped.windows)))
+    return tuple(
+      constrain(
+        jnp.stack([per_layer[i][which] for i in range(n) if grouped.groups[i] == g]), grouped.axes
+      )
+      for g in range(len(grouped.windows))
+    )
+
   return cache.replace(k=stack(0), v=stack(1), layout=grouped)
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype) -> KVCache:
   """An empty cache for `batch` rows of at most `cache_len` columns."""
   layout = cache_layout(cfg, cache_len)
+
   def zeros(g, values):
     shape = layout.shape(g, batch, cfg.n_kv_heads, cfg.head_dim, values)
     return constrain(jnp.zeros(shape, dtype), layout.axes)
 
   groups = range(len(layout.sizes))
-  return KVCache(k=tuple(zeros(g, False) for g in groups), v=tuple(zeros(g, True) for g in groups),
-                 length_B=jnp.zeros((batch,), jnp.int32), layout=layout)
+  return KVCache(
+    k=tuple(zeros(g, False) for g in groups),
+    v=tuple(zeros(g, True) for g in groups),
+    length_B=jnp.zeros((batch,), jnp.int32),
+    layout=layout,
+  )
 
 
 def slot_columns(length, size: int):
@@ -223,8 +246,7 @@ def write(handle: LayerCache, k_BTKH, v_BTKH, n_B) -> LayerCache:
   cols_BT, real_BT = _columns(cache, n_B, k_BTKH.shape[1])
   # Keys arrive split like activations (by position over `sequence`, say): split them like
   # the cache first, else the partitioner may gather every row's buffer to write them.
-  k_BTKH, v_BTKH = (constrain(x, ("batch", None, "act_kv_heads", None))
-                    for x in (k_BTKH, v_BTKH))
+  k_BTKH, v_BTKH = (constrain(x, ("batch", None, "act_kv_heads", None)) for x in (k_BTKH, v_BTKH))
 
   def put(g, buf, new_BTKH, values):
     size = cache.layout.sizes[g]
@@ -260,14 +282,25 @@ def attend(handle: LayerCache, q_BTNH, k_BTKH, v_BTKH, n_B):
     v = jax.lax.dynamic_index_in_dim(v_bufs[g], slot, axis=0, keepdims=False)
     k_seg_BS = (k_cols_BS >= 0).astype(jnp.int32)
     if t > 1:
-      k = jnp.concatenate([k, layout.block(k_BTKH.astype(k.dtype), False)],
-                          axis=layout.slot_axis(False))
-      v = jnp.concatenate([v, layout.block(v_BTKH.astype(v.dtype), True)],
-                          axis=layout.slot_axis(True))
+      k = jnp.concatenate(
+        [k, layout.block(k_BTKH.astype(k.dtype), False)], axis=layout.slot_axis(False)
+      )
+      v = jnp.concatenate(
+        [v, layout.block(v_BTKH.astype(v.dtype), True)], axis=layout.slot_axis(True)
+      )
       k_cols_BS = jnp.concatenate([k_cols_BS, cols_BT], axis=1)
       k_seg_BS = jnp.concatenate([k_seg_BS, real_BT.astype(jnp.int32)], axis=1)
-    return reference_attention(q_BTNH, k, v, ones_BT, k_seg_BS, window=layout.windows[g],
-                               q_idx_BT=cols_BT, k_idx_BS=k_cols_BS, **layout.dims)
+    return reference_attention(
+      q_BTNH,
+      k,
+      v,
+      ones_BT,
+      k_seg_BS,
+      window=layout.windows[g],
+      q_idx_BT=cols_BT,
+      k_idx_BS=k_cols_BS,
+      **layout.dims,
+    )
 
   if isinstance(group, int):
     out = one(group, ring.k, ring.v)
@@ -287,10 +320,12 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules) -> KVCache:
   """NamedShardings of a cache's arrays (e.g. of `jax.eval_shape(init_cache, ...)`) under
   the logical `rules` (normalized tuples), by rank: the 5-d buffers by the layout's axes,
   scalars replicated, any other array per row (leading dim B, by 'batch')."""
+
   def one(x):
     if x.ndim in (0, 5):
       names = cache.layout.axes if x.ndim else ()
     else:
       names = ("batch",) + (None,) * (x.ndim - 1)
     return NamedSharding(mesh, logical_to_spec(names, rules))
+
   return jax.tree.map(one, cache)

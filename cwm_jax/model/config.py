@@ -16,12 +16,15 @@ from cwm_jax.base import ConfigError
 from cwm_jax.model import execution
 
 
-def meta_layer_windows(n_layers: int, local_window: int, global_window: int,
-                       pattern: int = 4, global_last_layer: bool = True
-                      ) -> tuple[int, ...]:
+def meta_layer_windows(
+  n_layers: int,
+  local_window: int,
+  global_window: int,
+  pattern: int = 4,
+  global_last_layer: bool = True,
+) -> tuple[int, ...]:
   """Meta's rule: global where `i % pattern == 0`, and the last layer global."""
-  windows = [global_window if i % pattern == 0 else local_window
-             for i in range(n_layers)]
+  windows = [global_window if i % pattern == 0 else local_window for i in range(n_layers)]
   if global_last_layer and n_layers:
     windows[-1] = global_window
   return tuple(windows)
@@ -30,6 +33,7 @@ def meta_layer_windows(n_layers: int, local_window: int, global_window: int,
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """llama3-style RoPE frequency scaling (shared/SPEC.md)."""
+
   factor: float = 16.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
@@ -44,6 +48,7 @@ class ModelConfig:
   see: `q - k < layer_windows[i]`. Layers whose window equals
   `global_window` are global; others are local.
   """
+
   vocab_size: int
   dim: int
   n_layers: int
@@ -63,24 +68,37 @@ class ModelConfig:
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
     errors = []
-    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
-                 "head_dim", "ffn_dim", "global_window"):
+    for name in (
+      "vocab_size",
+      "dim",
+      "n_layers",
+      "n_heads",
+      "n_kv_heads",
+      "head_dim",
+      "ffn_dim",
+      "global_window",
+    ):
       if getattr(self, name) < 1:
         errors.append(f"{name}={getattr(self, name)} must be >= 1")
     if self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads:
-      errors.append(f"n_heads={self.n_heads} must be divisible by "
-                    f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+      errors.append(
+        f"n_heads={self.n_heads} must be divisible by "
+        f"n_kv_heads={self.n_kv_heads} (grouped-query attention)"
+      )
     if self.head_dim % 2:
       errors.append(f"head_dim={self.head_dim} must be even for RoPE")
     if len(self.layer_windows) != self.n_layers:
-      errors.append(f"layer_windows has {len(self.layer_windows)} entries but "
-                    f"n_layers={self.n_layers}; give one window per layer")
+      errors.append(
+        f"layer_windows has {len(self.layer_windows)} entries but "
+        f"n_layers={self.n_layers}; give one window per layer"
+      )
     bad = [w for w in self.layer_windows if w < 1]
     if bad:
       errors.append(f"layer_windows has windows < 1: {sorted(set(bad))}")
     if any(w > self.global_window for w in self.layer_windows):
-      errors.append("a layer window exceeds global_window="
-                    f"{self.global_window}; raise global_window")
+      errors.append(
+        f"a layer window exceeds global_window={self.global_window}; raise global_window"
+      )
     if errors:
       raise ConfigError("invalid ModelConfig: " + "; ".join(errors))
 
@@ -92,11 +110,11 @@ class ModelConfig:
   def global_layers(self) -> tuple[int, ...]:
     return tuple(i for i, w in enumerate(self.layer_windows) if w >= self.global_window)
 
-  def replace(self, **kw: Any) -> "ModelConfig":
+  def replace(self, **kw: Any) -> ModelConfig:
     return dataclasses.replace(self, **kw)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     """From `to_dict` output; execution fields stored by checkpoints written before
     the architecture/execution split are dropped, anything else unknown is an error."""
     d = {k: v for k, v in d.items() if k not in execution.FIELDS}
@@ -130,20 +148,38 @@ def ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float, ffn_exp: f
 
 def cwm_32b(**overrides: Any) -> ModelConfig:
   """The released CWM 32B architecture (17 global layers, Meta's pattern)."""
-  cfg = dict(vocab_size=128256, dim=6144, n_layers=64, n_heads=48, n_kv_heads=8,
-             head_dim=128, ffn_dim=21504, global_window=131072,
-             layer_windows=meta_layer_windows(64, 8192, 131072),
-             norm_eps=1e-5, rope_theta=1e6, rope_scaling=RopeScaling(),
-             max_seq_len=131072)
+  cfg = dict(
+    vocab_size=128256,
+    dim=6144,
+    n_layers=64,
+    n_heads=48,
+    n_kv_heads=8,
+    head_dim=128,
+    ffn_dim=21504,
+    global_window=131072,
+    layer_windows=meta_layer_windows(64, 8192, 131072),
+    norm_eps=1e-5,
+    rope_theta=1e6,
+    rope_scaling=RopeScaling(),
+    max_seq_len=131072,
+  )
   cfg.update(overrides)
   return ModelConfig(**cfg)
 
 
 def cwm_1b(**overrides: Any) -> ModelConfig:
   """A ~1B CWM-shaped model for single-accelerator throughput work."""
-  cfg = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4,
-             head_dim=128, ffn_dim=7168, global_window=131072,
-             layer_windows=meta_layer_windows(16, 8192, 131072))
+  cfg = dict(
+    vocab_size=128256,
+    dim=2048,
+    n_layers=16,
+    n_heads=16,
+    n_kv_heads=4,
+    head_dim=128,
+    ffn_dim=7168,
+    global_window=131072,
+    layer_windows=meta_layer_windows(16, 8192, 131072),
+  )
   cfg.update(overrides)
   return ModelConfig(**cfg)
 
@@ -153,11 +189,19 @@ def tiny(**overrides: Any) -> ModelConfig:
   n_layers = overrides.pop("n_layers", 4)
   local = overrides.pop("local_window", 16)
   glob = overrides.pop("global_window", 4096)
-  cfg = dict(vocab_size=512, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2,
-             head_dim=16, ffn_dim=128, global_window=glob,
-             layer_windows=meta_layer_windows(n_layers, local, glob),
-             rope_scaling=RopeScaling(factor=4.0, original_context=64),
-             max_seq_len=glob)
+  cfg = dict(
+    vocab_size=512,
+    dim=64,
+    n_layers=n_layers,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    global_window=glob,
+    layer_windows=meta_layer_windows(n_layers, local, glob),
+    rope_scaling=RopeScaling(factor=4.0, original_context=64),
+    max_seq_len=glob,
+  )
   cfg.update(overrides)
   return ModelConfig(**cfg)
 

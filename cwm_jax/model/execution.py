@@ -10,7 +10,8 @@ Training configs carry it as their `execution` section.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels.cudnn import check_gpu_dtypes
@@ -39,6 +40,7 @@ class Execution:
   `sequence` axis ('allgather' or 'ring'; local layers then exchange only a
   window-sized K/V halo); it is active only when that axis has size > 1.
   """
+
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   attention_impl: str = "auto"
@@ -54,13 +56,17 @@ class Execution:
     if self.attention_chunk < 0:
       errors.append(f"attention_chunk={self.attention_chunk} must be >= 1 (or 0: auto)")
     if self.attention_max_segments < 0 or self.attention_max_segments == 1:
-      errors.append(f"attention_max_segments={self.attention_max_segments} must be >= 2 "
-                    "(or 0: auto)")
-    for name, allowed in (("param_dtype", DTYPES), ("compute_dtype", DTYPES),
-                          ("attention_impl", ATTENTION_IMPLS),
-                          ("global_attention_impl", ("",) + ATTENTION_IMPLS),
-                          ("remat_policy", REMAT_POLICIES),
-                          ("context_parallel", CONTEXT_PARALLEL)):
+      errors.append(
+        f"attention_max_segments={self.attention_max_segments} must be >= 2 (or 0: auto)"
+      )
+    for name, allowed in (
+      ("param_dtype", DTYPES),
+      ("compute_dtype", DTYPES),
+      ("attention_impl", ATTENTION_IMPLS),
+      ("global_attention_impl", ("",) + ATTENTION_IMPLS),
+      ("remat_policy", REMAT_POLICIES),
+      ("context_parallel", CONTEXT_PARALLEL),
+    ):
       if getattr(self, name) not in allowed:
         errors.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
     if not errors and "cudnn" in (self.attention_impl, self.global_attention_impl):
@@ -71,11 +77,11 @@ class Execution:
     if errors:
       raise ConfigError("invalid execution config: " + "; ".join(errors))
 
-  def replace(self, **kw: Any) -> "Execution":
+  def replace(self, **kw: Any) -> Execution:
     return dataclasses.replace(self, **kw)
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any] | None) -> "Execution":
+  def from_mapping(cls, values: Mapping[str, Any] | None) -> Execution:
     """From a config section; unknown fields are a ConfigError naming them."""
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(cls)}

@@ -29,8 +29,9 @@ def dtype_of(name: str):
 def param(rngs: nnx.Rngs, shape, names, dtype, init=None) -> nnx.Param:
   """A parameter annotated with logical axis `names` (no eager sharding)."""
   init = init or nnx.initializers.normal(INIT_STD)
-  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(names),
-                   eager_sharding=False)
+  return nnx.Param(
+    init(rngs.params(), shape, dtype), out_sharding=tuple(names), eager_sharding=False
+  )
 
 
 def logical_to_spec(names, rules) -> jax.sharding.PartitionSpec:
@@ -82,10 +83,12 @@ def dense(x, w, n_in: int = 1, preferred_element_type=None):
 def _contract(x, w, n_in: int, preferred_element_type):
   if target_platform() != "cpu":
     return jnp.tensordot(x, w, n_in, preferred_element_type=preferred_element_type)
-  lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-  y = jnp.dot(x.reshape(math.prod(lead), math.prod(ins)),
-              w.reshape(math.prod(ins), math.prod(outs)),
-              preferred_element_type=preferred_element_type)
+  lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+  y = jnp.dot(
+    x.reshape(math.prod(lead), math.prod(ins)),
+    w.reshape(math.prod(ins), math.prod(outs)),
+    preferred_element_type=preferred_element_type,
+  )
   return y.reshape(*lead, *outs)
 
 
@@ -106,11 +109,13 @@ def _dense_wide_bwd(n_in, out_dtype, res, g):
   dx = _contract(g, w_T, n_out, out_dtype)
   if target_platform() == "cpu":  # one 2-D GEMM, as in `_contract`
     ins, outs = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
-    dw = jnp.dot(x.reshape(-1, ins).T, g.reshape(-1, outs),
-                 preferred_element_type=out_dtype).reshape(w.shape)
+    dw = jnp.dot(
+      x.reshape(-1, ins).T, g.reshape(-1, outs), preferred_element_type=out_dtype
+    ).reshape(w.shape)
   else:
-    dw = jnp.tensordot(x, g, (tuple(range(lead)), tuple(range(lead))),
-                       preferred_element_type=out_dtype)
+    dw = jnp.tensordot(
+      x, g, (tuple(range(lead)), tuple(range(lead))), preferred_element_type=out_dtype
+    )
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

@@ -29,8 +29,9 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) ->
   return np.where(mid, (1 - smooth) * freqs / scaling.factor + smooth * freqs, scaled)
 
 
-def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, theta: float,
-               scaling: RopeScaling | None) -> jnp.ndarray:
+def apply_rope(
+  x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, theta: float, scaling: RopeScaling | None
+) -> jnp.ndarray:
   """Rotates queries or keys by their explicit positions (float32 math).
 
   Args:

@@ -23,10 +23,10 @@ from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import MLP, Embed, RMSNorm, constrain, dense, dtype_of, param
 
 _POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
 
 
@@ -47,8 +47,9 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, window, windows=None, cache=None):
     """`(x [B, T, D], cache)`: one pre-norm block; `cache` as in `Attention`."""
-    h, cache = self.attention(self.attention_norm(x_BTD), positions_BT, segment_ids_BT,
-                              window, windows, cache)
+    h, cache = self.attention(
+      self.attention_norm(x_BTD), positions_BT, segment_ids_BT, window, windows, cache
+    )
     x_BTD = constrain(x_BTD + h, ("batch", "seq", "act_embed"))
     x_BTD = x_BTD + self.mlp(self.ffn_norm(x_BTD))
     return constrain(x_BTD, ("batch", "seq", "act_embed")), cache
@@ -95,15 +96,18 @@ class Transformer(nnx.Module):
     layout = cache.layout
     windows = tuple(layout.window(i) for i in range(len(layout.groups)))
     if windows != tuple(self.cfg.layer_windows):
-      raise ValueError(f"the cache's layer windows {windows} are not the model's "
-                       f"{tuple(self.cfg.layer_windows)}; build it with init_cache(model.cfg)")
+      raise ValueError(
+        f"the cache's layer windows {windows} are not the model's "
+        f"{tuple(self.cfg.layer_windows)}; build it with init_cache(model.cfg)"
+      )
     b, t = tokens_BT.shape
     n_B = jnp.full((b,), t, jnp.int32) if n_B is None else jnp.asarray(n_B, jnp.int32)
     t_T = jnp.arange(t, dtype=jnp.int32)
     real_BT = t_T[None] < n_B[:, None]
     positions_BT = cache.length_B[:, None] + t_T[None]
-    x_BTD, cache = self._stack(self._embed(tokens_BT), positions_BT, real_BT.astype(jnp.int32),
-                               cache, layers)
+    x_BTD, cache = self._stack(
+      self._embed(tokens_BT), positions_BT, real_BT.astype(jnp.int32), cache, layers
+    )
     return self.norm(x_BTD), cache.replace(length_B=cache.length_B + n_B, empty=False)
 
   def _embed(self, tokens_BT):
@@ -132,30 +136,38 @@ class Transformer(nnx.Module):
     graphdef, stacked = nnx.split(self.layers)
 
     def apply(x, layer_state, window, windows=None, layer_cache=None):
-      return nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, window, windows,
-                                              layer_cache)
+      return nnx.merge(graphdef, layer_state)(
+        x, positions_BT, segment_ids_BT, window, windows, layer_cache
+      )
 
     windows = kv_cache.distinct_windows(cfg)
     index_L = jnp.asarray([windows.index(w) for w in cfg.layer_windows], jnp.int32)
-    if layers is None and run.scan_layers and cache is None:   # training: remat per layer
+    if layers is None and run.scan_layers and cache is None:  # training: remat per layer
       body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows)[0], None), run.remat_policy)
       x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, index_L))
-    elif layers is None and run.scan_layers:   # cached: the scan carries the whole cache
+    elif layers is None and run.scan_layers:  # cached: the scan carries the whole cache
+
       def body(carry, xs):
-        x, layer_cache = apply(carry[0], xs[0], xs[1], windows,
-                               kv_cache.LayerCache(carry[1], xs[2], xs[1]))
+        x, layer_cache = apply(
+          carry[0], xs[0], xs[1], windows, kv_cache.LayerCache(carry[1], xs[2], xs[1])
+        )
         return (x, layer_cache.cache), None
-      cache = kv_cache.by_window(cache)   # groups = the switch's windows
+
+      cache = kv_cache.by_window(cache)  # groups = the switch's windows
       slot_L = jnp.asarray(cache.layout.slots, jnp.int32)
       (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), (stacked, index_L, slot_L))
     else:
       layers = self.layer_states() if layers is None else layers
       for i, w in enumerate(cfg.layer_windows):
-        layer_cache = None if cache is None else kv_cache.LayerCache(
-            cache, cache.layout.slots[i], cache.layout.groups[i])
+        layer_cache = (
+          None
+          if cache is None
+          else kv_cache.LayerCache(cache, cache.layout.slots[i], cache.layout.groups[i])
+        )
         fn = functools.partial(apply, window=w, layer_cache=layer_cache)
         x_BTD, layer_cache = (fn if cache is not None else remat(fn, run.remat_policy))(
-            x_BTD, layers[i])
+          x_BTD, layers[i]
+        )
         cache = None if layer_cache is None else layer_cache.cache
     return x_BTD, cache
 
@@ -169,8 +181,7 @@ class Transformer(nnx.Module):
     return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT))
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, execution: Execution = Execution()
-              ) -> Transformer:
+def init_model(cfg: ModelConfig, seed: int = 0, execution: Execution = Execution()) -> Transformer:
   return Transformer(cfg, nnx.Rngs(params=seed), execution)
 
 
@@ -179,8 +190,9 @@ def abstract_model(cfg: ModelConfig, execution: Execution = Execution()) -> Tran
   return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0), execution))
 
 
-def model_from_params(cfg: ModelConfig, params: dict, execution: Execution = Execution()
-                      ) -> Transformer:
+def model_from_params(
+  cfg: ModelConfig, params: dict, execution: Execution = Execution()
+) -> Transformer:
   """A model holding `params` (a nested dict of arrays, as `nnx.state(m).to_pure_dict()`),
   cast to `execution.param_dtype`."""
   graphdef, state = nnx.split(abstract_model(cfg, execution))

@@ -6,9 +6,9 @@ Errors are `MeshError` (a `ConfigError`) naming the `mesh.*` fields.
 
 from __future__ import annotations
 
-import os
 import math
-from typing import Mapping, Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -39,12 +39,16 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
   desc = ",".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, shape))
   if fill:
     if n_devices % fixed:
-      raise MeshError(f"{desc}: the fixed axes (product {fixed}) do not divide the "
-                      f"{n_devices} devices; change mesh.* so their product divides it")
+      raise MeshError(
+        f"{desc}: the fixed axes (product {fixed}) do not divide the "
+        f"{n_devices} devices; change mesh.* so their product divides it"
+      )
     shape[MESH_AXES.index(fill[0])] = n_devices // fixed
   elif fixed != n_devices:
-    raise MeshError(f"{desc}: product {fixed} != {n_devices} devices; set one "
-                    "mesh.* size to -1 or make the product equal the device count")
+    raise MeshError(
+      f"{desc}: product {fixed} != {n_devices} devices; set one "
+      "mesh.* size to -1 or make the product equal the device count"
+    )
   return tuple(shape)
 
 
@@ -56,8 +60,9 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   if slices > 1:
     return multislice_mesh(sizes, devices, slices)
   shape = mesh_shape(sizes, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def num_slices(devices: Sequence[jax.Device]) -> int:
@@ -65,20 +70,22 @@ def num_slices(devices: Sequence[jax.Device]) -> int:
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 
-def multislice_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device],
-                    slices: int) -> Mesh:
+def multislice_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device], slices: int) -> Mesh:
   """The mesh over several TPU slices: `data` is split into `slices` groups across the
   data-centre network (DCN), every other axis stays inside a slice (ICI). The planner
   (`plan --num_slices`) compiles the same mesh."""
   shape = mesh_shape(sizes, len(devices))
   data = shape[MESH_AXES.index("data")]
   if data % slices:
-    raise MeshError(f"mesh.data={data} must be a multiple of --num_slices={slices} (the "
-                    "slices the devices span): only the data axis spans slices")
+    raise MeshError(
+      f"mesh.data={data} must be a multiple of --num_slices={slices} (the "
+      "slices the devices span): only the data axis spans slices"
+    )
   ici = tuple(s // slices if a == "data" else s for a, s in zip(MESH_AXES, shape))
   dcn = tuple(slices if a == "data" else 1 for a in MESH_AXES)
-  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, list(devices),
-                                              allow_split_physical_axes=True)
+  grid = mesh_utils.create_hybrid_device_mesh(
+    ici, dcn, list(devices), allow_split_physical_axes=True
+  )
   return Mesh(np.asarray(grid), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -96,10 +103,14 @@ HEARTBEAT_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 120
 
 
-def initialize_distributed(coordinator: str = "", num_processes: int = 0,
-                           process_id: int = -1, *,
-                           heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
-                           shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
+def initialize_distributed(
+  coordinator: str = "",
+  num_processes: int = 0,
+  process_id: int = -1,
+  *,
+  heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+  shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
+) -> None:
   """`jax.distributed.initialize` from arguments or JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES, JAX_PROCESS_ID; a no-op for a single process.
 
@@ -116,7 +127,10 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0,
   if process_id < 0:
     raise MeshError("multi-process run needs a process id: --process_id or JAX_PROCESS_ID")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id,
-                             heartbeat_timeout_seconds=heartbeat_timeout_s,
-                             shutdown_timeout_seconds=shutdown_timeout_s)
+  jax.distributed.initialize(
+    coordinator_address=coordinator,
+    num_processes=num_processes,
+    process_id=process_id,
+    heartbeat_timeout_seconds=heartbeat_timeout_s,
+    shutdown_timeout_seconds=shutdown_timeout_s,
+  )

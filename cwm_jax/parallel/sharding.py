@@ -8,11 +8,13 @@ run config. `DEFAULT_RULES` is the FSDP x tensor layout used by the configs.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.layers import logical_to_spec
@@ -21,15 +23,24 @@ from cwm_jax.model.transformer import abstract_model
 Rules = Sequence[tuple[str, Any]]
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # Parameters: every one of 2+ dims is split over fsdp (ZeRO-3), matrices
-    # also over tensor; norm scales (stacked [L, D]) follow fsdp too.
-    ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
-    ("kv_heads", "tensor"), ("mlp", "tensor"), ("head_dim", None),
-    ("norm", "fsdp"), ("layers", None),
-    # Activations.
-    ("batch", ("data", "fsdp")), ("seq", "sequence"), ("act_embed", None),
-    ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+  # Parameters: every one of 2+ dims is split over fsdp (ZeRO-3), matrices
+  # also over tensor; norm scales (stacked [L, D]) follow fsdp too.
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("head_dim", None),
+  ("norm", "fsdp"),
+  ("layers", None),
+  # Activations.
+  ("batch", ("data", "fsdp")),
+  ("seq", "sequence"),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
@@ -46,8 +57,9 @@ def normalize_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
 def param_logical_names(cfg: ModelConfig) -> dict:
   """Pure dict (same structure as the params) of logical-name tuples."""
   _, state = nnx.split(abstract_model(cfg), nnx.Param)
-  names = jax.tree.map(lambda v: v.get_metadata()["out_sharding"], state,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  names = jax.tree.map(
+    lambda v: v.get_metadata()["out_sharding"], state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   return nnx.to_pure_dict(names)
 
 
@@ -58,13 +70,13 @@ def _is_names(x) -> bool:
 def param_specs(cfg: ModelConfig, rules: Rules) -> dict:
   """PartitionSpec of every parameter under `rules`."""
   rules = normalize_rules(rules)
-  return jax.tree.map(lambda n: logical_to_spec(n, rules), param_logical_names(cfg),
-                      is_leaf=_is_names)
+  return jax.tree.map(
+    lambda n: logical_to_spec(n, rules), param_logical_names(cfg), is_leaf=_is_names
+  )
 
 
 def named(mesh: Mesh, specs):
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_spec(rules: Rules) -> P:
@@ -88,6 +100,7 @@ def indivisible(shapes, specs, mesh_sizes: dict) -> list[str]:
       size = math.prod(mesh_sizes[a] for a in spec_axes(entry))
       if dim % size:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        errors.append(f"param {name} dim {dim} not divisible by mesh axes "
-                      f"{spec_axes(entry)} (size {size})")
+        errors.append(
+          f"param {name} dim {dim} not divisible by mesh axes {spec_axes(entry)} (size {size})"
+        )
   return errors

@@ -27,8 +27,10 @@ def _lm_stages(config) -> list[str]:
 def _all_done(config, results: dict) -> bool:
   if config.schedule.get("only", ""):
     return False
-  return all(n in results and (results[n] == "done" or not results[n].get("preempted"))
-             for n in _lm_stages(config))
+  return all(
+    n in results and (results[n] == "done" or not results[n].get("preempted"))
+    for n in _lm_stages(config)
+  )
 
 
 def export_hf(ckpt_dir: str, out_dir: str) -> dict[str, Any]:
@@ -44,12 +46,23 @@ def sample_trace(config, ckpt_dir: str) -> dict[str, Any]:
     model, tokenizer = loading.load_for_inference(ckpt_dir)
   except ConfigError as e:  # e.g. a synthetic-vocabulary model smaller than the tokenizer
     return {"skipped": str(e)}
-  pred = trace_predict.predict_trace(model, tokenizer, _PROGRAM, "f", (3,),
-                                     max_new_tokens=int(config.schedule.get("sample_tokens", 48)))
+  pred = trace_predict.predict_trace(
+    model,
+    tokenizer,
+    _PROGRAM,
+    "f",
+    (3,),
+    max_new_tokens=int(config.schedule.get("sample_tokens", 48)),
+  )
   logging.info("sampled trace prediction:\n%s", trace_predict.side_by_side(pred))
-  return {"program": _PROGRAM, "call": "f(3)", "text": pred.text,
-          "frames_matched": pred.frames_matched, "real_frames": len(pred.real),
-          "side_by_side": trace_predict.side_by_side(pred)}
+  return {
+    "program": _PROGRAM,
+    "call": "f(3)",
+    "text": pred.text,
+    "frames_matched": pred.frames_matched,
+    "real_frames": len(pred.real),
+    "side_by_side": trace_predict.side_by_side(pred),
+  }
 
 
 def after_schedule(config, workdir: str, results: dict) -> dict[str, Any]:

@@ -24,7 +24,8 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -41,18 +42,23 @@ LAUNCHERS = ("local", "slurm", "tpu", "k8s", "xpk")
 # The sweep flags (`cwm_jax.sweep`) each cluster launcher cannot do without; checked before
 # any sweep point is expanded, written or launched.
 LAUNCHER_NEEDS = {
-    "slurm": {"partition": "the Slurm partition (sbatch --partition)"},
-    "tpu": {"tpu": "the TPU VM or queued resource name", "zone": "its zone"},
-    "k8s": {"image": "the container image (built from launch/images/)"},
-    "xpk": {"cluster": "the GKE cluster", "tpu_type": "the TPU type, e.g. v5p-128",
-            "image": "the container image (built from launch/images/tpu.Dockerfile)"},
+  "slurm": {"partition": "the Slurm partition (sbatch --partition)"},
+  "tpu": {"tpu": "the TPU VM or queued resource name", "zone": "its zone"},
+  "k8s": {"image": "the container image (built from launch/images/)"},
+  "xpk": {
+    "cluster": "the GKE cluster",
+    "tpu_type": "the TPU type, e.g. v5p-128",
+    "image": "the container image (built from launch/images/tpu.Dockerfile)",
+  },
 }
 # Optional target flags, passed on when set: {sweep flag: (launcher, the launcher's flag)}.
-_OPTIONAL = {"project": {"tpu": "--project", "xpk": "--project"},
-             "zone": {"xpk": "--zone"},
-             "nodes": {"slurm": "--nodes", "k8s": "--num_hosts"},
-             "tpu_type": {"tpu": "--accelerator_type"},
-             "num_slices": {"tpu": "--num_slices", "xpk": "--num_slices"}}
+_OPTIONAL = {
+  "project": {"tpu": "--project", "xpk": "--project"},
+  "zone": {"xpk": "--zone"},
+  "nodes": {"slurm": "--nodes", "k8s": "--num_hosts"},
+  "tpu_type": {"tpu": "--accelerator_type"},
+  "num_slices": {"tpu": "--num_slices", "xpk": "--num_slices"},
+}
 
 
 def check_target(launcher: str, target: dict[str, Any]) -> None:
@@ -63,8 +69,10 @@ def check_target(launcher: str, target: dict[str, Any]) -> None:
   needs = LAUNCHER_NEEDS.get(launcher, {})
   missing = [f"--{k} ({what})" for k, what in needs.items() if not target.get(k)]
   if missing:
-    raise SweepError(f"--launcher {launcher} needs {', '.join(missing)}; pass "
-                     f"{' '.join(f'--{k}=...' for k in needs if not target.get(k))}")
+    raise SweepError(
+      f"--launcher {launcher} needs {', '.join(missing)}; pass "
+      f"{' '.join(f'--{k}=...' for k in needs if not target.get(k))}"
+    )
 
 
 class SweepError(ConfigError):
@@ -135,14 +143,18 @@ def load_sweep(path: str) -> list[Point]:
 def _check_points(path: str, points: Any) -> list[Point]:
   """`points` is a non-empty list of {dotted.field (str): value} dicts; else SweepError."""
   if not isinstance(points, (list, tuple)):
-    raise SweepError(f"--sweep: {path}: get_sweep() returned {type(points).__name__}; it must "
-                     "return a list of {'dotted.field': value} dicts (use axis/product/zip_)")
+    raise SweepError(
+      f"--sweep: {path}: get_sweep() returned {type(points).__name__}; it must "
+      "return a list of {'dotted.field': value} dicts (use axis/product/zip_)"
+    )
   if not points:
     raise SweepError(f"--sweep: {path}: get_sweep() returned no points")
   for i, p in enumerate(points):
     if not isinstance(p, dict) or not p or not all(isinstance(k, str) and k for k in p):
-      raise SweepError(f"--sweep: {path}: point {i} is {p!r}; each point must be a non-empty "
-                       "{'dotted.field': value} dict (use axis/product/zip_)")
+      raise SweepError(
+        f"--sweep: {path}: point {i} is {p!r}; each point must be a non-empty "
+        "{'dotted.field': value} dict (use axis/product/zip_)"
+      )
   return list(points)
 
 
@@ -175,8 +187,9 @@ def parse_config(config_arg: str, overrides: Sequence[str] = ()):
   """The config exactly as `python -m cwm_jax.train --config=ARG OVERRIDES` parses it."""
   fv = flags.FlagValues()
   argv = ["train", f"--config={config_arg}", *overrides]
-  config_flags.DEFINE_config_file("config", None, "run config", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "run config", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   try:
     fv(argv)
     config = fv.config
@@ -189,8 +202,10 @@ def parse_config(config_arg: str, overrides: Sequence[str] = ()):
     lines = [l for l in str(cause).splitlines() if l.strip()]
     if isinstance(cause, KeyError):
       lines = [f"no config field {cause} (check the sweep's field names)"]
-    raise SweepError(f"--config {config_arg} with {' '.join(overrides) or 'no overrides'}: "
-                     f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}") from None
+    raise SweepError(
+      f"--config {config_arg} with {' '.join(overrides) or 'no overrides'}: "
+      f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}"
+    ) from None
   return config
 
 
@@ -221,41 +236,99 @@ def check_point(config, launcher: str = "local") -> None:
       raise ConfigError(f"{name}: {e}") from e
 
 
-def launch_command(launcher: str, config_arg: str, run: Run,
-                   launcher_flags: Sequence[str] = (),
-                   target: dict[str, Any] | None = None) -> list[str]:
+def launch_command(
+  launcher: str,
+  config_arg: str,
+  run: Run,
+  launcher_flags: Sequence[str] = (),
+  target: dict[str, Any] | None = None,
+) -> list[str]:
   """The argv that launches `run` with `launcher`; `target` holds the sweep's cluster flags
   (see LAUNCHER_NEEDS)."""
   target = dict(target or {})
   py = sys.executable
   passthrough = ["--", *run.overrides] if run.overrides else []
   train = ["--config", config_arg, "--workdir", run.workdir]
-  optional = [f"{flag}={target[k]}" for k, by in _OPTIONAL.items()
-              for l, flag in by.items() if l == launcher and target.get(k)]
+  optional = [
+    f"{flag}={target[k]}"
+    for k, by in _OPTIONAL.items()
+    for l, flag in by.items()
+    if l == launcher and target.get(k)
+  ]
   if launcher == "local":
-    return [py, "-m", "cwm_jax.train", f"--config={config_arg}", f"--workdir={run.workdir}",
-            *launcher_flags, *run.overrides]
+    return [
+      py,
+      "-m",
+      "cwm_jax.train",
+      f"--config={config_arg}",
+      f"--workdir={run.workdir}",
+      *launcher_flags,
+      *run.overrides,
+    ]
   if launcher == "slurm":
     # sbatch options (--partition, --nodes, --launcher_flags) go before the script.
-    return ["sbatch", f"--job-name={run.name}", f"--partition={target['partition']}",
-            *optional, *launcher_flags, "launch/slurm.sbatch", *train, *passthrough]
+    return [
+      "sbatch",
+      f"--job-name={run.name}",
+      f"--partition={target['partition']}",
+      *optional,
+      *launcher_flags,
+      "launch/slurm.sbatch",
+      *train,
+      *passthrough,
+    ]
   if launcher == "tpu":
-    return ["bash", "launch/tpu_pod.sh", f"--tpu={target['tpu']}", f"--zone={target['zone']}",
-            *optional, *train, *launcher_flags, *passthrough]
+    return [
+      "bash",
+      "launch/tpu_pod.sh",
+      f"--tpu={target['tpu']}",
+      f"--zone={target['zone']}",
+      *optional,
+      *train,
+      *launcher_flags,
+      *passthrough,
+    ]
   if launcher == "k8s":
-    return [py, "launch/k8s_jobset.py", "--name", run.name, f"--image={target['image']}",
-            *optional, *train, *launcher_flags, *passthrough]
+    return [
+      py,
+      "launch/k8s_jobset.py",
+      "--name",
+      run.name,
+      f"--image={target['image']}",
+      *optional,
+      *train,
+      *launcher_flags,
+      *passthrough,
+    ]
   if launcher == "xpk":
-    return [py, "launch/xpk.py", f"--cluster={target['cluster']}", "--workload", run.name,
-            f"--tpu_type={target['tpu_type']}", f"--image={target['image']}", *optional,
-            *train, *launcher_flags, *passthrough]
+    return [
+      py,
+      "launch/xpk.py",
+      f"--cluster={target['cluster']}",
+      "--workload",
+      run.name,
+      f"--tpu_type={target['tpu_type']}",
+      f"--image={target['image']}",
+      *optional,
+      *train,
+      *launcher_flags,
+      *passthrough,
+    ]
   raise SweepError(f"unknown launcher {launcher!r}; choose one of {LAUNCHERS}")
 
 
-def run_sweep(config_arg: str, sweep_path: str, launcher: str, workdir: str, *,
-              dry_run: bool = False, launcher_flags: Sequence[str] = (),
-              check: Callable[[Any], None] | None = None, out=sys.stdout,
-              target: dict[str, Any] | None = None) -> list[list[str]]:
+def run_sweep(
+  config_arg: str,
+  sweep_path: str,
+  launcher: str,
+  workdir: str,
+  *,
+  dry_run: bool = False,
+  launcher_flags: Sequence[str] = (),
+  check: Callable[[Any], None] | None = None,
+  out=sys.stdout,
+  target: dict[str, Any] | None = None,
+) -> list[list[str]]:
   """Checks the launcher's flags, expands, validates all points, then prints (dry run) or
   runs each launch."""
   check_target(launcher, dict(target or {}))

@@ -15,14 +15,16 @@ resumes), and each stage reads that folder's array_record files.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from absl import logging
 
 from cwm_jax import storage
 from cwm_jax.base import ConfigError
 from cwm_jax.data import corpus_build
-from cwm_jax.recipe import finish, stages as stages_lib, trainers
+from cwm_jax.recipe import finish, trainers
+from cwm_jax.recipe import stages as stages_lib
 from cwm_jax.train import runtime
 
 
@@ -46,9 +48,15 @@ def run_schedule(config, workdir: str, hooks: Sequence[runtime.Hook] = ()) -> di
     if sc.init_from.path and done is None:
       _check_start(st, sc)
     sc = with_corpora(sc, workdir)
-    logging.info("stage %s: steps %d..%d, seq_len %d, rope_scaling %s, init_from %s",
-                 st.name, sc.stage.first_step, sc.total_steps, sc.seq_len,
-                 sc.model.overrides.rope_scaling is not None, sc.init_from.path or "scratch")
+    logging.info(
+      "stage %s: steps %d..%d, seq_len %d, rope_scaling %s, init_from %s",
+      st.name,
+      sc.stage.first_step,
+      sc.total_steps,
+      sc.seq_len,
+      sc.model.overrides.rope_scaling is not None,
+      sc.init_from.path or "scratch",
+    )
     out = trainers.TRAINERS[st.trainer].run(sc, stage_dir, hooks)
     results[st.name] = out
     if out.get("preempted"):
@@ -59,7 +67,8 @@ def run_schedule(config, workdir: str, hooks: Sequence[runtime.Hook] = ()) -> di
 def _names_corpora(config) -> bool:
   mixture = config.data.get("mixture")
   return isinstance(mixture, (list, tuple)) and any(
-      dict(m).get("kind") == "corpus" for m in mixture)
+    dict(m).get("kind") == "corpus" for m in mixture
+  )
 
 
 def prepare_data(config, workdir: str) -> None:
@@ -78,8 +87,9 @@ def with_corpora(config, workdir: str):
   `workdir/data/NAME` and replaced by array_record sources."""
   if not _names_corpora(config):
     return config
-  config.data.mixture = corpus_build.resolve_corpora(config.data.mixture,
-                                                     storage.join(workdir, "data"))
+  config.data.mixture = corpus_build.resolve_corpora(
+    config.data.mixture, storage.join(workdir, "data")
+  )
   return config
 
 
@@ -87,9 +97,11 @@ def _check_start(st: stages_lib.Stage, sc) -> None:
   step = stages_lib.latest_step(sc.init_from.path)
   want = sc.init_from.step
   if step is None or (want >= 0 and step < want):
-    raise ConfigError(f"stage {st.name} starts from {sc.init_from.path} step {want}, which does "
-                      "not exist yet; run the previous stage first (or set "
-                      f"schedule.stages.{st.name}.start_from to a checkpoint directory)")
+    raise ConfigError(
+      f"stage {st.name} starts from {sc.init_from.path} step {want}, which does "
+      "not exist yet; run the previous stage first (or set "
+      f"schedule.stages.{st.name}.start_from to a checkpoint directory)"
+    )
 
 
 def run(config, workdir: str, hooks: Sequence[runtime.Hook] = ()) -> dict[str, Any]:

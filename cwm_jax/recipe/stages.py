@@ -35,22 +35,23 @@ SCRATCH, PREVIOUS = "scratch", "previous"
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One stage of a training recipe; empty/zero fields keep the base config's value."""
+
   name: str
   seq_len: int
   batch_size: int
-  steps: int = 0                 # optimizer steps; 0 derives them from `tokens`
-  tokens: float = 0.0            # token budget: steps = ceil(tokens / (batch_size * seq_len))
-  global_window: int = 0         # window of the global layers (0: the model's)
-  rope_scaling: bool = True      # llama3 RoPE scaling on (the preset's) or off (plain theta)
+  steps: int = 0  # optimizer steps; 0 derives them from `tokens`
+  tokens: float = 0.0  # token budget: steps = ceil(tokens / (batch_size * seq_len))
+  global_window: int = 0  # window of the global layers (0: the model's)
+  rope_scaling: bool = True  # llama3 RoPE scaling on (the preset's) or off (plain theta)
   mesh: dict = dataclasses.field(default_factory=dict)
   optimizer: dict = dataclasses.field(default_factory=dict)  # LR schedule (first stage of a chain)
-  data: dict = dataclasses.field(default_factory=dict)       # data mixture / format
+  data: dict = dataclasses.field(default_factory=dict)  # data mixture / format
   loss: dict = dataclasses.field(default_factory=dict)
-  remat: str = ""                # remat policy ('' keeps the model's)
-  grad_accum: int = 0            # micro-batches per step (0 keeps the base config's)
-  start_from: str = PREVIOUS     # 'scratch', 'previous' or a checkpoint directory
+  remat: str = ""  # remat policy ('' keeps the model's)
+  grad_accum: int = 0  # micro-batches per step (0 keeps the base config's)
+  start_from: str = PREVIOUS  # 'scratch', 'previous' or a checkpoint directory
   carry_optimizer: bool = False  # keep optimizer state, step and LR schedule of the previous stage
-  trainer: str = "lm"            # 'lm': cwm_jax.train; 'rl': the RL trainer
+  trainer: str = "lm"  # 'lm': cwm_jax.train; 'rl': the RL trainer
 
   def __post_init__(self):
     errors = []
@@ -63,9 +64,11 @@ class Stage:
     if self.carry_optimizer and self.start_from != PREVIOUS:
       errors.append("carry_optimizer needs start_from='previous'")
     if self.carry_optimizer and self.optimizer:
-      errors.append("a stage that carries the optimizer continues the previous stage's LR "
-                    f"schedule; move optimizer settings {sorted(self.optimizer)} to the chain's "
-                    "first stage")
+      errors.append(
+        "a stage that carries the optimizer continues the previous stage's LR "
+        f"schedule; move optimizer settings {sorted(self.optimizer)} to the chain's "
+        "first stage"
+      )
     if errors:
       raise ConfigError(f"schedule.stages.{self.name}: " + "; ".join(errors))
 
@@ -86,19 +89,25 @@ def stages_from_config(config) -> list[Stage]:
   defined = set(config.schedule.stages.keys())
   missing = [s for s in order if s not in defined]
   if not order or missing:
-    raise ConfigError(f"schedule.order={config.schedule.order!r} names stages {missing} without a "
-                      f"schedule.stages section (defined: {sorted(defined)})")
+    raise ConfigError(
+      f"schedule.order={config.schedule.order!r} names stages {missing} without a "
+      f"schedule.stages section (defined: {sorted(defined)})"
+    )
   fields = {f.name for f in dataclasses.fields(Stage)} - {"name"}
   out = []
   for name in order:
     section = {k: _plain(v) for k, v in config.schedule.stages[name].items()}
     unknown = sorted(set(section) - fields)
     if unknown:
-      raise ConfigError(f"schedule.stages.{name}: unknown fields {unknown}; known: {sorted(fields)}")
+      raise ConfigError(
+        f"schedule.stages.{name}: unknown fields {unknown}; known: {sorted(fields)}"
+      )
     out.append(Stage(name=name, **section))
   if out[0].start_from == PREVIOUS:
-    raise ConfigError(f"first stage {out[0].name!r} has no previous stage; set its start_from "
-                      "to 'scratch' or a checkpoint directory")
+    raise ConfigError(
+      f"first stage {out[0].name!r} has no previous stage; set its start_from "
+      "to 'scratch' or a checkpoint directory"
+    )
   return out
 
 
@@ -119,7 +128,7 @@ def step_range(stages: list[Stage], i: int) -> tuple[int, int, int]:
     if j < i:
       start = end
   chain_end = end
-  for later in stages[i + 1:]:
+  for later in stages[i + 1 :]:
     if not later.carry_optimizer:
       break
     chain_end += later.num_steps
@@ -141,17 +150,29 @@ def stage_config(config, i: int, workdir: str) -> ml_collections.ConfigDict:
   base_model = model_config(config)
   start, end, chain_end = step_range(stages, i)
   c.total_steps, c.seq_len, c.batch_size = end, st.seq_len, st.batch_size
-  for section, values in (("mesh", st.mesh), ("optimizer", _chain_head(stages, i).optimizer),
-                          ("data", st.data), ("loss", st.loss)):
+  for section, values in (
+    ("mesh", st.mesh),
+    ("optimizer", _chain_head(stages, i).optimizer),
+    ("data", st.data),
+    ("loss", st.loss),
+  ):
     c[section].update(values)
   if not c.optimizer.get("decay_steps"):
     c.optimizer.decay_steps = chain_end
   gw = st.global_window or base_model.global_window
   windows = [gw if w >= base_model.global_window else min(w, gw) for w in base_model.layer_windows]
-  c.model.overrides.update(dict(
-      global_window=gw, layer_windows=windows, max_seq_len=max(gw, st.seq_len),
-      rope_scaling=(dataclasses.asdict(base_model.rope_scaling)
-                    if st.rope_scaling and base_model.rope_scaling else None)))
+  c.model.overrides.update(
+    dict(
+      global_window=gw,
+      layer_windows=windows,
+      max_seq_len=max(gw, st.seq_len),
+      rope_scaling=(
+        dataclasses.asdict(base_model.rope_scaling)
+        if st.rope_scaling and base_model.rope_scaling
+        else None
+      ),
+    )
+  )
   if st.remat:
     c.execution.remat_policy = st.remat
   if st.grad_accum:

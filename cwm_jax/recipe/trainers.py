@@ -14,17 +14,18 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from absl import logging
 from flax import nnx
 
 from cwm_jax import storage
+from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint import manager
 from cwm_jax.checkpoint.conversion import convert
 from cwm_jax.data.tokenizer import Tokenizer
-from cwm_jax.base import ConfigError
 from cwm_jax.infer.evaluation import EvalConfig, evaluate
 from cwm_jax.model.transformer import model_from_params
 from cwm_jax.rl import trainer as rl_trainer
@@ -71,7 +72,7 @@ class ExportHook:
     self.out_root = storage.join(workdir, "hf")
     self.primary = jax.process_index() == 0
     self.threads: list[threading.Thread] = []
-    self.done: list[dict] = []   # summaries of finished exports, in finishing order
+    self.done: list[dict] = []  # summaries of finished exports, in finishing order
     self._unreported: list[dict] = []
     self._lock = threading.Lock()
     self._closing = threading.Event()
@@ -80,8 +81,9 @@ class ExportHook:
     with self._lock:
       report, self._unreported = self._unreported, []
     if self.primary and ctx.step % self.every == 0:
-      thread = threading.Thread(target=self._export, args=(ctx.step,),
-                                name=f"hf-export-{ctx.step}", daemon=True)
+      thread = threading.Thread(
+        target=self._export, args=(ctx.step,), name=f"hf-export-{ctx.step}", daemon=True
+      )
       thread.start()
       self.threads.append(thread)
     ok = [r for r in report if "error" not in r]
@@ -98,7 +100,7 @@ class ExportHook:
           raise ConfigError(f"checkpoint step {step} never committed in {self.ckpt_dir}")
         time.sleep(self.poll_s)
       if storage.isfile(storage.join(out, "config.json")):
-        summary = {"step": step, "hf": out, "skipped": "exists"}   # a resumed run
+        summary = {"step": step, "hf": out, "skipped": "exists"}  # a resumed run
       else:
         summary = {"step": step, "hf": out, **convert(self.ckpt_dir, out, "hf", step=step)}
       logging.info("exported step %d to %s", step, out)
@@ -151,6 +153,6 @@ class Trainer:
 
 
 TRAINERS: dict[str, Trainer] = {
-    "lm": Trainer(_validate_lm, _train_lm),
-    "rl": Trainer(rl_trainer.validate, rl_trainer.run),
+  "lm": Trainer(_validate_lm, _train_lm),
+  "rl": Trainer(rl_trainer.validate, rl_trainer.run),
 }

@@ -27,7 +27,8 @@ import collections
 import functools
 import re
 import threading
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 
@@ -61,9 +62,14 @@ def _text(record: dict, key: str) -> str:
 def _prompt_ids(record: dict, tokenizer) -> tuple[int, ...]:
   if "messages" in record:
     messages = record["messages"]
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str)
-        and isinstance(m.get("content"), str) for m in messages):
+    if (
+      not isinstance(messages, list)
+      or not messages
+      or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+      )
+    ):
       raise BadTask("bad_messages", "messages must be a non-empty list of {role, content}")
     try:
       return tuple(tokenizer.encode_dialog([(m["role"], m["content"]) for m in messages]))
@@ -88,8 +94,11 @@ def _trace_task(record: dict, tokenizer, limits: Limits) -> Task:
   try:
     if frames is None:
       frames = real_trace(source, function, args, kwargs, limits=limits)
-    if not isinstance(frames, list) or len(frames) < 2 or not all(
-        isinstance(f, dict) and "event" in f for f in frames):
+    if (
+      not isinstance(frames, list)
+      or len(frames) < 2
+      or not all(isinstance(f, dict) and "event" in f for f in frames)
+    ):
       raise BadTask("bad_frames", "frames must be a list of at least a call and a last event")
     prompt = prompt_text(source, function, frames[0])
   except (TraceError, ValueError, SyntaxError) as e:
@@ -97,8 +106,13 @@ def _trace_task(record: dict, tokenizer, limits: Limits) -> Task:
       raise
     raise BadTask("untraceable", str(e)[:200]) from e
   reference = tuple(tokenizer.encode_trace(trace_format.format_frames(frames[1:])))
-  return Task(str(record["id"]), "trace", tuple(tokenizer.encode_trace(prompt)),
-              functools.partial(rewards.trace_reward, real_last_frame=frames[-1]), reference)
+  return Task(
+    str(record["id"]),
+    "trace",
+    tuple(tokenizer.encode_trace(prompt)),
+    functools.partial(rewards.trace_reward, real_last_frame=frames[-1]),
+    reference,
+  )
 
 
 def task_from_record(record: Any, tokenizer, limits: Limits = rewards.DEFAULT_LIMITS) -> Task:
@@ -139,13 +153,22 @@ class TaskStream:
   main thread saves.
   """
 
-  def __init__(self, paths: Sequence[str], tokenizer, *, max_prompt_len: int, seed: int,
-               process_index: int = 0, process_count: int = 1,
-               limits: Limits = rewards.DEFAULT_LIMITS):
+  def __init__(
+    self,
+    paths: Sequence[str],
+    tokenizer,
+    *,
+    max_prompt_len: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    limits: Limits = rewards.DEFAULT_LIMITS,
+  ):
     records = _records(paths)
     if len(records) < process_count:
-      raise ConfigError(f"rl.task_files hold {len(records)} records, fewer than the "
-                        f"{process_count} processes")
+      raise ConfigError(
+        f"rl.task_files hold {len(records)} records, fewer than the {process_count} processes"
+      )
     self.bad: collections.Counter = collections.Counter()
     self._tokenizer, self._limits, self._max_len = tokenizer, limits, max_prompt_len
     shard = grain.MapDataset.source(records)[process_index::process_count]
@@ -153,8 +176,12 @@ class TaskStream:
     # tasks) concurrently, which this stack's CPython 3.11.7 can fail with "AST constructor
     # recursion depth mismatch" (a SystemError that also breaks later parses in the process;
     # seen once in a clean-clone CI run of the stream test).
-    self._it = iter(shard.shuffle(seed=seed).repeat().map(self._parse).to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    self._it = iter(
+      shard.shuffle(seed=seed)
+      .repeat()
+      .map(self._parse)
+      .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    )
     self._size = len(shard)
     self._lock = threading.Lock()
 
@@ -183,8 +210,10 @@ class TaskStream:
       self.bad[item] += 1
       misses += 1
       if misses > self._size:
-        raise ConfigError(f"no usable task in rl.task_files (bad: {dict(self.bad)}); fix the "
-                          "records or raise seq_len")
+        raise ConfigError(
+          f"no usable task in rl.task_files (bad: {dict(self.bad)}); fix the "
+          "records or raise seq_len"
+        )
     return out
 
   def get_state(self) -> dict:
@@ -209,8 +238,9 @@ def _records(paths: Sequence[str]) -> list:
   return out
 
 
-_FUNCTION = re.compile(r"^\s*(?:async\s+)?def\s+(\w+)\s*\(.*" + re.escape(trace_format.START_MARKER),
-                       re.M)
+_FUNCTION = re.compile(
+  r"^\s*(?:async\s+)?def\s+(\w+)\s*\(.*" + re.escape(trace_format.START_MARKER), re.M
+)
 
 
 def trace_task_record(document: str, record_id: str) -> dict:
@@ -225,8 +255,13 @@ def trace_task_record(document: str, record_id: str) -> dict:
     raise BadTask("not_a_trace", "no marked entry function or fewer than two frames")
   locals_ = trace_format.resolve_locals(frames)
   frames = [dict(f, locals=l) if l is not None else f for f, l in zip(frames, locals_)]
-  return {"id": record_id, "kind": "trace", "function": match.group(1),
-          "source": marked.replace(trace_format.START_MARKER, ""), "frames": frames}
+  return {
+    "id": record_id,
+    "kind": "trace",
+    "function": match.group(1),
+    "source": marked.replace(trace_format.START_MARKER, ""),
+    "frames": frames,
+  }
 
 
 def trace_records_from_corpus(kind: str, path: str) -> Iterator[dict]:

@@ -27,7 +27,7 @@ import concurrent.futures
 import dataclasses
 import re
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -43,8 +43,8 @@ TOOL_OUTPUT_CHARS = 2000
 
 @dataclasses.dataclass(frozen=True)
 class EpisodeLimits:
-  max_turns: int = 4        # policy messages per episode
-  max_tokens: int = 1024    # tokens in the whole episode (prompt, messages, tool output)
+  max_turns: int = 4  # policy messages per episode
+  max_tokens: int = 1024  # tokens in the whole episode (prompt, messages, tool output)
   max_seconds: float = 60.0  # wall time per batch of episodes
   message_tokens: int = 256  # new tokens per policy message
 
@@ -60,10 +60,15 @@ def tool_call(message: str, allowed: Sequence[str]) -> tuple[str, str] | None:
 
 def run_tool(tool: str, code: str, limits: Limits = rewards.DEFAULT_LIMITS) -> str:
   """The tool's output as the environment shows it: stdout, then stderr, status if not ok."""
-  source = code if tool == "python" else (
+  source = (
+    code
+    if tool == "python"
+    else (
       "import subprocess, sys\n"
       f"r = subprocess.run(['/bin/sh', '-c', {code!r}], capture_output=True, text=True)\n"
-      "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr); sys.exit(r.returncode)\n")
+      "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr); sys.exit(r.returncode)\n"
+    )
+  )
   result = run_python(source, limits=limits)
   text = result.stdout + (("\n" + result.stderr) if result.stderr.strip() else "")
   if result.status != "ok":
@@ -75,7 +80,7 @@ def run_tool(tool: str, code: str, limits: Limits = rewards.DEFAULT_LIMITS) -> s
 class _State:
   task: Task
   turns: list = dataclasses.field(default_factory=list)  # (ids, logprobs or None)
-  text: str = ""       # the policy's messages, for the verifier
+  text: str = ""  # the policy's messages, for the verifier
   tokens: int = 0
   messages: int = 0
   done: bool = False
@@ -89,11 +94,17 @@ def _local(flags: np.ndarray) -> np.ndarray:
   return flags
 
 
-def run_episodes(turns: Callable, tasks: Sequence[Task], tokenizer, *, scorer: Callable,
-                 limits: EpisodeLimits = EpisodeLimits(),
-                 tool_limits: Limits = rewards.DEFAULT_LIMITS, workers: int = 2,
-                 any_process: Callable[[np.ndarray], np.ndarray] = _local
-                 ) -> tuple[list[Episode], list[str], list]:
+def run_episodes(
+  turns: Callable,
+  tasks: Sequence[Task],
+  tokenizer,
+  *,
+  scorer: Callable,
+  limits: EpisodeLimits = EpisodeLimits(),
+  tool_limits: Limits = rewards.DEFAULT_LIMITS,
+  workers: int = 2,
+  any_process: Callable[[np.ndarray], np.ndarray] = _local,
+) -> tuple[list[Episode], list[str], list]:
   """Plays every task once; returns (episodes, final texts, rewards).
 
   `turns(contexts, max_new_tokens, active) -> GenerateResult` samples one message for
@@ -141,20 +152,41 @@ def run_episodes(turns: Callable, tasks: Sequence[Task], tokenizer, *, scorer: C
   return [episode(s.turns) for s in states], texts, scorer([s.task for s in states], texts)
 
 
-def collect_groups(make_turns: Callable, tasks: Sequence[Task], tokenizer, *, group_size: int,
-                   scorer: Callable, version: int, limits: EpisodeLimits = EpisodeLimits(),
-                   tool_limits: Limits = rewards.DEFAULT_LIMITS,
-                   any_process: Callable[[np.ndarray], np.ndarray] = _local) -> list[Group]:
+def collect_groups(
+  make_turns: Callable,
+  tasks: Sequence[Task],
+  tokenizer,
+  *,
+  group_size: int,
+  scorer: Callable,
+  version: int,
+  limits: EpisodeLimits = EpisodeLimits(),
+  tool_limits: Limits = rewards.DEFAULT_LIMITS,
+  any_process: Callable[[np.ndarray], np.ndarray] = _local,
+) -> list[Group]:
   """`group_size` episodes of each task, as rollout Groups; `make_turns(rows)` gives the
   `run_episodes` sampler for that many rows."""
   flat = [t for t in tasks for _ in range(group_size)]
-  eps, texts, rws = run_episodes(make_turns(len(flat)), flat, tokenizer, scorer=scorer,
-                                 limits=limits, tool_limits=tool_limits,
-                                 any_process=any_process)
+  eps, texts, rws = run_episodes(
+    make_turns(len(flat)),
+    flat,
+    tokenizer,
+    scorer=scorer,
+    limits=limits,
+    tool_limits=tool_limits,
+    any_process=any_process,
+  )
   groups = []
   for i, task in enumerate(tasks):
     rows = range(i * group_size, (i + 1) * group_size)
-    groups.append(Group(task, [eps[r] for r in rows], [texts[r] for r in rows],
-                        [rws[r] for r in rows],
-                        [sum(p for p in eps[r].policy) for r in rows], version))
+    groups.append(
+      Group(
+        task,
+        [eps[r] for r in rows],
+        [texts[r] for r in rows],
+        [rws[r] for r in rows],
+        [sum(p for p in eps[r].policy) for r in rows],
+        version,
+      )
+    )
   return groups

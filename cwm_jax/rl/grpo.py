@@ -45,8 +45,16 @@ def groups_kept(advantages_NG, atol: float = 1e-6) -> np.ndarray:
   return np.any(np.abs(np.asarray(advantages_NG)) > atol, axis=1)
 
 
-def grpo_loss(logp_BT, old_logp_BT, advantages_B, mask_BT, *, max_len: int,
-              eps_low: float = EPS_LOW, eps_high: float = EPS_HIGH):
+def grpo_loss(
+  logp_BT,
+  old_logp_BT,
+  advantages_B,
+  mask_BT,
+  *,
+  max_len: int,
+  eps_low: float = EPS_LOW,
+  eps_high: float = EPS_HIGH,
+):
   """(loss, metrics) of the CWM GRPO objective; see the module docstring."""
   mask_BT = mask_BT.astype(jnp.float32)
   adv_BT = advantages_B[:, None].astype(jnp.float32)
@@ -58,16 +66,26 @@ def grpo_loss(logp_BT, old_logp_BT, advantages_B, mask_BT, *, max_len: int,
   loss = jnp.sum(mask_BT * token_loss_BT) / (n_seqs * max_len)
   n_tokens = jnp.maximum(jnp.sum(mask_BT), 1.0)
   blocked_BT = clipped_BT < unclipped_BT  # the clip is active: no gradient through the token
-  metrics = {"clip_fraction": jnp.sum(mask_BT * blocked_BT) / n_tokens,
-             "ratio_mean": jnp.sum(mask_BT * ratio_BT) / n_tokens,
-             "approx_kl": jnp.sum(mask_BT * (old_logp_BT - logp_BT)) / n_tokens,
-             "loss_sequences": n_seqs.astype(jnp.float32)}
+  metrics = {
+    "clip_fraction": jnp.sum(mask_BT * blocked_BT) / n_tokens,
+    "ratio_mean": jnp.sum(mask_BT * ratio_BT) / n_tokens,
+    "approx_kl": jnp.sum(mask_BT * (old_logp_BT - logp_BT)) / n_tokens,
+    "loss_sequences": n_seqs.astype(jnp.float32),
+  }
   return loss, metrics
 
 
-def make_rl_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule, *,
-                 max_len: int, eps_low: float = EPS_LOW, eps_high: float = EPS_HIGH,
-                 rules=None, execution: Execution = Execution()):
+def make_rl_step(
+  cfg: ModelConfig,
+  tx: optax.GradientTransformation,
+  schedule,
+  *,
+  max_len: int,
+  eps_low: float = EPS_LOW,
+  eps_high: float = EPS_HIGH,
+  rules=None,
+  execution: Execution = Execution(),
+):
   """The pure `rl_step(state, batch) -> (state, metrics)` on the train state of
   `cwm_jax.train.state`; jit it with `jit_rl_step`."""
   graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
@@ -77,18 +95,33 @@ def make_rl_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule, *
     inputs = {k: constrain(batch[k], ("batch", "seq")) for k in BATCH_KEYS}
     logits_BTV = model(inputs["inputs"], inputs["positions"], inputs["segment_ids"])
     logp_BT = token_logprobs(logits_BTV, inputs["targets"])
-    return grpo_loss(logp_BT, inputs["old_logp"], batch["advantages"], inputs["loss_mask"],
-                     max_len=max_len, eps_low=eps_low, eps_high=eps_high)
+    return grpo_loss(
+      logp_BT,
+      inputs["old_logp"],
+      batch["advantages"],
+      inputs["loss_mask"],
+      max_len=max_len,
+      eps_low=eps_low,
+      eps_high=eps_high,
+    )
 
   def rl_step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
     with nnx.logical_axis_rules(rules or ()):
       params = state["params"]
       (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
       updates, opt_state = tx.update(grads, state["opt_state"], params)
-      new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                   "step": state["step"] + 1, "rng": state["rng"]}
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                       "lr": schedule(state["step"]), **aux}
+      new_state = {
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+      }
+    return new_state, {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "lr": schedule(state["step"]),
+      **aux,
+    }
 
   return rl_step
 
@@ -99,6 +132,10 @@ def jit_rl_step(step_fn, state_shardings, batch_sharding, compiler_options=None)
   row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_sharding.spec[0]))
   in_batch = {**{k: batch_sharding for k in BATCH_KEYS}, **{k: row for k in ROW_KEYS}}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_shardings, in_batch),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0,
-                 compiler_options=compiler_options or None)
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, in_batch),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+    compiler_options=compiler_options or None,
+  )

@@ -38,6 +38,7 @@ _ANSWER = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*(.+)", re.IGNORECASE)
 @dataclasses.dataclass(frozen=True)
 class Reward:
   """A verifier's verdict: the scalar reward, whether it passed, and why."""
+
   value: float
   passed: bool
   status: str  # 'pass', or why not: 'wrong', 'syntax', 'error', 'timeout', 'memory', ...

@@ -16,14 +16,14 @@ import concurrent.futures
 import dataclasses
 import queue
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cwm_jax.infer.sampler import generate
-from cwm_jax.rl import grpo
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces.sandbox import Limits
+from cwm_jax.infer.sampler import generate
+from cwm_jax.rl import grpo
 from cwm_jax.rl.rewards import DEFAULT_LIMITS, Reward
 from cwm_jax.rl.tasks import KINDS, Task
 
@@ -32,6 +32,7 @@ from cwm_jax.rl.tasks import KINDS, Task
 class Episode:
   """Token ids of a whole episode; `policy[t]` marks tokens the policy sampled (the only
   ones in the loss) and `old_logp[t]` their log-probability at sampling time."""
+
   tokens: list[int]
   policy: list[bool]
   old_logp: list[float]
@@ -89,27 +90,53 @@ def completion_text(decode: Callable, ids: Sequence[int], stop_ids: Sequence[int
   return decode(ids)
 
 
-def collect(model, tasks: Sequence[Task], *, group_size: int, max_new_tokens: int,
-            temperature: float, top_p: float, stop_ids: Sequence[int], decode: Callable,
-            scorer: Callable, seed: int, version: int, pad_multiple: int = 32,
-            row_sharding=None, generate_fn: Callable = generate) -> list[Group]:
+def collect(
+  model,
+  tasks: Sequence[Task],
+  *,
+  group_size: int,
+  max_new_tokens: int,
+  temperature: float,
+  top_p: float,
+  stop_ids: Sequence[int],
+  decode: Callable,
+  scorer: Callable,
+  seed: int,
+  version: int,
+  pad_multiple: int = 32,
+  row_sharding=None,
+  generate_fn: Callable = generate,
+) -> list[Group]:
   """`group_size` sampled completions of each task, scored; one Group per task.
   `row_sharding` spreads the rows over the mesh (see `sampler.generate`)."""
   prompts = [list(t.prompt_ids) for t in tasks for _ in range(group_size)]
   sharded = {} if row_sharding is None else {"row_sharding": row_sharding}
-  result = generate_fn(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, stop_ids=tuple(stop_ids), seed=seed,
-                       pad_multiple=pad_multiple, **sharded)
+  result = generate_fn(
+    model,
+    prompts,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_p=top_p,
+    stop_ids=tuple(stop_ids),
+    seed=seed,
+    pad_multiple=pad_multiple,
+    **sharded,
+  )
   texts = [completion_text(decode, ids, stop_ids) for ids in result.tokens]
   rewards = scorer([t for t in tasks for _ in range(group_size)], texts)
   groups = []
   for i, task in enumerate(tasks):
     rows = range(i * group_size, (i + 1) * group_size)
-    groups.append(Group(
-        task, [episode([(task.prompt_ids, None), (result.tokens[r], result.logprobs[r])])
-               for r in rows],
-        [texts[r] for r in rows], [rewards[r] for r in rows],
-        [len(result.tokens[r]) for r in rows], version))
+    groups.append(
+      Group(
+        task,
+        [episode([(task.prompt_ids, None), (result.tokens[r], result.logprobs[r])]) for r in rows],
+        [texts[r] for r in rows],
+        [rewards[r] for r in rows],
+        [len(result.tokens[r]) for r in rows],
+        version,
+      )
+    )
   return groups
 
 
@@ -122,8 +149,9 @@ def make_batch(groups: Sequence[Group], seq_len: int) -> tuple[dict[str, np.ndar
   kept_N = grpo.groups_kept(adv_NG)
   episodes = [e for g in groups for e in g.episodes]
   b = len(episodes)
-  batch = {k: np.zeros((b, seq_len), np.int32)
-           for k in ("inputs", "targets", "positions", "segment_ids")}
+  batch = {
+    k: np.zeros((b, seq_len), np.int32) for k in ("inputs", "targets", "positions", "segment_ids")
+  }
   batch["loss_mask"] = np.zeros((b, seq_len), np.float32)
   batch["old_logp"] = np.zeros((b, seq_len), np.float32)
   batch["advantages"] = adv_NG.reshape(-1)
@@ -131,8 +159,10 @@ def make_batch(groups: Sequence[Group], seq_len: int) -> tuple[dict[str, np.ndar
   for i, ep in enumerate(episodes):
     n = len(ep.tokens) - 1
     if n > seq_len:
-      raise ValueError(f"an episode of {n + 1} tokens does not fit seq_len={seq_len} (+1); "
-                       "raise seq_len or lower rl.max_new_tokens")
+      raise ValueError(
+        f"an episode of {n + 1} tokens does not fit seq_len={seq_len} (+1); "
+        "raise seq_len or lower rl.max_new_tokens"
+      )
     batch["inputs"][i, :n] = ep.tokens[:-1]
     batch["targets"][i, :n] = ep.tokens[1:]
     batch["positions"][i, :n] = np.arange(n)
@@ -142,23 +172,28 @@ def make_batch(groups: Sequence[Group], seq_len: int) -> tuple[dict[str, np.ndar
   return batch, group_stats(**group_arrays(groups))
 
 
-STAT_KINDS = KINDS + ("agentic",)   # task kinds, coded by index in `group_arrays`
+STAT_KINDS = KINDS + ("agentic",)  # task kinds, coded by index in `group_arrays`
 
 
 def group_arrays(groups: Sequence[Group]) -> dict[str, np.ndarray]:
   """What rollout statistics need of each group, as arrays (gathered over processes as is):
   rewards, passed and response lengths [N, G], kind codes [N]."""
-  return {"rewards": np.array([[r.value for r in g.rewards] for g in groups], np.float32),
-          "passed": np.array([[r.passed for r in g.rewards] for g in groups], np.float32),
-          "lengths": np.array([g.response_lengths for g in groups], np.float32),
-          "kinds": np.array([STAT_KINDS.index(g.task.kind) for g in groups], np.int32)}
+  return {
+    "rewards": np.array([[r.value for r in g.rewards] for g in groups], np.float32),
+    "passed": np.array([[r.passed for r in g.rewards] for g in groups], np.float32),
+    "lengths": np.array([g.response_lengths for g in groups], np.float32),
+    "kinds": np.array([STAT_KINDS.index(g.task.kind) for g in groups], np.int32),
+  }
 
 
 def group_stats(rewards, passed, lengths, kinds) -> dict[str, float]:
   """reward_mean, pass_rate, response_length, groups_kept and reward_<kind>."""
-  stats = {"reward_mean": float(rewards.mean()), "pass_rate": float(passed.mean()),
-           "response_length": float(lengths.mean()),
-           "groups_kept": float(grpo.groups_kept(grpo.group_advantages(rewards)).mean())}
+  stats = {
+    "reward_mean": float(rewards.mean()),
+    "pass_rate": float(passed.mean()),
+    "response_length": float(lengths.mean()),
+    "groups_kept": float(grpo.groups_kept(grpo.group_advantages(rewards)).mean()),
+  }
   for code in sorted(set(kinds.tolist())):
     stats[f"reward_{STAT_KINDS[code]}"] = float(rewards[kinds == code].mean())
   return stats

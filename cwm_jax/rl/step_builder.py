@@ -18,9 +18,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from cwm_jax.infer import cache as kv, sampler
+from cwm_jax.infer import cache as kv
+from cwm_jax.infer import sampler
 from cwm_jax.model.layers import dtype_of
 from cwm_jax.model.transformer import abstract_model
 from cwm_jax.parallel import sharding
@@ -48,6 +50,7 @@ def sampler_programs(config, cfg, parts: state_lib.Parts, params: dict, resident
     def run(params, cache, tokens):
       with nnx.logical_axis_rules(rules):
         return step(nnx.merge(graphdef, params), cache, tokens)
+
     return run
 
   def program(step, cache, tokens, **info):
@@ -57,20 +60,26 @@ def sampler_programs(config, cfg, parts: state_lib.Parts, params: dict, resident
     with jax.set_mesh(mesh):
       _, out = jax.eval_shape(under_rules(step), *args)
     out_sh = kv.cache_shardings(out, mesh, rules)  # a prefilled cache is not `empty`
-    jitted = jax.jit(under_rules(step), in_shardings=jax.tree.map(lambda a: a.sharding, args),
-                     out_shardings=(rows, out_sh), donate_argnums=1)
-    info = dict(info, rows=b, cache_len=cache_len,
-                cache_gb_per_device=device_bytes(cache) / GIB)
+    jitted = jax.jit(
+      under_rules(step),
+      in_shardings=jax.tree.map(lambda a: a.sharding, args),
+      out_shardings=(rows, out_sh),
+      donate_argnums=1,
+    )
+    info = dict(info, rows=b, cache_len=cache_len, cache_gb_per_device=device_bytes(cache) / GIB)
     return Program(jitted, args, resident, info), out
 
-  with jax.set_mesh(mesh):   # the cache's layout follows the mesh's platform
-    empty = jax.eval_shape(lambda: kv.init_cache(cfg, b, cache_len,
-                                                 dtype_of(parts.execution.compute_dtype)))
-  prompt = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32,
-                                sharding=NamedSharding(mesh, P(rows.spec[0], None)))
+  with jax.set_mesh(mesh):  # the cache's layout follows the mesh's platform
+    empty = jax.eval_shape(
+      lambda: kv.init_cache(cfg, b, cache_len, dtype_of(parts.execution.compute_dtype))
+    )
+  prompt = jax.ShapeDtypeStruct(
+    (b, prompt_len), jnp.int32, sharding=NamedSharding(mesh, P(rows.spec[0], None))
+  )
   prefill, filled = program(sampler.prefill, empty, prompt, prompt_len=prompt_len)
-  decode, _ = program(sampler.decode_step, filled, jax.ShapeDtypeStruct((b,), jnp.int32,
-                                                                        sharding=rows))
+  decode, _ = program(
+    sampler.decode_step, filled, jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)
+  )
   block_len = min(sampler.EXTEND_BLOCK, prompt_len)
   block = jax.ShapeDtypeStruct((b, block_len), jnp.int32, sharding=prompt.sharding)
   extend, _ = program(sampler.extend, filled, block, block_len=block_len)
@@ -88,20 +97,32 @@ def rl_step_builder(config, cfg, mesh) -> Steps:
   parts = state_lib.parts(config, cfg, mesh)
   tx, schedule, run, abstract, shardings, batch_sh = parts
   rl = config.rl  # the RL trainer's schema (validated), so the same divisor as training
-  fn = grpo.make_rl_step(cfg, tx, schedule, max_len=rl.loss_max_len or rl.max_new_tokens,
-                         eps_low=rl.eps_low, eps_high=rl.eps_high,
-                         rules=sharding.normalize_rules(config.rules), execution=run)
+  fn = grpo.make_rl_step(
+    cfg,
+    tx,
+    schedule,
+    max_len=rl.loss_max_len or rl.max_new_tokens,
+    eps_low=rl.eps_low,
+    eps_high=rl.eps_high,
+    rules=sharding.normalize_rules(config.rules),
+    execution=run,
+  )
   jitted = grpo.jit_rl_step(fn, shardings, batch_sh)
   row = NamedSharding(mesh, P(batch_sh.spec[0]))
   b, t = config.batch_size, config.seq_len
-  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k in _FLOAT_KEYS else jnp.int32,
-                                   sharding=batch_sh) for k in grpo.BATCH_KEYS}
+  batch = {
+    k: jax.ShapeDtypeStruct(
+      (b, t), jnp.float32 if k in _FLOAT_KEYS else jnp.int32, sharding=batch_sh
+    )
+    for k in grpo.BATCH_KEYS
+  }
   batch.update({k: jax.ShapeDtypeStruct((b,), jnp.float32, sharding=row) for k in grpo.ROW_KEYS})
   state = state_lib.with_shardings(abstract, shardings)
   if rl.async_rollouts:
     update_resident, sampling_resident = state["params"], state
   else:
     update_resident, sampling_resident = (), {k: v for k, v in state.items() if k != "params"}
-  return Steps(Program(jitted, (state, batch), update_resident),
-               {"sampler": sampler_programs(config, cfg, parts, state["params"],
-                                                sampling_resident)})
+  return Steps(
+    Program(jitted, (state, batch), update_resident),
+    {"sampler": sampler_programs(config, cfg, parts, state["params"], sampling_resident)},
+  )

@@ -19,15 +19,15 @@ import dataclasses
 import functools
 import logging
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
+from cwm_jax.base import ConfigError
+from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces import program_calls
 from cwm_jax.infer.trace_predict import TraceError, prompt_text, real_trace
-from cwm_jax.base import ConfigError
-from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.rl import rewards
 
 KINDS = ("code", "math", "trace", "toy")
@@ -39,34 +39,60 @@ class Task:
   kind: str
   prompt_ids: tuple[int, ...]
   verify: Callable[[str], rewards.Reward]  # completion text (stop token removed) -> Reward
-  reference_ids: tuple[int, ...] = ()      # a correct completion with its stop token (warmup)
-  tools: tuple[str, ...] = ()              # sandbox tools of a multi-turn task (rl.episodes)
+  reference_ids: tuple[int, ...] = ()  # a correct completion with its stop token (warmup)
+  tools: tuple[str, ...] = ()  # sandbox tools of a multi-turn task (rl.episodes)
 
 
 # (function, statement, reference solution, hidden tests)
 CODE_PROBLEMS = (
-    ("add", "returns the sum of a and b", "def add(a, b):\n    return a + b\n",
-     "assert add(1, 2) == 3\nassert add(-5, 5) == 0\nassert add(10, 32) == 42"),
-    ("is_even", "returns True if the integer n is even, else False",
-     "def is_even(n):\n    return n % 2 == 0\n",
-     "assert is_even(4) is True\nassert is_even(7) is False\nassert is_even(0) is True"),
-    ("reverse", "returns the string s reversed", "def reverse(s):\n    return s[::-1]\n",
-     "assert reverse('abc') == 'cba'\nassert reverse('') == ''"),
-    ("largest", "returns the largest element of a non-empty list xs",
-     "def largest(xs):\n    return max(xs)\n",
-     "assert largest([3, 9, 2]) == 9\nassert largest([-4, -2]) == -2"),
-    ("count_vowels", "returns how many of the characters of s are in 'aeiou'",
-     "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)\n",
-     "assert count_vowels('banana') == 3\nassert count_vowels('xyz') == 0"),
-    ("factorial", "returns n! for an integer n >= 0",
-     "def factorial(n):\n    return 1 if n < 2 else n * factorial(n - 1)\n",
-     "assert factorial(0) == 1\nassert factorial(5) == 120"),
-    ("sum_squares", "returns 1*1 + 2*2 + ... + n*n",
-     "def sum_squares(n):\n    return sum(i * i for i in range(1, n + 1))\n",
-     "assert sum_squares(3) == 14\nassert sum_squares(0) == 0"),
-    ("dedupe", "returns the list xs without repeats, keeping first occurrences in order",
-     "def dedupe(xs):\n    return list(dict.fromkeys(xs))\n",
-     "assert dedupe([3, 1, 3, 2, 1]) == [3, 1, 2]\nassert dedupe([]) == []"),
+  (
+    "add",
+    "returns the sum of a and b",
+    "def add(a, b):\n    return a + b\n",
+    "assert add(1, 2) == 3\nassert add(-5, 5) == 0\nassert add(10, 32) == 42",
+  ),
+  (
+    "is_even",
+    "returns True if the integer n is even, else False",
+    "def is_even(n):\n    return n % 2 == 0\n",
+    "assert is_even(4) is True\nassert is_even(7) is False\nassert is_even(0) is True",
+  ),
+  (
+    "reverse",
+    "returns the string s reversed",
+    "def reverse(s):\n    return s[::-1]\n",
+    "assert reverse('abc') == 'cba'\nassert reverse('') == ''",
+  ),
+  (
+    "largest",
+    "returns the largest element of a non-empty list xs",
+    "def largest(xs):\n    return max(xs)\n",
+    "assert largest([3, 9, 2]) == 9\nassert largest([-4, -2]) == -2",
+  ),
+  (
+    "count_vowels",
+    "returns how many of the characters of s are in 'aeiou'",
+    "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)\n",
+    "assert count_vowels('banana') == 3\nassert count_vowels('xyz') == 0",
+  ),
+  (
+    "factorial",
+    "returns n! for an integer n >= 0",
+    "def factorial(n):\n    return 1 if n < 2 else n * factorial(n - 1)\n",
+    "assert factorial(0) == 1\nassert factorial(5) == 120",
+  ),
+  (
+    "sum_squares",
+    "returns 1*1 + 2*2 + ... + n*n",
+    "def sum_squares(n):\n    return sum(i * i for i in range(1, n + 1))\n",
+    "assert sum_squares(3) == 14\nassert sum_squares(0) == 0",
+  ),
+  (
+    "dedupe",
+    "returns the list xs without repeats, keeping first occurrences in order",
+    "def dedupe(xs):\n    return list(dict.fromkeys(xs))\n",
+    "assert dedupe([3, 1, 3, 2, 1]) == [3, 1, 2]\nassert dedupe([]) == []",
+  ),
 )
 
 
@@ -79,8 +105,12 @@ def _answer(tokenizer, text: str) -> tuple[int, ...]:
   return (*tokenizer.encode(text), tokenizer.special_id("<|eot_id|>"))
 
 
-def code_tasks(tokenizer, limits=rewards.DEFAULT_LIMITS, problems=CODE_PROBLEMS,
-               bad: collections.Counter | None = None) -> list[Task]:
+def code_tasks(
+  tokenizer,
+  limits=rewards.DEFAULT_LIMITS,
+  problems=CODE_PROBLEMS,
+  bad: collections.Counter | None = None,
+) -> list[Task]:
   """The code tasks of `problems`; those whose tests cannot be judged outside the program
   (rewards.check_tests) are left out and counted in `bad` (by reason 'bad_tests')."""
   out = []
@@ -93,9 +123,15 @@ def code_tasks(tokenizer, limits=rewards.DEFAULT_LIMITS, problems=CODE_PROBLEMS,
         bad["bad_tests"] += 1
       continue
     text = f"Write a Python function `{name}` that {statement}. Reply with the code only."
-    out.append(Task(f"code/{name}", "code", _chat(tokenizer, text),
-                    functools.partial(rewards.code_reward, tests=tests, limits=limits),
-                    _answer(tokenizer, solution)))
+    out.append(
+      Task(
+        f"code/{name}",
+        "code",
+        _chat(tokenizer, text),
+        functools.partial(rewards.code_reward, tests=tests, limits=limits),
+        _answer(tokenizer, solution),
+      )
+    )
   return out
 
 
@@ -110,9 +146,15 @@ def math_tasks(tokenizer, n: int = 16, seed: int = 0) -> list[Task]:
     op = "+-*"[i % 3]
     answer = str(_OPS[op](a, b))
     text = f"What is {a} {op} {b}? Reply with the number only."
-    out.append(Task(f"math/{a}{op}{b}", "math", _chat(tokenizer, text),
-                    functools.partial(rewards.exact_answer_reward, answer=answer),
-                    _answer(tokenizer, answer)))
+    out.append(
+      Task(
+        f"math/{a}{op}{b}",
+        "math",
+        _chat(tokenizer, text),
+        functools.partial(rewards.exact_answer_reward, answer=answer),
+        _answer(tokenizer, answer),
+      )
+    )
   return out
 
 
@@ -120,8 +162,9 @@ def trace_tasks(tokenizer, max_prompt_len: int, limit: int = 0) -> list[Task]:
   """Output prediction on the shipped programs' calls whose prompt fits `max_prompt_len`."""
   out = []
   for call in program_calls():
-    ids = tokenizer.encode_trace(prompt_text(call.source, call.function, {
-        "event": "call", "line": "", "locals": {}}))
+    ids = tokenizer.encode_trace(
+      prompt_text(call.source, call.function, {"event": "call", "line": "", "locals": {}})
+    )
     if len(ids) > max_prompt_len:  # cheap bound before running the interpreter
       continue
     try:
@@ -132,9 +175,15 @@ def trace_tasks(tokenizer, max_prompt_len: int, limit: int = 0) -> list[Task]:
     if len(ids) > max_prompt_len:
       continue
     name = f"trace/{call.function}{call.args!r}"[:80]
-    out.append(Task(name, "trace", tuple(ids),
-                    functools.partial(rewards.trace_reward, real_last_frame=frames[-1]),
-                    tuple(tokenizer.encode_trace(trace_format.format_frames(frames[1:])))))
+    out.append(
+      Task(
+        name,
+        "trace",
+        tuple(ids),
+        functools.partial(rewards.trace_reward, real_last_frame=frames[-1]),
+        tuple(tokenizer.encode_trace(trace_format.format_frames(frames[1:]))),
+      )
+    )
     if limit and len(out) >= limit:
       break
   return out
@@ -146,15 +195,22 @@ def toy_tasks(tokenizer) -> list[Task]:
   for digit in range(10):
     for filler in ("ab{}c", "x{}yz", "{}pq", "mn{}"):
       text = f"Which digit is in {filler.format(digit)!r}? Reply with the digit only."
-      out.append(Task(f"toy/{filler.format(digit)}", "toy", _chat(tokenizer, text),
-                      functools.partial(rewards.choice_reward, answer=str(digit)),
-                      _answer(tokenizer, str(digit))))
+      out.append(
+        Task(
+          f"toy/{filler.format(digit)}",
+          "toy",
+          _chat(tokenizer, text),
+          functools.partial(rewards.choice_reward, answer=str(digit)),
+          _answer(tokenizer, str(digit)),
+        )
+      )
   return out
 
 
 class DigitVocab:
   """A 16-token vocabulary for the from-scratch toy task: ids 0-9 are the digits, then
   <bos>, <eos> (the stop token) and four filler letters."""
+
   vocab_size, bos_id, eos_id = 16, 10, 11
   stop_ids = (11,)
   FILLER = "abcd"
@@ -173,39 +229,53 @@ def digit_tasks(length: int = 2, n: int = 64, seed: int = 0) -> list[Task]:
     digit, where = i % 10, int(rng.integers(length))
     body = [int(x) for x in rng.integers(12, 16, size=length)]
     body[where] = digit
-    out.append(Task(f"digit/{i}", "toy", (vocab.bos_id, *body),
-                    functools.partial(rewards.choice_reward, answer=str(digit)),
-                    (digit, vocab.eos_id)))
+    out.append(
+      Task(
+        f"digit/{i}",
+        "toy",
+        (vocab.bos_id, *body),
+        functools.partial(rewards.choice_reward, answer=str(digit)),
+        (digit, vocab.eos_id),
+      )
+    )
   return out
 
 
-def build_tasks(kinds: str, tokenizer, *, max_prompt_len: int, seed: int = 0,
-                limits=rewards.DEFAULT_LIMITS) -> list[Task]:
+def build_tasks(
+  kinds: str, tokenizer, *, max_prompt_len: int, seed: int = 0, limits=rewards.DEFAULT_LIMITS
+) -> list[Task]:
   """The tasks of the comma-separated `kinds` whose prompts fit `max_prompt_len` tokens."""
   names = [k.strip() for k in kinds.split(",") if k.strip()]
   unknown = sorted(set(names) - set(KINDS))
   if unknown or not names:
     raise ConfigError(f"rl.tasks={kinds!r}: unknown kinds {unknown}; choose from {KINDS}")
-  makers = {"code": lambda: code_tasks(tokenizer, limits),
-            "math": lambda: math_tasks(tokenizer, seed=seed),
-            "trace": lambda: trace_tasks(tokenizer, max_prompt_len),
-            "toy": lambda: toy_tasks(tokenizer)}
+  makers = {
+    "code": lambda: code_tasks(tokenizer, limits),
+    "math": lambda: math_tasks(tokenizer, seed=seed),
+    "trace": lambda: trace_tasks(tokenizer, max_prompt_len),
+    "toy": lambda: toy_tasks(tokenizer),
+  }
   tasks = [t for name in names for t in makers[name]() if len(t.prompt_ids) <= max_prompt_len]
   if not tasks:
-    raise ConfigError(f"no task of rl.tasks={kinds!r} has a prompt of at most {max_prompt_len} "
-                      "tokens; raise seq_len or lower rl.max_new_tokens")
+    raise ConfigError(
+      f"no task of rl.tasks={kinds!r} has a prompt of at most {max_prompt_len} "
+      "tokens; raise seq_len or lower rl.max_new_tokens"
+    )
   return tasks
 
 
-def task_set(kinds: str, *, max_prompt_len: int, seed: int = 0,
-             limits=rewards.DEFAULT_LIMITS) -> tuple[object, list[Task]]:
+def task_set(
+  kinds: str, *, max_prompt_len: int, seed: int = 0, limits=rewards.DEFAULT_LIMITS
+) -> tuple[object, list[Task]]:
   """(tokenizer, tasks): 'digits' is the from-scratch toy task on `DigitVocab`; any other
   kinds use the project tokenizer."""
   if "digits" in kinds:
     if kinds.strip() != "digits":
-      raise ConfigError(f"rl.tasks={kinds!r}: 'digits' has its own vocabulary and cannot be "
-                        "mixed with other kinds")
+      raise ConfigError(
+        f"rl.tasks={kinds!r}: 'digits' has its own vocabulary and cannot be mixed with other kinds"
+      )
     return DigitVocab(), digit_tasks(seed=seed)
   tokenizer = Tokenizer.default()
-  return tokenizer, build_tasks(kinds, tokenizer, max_prompt_len=max_prompt_len, seed=seed,
-                                limits=limits)
+  return tokenizer, build_tasks(
+    kinds, tokenizer, max_prompt_len=max_prompt_len, seed=seed, limits=limits
+  )

@@ -40,40 +40,63 @@ from cwm_jax.data.traces import isolation
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.sampler import Turns
 from cwm_jax.model.transformer import abstract_model
-from cwm_jax.parallel import mesh as mesh_lib, sharding
-from cwm_jax.rl import datasets, episodes, grpo, rollout, tasks as tasks_lib
-from cwm_jax.train import config as config_lib, runtime, step as step_lib
+from cwm_jax.parallel import mesh as mesh_lib
+from cwm_jax.parallel import sharding
+from cwm_jax.rl import datasets, episodes, grpo, rollout
+from cwm_jax.rl import tasks as tasks_lib
+from cwm_jax.train import config as config_lib
+from cwm_jax.train import runtime
+from cwm_jax.train import step as step_lib
 
 
 def rl_config() -> ml_collections.ConfigDict:
   """Defaults of the `rl` config section. CWM's exact RL batch/LR figures are not public."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       tasks="toy,math,code,trace",  # kinds from cwm_jax.rl.tasks, or 'digits' (toy vocab)
-      task_files="",                # comma-separated task files, folders or globs, local or
-                                    # gs:// (rl.datasets);
-                                    # replaces `tasks`; a bare name is a shipped set
-                                    # (cwm_jax/rl/task_sets/NAME.jsonl)
-      max_turns=4,                  # policy messages per multi-turn (tool) episode
-      episode_tokens=0,             # tokens per multi-turn episode; 0: seq_len
-      episode_seconds=120.0,        # wall time of one batch of multi-turn episodes
-      group_size=4,                 # G samples per prompt
+      task_files="",  # comma-separated task files, folders or globs, local or
+      # gs:// (rl.datasets);
+      # replaces `tasks`; a bare name is a shipped set
+      # (cwm_jax/rl/task_sets/NAME.jsonl)
+      max_turns=4,  # policy messages per multi-turn (tool) episode
+      episode_tokens=0,  # tokens per multi-turn episode; 0: seq_len
+      episode_seconds=120.0,  # wall time of one batch of multi-turn episodes
+      group_size=4,  # G samples per prompt
       max_new_tokens=32,
-      temperature=1.0, top_p=1.0,
-      eps_low=grpo.EPS_LOW, eps_high=grpo.EPS_HIGH,
-      loss_max_len=0,               # the fixed loss divisor; 0: max_new_tokens
-      updates_per_rollout=1,        # optimizer steps on each rollout batch
-      warmup_steps=0,               # supervised steps on reference answers first
-      async_rollouts=False, max_staleness=1,
-      verifier_workers=2, sandbox_timeout_s=3.0, sandbox_memory_mb=512,
-      sandbox_allow_no_isolation=False))  # run code where namespaces are unavailable
+      temperature=1.0,
+      top_p=1.0,
+      eps_low=grpo.EPS_LOW,
+      eps_high=grpo.EPS_HIGH,
+      loss_max_len=0,  # the fixed loss divisor; 0: max_new_tokens
+      updates_per_rollout=1,  # optimizer steps on each rollout batch
+      warmup_steps=0,  # supervised steps on reference answers first
+      async_rollouts=False,
+      max_staleness=1,
+      verifier_workers=2,
+      sandbox_timeout_s=3.0,
+      sandbox_memory_mb=512,
+      sandbox_allow_no_isolation=False,
+    )
+  )  # run code where namespaces are unavailable
 
 
 def toy_config(steps: int, seed: int = 0) -> ml_collections.ConfigDict:
   """The learnable-from-scratch toy RL run: 16-token vocab, 'which digit' task."""
   c = config_lib.base_config()
   c.seed = seed
-  c.model.overrides.update(dict(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, head_dim=16,
-                                ffn_dim=64, vocab_size=16, local_window=8, global_window=32))
+  c.model.overrides.update(
+    dict(
+      n_layers=1,
+      dim=32,
+      n_heads=2,
+      n_kv_heads=1,
+      head_dim=16,
+      ffn_dim=64,
+      vocab_size=16,
+      local_window=8,
+      global_window=32,
+    )
+  )
   c.seq_len, c.batch_size, c.total_steps = 8, 128, steps
   c.checkpoint_every, c.checkpoint.async_save, c.metrics.tensorboard = 0, False, False
   c.optimizer.update(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0)
@@ -87,8 +110,9 @@ def validate(config, n_devices: int | None = None, n_processes: int | None = Non
   """Every check `run` makes before compiling: the training config, then the `rl` section
   (unknown `rl` fields are errors); devices and processes default to this job's."""
   processes = n_processes or jax.process_count()
-  config_lib.validate(config, config_lib.model_config(config), n_devices or jax.device_count(),
-                      processes)
+  config_lib.validate(
+    config, config_lib.model_config(config), n_devices or jax.device_count(), processes
+  )
   rl, errors = config.rl, []
   unknown = sorted(set(rl.keys()) - set(rl_config().keys()))
   if unknown:
@@ -96,14 +120,16 @@ def validate(config, n_devices: int | None = None, n_processes: int | None = Non
   if rl.group_size < 2:
     errors.append(f"rl.group_size={rl.group_size} must be >= 2 (advantages compare samples)")
   elif config.batch_size % rl.group_size:
-    errors.append(f"batch_size={config.batch_size} (rollouts per update) is not divisible by "
-                  f"rl.group_size={rl.group_size}")
+    errors.append(
+      f"batch_size={config.batch_size} (rollouts per update) is not divisible by "
+      f"rl.group_size={rl.group_size}"
+    )
   if not 1 <= rl.max_new_tokens < config.seq_len:
-    errors.append(f"rl.max_new_tokens={rl.max_new_tokens} must be in [1, seq_len="
-                  f"{config.seq_len})")
+    errors.append(f"rl.max_new_tokens={rl.max_new_tokens} must be in [1, seq_len={config.seq_len})")
   if rl.temperature <= 0 or not 0 < rl.top_p <= 1:
-    errors.append("rl.temperature must be > 0 (greedy groups carry no signal) and "
-                  "0 < rl.top_p <= 1")
+    errors.append(
+      "rl.temperature must be > 0 (greedy groups carry no signal) and 0 < rl.top_p <= 1"
+    )
   if not (0 < rl.eps_low < 1 and rl.eps_high > 0):
     errors.append(f"need 0 < rl.eps_low < 1 and rl.eps_high > 0, got {rl.eps_low}, {rl.eps_high}")
   for name in ("updates_per_rollout", "verifier_workers"):
@@ -112,17 +138,22 @@ def validate(config, n_devices: int | None = None, n_processes: int | None = Non
   if rl.warmup_steps < 0 or rl.max_staleness < 0 or rl.loss_max_len < 0:
     errors.append("rl.warmup_steps, rl.max_staleness and rl.loss_max_len must be >= 0")
   if rl.max_turns < 1 or not 0 <= rl.episode_tokens <= config.seq_len or rl.episode_seconds <= 0:
-    errors.append("need rl.max_turns >= 1, 0 <= rl.episode_tokens <= seq_len and "
-                  "rl.episode_seconds > 0")
+    errors.append(
+      "need rl.max_turns >= 1, 0 <= rl.episode_tokens <= seq_len and rl.episode_seconds > 0"
+    )
 
   if rl.group_size >= 2 and (config.batch_size // rl.group_size) % processes:
-    errors.append(f"batch_size / rl.group_size = {config.batch_size // rl.group_size} prompts "
-                  f"per update do not split over {processes} processes (each samples whole "
-                  "groups); change batch_size")
+    errors.append(
+      f"batch_size / rl.group_size = {config.batch_size // rl.group_size} prompts "
+      f"per update do not split over {processes} processes (each samples whole "
+      "groups); change batch_size"
+    )
   if rl.async_rollouts and processes > 1:
-    errors.append("rl.async_rollouts=True runs on one process only: a background thread's "
-                  "collectives would interleave with the update's across hosts; set "
-                  "rl.async_rollouts=False")
+    errors.append(
+      "rl.async_rollouts=True runs on one process only: a background thread's "
+      "collectives would interleave with the update's across hosts; set "
+      "rl.async_rollouts=False"
+    )
   if errors:
     raise ConfigError("invalid RL config: " + "; ".join(errors))
 
@@ -137,8 +168,9 @@ def shipped_sets() -> list[str]:
 def task_paths(task_files: str) -> list[str]:
   """The files of `rl.task_files`; a bare name (no '/', no '.') is a shipped set."""
   names = [p.strip() for p in task_files.split(",") if p.strip()]
-  return [os.path.join(TASK_SETS, f"{n}.jsonl") if "/" not in n and "." not in n else n
-          for n in names]
+  return [
+    os.path.join(TASK_SETS, f"{n}.jsonl") if "/" not in n and "." not in n else n for n in names
+  ]
 
 
 def _matches(pattern: str) -> list[str]:
@@ -151,15 +183,17 @@ def _matches(pattern: str) -> list[str]:
 
 def _sft_batch(tasks, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
   """Prompt + reference answer per row (batch contract), loss on the answer only."""
-  batch = {k: np.zeros((batch_size, seq_len), np.int32)
-           for k in ("inputs", "targets", "positions", "segment_ids")}
+  batch = {
+    k: np.zeros((batch_size, seq_len), np.int32)
+    for k in ("inputs", "targets", "positions", "segment_ids")
+  }
   batch["weights"] = np.zeros((batch_size, seq_len), np.float32)
   for i, task in enumerate(tasks):
-    ids = (list(task.prompt_ids) + list(task.reference_ids))[:seq_len + 1]
+    ids = (list(task.prompt_ids) + list(task.reference_ids))[: seq_len + 1]
     n = len(ids) - 1
     batch["inputs"][i, :n], batch["targets"][i, :n] = ids[:-1], ids[1:]
     batch["positions"][i, :n], batch["segment_ids"][i, :n] = np.arange(n), 1
-    batch["weights"][i, len(task.prompt_ids) - 1:n] = 1.0
+    batch["weights"][i, len(task.prompt_ids) - 1 : n] = 1.0
   return batch
 
 
@@ -181,20 +215,21 @@ class _Tasks:
       return self.stream.take(local)
     rng = np.random.default_rng([self.config.seed, step, salt])
     picked = rng.choice(len(self.tasks), size=n, replace=n > len(self.tasks))
-    return [self.tasks[i] for i in picked[index * local:(index + 1) * local]]
+    return [self.tasks[i] for i in picked[index * local : (index + 1) * local]]
 
 
 def _any_process(flags: np.ndarray) -> np.ndarray:
   """Element-wise OR of boolean flags over processes."""
   if jax.process_count() == 1:
     return flags
-  return multihost_utils.process_allgather(flags.astype(np.int32)).reshape(
-      -1, flags.size).any(axis=0)
+  return (
+    multihost_utils.process_allgather(flags.astype(np.int32)).reshape(-1, flags.size).any(axis=0)
+  )
 
 
 class _Share(NamedTuple):
-  tasks: list   # what this process samples: its tasks of a kind, then filler
-  real: int     # how many of them are its own (the filler's groups are dropped)
+  tasks: list  # what this process samples: its tasks of a kind, then filler
+  real: int  # how many of them are its own (the filler's groups are dropped)
 
 
 def _same_counts(single: list, multi: list, pool: list) -> tuple[_Share, _Share]:
@@ -205,8 +240,10 @@ def _same_counts(single: list, multi: list, pool: list) -> tuple[_Share, _Share]
   if jax.process_count() > 1:
     counts = multihost_utils.process_allgather(counts).reshape(-1, 2).max(axis=0)
   filler = itertools.cycle(pool)
-  return tuple(_Share(own + [next(filler) for _ in range(int(n) - len(own))], len(own))
-               for own, n in zip((single, multi), counts))
+  return tuple(
+    _Share(own + [next(filler) for _ in range(int(n) - len(own))], len(own))
+    for own, n in zip((single, multi), counts)
+  )
 
 
 def _global_stats(groups, sampled: float) -> dict:
@@ -222,10 +259,16 @@ def _global_stats(groups, sampled: float) -> dict:
 class _Sampler:
   """Rollout batch of one step: pick prompts, sample groups with given params, score."""
 
-  def __init__(self, config, graphdef, tokenizer, tasks: _Tasks, scorer, rows: NamedSharding,
-               rules=()):
+  def __init__(
+    self, config, graphdef, tokenizer, tasks: _Tasks, scorer, rows: NamedSharding, rules=()
+  ):
     self.config, self.graphdef, self.tokenizer, self.tasks, self.scorer = (
-        config, graphdef, tokenizer, tasks, scorer)
+      config,
+      graphdef,
+      tokenizer,
+      tasks,
+      scorer,
+    )
     self.rows = rows  # rollout rows over the training mesh's data axes
     self.rules = rules  # the logical axis rules: the KV cache is split as the plan splits it
     # Prompts are padded to one length (one compile): the longest prompt that fits.
@@ -240,34 +283,66 @@ class _Sampler:
     model = nnx.merge(self.graphdef, params)
     seed = self.config.seed * 1_000_003 + version
     tasks = self.tasks.draw(version, self.config.batch_size // rl.group_size)
-    single, multi = _same_counts([t for t in tasks if not t.tools],
-                                 [t for t in tasks if t.tools], tasks)
-    groups = rollout.collect(
-        model, single.tasks, group_size=rl.group_size,
-        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
-        stop_ids=self.tokenizer.stop_ids, decode=self.tokenizer.decode, scorer=self.scorer,
-        seed=seed, version=version, pad_multiple=self.pad,
-        row_sharding=self._rows(len(single.tasks) * rl.group_size)
-    )[:single.real] if single.tasks else []
+    single, multi = _same_counts(
+      [t for t in tasks if not t.tools], [t for t in tasks if t.tools], tasks
+    )
+    groups = (
+      rollout.collect(
+        model,
+        single.tasks,
+        group_size=rl.group_size,
+        max_new_tokens=rl.max_new_tokens,
+        temperature=rl.temperature,
+        top_p=rl.top_p,
+        stop_ids=self.tokenizer.stop_ids,
+        decode=self.tokenizer.decode,
+        scorer=self.scorer,
+        seed=seed,
+        version=version,
+        pad_multiple=self.pad,
+        row_sharding=self._rows(len(single.tasks) * rl.group_size),
+      )[: single.real]
+      if single.tasks
+      else []
+    )
     if multi.tasks:
       limits = episodes.EpisodeLimits(
-          max_turns=rl.max_turns, max_tokens=rl.episode_tokens or self.config.seq_len,
-          max_seconds=rl.episode_seconds, message_tokens=rl.max_new_tokens)
+        max_turns=rl.max_turns,
+        max_tokens=rl.episode_tokens or self.config.seq_len,
+        max_seconds=rl.episode_seconds,
+        message_tokens=rl.max_new_tokens,
+      )
 
       def make_turns(rows: int) -> Turns:
-        return Turns(model, rows, limits.max_tokens, temperature=rl.temperature,
-                     top_p=rl.top_p, stop_ids=self.tokenizer.stop_ids, seed=seed,
-                     pad_multiple=self.pad, row_sharding=self._rows(rows))
-      groups += episodes.collect_groups(make_turns, multi.tasks, self.tokenizer,
-                                        group_size=rl.group_size, scorer=self.scorer,
-                                        version=version, limits=limits,
-                                        tool_limits=self.scorer.limits,
-                                        any_process=_any_process)[:multi.real]
+        return Turns(
+          model,
+          rows,
+          limits.max_tokens,
+          temperature=rl.temperature,
+          top_p=rl.top_p,
+          stop_ids=self.tokenizer.stop_ids,
+          seed=seed,
+          pad_multiple=self.pad,
+          row_sharding=self._rows(rows),
+        )
+
+      groups += episodes.collect_groups(
+        make_turns,
+        multi.tasks,
+        self.tokenizer,
+        group_size=rl.group_size,
+        scorer=self.scorer,
+        version=version,
+        limits=limits,
+        tool_limits=self.scorer.limits,
+        any_process=_any_process,
+      )[: multi.real]
     batch, _ = rollout.make_batch(groups, self.config.seq_len)
     stats = _global_stats(groups, float(sum(sum(e.policy) for g in groups for e in g.episodes)))
     dt = time.perf_counter() - t0
-    return batch, dict(stats, rollout_time=dt,
-                       rollout_tokens_per_sec=stats.pop("sampled_tokens") / max(dt, 1e-9))
+    return batch, dict(
+      stats, rollout_time=dt, rollout_tokens_per_sec=stats.pop("sampled_tokens") / max(dt, 1e-9)
+    )
 
   def _rows(self, n: int) -> NamedSharding | None:
     """The row sharding when this process's `n` rows (as many on every process) divide
@@ -276,8 +351,10 @@ class _Sampler:
     if (n * jax.process_count()) % size == 0:
       return self.rows
     if jax.process_count() > 1:
-      raise ConfigError(f"{n} rollout rows per process do not divide over the {size} "
-                        "devices of the batch axes; change batch_size or rl.group_size")
+      raise ConfigError(
+        f"{n} rollout rows per process do not divide over the {size} "
+        "devices of the batch axes; change batch_size or rl.group_size"
+      )
     return None
 
 
@@ -321,20 +398,41 @@ class RLTrainer:
     self.config, self.tasks = config, tasks
     self.data_iter = tasks.stream
     rl = config.rl
-    self.rl_step = rt.cached("rl_step", lambda: grpo.jit_rl_step(grpo.make_rl_step(
-        rt.cfg, rt.tx, rt.schedule, rules=rt.rules,
-        max_len=rl.loss_max_len or rl.max_new_tokens, eps_low=rl.eps_low,
-        eps_high=rl.eps_high, execution=rt.execution), rt.shardings, rt.batch_sharding,
-        rt.compiler_options))
-    self.sft_step = rt.cached("sft_step", lambda: step_lib.jit_train_step(
-        step_lib.make_train_step(rt.cfg, rt.tx, rt.schedule, rules=rt.rules,
-                                 execution=rt.execution),
-        rt.shardings, rt.batch_sharding, rt.compiler_options))
+    self.rl_step = rt.cached(
+      "rl_step",
+      lambda: grpo.jit_rl_step(
+        grpo.make_rl_step(
+          rt.cfg,
+          rt.tx,
+          rt.schedule,
+          rules=rt.rules,
+          max_len=rl.loss_max_len or rl.max_new_tokens,
+          eps_low=rl.eps_low,
+          eps_high=rl.eps_high,
+          execution=rt.execution,
+        ),
+        rt.shardings,
+        rt.batch_sharding,
+        rt.compiler_options,
+      ),
+    )
+    self.sft_step = rt.cached(
+      "sft_step",
+      lambda: step_lib.jit_train_step(
+        step_lib.make_train_step(
+          rt.cfg, rt.tx, rt.schedule, rules=rt.rules, execution=rt.execution
+        ),
+        rt.shardings,
+        rt.batch_sharding,
+        rt.compiler_options,
+      ),
+    )
     graphdef = nnx.split(abstract_model(rt.cfg, rt.execution), nnx.Param)[0]
     self.scorer = rollout.Scorer(rl.verifier_workers, _limits(rl))
     rows = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
-    self.feed = _Feed(config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer, rows,
-                                       rt.rules))
+    self.feed = _Feed(
+      config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer, rows, rt.rules)
+    )
     self.published = None
 
   def iterate(self, state: dict, step: int):
@@ -349,8 +447,7 @@ class RLTrainer:
   def _warmup(self, state, step: int) -> runtime.Update:
     config = self.config
     tasks = self.tasks.draw(step, config.batch_size, salt=1)
-    state, metrics = self.sft_step(state, self._put(_sft_batch(tasks, len(tasks),
-                                                               config.seq_len)))
+    state, metrics = self.sft_step(state, self._put(_sft_batch(tasks, len(tasks), config.seq_len)))
     self.feed.publish(state["params"], step + 1)
     return runtime.Update(state, step + 1, dict(metrics, warmup=1.0))
 
@@ -362,9 +459,18 @@ class RLTrainer:
     if stats["groups_kept"] == 0:  # no group carries signal: no update
       state = dict(state, step=state["step"] + 1)
       self.feed.publish(state["params"], step + 1)  # same params, next policy version
-      yield runtime.Update(state, step + 1, dict(stats, loss=0.0, grad_norm=0.0,
-                                                 clip_fraction=0.0, skipped=1.0,
-                                                 lr=float(rt.schedule(step))))
+      yield runtime.Update(
+        state,
+        step + 1,
+        dict(
+          stats,
+          loss=0.0,
+          grad_norm=0.0,
+          clip_fraction=0.0,
+          skipped=1.0,
+          lr=float(rt.schedule(step)),
+        ),
+      )
       return
     device_batch = self._put(batch)
     for _ in range(min(config.rl.updates_per_rollout, config.total_steps - step)):
@@ -372,17 +478,21 @@ class RLTrainer:
       state, metrics = self.rl_step(state, device_batch)
       step += 1
       self.feed.publish(state["params"], step)
-      yield runtime.Update(state, step, dict(stats, **metrics, skipped=0.0,
-                                             update_time=time.perf_counter() - t0))
+      yield runtime.Update(
+        state, step, dict(stats, **metrics, skipped=0.0, update_time=time.perf_counter() - t0)
+      )
 
   def _put(self, local: dict[str, np.ndarray]) -> dict:
     """This process's rows of a global batch as sharded arrays ([B, T] over the batch
     axes, [B] over their first)."""
     rt, n = self.rt, self.config.batch_size
     row = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
-    return {k: jax.make_array_from_process_local_data(
-        rt.batch_sharding if v.ndim == 2 else row, v, (n,) + v.shape[1:])
-            for k, v in local.items()}
+    return {
+      k: jax.make_array_from_process_local_data(
+        rt.batch_sharding if v.ndim == 2 else row, v, (n,) + v.shape[1:]
+      )
+      for k, v in local.items()
+    }
 
   def close(self) -> None:
     self.feed.close()
@@ -390,8 +500,12 @@ class RLTrainer:
 
 
 def _limits(rl) -> Limits:
-  return Limits(timeout_s=rl.sandbox_timeout_s, memory_mb=rl.sandbox_memory_mb,
-                output_bytes=100_000, allow_no_isolation=rl.sandbox_allow_no_isolation)
+  return Limits(
+    timeout_s=rl.sandbox_timeout_s,
+    memory_mb=rl.sandbox_memory_mb,
+    output_bytes=100_000,
+    allow_no_isolation=rl.sandbox_allow_no_isolation,
+  )
 
 
 def task_source(config) -> tuple[object, _Tasks]:
@@ -400,15 +514,24 @@ def task_source(config) -> tuple[object, _Tasks]:
   if rl.task_files:
     missing = [p for p in task_paths(rl.task_files) if not _matches(p)]
     if missing:
-      raise ConfigError(f"rl.task_files: nothing at {missing}; give JSONL task files, folders or "
-                        f"globs, or a shipped set name ({', '.join(shipped_sets())})")
+      raise ConfigError(
+        f"rl.task_files: nothing at {missing}; give JSONL task files, folders or "
+        f"globs, or a shipped set name ({', '.join(shipped_sets())})"
+      )
     tokenizer = Tokenizer.default()
-    stream = datasets.TaskStream(task_paths(rl.task_files), tokenizer, max_prompt_len=max_prompt,
-                                 seed=config.seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), limits=_limits(rl))
+    stream = datasets.TaskStream(
+      task_paths(rl.task_files),
+      tokenizer,
+      max_prompt_len=max_prompt,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      limits=_limits(rl),
+    )
     return tokenizer, _Tasks(config, stream=stream)
-  tokenizer, tasks = tasks_lib.task_set(rl.tasks, max_prompt_len=max_prompt, seed=config.seed,
-                                        limits=_limits(rl))
+  tokenizer, tasks = tasks_lib.task_set(
+    rl.tasks, max_prompt_len=max_prompt, seed=config.seed, limits=_limits(rl)
+  )
   return tokenizer, _Tasks(config, tasks=tasks)
 
 
@@ -421,7 +544,9 @@ def run(config, workdir: str, hooks=()) -> dict:
     isolation.check(limits.namespaces, limits.allow_no_isolation)
   tokenizer, tasks = task_source(config)
   if tokenizer.vocab_size > cfg.vocab_size:
-    raise ConfigError(f"the RL tasks need vocab_size >= {tokenizer.vocab_size}, the "
-                      f"model has {cfg.vocab_size}; set model.overrides.vocab_size")
+    raise ConfigError(
+      f"the RL tasks need vocab_size >= {tokenizer.vocab_size}, the "
+      f"model has {cfg.vocab_size}; set model.overrides.vocab_size"
+    )
   rt = runtime.setup(config)
   return runtime.run(rt, workdir, RLTrainer(rt, tokenizer, tasks), hooks)

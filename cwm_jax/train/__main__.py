@@ -16,15 +16,16 @@ from cwm_jax.recipe import stages
 from cwm_jax.recipe.schedule import run as run_recipe
 from cwm_jax.train.config import check_values
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
 _COORD = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", 0, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", -1, "This process's id.")
 _HEARTBEAT = flags.DEFINE_integer(
-    "heartbeat_timeout_s", mesh_lib.HEARTBEAT_TIMEOUT_S,
-    "Multi-process: a process silent this long counts as lost and the job exits non-zero.")
+  "heartbeat_timeout_s",
+  mesh_lib.HEARTBEAT_TIMEOUT_S,
+  "Multi-process: a process silent this long counts as lost and the job exits non-zero.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,30 +42,35 @@ def _check_start_dirs(config, workdir: str) -> None:
   if "schedule" not in config:
     return
   for st in stages.selected(config, stages.stages_from_config(config)):
-    if st.start_from in (stages.SCRATCH, stages.PREVIOUS) or stages.latest_step(
-        storage.join(workdir, st.name, "checkpoints")) is not None:
+    if (
+      st.start_from in (stages.SCRATCH, stages.PREVIOUS)
+      or stages.latest_step(storage.join(workdir, st.name, "checkpoints")) is not None
+    ):
       continue
     if stages.latest_step(st.start_from) is None:
-      raise ConfigError(f"schedule.stages.{st.name}.start_from={st.start_from!r} holds no "
-                        "committed checkpoint; point it at a run's checkpoints directory")
+      raise ConfigError(
+        f"schedule.stages.{st.name}.start_from={st.start_from!r} holds no "
+        "committed checkpoint; point it at a run's checkpoints directory"
+      )
 
 
 def main(argv, hooks=()):
   """Runs the config (a schedule runs its stages); `hooks` run after every step."""
   if len(argv) > 1:
-    raise ConfigError(f"unexpected arguments {argv[1:]}: every setting is a --flag or "
-                      "--config.FIELD=VALUE")
+    raise ConfigError(
+      f"unexpected arguments {argv[1:]}: every setting is a --flag or --config.FIELD=VALUE"
+    )
   errors = check_values(_CONFIG.value)  # every field, before anything is built or created
   if errors:
     raise ConfigError("invalid training config: " + "; ".join(errors))
   if not storage.is_url(_WORKDIR.value) and storage.isfile(_WORKDIR.value):
-    raise ConfigError(f"--workdir {_WORKDIR.value!r} is a file; pass a directory (new or a "
-                      "run's)")
+    raise ConfigError(f"--workdir {_WORKDIR.value!r} is a file; pass a directory (new or a run's)")
   storage.check_writable(_WORKDIR.value)
   _check_start_dirs(_CONFIG.value, _WORKDIR.value)
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  mesh_lib.initialize_distributed(_COORD.value, _NPROC.value, _PID.value,
-                                  heartbeat_timeout_s=_HEARTBEAT.value)
+  mesh_lib.initialize_distributed(
+    _COORD.value, _NPROC.value, _PID.value, heartbeat_timeout_s=_HEARTBEAT.value
+  )
   run_recipe(_CONFIG.value, _WORKDIR.value, hooks)
 
 

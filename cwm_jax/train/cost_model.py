@@ -32,7 +32,8 @@ matmuls below peak, copies; cost_analysis has no finer split).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -115,8 +116,15 @@ def compile_cost(config, mesh, build: Callable) -> dict:
     return _cost(program.jitted.lower(*program.args).compile())
 
 
-def estimate(config, mesh, build: Callable, peak_tflops_per_device: float,
-             step_flops: float, attention_impl: str, layers: int | None = None) -> dict[str, Any]:
+def estimate(
+  config,
+  mesh,
+  build: Callable,
+  peak_tflops_per_device: float,
+  step_flops: float,
+  attention_impl: str,
+  layers: int | None = None,
+) -> dict[str, Any]:
   """Estimated step seconds, MFU and their breakdown for a training config's step.
 
   `build(config, cfg, mesh)` gives the Steps (the planner's step builder); `step_flops`
@@ -126,8 +134,9 @@ def estimate(config, mesh, build: Callable, peak_tflops_per_device: float,
   A cost model whose time does not grow with depth gives `estimate_error` instead.
   """
   if config.batch_size % config.grad_accum:
-    raise ConfigError(f"batch_size={config.batch_size} is not a multiple of "
-                      f"grad_accum={config.grad_accum}")
+    raise ConfigError(
+      f"batch_size={config.batch_size} is not a multiple of grad_accum={config.grad_accum}"
+    )
   cfg = model_config(config)
   windows = tuple(cfg.layer_windows)
   p = layers or window_period(windows)
@@ -141,12 +150,16 @@ def estimate(config, mesh, build: Callable, peak_tflops_per_device: float,
     if not 0 < points[p] < points[2 * p]:
       # More layers must cost more; a cost model that says otherwise gives no estimate,
       # reported rather than extrapolated into a negative time.
-      return {"estimate_error": f"cost model optimal_seconds by unrolled layers {points} does "
-                                "not grow with depth: no estimate",
-              "estimate_points": points}
+      return {
+        "estimate_error": f"cost model optimal_seconds by unrolled layers {points} does "
+        "not grow with depth: no estimate",
+        "estimate_points": points,
+      }
     scale = (cfg.n_layers - p) / p
-    xla = {k: float(lo.get(k, 0.0)) + (float(hi.get(k, 0.0)) - float(lo.get(k, 0.0))) * scale
-           for k in ("optimal_seconds", "flops", "bytes accessed")}
+    xla = {
+      k: float(lo.get(k, 0.0)) + (float(hi.get(k, 0.0)) - float(lo.get(k, 0.0))) * scale
+      for k in ("optimal_seconds", "flops", "bytes accessed")
+    }
     method = f"unrolled {p} and {2 * p} layers, linear in layers to {cfg.n_layers}"
   else:  # shallow enough to compile every layer unrolled
     full = compile_cost(_variant(config, cfg.n_layers, windows), mesh, build)
@@ -159,20 +172,26 @@ def estimate(config, mesh, build: Callable, peak_tflops_per_device: float,
   run = execution_config(config)
   kernel = 0.0
   if attention_impl == "splash":
-    kernel = kernel_flops_per_device(cfg, config.seq_len, micro, dict(mesh.shape),
-                                     run.remat_policy != "none") / (peak * KERNEL_EFFICIENCY)
+    kernel = kernel_flops_per_device(
+      cfg, config.seq_len, micro, dict(mesh.shape), run.remat_policy != "none"
+    ) / (peak * KERNEL_EFFICIENCY)
   xla_seconds = xla["optimal_seconds"] * accum
   matmul = min(xla["flops"] * accum / peak, xla_seconds)
   seconds = xla_seconds + kernel * accum
   devices = mesh.size
   return {
-      "estimated_step_seconds": seconds,
-      "estimated_mfu": step_flops / (devices * peak * seconds),
-      "estimated_seconds_by_kind": {"matmul": matmul, "attention_kernels": kernel * accum,
-                                    "other": xla_seconds - matmul},
-      "estimate_method": (f"TPU cost model (optimal_seconds) of the step {method}, x grad_accum "
-                          f"{accum}; splash kernels analytic at {KERNEL_EFFICIENCY:.0%} of peak"),
-      "estimated_xla_flops_per_device": xla["flops"] * accum,
-      "estimated_bytes_accessed_per_device": xla["bytes accessed"] * accum,
-      "kernel_efficiency": KERNEL_EFFICIENCY if attention_impl == "splash" else None,
+    "estimated_step_seconds": seconds,
+    "estimated_mfu": step_flops / (devices * peak * seconds),
+    "estimated_seconds_by_kind": {
+      "matmul": matmul,
+      "attention_kernels": kernel * accum,
+      "other": xla_seconds - matmul,
+    },
+    "estimate_method": (
+      f"TPU cost model (optimal_seconds) of the step {method}, x grad_accum "
+      f"{accum}; splash kernels analytic at {KERNEL_EFFICIENCY:.0%} of peak"
+    ),
+    "estimated_xla_flops_per_device": xla["flops"] * accum,
+    "estimated_bytes_accessed_per_device": xla["bytes accessed"] * accum,
+    "kernel_efficiency": KERNEL_EFFICIENCY if attention_impl == "splash" else None,
   }

@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 
 import jax
-from jax.extend import core as jax_core
 import numpy as np
+from jax.extend import core as jax_core
 
 from cwm_jax.model.config import ModelConfig
 
@@ -32,9 +32,18 @@ FORMULA = "6*matmul_params + sum_l 12*n_heads*head_dim*mean_keys(min(window_l,T)
 
 # Peak dense bf16 FLOP/s per device, by `device_kind` prefix (public spec sheets;
 # CPU is the float32 XLA matmul rate measured on the 2-core dev box).
-PEAK_FLOPS = {"TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
-              "TPU v4": 275e12, "TPU v6": 918e12, "NVIDIA H100": 989e12,
-              "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "cpu": 4.5e11}
+PEAK_FLOPS = {
+  "TPU v5p": 459e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5": 459e12,
+  "TPU v4": 275e12,
+  "TPU v6": 918e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100": 312e12,
+  "cpu": 4.5e11,
+}
 
 
 def peak_flops(device_kind: str) -> float:

@@ -35,26 +35,36 @@ class Guard:
 
   def observe(self, step: int, scalars: dict) -> NonFiniteError | None:
     """Counts step's non-finite loss / grad norm (once per step); the error to stop with."""
-    bad = {k: scalars[k] for k in ("loss", "grad_norm")
-           if k in scalars and not np.isfinite(scalars[k])}
+    bad = {
+      k: scalars[k] for k in ("loss", "grad_norm") if k in scalars and not np.isfinite(scalars[k])
+    }
     if step != self.seen:
       self.seen = step
       self.in_a_row = self.in_a_row + 1 if bad else 0
       self.skipped += bool(bad)
       if bad and self.in_a_row <= self.max_skips:
-        logging.warning("step %d: non-finite %s; its update was skipped (%d in a row, at most "
-                        "%d)", step, bad, self.in_a_row, self.max_skips)
+        logging.warning(
+          "step %d: non-finite %s; its update was skipped (%d in a row, at most %d)",
+          step,
+          bad,
+          self.in_a_row,
+          self.max_skips,
+        )
     if not bad or self.in_a_row <= self.max_skips:
       return None
     self.ckpt.wait()
     last = self.ckpt.latest_step()
-    kept = (f"the last good checkpoint is step {last} in {self.ckpt.directory}" if last
-            is not None else "no checkpoint was saved")
+    kept = (
+      f"the last good checkpoint is step {last} in {self.ckpt.directory}"
+      if last is not None
+      else "no checkpoint was saved"
+    )
     return NonFiniteError(
-        f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; training "
-        f"stopped, {kept}. Lower "
-        "optimizer.lr (or raise warmup, clip_norm), or set optimizer.skip_nonfinite=N to "
-        "skip up to N such steps in a row")
+      f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; training "
+      f"stopped, {kept}. Lower "
+      "optimizer.lr (or raise warmup, clip_norm), or set optimizer.skip_nonfinite=N to "
+      "skip up to N such steps in a row"
+    )
 
 
 def bad_record_scalars(data_iter) -> dict[str, float]:

@@ -10,15 +10,17 @@ the grain pipeline, checkpointed with the state) and the jitted
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 
 from cwm_jax.parallel import sharding
-from cwm_jax.train import flops, runtime, sources, state as state_lib
+from cwm_jax.train import flops, runtime, sources
+from cwm_jax.train import state as state_lib
 from cwm_jax.train import step as step_lib
-from cwm_jax.train.config import execution_config, model_config, validate as validate_run
+from cwm_jax.train.config import execution_config, model_config
+from cwm_jax.train.config import validate as validate_run
 
 
 def step_parts(config, cfg, mesh, compiler_options=None):
@@ -27,15 +29,26 @@ def step_parts(config, cfg, mesh, compiler_options=None):
   The planner compiles exactly this step for simulated or TPU devices."""
   p = state_lib.parts(config, cfg, mesh)
   fn = _train_step(config, cfg, p.tx, p.schedule)
-  return p.tx, p.abstract, p.shardings, p.batch_sharding, step_lib.jit_train_step(
-      fn, p.shardings, p.batch_sharding, compiler_options)
+  return (
+    p.tx,
+    p.abstract,
+    p.shardings,
+    p.batch_sharding,
+    step_lib.jit_train_step(fn, p.shardings, p.batch_sharding, compiler_options),
+  )
 
 
 def _train_step(config, cfg, tx, schedule):
-  return step_lib.make_train_step(cfg, tx, schedule, grad_accum=config.grad_accum,
-                                  z_loss=config.loss.z_loss, loss_chunk=config.loss.chunk,
-                                  rules=sharding.normalize_rules(config.rules),
-                                  execution=execution_config(config))
+  return step_lib.make_train_step(
+    cfg,
+    tx,
+    schedule,
+    grad_accum=config.grad_accum,
+    z_loss=config.loss.z_loss,
+    loss_chunk=config.loss.chunk,
+    rules=sharding.normalize_rules(config.rules),
+    execution=execution_config(config),
+  )
 
 
 class LMTrainer:
@@ -43,11 +56,16 @@ class LMTrainer:
 
   def __init__(self, rt: runtime.Runtime):
     self.rt, config = rt, rt.config
-    self.step_fn = rt.cached("lm_step", lambda: step_lib.jit_train_step(
-        _train_step(config, rt.cfg, rt.tx, rt.schedule), rt.shardings, rt.batch_sharding,
-        rt.compiler_options))
-    self.data_iter = sources.make_source(config, rt.cfg, jax.process_index(),
-                                         jax.process_count())
+    self.step_fn = rt.cached(
+      "lm_step",
+      lambda: step_lib.jit_train_step(
+        _train_step(config, rt.cfg, rt.tx, rt.schedule),
+        rt.shardings,
+        rt.batch_sharding,
+        rt.compiler_options,
+      ),
+    )
+    self.data_iter = sources.make_source(config, rt.cfg, jax.process_index(), jax.process_count())
     self.global_shape = (config.batch_size, config.seq_len)
 
   def iterate(self, state: dict, step: int) -> Iterator[runtime.Update]:
@@ -66,8 +84,7 @@ class LMTrainer:
 
 def validate(config, n_devices: int | None = None) -> None:
   """Every check `train` makes before compiling (ConfigError names the field)."""
-  validate_run(config, model_config(config), n_devices or jax.device_count(),
-               jax.process_count())
+  validate_run(config, model_config(config), n_devices or jax.device_count(), jax.process_count())
   sources.check_source(config)
 
 

@@ -77,6 +77,7 @@ class TensorBoardTracker:
 
   def __init__(self, workdir: str):
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
     self._dir = storage.join(workdir, "tensorboard")
     self._local = tempfile.mkdtemp(prefix="cwm-tensorboard-") if storage.is_url(workdir) else None
     self._tb = SummaryWriter(self._local or self._dir)
@@ -106,13 +107,21 @@ class WandbTracker:
     try:
       import wandb  # pylint: disable=g-import-not-at-top
     except ModuleNotFoundError:
-      raise ConfigError("metrics.wandb_project is set but wandb is not installed; "
-                        "pip install 'cwm_jax[wandb]' or leave metrics.wandb_project empty"
-                        ) from None
+      raise ConfigError(
+        "metrics.wandb_project is set but wandb is not installed; "
+        "pip install 'cwm_jax[wandb]' or leave metrics.wandb_project empty"
+      ) from None
     run_id = hashlib.sha256(storage.absolute(workdir).encode()).hexdigest()[:16]
     self._dir = tempfile.mkdtemp(prefix="cwm-wandb-")
-    self._run = wandb.init(project=project, id=run_id, resume="allow", mode=mode,
-                           dir=self._dir, name=storage.basename(workdir), config=config)
+    self._run = wandb.init(
+      project=project,
+      id=run_id,
+      resume="allow",
+      mode=mode,
+      dir=self._dir,
+      name=storage.basename(workdir),
+      config=config,
+    )
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     self._run.log(scalars, step=step)
@@ -127,10 +136,18 @@ class WandbTracker:
 class MetricsWriter:
   """Writes one record per logged step to every chosen tracker; logs a progress line."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-               total_steps: int | None = None, flush_every_s: float = 60.0,
-               wandb_project: str = "", wandb_mode: str = "online",
-               run_config: dict | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    enabled: bool = True,
+    tensorboard: bool = True,
+    total_steps: int | None = None,
+    flush_every_s: float = 60.0,
+    wandb_project: str = "",
+    wandb_mode: str = "online",
+    run_config: dict | None = None,
+  ):
     self.enabled, self.total = enabled, total_steps
     self._flushed_at, self._flush_every_s = time.monotonic(), flush_every_s
     self._remote = storage.is_url(workdir)
@@ -156,8 +173,7 @@ class MetricsWriter:
     for t in self.trackers:
       t.write(step, scalars)
     record = {"step": int(step), **scalars}
-    logging.info("%s", progress_line(record, self.total) if "loss" in record
-                 else eval_line(record))
+    logging.info("%s", progress_line(record, self.total) if "loss" in record else eval_line(record))
     if self._remote and time.monotonic() - self._flushed_at >= self._flush_every_s:
       self.flush()
 
@@ -181,8 +197,12 @@ def eval_line(r: dict) -> str:
 
 def progress_line(r: dict, total: int | None = None) -> str:
   """'step 10/20 | loss 5.1234 | grad 0.812 | lr 3.0e-03 | 12,345 tok/s | 41.0 ms | MFU 1.2%'."""
-  parts = [f"step {r['step']}" + (f"/{total}" if total else ""), f"loss {r['loss']:.4f}",
-           f"grad {r.get('grad_norm', 0):.3f}", f"lr {r.get('lr', 0):.1e}"]
+  parts = [
+    f"step {r['step']}" + (f"/{total}" if total else ""),
+    f"loss {r['loss']:.4f}",
+    f"grad {r.get('grad_norm', 0):.3f}",
+    f"lr {r.get('lr', 0):.1e}",
+  ]
   if "tokens_per_sec" in r:
     parts += [f"{r['tokens_per_sec']:,.0f} tok/s", f"{1e3 * r['step_time']:.1f} ms"]
   if r.get("mfu"):

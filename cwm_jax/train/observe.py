@@ -26,8 +26,8 @@ import threading
 import time
 
 import jax
-from absl import logging
 import psutil
+from absl import logging
 
 from cwm_jax import storage
 
@@ -70,8 +70,7 @@ class Goodput:
     prev = self.launches[-1]
     steps = max(prev["last_step"] - prev["first_step"], 1)
     redone = max(prev["last_step"] - step, 0)
-    self.lost_s = redone * prev["buckets"]["step"] / steps + max(
-        self.t_start - prev["t_last"], 0.0)
+    self.lost_s = redone * prev["buckets"]["step"] / steps + max(self.t_start - prev["t_last"], 0.0)
 
   @contextlib.contextmanager
   def timed(self, bucket: str):
@@ -107,9 +106,15 @@ class Goodput:
 
   def record(self) -> dict:
     """This launch's totals, as stored in goodput.json."""
-    return {"first_step": self.first_step or 0, "last_step": self.last_step or 0,
-            "t_start": self.t_start, "t_last": time.time(), "lost_s": self.lost_s,
-            "wall_s": time.perf_counter() - self._t0, "buckets": dict(self.total)}
+    return {
+      "first_step": self.first_step or 0,
+      "last_step": self.last_step or 0,
+      "t_start": self.t_start,
+      "t_last": time.time(),
+      "lost_s": self.lost_s,
+      "wall_s": time.perf_counter() - self._t0,
+      "buckets": dict(self.total),
+    }
 
   def summary(self) -> dict:
     """Every launch of the workdir so far (this one included), bucket by bucket."""
@@ -117,8 +122,13 @@ class Goodput:
     buckets = {k: sum(l["buckets"][k] for l in launches) for k in BUCKETS}
     lost = sum(l["lost_s"] for l in launches)
     wall = sum(l["wall_s"] for l in launches) + lost
-    return {"launches": len(launches), "wall_s": wall, "lost_s": lost, "buckets": buckets,
-            "goodput": buckets["step"] / wall if wall else 0.0}
+    return {
+      "launches": len(launches),
+      "wall_s": wall,
+      "lost_s": lost,
+      "buckets": buckets,
+      "goodput": buckets["step"] / wall if wall else 0.0,
+    }
 
   def save(self, *, if_due: bool = False) -> None:
     """Writes goodput.json; with `if_due`, only once `save_every_s` has passed."""
@@ -127,8 +137,11 @@ class Goodput:
       return
     self._saved_at = now
     if self.enabled:
-      storage.write_json(self.path, {"launches": self.launches + [self.record()],
-                                     "summary": self.summary()}, indent=1)
+      storage.write_json(
+        self.path,
+        {"launches": self.launches + [self.record()], "summary": self.summary()},
+        indent=1,
+      )
 
   def close(self) -> None:
     jax.monitoring.unregister_event_duration_listener(self._on_event)
@@ -143,9 +156,9 @@ def memory_scalars() -> dict[str, float]:
     out["memory/device_bytes_in_use"] = float(max(s.get("bytes_in_use", 0) for s in stats))
     out["memory/device_peak_bytes"] = float(max(s.get("peak_bytes_in_use", 0) for s in stats))
   local = set(jax.local_devices())
-  out["memory/live_array_bytes"] = float(sum(
-      s.data.nbytes for a in jax.live_arrays() for s in a.addressable_shards
-      if s.device in local))
+  out["memory/live_array_bytes"] = float(
+    sum(s.data.nbytes for a in jax.live_arrays() for s in a.addressable_shards if s.device in local)
+  )
   return out
 
 

@@ -28,8 +28,9 @@ def make_schedule(opt, total_steps: int) -> optax.Schedule:
     n_decay = max(int(round(steps * float(opt.decay_fraction))), 1)
     stable = max(steps - warmup - n_decay, 0)
     decay = optax.linear_schedule(peak, floor, n_decay)
-    return optax.join_schedules([ramp, optax.constant_schedule(peak), decay],
-                                [warmup, warmup + stable])
+    return optax.join_schedules(
+      [ramp, optax.constant_schedule(peak), decay], [warmup, warmup + stable]
+    )
   if opt.schedule == "constant":
     return optax.join_schedules([ramp, optax.constant_schedule(peak)], [warmup])
   raise ValueError(f"optimizer.schedule={opt.schedule!r} must be one of {SCHEDULES}")
@@ -37,10 +38,12 @@ def make_schedule(opt, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params):
   """True for parameters that get weight decay: matrices that are not embeddings or norms."""
+
   def keep(path, x):
     keys = [str(getattr(k, "key", k)) for k in path]
     excluded = any(k == "embed" or k.endswith("norm") for k in keys)
     return x.ndim >= 2 and not excluded
+
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -50,8 +53,16 @@ def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
   parts = []
   if opt.clip_norm and opt.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(opt.clip_norm)))
-  parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
-                           weight_decay=float(opt.weight_decay), mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=float(opt.b1),
+      b2=float(opt.b2),
+      eps=float(opt.eps),
+      weight_decay=float(opt.weight_decay),
+      mask=decay_mask,
+    )
+  )
   tx = optax.chain(*parts)
   if int(opt.get("skip_nonfinite", 0)) > 0:  # a non-finite gradient's update is skipped
     tx = optax.apply_if_finite(tx, max_consecutive_errors=int(opt.skip_nonfinite))

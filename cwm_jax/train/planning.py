@@ -29,7 +29,8 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +45,13 @@ from cwm_jax import kernels
 from cwm_jax.base import ConfigError
 from cwm_jax.model import abstract_model
 from cwm_jax.parallel import mesh as mesh_lib
-from cwm_jax.train import cost_model, flops, state as state_lib, step as step_lib, topology
+from cwm_jax.train import cost_model, flops, topology
+from cwm_jax.train import state as state_lib
+from cwm_jax.train import step as step_lib
 from cwm_jax.train.config import execution_config, model_config, validate
 from cwm_jax.train.lm import step_parts
 
-GIB = 2 ** 30
+GIB = 2**30
 # libtpu refuses to compile a program whose temporaries exceed the chip's HBM; sizes in
 # tsl's binary units (G = GiB).
 _HBM_EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([\d.]+)([KMGT])\)")
@@ -71,7 +74,9 @@ def parse_mesh(text: str | None) -> dict[str, int]:
   for part in filter(None, (text or "").split(",")):
     name, sep, size = part.partition("=")
     if not sep or name.strip() not in mesh_lib.MESH_AXES:
-      raise ConfigError(f"--mesh entry {part!r} must be AXIS=SIZE with AXIS in {mesh_lib.MESH_AXES}")
+      raise ConfigError(
+        f"--mesh entry {part!r} must be AXIS=SIZE with AXIS in {mesh_lib.MESH_AXES}"
+      )
     try:
       out[name.strip()] = int(size)
     except ValueError as e:
@@ -95,8 +100,11 @@ def devices_needed(configs: list[tuple[str, Any]], mesh_text: str | None) -> int
 def ensure_host_devices(n: int, argv: list[str]) -> None:
   """Makes JAX see n CPU devices: set XLA_FLAGS if no backend exists yet, else
   re-run `python -m cwm_jax.plan argv` in a fresh interpreter and exit with its code."""
-  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if "device_count" not in f and f.split("=")[0] not in {x.split("=")[0] for x in _FAST_COMPILE}]
+  kept = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if "device_count" not in f and f.split("=")[0] not in {x.split("=")[0] for x in _FAST_COMPILE}
+  ]
   flags_ = " ".join(kept + [f"--xla_force_host_platform_device_count={n}", *_FAST_COMPILE])
   if not xla_bridge.backends_are_initialized():
     os.environ["XLA_FLAGS"] = flags_
@@ -115,8 +123,9 @@ def slice_mesh(sizes: dict, devices, num_slices: int = 1) -> Mesh:
     return mesh_lib.multislice_mesh(sizes, devices, num_slices)
   shape = mesh_lib.mesh_shape(sizes, len(devices))
   grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  return Mesh(np.asarray(grid), mesh_lib.MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES))
+  return Mesh(
+    np.asarray(grid), mesh_lib.MESH_AXES, axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +133,7 @@ class Program:
   """A jitted program, the abstract sharded arguments it is compiled for, the abstract
   sharded arrays that stay on the devices while it runs without being its arguments
   (`resident`), and JSON-able facts about it for the plan (`info`)."""
+
   jitted: Any
   args: tuple
   resident: Any = ()
@@ -135,6 +145,7 @@ class Steps:
   """What a step builder gives the planner: the stage's step, whose `args` are
   (sharded abstract train state, abstract batch), and further programs the stage
   runs, in named groups ({'sampler': {'prefill': Program, 'decode': Program}})."""
+
   step: Program
   extra: dict[str, dict[str, Program]] = dataclasses.field(default_factory=dict)
 
@@ -147,8 +158,10 @@ def lm_step(config, cfg, mesh) -> Steps:
   """The jitted train step of an LM training config on `mesh`, with its abstract arguments."""
   _, abstract, shardings, batch_sh, jitted = step_parts(config, cfg, mesh)
   shape = (config.batch_size, config.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
-                                   sharding=batch_sh) for k in step_lib.BATCH_KEYS}
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sh)
+    for k in step_lib.BATCH_KEYS
+  }
   return Steps(Program(jitted, (state_lib.with_shardings(abstract, shardings), batch)))
 
 
@@ -160,15 +173,20 @@ def analytic_plan(cfg, seq_len: int | None = None) -> dict[str, Any]:
   opt_state = jax.eval_shape(optax.adamw(1e-4, mu_dtype="float32").init, params)
   fpt = flops.flops_per_token(cfg, seq_len)
   return {
-      "params": flops.tree_size(params), "params_formula": cfg.param_count(),
-      "matmul_params": flops.matmul_params(cfg), "layers": list(cfg.layer_windows),
-      "effective_windows": list(cfg.effective_windows(seq_len)),
-      "global_layers": list(cfg.global_layers), "seq_len": seq_len,
-      "flops_per_token": fpt,
-      "attention_flops_per_token": flops.attention_flops_per_token(cfg, seq_len),
-      "flops_per_sequence": fpt * seq_len, "flops_formula": flops.FORMULA,
-      "param_bytes": flops.tree_bytes(params), "optimizer_state_bytes": flops.tree_bytes(opt_state),
-      "gradient_bytes": flops.tree_bytes(params),
+    "params": flops.tree_size(params),
+    "params_formula": cfg.param_count(),
+    "matmul_params": flops.matmul_params(cfg),
+    "layers": list(cfg.layer_windows),
+    "effective_windows": list(cfg.effective_windows(seq_len)),
+    "global_layers": list(cfg.global_layers),
+    "seq_len": seq_len,
+    "flops_per_token": fpt,
+    "attention_flops_per_token": flops.attention_flops_per_token(cfg, seq_len),
+    "flops_per_sequence": fpt * seq_len,
+    "flops_formula": flops.FORMULA,
+    "param_bytes": flops.tree_bytes(params),
+    "optimizer_state_bytes": flops.tree_bytes(opt_state),
+    "gradient_bytes": flops.tree_bytes(params),
   }
 
 
@@ -180,17 +198,25 @@ def _cost(compiled) -> dict:
 def device_bytes(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs carrying NamedShardings
   (unpadded: a TPU may tile small minor dims up)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+  )
 
 
-def _memory(args: float, temp: float, resident: float, output: float = 0.0,
-            alias: float = 0.0) -> dict:
+def _memory(
+  args: float, temp: float, resident: float, output: float = 0.0, alias: float = 0.0
+) -> dict:
   total = args + output - alias + temp
-  return {"argument_gb_per_device": args / GIB, "output_gb_per_device": output / GIB,
-          "alias_gb_per_device": alias / GIB, "temp_gb_per_device": temp / GIB,
-          "total_gb_per_device": total / GIB, "resident_gb_per_device": resident / GIB,
-          "total_with_resident_gb_per_device": (total + resident) / GIB}
+  return {
+    "argument_gb_per_device": args / GIB,
+    "output_gb_per_device": output / GIB,
+    "alias_gb_per_device": alias / GIB,
+    "temp_gb_per_device": temp / GIB,
+    "total_gb_per_device": total / GIB,
+    "resident_gb_per_device": resident / GIB,
+    "total_with_resident_gb_per_device": (total + resident) / GIB,
+  }
 
 
 def _compile(program: Program, mesh: Mesh) -> tuple[Any, dict]:
@@ -207,18 +233,32 @@ def _compile(program: Program, mesh: Mesh) -> tuple[Any, dict]:
     if not found:
       raise
     temp = float(found[1]) * 1024 ** ("KMGT".index(found[2]) + 1)
-    return None, {**_memory(device_bytes(program.args), temp, resident),
-                  "compile_error": str(e).splitlines()[0],
-                  "compile_seconds": round(time.perf_counter() - t0, 2)}
+    return None, {
+      **_memory(device_bytes(program.args), temp, resident),
+      "compile_error": str(e).splitlines()[0],
+      "compile_seconds": round(time.perf_counter() - t0, 2),
+    }
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  return compiled, {**_memory(mem.argument_size_in_bytes, mem.temp_size_in_bytes, resident,
-                              mem.output_size_in_bytes, mem.alias_size_in_bytes),
-                    "compile_seconds": round(seconds, 2)}
+  return compiled, {
+    **_memory(
+      mem.argument_size_in_bytes,
+      mem.temp_size_in_bytes,
+      resident,
+      mem.output_size_in_bytes,
+      mem.alias_size_in_bytes,
+    ),
+    "compile_seconds": round(seconds, 2),
+  }
 
 
-def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
-             step_builders: dict[str, StepBuilder] | None = None, estimate: bool = False) -> dict:
+def plan_one(
+  config,
+  mesh: Mesh,
+  peak_tflops_per_device: float,
+  step_builders: dict[str, StepBuilder] | None = None,
+  estimate: bool = False,
+) -> dict:
   """Compiles one training config's programs on `mesh` and measures them: the builder
   of the stage's trainer from `step_builders` ({'rl': ...}), else the LM train step.
 
@@ -242,29 +282,41 @@ def plan_one(config, mesh: Mesh, peak_tflops_per_device: float,
   stage_steps = config.total_steps - config.get("stage", {}).get("first_step", 0)  # its budget
   step_name = "rl_update" if trainer == "rl" else "train"
   plan = {
-      "device_kind": mesh.devices.flat[0].device_kind, "devices": mesh.size, "mesh": sizes,
-      "step": step_name,
-      "seq_len": config.seq_len, "batch_size": config.batch_size,
-      "grad_accum": config.grad_accum, "tokens_per_step": tokens,
-      "total_steps": config.total_steps, "layers": list(cfg.layer_windows),
-      "rope_scaling": cfg.rope_scaling is not None, "remat": run.remat_policy,
-      "attention_impl": kernels.resolve(run.attention_impl, mesh.devices.flat[0].platform),
-      "context_parallel": run.context_parallel,
-      "params": flops.tree_size(state["params"]), "state_bytes_total": flops.tree_bytes(state),
-      **{k: v for k, v in mem.items() if k != "compile_seconds"},
-      "memory_unit": "GiB (2**30 bytes)",
-      "flops_per_step": step_flops,
-      "flops_method": "analytic: (6*matmul_params + per-layer attention at its window) * tokens",
-      "xla_flops_scan_bodies_once": float(_cost(compiled).get("flops", 0.0)),
-      "peak_tflops_per_device": peak_tflops_per_device,
-      "step_seconds_at_100pct_mfu": t100, "step_seconds_at_50pct_mfu": 2 * t100,
-      "stage_steps": stage_steps, "days_at_50pct_mfu": stage_steps * 2 * t100 / 86400,
-      "compile_seconds": mem["compile_seconds"],
+    "device_kind": mesh.devices.flat[0].device_kind,
+    "devices": mesh.size,
+    "mesh": sizes,
+    "step": step_name,
+    "seq_len": config.seq_len,
+    "batch_size": config.batch_size,
+    "grad_accum": config.grad_accum,
+    "tokens_per_step": tokens,
+    "total_steps": config.total_steps,
+    "layers": list(cfg.layer_windows),
+    "rope_scaling": cfg.rope_scaling is not None,
+    "remat": run.remat_policy,
+    "attention_impl": kernels.resolve(run.attention_impl, mesh.devices.flat[0].platform),
+    "context_parallel": run.context_parallel,
+    "params": flops.tree_size(state["params"]),
+    "state_bytes_total": flops.tree_bytes(state),
+    **{k: v for k, v in mem.items() if k != "compile_seconds"},
+    "memory_unit": "GiB (2**30 bytes)",
+    "flops_per_step": step_flops,
+    "flops_method": "analytic: (6*matmul_params + per-layer attention at its window) * tokens",
+    "xla_flops_scan_bodies_once": float(_cost(compiled).get("flops", 0.0)),
+    "peak_tflops_per_device": peak_tflops_per_device,
+    "step_seconds_at_100pct_mfu": t100,
+    "step_seconds_at_50pct_mfu": 2 * t100,
+    "stage_steps": stage_steps,
+    "days_at_50pct_mfu": stage_steps * 2 * t100 / 86400,
+    "compile_seconds": mem["compile_seconds"],
   }
   if estimate and compiled is not None:
     t0 = time.perf_counter()
-    plan.update(cost_model.estimate(config, mesh, build, peak_tflops_per_device, step_flops,
-                                    plan["attention_impl"]))
+    plan.update(
+      cost_model.estimate(
+        config, mesh, build, peak_tflops_per_device, step_flops, plan["attention_impl"]
+      )
+    )
     if "estimated_step_seconds" in plan:
       plan["days_at_estimated_mfu"] = stage_steps * plan["estimated_step_seconds"] / 86400
     plan["estimate_compile_seconds"] = round(time.perf_counter() - t0, 2)
@@ -287,20 +339,33 @@ def _figures(name: str, p: dict) -> str:
   if "compile_error" in q:
     where += " (the compiler ran out of HBM: temporaries from its error, arguments unpadded)"
   if q is p:
-    resident = (f" + resident {p['resident_gb_per_device']:.2f}"
-                if p["resident_gb_per_device"] else "")
-    return (f"{name}: {p['peak_gb_per_device']:.2f} GiB per device (arguments "
-            f"{p['argument_gb_per_device']:.2f} + temporaries {p['temp_gb_per_device']:.2f}"
-            f"{resident}) {where}")
-  return (f"{name}: {p['peak_program']} {p['peak_gb_per_device']:.2f} GiB per device (arguments "
-          f"{q['argument_gb_per_device']:.2f} + temporaries {q['temp_gb_per_device']:.2f} + "
-          f"resident {q['resident_gb_per_device']:.2f}) {where}, where the {p['step']} step "
-          f"alone needs {p['total_with_resident_gb_per_device']:.2f}")
+    resident = (
+      f" + resident {p['resident_gb_per_device']:.2f}" if p["resident_gb_per_device"] else ""
+    )
+    return (
+      f"{name}: {p['peak_gb_per_device']:.2f} GiB per device (arguments "
+      f"{p['argument_gb_per_device']:.2f} + temporaries {p['temp_gb_per_device']:.2f}"
+      f"{resident}) {where}"
+    )
+  return (
+    f"{name}: {p['peak_program']} {p['peak_gb_per_device']:.2f} GiB per device (arguments "
+    f"{q['argument_gb_per_device']:.2f} + temporaries {q['temp_gb_per_device']:.2f} + "
+    f"resident {q['resident_gb_per_device']:.2f}) {where}, where the {p['step']} step "
+    f"alone needs {p['total_with_resident_gb_per_device']:.2f}"
+  )
 
 
-def _plan_stages(configs, make_mesh, peak: float, hbm_gb: float | None, mesh_text: str | None,
-                 step_builders: dict[str, StepBuilder] | None, where: str, extra: dict | None = None,
-                 estimate: bool = False) -> dict:
+def _plan_stages(
+  configs,
+  make_mesh,
+  peak: float,
+  hbm_gb: float | None,
+  mesh_text: str | None,
+  step_builders: dict[str, StepBuilder] | None,
+  where: str,
+  extra: dict | None = None,
+  estimate: bool = False,
+) -> dict:
   plans = {}
   for name, c in configs:
     c = c.copy_and_resolve_references()
@@ -319,29 +384,52 @@ def _plan_stages(configs, make_mesh, peak: float, hbm_gb: float | None, mesh_tex
     figures = "; ".join(_figures(n, p) for n, p in over.items())
     advice = "raise fsdp/tensor/sequence or grad_accum, or use remat"
     if any(p["peak_program"] != p["step"] for p in over.values()):
-      advice = ("fewer rows per device (a smaller batch_size or more data x fsdp devices), "
-                "fewer kv heads per device (tensor) or a shorter seq_len")
-    raise NotFitting(f"does not fit {hbm_gb} GiB per device of {where}: {figures}; {advice}",
-                     result)
+      advice = (
+        "fewer rows per device (a smaller batch_size or more data x fsdp devices), "
+        "fewer kv heads per device (tensor) or a shorter seq_len"
+      )
+    raise NotFitting(
+      f"does not fit {hbm_gb} GiB per device of {where}: {figures}; {advice}", result
+    )
   return result
 
 
-def host_plan(configs: list[tuple[str, Any]], n_devices: int, mesh_text: str | None = None,
-              hbm_gb: float | None = None, peak_tflops: float = 989.0,
-              step_builders: dict[str, StepBuilder] | None = None) -> dict:
+def host_plan(
+  configs: list[tuple[str, Any]],
+  n_devices: int,
+  mesh_text: str | None = None,
+  hbm_gb: float | None = None,
+  peak_tflops: float = 989.0,
+  step_builders: dict[str, StepBuilder] | None = None,
+) -> dict:
   """Plans each (name, training config) on `n_devices` host devices; NotFitting above
   `hbm_gb`. One config named 'train' gives its plan, several {'stages': {name: plan}}."""
   if jax.device_count() < n_devices:
-    raise ConfigError(f"{n_devices} devices requested but JAX sees {jax.device_count()}; "
-                      "run through `python -m cwm_jax.plan`, which sets XLA_FLAGS")
+    raise ConfigError(
+      f"{n_devices} devices requested but JAX sees {jax.device_count()}; "
+      "run through `python -m cwm_jax.plan`, which sets XLA_FLAGS"
+    )
   devs = jax.devices()[:n_devices]
-  return _plan_stages(configs, lambda c: mesh_lib.make_mesh(dict(c.mesh), devs), peak_tflops,
-                      hbm_gb, mesh_text, step_builders, f"{n_devices} host devices")
+  return _plan_stages(
+    configs,
+    lambda c: mesh_lib.make_mesh(dict(c.mesh), devs),
+    peak_tflops,
+    hbm_gb,
+    mesh_text,
+    step_builders,
+    f"{n_devices} host devices",
+  )
 
 
-def tpu_plan(configs: list[tuple[str, Any]], slice_name: str, num_slices: int = 1, mesh_text: str | None = None,
-             hbm_gb: float | None = None, step_builders: dict[str, StepBuilder] | None = None,
-             estimate: bool = True) -> dict:
+def tpu_plan(
+  configs: list[tuple[str, Any]],
+  slice_name: str,
+  num_slices: int = 1,
+  mesh_text: str | None = None,
+  hbm_gb: float | None = None,
+  step_builders: dict[str, StepBuilder] | None = None,
+  estimate: bool = True,
+) -> dict:
   """Plans each (name, training config) for a TPU slice (type or topology) with libtpu.
 
   With `estimate`, each compiled step also gets the TPU cost model's estimated step
@@ -357,9 +445,22 @@ def tpu_plan(configs: list[tuple[str, Any]], slice_name: str, num_slices: int = 
   devs = topology.devices(spec, num_slices)
   per_chip = topology.devices_per_chip(devs)
   limit = hbm_gb if hbm_gb is not None else spec.chip.hbm_gib / per_chip
-  extra = dict(topology=spec.topology, num_slices=num_slices, chips=spec.chips * num_slices,
-               devices_per_chip=per_chip, chip_hbm_gib=spec.chip.hbm_gib,
-               peak_tflops_per_chip=spec.chip.peak_tflops)
-  return _plan_stages(configs, lambda c: slice_mesh(dict(c.mesh), devs, num_slices),
-                      spec.chip.peak_tflops / per_chip, limit, mesh_text, step_builders,
-                      f"{num_slices} x {spec.topology}", extra, estimate)
+  extra = dict(
+    topology=spec.topology,
+    num_slices=num_slices,
+    chips=spec.chips * num_slices,
+    devices_per_chip=per_chip,
+    chip_hbm_gib=spec.chip.hbm_gib,
+    peak_tflops_per_chip=spec.chip.peak_tflops,
+  )
+  return _plan_stages(
+    configs,
+    lambda c: slice_mesh(dict(c.mesh), devs, num_slices),
+    spec.chip.peak_tflops / per_chip,
+    limit,
+    mesh_text,
+    step_builders,
+    f"{num_slices} x {spec.topology}",
+    extra,
+    estimate,
+  )

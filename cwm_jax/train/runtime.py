@@ -29,7 +29,8 @@ import json
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -39,15 +40,20 @@ from jax.sharding import NamedSharding
 
 from cwm_jax import storage
 from cwm_jax.base import ConfigError
-from cwm_jax.checkpoint.manager import (Checkpointer, CorruptCheckpoint, complete_steps,
-                                        model_config_to_dict, step_dirs)
+from cwm_jax.checkpoint.manager import (
+  Checkpointer,
+  CorruptCheckpoint,
+  complete_steps,
+  model_config_to_dict,
+  step_dirs,
+)
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.parallel import mesh as mesh_lib
 from cwm_jax.parallel import sharding
-from cwm_jax.train import flops, state as state_lib
+from cwm_jax.train import flops, health, observe
+from cwm_jax.train import state as state_lib
 from cwm_jax.train.config import model_config, validate
-from cwm_jax.train import health, observe
 from cwm_jax.train.health import Guard
 from cwm_jax.train.metrics import MetricsWriter
 
@@ -55,6 +61,7 @@ from cwm_jax.train.metrics import MetricsWriter
 @dataclasses.dataclass
 class Runtime:
   """What every trainer builds on: the model, the mesh and the sharded train state."""
+
   config: Any
   cfg: ModelConfig
   execution: Execution
@@ -87,6 +94,7 @@ class Update:
   `tokens` / `flops` (host numbers) feed the throughput and MFU figures; `data_s` is
   the time the trainer waited for its batch (goodput's data bucket).
   """
+
   state: dict
   step: int
   metrics: dict
@@ -97,13 +105,12 @@ class Update:
 
 class Trainer(Protocol):
   """A step function plus a batch source on top of a `Runtime`."""
+
   data_iter: Any  # checkpointed with the state (a grain iterator), or None
 
-  def iterate(self, state: dict, step: int) -> Iterator[Update]:
-    ...
+  def iterate(self, state: dict, step: int) -> Iterator[Update]: ...
 
-  def close(self) -> None:
-    ...
+  def close(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -128,8 +135,9 @@ def _setup_key(config, cfg: ModelConfig, devices) -> str:
     if k in config:
       parts[k] = config[k].to_dict()
   ids = [d.id for d in (devices if devices is not None else jax.devices())]
-  return json.dumps([parts, list(map(list, config.rules)), repr(cfg), ids], sort_keys=True,
-                    default=str)
+  return json.dumps(
+    [parts, list(map(list, config.rules)), repr(cfg), ids], sort_keys=True, default=str
+  )
 
 
 def setup(config, devices=None) -> Runtime:
@@ -151,8 +159,19 @@ def _build(config, cfg: ModelConfig, devices) -> Runtime:
   options = {k: v for k, v in config.compiler_options.items() if v != -1}
   p = state_lib.parts(config, cfg, mesh)
   init_fn = state_lib.jit_init(cfg, p.tx, config.seed, p.shardings, options, p.execution)
-  return Runtime(config, cfg, p.execution, mesh, p.tx, p.schedule, p.abstract, p.shardings,
-                 p.batch_sharding, init_fn, options)
+  return Runtime(
+    config,
+    cfg,
+    p.execution,
+    mesh,
+    p.tx,
+    p.schedule,
+    p.abstract,
+    p.shardings,
+    p.batch_sharding,
+    init_fn,
+    options,
+  )
 
 
 def check_init_from(config) -> int:
@@ -160,9 +179,11 @@ def check_init_from(config) -> int:
   path, want = config.init_from.path, config.init_from.step
   found = complete_steps(path)
   if not found or (want >= 0 and want not in found):
-    raise ConfigError(f"init_from.path={path!r} holds no committed checkpoint"
-                      f"{f' at step {want}' if want >= 0 else ''} (committed steps: {found}); "
-                      "point it at a checkpoints directory of a finished run")
+    raise ConfigError(
+      f"init_from.path={path!r} holds no committed checkpoint"
+      f"{f' at step {want}' if want >= 0 else ''} (committed steps: {found}); "
+      "point it at a checkpoints directory of a finished run"
+    )
   return want if want >= 0 else found[-1]
 
 
@@ -173,16 +194,23 @@ def _init_from(rt: Runtime) -> dict:
   src = Checkpointer(config.init_from.path, max_to_keep=None, async_save=False, create=False)
   try:
     target = state_lib.with_shardings(rt.abstract, rt.shardings)
-    logging.info("initialising from %s step %d (params_only=%s)", config.init_from.path, step,
-                 config.init_from.params_only)
+    logging.info(
+      "initialising from %s step %d (params_only=%s)",
+      config.init_from.path,
+      step,
+      config.init_from.params_only,
+    )
     if not config.init_from.params_only:
       return src.restore(step, target)
     params = src.restore(step, {"params": target["params"]}, partial=True)["params"]
   finally:
     src.close()
-  fresh = lambda p: {"params": p, "opt_state": rt.tx.init(p),
-                     "step": jax.numpy.zeros((), "int32"),
-                     "rng": jax.random.key_data(jax.random.PRNGKey(config.seed))}
+  fresh = lambda p: {
+    "params": p,
+    "opt_state": rt.tx.init(p),
+    "step": jax.numpy.zeros((), "int32"),
+    "rng": jax.random.key_data(jax.random.PRNGKey(config.seed)),
+  }
   return jax.jit(fresh, out_shardings=rt.shardings, donate_argnums=0)(params)
 
 
@@ -198,15 +226,19 @@ def _resume(rt: Runtime, ckpt: Checkpointer, data_iter) -> tuple[dict, int] | No
       state = ckpt.restore(steps[i], target, data_iter=data_iter)
     except CorruptCheckpoint as e:
       if not fallback:
-        raise ConfigError(f"{e} (checkpoint.on_corrupt=fail; set it to 'fallback' to resume "
-                          "from the previous checkpoint)") from None
+        raise ConfigError(
+          f"{e} (checkpoint.on_corrupt=fail; set it to 'fallback' to resume "
+          "from the previous checkpoint)"
+        ) from None
       logging.warning("%s; trying the previous checkpoint", e)
       continue
     _set_aside_after(ckpt, steps[i])
     return state, steps[i]
   if steps:
-    raise ConfigError(f"no checkpoint under {ckpt.directory} restores (steps {steps}); "
-                      "restore one, or start a new workdir")
+    raise ConfigError(
+      f"no checkpoint under {ckpt.directory} restores (steps {steps}); "
+      "restore one, or start a new workdir"
+    )
   _set_aside_after(ckpt, -1)
   return None
 
@@ -268,8 +300,16 @@ class _Logger:
   """Turns step-(n-1) metrics into records once step n is dispatched; checks them (the
   guard) and adds the data iterator's bad-record counts."""
 
-  def __init__(self, writer: MetricsWriter, peak: float, start: int, guard: Guard,
-               data_iter=None, goodput: observe.Goodput | None = None, total: int = 0):
+  def __init__(
+    self,
+    writer: MetricsWriter,
+    peak: float,
+    start: int,
+    guard: Guard,
+    data_iter=None,
+    goodput: observe.Goodput | None = None,
+    total: int = 0,
+  ):
     self.guard, self.data_iter, self.goodput, self.total = guard, data_iter, goodput, total
     self.writer, self.peak = writer, peak
     self.pending, self.records = None, []
@@ -298,9 +338,12 @@ class _Logger:
     dt = max(now - self.t0, 1e-9)
     if tokens:
       step_time = dt / max(step - self.step0, 1)
-      scalars.update(tokens_per_sec=tokens / dt, step_time=step_time,
-                     mfu=fl / dt / self.peak if self.peak else 0.0,
-                     eta_s=observe.eta_seconds(step, self.total, step_time))
+      scalars.update(
+        tokens_per_sec=tokens / dt,
+        step_time=step_time,
+        mfu=fl / dt / self.peak if self.peak else 0.0,
+        eta_s=observe.eta_seconds(step, self.total, step_time),
+      )
     if self.goodput is not None:
       scalars.update(self.goodput.interval())
       self.goodput.save(if_due=True)  # a relaunch after a crash learns how far it got
@@ -337,18 +380,24 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
   'preempted', 'goodput'} (goodput: this workdir's launches so far, summed)."""
   config = rt.config
   check_workdir(config, workdir)  # before anything is created
-  ckpt = Checkpointer(storage.join(workdir, "checkpoints"),
-                      max_to_keep=config.checkpoint.max_to_keep,
-                      async_save=config.checkpoint.async_save)
+  ckpt = Checkpointer(
+    storage.join(workdir, "checkpoints"),
+    max_to_keep=config.checkpoint.max_to_keep,
+    async_save=config.checkpoint.async_save,
+  )
   primary = jax.process_index() == 0
   m = config.metrics
-  writer = MetricsWriter(workdir, enabled=primary, tensorboard=m.tensorboard,
-                         total_steps=config.total_steps,
-                         flush_every_s=m.get("flush_every_s", 60.0),
-                         wandb_project=m.get("wandb_project", ""),
-                         wandb_mode=m.get("wandb_mode", "online"), run_config=config.to_dict())
-  goodput = observe.Goodput(workdir, enabled=primary,
-                            save_every_s=m.get("flush_every_s", 60.0))
+  writer = MetricsWriter(
+    workdir,
+    enabled=primary,
+    tensorboard=m.tensorboard,
+    total_steps=config.total_steps,
+    flush_every_s=m.get("flush_every_s", 60.0),
+    wandb_project=m.get("wandb_project", ""),
+    wandb_mode=m.get("wandb_mode", "online"),
+    run_config=config.to_dict(),
+  )
+  goodput = observe.Goodput(workdir, enabled=primary, save_every_s=m.get("flush_every_s", 60.0))
   prof = config.get("profile", {})
   profiler = observe.Profiler(workdir, prof.get("start_step", -1), prof.get("num_steps", 5))
   meta = {"model": model_config_to_dict(rt.cfg), "config": config.to_dict()}
@@ -366,9 +415,15 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
         state, step = initial_state(rt, ckpt, trainer.data_iter)
       goodput.resumed(step)
       writer.truncate_after(step)
-      log = _Logger(writer, _peak(config, rt.mesh), step,
-                    Guard(config.optimizer.get("skip_nonfinite", 0), ckpt), trainer.data_iter,
-                    goodput, config.total_steps)
+      log = _Logger(
+        writer,
+        _peak(config, rt.mesh),
+        step,
+        Guard(config.optimizer.get("skip_nonfinite", 0), ckpt),
+        trainer.data_iter,
+        goodput,
+        config.total_steps,
+      )
       saved, preempted = step, False
       while step < config.total_steps and not preempted:
         profiler.before_step(step, check_request=step % config.log_every == 0)
@@ -397,10 +452,14 @@ def run(rt: Runtime, workdir: str, trainer: Trainer, hooks: Sequence[Hook] = ())
         ckpt.wait()
       summary = goodput.summary()
       goodput.save()
-      logging.info("goodput over %d launch(es): %.1f%% of %.1f s (%s)", summary["launches"],
-                   100 * summary["goodput"], summary["wall_s"],
-                   ", ".join(f"{k} {v:.1f} s" for k, v in summary["buckets"].items()) +
-                   f", lost {summary['lost_s']:.1f} s")
+      logging.info(
+        "goodput over %d launch(es): %.1f%% of %.1f s (%s)",
+        summary["launches"],
+        100 * summary["goodput"],
+        summary["wall_s"],
+        ", ".join(f"{k} {v:.1f} s" for k, v in summary["buckets"].items())
+        + f", lost {summary['lost_s']:.1f} s",
+      )
   finally:
     profiler.close()
     goodput.close()
@@ -426,5 +485,7 @@ def host_scalars(metrics: dict) -> dict[str, float]:
 
 def put_batch(local: dict[str, np.ndarray], rt: Runtime, global_shape) -> dict:
   """This process's rows of a global batch as sharded arrays."""
-  return {k: jax.make_array_from_process_local_data(rt.batch_sharding, v, global_shape)
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(rt.batch_sharding, v, global_shape)
+    for k, v in local.items()
+  }

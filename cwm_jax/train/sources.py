@@ -9,7 +9,7 @@ state is saved as JSON and must be the same on every process.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from cwm_jax.base import ConfigError
 from cwm_jax.data import pipeline
@@ -17,11 +17,16 @@ from cwm_jax.train.synthetic import SyntheticSource
 
 
 def _synthetic(config, model_cfg, process_index: int, process_count: int):
-  return SyntheticSource(batch_size=config.batch_size, seq_len=config.seq_len,
-                         vocab=model_cfg.vocab_size, seed=config.seed,
-                         mean_doc_len=config.data.mean_doc_len,
-                         prompt_fraction=config.data.prompt_fraction,
-                         process_index=process_index, process_count=process_count)
+  return SyntheticSource(
+    batch_size=config.batch_size,
+    seq_len=config.seq_len,
+    vocab=model_cfg.vocab_size,
+    seed=config.seed,
+    mean_doc_len=config.data.mean_doc_len,
+    prompt_fraction=config.data.prompt_fraction,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def _grain(config, model_cfg, process_index: int, process_count: int):

@@ -33,7 +33,7 @@ def _ce_sums(logits_BTV, targets_BT, weights_BT):
   """(sum w*ce, sum w*lse^2) from float32 logits."""
   lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return jnp.sum(weights_BT * (lse_BT - target_BT)), jnp.sum(weights_BT * lse_BT ** 2)
+  return jnp.sum(weights_BT * (lse_BT - target_BT)), jnp.sum(weights_BT * lse_BT**2)
 
 
 def loss_sums(model, batch: dict, chunk: int = 0):
@@ -75,9 +75,14 @@ def loss_total(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
   h_BTD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
   b, t, d = h_BTD.shape
   rows = _fused_rows(b * t, model.cfg.vocab_size, chunk * b if chunk else 0)
-  total, ce, z = _fused_head_loss(float(z_loss), rows, h_BTD.reshape(b * t, d),
-                                  model.lm_head[...].astype(h_BTD.dtype),
-                                  batch["targets"].reshape(-1), batch["weights"].reshape(-1))
+  total, ce, z = _fused_head_loss(
+    float(z_loss),
+    rows,
+    h_BTD.reshape(b * t, d),
+    model.lm_head[...].astype(h_BTD.dtype),
+    batch["targets"].reshape(-1),
+    batch["weights"].reshape(-1),
+  )
   return total, (ce, z)
 
 
@@ -120,7 +125,7 @@ def _fused_blocks(z_loss, rows, h_MD, w_DV, targets_M, weights_M, grads: bool):
     sum_R1 = jnp.sum(exp_RV, axis=-1, keepdims=True)
     lse_R = (max_R1 + jnp.log(sum_R1))[:, 0]
     target_R = jnp.take_along_axis(logits_RV, y_R[:, None], axis=-1)[:, 0]
-    ce, z = ce + jnp.sum(w_R * (lse_R - target_R)), z + jnp.sum(w_R * lse_R ** 2)
+    ce, z = ce + jnp.sum(w_R * (lse_R - target_R)), z + jnp.sum(w_R * lse_R**2)
     if not grads:
       return (ce, z, dw_DV), None
     # d(total)/d(logits) = w * ((1 + 2 z_loss lse) softmax - onehot)
@@ -147,16 +152,19 @@ def _fused_blocks(z_loss, rows, h_MD, w_DV, targets_M, weights_M, grads: bool):
 
 def _fused_forward(z_loss, rows, h_MD, w_DV, targets_M, weights_M):
   h, w = h_MD.value, w_DV.value
-  out, (dh_MD, dw_DV) = _fused_blocks(z_loss, rows, h, w, targets_M.value, weights_M.value,
-                                      grads=True)
+  out, (dh_MD, dw_DV) = _fused_blocks(
+    z_loss, rows, h, w, targets_M.value, weights_M.value, grads=True
+  )
   return out, (dh_MD.astype(h.dtype), dw_DV.astype(w.dtype))
 
 
 def _fused_backward(z_loss, rows, res, cotangents):
   g_total, g_ce, g_z = cotangents
   if not (isinstance(g_ce, SymbolicZero) and isinstance(g_z, SymbolicZero)):
-    raise NotImplementedError("the fused head loss differentiates only its total "
-                              "(ce + z_loss * z); use loss_sums for other gradients")
+    raise NotImplementedError(
+      "the fused head loss differentiates only its total "
+      "(ce + z_loss * z); use loss_sums for other gradients"
+    )
   dh_MD, dw_DV = res
   if isinstance(g_total, SymbolicZero):
     return jnp.zeros_like(dh_MD), jnp.zeros_like(dw_DV), None, None
@@ -168,15 +176,25 @@ _fused_head_loss.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)
 
 def _micro_batches(batch: dict, k: int) -> dict:
   """[B, T] -> [M, B/M, T] taking rows i::M, so each shard's rows stay local."""
+
   def split(x):
     b = x.shape[0]
     return jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+
   return {key: split(batch[key]) for key in BATCH_KEYS}
 
 
-def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule,
-                    *, grad_accum: int = 1, z_loss: float = 0.0, loss_chunk: int = 0,
-                    rules=None, execution: Execution = Execution()):
+def make_train_step(
+  cfg: ModelConfig,
+  tx: optax.GradientTransformation,
+  schedule,
+  *,
+  grad_accum: int = 1,
+  z_loss: float = 0.0,
+  loss_chunk: int = 0,
+  rules=None,
+  execution: Execution = Execution(),
+):
   """The pure train step; jit it with `jit_train_step`."""
   graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
 
@@ -193,9 +211,10 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule
       params = state["params"]
       # The batch's total weight divides the loss, so gradients come out normalised.
       total_w = jnp.maximum(jnp.sum(batch["weights"]), 1e-9)
-      if grad_accum == 1:   # no zero-filled accumulator, no extra pass over the gradients
+      if grad_accum == 1:  # no zero-filled accumulator, no extra pass over the gradients
         grads, (ce, z) = grad_fn(params, {k: batch[k] for k in BATCH_KEYS}, total_w)
       else:
+
         def accumulate(carry, micro):
           grads, (ce, z) = grad_fn(params, micro, total_w)
           return jax.tree.map(jnp.add, carry, (grads, ce, z)), None
@@ -203,11 +222,19 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
         (grads, ce, z), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, grad_accum))
       updates, opt_state = tx.update(grads, state["opt_state"], params)
-      new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                   "step": state["step"] + 1, "rng": state["rng"]}
-    metrics = {"loss": ce / total_w, "z_loss": z / total_w,
-               "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-               "weight_sum": total_w}
+      new_state = {
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+      }
+    metrics = {
+      "loss": ce / total_w,
+      "z_loss": z / total_w,
+      "grad_norm": optax.tree.norm(grads),
+      "lr": schedule(state["step"]),
+      "weight_sum": total_w,
+    }
     return new_state, metrics
 
   return train_step
@@ -217,6 +244,10 @@ def jit_train_step(step_fn, state_shardings, batch_sharding, compiler_options=No
   """jit with explicit shardings and the state donated."""
   batch_sh = {k: batch_sharding for k in BATCH_KEYS}
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0,
-                 compiler_options=compiler_options or None)
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, batch_sh),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+    compiler_options=compiler_options or None,
+  )

@@ -16,8 +16,13 @@ def _document(rng: np.random.Generator, length: int, vocab: int) -> np.ndarray:
   return ((start + stride * np.arange(length)) % (vocab - 1) + 1).astype(np.int32)
 
 
-def packed_row(rng: np.random.Generator, seq_len: int, vocab: int, mean_doc_len: int,
-               prompt_fraction: float = 0.0) -> dict[str, np.ndarray]:
+def packed_row(
+  rng: np.random.Generator,
+  seq_len: int,
+  vocab: int,
+  mean_doc_len: int,
+  prompt_fraction: float = 0.0,
+) -> dict[str, np.ndarray]:
   """One packed row following the batch contract (trailing padding has weight 0)."""
   row = {k: np.zeros(seq_len, np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
   row["weights"] = np.zeros(seq_len, np.float32)
@@ -26,10 +31,10 @@ def packed_row(rng: np.random.Generator, seq_len: int, vocab: int, mean_doc_len:
     n = int(min(rng.integers(2, 2 * mean_doc_len + 1), seq_len - t + 1))
     doc, seg = _document(rng, n, vocab), seg + 1
     m = n - 1  # (inputs, targets) pairs of this document
-    row["inputs"][t:t + m], row["targets"][t:t + m] = doc[:-1], doc[1:]
-    row["positions"][t:t + m] = np.arange(m)
-    row["segment_ids"][t:t + m] = seg
-    row["weights"][t:t + m] = (np.arange(m) >= int(prompt_fraction * m)).astype(np.float32)
+    row["inputs"][t : t + m], row["targets"][t : t + m] = doc[:-1], doc[1:]
+    row["positions"][t : t + m] = np.arange(m)
+    row["segment_ids"][t : t + m] = seg
+    row["weights"][t : t + m] = (np.arange(m) >= int(prompt_fraction * m)).astype(np.float32)
     t += m
     if rng.random() < 0.1:
       break  # leave the rest of the row as padding
@@ -39,9 +44,18 @@ def packed_row(rng: np.random.Generator, seq_len: int, vocab: int, mean_doc_len:
 class SyntheticSource:
   """Iterator of process-local batches `{key: [B/P, T]}`; get_state/set_state resume it."""
 
-  def __init__(self, *, batch_size: int, seq_len: int, vocab: int, seed: int = 0,
-               mean_doc_len: int = 24, prompt_fraction: float = 0.0,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    *,
+    batch_size: int,
+    seq_len: int,
+    vocab: int,
+    seed: int = 0,
+    mean_doc_len: int = 24,
+    prompt_fraction: float = 0.0,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if batch_size % process_count:
       raise ValueError(f"batch_size={batch_size} not divisible by {process_count} processes")
     self._args = (seq_len, vocab, mean_doc_len, prompt_fraction)
@@ -54,8 +68,10 @@ class SyntheticSource:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows = [packed_row(np.random.default_rng([self._seed, self._index, r]), *self._args)
-            for r in self._rows]
+    rows = [
+      packed_row(np.random.default_rng([self._seed, self._index, r]), *self._args)
+      for r in self._rows
+    ]
     self._index += 1
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 

@@ -23,7 +23,7 @@ _write = os.write
 
 
 def _not_serializable(value):
-  raise TypeError('a record holds a %s' % type(value).__name__)
+  raise TypeError("a record holds a %s" % type(value).__name__)
 
 
 def _make_encoder():
@@ -31,11 +31,12 @@ def _make_encoder():
   make = json.encoder.c_make_encoder
   if make is None:  # an interpreter without the `_json` accelerator: bound methods of a
     # private encoder instance (its internals then look up json.encoder globals per call)
-    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(', ', ': '))
+    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
     return encoder.encode
-  iterencode = make(None, _not_serializable, json.encoder.c_encode_basestring, None, ': ', ', ',
-                    False, False, False)
-  join = ''.join
+  iterencode = make(
+    None, _not_serializable, json.encoder.c_encode_basestring, None, ": ", ", ", False, False, False
+  )
+  join = "".join
   return lambda record: join(iterencode(record, 0))
 
 
@@ -49,10 +50,10 @@ class Writer:
     self._fd, self._nonce = fd, nonce
 
   def send(self, record):
-    data = _encode(record).encode('utf-8', 'surrogatepass')
-    view = memoryview(self._nonce + len(data).to_bytes(4, 'big') + data)
+    data = _encode(record).encode("utf-8", "surrogatepass")
+    view = memoryview(self._nonce + len(data).to_bytes(4, "big") + data)
     while view:
-      view = view[_write(self._fd, view):]
+      view = view[_write(self._fd, view) :]
 
 
 def decode(data, nonce):
@@ -60,19 +61,19 @@ def decode(data, nonce):
   records, at = [], 0
   while at < len(data):
     if len(data) - at < _HEADER:
-      return records, 'a record header is cut short'
-    if data[at:at + NONCE_BYTES] != nonce:
-      return records, 'a record does not carry this run\'s nonce'
-    size = int.from_bytes(data[at + NONCE_BYTES:at + _HEADER], 'big')
-    body = data[at + _HEADER:at + _HEADER + size]
+      return records, "a record header is cut short"
+    if data[at : at + NONCE_BYTES] != nonce:
+      return records, "a record does not carry this run's nonce"
+    size = int.from_bytes(data[at + NONCE_BYTES : at + _HEADER], "big")
+    body = data[at + _HEADER : at + _HEADER + size]
     if len(body) != size:
-      return records, 'a record is cut short'
+      return records, "a record is cut short"
     try:
-      record = _loads(body.decode('utf-8', 'surrogatepass'))
+      record = _loads(body.decode("utf-8", "surrogatepass"))
     except (ValueError, RecursionError) as e:
-      return records, 'a record is not JSON (%s)' % e
+      return records, "a record is not JSON (%s)" % e
     if not isinstance(record, dict):
-      return records, 'a record is not a JSON object'
+      return records, "a record is not a JSON object"
     records.append(record)
     at += _HEADER + size
-  return records, ''
+  return records, ""

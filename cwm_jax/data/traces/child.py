@@ -17,11 +17,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def read_request(fd):
   """The marshalled request behind a 4-byte big-endian length on `fd`."""
-  data = b''
-  while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], 'big'):
+  data = b""
+  while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
     chunk = os.read(fd, 1 << 20)
     if not chunk:
-      raise SystemExit('the caller closed the sandbox channel mid-request')
+      raise SystemExit("the caller closed the sandbox channel mid-request")
     data += chunk
   return marshal.loads(data[4:])
 
@@ -32,25 +32,25 @@ def loader(codes):
   later changes nothing the sandbox's own code computes."""
 
   def load(name):
-    module = types.ModuleType('_cwm_' + name)
-    module.__file__ = os.path.join(_HERE, name + '.py')
-    module.__dict__['__builtins__'] = dict(builtins.__dict__)
+    module = types.ModuleType("_cwm_" + name)
+    module.__file__ = os.path.join(_HERE, name + ".py")
+    module.__dict__["__builtins__"] = dict(builtins.__dict__)
     exec(codes[name], module.__dict__)  # pylint: disable=exec-used
     return module
 
   return load
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   if sys.path and os.path.abspath(sys.path[0]) == _HERE:
     del sys.path[0]  # the program must not import the sandbox's own modules by name
-  probing = sys.argv[1:] == ['--probe']
+  probing = sys.argv[1:] == ["--probe"]
   request = read_request(0 if probing else int(sys.argv[1]))
-  load = loader(request.pop('modules'))
+  load = loader(request.pop("modules"))
   if probing:
-    load('supervisor').probe(request)
+    load("supervisor").probe(request)
   else:
-    load('supervisor').supervise(request, int(sys.argv[1]), int(sys.argv[2]), load)
+    load("supervisor").supervise(request, int(sys.argv[1]), int(sys.argv[2]), load)
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(0)  # no interpreter teardown: the caller is waiting for this exit

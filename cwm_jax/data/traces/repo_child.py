@@ -38,8 +38,19 @@ import types
 import pytest
 
 _UNTRACEABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
-DEFAULT_EXCLUDE = ('*site-packages/*', '*dist-packages/*', 'test/*', 'tests/*', '*/test/*',
-                   '*/tests/*', 'testing/*', 'conftest.py', '*/conftest.py', 'setup.py', 'docs/*')
+DEFAULT_EXCLUDE = (
+  "*site-packages/*",
+  "*dist-packages/*",
+  "test/*",
+  "tests/*",
+  "*/test/*",
+  "*/tests/*",
+  "testing/*",
+  "conftest.py",
+  "*/conftest.py",
+  "setup.py",
+  "docs/*",
+)
 
 
 class TestTimeout(Exception):
@@ -47,7 +58,6 @@ class TestTimeout(Exception):
 
 
 class _Entry:
-
   def __init__(self, recorder, frame, function, test):
     self.recorder, self.frame, self.function, self.test = recorder, frame, function, test
     self.frames = {frame}
@@ -58,12 +68,12 @@ class RepoTracer:
   """sys.settrace dispatcher: finds entries and feeds their frames to a tracer.Recorder."""
 
   def __init__(self, request, tracer, emit):
-    self.root = os.path.realpath(request['root'])
-    self.tests = {os.path.realpath(t) for t in request['tests']}
-    self.exclude = tuple(request.get('exclude') or ()) + DEFAULT_EXCLUDE
+    self.root = os.path.realpath(request["root"])
+    self.tests = {os.path.realpath(t) for t in request["tests"]}
+    self.exclude = tuple(request.get("exclude") or ()) + DEFAULT_EXCLUDE
     self.limits = request
     self.tracer, self.emit = tracer, emit
-    self.entry, self.test, self.per_test = None, '', 0
+    self.entry, self.test, self.per_test = None, "", 0
     self._files, self._codes, self._sources = {}, {}, {}
     self._per_function = {}
 
@@ -74,25 +84,28 @@ class RepoTracer:
       path = os.path.realpath(filename)
       name = os.path.basename(path)
       rel = os.path.relpath(path, self.root)
-      if path in self.tests or (name.startswith('test_') or name.endswith('_test.py')):
-        kind = 'test'
-      elif (not path.endswith('.py') or rel.startswith('..')
-            or any(fnmatch.fnmatch(rel, p) for p in self.exclude)):
-        kind = 'other'
+      if path in self.tests or (name.startswith("test_") or name.endswith("_test.py")):
+        kind = "test"
+      elif (
+        not path.endswith(".py")
+        or rel.startswith("..")
+        or any(fnmatch.fnmatch(rel, p) for p in self.exclude)
+      ):
+        kind = "other"
       else:
-        kind = 'project'
+        kind = "project"
       self._files[filename] = kind
     return kind
 
   def _code_kind(self, code):
     kind = self._codes.get(code)
     if kind is None:
-      if self._file_kind(code.co_filename) != 'project':
-        kind = 'other'
-      elif '<' in code.co_qualname or code.co_flags & _UNTRACEABLE:
-        kind = 'unsupported'
+      if self._file_kind(code.co_filename) != "project":
+        kind = "other"
+      elif "<" in code.co_qualname or code.co_flags & _UNTRACEABLE:
+        kind = "unsupported"
       else:
-        kind = 'entry'
+        kind = "entry"
       self._codes[code] = kind
     return kind
 
@@ -101,7 +114,7 @@ class RepoTracer:
       with tokenize.open(filename) as f:
         text = f.read()
       self._sources[filename] = text
-      self.emit({'kind': 'source', 'file': filename, 'text': text})
+      self.emit({"kind": "source", "file": filename, "text": text})
     return self._sources[filename]
 
   # Trace functions.
@@ -115,20 +128,33 @@ class RepoTracer:
     code = frame.f_code
     kind = self._code_kind(code)
     caller = frame.f_back
-    if kind == 'other' or caller is None or self._file_kind(caller.f_code.co_filename) != 'test':
+    if kind == "other" or caller is None or self._file_kind(caller.f_code.co_filename) != "test":
       return None
-    if kind == 'unsupported' or self.per_test >= self.limits['max_traces_per_test'] or (
-        self._per_function.get(code, 0) >= self.limits['max_traces_per_function']):
-      self.emit({'kind': 'skip', 'reason': 'unsupported' if kind == 'unsupported' else 'capped',
-                 'test': self.test, 'function': code.co_qualname})
+    if (
+      kind == "unsupported"
+      or self.per_test >= self.limits["max_traces_per_test"]
+      or (self._per_function.get(code, 0) >= self.limits["max_traces_per_function"])
+    ):
+      self.emit(
+        {
+          "kind": "skip",
+          "reason": "unsupported" if kind == "unsupported" else "capped",
+          "test": self.test,
+          "function": code.co_qualname,
+        }
+      )
       return None
     self.per_test += 1
     self._per_function[code] = self._per_function.get(code, 0) + 1
     filename = code.co_filename
     recorder = self.tracer.Recorder(
-        filename, self._source(filename), max_events=self.limits['max_events'],
-        max_bytes=self.limits['max_bytes'], max_value_chars=self.limits['max_value_chars'],
-        abort=self._abort)
+      filename,
+      self._source(filename),
+      max_events=self.limits["max_events"],
+      max_bytes=self.limits["max_bytes"],
+      max_value_chars=self.limits["max_value_chars"],
+      abort=self._abort,
+    )
     self.entry = _Entry(recorder, frame, code.co_qualname, self.test)
     recorder.global_trace(frame, event, arg)
     return self.local_trace
@@ -139,7 +165,7 @@ class RepoTracer:
       return None
     if entry.dead is None:
       entry.recorder.local_trace(frame, event, arg)
-    if event == 'return' and frame is entry.frame:
+    if event == "return" and frame is entry.frame:
       self.finish()
     return self.local_trace
 
@@ -149,7 +175,7 @@ class RepoTracer:
       for frame in self.entry.frames:  # only call/return events from now on: the rest is cheap
         frame.f_trace_lines = False
 
-  def finish(self, status=None, message=''):
+  def finish(self, status=None, message=""):
     entry, self.entry = self.entry, None
     if entry is None:
       return
@@ -157,14 +183,22 @@ class RepoTracer:
       status, message = entry.dead
     frames = entry.recorder.frames if status is None else []
     filename = entry.frame.f_code.co_filename
-    self.emit({'kind': 'trace', 'file': filename,
-               'rel': os.path.relpath(os.path.realpath(filename), self.root),
-               'function': entry.function, 'test': entry.test, 'status': status or 'ok',
-               'frames': frames, 'message': message})
+    self.emit(
+      {
+        "kind": "trace",
+        "file": filename,
+        "rel": os.path.relpath(os.path.realpath(filename), self.root),
+        "function": entry.function,
+        "test": entry.test,
+        "status": status or "ok",
+        "frames": frames,
+        "message": message,
+      }
+    )
 
   def on_timeout(self):
     if self.entry is not None and self.entry.dead is None:
-      self.entry.dead = ('timeout', 'the test ran past per_test_timeout_s')
+      self.entry.dead = ("timeout", "the test ran past per_test_timeout_s")
 
 
 class Plugin:
@@ -177,8 +211,8 @@ class Plugin:
   def _alarm(self, signum, frame):
     del signum, frame
     self.tracer.on_timeout()
-    self.outcomes[self.tracer.test] = 'timeout'
-    raise TestTimeout(f'test ran past {self.timeout_s} s')
+    self.outcomes[self.tracer.test] = "timeout"
+    raise TestTimeout(f"test ran past {self.timeout_s} s")
 
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(self, item, nextitem):
@@ -193,53 +227,65 @@ class Plugin:
       sys.settrace(None)
       signal.setitimer(signal.ITIMER_REAL, 0)
       signal.signal(signal.SIGALRM, previous)
-      self.tracer.finish('error', 'the test ended while the traced call was running')
-      self.emit({'kind': 'test', 'test': item.nodeid,
-                 'outcome': self.outcomes.get(item.nodeid, 'passed')})
+      self.tracer.finish("error", "the test ended while the traced call was running")
+      self.emit(
+        {"kind": "test", "test": item.nodeid, "outcome": self.outcomes.get(item.nodeid, "passed")}
+      )
 
   def pytest_runtest_logreport(self, report):
-    if report.failed and self.outcomes.get(report.nodeid) != 'timeout':
-      self.outcomes[report.nodeid] = 'failed'
+    if report.failed and self.outcomes.get(report.nodeid) != "timeout":
+      self.outcomes[report.nodeid] = "failed"
 
 
 def _load_tracer(source):
-  module = types.ModuleType('_cwm_tracer')
-  exec(compile(source, '<cwm_jax tracer>', 'exec'), module.__dict__)  # pylint: disable=exec-used
+  module = types.ModuleType("_cwm_tracer")
+  exec(compile(source, "<cwm_jax tracer>", "exec"), module.__dict__)  # pylint: disable=exec-used
   return module
 
 
 def _recreate(request):
   """Writes the shipped project under ./project and points root and tests there."""
-  root = os.path.realpath('project')
-  for rel, data in request['files'].items():
+  root = os.path.realpath("project")
+  for rel, data in request["files"].items():
     path = os.path.join(root, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:
+    with open(path, "wb") as f:
       f.write(base64.b64decode(data))
-  request['tests'] = [os.path.join(root, os.path.relpath(t, request['root']))
-                      for t in request['tests']]
-  request['root'] = root
+  request["tests"] = [
+    os.path.join(root, os.path.relpath(t, request["root"])) for t in request["tests"]
+  ]
+  request["root"] = root
 
 
 def main():
   request = json.load(sys.stdin)
-  out = os.fdopen(os.dup(1), 'w', encoding='utf-8')
+  out = os.fdopen(os.dup(1), "w", encoding="utf-8")
   os.dup2(2, 1)  # pytest's report goes to stderr; stdout carries only JSON lines
 
   def emit(message):
-    out.write(json.dumps(message) + '\n')
+    out.write(json.dumps(message) + "\n")
     out.flush()
 
-  if request.get('files'):
+  if request.get("files"):
     _recreate(request)
-  sys.path.insert(0, request['root'])
-  tracer = RepoTracer(request, _load_tracer(request['tracer']), emit)
-  plugin = Plugin(tracer, emit, request['per_test_timeout_s'])
-  code = pytest.main([*request['tests'], '-q', '--tb=line', '-p', 'no:cacheprovider',
-                      '--rootdir', request['root'], *request.get('pytest_args', ())],
-                     plugins=[plugin])
-  emit({'kind': 'done', 'exit_code': int(code)})
+  sys.path.insert(0, request["root"])
+  tracer = RepoTracer(request, _load_tracer(request["tracer"]), emit)
+  plugin = Plugin(tracer, emit, request["per_test_timeout_s"])
+  code = pytest.main(
+    [
+      *request["tests"],
+      "-q",
+      "--tb=line",
+      "-p",
+      "no:cacheprovider",
+      "--rootdir",
+      request["root"],
+      *request.get("pytest_args", ()),
+    ],
+    plugins=[plugin],
+  )
+  emit({"kind": "done", "exit_code": int(code)})
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

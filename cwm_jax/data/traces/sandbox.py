@@ -28,26 +28,33 @@ import sys
 import threading
 import time
 
-from cwm_jax.data.traces import channel
-from cwm_jax.data.traces import isolation
+from cwm_jax.data.traces import channel, isolation
 from cwm_jax.data.traces.isolation import CHILD, SandboxRefused
 
-STATUSES = ('ok', 'error', 'timeout', 'memory', 'output_limit')
+STATUSES = ("ok", "error", "timeout", "memory", "output_limit")
 _GRACE_S = 2.0  # the supervisor ends the run at timeout_s; the caller's backstop waits longer
 _UNREAPED: list = []  # killed `unshare` processes still exiting; polled (reaped) by later runs
 _UNREAPED_LOCK = threading.Lock()
 
-__all__ = ['CHILD', 'Limits', 'STATUSES', 'SandboxRefused', 'SandboxResult', 'run_child',
-           'run_python']
+__all__ = [
+  "CHILD",
+  "Limits",
+  "STATUSES",
+  "SandboxRefused",
+  "SandboxResult",
+  "run_child",
+  "run_python",
+]
 
 
 _MAX_COUNT = 1 << 50  # bytes, inodes, processes, events, characters
-_MAXIMA = {'timeout_s': 1e6, 'cpu_s': 1e6, 'memory_mb': 1 << 30}
+_MAXIMA = {"timeout_s": 1e6, "cpu_s": 1e6, "memory_mb": 1 << 30}
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """Resource limits of one sandboxed run and of the trace it records."""
+
   timeout_s: float = 10.0  # wall clock
   cpu_s: float | None = None  # CPU time; None: timeout_s + 1
   memory_mb: int = 1024  # address space (RLIMIT_AS)
@@ -73,8 +80,7 @@ class Limits:
       # infinite or astronomically large limit is a typo, never a request.
       top = _MAXIMA.get(field.name, _MAX_COUNT)
       if not (0 < value <= top):  # also false for NaN
-        raise ValueError(f'Limits.{field.name} must be positive and at most {top}, got '
-                         f'{value!r}')
+        raise ValueError(f"Limits.{field.name} must be positive and at most {top}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,42 +94,69 @@ class SandboxResult:
 @dataclasses.dataclass(frozen=True)
 class Records:
   """What the worker sent over the record channel, decoded strictly."""
+
   records: list[dict]
   error: str  # '' or what was wrong with the channel's bytes
   overflow: bool  # more than the allowed bytes arrived (the rest was dropped)
 
 
-def run_python(source: str, *, stdin: str = '', limits: Limits = Limits()) -> SandboxResult:
+def run_python(source: str, *, stdin: str = "", limits: Limits = Limits()) -> SandboxResult:
   """Runs `source` as `__main__` in the sandbox, feeding it `stdin`."""
-  result, _ = run_child({'mode': 'run'}, source, stdin=stdin, limits=limits)
+  result, _ = run_child({"mode": "run"}, source, stdin=stdin, limits=limits)
   return result
 
 
-def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
-              record_bytes: int = 1 << 20) -> tuple[SandboxResult, Records]:
+def run_child(
+  request: dict, source: str, *, stdin: str = "", limits: Limits, record_bytes: int = 1 << 20
+) -> tuple[SandboxResult, Records]:
   """Runs the worker on `request` ('mode': run/trace/test, ...) with `source` as program.py;
   returns its result and the records it sent (at most `record_bytes` bytes)."""
   iso = isolation.check(limits.namespaces, limits.allow_no_isolation)
   if not iso.namespaces:
     _sweep_once()
   nonce = os.urandom(channel.NONCE_BYTES)
-  request = dict(request, source=source, nonce=nonce.hex(), namespaces=iso.namespaces,
-                 uid=iso.uid, timeout_s=limits.timeout_s, limits=_limit_spec(limits),
-                 disk_bytes=limits.disk_bytes, disk_inodes=limits.disk_inodes,
-                 max_processes=limits.max_processes, modules=isolation.child_modules(),
-                 site_packages=limits.site_packages, executable=os.path.realpath(sys.executable))
+  request = dict(
+    request,
+    source=source,
+    nonce=nonce.hex(),
+    namespaces=iso.namespaces,
+    uid=iso.uid,
+    timeout_s=limits.timeout_s,
+    limits=_limit_spec(limits),
+    disk_bytes=limits.disk_bytes,
+    disk_inodes=limits.disk_inodes,
+    max_processes=limits.max_processes,
+    modules=isolation.child_modules(),
+    site_packages=limits.site_packages,
+    executable=os.path.realpath(sys.executable),
+  )
   ours, theirs = socket.socketpair()
   record_r, record_w = os.pipe()
   try:  # a whole trace fits: the worker never waits for this process to be scheduled
     fcntl.fcntl(record_w, fcntl.F_SETPIPE_SZ, min(record_bytes, 1 << 20))
   except OSError:
     pass
-  command = [*iso.prefix, sys.executable, '-s', *(() if limits.site_packages else ('-S',)),
-             CHILD, str(theirs.fileno()), str(record_w)]
+  command = [
+    *iso.prefix,
+    sys.executable,
+    "-s",
+    *(() if limits.site_packages else ("-S",)),
+    CHILD,
+    str(theirs.fileno()),
+    str(record_w),
+  ]
   try:
-    proc = subprocess.Popen(command, cwd='/', env=_environment(), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                            start_new_session=True, pass_fds=(theirs.fileno(), record_w))
+    proc = subprocess.Popen(
+      command,
+      cwd="/",
+      env=_environment(),
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      bufsize=0,
+      start_new_session=True,
+      pass_fds=(theirs.fileno(), record_w),
+    )
   except BaseException:
     ours.close()
     os.close(record_r)
@@ -131,18 +164,17 @@ def run_child(request: dict, source: str, *, stdin: str = '', limits: Limits,
   finally:
     theirs.close()
     os.close(record_w)
-  with ours, open(record_r, 'rb', buffering=0) as records:
+  with ours, open(record_r, "rb", buffering=0) as records:
     out = None
     try:
       _send(ours, request)
-      out = _communicate(proc, ours, records, stdin.encode('utf-8'), limits,
-                         record_bytes)
+      out = _communicate(proc, ours, records, stdin.encode("utf-8"), limits, record_bytes)
     finally:  # without namespaces, a supervisor that did not report may still be cleaning up
-      _end(proc, ours, wait=not iso.namespaces and not (out and out['report']))
-  return _result(proc, out, limits), _decode(out['records'], nonce, record_bytes)
+      _end(proc, ours, wait=not iso.namespaces and not (out and out["report"]))
+  return _result(proc, out, limits), _decode(out["records"], nonce, record_bytes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sweep_once() -> int:
   return isolation.sweep_stale_scratch()
 
@@ -150,20 +182,26 @@ def _sweep_once() -> int:
 def _environment() -> dict[str, str]:
   # -I would ignore PYTHONHASHSEED; the environment is minimal anyway, and a fixed
   # hash seed makes set iteration (hence traces) reproducible. HOME/TMPDIR: the scratch.
-  return {'PATH': '/usr/local/bin:/usr/bin:/bin', 'LANG': 'C.UTF-8', 'LC_ALL': 'C.UTF-8',
-          'PYTHONHASHSEED': '0', 'PYTHONIOENCODING': 'utf-8', 'PYTHONDONTWRITEBYTECODE': '1'}
+  return {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+    "PYTHONIOENCODING": "utf-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+  }
 
 
 def _limit_spec(limits: Limits) -> str:
   """'AS,CPU,FSIZE' for child.apply_limits (address space bytes, CPU s, file bytes)."""
   cpu = math.ceil(limits.cpu_s or limits.timeout_s + 1)
-  return f'{limits.memory_mb << 20},{cpu},{limits.file_bytes}'
+  return f"{limits.memory_mb << 20},{cpu},{limits.file_bytes}"
 
 
 def _send(sock: socket.socket, request: dict) -> None:
   data = marshal.dumps(request)
   try:
-    sock.sendall(len(data).to_bytes(4, 'big') + data)
+    sock.sendall(len(data).to_bytes(4, "big") + data)
   except OSError:
     pass  # the child died before reading: its stderr and exit status say why
 
@@ -172,8 +210,12 @@ def _communicate(proc, sock, records, stdin: bytes, limits: Limits, record_bytes
   """Feeds stdin; reads stdout, stderr, records and the supervisor's report until the report
   (the worker has exited: what it wrote is in the pipes, drained then), the end of every
   stream, the deadline, or too much output. Returns the bytes read and the caller-side status."""
-  streams = {proc.stdout.fileno(): 'stdout', proc.stderr.fileno(): 'stderr',
-             records.fileno(): 'records', sock.fileno(): 'report'}
+  streams = {
+    proc.stdout.fileno(): "stdout",
+    proc.stderr.fileno(): "stderr",
+    records.fileno(): "records",
+    sock.fileno(): "report",
+  }
   out = {name: bytearray() for name in streams.values()}
   selector = selectors.DefaultSelector()
   for fd in streams:
@@ -185,11 +227,14 @@ def _communicate(proc, sock, records, stdin: bytes, limits: Limits, record_bytes
     proc.stdin.close()
   deadline, sent, status = time.monotonic() + limits.timeout_s + _GRACE_S, 0, None
   with selector:
-    while status is None and not out['report'] and any(
-        k.fd in streams for k in selector.get_map().values()):
+    while (
+      status is None
+      and not out["report"]
+      and any(k.fd in streams for k in selector.get_map().values())
+    ):
       remaining = deadline - time.monotonic()
       if remaining <= 0:
-        status = 'timeout'
+        status = "timeout"
         break
       for key, _ in selector.select(remaining):
         if key.fd in streams:
@@ -199,15 +244,15 @@ def _communicate(proc, sock, records, stdin: bytes, limits: Limits, record_bytes
           status = _take(out, streams[key.fd], data, limits, record_bytes)
           continue
         try:
-          sent += os.write(key.fd, stdin[sent:sent + (1 << 16)])
+          sent += os.write(key.fd, stdin[sent : sent + (1 << 16)])
         except (BrokenPipeError, BlockingIOError) as e:
           sent = len(stdin) if isinstance(e, BrokenPipeError) else sent
         if sent >= len(stdin):
           selector.unregister(key.fd)
           proc.stdin.close()
-    if status is None and out['report']:
+    if status is None and out["report"]:
       for key in list(selector.get_map().values()):
-        if key.fd in streams and streams[key.fd] != 'report':
+        if key.fd in streams and streams[key.fd] != "report":
           status = status or _drain(out, key.fd, streams[key.fd], limits, record_bytes)
   if not proc.stdin.closed:
     proc.stdin.close()
@@ -216,10 +261,10 @@ def _communicate(proc, sock, records, stdin: bytes, limits: Limits, record_bytes
 
 def _take(out: dict, name: str, data: bytes, limits: Limits, record_bytes: int) -> str | None:
   """Keeps `data` read from stream `name`; 'output_limit' once stdout + stderr is too long."""
-  if name != 'records' or len(out[name]) <= record_bytes:
+  if name != "records" or len(out[name]) <= record_bytes:
     out[name].extend(data)  # records past the cap are drained, decoded as overflow
-  if len(out['stdout']) + len(out['stderr']) > limits.output_bytes:
-    return 'output_limit'
+  if len(out["stdout"]) + len(out["stderr"]) > limits.output_bytes:
+    return "output_limit"
   return None
 
 
@@ -261,48 +306,52 @@ def _end(proc, sock, wait: bool) -> None:
 
 def _report(data: bytes) -> tuple[bool, int] | None:
   """The supervisor's report (timed out, wait status), or None if absent or garbled."""
-  if data == b'timeout':
+  if data == b"timeout":
     return True, 0
   words = data.split()
-  if len(words) == 2 and words[0] == b'exit' and words[1].isdigit() and len(words[1]) < 8:
+  if len(words) == 2 and words[0] == b"exit" and words[1].isdigit() and len(words[1]) < 8:
     return False, int(words[1])
   return None
 
 
 def _result(proc, out: dict, limits: Limits) -> SandboxResult:
-  text_out = bytes(out['stdout'][:limits.output_bytes]).decode('utf-8', errors='replace')
-  text_err = bytes(out['stderr'][:limits.output_bytes]).decode('utf-8', errors='replace')
-  report = _report(bytes(out['report']))
-  if out['status']:
-    return SandboxResult(out['status'], text_out, text_err, None)
+  text_out = bytes(out["stdout"][: limits.output_bytes]).decode("utf-8", errors="replace")
+  text_err = bytes(out["stderr"][: limits.output_bytes]).decode("utf-8", errors="replace")
+  report = _report(bytes(out["report"]))
+  if out["status"]:
+    return SandboxResult(out["status"], text_out, text_err, None)
   if report is None:
-    return SandboxResult('error', text_out, text_err + f'\nsandbox supervisor ended without a '
-                         f'report (exit status {proc.returncode})', proc.returncode)
+    return SandboxResult(
+      "error",
+      text_out,
+      text_err + f"\nsandbox supervisor ended without a report (exit status {proc.returncode})",
+      proc.returncode,
+    )
   timed_out, wait_status = report
   if timed_out:
-    return SandboxResult('timeout', text_out, text_err, None)
+    return SandboxResult("timeout", text_out, text_err, None)
   try:
     code = os.waitstatus_to_exitcode(wait_status)
   except ValueError:
-    return SandboxResult('error', text_out, text_err, None)
+    return SandboxResult("error", text_out, text_err, None)
   return SandboxResult(_exit_status(code, text_err), text_out, text_err, code)
 
 
 def _decode(data: bytearray, nonce: bytes, record_bytes: int) -> Records:
   if len(data) > record_bytes:
-    return Records([], f'more than {record_bytes} bytes of records', True)
+    return Records([], f"more than {record_bytes} bytes of records", True)
   found, error = channel.decode(bytes(data), nonce)
   return Records(found, error, False)
 
 
 def _exit_status(returncode: int, stderr: str) -> str:
   if returncode == 0:
-    return 'ok'
+    return "ok"
   if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-    return 'timeout'  # CPU-time limit (soft, then hard)
-  last = stderr.strip().rsplit('\n', 1)[-1]
-  if last.startswith('MemoryError') or 'Cannot allocate memory' in stderr:
-    return 'memory'
+    return "timeout"  # CPU-time limit (soft, then hard)
+  last = stderr.strip().rsplit("\n", 1)[-1]
+  if last.startswith("MemoryError") or "Cannot allocate memory" in stderr:
+    return "memory"
   if returncode == -signal.SIGXFSZ:
-    return 'output_limit'
-  return 'error'
+    return "output_limit"
+  return "error"

@@ -34,7 +34,7 @@ import sys
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SCRATCH = '/tmp/sandbox'
+_SCRATCH = "/tmp/sandbox"
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC = 2, 4, 4096, 16384
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP = 1, 4, 24
 _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
@@ -47,51 +47,94 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # operation, and memfd (memory outside the per-process limit where no cgroup counts it).
 # {machine: (audit arch, {syscall: number}, clone, clone3)}
 _SYSCALLS = {
-    'x86_64': (0xC000003E, {'unshare': 272, 'setns': 308, 'mount': 165, 'umount2': 166,
-                            'pivot_root': 155, 'chroot': 161, 'open_tree': 428, 'move_mount': 429,
-                            'fsopen': 430, 'fsconfig': 431, 'fsmount': 432, 'fspick': 433,
-                            'mount_setattr': 442, 'memfd_create': 319, 'memfd_secret': 447},
-               56, 435),
-    'aarch64': (0xC00000B7, {'unshare': 97, 'setns': 268, 'mount': 40, 'umount2': 39,
-                             'pivot_root': 41, 'chroot': 51, 'open_tree': 428, 'move_mount': 429,
-                             'fsopen': 430, 'fsconfig': 431, 'fsmount': 432, 'fspick': 433,
-                             'mount_setattr': 442, 'memfd_create': 279, 'memfd_secret': 447},
-                220, 435),
+  "x86_64": (
+    0xC000003E,
+    {
+      "unshare": 272,
+      "setns": 308,
+      "mount": 165,
+      "umount2": 166,
+      "pivot_root": 155,
+      "chroot": 161,
+      "open_tree": 428,
+      "move_mount": 429,
+      "fsopen": 430,
+      "fsconfig": 431,
+      "fsmount": 432,
+      "fspick": 433,
+      "mount_setattr": 442,
+      "memfd_create": 319,
+      "memfd_secret": 447,
+    },
+    56,
+    435,
+  ),
+  "aarch64": (
+    0xC00000B7,
+    {
+      "unshare": 97,
+      "setns": 268,
+      "mount": 40,
+      "umount2": 39,
+      "pivot_root": 41,
+      "chroot": 51,
+      "open_tree": 428,
+      "move_mount": 429,
+      "fsopen": 430,
+      "fsconfig": 431,
+      "fsmount": 432,
+      "fspick": 433,
+      "mount_setattr": 442,
+      "memfd_create": 279,
+      "memfd_secret": 447,
+    },
+    220,
+    435,
+  ),
 }
 _CLONE_NAMESPACES = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 _EPERM, _ENOSYS = 1, 38
 
 
 class _MountAttr(ctypes.Structure):
-  _fields_ = [('attr_set', ctypes.c_uint64), ('attr_clr', ctypes.c_uint64),
-              ('propagation', ctypes.c_uint64), ('userns_fd', ctypes.c_uint64)]
+  _fields_ = [
+    ("attr_set", ctypes.c_uint64),
+    ("attr_clr", ctypes.c_uint64),
+    ("propagation", ctypes.c_uint64),
+    ("userns_fd", ctypes.c_uint64),
+  ]
 
 
 def _check(result, what):
   if result != 0:
     errno = ctypes.get_errno()
-    raise OSError(errno, '%s: %s' % (what, os.strerror(errno)))
+    raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
 
 
 def _mount(source, target, fstype, flags, data=None):
-  _check(_libc.mount(source.encode(), target.encode(), fstype and fstype.encode(), flags,
-                     data and data.encode()), 'mount %s' % target)
+  _check(
+    _libc.mount(
+      source.encode(), target.encode(), fstype and fstype.encode(), flags, data and data.encode()
+    ),
+    "mount %s" % target,
+  )
 
 
 def _read_only_tree(path):
   """Makes every mount at and below `path` read-only and nosuid (mount_setattr, Linux 5.12+)."""
   attr = _MountAttr(1 | 2, 0, 0, 0)  # MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
-  number = {'x86_64': 442, 'aarch64': 442}.get(os.uname().machine)
+  number = {"x86_64": 442, "aarch64": 442}.get(os.uname().machine)
   if number is None:
     return False
-  return _libc.syscall(number, -100, path.encode(), 0x8000, ctypes.byref(attr),
-                       ctypes.sizeof(attr)) == 0
+  return (
+    _libc.syscall(number, -100, path.encode(), 0x8000, ctypes.byref(attr), ctypes.sizeof(attr)) == 0
+  )
 
 
-_NEW_ROOT = '/tmp'  # the host's /tmp, covered in this mount namespace by the new root's tmpfs
-_SYSTEM = ('/usr', '/bin', '/sbin', '/lib', '/lib64', '/lib32', '/libx32')
-_ETC = ('ld.so.cache', 'ld.so.conf', 'localtime', 'nsswitch.conf')
-_DEVICES = ('null', 'zero', 'full', 'random', 'urandom')
+_NEW_ROOT = "/tmp"  # the host's /tmp, covered in this mount namespace by the new root's tmpfs
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+_ETC = ("ld.so.cache", "ld.so.conf", "localtime", "nsswitch.conf")
+_DEVICES = ("null", "zero", "full", "random", "urandom")
 _MNT_DETACH = 2
 
 
@@ -105,34 +148,38 @@ def _minimal_root(request):
   scratch tmpfs on /tmp (also /dev/shm and /var/tmp). Nothing else of the host exists here:
   no checkout, no task or data files, no home directories, no /run, /sys, /etc secrets.
   Returns (scratch, notes)."""
-  uid = request.get('uid')
+  uid = request.get("uid")
   python = {sys.base_prefix}
-  if request.get('site_packages'):
+  if request.get("site_packages"):
     venv = os.path.dirname(os.path.dirname(sys.executable))
-    python |= {sys.prefix, venv if os.path.isfile(os.path.join(venv, 'pyvenv.cfg')) else
-               os.path.dirname(sys.executable)}
+    python |= {
+      sys.prefix,
+      venv if os.path.isfile(os.path.join(venv, "pyvenv.cfg")) else os.path.dirname(sys.executable),
+    }
   binds, links = [], []
   for path in sorted(set(_SYSTEM) | python):
     if path in _SYSTEM and os.path.islink(path):
       links.append((path, os.readlink(path)))
-    elif os.path.isdir(path) and not any(path.startswith(p + '/') for p in python | set(
-        _SYSTEM) if p != path and not os.path.islink(p)):
+    elif os.path.isdir(path) and not any(
+      path.startswith(p + "/") for p in python | set(_SYSTEM) if p != path and not os.path.islink(p)
+    ):
       binds.append((path, os.open(path, os.O_PATH)))  # before anything covers it
   etc = {}
   for name in _ETC:
     try:
-      with open('/etc/' + name, 'rb') as f:
+      with open("/etc/" + name, "rb") as f:
         etc[name] = f.read(1 << 22)
     except OSError:
       pass
   own = uid if uid is not None else os.getuid()
-  etc['passwd'] = ('root:x:0:0::/:/bin/sh\nsandbox:x:%d:%d::%s:/bin/sh\n' % (
-      own, own, _SCRATCH)).encode()
-  etc['group'] = b'root:x:0:\nsandbox:x:%d:\n' % own
-  etc['hosts'] = b'127.0.0.1 localhost\n::1 localhost\n'
-  devices = [name for name in _DEVICES if os.path.exists('/dev/' + name)]
+  etc["passwd"] = (
+    "root:x:0:0::/:/bin/sh\nsandbox:x:%d:%d::%s:/bin/sh\n" % (own, own, _SCRATCH)
+  ).encode()
+  etc["group"] = b"root:x:0:\nsandbox:x:%d:\n" % own
+  etc["hosts"] = b"127.0.0.1 localhost\n::1 localhost\n"
+  devices = [name for name in _DEVICES if os.path.exists("/dev/" + name)]
   new = _NEW_ROOT
-  _mount('tmpfs', new, 'tmpfs', _MS_NOSUID, 'size=4m,nr_inodes=4096,mode=755')
+  _mount("tmpfs", new, "tmpfs", _MS_NOSUID, "size=4m,nr_inodes=4096,mode=755")
   # A checkout (and its virtualenv) may live under /tmp: those are bound once the scratch
   # tmpfs covers /tmp, or it would hide them.
   under_scratch = [(p, fd) for p, fd in binds if p.startswith(_SCRATCH_DIRS)]
@@ -141,27 +188,36 @@ def _minimal_root(request):
       _bind(fd, new + path)
   for path, target in links:
     os.symlink(target, new + path)
-  os.makedirs(new + '/etc', mode=0o755)
+  os.makedirs(new + "/etc", mode=0o755)
   for name, data in etc.items():
-    with open(os.path.join(new, 'etc', name), 'wb') as f:
+    with open(os.path.join(new, "etc", name), "wb") as f:
       f.write(data)
-  for folder in ('/dev/shm', '/proc', '/tmp', '/var/tmp'):
+  for folder in ("/dev/shm", "/proc", "/tmp", "/var/tmp"):
     os.makedirs(new + folder, mode=0o755, exist_ok=True)
   for name in devices:
-    open(new + '/dev/' + name, 'wb').close()
-    _mount('/dev/' + name, new + '/dev/' + name, None, _MS_BIND)
-  for name, target in (('fd', '/proc/self/fd'), ('stdin', '/proc/self/fd/0'),
-                       ('stdout', '/proc/self/fd/1'), ('stderr', '/proc/self/fd/2')):
-    os.symlink(target, new + '/dev/' + name)
+    open(new + "/dev/" + name, "wb").close()
+    _mount("/dev/" + name, new + "/dev/" + name, None, _MS_BIND)
+  for name, target in (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+  ):
+    os.symlink(target, new + "/dev/" + name)
   if _in_user_namespace():
     # There the kernel mounts a fresh proc (the worker's) only where a proc mount is already
     # visible in the namespace: the host's (without its submounts), covered by the worker's.
-    _mount('/proc', new + '/proc', None, _MS_BIND)
+    _mount("/proc", new + "/proc", None, _MS_BIND)
   read_only = _read_only_tree(new)
-  _mount('tmpfs', new + '/tmp', 'tmpfs', _MS_NOSUID | _MS_NODEV,
-         'size=%d,nr_inodes=%d,mode=1777' % (request['disk_bytes'], request['disk_inodes']))
-  for target in ('/dev/shm', '/var/tmp'):  # on the same capped tmpfs
-    source = new + '/tmp/.' + os.path.basename(target)
+  _mount(
+    "tmpfs",
+    new + "/tmp",
+    "tmpfs",
+    _MS_NOSUID | _MS_NODEV,
+    "size=%d,nr_inodes=%d,mode=1777" % (request["disk_bytes"], request["disk_inodes"]),
+  )
+  for target in ("/dev/shm", "/var/tmp"):  # on the same capped tmpfs
+    source = new + "/tmp/." + os.path.basename(target)
     os.mkdir(source, 0o1777)
     os.chmod(source, 0o1777)
     _mount(source, new + target, None, _MS_BIND)
@@ -169,51 +225,59 @@ def _minimal_root(request):
     _bind(fd, new + path)
     read_only = _read_only_tree(new + path) and read_only
   os.chdir(new)
-  _check(_libc.syscall(_PIVOT_ROOT[os.uname().machine], b'.', b'.'), 'pivot_root')
-  _check(_libc.umount2(b'.', _MNT_DETACH), 'detach the host root')
-  os.chdir('/')
+  _check(_libc.syscall(_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
+  _check(_libc.umount2(b".", _MNT_DETACH), "detach the host root")
+  os.chdir("/")
   os.mkdir(_SCRATCH, 0o700)
-  return _SCRATCH, {'read_only': read_only, 'minimal_root': True,
-                    'visible': sorted([p for p, _ in binds] + [p for p, _ in links])}
+  return _SCRATCH, {
+    "read_only": read_only,
+    "minimal_root": True,
+    "visible": sorted([p for p, _ in binds] + [p for p, _ in links]),
+  }
 
 
 def _bind(fd, target):
   """Binds the folder open as `fd` (an O_PATH descriptor) on `target`, made first."""
   os.makedirs(target, mode=0o755, exist_ok=True)
-  _mount('/proc/self/fd/%d' % fd, target, None, _MS_BIND | _MS_REC)
+  _mount("/proc/self/fd/%d" % fd, target, None, _MS_BIND | _MS_REC)
   os.close(fd)
 
 
-_SCRATCH_DIRS = ('/tmp/', '/var/tmp/', '/dev/shm/')
-_PIVOT_ROOT = {'x86_64': 155, 'aarch64': 41}
+_SCRATCH_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 
 def _in_user_namespace():
-  with open('/proc/self/uid_map') as f:
-    return f.read().split() != ['0', '0', '4294967295']
+  with open("/proc/self/uid_map") as f:
+    return f.read().split() != ["0", "0", "4294967295"]
 
 
 def _prepare(request):
-  if request['namespaces']:
+  if request["namespaces"]:
     scratch, _ = _minimal_root(request)
   else:
     import tempfile  # pylint: disable=g-import-not-at-top
-    scratch = tempfile.mkdtemp(prefix='cwm_sandbox_%d_' % os.getpid(), dir='/tmp')
-  with open(os.path.join(scratch, 'program.py'), 'w', encoding='utf-8') as f:
-    f.write(request['source'])
-  if request.get('uid') is not None:
-    for path in (scratch, os.path.join(scratch, 'program.py')):
-      os.chown(path, request['uid'], request['uid'])
+
+    scratch = tempfile.mkdtemp(prefix="cwm_sandbox_%d_" % os.getpid(), dir="/tmp")
+  with open(os.path.join(scratch, "program.py"), "w", encoding="utf-8") as f:
+    f.write(request["source"])
+  if request.get("uid") is not None:
+    for path in (scratch, os.path.join(scratch, "program.py")):
+      os.chown(path, request["uid"], request["uid"])
   return scratch
 
 
 class _SockFilter(ctypes.Structure):
-  _fields_ = [('code', ctypes.c_uint16), ('jt', ctypes.c_uint8), ('jf', ctypes.c_uint8),
-              ('k', ctypes.c_uint32)]
+  _fields_ = [
+    ("code", ctypes.c_uint16),
+    ("jt", ctypes.c_uint8),
+    ("jf", ctypes.c_uint8),
+    ("k", ctypes.c_uint32),
+  ]
 
 
 class _SockFprog(ctypes.Structure):
-  _fields_ = [('len', ctypes.c_uint16), ('filter', ctypes.POINTER(_SockFilter))]
+  _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
 def seccomp_program(machine, allow_memfd=False):
@@ -226,17 +290,22 @@ def seccomp_program(machine, allow_memfd=False):
   ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
   allow, errno = 0x7FFF0000, 0x00050000
   prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, errno | _EPERM), (ld, 0, 0, 0)]
-  if machine == 'x86_64':
+  if machine == "x86_64":
     prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, errno | _EPERM)]
   # clone3 passes its flags in memory, out of a filter's sight: ENOSYS makes the C library
   # fall back to clone, whose flags the filter can check.
   prog += [(jeq, 0, 1, clone3), (ret, 0, 0, errno | _ENOSYS)]
   for name, number in sorted(denied.items()):
-    if allow_memfd and name == 'memfd_create':
+    if allow_memfd and name == "memfd_create":
       continue
     prog += [(jeq, 0, 1, number), (ret, 0, 0, errno | _EPERM)]
-  prog += [(jeq, 0, 3, clone), (ld, 0, 0, 16), (jset, 0, 1, _CLONE_NAMESPACES),
-           (ret, 0, 0, errno | _EPERM), (ret, 0, 0, allow)]
+  prog += [
+    (jeq, 0, 3, clone),
+    (ld, 0, 0, 16),
+    (jset, 0, 1, _CLONE_NAMESPACES),
+    (ret, 0, 0, errno | _EPERM),
+    (ret, 0, 0, allow),
+  ]
   return prog
 
 
@@ -254,10 +323,10 @@ def install_seccomp(allow_memfd=False):
 def limit_ipc(shm_bytes):
   """Caps SysV shared memory and message queues of this (fresh, per-run) IPC namespace: they
   live outside any process's address space, so RLIMIT_AS does not count them."""
-  page = os.sysconf('SC_PAGE_SIZE')
+  page = os.sysconf("SC_PAGE_SIZE")
   # shmall bounds all segments together; msgmni the queues (each holds msgmnb, 16 KiB).
-  for name, value in (('shmall', max(shm_bytes // page, 1)), ('msgmni', 16)):
-    with open('/proc/sys/kernel/' + name, 'w') as f:
+  for name, value in (("shmall", max(shm_bytes // page, 1)), ("msgmni", 16)):
+    with open("/proc/sys/kernel/" + name, "w") as f:
       f.write(str(value))
 
 
@@ -272,8 +341,8 @@ def drop_privileges(uid, seccomp=True):
     os.setgid(uid)
     os.setuid(uid)
   header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-  _check(_libc.capset(header, (ctypes.c_uint32 * 6)()), 'capset')
-  _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 'no_new_privs')
+  _check(_libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+  _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
   _libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
   return install_seccomp() if seccomp else False
 
@@ -281,7 +350,7 @@ def drop_privileges(uid, seccomp=True):
 def apply_limits(spec, processes=None):
   """Applies 'AS,CPU,FSIZE' resource limits (bytes, seconds, bytes) to this process, and
   RLIMIT_NPROC (processes of its uid) when given."""
-  memory, cpu, fsize = (int(v) for v in spec.split(','))
+  memory, cpu, fsize = (int(v) for v in spec.split(","))
   resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
   resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
   resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
@@ -291,7 +360,7 @@ def apply_limits(spec, processes=None):
 
 
 def _start_worker(request, sock, record_fd, scratch, load):
-  worker = load('worker')
+  worker = load("worker")
   gc.freeze()  # the worker's collections then leave the pages it shares with us alone
   pid = os.fork()
   if pid:
@@ -301,15 +370,15 @@ def _start_worker(request, sock, record_fd, scratch, load):
     os.close(sock)
     _libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)  # ends with this process, whatever happens
     os.setsid()  # kill(0, ...) by the program reaches its own processes only
-    if request['namespaces']:  # PID 1 of the new PID namespace: its own /proc
-      _mount('proc', '/proc', 'proc', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-      limit_ipc(request['disk_bytes'])
-    drop_privileges(request.get('uid'))
+    if request["namespaces"]:  # PID 1 of the new PID namespace: its own /proc
+      _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+      limit_ipc(request["disk_bytes"])
+    drop_privileges(request.get("uid"))
     os.chdir(scratch)
     os.environ.update(HOME=scratch, TMPDIR=scratch)
     # Processes are counted per uid: only the dropped uid or a fresh user namespace is ours.
-    own_uid = request['namespaces'] or request.get('uid') is not None
-    apply_limits(request['limits'], request['max_processes'] if own_uid else None)
+    own_uid = request["namespaces"] or request.get("uid") is not None
+    apply_limits(request["limits"], request["max_processes"] if own_uid else None)
     worker.main(request, record_fd, load)
   except SystemExit as e:
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -317,12 +386,12 @@ def _start_worker(request, sock, record_fd, scratch, load):
       print(e.code, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code & 0xff)
+    os._exit(code & 0xFF)
   except MemoryError:
-    print('MemoryError', file=sys.stderr)  # the caller's 'memory' status
+    print("MemoryError", file=sys.stderr)  # the caller's 'memory' status
     os._exit(1)
   except BaseException as e:  # the worker's own failure: say so, never fall back into this
-    print('sandbox worker failed: %r' % e, file=sys.stderr)
+    print("sandbox worker failed: %r" % e, file=sys.stderr)
     os._exit(70)
   sys.stdout.flush()
   sys.stderr.flush()
@@ -341,8 +410,9 @@ def _wait(pid, sock, timeout_s):
     if remaining <= 0:
       return None, True, False
     watch = [sock] + ([pidfd] if pidfd is not None else [])
-    ready, _, _ = select.select(watch, [], [], remaining if pidfd is not None else
-                                min(remaining, 0.005))
+    ready, _, _ = select.select(
+      watch, [], [], remaining if pidfd is not None else min(remaining, 0.005)
+    )
     if sock in ready and not os.read(sock, 1):
       return None, False, True
     done, status = os.waitpid(pid, os.WNOHANG)
@@ -353,14 +423,14 @@ def _wait(pid, sock, timeout_s):
 def _children():
   me = str(os.getpid())
   found = []
-  for entry in os.listdir('/proc'):
+  for entry in os.listdir("/proc"):
     if entry.isdigit():
       try:
-        with open('/proc/%s/stat' % entry, 'rb') as f:
-          stat = f.read().decode('ascii', 'replace')
+        with open("/proc/%s/stat" % entry, "rb") as f:
+          stat = f.read().decode("ascii", "replace")
       except OSError:
         continue
-      if stat.rsplit(')', 1)[1].split()[1] == me:
+      if stat.rsplit(")", 1)[1].split()[1] == me:
         found.append(int(entry))
   return found
 
@@ -397,39 +467,41 @@ def run_uid(base):
 def supervise(request, sock, record_fd, load):
   """Runs the request's program in a worker (see the module docstring); reports on `sock`."""
   _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # the worker may not read this process's memory
-  request['uid'] = run_uid(request.get('uid'))
-  if not request['namespaces']:
+  request["uid"] = run_uid(request.get("uid"))
+  if not request["namespaces"]:
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us, to be killed
   scratch = _prepare(request)
   pid = _start_worker(request, sock, record_fd, scratch, load)
-  status, timed_out, gone = _wait(pid, sock, request['timeout_s'])
-  if request['namespaces']:  # the worker is PID 1: its end is the end of every process
+  status, timed_out, gone = _wait(pid, sock, request["timeout_s"])
+  if request["namespaces"]:  # the worker is PID 1: its end is the end of every process
     if status is None:  # timed out or the caller is gone
       os.kill(pid, _SIGKILL)
       status = os.waitpid(pid, 0)[1]
   else:
     _kill_all(pid)
     import shutil  # pylint: disable=g-import-not-at-top
+
     shutil.rmtree(scratch, ignore_errors=True)
   if not gone:
-    os.write(sock, b'timeout' if timed_out else b'exit %d' % status)
+    os.write(sock, b"timeout" if timed_out else b"exit %d" % status)
 
 
 def probe(request):
   """Checks the namespace's filesystem setup and the worker's privilege drop; prints JSON."""
   import json  # pylint: disable=g-import-not-at-top
-  uid = request['uid']
-  info = {'pid': os.getpid(), 'uid': uid}
-  _, notes = _minimal_root({'uid': run_uid(uid), 'disk_bytes': 1 << 20, 'disk_inodes': 64})
+
+  uid = request["uid"]
+  info = {"pid": os.getpid(), "uid": uid}
+  _, notes = _minimal_root({"uid": run_uid(uid), "disk_bytes": 1 << 20, "disk_inodes": 64})
   info.update(notes)
   pid = os.fork()
   if not pid:
-    _mount('proc', '/proc', 'proc', _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     limit_ipc(1 << 20)
     filtered = drop_privileges(run_uid(uid))
-    ok = os.getpid() == 1 and os.listdir('/proc/self/fd')
+    ok = os.getpid() == 1 and os.listdir("/proc/self/fd")
     os._exit((0 if ok else 1) | (0 if filtered else 2))
   code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-  info['worker'] = code in (0, 2)
-  info['seccomp'] = code == 0
+  info["worker"] = code in (0, 2)
+  info["seccomp"] = code == 0
   print(json.dumps(info))

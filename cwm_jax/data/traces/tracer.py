@@ -18,14 +18,13 @@ import math
 import re
 import sys
 
-TRUNCATION_MARKER = '...<truncated>'
+TRUNCATION_MARKER = "...<truncated>"
 # Bound when the module loads (before the program runs): the program may replace json's,
 # math's or re's functions, and none of those replacements may change an encoding.
-_ADDRESS_SUB = re.compile(r' at 0x[0-9a-fA-F]+').sub
+_ADDRESS_SUB = re.compile(r" at 0x[0-9a-fA-F]+").sub
 _isfinite = math.isfinite
 _encode_str = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring
-_encode_ascii = (json.encoder.c_encode_basestring_ascii
-                 or json.encoder.py_encode_basestring_ascii)
+_encode_ascii = json.encoder.c_encode_basestring_ascii or json.encoder.py_encode_basestring_ascii
 
 
 class _Full(Exception):
@@ -37,7 +36,6 @@ class _NotJson(Exception):
 
 
 class _Writer:
-
   def __init__(self, limit):
     self.parts, self.size, self.limit = [], 0, limit
 
@@ -56,10 +54,10 @@ def _int_text(value):
 
 
 def _json_str(text, limit):
-  text = text[:limit + 1]
+  text = text[: limit + 1]
   out = _encode_str(text)
   try:
-    out.encode('utf-8')
+    out.encode("utf-8")
   except UnicodeEncodeError:  # lone surrogates: keep them as escapes
     out = _encode_ascii(text)
   return out
@@ -68,10 +66,10 @@ def _json_str(text, limit):
 def _write_items(w, items, write, active, pairs=False):
   for i, item in enumerate(items):
     if i:
-      w.put(', ')
+      w.put(", ")
     if pairs:
       write(w, item[0], active)
-      w.put(': ')
+      w.put(": ")
       write(w, item[1], active)
     else:
       write(w, item, active)
@@ -80,7 +78,7 @@ def _write_items(w, items, write, active, pairs=False):
 def _write_json(w, value, active):
   kind = type(value)
   if value is None or kind is bool:
-    w.put('null' if value is None else ('true' if value else 'false'))
+    w.put("null" if value is None else ("true" if value else "false"))
   elif kind is int:
     text = _int_text(value)
     if text is None:
@@ -97,24 +95,29 @@ def _write_json(w, value, active):
       raise _NotJson
     active.add(id(value))
     if kind is list:
-      w.put('[')
+      w.put("[")
       _write_items(w, value, _write_json, active)
-      w.put(']')
+      w.put("]")
     else:
-      w.put('{')
+      w.put("{")
       for i, (key, item) in enumerate(value.items()):
         if type(key) is not str:
           raise _NotJson
-        w.put((', ' if i else '') + _json_str(key, w.limit) + ': ')
+        w.put((", " if i else "") + _json_str(key, w.limit) + ": ")
         _write_json(w, item, active)
-      w.put('}')
+      w.put("}")
     active.discard(id(value))
   else:
     raise _NotJson
 
 
-_BRACKETS = {list: ('[', ']', '[...]'), tuple: ('(', ')', '(...)'), dict: ('{', '}', '{...}'),
-             set: ('{', '}', '{...}'), frozenset: ('frozenset({', '})', 'frozenset(...)')}
+_BRACKETS = {
+  list: ("[", "]", "[...]"),
+  tuple: ("(", ")", "(...)"),
+  dict: ("{", "}", "{...}"),
+  set: ("{", "}", "{...}"),
+  frozenset: ("frozenset({", "})", "frozenset(...)"),
+}
 
 
 def _write_repr(w, value, active):
@@ -124,15 +127,15 @@ def _write_repr(w, value, active):
     if id(value) in active:
       return w.put(cycle)
     if not value and kind in (set, frozenset):
-      return w.put(kind.__name__ + '()')
+      return w.put(kind.__name__ + "()")
     active.add(id(value))
     w.put(opening)
     items = value.items() if kind is dict else value
     _write_items(w, items, _write_repr, active, pairs=kind is dict)
-    w.put(',)' if kind is tuple and len(value) == 1 else closing)
+    w.put(",)" if kind is tuple and len(value) == 1 else closing)
     active.discard(id(value))
   elif kind in (str, bytes, bytearray):
-    w.put(repr(value[:w.limit + 1]))  # cut first: the repr of a huge value is costly
+    w.put(repr(value[: w.limit + 1]))  # cut first: the repr of a huge value is costly
   else:
     w.put(_safe_repr(value))
 
@@ -141,11 +144,14 @@ def _safe_repr(value):
   try:
     text = repr(value)
   except ValueError:
-    text = '<%s with %d bits>' % (type(value).__name__, value.bit_length()) if isinstance(
-        value, int) else '<%s object (repr failed)>' % type(value).__name__
+    text = (
+      "<%s with %d bits>" % (type(value).__name__, value.bit_length())
+      if isinstance(value, int)
+      else "<%s object (repr failed)>" % type(value).__name__
+    )
   except Exception:  # a user __repr__ may raise anything
-    text = '<%s object (repr failed)>' % type(value).__name__
-  return _ADDRESS_SUB('', text)
+    text = "<%s object (repr failed)>" % type(value).__name__
+  return _ADDRESS_SUB("", text)
 
 
 def encode_value(value, limit=1000):
@@ -157,11 +163,11 @@ def encode_value(value, limit=1000):
     except _NotJson:
       continue
     except _Full:
-      return ''.join(w.parts)[:limit] + TRUNCATION_MARKER
+      return "".join(w.parts)[:limit] + TRUNCATION_MARKER
     except RecursionError:
-      return '<%s nested too deeply>' % type(value).__name__
-    return ''.join(w.parts)
-  raise AssertionError('repr encoding never gives up')
+      return "<%s nested too deeply>" % type(value).__name__
+    return "".join(w.parts)
+  raise AssertionError("repr encoding never gives up")
 
 
 class TraceAborted(Exception):
@@ -175,10 +181,11 @@ class TraceAborted(Exception):
 class Recorder:
   """Records the events of code compiled from `filename` (whose text is `source`)."""
 
-  def __init__(self, filename, source, *, max_events, max_bytes, max_value_chars, abort,
-               settrace=sys.settrace):
+  def __init__(
+    self, filename, source, *, max_events, max_bytes, max_value_chars, abort, settrace=sys.settrace
+  ):
     self.filename = filename
-    self.lines = source.split('\n')
+    self.lines = source.split("\n")
     self.max_events, self.max_bytes, self.max_value_chars = max_events, max_bytes, max_value_chars
     self.abort = abort  # called with a TraceAborted; must not return
     self._settrace = settrace  # bound before the program ran: it may replace sys.settrace
@@ -187,11 +194,11 @@ class Recorder:
   def global_trace(self, frame, event, arg):
     if frame.f_code.co_filename != self.filename:
       return None  # library code: neither its lines nor its calls are recorded
-    self._record(frame, 'call', arg)
+    self._record(frame, "call", arg)
     return self.local_trace
 
   def local_trace(self, frame, event, arg):
-    if event in ('line', 'return', 'exception'):
+    if event in ("line", "return", "exception"):
       self._record(frame, event, arg)
     return self.local_trace
 
@@ -201,41 +208,44 @@ class Recorder:
     except TraceAborted as e:
       self.abort(e)
     except MemoryError:
-      self.abort(TraceAborted('memory', 'out of memory while recording the trace'))
+      self.abort(TraceAborted("memory", "out of memory while recording the trace"))
     except Exception as e:  # a bug here would silently unset the trace function
-      self.abort(TraceAborted('error', 'recorder failed: %r' % e))
+      self.abort(TraceAborted("error", "recorder failed: %r" % e))
 
   def _append(self, frame, event, arg):
     lineno = frame.f_lineno
-    line = self.lines[lineno - 1] if 0 < lineno <= len(self.lines) else ''
-    out = {'event': event, 'lineno': lineno, 'line': line, 'locals': None, 'value': None}
-    if event in ('call', 'line'):
-      current = {name: encode_value(value, self.max_value_chars)
-                 for name, value in frame.f_locals.items() if name.isidentifier()}
-      previous = self._last.get(frame, {}) if event == 'line' else {}
-      out['locals'] = {k: '..' if previous.get(k) == v else v for k, v in current.items()}
+    line = self.lines[lineno - 1] if 0 < lineno <= len(self.lines) else ""
+    out = {"event": event, "lineno": lineno, "line": line, "locals": None, "value": None}
+    if event in ("call", "line"):
+      current = {
+        name: encode_value(value, self.max_value_chars)
+        for name, value in frame.f_locals.items()
+        if name.isidentifier()
+      }
+      previous = self._last.get(frame, {}) if event == "line" else {}
+      out["locals"] = {k: ".." if previous.get(k) == v else v for k, v in current.items()}
       self._last[frame] = current
-      self.size += sum(len(k) + len(v) + 8 for k, v in out['locals'].items())
+      self.size += sum(len(k) + len(v) + 8 for k, v in out["locals"].items())
     else:
-      value = arg if event == 'return' else arg[1]
-      out['value'] = encode_value(value, self.max_value_chars)
-      self.size += len(out['value'])
-      if event == 'return':
+      value = arg if event == "return" else arg[1]
+      out["value"] = encode_value(value, self.max_value_chars)
+      self.size += len(out["value"])
+      if event == "return":
         self._last.pop(frame, None)
     self.size += len(line) + 16
     self.frames.append(out)
-    self.line_events += event == 'line'
+    self.line_events += event == "line"
     if self.line_events > self.max_events:  # CWM's rule: over 10k line events
-      raise TraceAborted('too_long', 'more than %d line events' % self.max_events)
+      raise TraceAborted("too_long", "more than %d line events" % self.max_events)
     if self.size > self.max_bytes:
-      raise TraceAborted('too_long', 'more than %d bytes' % self.max_bytes)
+      raise TraceAborted("too_long", "more than %d bytes" % self.max_bytes)
 
   def run(self, function, args, kwargs):
     """Calls function(*args, **kwargs) under the trace; a generator result is drained."""
     self._settrace(self.global_trace)
     try:
       result = function(*args, **kwargs)
-      if hasattr(result, '__next__') and hasattr(result, 'gi_frame'):
+      if hasattr(result, "__next__") and hasattr(result, "gi_frame"):
         result = list(result)
     finally:
       self._settrace(None)
