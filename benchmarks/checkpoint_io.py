@@ -203,6 +203,7 @@ def _run(a, targets, emulator, tmp):
   import jax
 
   from cwm_jax.checkpoint.manager import Checkpointer, model_config_to_dict
+  from cwm_jax.parallel import rows
   from cwm_jax.train import flops, lm, runtime
   from cwm_jax.train import state as state_lib
 
@@ -223,7 +224,7 @@ def _run(a, targets, emulator, tmp):
 
   trainer = lm.LMTrainer(rt)  # the trainer's cached, jitted step (state donated)
   with jax.set_mesh(rt.mesh):  # as runtime.run: the trainer is built outside the mesh
-    batch = runtime.put_batch(batch_np, rt, (a.batch, a.seq))
+    batch = rows.global_batch(batch_np, rt.batch_sharding, a.batch)
     holder = {"state": rt.init_fn()}
 
     def steps(n):

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from cwm_jax.parallel import sharding
+from cwm_jax.parallel import rows, sharding
 from cwm_jax.train import flops, runtime, sources
 from cwm_jax.train import state as state_lib
 from cwm_jax.train import step as step_lib
@@ -66,7 +66,7 @@ class LMTrainer:
       ),
     )
     self.data_iter = sources.make_source(config, rt.cfg, jax.process_index(), jax.process_count())
-    self.global_shape = (config.batch_size, config.seq_len)
+    self.batch_size = config.batch_size  # global; this process loads its share of the rows
 
   def iterate(self, state: dict, step: int) -> Iterator[runtime.Update]:
     t = time.perf_counter()
@@ -75,7 +75,8 @@ class LMTrainer:
     n = jax.process_count()  # processes hold equal shares of the batch
     tokens = n * float(np.count_nonzero(local["segment_ids"]))
     fl = n * flops.batch_flops(self.rt.cfg, local["positions"], local["segment_ids"])
-    state, metrics = self.step_fn(state, runtime.put_batch(local, self.rt, self.global_shape))
+    batch = rows.global_batch(local, self.rt.batch_sharding, self.batch_size)
+    state, metrics = self.step_fn(state, batch)
     yield runtime.Update(state, step + 1, metrics, tokens, fl, data_s)
 
   def close(self) -> None:

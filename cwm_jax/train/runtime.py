@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import jax
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -481,11 +480,3 @@ def _run_hooks(hooks: Sequence[Hook], ctx: HookContext, log: _Logger) -> None:
 def host_scalars(metrics: dict) -> dict[str, float]:
   """Device metrics as Python floats (for trainers that need them on the host now)."""
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def put_batch(local: dict[str, np.ndarray], rt: Runtime, global_shape) -> dict:
-  """This process's rows of a global batch as sharded arrays."""
-  return {
-    k: jax.make_array_from_process_local_data(rt.batch_sharding, v, global_shape)
-    for k, v in local.items()
-  }
