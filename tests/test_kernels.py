@@ -187,11 +187,11 @@ def test_row_schedule_keeps_the_softmax_numpy_computes(window, monkeypatch):
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
   q_op = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, h)
   seg, idx = jnp.ones((b, t), jnp.int32), jnp.arange(t, dtype=jnp.int32)
-  fwd = lambda keep=True: chunked._rowwise_fwd(
-    c, g, window, ranges, keep, q_op, heads_first(k), heads_first(v), seg, seg, idx, idx
-  )[1][-1]
+  sched = chunked.Schedule(c, g, window, ranges=ranges)
+  x = chunked.Operands(q_op, heads_first(k), heads_first(v), seg, seg, idx, idx)
+  fwd = lambda keep=True: chunked._rowwise_fwd(sched._replace(keep_probs=keep), x)[1][-1]
   exps, inv_l = fwd()
-  assert sum(e.nbytes for e in exps) == chunked._probs_bytes(c, g, ranges, q_op)
+  assert sum(e.nbytes for e in exps) == chunked._probs_bytes(sched, q_op)
   qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
   for i, (lo, hi) in enumerate(ranges):
     got = np.asarray(exps[i]) * np.asarray(inv_l)[:, :, i * c * g : (i + 1) * c * g, None]
@@ -206,7 +206,7 @@ def test_row_schedule_keeps_the_softmax_numpy_computes(window, monkeypatch):
         want[:, kh, r, seen] = e / e.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
   assert fwd(keep=False) is None
-  monkeypatch.setattr(chunked, "KEEP_PROBS_BYTES", chunked._probs_bytes(c, g, ranges, q_op) - 1)
+  monkeypatch.setattr(chunked, "KEEP_PROBS_BYTES", chunked._probs_bytes(sched, q_op) - 1)
   assert fwd() is None
 
 

@@ -24,6 +24,7 @@ head, N = K*G, H head dim, C block rows, R keys of a query block's run.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,14 +68,50 @@ def _put(x, update, block, rows, axis=2):
   return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), block * rows, axis=axis)
 
 
-def _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window):
+class Schedule(NamedTuple):
+  """The static plan of one kernel call, one non-differentiable (hashable) argument of the
+  custom VJPs; each schedule reads its own fields.
+
+  `block`: C, the rows of a query block and of a key block. `group`: G, the query heads
+  per kv head, stacked under each query row. `window`: the layer's, which the mask
+  applies. The pair scan (`_flash`) visits `pairs`, (query block, key block), skipping at
+  run time a pair with no allowed (query, key) if `skip_empty`, its loop unrolled if
+  `unroll`. The row schedule (`_rowwise`) takes per query block its `ranges` entry, the
+  key blocks [first, end), and may keep its exponentials for the backward pass if
+  `keep_probs` (`KEEP_PROBS_BYTES`).
+  """
+
+  block: int
+  group: int
+  window: int
+  pairs: tuple[tuple[int, int], ...] = ()
+  ranges: tuple[tuple[int, int], ...] | None = None
+  skip_empty: bool = True
+  unroll: bool = False
+  keep_probs: bool = True
+
+
+class Operands(NamedTuple):
+  """A kernel call's arrays as both schedules take them, heads first (Legend)."""
+
+  q: jax.Array  # [B, K, T*G, H]
+  k: jax.Array  # [B, K, S, H]
+  v: jax.Array  # [B, K, S, H]
+  q_seg: jax.Array  # [B, T] segment ids
+  k_seg: jax.Array  # [B, S]
+  q_idx: jax.Array  # [T] positions
+  k_idx: jax.Array  # [S]
+
+
+def _block_mask(sched: Schedule, x: Operands, i, j):
   """[B, 1, C*G, C] allowed mask of query block i against key block j, each query row
   repeated for the G heads that share a kv head."""
-  sq = jax.lax.dynamic_slice_in_dim(q_seg, i * c, c, axis=1)
-  sk = jax.lax.dynamic_slice_in_dim(k_seg, j * c, c, axis=1)
-  qi = jax.lax.dynamic_slice_in_dim(q_idx, i * c, c)
-  kj = jax.lax.dynamic_slice_in_dim(k_idx, j * c, c)
-  mask = allowed(qi[None, :, None], kj[None, None, :], sq[:, :, None], sk[:, None, :], window)
+  c, g = sched.block, sched.group
+  sq = jax.lax.dynamic_slice_in_dim(x.q_seg, i * c, c, axis=1)
+  sk = jax.lax.dynamic_slice_in_dim(x.k_seg, j * c, c, axis=1)
+  qi = jax.lax.dynamic_slice_in_dim(x.q_idx, i * c, c)
+  kj = jax.lax.dynamic_slice_in_dim(x.k_idx, j * c, c)
+  mask = allowed(qi[None, :, None], kj[None, None, :], sq[:, :, None], sk[:, None, :], sched.window)
   b = mask.shape[0]
   return jnp.broadcast_to(mask[:, :, None, :], (b, c, g, c)).reshape(b, 1, c * g, c)
 
@@ -119,75 +156,87 @@ def _transposed(*xs_BKQH):
   return jax.lax.optimization_barrier(tuple(jnp.swapaxes(x, 2, 3) for x in xs_BKQH))
 
 
-def _scan(step, carry, pairs, unroll):
+def _zeros_T(x_BKSH):
+  """float32 zeros [B, K, H, S]: dk or dv accumulated transposed (see `_backward`)."""
+  return jnp.zeros((*x_BKSH.shape[:2], x_BKSH.shape[3], x_BKSH.shape[2]), jnp.float32)
+
+
+def _scan(step, carry, sched: Schedule):
+  pairs = sched.pairs
   xs = (
     jnp.asarray([p[0] for p in pairs], jnp.int32),
     jnp.asarray([p[1] for p in pairs], jnp.int32),
   )
   carry, _ = jax.lax.scan(
-    lambda c, ij: (step(c, ij), None), carry, xs, unroll=len(pairs) if unroll else 1
+    lambda carry, ij: (step(carry, ij), None),
+    carry,
+    xs,
+    unroll=len(pairs) if sched.unroll else 1,
   )
   return carry
 
 
-def _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
+def _forward(sched: Schedule, x: Operands):
   """Online softmax over the pairs: (out [B,K,Q,H] f32, lse [B,K,Q] f32), Q = T*G."""
-  b, kv, rows, h = q.shape
-  cg = c * g
+  b, kv, rows, h = x.q.shape
+  c, cg = sched.block, sched.block * sched.group
 
   def step(carry, ij):
     acc, m, l = carry
     i, j = ij
-    mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window)
+    mask = _block_mask(sched, x, i, j)
     m_old, l_old, acc_old = _rows(m, i, cg), _rows(l, i, cg), _rows(acc, i, cg)
 
     def compute(_):
-      s = _scores(_rows(q, i, cg), _rows(k, j, c), mask)
+      s = _scores(_rows(x.q, i, cg), _rows(x.k, j, c), mask)
       m_new = jnp.maximum(m_old, s.max(-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m_old - m_new)
       pv = jnp.einsum(
-        "BKQS,BKSH->BKQH", p.astype(v.dtype), _rows(v, j, c), preferred_element_type=jnp.float32
+        "BKQS,BKSH->BKQH",
+        p.astype(x.v.dtype),
+        _rows(x.v, j, c),
+        preferred_element_type=jnp.float32,
       )
       return acc_old * corr[..., None] + pv, m_new, l_old * corr + p.sum(-1)
 
-    if skip_empty:
-      a, mm, ll = jax.lax.cond(mask.any(), compute, lambda _: (acc_old, m_old, l_old), None)
+    if sched.skip_empty:
+      acc_i, m_i, l_i = jax.lax.cond(mask.any(), compute, lambda _: (acc_old, m_old, l_old), None)
     else:
-      a, mm, ll = compute(None)
-    return _put(acc, a, i, cg), _put(m, mm, i, cg), _put(l, ll, i, cg)
+      acc_i, m_i, l_i = compute(None)
+    return _put(acc, acc_i, i, cg), _put(m, m_i, i, cg), _put(l, l_i, i, cg)
 
   init = (
     jnp.zeros((b, kv, rows, h), jnp.float32),
     jnp.full((b, kv, rows), NEG_INF, jnp.float32),
     jnp.zeros((b, kv, rows), jnp.float32),
   )
-  acc, m, l = _scan(step, init, pairs, unroll)
+  acc, m, l = _scan(step, init, sched)
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
   lse = jnp.where(empty, NEG_INF, m + jnp.log(l_safe))
   return acc / l_safe[..., None], lse
 
 
-def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
-  q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse = res
+def _backward(sched: Schedule, res, do, dlse):
+  x, o, lse = res
   d_row = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1) - dlse
-  cg = c * g
+  c, cg = sched.block, sched.block * sched.group
 
   def step(carry, ij):
     dq, dk_T, dv_T = carry
     i, j = ij
-    mask = _block_mask(q_seg, k_seg, q_idx, k_idx, i, j, c, g, window)
+    mask = _block_mask(sched, x, i, j)
     dq_old, dk_old, dv_old = _rows(dq, i, cg), _rows(dk_T, j, c, 3), _rows(dv_T, j, c, 3)
 
     def compute(_):
       # Plain swaps: XLA folds them back into the products, which stay as they were here
       # (TPU, GPU, long CPU sequences); `_transposed` was measured for the row schedule.
-      q_i, do_i = _rows(q, i, cg), _rows(do, i, cg)
+      q_i, do_i = _rows(x.q, i, cg), _rows(do, i, cg)
       dq_i, dk_j, dv_j = _block_grads(
         q_i,
-        _rows(k, j, c),
-        _rows(v, j, c),
+        _rows(x.k, j, c),
+        _rows(x.v, j, c),
         do_i,
         mask,
         _rows(lse, i, cg),
@@ -197,42 +246,44 @@ def _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse):
       )
       return dq_old + dq_i, dk_old + dk_j, dv_old + dv_j
 
-    if skip_empty:
-      a, bb, cc = jax.lax.cond(mask.any(), compute, lambda _: (dq_old, dk_old, dv_old), None)
+    if sched.skip_empty:
+      dq_i, dk_j, dv_j = jax.lax.cond(mask.any(), compute, lambda _: (dq_old, dk_old, dv_old), None)
     else:
-      a, bb, cc = compute(None)
-    return _put(dq, a, i, cg), _put(dk_T, bb, j, c, 3), _put(dv_T, cc, j, c, 3)
+      dq_i, dk_j, dv_j = compute(None)
+    return _put(dq, dq_i, i, cg), _put(dk_T, dk_j, j, c, 3), _put(dv_T, dv_j, j, c, 3)
 
   # dk and dv accumulate transposed ([B, K, H, S]): XLA:CPU runs a block's
   # [H, Q] x [Q, S] product faster than the [S, Q] x [Q, H] one, which contracts
   # the rows of both operands; one transpose at the end restores [B, K, S, H].
-  zeros_T = lambda x: jnp.zeros((*x.shape[:2], x.shape[3], x.shape[2]), jnp.float32)
-  dq, dk_T, dv_T = _scan(
-    step, (jnp.zeros(q.shape, jnp.float32), zeros_T(k), zeros_T(v)), pairs, unroll
-  )
+  init = (jnp.zeros(x.q.shape, jnp.float32), _zeros_T(x.k), _zeros_T(x.v))
+  dq, dk_T, dv_T = _scan(step, init, sched)
   return (
-    dq.astype(q.dtype),
-    jnp.swapaxes(dk_T, 2, 3).astype(k.dtype),
-    jnp.swapaxes(dv_T, 2, 3).astype(v.dtype),
+    dq.astype(x.q.dtype),
+    jnp.swapaxes(dk_T, 2, 3).astype(x.k.dtype),
+    jnp.swapaxes(dv_T, 2, 3).astype(x.v.dtype),
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-def _flash(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse = _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx)
-  return out.astype(q.dtype), lse
+def _no_grads(dq, dk, dv) -> Operands:
+  """The cotangent of `Operands`: none for the segment ids and positions."""
+  return Operands(dq, dk, dv, None, None, None, None)
 
 
-def _flash_fwd(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse = _forward(c, g, window, pairs, skip_empty, unroll, q, k, v, q_seg, k_seg, q_idx, k_idx)
-  out = out.astype(q.dtype)
-  return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(sched: Schedule, x: Operands):
+  out, lse = _forward(sched, x)
+  return out.astype(x.q.dtype), lse
 
 
-def _flash_bwd(c, g, window, pairs, skip_empty, unroll, res, cotangents):
+def _flash_fwd(sched: Schedule, x: Operands):
+  out, lse = _forward(sched, x)
+  out = out.astype(x.q.dtype)
+  return (out, lse), (x, out, lse)
+
+
+def _flash_bwd(sched: Schedule, res, cotangents):
   do, dlse = cotangents
-  dq, dk, dv = _backward(c, g, window, pairs, skip_empty, unroll, res, do, dlse)
-  return dq, dk, dv, None, None, None, None
+  return (_no_grads(*_backward(sched, res, do, dlse)),)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -261,38 +312,44 @@ def row_ranges(pairs, n_q: int):
   of some block are not one contiguous run (or it has none)."""
   ranges = []
   for i in range(n_q):
-    js = sorted(j for a, j in pairs if a == i)
+    js = sorted(j for q_block, j in pairs if q_block == i)
     if not js or js != list(range(js[0], js[-1] + 1)):
       return None
     ranges.append((js[0], js[-1] + 1))
   return tuple(ranges)
 
 
-def _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  """Query block i's rows, its run of keys and values, and their [B, 1, C*G, R] mask."""
-  lo, hi = rng[0] * c, rng[1] * c
+def _row_block(sched: Schedule, x: Operands, i: int, key_blocks: tuple[int, int]):
+  """Query block i's rows, its run of keys and values (`key_blocks`: the first key block
+  and one past the last), and their [B, 1, C*G, R] mask."""
+  c, g = sched.block, sched.group
+  lo, hi = key_blocks[0] * c, key_blocks[1] * c
   cg = c * g
-  sq, qi = q_seg[:, i * c : (i + 1) * c], q_idx[i * c : (i + 1) * c]
+  sq, qi = x.q_seg[:, i * c : (i + 1) * c], x.q_idx[i * c : (i + 1) * c]
   mask = allowed(
-    qi[None, :, None], k_idx[None, None, lo:hi], sq[:, :, None], k_seg[:, None, lo:hi], window
+    qi[None, :, None],
+    x.k_idx[None, None, lo:hi],
+    sq[:, :, None],
+    x.k_seg[:, None, lo:hi],
+    sched.window,
   )
   b, n = mask.shape[0], hi - lo
   mask = jnp.broadcast_to(mask[:, :, None, :], (b, c, g, n)).reshape(b, 1, cg, n)
-  return q[:, :, i * cg : (i + 1) * cg], k[:, :, lo:hi], v[:, :, lo:hi], mask
+  return x.q[:, :, i * cg : (i + 1) * cg], x.k[:, :, lo:hi], x.v[:, :, lo:hi], mask
 
 
-def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
+def _rows_forward(sched: Schedule, x: Operands):
   """Plain softmax per query block over its key range: (out [B,K,Q,H] f32, lse [B,K,Q]),
   and per block its unnormalised exponentials [B, K, C*G, R] with 1 / their row sums
   [B, K, Q] (what `_rowwise_fwd` may keep for the backward pass)."""
   outs, lses, exps, inv_ls = [], [], [], []
-  for i, rng in enumerate(ranges):
-    q_i, k_r, v_r, mask = _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  for i, key_blocks in enumerate(sched.ranges):
+    q_i, k_r, v_r, mask = _row_block(sched, x, i, key_blocks)
     s = _scores(q_i, k_r, mask)
     m = s.max(-1)
     p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
     l = p.sum(-1)
-    o = jnp.einsum("BKQS,BKSH->BKQH", p.astype(v.dtype), v_r, preferred_element_type=jnp.float32)
+    o = jnp.einsum("BKQS,BKSH->BKQH", p.astype(x.v.dtype), v_r, preferred_element_type=jnp.float32)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     outs.append(o / l_safe[..., None])
@@ -315,21 +372,23 @@ def _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx):
 KEEP_PROBS_BYTES = 64 << 20
 
 
-def _probs_bytes(c, g, ranges, q) -> int:
+def _probs_bytes(sched: Schedule, q) -> int:
+  """float32 bytes of every query block's scores against its key blocks, for `q`
+  [B, K, T*G, H]."""
   b, kv = q.shape[:2]
-  return sum(b * kv * c * g * (hi - lo) * c * 4 for lo, hi in ranges)
+  c, g = sched.block, sched.group
+  return sum(b * kv * c * g * (hi - lo) * c * 4 for lo, hi in sched.ranges)
 
 
-def _rows_backward(c, g, window, ranges, res, do, dlse):
-  q, k, v, q_seg, k_seg, q_idx, k_idx, o, lse, kept = res
+def _rows_backward(sched: Schedule, res, do, dlse):
+  x, o, lse, kept = res
   d_row = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1) - dlse
-  cg = c * g
+  c, cg = sched.block, sched.block * sched.group
   # dk and dv accumulate transposed, as in `_backward`.
-  zeros_T = lambda x: jnp.zeros((*x.shape[:2], x.shape[3], x.shape[2]), jnp.float32)
-  dq, dk_T, dv_T = [], zeros_T(k), zeros_T(v)
-  q_T, do_T = _transposed(q, do)
-  for i, rng in enumerate(ranges):
-    q_i, k_r, v_r, mask = _row_block(c, g, window, rng, i, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  dq, dk_T, dv_T = [], _zeros_T(x.k), _zeros_T(x.v)
+  q_T, do_T = _transposed(x.q, do)
+  for i, key_blocks in enumerate(sched.ranges):
+    q_i, k_r, v_r, mask = _row_block(sched, x, i, key_blocks)
     rows = slice(i * cg, (i + 1) * cg)
     if kept is None:
       dq_i, dk_j, dv_j = _block_grads(
@@ -356,34 +415,33 @@ def _rows_backward(c, g, window, ranges, res, do, dlse):
         do_T[..., rows],
       )
     dq.append(dq_i)
-    cols = slice(rng[0] * c, rng[1] * c)
+    cols = slice(key_blocks[0] * c, key_blocks[1] * c)
     dk_T = dk_T.at[..., cols].add(dk_j)
     dv_T = dv_T.at[..., cols].add(dv_j)
   return (
-    jnp.concatenate(dq, axis=2).astype(q.dtype),
-    jnp.swapaxes(dk_T, 2, 3).astype(k.dtype),
-    jnp.swapaxes(dv_T, 2, 3).astype(v.dtype),
+    jnp.concatenate(dq, axis=2).astype(x.q.dtype),
+    jnp.swapaxes(dk_T, 2, 3).astype(x.k.dtype),
+    jnp.swapaxes(dv_T, 2, 3).astype(x.v.dtype),
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _rowwise(c, g, window, ranges, keep, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse, _ = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
-  return out.astype(q.dtype), lse
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rowwise(sched: Schedule, x: Operands):
+  out, lse, _ = _rows_forward(sched, x)
+  return out.astype(x.q.dtype), lse
 
 
-def _rowwise_fwd(c, g, window, ranges, keep, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out, lse, kept = _rows_forward(c, g, window, ranges, q, k, v, q_seg, k_seg, q_idx, k_idx)
-  out = out.astype(q.dtype)
-  if not keep or _probs_bytes(c, g, ranges, q) > KEEP_PROBS_BYTES:
+def _rowwise_fwd(sched: Schedule, x: Operands):
+  out, lse, kept = _rows_forward(sched, x)
+  out = out.astype(x.q.dtype)
+  if not sched.keep_probs or _probs_bytes(sched, x.q) > KEEP_PROBS_BYTES:
     kept = None
-  return (out, lse), (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse, kept)
+  return (out, lse), (x, out, lse, kept)
 
 
-def _rowwise_bwd(c, g, window, ranges, keep, res, cotangents):
+def _rowwise_bwd(sched: Schedule, res, cotangents):
   do, dlse = cotangents
-  dq, dk, dv = _rows_backward(c, g, window, ranges, res, do, dlse)
-  return dq, dk, dv, None, None, None, None
+  return (_no_grads(*_rows_backward(sched, res, do, dlse)),)
 
 
 _rowwise.defvjp(_rowwise_fwd, _rowwise_bwd)
@@ -436,7 +494,7 @@ def flash_attention(
     )
   q = pad_rows(q_BTNH, pad_t, 0).reshape(b, tp, kv, g, h).transpose(0, 2, 1, 3, 4)
   heads_first = lambda x: pad_rows(x, pad_s, 0).transpose(0, 2, 1, 3)
-  operands = (
+  x = Operands(
     q.reshape(b, kv, tp * g, h),
     heads_first(k_BSKH),
     heads_first(v_BSKH),
@@ -449,10 +507,8 @@ def flash_attention(
     rows = use_rows(ranges)
   elif rows and ranges is None:
     raise ValueError("rows=True needs each query block's key blocks to be one contiguous run")
-  if rows:
-    out, lse = _rowwise(c, g, window, ranges, keep_probs, *operands)
-  else:
-    out, lse = _flash(c, g, window, tuple(pairs), skip_empty, unroll, *operands)
+  sched = Schedule(c, g, window, tuple(pairs), ranges, skip_empty, unroll, keep_probs)
+  out, lse = (_rowwise if rows else _flash)(sched, x)
   out = out.reshape(b, kv, tp, g, h).transpose(0, 2, 1, 3, 4).reshape(b, tp, n, h)
   lse = lse.reshape(b, kv, tp, g).transpose(0, 2, 1, 3).reshape(b, tp, n)
   return out[:, :t], lse[:, :t]
