@@ -1,6 +1,7 @@
 """grain pipeline: packing invariants, bad records, determinism, restore."""
 
 import collections
+import dataclasses
 import json
 import re
 
@@ -252,6 +253,17 @@ def test_process_shards_partition_the_corpus(corpus):
     seen.append(sorted(doc for batch in batches for _, _, doc in _segments(batch)))
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == sorted(_docs(tok, corpus["b_records"]))
+
+
+def test_default_data_config_holds_data_config_defaults():
+  """The run config's data section is built from `DataConfig`: same fields, same defaults."""
+  cfg = pipeline.default_data_config()
+  assert set(cfg) == {f.name for f in dataclasses.fields(pipeline.DataConfig)}
+  parsed = pipeline.DataConfig.from_config(
+    dict(cfg.to_dict(), mixture=[{"kind": "jsonl", "path": "x.jsonl"}])
+  )
+  assert parsed == pipeline.DataConfig(mixture=(pipeline.Component("jsonl", "x.jsonl"),))
+  assert cfg.packing == "first_fit" and cfg.num_epochs is None and cfg.mixture == []
 
 
 def test_bad_config_is_a_config_error(corpus):

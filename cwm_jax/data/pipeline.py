@@ -57,24 +57,6 @@ _FEATURES = ("inputs", "targets", "weights")
 _FOREIGN_KEYS = ("source", "mean_doc_len", "prompt_fraction")  # train's keys
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-    dict(
-      mixture=[],
-      packing="first_fit",
-      long_documents="skip",
-      shuffle_window=0,
-      num_packing_bins=0,
-      tokenizer="",
-      shuffle=True,
-      num_epochs=None,
-      worker_count=0,
-      worker_buffer_size=2,
-      read_threads=4,
-    )
-  )
-
-
 @dataclasses.dataclass(frozen=True)
 class Component:
   kind: str
@@ -144,6 +126,16 @@ class DataConfig:
       errors.append("data.worker_count, num_packing_bins and shuffle_window must be >= 0")
     if errors:
       raise ConfigError("; ".join(errors))
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The data section of a run config: `DataConfig`'s defaults, and an empty mixture."""
+  defaults = {
+    f.name: f.default
+    for f in dataclasses.fields(DataConfig)
+    if f.default is not dataclasses.MISSING
+  }
+  return ml_collections.ConfigDict(dict(mixture=[], **defaults))
 
 
 class Tokenize(grain.transforms.Map):
