@@ -8,17 +8,21 @@ builds its encoder when this module loads, before the program runs, from the C f
 `_json` (`make_encoder`, `encode_basestring`): nothing it calls is looked up at send time in
 a module or class the program can reach, so replacing `json.JSONEncoder`, `json.dumps`,
 `json.encoder.*`, `os.write` or builtins changes no record. (child.py gives every module it
-loads a private copy of the builtins, taken before the program runs.)
-`decode` is strict and never raises: every defect becomes an error string.
+loads a private copy of the builtins, taken before the program runs.) The worker takes them
+from `_json` itself: the `json` package would import `re` and `enum` into every run, a large
+share of a short run's start, for nothing the channel uses.
+`decode` (the caller's side) is strict and never raises: every defect becomes an error string.
 """
 
-import json
-import json.encoder
 import os
+
+try:
+  import _json
+except ImportError:  # an interpreter without the accelerator: the pure-Python encoder below
+  _json = None
 
 NONCE_BYTES = 16
 _HEADER = NONCE_BYTES + 4
-_loads = json.loads
 _write = os.write
 
 
@@ -28,13 +32,16 @@ def _not_serializable(value):
 
 def _make_encoder():
   """encode(record) -> str: compact JSON, non-ASCII kept, NaN refused; bound now."""
-  make = json.encoder.c_make_encoder
-  if make is None:  # an interpreter without the `_json` accelerator: bound methods of a
-    # private encoder instance (its internals then look up json.encoder globals per call)
+  if _json is None:  # bound methods of a private encoder instance (its internals then look up
+    # json.encoder globals per call)
+    import json  # pylint: disable=g-import-not-at-top
+
     encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
     return encoder.encode
-  iterencode = make(
-    None, _not_serializable, json.encoder.c_encode_basestring, None, ": ", ", ", False, False, False
+  # _json.make_encoder is json.encoder.c_make_encoder (markers, default, encoder, indent,
+  # key and item separators, sort_keys, skipkeys, allow_nan).
+  iterencode = _json.make_encoder(
+    None, _not_serializable, _json.encode_basestring, None, ": ", ", ", False, False, False
   )
   join = "".join
   return lambda record: join(iterencode(record, 0))
@@ -58,6 +65,8 @@ class Writer:
 
 def decode(data, nonce):
   """(records, error): the records framed in `data`; error is '' or says what is wrong."""
+  from json import loads  # pylint: disable=g-import-not-at-top  (the caller's, never the worker's)
+
   records, at = [], 0
   while at < len(data):
     if len(data) - at < _HEADER:
@@ -69,7 +78,7 @@ def decode(data, nonce):
     if len(body) != size:
       return records, "a record is cut short"
     try:
-      record = _loads(body.decode("utf-8", "surrogatepass"))
+      record = loads(body.decode("utf-8", "surrogatepass"))
     except (ValueError, RecursionError) as e:
       return records, "a record is not JSON (%s)" % e
     if not isinstance(record, dict):

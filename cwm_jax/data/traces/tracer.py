@@ -13,18 +13,23 @@ encoding equals the one in the previous frame of the same scope (a scope runs
 from a call event to its return; call frames always list every value).
 """
 
-import json.encoder
 import math
-import re
 import sys
 
+try:  # json.encoder's C functions, without importing json (and with it re and enum) per run
+  from _json import encode_basestring as _encode_str
+  from _json import encode_basestring_ascii as _encode_ascii
+except ImportError:
+  from json.encoder import py_encode_basestring as _encode_str
+  from json.encoder import py_encode_basestring_ascii as _encode_ascii
+
 TRUNCATION_MARKER = "...<truncated>"
-# Bound when the module loads (before the program runs): the program may replace json's,
-# math's or re's functions, and none of those replacements may change an encoding.
-_ADDRESS_SUB = re.compile(r" at 0x[0-9a-fA-F]+").sub
+# Bound when the module loads (before the program runs): the program may replace json's or
+# math's functions, and none of those replacements may change an encoding.
 _isfinite = math.isfinite
-_encode_str = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring
-_encode_ascii = json.encoder.c_encode_basestring_ascii or json.encoder.py_encode_basestring_ascii
+_join = "".join
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_ADDRESS = " at 0x"
 
 
 class _Full(Exception):
@@ -151,7 +156,27 @@ def _safe_repr(value):
     )
   except Exception:  # a user __repr__ may raise anything
     text = "<%s object (repr failed)>" % type(value).__name__
-  return _ADDRESS_SUB("", text)
+  return _strip_addresses(text)
+
+
+def _strip_addresses(text):
+  """`text` without memory addresses (' at 0x' and its hex digits), as an exact str: a
+  __repr__ may return a str subclass, whose methods are the program's."""
+  text = _join((text,))
+  at = text.find(_ADDRESS)
+  if at < 0:
+    return text
+  parts, start, size = [], 0, len(text)
+  while at >= 0:
+    end = at + len(_ADDRESS)
+    while end < size and text[end] in _HEX_DIGITS:
+      end += 1
+    if end > at + len(_ADDRESS):
+      parts.append(text[start:at])
+      start = end
+    at = text.find(_ADDRESS, end)
+  parts.append(text[start:])
+  return _join(parts)
 
 
 def encode_value(value, limit=1000):
