@@ -16,6 +16,7 @@ value can forge a special token. LINE is the source line, indentation kept.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 
 from cwm_jax.data.traces import pyast
@@ -50,29 +51,39 @@ def check_source(source: str) -> None:
 
 def entry_lineno(source: str, function: str) -> int:
   """The `def` line of `function` ('name' or 'Class.method') in `source`."""
-  body = pyast.parse(source).body
-  node = None
-  for part in function.split("."):
-    node = next(
-      (
-        n
-        for n in body
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == part
-      ),
-      None,
+  found = _definitions(source).get(function)
+  if found is None:
+    raise ValueError(
+      f"no top-level function {function!r} in the program; give the name of "
+      "a function defined with `def` (methods as Class.method)"
     )
-    if node is None:
-      raise ValueError(
-        f"no top-level function {function!r} in the program; give the name of "
-        "a function defined with `def` (methods as Class.method)"
-      )
-    body = node.body
-  if not isinstance(node, ast.FunctionDef):
+  plain, lineno = found
+  if not plain:
     raise ValueError(
       f"{function!r} is not a plain function (a class or an async def); trace a "
       "function defined with `def`"
     )
-  return node.lineno
+  return lineno
+
+
+@functools.lru_cache(maxsize=16)
+def _definitions(source: str) -> dict[str, tuple[bool, int]]:
+  """{dotted name: (is a plain `def`, line)} of every def and class reachable by names from the
+  top level (the first of a name in each body wins). Cached: a trace and its prompt look up the
+  same source, and a trace build traces many functions of one program; parsing a long module
+  costs more than tracing a short call."""
+  out: dict[str, tuple[bool, int]] = {}
+
+  def visit(body, prefix):
+    for node in body:
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        name = prefix + node.name
+        if name not in out:
+          out[name] = (isinstance(node, ast.FunctionDef), node.lineno)
+          visit(node.body, name + ".")
+
+  visit(pyast.parse(source).body, "")
+  return out
 
 
 def mark_source(source: str, function: str) -> str:
