@@ -33,7 +33,7 @@ tasks' reference answers:
 
 import ml_collections
 
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.train.config import base_config, parse_variant
 
 VARIANTS = ("dtype", "accum", "remat", "schedule", "source", "stage", "corpus_limit", "traces")
@@ -48,9 +48,7 @@ STEPS = dict(grain=((300, 150, 150), 50), synthetic=((8, 6, 6), 4))
 def get_config(arg: str | None = None):
   c = base_config()
   variant = parse_variant(arg)
-  unknown = sorted(set(variant) - set(VARIANTS))
-  if unknown:
-    raise ConfigError(f"configs/smoke.py: unknown variant keys {unknown}; known: {VARIANTS}")
+  check_fields(variant, VARIANTS, "configs/smoke.py", "variant keys")
   c.model.preset = "tiny"
   c.model.overrides.update(
     dict(

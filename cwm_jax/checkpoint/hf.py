@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import safe_open
 
 from cwm_jax import storage
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.model.config import ModelConfig, RopeScaling
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -46,11 +46,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   global_window = int(hf.get("max_position_embeddings", 131072))
   sliding = hf.get("sliding_window") or global_window
   types = hf.get("layer_types") or [FULL if i % 4 == 0 else SLIDING for i in range(n_layers)]
-  unknown = sorted(set(types) - {FULL, SLIDING})
-  if unknown:
-    raise ConfigError(
-      f"config.json layer_types has unknown kinds {unknown}; expected {FULL!r} or {SLIDING!r}"
-    )
+  check_fields(types, (FULL, SLIDING), "config.json layer_types", "kinds")
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = float(rope.get("rope_theta", hf.get("rope_theta", 1e6)))
   kind = rope.get("rope_type", rope.get("type", "default"))

@@ -31,7 +31,7 @@ import os
 from absl import logging
 
 from cwm_jax import storage
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.data import beam_build, corpora, repo_traces, tfds_build, trace_build, traces
 from cwm_jax.data import sources_functions as functions
 from cwm_jax.data.trace_build import DROP_REASONS, TraceBuildConfig, write_array_record  # noqa: F401
@@ -203,13 +203,11 @@ def corpus_entries(mixture) -> list[dict]:
   if not isinstance(mixture, (list, tuple)):
     return []  # e.g. a {name: weight} table of a recipe config
   entries = [dict(m) for m in mixture if dict(m).get("kind") == "corpus"]
+  fields = "kind, name, limit (files/calls/test modules cap, None = all), weight"
   for e in entries:
-    unknown = sorted(set(e) - {"kind", "name", "limit", "weight"})
-    if e.get("name") not in CORPORA or unknown:
-      raise ConfigError(
-        f"data.mixture entry {e}: name must be one of {CORPORA}; fields are "
-        "kind, name, limit (files/calls/test modules cap, None = all), weight"
-      )
+    check_fields(e, ("kind", "name", "limit", "weight"), f"data.mixture entry {e}", fix=fields)
+    if e.get("name") not in CORPORA:
+      raise ConfigError(f"data.mixture entry {e}: name must be one of {CORPORA}")
   return entries
 
 

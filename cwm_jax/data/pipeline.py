@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.data import formats, sources
 from cwm_jax.data import tokenizer as tokenizer_lib
 
@@ -85,10 +85,7 @@ class DataConfig:
     d = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     for key in _FOREIGN_KEYS:
       d.pop(key, None)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f"data config: unknown fields {unknown}; known: {sorted(known)}")
+    check_fields(d, (f.name for f in dataclasses.fields(cls)), "data config")
     comps = []
     for i, c in enumerate(d.get("mixture") or ()):
       if dict(c).get("kind") == "corpus":

@@ -18,6 +18,7 @@ import io
 import json
 
 from cwm_jax import storage
+from cwm_jax.base import check_fields
 from cwm_jax.data import dedup, formats, traces
 from cwm_jax.data.traces import format as trace_format
 
@@ -65,9 +66,11 @@ def _call(spec, where: str, base: str) -> traces.Call:
   )
   if not isinstance(spec, dict) or ("source" in spec) == ("path" in spec):
     raise ValueError(f'{where}: give exactly one of "source" and "path"; {fix}')
-  unknown = sorted(set(spec) - {"source", "path", "function", "args", "kwargs"})
-  if unknown or not isinstance(spec.get("function"), str):
-    raise ValueError(f'{where}: unknown fields {unknown} or no "function" string; {fix}')
+  check_fields(
+    spec, ("source", "path", "function", "args", "kwargs"), where, fix=fix, error=ValueError
+  )
+  if not isinstance(spec.get("function"), str):
+    raise ValueError(f'{where}: no "function" string; {fix}')
   args, kwargs = spec.get("args", []), spec.get("kwargs", {})
   if not isinstance(args, list) or not isinstance(kwargs, dict):
     raise ValueError(f'{where}: "args" must be a JSON list and "kwargs" an object; {fix}')

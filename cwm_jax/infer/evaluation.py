@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.data import formats
 from cwm_jax.data.traces import examples
 from cwm_jax.data.traces import format as trace_format
@@ -69,10 +69,7 @@ class EvalConfig:
   def from_mapping(cls, m) -> EvalConfig:
     """From a dict or ml_collections ConfigDict; unknown keys are an error."""
     d = dict(m.to_dict() if hasattr(m, "to_dict") else m)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ConfigError(f"unknown eval config keys {unknown}; allowed {sorted(names)}")
+    check_fields(d, (f.name for f in dataclasses.fields(cls)), what="eval config keys")
     return cls(**d)
 
   def __post_init__(self):

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
@@ -27,9 +27,7 @@ class MeshError(ConfigError):
 
 def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
   """Resolves `{axis: size}` (one size may be -1) to a shape over `n_devices`."""
-  unknown = sorted(set(sizes) - set(MESH_AXES))
-  if unknown:
-    raise MeshError(f"unknown mesh axes {unknown}; the axes are {MESH_AXES}")
+  check_fields(sizes, MESH_AXES, "mesh", "axes", error=MeshError)
   shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
   fill = [a for a, s in zip(MESH_AXES, shape) if s == -1]
   bad = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, shape) if s == 0 or s < -1]

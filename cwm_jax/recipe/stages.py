@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 
 from cwm_jax import storage
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.checkpoint.manager import complete_steps
 from cwm_jax.recipe import trainers
 from cwm_jax.train.config import model_config
@@ -97,11 +97,7 @@ def stages_from_config(config) -> list[Stage]:
   out = []
   for name in order:
     section = {k: _plain(v) for k, v in config.schedule.stages[name].items()}
-    unknown = sorted(set(section) - fields)
-    if unknown:
-      raise ConfigError(
-        f"schedule.stages.{name}: unknown fields {unknown}; known: {sorted(fields)}"
-      )
+    check_fields(section, fields, f"schedule.stages.{name}")
     out.append(Stage(name=name, **section))
   if out[0].start_from == PREVIOUS:
     raise ConfigError(
@@ -113,9 +109,7 @@ def stages_from_config(config) -> list[Stage]:
 
 def selected(config, stages: list[Stage]) -> list[Stage]:
   only = [s.strip() for s in config.schedule.get("only", "").split(",") if s.strip()]
-  unknown = sorted(set(only) - {s.name for s in stages})
-  if unknown:
-    raise ConfigError(f"schedule.only names unknown stages {unknown}")
+  check_fields(only, (s.name for s in stages), "schedule.only", "stages")
   return [s for s in stages if not only or s.name in only]
 
 
