@@ -170,11 +170,6 @@ META = (
 )
 
 
-def external_names(entries, cfg: ModelConfig) -> list[str]:
-  """Every external tensor name a checkpoint of `cfg` must hold."""
-  return [name for e in entries for name in e.names(cfg)]
-
-
 def locate(entries, cfg: ModelConfig) -> dict[str, tuple[Entry, int | None]]:
   """External name -> (entry, layer index or None)."""
   out = {}

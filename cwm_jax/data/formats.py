@@ -27,7 +27,7 @@ import json
 
 import numpy as np
 
-from cwm_jax.data.tokenizer import TRACE_SPECIALS, Tokenizer
+from cwm_jax.data.tokenizer import Tokenizer
 
 FORMATS = ("text", "trace", "chat")
 THINK_START = "<|reasoning_thinking_start|>"
@@ -143,8 +143,3 @@ def example_from_record(tok: Tokenizer, record: dict) -> tuple[np.ndarray, np.nd
   else:
     raise BadRecord("schema", f"unknown format {fmt!r}; use one of {FORMATS}")
   return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
-
-
-def has_marker_text(text: str) -> bool:
-  """True if `text` holds a trace marker string (would be read as special)."""
-  return any(name in text for name in TRACE_SPECIALS)
