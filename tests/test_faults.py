@@ -122,8 +122,8 @@ def _nan_source(at_index):
   return factory
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
-  sources.register_source("nan_at_3", _nan_source(3))
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
+  monkeypatch.setitem(sources.SOURCES, "nan_at_3", _nan_source(3))
   workdir = str(tmp_path / "run")
   config = _config(**{"data.source": "nan_at_3", "checkpoint_every": 2})
   with pytest.raises(
@@ -140,8 +140,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_
   np.testing.assert_array_equal([r["loss"] for r in records[:3]], reference[1][:3])
 
 
-def test_skip_nonfinite_skips_the_update(tmp_path):
-  sources.register_source("nan_at_2", _nan_source(2))
+def test_skip_nonfinite_skips_the_update(tmp_path, monkeypatch):
+  monkeypatch.setitem(sources.SOURCES, "nan_at_2", _nan_source(2))
   workdir = str(tmp_path / "run")
   config = _config(
     **{"data.source": "nan_at_2", "optimizer.skip_nonfinite": 2, "checkpoint_every": 0}

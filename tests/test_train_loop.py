@@ -81,8 +81,8 @@ def _sigterm_source(at_index):
   return factory
 
 
-def test_sigterm_saves_then_resume_is_exact(reference, tmp_path):
-  sources.register_source("sigterm_at_2", _sigterm_source(2))
+def test_sigterm_saves_then_resume_is_exact(reference, tmp_path, monkeypatch):
+  monkeypatch.setitem(sources.SOURCES, "sigterm_at_2", _sigterm_source(2))
   c = _config()
   c.data.source = "sigterm_at_2"
   out = lm.train(c, str(tmp_path), devices=jax.devices()[:1])

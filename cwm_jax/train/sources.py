@@ -37,10 +37,6 @@ def _grain(config, model_cfg, process_index: int, process_count: int):
 SOURCES: dict[str, Callable] = {"synthetic": _synthetic, "grain": _grain}
 
 
-def register_source(name: str, factory: Callable) -> None:
-  SOURCES[name] = factory
-
-
 def check_source(config) -> None:
   if config.data.source not in SOURCES:
     raise ConfigError(f"data.source={config.data.source!r} must be one of {sorted(SOURCES)}")
