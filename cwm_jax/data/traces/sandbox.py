@@ -6,10 +6,10 @@ IPC namespaces where the kernel allows (isolation.py; otherwise the run is refus
 starts dies with the run, its filesystem is a minimal read-only root (system directories and
 the interpreter) plus a size-capped tmpfs scratch that vanishes with the namespace, a seccomp
 filter denies new namespaces, mounts and memfd, and a root caller's program runs as a uid of
-its own without capabilities (docs/security.md). The supervisor gets its request over a private socket that is also its lifeline
-(the run ends when the caller dies) and reports the program's wait status on it; records
-(traces, test verdicts) come over a pipe, tagged with a per-run nonce (channel.py). Hitting a
-limit gives a status, never an exception in the caller.
+its own without capabilities (docs/security.md). The supervisor gets its request over a
+private socket that is also its lifeline (the run ends when the caller dies) and reports the
+program's wait status on it; records (traces, test verdicts) come over a pipe, tagged with a
+per-run nonce (channel.py). Hitting a limit gives a status, never an exception in the caller.
 """
 
 from __future__ import annotations
