@@ -7,6 +7,11 @@ what `benchmarks/tables.py` renders into docs/performance.md, so each figure has
 
   {"name": ..., "date": "2026-12-07T01:02:03Z", "machine": {...}, "commit": "abc123...",
    "dirty": false, "versions": {"jax": ...}, "result": {...the benchmark's own JSON...}}
+
+A record may carry more top-level fields: what its result was computed from (`tpu_plan.py`
+keeps the raw plans it summarized under "plans"), or, for a result measured before this
+layout existed, "migrated_from": the flat file that held it, with `machine` and `versions`
+null (not recorded then) and `date` / `commit` those of the commit that added that file.
 """
 
 from __future__ import annotations
@@ -72,10 +77,14 @@ def machine() -> dict:
   return info
 
 
-def record(name: str, result: dict) -> dict:
-  """`result` wrapped with date, machine, commit and versions."""
+def record(name: str, result: dict, extra: dict | None = None) -> dict:
+  """`result` wrapped with date, machine, commit and versions (and the fields of `extra`)."""
   commit = _git("rev-parse", "HEAD")
+  clash = sorted(set(extra or {}) & {"name", "date", "machine", "commit", "dirty", "versions"})
+  if clash or "result" in (extra or {}):
+    raise ValueError(f"extra fields may not replace the record's own: {clash or ['result']}")
   return {
+    **(extra or {}),
     "name": name,
     "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     "machine": machine(),
@@ -86,13 +95,19 @@ def record(name: str, result: dict) -> dict:
   }
 
 
-def save(name: str, result: dict, results_dir: str = RESULTS) -> str:
-  """Writes `record(name, result)` to `<results_dir>/<name>/<timestamp>.json`; returns it."""
-  rec = record(name, result)
-  folder = os.path.join(results_dir, name)
+def save(name: str, result: dict, results_dir: str = RESULTS, extra: dict | None = None) -> str:
+  """Writes `record(name, result, extra)` to `<results_dir>/<name>/<timestamp>.json`; returns
+  the path."""
+  return write(record(name, result, extra), results_dir)
+
+
+def write(rec: dict, results_dir: str = RESULTS) -> str:
+  """Writes the record `rec` to `<results_dir>/<its name>/<its date>.json`; returns the path.
+  Never replaces a record: two of one name need different dates."""
+  folder = os.path.join(results_dir, rec["name"])
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, rec["date"].replace(":", "") + ".json")
-  with open(path, "w") as f:
+  with open(path, "x") as f:
     json.dump(rec, f, indent=1, sort_keys=True)
     f.write("\n")
   return path
