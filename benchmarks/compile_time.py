@@ -1,22 +1,25 @@
 """Time to compile the CWM 32B train step and forward for a simulated mesh.
 
-  python benchmarks/compile_time.py [--devices 64] [--fsdp 16] [--tensor 4] [--seq 8192]
+  python benchmarks/compile_time.py [--devices 64] [--fsdp 16] [--tensor 4] [--seq 8192] [--save]
 
 AOT only (nothing allocated): `cwm_jax.train.step` (forward + backward +
 AdamW, remat 'full', chunked attention, bfloat16 compute) jitted with the
 parameter shardings of `cwm_jax.parallel.sharding.DEFAULT_RULES` on a mesh
 of simulated CPU devices, batch = data*fsdp rows; then the 32B forward with
-the layers scanned vs unrolled. Prints one JSON object.
+the layers scanned vs unrolled. Prints one JSON object; `--save` also writes it under
+benchmarks/results/compile_time/ (`results_io`).
 """
 
 import argparse
 import os
+import sys
 
 _p = argparse.ArgumentParser()
 _p.add_argument("--devices", type=int, default=64)
 _p.add_argument("--fsdp", type=int, default=16)
 _p.add_argument("--tensor", type=int, default=4)
 _p.add_argument("--seq", type=int, default=8192)
+_p.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
 ARGS = _p.parse_args()
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
 
@@ -29,6 +32,9 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax.model import Execution, cwm_32b  # noqa: E402
 from cwm_jax.model.transformer import abstract_model  # noqa: E402
@@ -90,26 +96,25 @@ def main():
   mem = compiled.memory_analysis()
   scan_lower, scan_compile, _ = forward(cfg, mesh, rows, RUN)
   unroll_lower, unroll_compile, _ = forward(cfg, mesh, rows, RUN.replace(scan_layers=False))
-  print(
-    json.dumps(
-      {
-        "train_step_compile_s": compile_s,
-        "train_step_lower_s": lower_s,
-        "forward_scan_compile_s": scan_compile,
-        "forward_scan_lower_s": scan_lower,
-        "forward_unrolled_compile_s": unroll_compile,
-        "forward_unrolled_lower_s": unroll_lower,
-        "train_step_temp_gib_per_device": round(mem.temp_size_in_bytes / 2**30, 2),
-        "train_step_argument_gib_per_device": round(mem.argument_size_in_bytes / 2**30, 2),
-        "mesh": dict(mesh.shape),
-        "batch_rows": rows,
-        "seq": ARGS.seq,
-        "params": cfg.param_count(),
-        "attention_impl": RUN.attention_impl,
-        "remat_policy": RUN.remat_policy,
-      }
-    )
-  )
+  out = {
+    "train_step_compile_s": compile_s,
+    "train_step_lower_s": lower_s,
+    "forward_scan_compile_s": scan_compile,
+    "forward_scan_lower_s": scan_lower,
+    "forward_unrolled_compile_s": unroll_compile,
+    "forward_unrolled_lower_s": unroll_lower,
+    "train_step_temp_gib_per_device": round(mem.temp_size_in_bytes / 2**30, 2),
+    "train_step_argument_gib_per_device": round(mem.argument_size_in_bytes / 2**30, 2),
+    "mesh": dict(mesh.shape),
+    "batch_rows": rows,
+    "seq": ARGS.seq,
+    "params": cfg.param_count(),
+    "attention_impl": RUN.attention_impl,
+    "remat_policy": RUN.remat_policy,
+  }
+  print(json.dumps(out))
+  if ARGS.save:
+    print("saved", results_io.save("compile_time", out), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Bytes moved by collectives per attention layer under context parallelism.
 
-  python benchmarks/context_parallel.py [--seq 131072] [--window 8192] [--devices 8]
+  python benchmarks/context_parallel.py [--seq 131072] [--window 8192] [--devices 8] [--save]
 
 Compiles (nothing runs) one attention layer of the CWM 32B head shape
 (48 query heads, 8 kv heads, head dim 128, float32, batch 1) sharded along
@@ -10,12 +10,14 @@ forward+backward, for a local layer (halo exchange) and a global layer
 compiled HLO: collective-permute = its result, all-gather = (n-1)/n of its
 result, reduce-scatter = (n-1) x its result, all-reduce = 2(n-1)/n x its
 result. The halo lower bound is (W-1) rows of K and V plus their segment
-ids (forward), and the K/V part again for dK/dV (backward). Prints one JSON.
+ids (forward), and the K/V part again for dK/dV (backward). Prints one JSON; `--save` also
+writes it under benchmarks/results/context_parallel/ (`results_io`).
 """
 
 import argparse
 import os
 import re
+import sys
 
 _p = argparse.ArgumentParser()
 _p.add_argument("--seq", type=int, default=131072)
@@ -28,6 +30,7 @@ _p.add_argument(
   help="XLA:CPU widens bfloat16 collectives to float32 in the compiled HLO, "
   "so float32 is the faithful setting on CPU",
 )
+_p.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
 ARGS = _p.parse_args()
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
 
@@ -38,6 +41,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax.kernels.context_parallel import sharded_attention  # noqa: E402
 
@@ -132,25 +138,22 @@ def main():
       got = layer_bytes(mesh, t, window, mode, train)
       result[f"{name}_{'fwd_bwd' if train else 'fwd'}_bytes"] = {k: int(v) for k, v in got.items()}
   total = lambda d: sum(d.values())
-  print(
-    json.dumps(
-      {
-        "local_over_halo_bound": round(total(result["local_fwd_bytes"]) / bound_fwd, 4),
-        "local_fwd_bwd_over_halo_bound": round(
-          total(result["local_fwd_bwd_bytes"]) / bound_train, 4
-        ),
-        "halo_bound_fwd_bytes": bound_fwd,
-        "halo_bound_fwd_bwd_bytes": bound_train,
-        "global_gather_lower_bound_fwd_bytes": (n - 1) * (t // n) * (row + 4),
-        **result,
-        "seq": t,
-        "window": w,
-        "devices": n,
-        "heads": [N, K, H],
-        "dtype": ARGS.dtype,
-      }
-    )
-  )
+  out = {
+    "local_over_halo_bound": round(total(result["local_fwd_bytes"]) / bound_fwd, 4),
+    "local_fwd_bwd_over_halo_bound": round(total(result["local_fwd_bwd_bytes"]) / bound_train, 4),
+    "halo_bound_fwd_bytes": bound_fwd,
+    "halo_bound_fwd_bwd_bytes": bound_train,
+    "global_gather_lower_bound_fwd_bytes": (n - 1) * (t // n) * (row + 4),
+    **result,
+    "seq": t,
+    "window": w,
+    "devices": n,
+    "heads": [N, K, H],
+    "dtype": ARGS.dtype,
+  }
+  print(json.dumps(out))
+  if ARGS.save:
+    print("saved", results_io.save("context_parallel", out), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Conversion throughput and peak host memory on a synthetic checkpoint (>= 2 GB).
 
-  python benchmarks/convert.py [--dim 2048 --n_layers 12 --vocab 32000 --to orbax,hf,meta]
+  python benchmarks/convert.py [--dim 2048 --n_layers 12 --vocab 32000 --to orbax,hf,meta] [--save]
 
 Writes a random Hugging Face checkpoint of a mid-size CWM-shaped config into a
 temporary directory, then runs each conversion (hf -> orbax, orbax -> hf,
 optionally orbax -> meta) in a fresh subprocess and reports GB/s and the peak
-RSS of that process, also relative to the largest tensor. Prints one JSON object.
+RSS of that process, also relative to the largest tensor. Prints one JSON object; `--save`
+also writes it under benchmarks/results/convert/ (`results_io`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax.checkpoint import hf
 from cwm_jax.checkpoint.names import HF, locate
@@ -71,6 +75,7 @@ def main():
   p.add_argument("--vocab", type=int, default=32000)
   p.add_argument("--to", default="orbax,hf")
   p.add_argument("--workdir", default=None, help="where the temporary checkpoints go")
+  p.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   args = p.parse_args()
   n_heads = args.dim // 128
   cfg = ModelConfig(
@@ -117,6 +122,8 @@ def main():
         "peak_minus_baseline_over_largest_tensor": round((peak - base) / largest, 2),
       }
   print(json.dumps(result))
+  if args.save:
+    print("saved", results_io.save("convert", result), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 """Packed tokens/s per worker and padding fraction of the grain pipeline.
 
-  python benchmarks/data_pipeline.py [--code_files 120] [--trace_calls 60]
+  python benchmarks/data_pipeline.py [--code_files 120] [--trace_calls 60] [--save]
 
 Builds the code and traces corpora (subsets) in a temporary folder, then for
 each corpus and sequence length (8192, 131072) runs the pipeline in-process
 (one worker, first-fit packing, repeat forever) and prints one JSON object:
-non-padding tokens per second and the padding fraction of the emitted rows.
+non-padding tokens per second and the padding fraction of the emitted rows. `--save` also
+writes it under benchmarks/results/data_pipeline/ (`results_io`).
 """
 
 import json
 import os
+import sys
 import tempfile
 import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax.data import corpus_build, pipeline
 
@@ -21,6 +26,7 @@ _CODE_FILES = flags.DEFINE_integer("code_files", 120, "stdlib files to use.")
 _TRACE_CALLS = flags.DEFINE_integer("trace_calls", 60, "calls to trace.")
 _SECONDS = flags.DEFINE_float("seconds", 4.0, "time per measurement.")
 _ROWS = flags.DEFINE_integer("rows", 2, "rows per batch.")
+_SAVE = flags.DEFINE_bool("save", False, "also write it under benchmarks/results/.")
 
 
 def measure(folder: str, seq_len: int, rows: int, seconds: float) -> dict:
@@ -60,6 +66,8 @@ def main(argv):
         result = measure(folder, seq_len, _ROWS.value, _SECONDS.value)
         out["results"][f"{corpus}@{seq_len}"] = {"records": records, **result}
   print(json.dumps(out))
+  if _SAVE.value:
+    print("saved", results_io.save("data_pipeline", out), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
   python benchmarks/gpu_mfu.py [--seq 8192] [--batch 1] [--docs 1] [--steps 10]
       [--impl cudnn] [--remat none] [--loss_chunk 0] [--max_segments 0] [--measure_matmul 1]
-      [--profile_steps 0]
+      [--profile_steps 0] [--save]
 
 Runs `cwm_jax.train.step` (forward + backward + AdamW, bfloat16 compute,
 float32 params) on rows of `--docs` packed documents (positions restart per
@@ -15,15 +15,18 @@ process (a chain of 8192^3 products on random data, `matmul_rate`). Step time is
 the median of `--steps` steps, each timed to completion. Without a GPU it prints
 a JSON object saying so and exits 0. `--profile_steps N` adds GPU kernel time per step by
 category (cuDNN attention, matmuls, reductions, the rest) and the top kernels, from a JAX
-profiler trace. Prints one JSON object.
+profiler trace. Prints one JSON object; `--save` also writes it under
+benchmarks/results/gpu_mfu/ (`results_io`; not a run skipped for want of a GPU).
 """
 
 import argparse
 import collections
 import glob
 import json
+import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 
@@ -32,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax.kernels.cudnn import check_gpu_dtypes
 from cwm_jax.model.config import cwm_1b
@@ -238,6 +244,7 @@ def main():
     default=1,
     help="1: also measure the bf16 8192^3 matmul rate in this process",
   )
+  p.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   a = p.parse_args()
   if not 1 <= a.docs <= a.seq:
     p.error(f"--docs={a.docs} must be in [1, --seq]")
@@ -253,7 +260,10 @@ def main():
       )
     )
     return
-  print(json.dumps(measure(a)))
+  result = measure(a)
+  print(json.dumps(result))
+  if a.save:
+    print("saved", results_io.save("gpu_mfu", result), file=sys.stderr)
 
 
 if __name__ == "__main__":

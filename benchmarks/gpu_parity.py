@@ -1,6 +1,6 @@
 """cuDNN attention ('cudnn') against the dense reference on a GPU, in bfloat16.
 
-  python benchmarks/gpu_parity.py
+  python benchmarks/gpu_parity.py [--save]
 
 Cases: packed documents with padding, GQA 16/4 heads, head dim 128, a local
 window and a global one, and a batch whose rows hold more documents than the
@@ -9,15 +9,21 @@ the gradients of a fixed random projection of it with `reference_attention`
 run in float32 on the same bf16 inputs, and, as the yardstick, the reference
 itself run in bf16. Gradients are compared relative to their largest entry.
 A case passes when cuDNN's error is <= max(2e-2, 2 x the bf16 reference's).
-Prints one JSON object; exit code 1 if a case fails, 0 (with "skipped") off GPU.
+Prints one JSON object; exit code 1 if a case fails, 0 (with "skipped") off GPU. `--save` also
+writes it under benchmarks/results/gpu_parity/ (`results_io`; not a run skipped off GPU).
 """
 
+import argparse
 import json
+import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax import kernels
 from cwm_jax.kernels import cudnn, packing
@@ -84,6 +90,9 @@ def run_case(name, t, n_docs, pad, window, max_segments):
 
 
 def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
+  a = p.parse_args()
   if jax.default_backend() != "gpu":
     print(
       json.dumps(
@@ -93,7 +102,10 @@ def main():
     return 0
   results = [run_case(*case) for case in CASES]
   ok = all(r["ok"] for r in results)
-  print(json.dumps({"ok": ok, "device": jax.devices()[0].device_kind, "cases": results}))
+  result = {"ok": ok, "device": jax.devices()[0].device_kind, "cases": results}
+  print(json.dumps(result))
+  if a.save:
+    print("saved", results_io.save("gpu_parity", result), file=sys.stderr)
   return 0 if ok else 1
 
 

@@ -1,20 +1,25 @@
 """RL on the toy verifiable task: mean reward before/after a few dozen GRPO updates.
 
-  python benchmarks/rl_toy.py [--steps 40] [--seed 0]
+  python benchmarks/rl_toy.py [--steps 40] [--seed 0] [--save]
 
 Task: `<bos>` + two tokens, filler letters and one digit; reward +1 iff the one generated
 token is that digit (chance 1/16). A 1-layer model from random init; 16 prompts x G=8
 samples per update. Prints one JSON object: sampled mean reward over the first and last 5
-updates, and greedy pass rate / mean reward on all 64 toy prompts before and after.
+updates, and greedy pass rate / mean reward on all 64 toy prompts before and after. `--save`
+also writes it under benchmarks/results/rl_toy/ (`results_io`).
 """
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax.checkpoint.manager import restore_params
 from cwm_jax.infer.sampler import generate
@@ -43,6 +48,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   args = parser.parse_args()
   config = trainer.toy_config(args.steps, args.seed)
   cfg = model_config(config)
@@ -54,24 +60,23 @@ def main():
     _, params = restore_params(os.path.join(workdir, "checkpoints"))
   after = greedy_eval(model_from_params(cfg, params), args.seed)
   rewards = [r["reward_mean"] for r in out["records"]]
-  print(
-    json.dumps(
-      {
-        "benchmark": "rl_toy",
-        "task": "digit in prompt (16-token vocab, chance 1/16)",
-        "model": "1 layer, dim 32, random init",
-        "updates": args.steps,
-        "rollouts_per_update": config.batch_size,
-        "group_size": config.rl.group_size,
-        "sampled_reward_first5": round(float(np.mean(rewards[:5])), 3),
-        "sampled_reward_last5": round(float(np.mean(rewards[-5:])), 3),
-        "greedy_before": before,
-        "greedy_after": after,
-        "updates_skipped": int(sum(r["skipped"] for r in out["records"])),
-        "wall_s_including_compile": round(wall, 1),
-      }
-    )
-  )
+  result = {
+    "benchmark": "rl_toy",
+    "task": "digit in prompt (16-token vocab, chance 1/16)",
+    "model": "1 layer, dim 32, random init",
+    "updates": args.steps,
+    "rollouts_per_update": config.batch_size,
+    "group_size": config.rl.group_size,
+    "sampled_reward_first5": round(float(np.mean(rewards[:5])), 3),
+    "sampled_reward_last5": round(float(np.mean(rewards[-5:])), 3),
+    "greedy_before": before,
+    "greedy_after": after,
+    "updates_skipped": int(sum(r["skipped"] for r in out["records"])),
+    "wall_s_including_compile": round(wall, 1),
+  }
+  print(json.dumps(result))
+  if args.save:
+    print("saved", results_io.save("rl_toy", result), file=sys.stderr)
 
 
 if __name__ == "__main__":

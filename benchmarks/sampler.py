@@ -6,6 +6,7 @@ memory of CWM 32B with and without ring buffers, and the sampler's compile time 
   python benchmarks/sampler.py                          # prints one JSON object
   python benchmarks/sampler.py --batches 8 --rounds 5   # decode comparison at batch 8 only
   python benchmarks/sampler.py --compile_layers 16,64   # adds compile seconds per depth
+  python benchmarks/sampler.py --save                   # also benchmarks/results/sampler/
 
 Decode: one random float32 model of the d512 config (benchmarks/train_step.py: d=512,
 4 layers, 8/2 heads of 64, ffn 1536, vocab 8192, windows 1024/256/256/1024) is built as
@@ -31,7 +32,9 @@ float rounding may part the two at a near-tie).
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -39,6 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax import host_memory
 from cwm_jax.infer import cache as kv
@@ -217,6 +223,7 @@ def main():
   parser.add_argument(
     "--skip_decode", action="store_true", help="skip the decode-throughput and cache-memory figures"
   )
+  parser.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   args = parser.parse_args()
   retained = host_memory.retain()  # as our programs run; torch, in this process, shares it
   out = {
@@ -238,6 +245,8 @@ def main():
     compile_seconds(1)  # warm-up: the process's first jit also pays one-off backend setup
     out["compile"] = [compile_seconds(n) for n in depths]
   print(json.dumps(out))
+  if args.save:
+    print("saved", results_io.save("sampler", out), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The 32B recipe compiled for real TPU slices: every stage on each slice, with libtpu.
 
   python benchmarks/tpu_plan.py [--stages pretrain,midtrain,sft,rl] \
-      [--slices v5p-512,v6e-256] [--out /tmp/tpu_plans] [--noestimate]
-  python benchmarks/tpu_plan.py --from_dir /tmp/tpu_plans   # summarize kept plans
+      [--slices v5p-512,v6e-256] [--out /tmp/tpu_plans] [--noestimate] [--save]
+  python benchmarks/tpu_plan.py --from_dir /tmp/tpu_plans [--save]   # summarize kept plans
 
 For each (stage, slice) runs `python -m cwm_jax.plan --config
 configs/cwm_32b.py:stage=STAGE,slice=SLICE --topology SLICE` in a fresh
@@ -13,7 +13,9 @@ step seconds at 50% MFU, days for the stage's token budget at 50% MFU,
 the TPU cost model's estimated step seconds, MFU, breakdown by kind and days
 (`cwm_jax.train.cost_model`), compile_seconds, wall_seconds}}. `--out` also
 keeps each raw plan as STAGE@SLICE.json; `--from_dir` prints the same summary
-from such kept plans without compiling again.
+from such kept plans without compiling again. `--save` also writes the summary under
+benchmarks/results/tpu_plan/ (`results_io`), with the raw plans it was made from in the
+record's "plans" ({STAGE@SLICE: the plan's JSON, or null if it was not JSON}).
 """
 
 import argparse
@@ -22,6 +24,9 @@ import os
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = (
@@ -64,8 +69,17 @@ def summarize(stage: str, text: str) -> dict | None:
   return {k: p.get(k) for k in KEYS}
 
 
-def plan(stage: str, slice_name: str, out_dir: str | None, estimate: bool = True) -> dict:
-  """One compiled plan (its JSON plus wall time), or the error."""
+def _json_or_none(text: str):
+  try:
+    return json.loads(text)
+  except ValueError:
+    return None
+
+
+def plan(
+  stage: str, slice_name: str, out_dir: str | None, estimate: bool = True
+) -> tuple[dict, str]:
+  """One compiled plan's summary (plus wall time) or the error, and the plan's raw output."""
   cmd = [
     sys.executable,
     "-m",
@@ -86,13 +100,10 @@ def plan(stage: str, slice_name: str, out_dir: str | None, estimate: bool = True
       f.write(out.stdout)
   row = summarize(stage, out.stdout)
   if row is None:
-    return {
-      "error": out.stderr.strip().splitlines()[-1:],
-      "exit_code": out.returncode,
-      "wall_seconds": wall,
-    }
+    error = out.stderr.strip().splitlines()[-1:]
+    return {"error": error, "exit_code": out.returncode, "wall_seconds": wall}, out.stdout
   row.update(exit_code=out.returncode, wall_seconds=wall)
-  return row
+  return row, out.stdout
 
 
 def main():
@@ -110,23 +121,25 @@ def main():
     default=None,
     help="summarize the STAGE@SLICE.json plans kept there by --out instead",
   )
+  ap.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   args = ap.parse_args()
+  result, raw = {}, {}
   if args.from_dir:
-    result = {}
     for name in sorted(os.listdir(args.from_dir)):
       if name.endswith(".json") and "@" in name:
         with open(os.path.join(args.from_dir, name)) as f:
-          result[name[:-5]] = summarize(name.split("@")[0], f.read())
-    print(json.dumps(result, indent=1))
-    return
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-  result = {
-    f"{st}@{sl}": plan(st, sl, args.out, not args.noestimate)
-    for st in args.stages.split(",")
-    for sl in args.slices.split(",")
-  }
+          raw[name[:-5]] = f.read()
+        result[name[:-5]] = summarize(name.split("@")[0], raw[name[:-5]])
+  else:
+    if args.out:
+      os.makedirs(args.out, exist_ok=True)
+    for st in args.stages.split(","):
+      for sl in args.slices.split(","):
+        result[f"{st}@{sl}"], raw[f"{st}@{sl}"] = plan(st, sl, args.out, not args.noestimate)
   print(json.dumps(result, indent=1))
+  if args.save:
+    plans = {key: _json_or_none(text) for key, text in raw.items()}
+    print("saved", results_io.save("tpu_plan", result, extra={"plans": plans}), file=sys.stderr)
 
 
 if __name__ == "__main__":

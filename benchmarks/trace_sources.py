@@ -1,19 +1,24 @@
 """Trace-corpus build throughput and drop table for both sources; prints one JSON object.
 
   python benchmarks/trace_sources.py [--workers 2] [--runner local|DirectRunner]
-      [--stdlib_tests test_bisect,...] [--limit_calls N]
+      [--stdlib_tests test_bisect,...] [--limit_calls N] [--save]
 
 Builds `functions` (the shipped programs, held-out ones skipped, plus the literal doctest calls
 of statistics/difflib/textwrap/fractions) and `repo_traces` (standard-library test modules under
 pytest) into a temporary folder, and reports per source: work items, traced calls, seconds,
 traces/s, traces/s per worker (one worker per core), the kept fraction and the fraction dropped
-by reason (timeout, memory, output_limit, too_long, error, duplicate, contaminated).
+by reason (timeout, memory, output_limit, too_long, error, duplicate, contaminated). `--save`
+also writes the JSON under benchmarks/results/trace_sources/ (`results_io`).
 """
 
 import argparse
 import json
 import os
+import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 from cwm_jax.data import corpus_build, repo_traces
 
@@ -42,6 +47,7 @@ def main():
   parser.add_argument("--runner", default="local")
   parser.add_argument("--stdlib_tests", default=",".join(repo_traces.STDLIB_EXAMPLE))
   parser.add_argument("--limit_calls", type=int, default=None)
+  parser.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   args = parser.parse_args()
   cfg = corpus_build.TraceBuildConfig(workers=args.workers, runner=args.runner, progress=True)
   out = {"workers": args.workers, "runner": args.runner, "cpus": os.cpu_count()}
@@ -54,6 +60,8 @@ def main():
       manifest = corpus_build.build_corpus(name, os.path.join(tmp, name), config=cfg, **kwargs)
       out[name] = _row(manifest)
   print(json.dumps(out))
+  if args.save:
+    print("saved", results_io.save("trace_sources", out), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """End-to-end trainer throughput on the smoke config (synthetic packed data).
 
   python benchmarks/train_loop.py [--steps 30] [--devices 1] [--mesh fsdp=1] [--arg dtype=float32]
+      [--save]
 
 Runs `cwm_jax.train.lm.train` (checkpoint only at the end) and reports the
 median tokens/s, step time and MFU of the logged steps after the first two
 (which include compilation), plus the wall time of the first step. Prints one
-JSON object.
+JSON object; `--save` also writes it under benchmarks/results/train_loop/ (`results_io`).
 """
 
 import argparse
@@ -16,6 +17,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
+
 
 def _args():
   p = argparse.ArgumentParser()
@@ -23,6 +27,7 @@ def _args():
   p.add_argument("--devices", type=int, default=1)
   p.add_argument("--mesh", default="fsdp=1", help="e.g. fsdp=4,tensor=2")
   p.add_argument("--arg", default="", help="configs/smoke.py variant, e.g. dtype=bfloat16")
+  p.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   return p.parse_args()
 
 
@@ -50,28 +55,27 @@ def main():
   rec = out["records"]
   steady = rec[2:] or rec
   med = lambda k: statistics.median(r[k] for r in steady)
-  print(
-    json.dumps(
-      {
-        "benchmark": "train_loop",
-        "config": f"configs/smoke.py:{args.arg}",
-        "mesh": args.mesh,
-        "devices": args.devices,
-        "device_kind": jax.devices()[0].device_kind,
-        "batch_size": c.batch_size,
-        "seq_len": c.seq_len,
-        "steps": args.steps,
-        "tokens_per_sec": round(med("tokens_per_sec"), 1),
-        "step_time_ms": round(1e3 * med("step_time"), 2),
-        "mfu": med("mfu"),
-        "first_step_s": round(rec[0]["step_time"], 2),
-        "wall_s": round(wall, 1),
-        "loss_first": rec[0]["loss"],
-        "loss_last": rec[-1]["loss"],
-        "load_avg_1m": os.getloadavg()[0],
-      }
-    )
-  )
+  result = {
+    "benchmark": "train_loop",
+    "config": f"configs/smoke.py:{args.arg}",
+    "mesh": args.mesh,
+    "devices": args.devices,
+    "device_kind": jax.devices()[0].device_kind,
+    "batch_size": c.batch_size,
+    "seq_len": c.seq_len,
+    "steps": args.steps,
+    "tokens_per_sec": round(med("tokens_per_sec"), 1),
+    "step_time_ms": round(1e3 * med("step_time"), 2),
+    "mfu": med("mfu"),
+    "first_step_s": round(rec[0]["step_time"], 2),
+    "wall_s": round(wall, 1),
+    "loss_first": rec[0]["loss"],
+    "loss_last": rec[-1]["loss"],
+    "load_avg_1m": os.getloadavg()[0],
+  }
+  print(json.dumps(result))
+  if args.save:
+    print("saved", results_io.save("train_loop", result), file=sys.stderr)
 
 
 if __name__ == "__main__":

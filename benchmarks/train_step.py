@@ -4,6 +4,7 @@
   python benchmarks/train_step.py --configs d512 --rounds 8 --steps 3
   python benchmarks/train_step.py --configs d256 --variant '{"attention_chunk": 64}'
   python benchmarks/train_step.py --breakdown           # adds both sides' per-part milliseconds
+  python benchmarks/train_step.py --save                # also benchmarks/results/train_step/
 
 Both sides run forward + backward + AdamW (lr 1e-3, wd 0.1, no clipping) in float32 on
 the same config, batch and thread count. Ours is `cwm_jax.train.step` jitted with the
@@ -43,7 +44,11 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io
 
 CONFIGS = {
   "d256": dict(
@@ -93,6 +98,7 @@ def _args():
     action="store_true",
     help="also time each part of both steps alone (fwd+bwd), in milliseconds",
   )
+  p.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   return p.parse_args()
 
 
@@ -568,18 +574,17 @@ def main():
   a = _args()
   results = [run_config(name, a) for name in a.configs.split(",")]
   ratios = [r["ratio"] for r in results]
-  print(
-    json.dumps(
-      {
-        "threads": a.threads,
-        "steps_per_round": a.steps,
-        "rounds": a.rounds,
-        "median_ratio": round(statistics.median(ratios), 3),
-        "min_ratio": min(ratios),
-        "configs": results,
-      }
-    )
-  )
+  out = {
+    "threads": a.threads,
+    "steps_per_round": a.steps,
+    "rounds": a.rounds,
+    "median_ratio": round(statistics.median(ratios), 3),
+    "min_ratio": min(ratios),
+    "configs": results,
+  }
+  print(json.dumps(out))
+  if a.save:
+    print("saved", results_io.save("train_step", out), file=sys.stderr)
 
 
 if __name__ == "__main__":
