@@ -2,7 +2,7 @@
 step's time with an asynchronous save in flight.
 
   python benchmarks/checkpoint_io.py                    # defaults: 491 MB state, ~4 min on 2 cores
-  python benchmarks/checkpoint_io.py > benchmarks/results/checkpoint_io.json
+  python benchmarks/checkpoint_io.py --save             # also benchmarks/results/checkpoint_io/
   python benchmarks/checkpoint_io.py --targets local --io_rounds 5
   python benchmarks/checkpoint_io.py --dim 64 --layers 2 --vocab 256 --ffn 128 --heads 4 \
       --head_dim 16 --seq 32 --io_rounds 1 --step_rounds 1 --steps 1     # seconds (the test)
@@ -42,7 +42,8 @@ it bounds what orbax's own pipeline gives rather than the disk.
    synchronous save's seconds from part 1: the save's compression and writes run on
    the cores the step uses, so an async save can still slow the steps.
 
-Prints one JSON object; `load_avg` is `os.getloadavg()` at the start and the end.
+Prints one JSON object; `load_avg` is `os.getloadavg()` at the start and the end. `--save`
+also writes it under benchmarks/results/checkpoint_io/ (`results_io`).
 """
 
 import argparse
@@ -58,6 +59,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MB = 1e6
+
+sys.path.insert(0, HERE)
+import results_io
 
 
 def _args(argv=None):
@@ -84,6 +88,7 @@ def _args(argv=None):
     default="{}",
     help="JSON of Execution fields (default: the base config's, as the trainer runs)",
   )
+  p.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   return p.parse_args(argv)
 
 
@@ -197,6 +202,8 @@ def main(argv=None):
     "end": [round(x, 2) for x in os.getloadavg()],
   }
   print(json.dumps(out))
+  if a.save:
+    print("saved", results_io.save("checkpoint_io", out), file=sys.stderr)
 
 
 def _run(a, targets, emulator, tmp):
