@@ -1,6 +1,7 @@
 """KV-cache sampler: cached logits == full forward, greedy == transformers, ring shapes,
 sampled log-probs == teacher-forced ones, the decode step scanned over layers."""
 
+import dataclasses
 import json
 import os
 import re
@@ -19,8 +20,8 @@ from cwm_jax.checkpoint.hf import config_to_hf
 from cwm_jax.checkpoint.load import load_params
 from cwm_jax.infer import cache as kv
 from cwm_jax.infer import sampler
+from cwm_jax.kernels import backend
 from cwm_jax.model import Execution, abstract_model, cwm_32b, model_from_params, tiny
-from cwm_jax.model import cache as model_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -285,7 +286,8 @@ def test_cache_layouts_agree(hf_pair, monkeypatch):
     return turns.cache.layout.transposed, first, second
 
   transposed, *want = two_turns(48)
-  monkeypatch.setattr(model_cache, "target_platform", lambda: "tpu")
+  accelerator_cache = dataclasses.replace(backend.CPU_FORMS, transposed_cache=False)
+  monkeypatch.setattr(backend, "forms", lambda platform=None: accelerator_cache)
   accelerator, *got = two_turns(40)
   assert transposed and not accelerator
   for w, g in zip(want, got):

@@ -14,16 +14,20 @@ from flax import nnx
 from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint.hf import config_to_hf
 from cwm_jax.checkpoint.load import load_params
+from cwm_jax.kernels import backend
+from cwm_jax.kernels.backend import ACCELERATOR_FORMS, CPU_FORMS
 from cwm_jax.model import (
   Execution,
   ModelConfig,
-  attention,
   init_model,
-  layers,
   meta_layer_windows,
   model_from_params,
+  ops,
+  rope,
   tiny,
 )
+
+FORMS = {"cpu": CPU_FORMS, "accelerator": ACCELERATOR_FORMS}
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -108,17 +112,18 @@ def test_parity_with_transformers(tmp_path, case):
 
 
 def test_parity_with_transformers_when_qkv_are_joined(tmp_path):
-  """From `attention.FUSED_QKV_MIN_ROWS` tokens on CPU, q, k and v come from one product
-  (`_fused_qkv`); the parity cases above run below it, this one above."""
+  """From `ops.FUSED_QKV_MIN_ROWS` tokens on CPU, q, k and v come from one product
+  (`ops.joined_qkv`); the parity cases above run below it, this one above."""
   ref_model, path = _hf_checkpoint(tmp_path, "joined", **HF_CASES["last_layer_global"])
-  t = attention.FUSED_QKV_MIN_ROWS // 2 + 3
+  t = ops.FUSED_QKV_MIN_ROWS // 2 + 3
   ids = torch.randint(0, 301, (2, t), generator=torch.Generator().manual_seed(1))
-  assert attention._join_qkv(jnp.zeros((2, t, 64)))
-  assert not attention._join_qkv(jnp.zeros((2, 37, 64)))
+  assert ops.joins_qkv(jnp.zeros((2, t, 64)))
+  assert not ops.joins_qkv(jnp.zeros((2, 37, 64)))
+  assert not ops.joins_qkv(jnp.zeros((2, t, 64)), ACCELERATOR_FORMS)
   for tensor, joined in ((2, False), (1, True)):  # not with heads split over the mesh
     mesh = jax.sharding.AbstractMesh((tensor, 2), ("tensor", "fsdp"))
     with jax.sharding.use_abstract_mesh(mesh):
-      assert attention._join_qkv(jnp.zeros((2, t, 64))) == joined
+      assert ops.joins_qkv(jnp.zeros((2, t, 64))) == joined
   with torch.no_grad():
     ref = ref_model(ids).logits.double().numpy()
   cfg, params = load_params(path)
@@ -126,6 +131,45 @@ def test_parity_with_transformers_when_qkv_are_joined(tmp_path):
   np.testing.assert_allclose(
     _forward(model, ids.numpy()).astype(np.float64), ref, atol=1e-4, rtol=0
   )
+
+
+def test_parity_with_transformers_in_the_accelerator_forms(tmp_path, monkeypatch):
+  """The forms the model traces for a TPU or GPU (`backend.ACCELERATOR_FORMS`: unmerged
+  contractions, split/concatenate RoPE, three q/k/v products, the chunked kernel's pair
+  scan), run on CPU, match transformers too, above `ops.FUSED_QKV_MIN_ROWS` tokens
+  (where the CPU forms join q/k/v)."""
+  monkeypatch.setattr(backend, "forms", lambda platform=None: ACCELERATOR_FORMS)
+  ref_model, path = _hf_checkpoint(tmp_path, "accel", **HF_CASES["default_pattern"])
+  t = ops.FUSED_QKV_MIN_ROWS // 2 + 5
+  ids = torch.randint(0, 301, (2, t), generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    ref = ref_model(ids).logits.double().numpy()
+  cfg, params = load_params(path)
+  for impl in ("reference", "chunked"):
+    model = model_from_params(cfg, params, Execution(attention_impl=impl, attention_chunk=16))
+    np.testing.assert_allclose(
+      _forward(model, ids.numpy()).astype(np.float64), ref, atol=1e-4, rtol=0
+    )
+
+
+def test_cpu_and_accelerator_forms_give_the_same_loss_and_gradients(monkeypatch):
+  """The whole model, forward and backward, in each platform's forms on CPU: the same
+  loss and parameter gradients (the CPU forms join q/k/v here: T * B >= 256 tokens)."""
+  cfg = tiny(local_window=24)
+  b, t = 2, 160
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+  execution = Execution(attention_impl="chunked", attention_chunk=32, scan_layers=False)
+  graphdef, params = nnx.split(init_model(cfg, seed=3, execution=execution), nnx.Param)
+
+  def loss_and_grads(forms):
+    monkeypatch.setattr(backend, "forms", lambda platform=None: forms)
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p)(tokens))[..., 0])
+    return jax.jit(jax.value_and_grad(loss))(params)  # a fresh trace in each form
+
+  assert ops.joins_qkv(jnp.zeros((b, t, cfg.dim)), CPU_FORMS)
+  cpu, accelerator = loss_and_grads(CPU_FORMS), loss_and_grads(ACCELERATOR_FORMS)
+  for got, want in zip(jax.tree.leaves(accelerator), jax.tree.leaves(cpu)):
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-4)
 
 
 def test_score_cli_matches_transformers(tmp_path):
@@ -265,18 +309,19 @@ def test_bfloat16_policy():
   np.testing.assert_allclose(logits, _forward(full, tokens), atol=0.05)
 
 
-@pytest.mark.parametrize("platform", ["cpu", "gpu"])
-def test_float32_logits_backward_runs_in_the_compute_dtype(monkeypatch, platform):
+@pytest.mark.parametrize("forms", sorted(FORMS))
+def test_float32_logits_backward_runs_in_the_compute_dtype(forms):
   """bf16 activations, float32 logits: the head's gradient matmuls take bf16 operands
   (JAX's own transpose would feed them the float32 cotangent, i.e. a float32 matmul),
   and equal the hand-derived gradients: cotangent cast to bf16, float32 accumulation."""
-  monkeypatch.setattr(layers, "target_platform", lambda: platform)
+  forms = FORMS[forms]
+  dense = functools.partial(ops.dense, forms=forms)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
   proj = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
-  loss = lambda x, w: jnp.sum(layers.dense(x, w, preferred_element_type=jnp.float32) * proj)
-  assert layers.dense(x, w, preferred_element_type=jnp.float32).dtype == jnp.float32
+  loss = lambda x, w: jnp.sum(dense(x, w, preferred_element_type=jnp.float32) * proj)
+  assert dense(x, w, preferred_element_type=jnp.float32).dtype == jnp.float32
   grad = jax.grad(loss, (0, 1))
   dots = [e for e in jax.make_jaxpr(grad)(x, w).jaxpr.eqns if e.primitive.name == "dot_general"]
   assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
@@ -294,25 +339,109 @@ def test_float32_logits_backward_runs_in_the_compute_dtype(monkeypatch, platform
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
 
 
-def test_fused_qkv_projection_matches_hand_derived_values_and_gradients():
-  """CPU's one-product q/k/v (`attention._fused_qkv`) against numpy: the projections and
-  the gradients of x and of each weight (hand-derived), and one forward product."""
+@pytest.mark.parametrize(
+  "form,products",
+  [("joined", 1), ("joined_unmerged", 1), ("separate", 3), ("separate_merged", 3)],
+)
+def test_qkv_projection_matches_hand_derived_values_and_gradients(form, products):
+  """Both forms of the q/k/v projection against numpy: CPU's one product of the joined
+  weights (`ops.joined_qkv`) and the accelerators' three (`ops.project_qkv` below
+  `FUSED_QKV_MIN_ROWS` tokens or in ACCELERATOR_FORMS), each over either form of
+  `dense`: the projections, the gradients of x and of each weight (hand-derived), and
+  the forward's count of products."""
+  forms = ACCELERATOR_FORMS if form in ("joined_unmerged", "separate") else CPU_FORMS
+  project = ops.joined_qkv if form.startswith("joined") else ops.project_qkv
+  qkv = lambda x, *ws: project(x, *ws, forms=forms)
   rng = np.random.default_rng(0)
   b, t, d, n, k, h = 2, 5, 12, 4, 2, 3
   x = rng.normal(size=(b, t, d)).astype(np.float32)
   ws = [rng.normal(size=s).astype(np.float32) for s in ((d, n, h), (d, k, h), (d, k, h))]
   cots = [rng.normal(size=(b, t, m, h)).astype(np.float32) for m in (n, k, k)]
-  outs = attention._fused_qkv(jnp.asarray(x), *map(jnp.asarray, ws))
+  outs = qkv(jnp.asarray(x), *map(jnp.asarray, ws))
   for out, w in zip(outs, ws):
     np.testing.assert_allclose(out, np.einsum("btd,dmh->btmh", x, w), rtol=1e-5, atol=1e-5)
-  jaxpr = jax.make_jaxpr(attention._fused_qkv)(x, *ws).jaxpr
-  assert sum(e.primitive.name == "dot_general" for e in jaxpr.eqns) == 1
-  loss = lambda x, *ws: sum(jnp.sum(o * c) for o, c in zip(attention._fused_qkv(x, *ws), cots))
+  jaxpr = jax.make_jaxpr(qkv)(x, *ws).jaxpr
+  assert sum(e.primitive.name == "dot_general" for e in jaxpr.eqns) == products
+  loss = lambda x, *ws: sum(jnp.sum(o * c) for o, c in zip(qkv(x, *ws), cots))
   dx, *dws = jax.grad(loss, argnums=(0, 1, 2, 3))(x, *ws)
   want_dx = sum(np.einsum("btmh,dmh->btd", c, w) for c, w in zip(cots, ws))
   np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
   for dw, c in zip(dws, cots):
     np.testing.assert_allclose(dw, np.einsum("btd,btmh->dmh", x, c), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("forms", sorted(FORMS))
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_dense_forms_match_numpy(forms, n_in):
+  """`ops.dense` in either form (one 2-D GEMM over merged token dims, or the contraction
+  over [B, T, ...]) against numpy: values and the gradients of x and w."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+  w = rng.normal(size=(4, 5, 6) if n_in == 2 else (5, 6, 7)).astype(np.float32)
+  spec = "btij,ijo->bto" if n_in == 2 else "btij,jop->btiop"
+  want = np.einsum(spec, x, w)
+  cot = rng.normal(size=want.shape).astype(np.float32)
+  dense = lambda x, w: ops.dense(x, w, n_in, forms=FORMS[forms])
+  np.testing.assert_allclose(dense(x, w), want, rtol=1e-5, atol=1e-5)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(dense(x, w) * cot), (0, 1))(x, w)
+  ins, outs = spec.split("->")[0].split(","), spec.split("->")[1]
+  np.testing.assert_allclose(dx, np.einsum(f"{outs},{ins[1]}->{ins[0]}", cot, w), atol=1e-4)
+  np.testing.assert_allclose(dw, np.einsum(f"{ins[0]},{outs}->{ins[1]}", x, cot), atol=1e-4)
+
+
+@pytest.mark.parametrize("forms", sorted(FORMS))
+def test_swiglu_forms_match_numpy(forms):
+  """`ops.swiglu` in either form (one [B*T, .] view, or [B, T, F] hidden activations)
+  against numpy: w2(silu(w1 x) * w3 x), and the gradients of x and the three weights."""
+  rng = np.random.default_rng(5)
+  b, t, d, f = 2, 3, 8, 12
+  x = rng.normal(size=(b, t, d)).astype(np.float32)
+  w1, w3 = (rng.normal(size=(d, f)).astype(np.float32) for _ in range(2))
+  w2 = rng.normal(size=(f, d)).astype(np.float32)
+  cot = rng.normal(size=(b, t, d)).astype(np.float32)
+  gate, up = x @ w1, x @ w3
+  sig = 1 / (1 + np.exp(-gate))
+  h = gate * sig * up
+  swiglu = lambda *a: ops.swiglu(*a, forms=FORMS[forms])
+  np.testing.assert_allclose(swiglu(x, w1, w3, w2), h @ w2, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda *a: jnp.sum(swiglu(*a) * cot), (0, 1, 2, 3))(x, w1, w3, w2)
+  dh = cot @ w2.T
+  dgate = dh * up * (sig + gate * sig * (1 - sig))
+  dup = dh * gate * sig
+  want = (
+    dgate @ w1.T + dup @ w3.T,
+    np.einsum("btd,btf->df", x, dgate),
+    np.einsum("btd,btf->df", x, dup),
+    np.einsum("btf,btd->fd", h, cot),
+  )
+  for got, ref in zip(grads, want):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("forms", sorted(FORMS))
+def test_rope_forms_match_numpy(forms):
+  """`rope.apply_rope` in either form of the rotation (split/concatenate, or the halves
+  swapped by a flip) against numpy's rotate-half with llama3-scaled frequencies: values,
+  and the gradient (the inverse rotation of the cotangent)."""
+  rng = np.random.default_rng(6)
+  b, t, n, h = 2, 5, 3, 8
+  scaling = tiny().rope_scaling
+  x = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  pos = rng.integers(0, 300, size=(b, t)).astype(np.int32)
+  cot = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  ang = pos[..., None, None].astype(np.float64) * rope.inv_frequencies(h, 1e6, scaling)
+  cos, sin = np.cos(ang), np.sin(ang)
+  rotate = lambda v, sin: np.concatenate(
+    [
+      v[..., : h // 2] * cos - v[..., h // 2 :] * sin,
+      v[..., h // 2 :] * cos + v[..., : h // 2] * sin,
+    ],
+    axis=-1,
+  )
+  apply = lambda x: rope.apply_rope(x, jnp.asarray(pos), 1e6, scaling, FORMS[forms])
+  np.testing.assert_allclose(apply(x), rotate(x, sin), atol=1e-4)
+  dx = jax.grad(lambda x: jnp.sum(apply(x) * cot))(x)
+  np.testing.assert_allclose(dx, rotate(cot, -sin), atol=1e-4)
 
 
 def test_params_carry_logical_axes_only():

@@ -1,11 +1,19 @@
-"""Where a step runs, and the attention backend 'auto' picks for it.
+"""Where a step runs, the attention backend 'auto' picks for it, and the forms it traces.
 
 The platform is that of the devices the step is being traced for: the mesh set
 by `jax.set_mesh` (a CPU-side compile for a TPU topology counts as TPU), else
 JAX's default backend. 'auto' is splash on TPU, cuDNN on GPU, chunked elsewhere.
+
+`forms()` is the one place that picks the CPU specialisations: XLA:CPU runs some
+computations faster in another form than the one an accelerator's compiler wants
+(merged GEMMs, a flipped RoPE, joined q/k/v, ...). Each site that has two forms reads
+its flag from `forms()`; both forms compute the same values, and the tests check
+each against the other or a reference on CPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +29,43 @@ def target_platform() -> str:
   device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
   platform = getattr(device, "platform", None)
   return platform or jax.default_backend()
+
+
+@dataclasses.dataclass(frozen=True)
+class Forms:
+  """Which form of each platform-specialised computation a step traces: True for the
+  CPU form, False for the accelerator form.
+
+  `merged_gemms`: `model.ops.dense` and the MLP merge the token dims into one 2-D GEMM
+  (else contractions over [B, T, ...], which keep batch and sequence shardings).
+  `rope_by_flip`: `model.ops.rotate_half` swaps the halves by flipping a size-2 axis
+  (else split and concatenate). `joined_qkv`: `model.ops.project_qkv` forms q, k and v
+  from one product of the joined weights (from `FUSED_QKV_MIN_ROWS` tokens, heads whole).
+  `fused_loss_head`: the train step runs the head and loss fused block by block.
+  `row_schedule`: the chunked kernel may take its row schedule (`chunked.use_rows`), with
+  blocks sized by length and window (`resolve_chunk`). `transposed_cache`: the KV cache
+  holds keys [L, B, K, S, H] and values [L, B, K, H, S] (`model.cache`).
+  `unrolled_decode`: the decode loop runs a shallow model's layers unrolled
+  (`infer.sampler.unroll_decode`).
+  """
+
+  merged_gemms: bool
+  rope_by_flip: bool
+  joined_qkv: bool
+  fused_loss_head: bool
+  row_schedule: bool
+  transposed_cache: bool
+  unrolled_decode: bool
+
+
+CPU_FORMS = Forms(*(True,) * len(dataclasses.fields(Forms)))
+ACCELERATOR_FORMS = Forms(*(False,) * len(dataclasses.fields(Forms)))
+
+
+def forms(platform: str | None = None) -> Forms:
+  """The forms a step traces for `platform` (default: `target_platform()`): CPU_FORMS on
+  CPU, ACCELERATOR_FORMS on TPU and GPU."""
+  return CPU_FORMS if (platform or target_platform()) == "cpu" else ACCELERATOR_FORMS
 
 
 def resolve(impl: str, platform: str | None = None, dtype=None) -> str:
@@ -49,9 +94,10 @@ def resolve_chunk(
   head_dim: int | None = None,
 ) -> int:
   """Block rows of the blockwise kernels: `chunk`, or for 0 ('auto') 512 on TPU and GPU,
-  and on CPU T / 16 for a global layer (`window` >= T or None), the larger of T / 16
-  and W / 2 for a local one (W / 4 for heads of at most `THIN_HEAD_DIM` dims), a power
-  of two in [64, 512] ([32, 512] for those thin local layers).
+  and on CPU (`Forms.row_schedule`) T / 16 for a global layer (`window` >= T or None),
+  the larger of T / 16 and W / 2 for a local one (W / 4 for heads of at most
+  `THIN_HEAD_DIM` dims), a power of two in [64, 512] ([32, 512] for those thin local
+  layers).
   There the row schedule (`chunked.use_rows`) runs each query block against all its
   keys, so smaller blocks cut the causal and window waste until the products get too
   thin; these sizes were the fastest of the kernel alone (fwd + bwd) at the shapes of
@@ -60,7 +106,7 @@ def resolve_chunk(
   64 otherwise: fewer blocks to unroll and compile for short sequences."""
   if chunk:
     return chunk
-  if (platform or target_platform()) != "cpu":
+  if not forms(platform).row_schedule:
     return ACCELERATOR_CHUNK
   local = window is not None and window < seq_len
   thin = local and head_dim is not None and head_dim <= THIN_HEAD_DIM

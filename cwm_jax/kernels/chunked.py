@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cwm_jax.kernels.backend import target_platform
+from cwm_jax.kernels import backend
 from cwm_jax.kernels.masks import allowed, pad_rows, pad_segments
 
 NEG_INF = -1e30
@@ -293,17 +293,16 @@ ROWS_MAX_BLOCKS = 16  # `use_rows`: the most query blocks the unrolled row sched
 
 
 def use_rows(ranges, platform: str | None = None) -> bool:
-  """The row schedule on CPU when every query block's key blocks are one run and there
-  are at most `ROWS_MAX_BLOCKS` query blocks (it unrolls them); else the pair scan.
+  """The row schedule on CPU (`backend.Forms.row_schedule`) when every query block's key
+  blocks are one run and there are at most `ROWS_MAX_BLOCKS` query blocks (it unrolls
+  them); else the pair scan.
   On CPU a query block's scores against all its keys at once is one wider product
   (XLA:CPU runs [C*G, H] x [H, R] at a higher rate for wider R) and one softmax, where
   the scan pays per pair, so the kernel is faster in every layer kind at the shapes of
   benchmarks/train_step.py. Elsewhere the pair scan keeps one [C*G, C] block of
   scores alive."""
   return (
-    ranges is not None
-    and len(ranges) <= ROWS_MAX_BLOCKS
-    and (platform or target_platform()) == "cpu"
+    ranges is not None and len(ranges) <= ROWS_MAX_BLOCKS and backend.forms(platform).row_schedule
   )
 
 

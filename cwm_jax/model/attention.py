@@ -6,7 +6,6 @@ Legend: B batch, T length, D model, N query heads, K kv heads, H head dim.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +15,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from cwm_jax import kernels
 from cwm_jax.kernels import context_parallel
-from cwm_jax.kernels.backend import HEAD_AXIS, target_platform
 from cwm_jax.model import cache as kv_cache
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
-from cwm_jax.model.layers import constrain, dense, dtype_of, logical_to_spec, param
+from cwm_jax.model.layers import dtype_of, param
+from cwm_jax.model.logical import constrain, logical_to_spec, mesh_splits
+from cwm_jax.model.ops import dense, project_qkv
 from cwm_jax.model.rope import apply_rope
 
 
@@ -37,12 +37,7 @@ class Attention(nnx.Module):
   def project_qkv(self, x_BTD, positions_BT):
     """Rotated queries [B,T,N,H] and keys [B,T,K,H], values [B,T,K,H]."""
     cfg = self.cfg
-    if _join_qkv(x_BTD):
-      q_BTNH, k_BTKH, v_BTKH = _fused_qkv(x_BTD, self.wq[...], self.wk[...], self.wv[...])
-    else:
-      q_BTNH = dense(x_BTD, self.wq[...])
-      k_BTKH = dense(x_BTD, self.wk[...])
-      v_BTKH = dense(x_BTD, self.wv[...])
+    q_BTNH, k_BTKH, v_BTKH = project_qkv(x_BTD, self.wq[...], self.wk[...], self.wv[...])
     q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
     k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta, cfg.rope_scaling)
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "act_heads", None))
@@ -70,63 +65,28 @@ class Attention(nnx.Module):
         o_BTNH, cache = kv_cache.attend(cache, q, k, v, n_B)
         return self.project_out(o_BTNH), cache
       cache = kv_cache.write(cache, k, v, n_B)
-    run = functools.partial(attention_kernel, self.cfg, self.execution)
+    kernel_for = functools.partial(attention_kernel, self.cfg, self.execution)
     if windows is None:
-      o_BTNH = run(window)(q, k, v, segment_ids_BT)
+      o_BTNH = kernel_for(window)(q, k, v, segment_ids_BT)
     elif len(windows) == 1:
-      o_BTNH = run(windows[0])(q, k, v, segment_ids_BT)
+      o_BTNH = kernel_for(windows[0])(q, k, v, segment_ids_BT)
     else:
-      o_BTNH = jax.lax.switch(window, [run(w) for w in windows], q, k, v, segment_ids_BT)
+      kernels_W = [kernel_for(w) for w in windows]
+      o_BTNH = jax.lax.switch(window, kernels_W, q, k, v, segment_ids_BT)
     o_BTNH = checkpoint_name(o_BTNH, "attention_out")
     return self.project_out(o_BTNH), cache
 
 
-# Tokens from which `project_qkv` on CPU joins the three weights into one product. A decode
-# step's few rows are bound by reading the weights, which the join would copy each step,
-# making decode slower (benchmarks/sampler.py).
-FUSED_QKV_MIN_ROWS = 256
-
-
-def _join_qkv(x_BTD) -> bool:
-  """`_fused_qkv` for `project_qkv`: on CPU, for at least FUSED_QKV_MIN_ROWS tokens, and
-  with heads whole (joining weights split over the heads axis would gather them)."""
-  return (
-    target_platform() == "cpu"
-    and not _mesh_splits(HEAD_AXIS)
-    and math.prod(x_BTD.shape[:-1]) >= FUSED_QKV_MIN_ROWS
-  )
-
-
-def _mesh_splits(axis: str) -> bool:
-  """Whether the current mesh splits `axis` over more than one device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh is not None and not mesh.empty and dict(mesh.shape).get(axis, 1) > 1
-
-
-def _fused_qkv(x_BTD, wq_DNH, wk_DKH, wv_DKH):
-  """q, k and v from one product with the three weights side by side, on CPU: the thin
-  key and value products ([B*T, D] x [D, K*H]) and their gradients run below XLA:CPU's
-  GEMM rate alone, and joined they run at the rate of one wide product."""
-  d, n, h = wq_DNH.shape
-  k = wk_DKH.shape[1]
-  w = jnp.concatenate(
-    [wq_DNH.reshape(d, n * h), wk_DKH.reshape(d, k * h), wv_DKH.reshape(d, k * h)], axis=1
-  )
-  y = dense(x_BTD, w)
-  q, kk, v = jnp.split(y, [n * h, (n + k) * h], axis=-1)
-  lead = x_BTD.shape[:-1]
-  return q.reshape(*lead, n, h), kk.reshape(*lead, k, h), v.reshape(*lead, k, h)
-
-
-def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
+def attention_kernel(cfg: ModelConfig, execution: Execution, window: int):
   """`f(q, k, v, segment_ids) -> o` for one static window: backend by layer kind,
   through sequence-sharded context parallelism when the mesh and config ask."""
-  impl = run.attention_impl
+  impl = execution.attention_impl
   if window >= cfg.global_window:
-    impl = run.global_attention_impl or impl
-  impl = kernels.resolve(impl, dtype=run.compute_dtype)  # 'auto' -> the target devices' backend
+    impl = execution.global_attention_impl or impl
+  # 'auto' -> the target devices' backend
+  impl = kernels.resolve(impl, dtype=execution.compute_dtype)
   axis = context_parallel.AXIS
-  if run.context_parallel != "none" and _mesh_splits(axis):
+  if execution.context_parallel != "none" and mesh_splits(axis):
     mesh = jax.sharding.get_abstract_mesh()
     specs = [
       _manual_spec(names, mesh, axis)
@@ -139,8 +99,8 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
     return functools.partial(
       context_parallel.sharded_attention,
       window=window,
-      chunk=kernels.resolve_chunk(run.attention_chunk, cfg.max_seq_len),
-      mode=run.context_parallel,
+      chunk=kernels.resolve_chunk(execution.attention_chunk, cfg.max_seq_len),
+      mode=execution.context_parallel,
       q_spec=specs[0],
       kv_spec=specs[1],
       seg_spec=specs[2],
@@ -156,9 +116,9 @@ def attention_kernel(cfg: ModelConfig, run: Execution, window: int):
     s,
     window=window,
     impl=impl,
-    chunk=run.attention_chunk,
-    max_segments=run.attention_max_segments,
-    keep_probs=not run.scan_layers,
+    chunk=execution.attention_chunk,
+    max_segments=execution.attention_max_segments,
+    keep_probs=not execution.scan_layers,
   )
 
 

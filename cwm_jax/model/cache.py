@@ -8,9 +8,9 @@ the same tuple the layer scan switches over). A group's buffers are
 [L, B, S, K, H] with `S = min(window, cache_len)`: local layers keep exactly
 their window of keys (O(W) memory), global layers the whole sequence.
 
-On CPU (`CacheLayout.transposed`) keys are [L, B, K, S, H] and values
-[L, B, K, H, S]: both attention products then contract each operand's minor
-dimension (scores over H, values over S), so a decode step reads the cache in
+On CPU (`CacheLayout.transposed`, from `backend.Forms.transposed_cache`) keys are
+[L, B, K, S, H] and values [L, B, K, H, S]: both attention products then contract each
+operand's minor dimension (scores over H, values over S), so a decode step reads the cache in
 place, where with [L, B, S, K, H] buffers XLA:CPU copied every layer's keys and
 values transposed at each step. On TPU the transposed values cost the opposite
 (a copy of the cache per decode step), so accelerators keep [L, B, S, K, H].
@@ -43,10 +43,10 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
-from cwm_jax.kernels.backend import target_platform
+from cwm_jax.kernels import backend
 from cwm_jax.kernels.reference import reference_attention
 from cwm_jax.model.config import ModelConfig
-from cwm_jax.model.layers import constrain, logical_to_spec
+from cwm_jax.model.logical import constrain, logical_to_spec
 
 CACHE_AXES = (None, "batch", None, "act_kv_heads", None)  # [L, B, S, K, H]
 TRANSPOSED_CACHE_AXES = (None, "batch", "act_kv_heads", None, None)  # [L, B, K, S|H, H|S]
@@ -113,7 +113,7 @@ def cache_layout(cfg: ModelConfig, cache_len: int) -> CacheLayout:
   return _by_window(
     cfg.layer_windows,
     [min(w, cache_len) for w in cfg.layer_windows],
-    transposed=target_platform() == "cpu",
+    transposed=backend.forms().transposed_cache,
   )
 
 

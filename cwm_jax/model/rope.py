@@ -11,8 +11,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from cwm_jax.kernels.backend import target_platform
+from cwm_jax.kernels.backend import Forms
 from cwm_jax.model.config import RopeScaling
+from cwm_jax.model.ops import rotate_half
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -30,9 +31,14 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) ->
 
 
 def apply_rope(
-  x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, theta: float, scaling: RopeScaling | None
+  x_BTNH: jnp.ndarray,
+  positions_BT: jnp.ndarray,
+  theta: float,
+  scaling: RopeScaling | None,
+  forms: Forms | None = None,
 ) -> jnp.ndarray:
-  """Rotates queries or keys by their explicit positions (float32 math).
+  """Rotates queries or keys by their explicit positions (float32 math), in the platform's
+  form of the rotation (`ops.rotate_half`; `forms`: that of the step by default).
 
   Args:
     x_BTNH: [B, T, N, H] queries or keys.
@@ -45,17 +51,5 @@ def apply_rope(
   angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv
   cos = jnp.cos(angles_BTh)[:, :, None, :]
   sin = jnp.sin(angles_BTh)[:, :, None, :]
-  x = x_BTNH.astype(jnp.float32)
-  if target_platform() != "cpu":
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
-  # On CPU the halves swap by reversing a size-2 axis, which XLA fuses into the
-  # elementwise work, forward and backward: the split/concatenate form and its gradient
-  # cost a noticeable share of a small model's train step in copies, and a product with
-  # a 0/1 permutation matrix costs GEMM time on every layer (projections + RoPE, fwd +
-  # bwd; benchmarks/train_step.py --breakdown).
-  cos2, sin2 = jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)
-  halves = x.reshape(*x.shape[:-1], 2, head_dim // 2)
-  swapped = jnp.flip(halves, axis=-2).reshape(x.shape)
-  return (x * cos2 + swapped * sin2).astype(x_BTNH.dtype)
+  out = rotate_half(x_BTNH.astype(jnp.float32), cos, sin, forms)
+  return out.astype(x_BTNH.dtype)

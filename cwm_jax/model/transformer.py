@@ -132,7 +132,7 @@ class Transformer(nnx.Module):
   def _stack(self, x_BTD, positions_BT, segment_ids_BT, cache, layers=None):
     """The layer stack, scanned (windows by `lax.switch`) or unrolled, on `layers` if
     given (`layer_states`); threads `cache`."""
-    cfg, run = self.cfg, self.execution
+    cfg, execution = self.cfg, self.execution
     graphdef, stacked = nnx.split(self.layers)
 
     def apply(x, layer_state, window, windows=None, layer_cache=None):
@@ -142,10 +142,10 @@ class Transformer(nnx.Module):
 
     windows = kv_cache.distinct_windows(cfg)
     index_L = jnp.asarray([windows.index(w) for w in cfg.layer_windows], jnp.int32)
-    if layers is None and run.scan_layers and cache is None:  # training: remat per layer
-      body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows)[0], None), run.remat_policy)
+    if layers is None and execution.scan_layers and cache is None:  # training: remat per layer
+      body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows)[0], None), execution.remat_policy)
       x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, index_L))
-    elif layers is None and run.scan_layers:  # cached: the scan carries the whole cache
+    elif layers is None and execution.scan_layers:  # cached: the scan carries the whole cache
 
       def body(carry, xs):
         x, layer_cache = apply(
@@ -165,7 +165,7 @@ class Transformer(nnx.Module):
           else kv_cache.LayerCache(cache, cache.layout.slots[i], cache.layout.groups[i])
         )
         fn = functools.partial(apply, window=w, layer_cache=layer_cache)
-        x_BTD, layer_cache = (fn if cache is not None else remat(fn, run.remat_policy))(
+        x_BTD, layer_cache = (fn if cache is not None else remat(fn, execution.remat_policy))(
           x_BTD, layers[i]
         )
         cache = None if layer_cache is None else layer_cache.cache
