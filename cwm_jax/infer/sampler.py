@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cwm_jax.infer import cache as kv
-from cwm_jax.kernels.backend import target_platform
+from cwm_jax.kernels import backend
 from cwm_jax.model.layers import dtype_of
 from cwm_jax.model.logprobs import token_logprobs
 
@@ -135,7 +135,7 @@ UNROLL_DECODE_LAYERS = 16
 
 def unroll_decode(cfg) -> bool:
   """Whether the decode loop runs the layers unrolled on weights sliced before it."""
-  return target_platform() == "cpu" and cfg.n_layers <= UNROLL_DECODE_LAYERS
+  return backend.forms().unrolled_decode and cfg.n_layers <= UNROLL_DECODE_LAYERS
 
 
 @functools.partial(
