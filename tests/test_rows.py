@@ -34,6 +34,9 @@ def test_row_sharding_keeps_the_batch_axes_only(mesh, batch_sharding):
   assert per_row.mesh is mesh and per_row.spec == P(BATCH_AXES)
   assert rows.row_sharding(per_row).spec == per_row.spec  # a row sharding is its own
   assert rows.row_sharding(NamedSharding(mesh, P())).is_fully_replicated
+  assert rows.row_blocks(batch_sharding) == rows.row_blocks(per_row) == 4  # data x fsdp
+  assert rows.row_blocks(NamedSharding(mesh, P("sequence", "data"))) == 2
+  assert rows.row_blocks(NamedSharding(mesh, P())) == 1
 
 
 def test_global_batch_lays_out_tokens_and_per_row_values(batch_sharding):

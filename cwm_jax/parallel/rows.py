@@ -3,9 +3,10 @@
 Every process of a multi-controller job loads only its own rows of a global batch. A
 [B, ...] array's rows are split over the mesh axes of the first entry of a batch sharding
 (the batch axes, `data` and `fsdp` under the default rules): `row_sharding` is that
-layout with every other dim replicated. `global_array` and `global_batch` turn this
-process's rows into the global `jax.Array`s the jitted steps take; `local_rows` hands
-this process its rows of a global array back (e.g. sampled tokens to score on the host).
+layout with every other dim replicated (`row_blocks`: into how many blocks it splits the
+rows). `global_array` and `global_batch` turn this process's rows into the global
+`jax.Array`s the jitted steps take; `local_rows` hands this process its rows of a global
+array back (e.g. sampled tokens to score on the host).
 
 With one process the local rows are the whole batch and these are plain `device_put`s
 and `device_get`s, so the same code runs on a laptop and on a pod.
@@ -13,6 +14,7 @@ and `device_get`s, so the same code runs on a laptop and on a pod.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -28,12 +30,22 @@ def row_sharding(sharding: NamedSharding) -> NamedSharding:
   return NamedSharding(sharding.mesh, P(first))
 
 
+def row_blocks(sharding: NamedSharding) -> int:
+  """How many blocks `row_sharding(sharding)` splits the rows into (the product of the sizes
+  of its batch axes): a global row count must be a multiple of it."""
+  first = row_sharding(sharding).spec[0]
+  axes = () if first is None else (first,) if isinstance(first, str) else tuple(first)
+  return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
 def global_array(local: np.ndarray, sharding: NamedSharding, rows: int) -> jax.Array:
   """The global [rows, ...] array laid out by `sharding` whose rows on this process's
   devices are `local` [b, ...] (b = rows / process count when the rows span every process).
 
+  `rows` is the global row count, the same on every process. When every process holds every
+  row alike, pass them all and `rows=len(local)`: each device then takes its own block.
   Processes that hold the same rows (replicas over a non-batch mesh axis) must pass the
-  same `local`; `rows` is the global row count, the same on every process."""
+  same `local`."""
   return jax.make_array_from_process_local_data(sharding, local, (rows,) + local.shape[1:])
 
 
