@@ -7,7 +7,9 @@ MODE `rl`: the toy GRPO run (`trainer.toy_config(3)`, rows over every device) wi
 workdir OUT (process 0 writes OUT/metrics.jsonl). MODE `mixed`: 2 RL steps on a task
 file whose even records (process 0's shard of 2) are math tasks and odd ones tool
 tasks, so the processes hold different numbers of single- and multi-turn tasks.
-MODE `turns`: two sampling turns of
+MODE `disagg`: the toy run of MODE `rl` with disaggregated rollouts, half of every
+process's devices sampling (`rl.rollout_devices`) and rollouts of the policy being
+updated (staleness 0). MODE `turns`: two sampling turns of
 8 rows (each process its share) on a tiny model sharded over every device, environment
 tokens appended between turns; writes this process's rows to OUT.<process id>.json.
 """
@@ -108,7 +110,9 @@ def main(mode: str, out: str) -> None:
     return
   from cwm_jax.rl import trainer
 
-  config = trainer.toy_config(3) if mode == "rl" else _mixed_config(out)
+  config = _mixed_config(out) if mode == "mixed" else trainer.toy_config(3)
+  if mode == "disagg":
+    config.rl.rollout_devices = jax.device_count() // 2
   result = trainer.run(config, out)
   assert result["step"] == config.total_steps, result
 

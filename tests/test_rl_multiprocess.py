@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "multiprocess_rl.py")
@@ -48,17 +49,39 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_rl_loop_on_two_processes_matches_one(tmp_path):
+@pytest.fixture(scope="module")
+def one_process_rl(tmp_path_factory):
+  """The toy GRPO run on one process with 8 devices, rollouts on the training mesh."""
+  out = tmp_path_factory.mktemp("rl") / "one"
+  _run("rl", str(out), 1)
+  return _metrics(out)
+
+
+def test_rl_loop_on_two_processes_matches_one(tmp_path, one_process_rl):
   """Each process samples its share of the groups on the global mesh and scores them; the
   global batch, the statistics and the updates equal the one-process run's."""
-  _run("rl", str(tmp_path / "one"), 1)
   _run("rl", str(tmp_path / "two"), 2)
-  want, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+  want, got = one_process_rl, _metrics(tmp_path / "two")
   assert [r["step"] for r in got] == [1, 2, 3]
   assert any(r["grad_norm"] > 0 for r in want)  # real updates, not skipped groups
   for key in ("reward_mean", "pass_rate", "groups_kept", "loss", "grad_norm"):
     np.testing.assert_allclose(
       [r[key] for r in got], [r[key] for r in want], rtol=1e-5, atol=1e-7, err_msg=key
+    )
+
+
+def test_disaggregated_rollouts_on_two_processes_equal_colocated(tmp_path, one_process_rl):
+  """2 processes x 4 devices: 2 of each process's devices train, 2 sample from weights
+  synced device to device; with staleness 0 the rewards and updates equal the colocated
+  one-process run's."""
+  _run("disagg", str(tmp_path / "disagg"), 2)
+  want, got = one_process_rl, _metrics(tmp_path / "disagg")
+  assert [r["step"] for r in got] == [1, 2, 3]
+  assert any(r["grad_norm"] > 0 for r in want)
+  assert all(r["staleness"] == 0 and r["stale_dropped"] == 0 for r in got)
+  for key in ("reward_mean", "pass_rate", "groups_kept", "loss", "grad_norm"):
+    np.testing.assert_allclose(
+      [r[key] for r in got], [r[key] for r in want], rtol=1e-5, atol=1e-5, err_msg=key
     )
 
 

@@ -243,12 +243,16 @@ def _check(model, prompts, max_new_tokens, temperature, top_p):
 
 
 class _Rows:
-  """Puts this process's rows on the devices and brings them back: plain arrays without
-  a `row_sharding`, the global [B, ...] array of every process's rows with one."""
+  """Puts the rows on the devices and brings them back: plain arrays without a
+  `row_sharding`; with one, the global [B, ...] array of every process's rows
+  (`global_rows` False: each process passes and gets back its own rows) or of the rows
+  every process passes alike (`global_rows` True: each gets all of them back, and the
+  only collectives are on the row sharding's own devices)."""
 
-  def __init__(self, row_sharding: NamedSharding | None, local_rows: int):
+  def __init__(self, row_sharding: NamedSharding | None, local_rows: int, global_rows=False):
     self.sharding, self.local = row_sharding, local_rows
-    self.multi = row_sharding is not None and not row_sharding.is_fully_addressable
+    self.all = global_rows and row_sharding is not None
+    self.multi = row_sharding is not None and not row_sharding.is_fully_addressable and not self.all
     if self.multi:
       counts = multihost_utils.process_allgather(np.int32(local_rows))
       if len(set(counts.tolist())) != 1:
@@ -267,6 +271,8 @@ class _Rows:
   def put(self, local: np.ndarray):
     if self.sharding is None:
       return jnp.asarray(local)
+    if self.all:
+      return jax.make_array_from_callback(local.shape, self._rows_of(local.ndim), local.__getitem__)
     if self.multi:
       return jax.make_array_from_process_local_data(
         self._rows_of(local.ndim), local, (self.rows,) + local.shape[1:]
@@ -274,6 +280,9 @@ class _Rows:
     return jax.device_put(local, self._rows_of(local.ndim))
 
   def get(self, *arrays) -> list[np.ndarray]:
+    if self.all and not self.sharding.is_fully_addressable:
+      everywhere = NamedSharding(self.sharding.mesh, P())
+      return [np.asarray(jax.device_put(a, everywhere).addressable_shards[0].data) for a in arrays]
     if not self.multi:
       return [np.asarray(a) for a in jax.device_get(arrays)]
     out = []
@@ -309,6 +318,7 @@ class Turns:
     seed: int = 0,
     pad_multiple: int = 32,
     row_sharding: NamedSharding | None = None,
+    global_rows: bool = False,
   ):
     if cache_len is not None and cache_len > model.cfg.max_seq_len:
       raise ValueError(
@@ -318,7 +328,7 @@ class Turns:
     self.model, self.cache_len, self.pad = model, cache_len, pad_multiple
     self.temperature, self.top_p, self.seed, self.turn = temperature, top_p, seed, 0
     self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    self.io = _Rows(row_sharding, rows)
+    self.io = _Rows(row_sharding, rows, global_rows)
     self.cache, self.held = None, np.zeros((rows,), np.int64)  # tokens the cache holds per row
 
   def __call__(
@@ -403,6 +413,7 @@ def generate(
   seed: int = 0,
   pad_multiple: int = 32,
   row_sharding: NamedSharding | None = None,
+  global_rows: bool = False,
 ) -> GenerateResult:
   """Generates up to `max_new_tokens` per prompt; temperature 0 is greedy.
 
@@ -411,7 +422,8 @@ def generate(
   spreads the prompts over devices: the params keep their own (training) shardings and
   the jitted prefill and decode loop run sharded, with no host copy of the params.
   Over a multi-process mesh, `prompts` are this process's rows (every process passes
-  as many) and the result holds them.
+  as many) and the result holds them; with `global_rows` every process passes all rows
+  alike and gets all of them back (the rollout replicas of `parallel.transfer`).
   """
   return Turns(
     model,
@@ -423,4 +435,5 @@ def generate(
     seed=seed,
     pad_multiple=pad_multiple,
     row_sharding=row_sharding,
+    global_rows=global_rows,
   )(prompts, max_new_tokens)

@@ -105,12 +105,16 @@ def collect(
   version: int,
   pad_multiple: int = 32,
   row_sharding=None,
+  global_rows: bool = False,
   generate_fn: Callable = generate,
 ) -> list[Group]:
   """`group_size` sampled completions of each task, scored; one Group per task.
-  `row_sharding` spreads the rows over the mesh (see `sampler.generate`)."""
+  `row_sharding` spreads the rows over the mesh, `global_rows` says every process passes
+  all of them (see `sampler.generate`)."""
   prompts = [list(t.prompt_ids) for t in tasks for _ in range(group_size)]
   sharded = {} if row_sharding is None else {"row_sharding": row_sharding}
+  if global_rows:
+    sharded["global_rows"] = True
   result = generate_fn(
     model,
     prompts,

@@ -21,6 +21,7 @@ all have zero advantage skips the optimizer (`skipped` 1) but counts as a step.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from typing import NamedTuple
@@ -41,9 +42,10 @@ from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.sampler import Turns
 from cwm_jax.model.transformer import abstract_model
 from cwm_jax.parallel import mesh as mesh_lib
-from cwm_jax.parallel import sharding
+from cwm_jax.parallel import sharding, transfer
 from cwm_jax.rl import datasets, episodes, grpo, rollout
 from cwm_jax.rl import tasks as tasks_lib
+from cwm_jax.rl.rewards import Reward
 from cwm_jax.train import config as config_lib
 from cwm_jax.train import runtime
 from cwm_jax.train import step as step_lib
@@ -72,6 +74,11 @@ def rl_config() -> ml_collections.ConfigDict:
       warmup_steps=0,  # supervised steps on reference answers first
       async_rollouts=False,
       max_staleness=1,
+      # Disaggregated rollouts (parallel.transfer): devices of their own, taken from every
+      # process alike; 0 samples on the trainer's mesh (colocated).
+      rollout_devices=0,
+      rollout_tensor=1,  # tensor-parallel devices per rollout replica
+      rollout_dtype="",  # the replicas' param dtype ('bfloat16'); '': the trainer's
       verifier_workers=2,
       sandbox_timeout_s=3.0,
       sandbox_memory_mb=512,
@@ -110,10 +117,13 @@ def validate(config, n_devices: int | None = None, n_processes: int | None = Non
   """Every check `run` makes before compiling: the training config, then the `rl` section
   (unknown `rl` fields are errors); devices and processes default to this job's."""
   processes = n_processes or jax.process_count()
-  config_lib.validate(
-    config, config_lib.model_config(config), n_devices or jax.device_count(), processes
-  )
+  n_devices = n_devices or jax.device_count()
   rl, errors = config.rl, []
+  disagg = rl.get("rollout_devices", 0) > 0
+  cfg = config_lib.model_config(config)
+  config_lib.validate(
+    config, cfg, n_devices - rl.rollout_devices if disagg else n_devices, processes
+  )
   unknown = sorted(set(rl.keys()) - set(rl_config().keys()))
   if unknown:
     errors.append(f"unknown rl fields {unknown}; known: {sorted(rl_config().keys())}")
@@ -142,20 +152,63 @@ def validate(config, n_devices: int | None = None, n_processes: int | None = Non
       "need rl.max_turns >= 1, 0 <= rl.episode_tokens <= seq_len and rl.episode_seconds > 0"
     )
 
-  if rl.group_size >= 2 and (config.batch_size // rl.group_size) % processes:
+  if disagg:
+    errors += _disaggregated_errors(config, cfg, n_devices, processes)
+  elif rl.group_size >= 2 and (config.batch_size // rl.group_size) % processes:
     errors.append(
       f"batch_size / rl.group_size = {config.batch_size // rl.group_size} prompts "
       f"per update do not split over {processes} processes (each samples whole "
       "groups); change batch_size"
     )
-  if rl.async_rollouts and processes > 1:
+  if rl.async_rollouts and processes > 1 and not disagg:
     errors.append(
-      "rl.async_rollouts=True runs on one process only: a background thread's "
-      "collectives would interleave with the update's across hosts; set "
-      "rl.async_rollouts=False"
+      "colocated rl.async_rollouts=True runs on one process only: a background "
+      "thread's collectives would interleave with the update's across hosts; set "
+      "rl.rollout_devices (rollouts on devices of their own) or rl.async_rollouts=False"
     )
   if errors:
     raise ConfigError("invalid RL config: " + "; ".join(errors))
+
+
+def _disaggregated_errors(config, cfg, n_devices: int, processes: int) -> list[str]:
+  """What keeps `rl.rollout_devices` from a rollout mesh: the device split, the replicas'
+  param split (`rl.rollout_tensor` must divide the heads) and the schedule."""
+  rl = config.rl
+  errors = transfer.split_errors(
+    n_devices, processes, rl.rollout_devices, rl.rollout_tensor, config.batch_size
+  )
+  if errors:
+    return errors
+  specs = transfer.rollout_specs(sharding.param_specs(cfg, sharding.normalize_rules(config.rules)))
+  shapes = nnx.to_pure_dict(nnx.split(abstract_model(cfg), nnx.Param)[1])
+  sizes = {
+    "data": rl.rollout_devices // rl.rollout_tensor,
+    "fsdp": 1,
+    "tensor": rl.rollout_tensor,
+    "sequence": 1,
+  }
+  errors += [
+    f"rollout mesh: {e}; change rl.rollout_tensor"
+    for e in sharding.indivisible(shapes, specs, sizes)
+  ]
+  if rl.updates_per_rollout != 1:
+    errors.append(
+      f"rl.updates_per_rollout={rl.updates_per_rollout}: disaggregated rollouts sample one "
+      "batch per update (policy versions are updates); set it to 1"
+    )
+  if rl.rollout_dtype:
+    try:
+      jnp.dtype(rl.rollout_dtype)
+    except TypeError:
+      errors.append(f"rl.rollout_dtype={rl.rollout_dtype!r} is not a dtype (e.g. 'bfloat16')")
+  return errors
+
+
+def pipeline_depth(rl) -> int:
+  """How many policy versions disaggregated rollouts run ahead of the update that uses
+  them: `rl.max_staleness` with `rl.async_rollouts`, else 0 (sampled from the policy
+  being updated)."""
+  return rl.max_staleness if rl.async_rollouts else 0
 
 
 TASK_SETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "task_sets")
@@ -208,9 +261,14 @@ class _Tasks:
 
   def __init__(self, config, tasks=None, stream: datasets.TaskStream | None = None):
     self.config, self.tasks, self.stream = config, tasks, stream
+    # Disaggregated rollouts: every process draws all `n` (the rollout replicas, not the
+    # processes, split them); the stream then reads every shard on every process.
+    self.everywhere = config.rl.get("rollout_devices", 0) > 0
 
   def draw(self, step: int, n: int, salt: int = 0) -> list:
     local, index = n // jax.process_count(), jax.process_index()
+    if self.everywhere:
+      local, index = n, 0
     if self.stream is not None:
       return self.stream.take(local)
     rng = np.random.default_rng([self.config.seed, step, salt])
@@ -246,6 +304,39 @@ def _same_counts(single: list, multi: list, pool: list) -> tuple[_Share, _Share]
   )
 
 
+def _pad_to(own: list, multiple: int, pool: list) -> _Share:
+  """`own` tasks padded with copies from `pool` to a multiple of `multiple` (the filler's
+  groups are dropped): rows that divide over the rollout replicas."""
+  if not own:
+    return _Share([], 0)
+  filler = itertools.cycle(pool)
+  return _Share(own + [next(filler) for _ in range(-len(own) % multiple)], len(own))
+
+
+class _SharedScorer:
+  """Verifies this process's share of the completions (every process holds all of them)
+  and gathers the verdicts over the rollout mesh, so each is run once."""
+
+  def __init__(self, scorer, mesh):
+    self.scorer, self.mesh, self.limits = scorer, mesh, scorer.limits
+
+  def __call__(self, tasks, completions) -> list:
+    n, p = jax.process_count(), jax.process_index()
+    mine = list(range(p, len(tasks), n))
+    local = dict(zip(mine, self.scorer([tasks[i] for i in mine], [completions[i] for i in mine])))
+    table = np.zeros((len(tasks), 2), np.float32)
+    for i, r in local.items():
+      table[i] = r.value, r.passed
+    table = transfer.host_allgather(table, self.mesh).sum(axis=0)  # each row from one process
+    return [
+      local.get(i) or Reward(float(v), bool(ok), "pass" if ok else "fail")
+      for i, (v, ok) in enumerate(table)
+    ]
+
+  def close(self):
+    self.scorer.close()
+
+
 def _global_stats(groups, sampled: float) -> dict:
   """Rollout statistics over every process's groups (`rollout.group_stats`), and the
   tokens sampled in all."""
@@ -260,7 +351,15 @@ class _Sampler:
   """Rollout batch of one step: pick prompts, sample groups with given params, score."""
 
   def __init__(
-    self, config, graphdef, tokenizer, tasks: _Tasks, scorer, rows: NamedSharding, rules=()
+    self,
+    config,
+    graphdef,
+    tokenizer,
+    tasks: _Tasks,
+    scorer,
+    rows: NamedSharding,
+    rules=(),
+    everywhere: bool = False,
   ):
     self.config, self.graphdef, self.tokenizer, self.tasks, self.scorer = (
       config,
@@ -271,21 +370,41 @@ class _Sampler:
     )
     self.rows = rows  # rollout rows over the training mesh's data axes
     self.rules = rules  # the logical axis rules: the KV cache is split as the plan splits it
+    # Disaggregated: every process samples all rows on the rollout mesh (`rows.mesh`),
+    # verifies its share of them and gathers the verdicts over that mesh.
+    self.everywhere = everywhere
+    if everywhere and jax.process_count() > 1:
+      self.scorer = _SharedScorer(scorer, rows.mesh)
     # Prompts are padded to one length (one compile): the longest prompt that fits.
     self.pad = config.seq_len - config.rl.max_new_tokens
 
-  def __call__(self, params, version: int):
+  def __call__(self, params, version: int, step: int | None = None):
+    """The rollout batch of update `step` (default `version`) sampled with the params of
+    policy `version`: tasks and sampling seed follow the update, groups carry the version."""
+    step = version if step is None else step
     with nnx.logical_axis_rules(self.rules):
-      return self._sample(params, version)
+      if not self.everywhere:
+        return self._sample(params, version, step)
+      with jax.set_mesh(self.rows.mesh):  # activations constrained on the rollout mesh
+        return self._sample(params, version, step)
 
-  def _sample(self, params, version: int):
+  def _sample(self, params, version: int, step: int):
     rl, t0 = self.config.rl, time.perf_counter()
     model = nnx.merge(self.graphdef, params)
-    seed = self.config.seed * 1_000_003 + version
-    tasks = self.tasks.draw(version, self.config.batch_size // rl.group_size)
-    single, multi = _same_counts(
-      [t for t in tasks if not t.tools], [t for t in tasks if t.tools], tasks
-    )
+    seed = self.config.seed * 1_000_003 + step
+    tasks = self.tasks.draw(step, self.config.batch_size // rl.group_size)
+    single_own, multi_own = [t for t in tasks if not t.tools], [t for t in tasks if t.tools]
+    if self.everywhere:
+      if multi_own and jax.process_count() > 1:
+        raise ConfigError(
+          "multi-turn (tool) tasks with rl.rollout_devices run on one process only: their "
+          "tools would run on every process; use colocated rollouts (rl.rollout_devices=0)"
+        )
+      single, multi = (
+        _pad_to(own, self._replica_multiple(), tasks) for own in (single_own, multi_own)
+      )
+    else:
+      single, multi = _same_counts(single_own, multi_own, tasks)
     groups = (
       rollout.collect(
         model,
@@ -301,6 +420,7 @@ class _Sampler:
         version=version,
         pad_multiple=self.pad,
         row_sharding=self._rows(len(single.tasks) * rl.group_size),
+        global_rows=self.everywhere,
       )[: single.real]
       if single.tasks
       else []
@@ -324,6 +444,7 @@ class _Sampler:
           seed=seed,
           pad_multiple=self.pad,
           row_sharding=self._rows(rows),
+          global_rows=self.everywhere,
         )
 
       groups += episodes.collect_groups(
@@ -335,20 +456,30 @@ class _Sampler:
         version=version,
         limits=limits,
         tool_limits=self.scorer.limits,
-        any_process=_any_process,
+        any_process=(lambda flags: flags) if self.everywhere else _any_process,
       )[: multi.real]
     batch, _ = rollout.make_batch(groups, self.config.seq_len)
-    stats = _global_stats(groups, float(sum(sum(e.policy) for g in groups for e in g.episodes)))
+    sampled = float(sum(sum(e.policy) for g in groups for e in g.episodes))
+    if self.everywhere:  # every process holds every group
+      stats = dict(rollout.group_stats(**rollout.group_arrays(groups)), sampled_tokens=sampled)
+    else:
+      stats = _global_stats(groups, sampled)
     dt = time.perf_counter() - t0
     return batch, dict(
       stats, rollout_time=dt, rollout_tokens_per_sec=stats.pop("sampled_tokens") / max(dt, 1e-9)
     )
 
+  def _replica_multiple(self) -> int:
+    """Tasks per sampling call must be a multiple of this for their rows to divide over
+    the rollout replicas."""
+    size = mesh_lib.axis_size(dict(self.rows.mesh.shape), sharding.spec_axes(self.rows.spec[0]))
+    return size // math.gcd(size, self.config.rl.group_size)
+
   def _rows(self, n: int) -> NamedSharding | None:
     """The row sharding when this process's `n` rows (as many on every process) divide
     evenly over it; else None (one process only: sampled unsharded)."""
     size = mesh_lib.axis_size(dict(self.rows.mesh.shape), sharding.spec_axes(self.rows.spec[0]))
-    if (n * jax.process_count()) % size == 0:
+    if (n * (1 if self.everywhere else jax.process_count())) % size == 0:
       return self.rows
     if jax.process_count() > 1:
       raise ConfigError(
@@ -386,6 +517,45 @@ class _Feed:
       self.async_.close()
 
 
+class _Rollouts:
+  """Disaggregated rollouts: the rollout replicas sample on devices of their own from
+  weights synced device to device (`transfer.WeightSync`), while the trainer's devices
+  run the update.
+
+  Deterministic on every process (all of them issue the same programs in the same
+  order, so nothing needs a thread): update `u`'s batch is sampled from policy version
+  `u - depth` (`pipeline_depth`). `before(params, u)` syncs version `u` to the replicas
+  (before the update donates those params) and, when no batch for `u` is ready (depth 0,
+  the first updates of a launch), samples it now; `after(u)`, called once update `u` is
+  dispatched, samples the batch of update `u + depth` on the replicas while the update
+  runs. A batch is therefore never more than `depth` <= `rl.max_staleness` versions old;
+  a resumed launch samples afresh from the restored params.
+  """
+
+  def __init__(self, sampler: _Sampler, sync: transfer.WeightSync, depth: int, total: int):
+    self.sampler, self.sync, self.depth, self.total = sampler, sync, depth, total
+    self.ready: dict[int, tuple[int, tuple]] = {}  # update -> (policy version, batch)
+    self.policy = None
+
+  def before(self, params, step: int) -> None:
+    self.policy = (self.sync(params, step), step)
+    if step not in self.ready:
+      self.ready[step] = self._sample(step)
+
+  def after(self, step: int) -> None:
+    ahead = step + self.depth
+    if self.depth and ahead < self.total and ahead not in self.ready:
+      self.ready[ahead] = self._sample(ahead)
+
+  def get(self, step: int):
+    version, out = self.ready.pop(step)
+    return out, step - version
+
+  def _sample(self, step: int):
+    params, version = self.policy
+    return version, self.sampler(params, version, step)
+
+
 class RLTrainer:
   """Supervised warmup steps, then rollout batches and their GRPO steps.
 
@@ -393,7 +563,13 @@ class RLTrainer:
   each checkpoint), or None for the embedded tasks, which are drawn by step number.
   """
 
-  def __init__(self, rt: runtime.Runtime, tokenizer, tasks: _Tasks):
+  def __init__(
+    self,
+    rt: runtime.Runtime,
+    tokenizer,
+    tasks: _Tasks,
+    rollout_layout: transfer.Layout | None = None,
+  ):
     self.rt, config = rt, rt.config
     self.config, self.tasks = config, tasks
     self.data_iter = tasks.stream
@@ -429,14 +605,28 @@ class RLTrainer:
     )
     graphdef = nnx.split(abstract_model(rt.cfg, rt.execution), nnx.Param)[0]
     self.scorer = rollout.Scorer(rl.verifier_workers, _limits(rl))
-    rows = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
-    self.feed = _Feed(
-      config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer, rows, rt.rules)
-    )
+    self.rollouts, self.feed = None, None
+    if rollout_layout is not None:  # rollouts on a mesh of their own
+      rows = NamedSharding(
+        rollout_layout.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0])
+      )
+      sampler = _Sampler(
+        config, graphdef, tokenizer, tasks, self.scorer, rows, rt.rules, everywhere=True
+      )
+      specs = jax.tree.map(
+        lambda s: s.spec, rt.shardings["params"], is_leaf=lambda x: isinstance(x, NamedSharding)
+      )
+      sync = transfer.WeightSync(rollout_layout, specs, rl.rollout_dtype or None)
+      self.rollouts = _Rollouts(sampler, sync, pipeline_depth(rl), config.total_steps)
+    else:
+      rows = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
+      self.feed = _Feed(
+        config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer, rows, rt.rules)
+      )
     self.published = None
 
   def iterate(self, state: dict, step: int):
-    if self.published is None:
+    if self.feed is not None and self.published is None:
       self.feed.publish(state["params"], step)
       self.published = step
     if step < self.config.rl.warmup_steps:
@@ -448,17 +638,26 @@ class RLTrainer:
     config = self.config
     tasks = self.tasks.draw(step, config.batch_size, salt=1)
     state, metrics = self.sft_step(state, self._put(_sft_batch(tasks, len(tasks), config.seq_len)))
-    self.feed.publish(state["params"], step + 1)
+    if self.feed is not None:
+      self.feed.publish(state["params"], step + 1)
     return runtime.Update(state, step + 1, dict(metrics, warmup=1.0))
 
   def _rl_steps(self, state, step: int):
     """One rollout batch and its optimizer steps."""
     rt, config = self.rt, self.config
-    (batch, stats), staleness = self.feed.get(state["params"], step)
-    stats.update(stale_dropped=self.feed.dropped, staleness=staleness)
+    if self.rollouts is not None:
+      self.rollouts.before(state["params"], step)
+      (batch, stats), staleness = self.rollouts.get(step)
+      stats = dict(stats, stale_dropped=0, staleness=staleness)
+    else:
+      (batch, stats), staleness = self.feed.get(state["params"], step)
+      stats = dict(stats, stale_dropped=self.feed.dropped, staleness=staleness)
     if stats["groups_kept"] == 0:  # no group carries signal: no update
       state = dict(state, step=state["step"] + 1)
-      self.feed.publish(state["params"], step + 1)  # same params, next policy version
+      if self.rollouts is not None:
+        self.rollouts.after(step)
+      else:
+        self.feed.publish(state["params"], step + 1)  # same params, next policy version
       yield runtime.Update(
         state,
         step + 1,
@@ -476,8 +675,11 @@ class RLTrainer:
     for _ in range(min(config.rl.updates_per_rollout, config.total_steps - step)):
       t0 = time.perf_counter()
       state, metrics = self.rl_step(state, device_batch)
+      if self.rollouts is not None:  # the update runs on the trainer's devices meanwhile
+        self.rollouts.after(step)
       step += 1
-      self.feed.publish(state["params"], step)
+      if self.feed is not None:
+        self.feed.publish(state["params"], step)
       yield runtime.Update(
         state, step, dict(stats, **metrics, skipped=0.0, update_time=time.perf_counter() - t0)
       )
@@ -487,6 +689,13 @@ class RLTrainer:
     axes, [B] over their first)."""
     rt, n = self.rt, self.config.batch_size
     row = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
+    if self.rollouts is not None:  # every process holds every row
+      return {
+        k: jax.make_array_from_callback(
+          v.shape, rt.batch_sharding if v.ndim == 2 else row, v.__getitem__
+        )
+        for k, v in local.items()
+      }
     return {
       k: jax.make_array_from_process_local_data(
         rt.batch_sharding if v.ndim == 2 else row, v, (n,) + v.shape[1:]
@@ -495,7 +704,8 @@ class RLTrainer:
     }
 
   def close(self) -> None:
-    self.feed.close()
+    if self.feed is not None:
+      self.feed.close()
     self.scorer.close()
 
 
@@ -548,5 +758,11 @@ def run(config, workdir: str, hooks=()) -> dict:
       f"the RL tasks need vocab_size >= {tokenizer.vocab_size}, the "
       f"model has {cfg.vocab_size}; set model.overrides.vocab_size"
     )
-  rt = runtime.setup(config)
-  return runtime.run(rt, workdir, RLTrainer(rt, tokenizer, tasks), hooks)
+  layout = None
+  if config.rl.rollout_devices:
+    trainer_devices, rollout_devices = transfer.split_devices(config.rl.rollout_devices)
+    layout = transfer.layout(trainer_devices, rollout_devices, config.rl.rollout_tensor)
+    rt = runtime.setup(config, trainer_devices)
+  else:
+    rt = runtime.setup(config)
+  return runtime.run(rt, workdir, RLTrainer(rt, tokenizer, tasks, layout), hooks)
