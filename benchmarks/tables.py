@@ -1,24 +1,39 @@
-"""Renders docs/performance.md's tables from the results under benchmarks/results/.
+"""Renders docs/performance.md's tables from the latest benchmark records.
 
   python benchmarks/tables.py            # rewrite the generated blocks of docs/performance.md
   python benchmarks/tables.py --check    # exit 1 if the committed file differs from its output
 
 Each generated block sits between `<!-- tables:NAME -->` and `<!-- /tables:NAME -->` in the
-doc and is rendered from `benchmarks/results/NAME.json` (what `python benchmarks/NAME.py`
-prints). Everything outside the markers is left as written. A marker whose results file or
-renderer is missing is an error, so every generated figure has one home: its results file.
+doc and is rendered from the newest record under `benchmarks/results/NAME/`
+(`results_io.latest(NAME)["result"]`, what `python benchmarks/NAME.py --save` wrote), followed
+by a line naming that record: its file, date, commit and machine. Everything outside the
+markers is left as written. A marker without a renderer or without a record is an error, so
+every generated figure has one home: its record.
 """
 
 import argparse
-import json
+import importlib.util
 import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 DOC = os.path.join(ROOT, "docs", "performance.md")
 BLOCK = re.compile(r"(<!-- tables:(\w+) -->\n)(.*?)(<!-- /tables:\2 -->)", re.S)
+
+
+def _load_results_io():
+  """benchmarks/results_io.py by path: this file is also loaded by path (the tests), and
+  benchmarks/ on sys.path would shadow modules such as `tables` for everything after."""
+  spec = importlib.util.spec_from_file_location("results_io", os.path.join(HERE, "results_io.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+results_io = _load_results_io()
+RESULTS = results_io.RESULTS
 
 
 def _mb(n: float) -> str:
@@ -32,9 +47,12 @@ def attention_memory(r: dict) -> str:
   for t, b in sorted(r["chunked_temp_bytes"].items(), key=lambda kv: int(kv[0])):
     d = _mb(dense[t]) if t in dense else ""
     rows.append(f"| {int(t):,} | {_mb(b)} | {b / int(t) / 1e3:,.1f} | {d} |")
+  dense_exponent = r.get("dense_growth_exponent")
+  dense_text = f" (dense {dense_exponent})" if dense_exponent is not None else ""
   return (
-    f"Model: {r['model']}. `growth_exponent` {r['growth_exponent']} "
-    f"(dense {r['dense_growth_exponent']}).\n\n" + "\n".join(rows) + "\n"
+    f"Model: {r['model']}. `growth_exponent` {r['growth_exponent']}{dense_text}.\n\n"
+    + "\n".join(rows)
+    + "\n"
   )
 
 
@@ -46,8 +64,8 @@ def checkpoint_io(r: dict) -> str:
     "|---|---|---|---|---|---|",
   ]
   flight = r["train"]["save_in_flight"]
-  for target, io in r["io"].items():
-    f = flight.get(target, {})
+  for target in sorted(r["io"], key=lambda t: (t != "local", t)):  # records sort their keys
+    io, f = r["io"][target], flight.get(target, {})
     rows.append(
       f"| {target} | {io['save_mb_s']} | {io['restore_mb_s']} | "
       f"{f.get('step_time_ratio', '')}x | {f.get('save_blocking_s', '')} | "
@@ -59,19 +77,53 @@ def checkpoint_io(r: dict) -> str:
   )
 
 
-RENDERERS = {"attention_memory": attention_memory, "checkpoint_io": checkpoint_io}
+def traces(r: dict) -> str:
+  """Sandboxed trace throughput, the traces' sizes and the sandbox's fixed cost."""
+  statuses = ", ".join(f"{n} {s}" for s, n in sorted(r["statuses"].items()))
+  rows = [
+    "| calls (statuses) | traces/s | seconds | frames mean / max | trace bytes mean | "
+    "empty `run_python` (s) | namespaces |",
+    "|---|---|---|---|---|---|---|",
+    f"| {r['calls']} ({statuses}) | {r['traces_per_s']} | {r['seconds']} | "
+    f"{r['frames_mean']} / {r['frames_max']} | {r['trace_bytes_mean']:,} | "
+    f"{r['run_python_empty_s']} | {r['namespaces']} |",
+  ]
+  return "\n".join(rows) + "\n"
+
+
+RENDERERS = {"attention_memory": attention_memory, "checkpoint_io": checkpoint_io, "traces": traces}
+
+
+def source_line(name: str, rec: dict) -> str:
+  """Where a block's figures come from: the record's file, date, commit and machine."""
+  path = f"benchmarks/results/{name}/{rec['date'].replace(':', '')}.json"
+  commit = (rec.get("commit") or "unknown")[:10]
+  machine = rec.get("machine")
+  if machine:
+    accelerator = f", {machine['accelerator']}" if machine.get("accelerator") else ""
+    host = f"{machine['cpu']}, {machine['cpu_count']} cores{accelerator}"
+  else:
+    host = "not recorded"
+  dirty = " (with uncommitted changes)" if rec.get("dirty") else ""
+  line = f"Source: `{path}`, {rec['date']}, commit `{commit}`{dirty}; machine: {host}."
+  if rec.get("migrated_from"):
+    line += f" Migrated from `{rec['migrated_from']}` (date and commit: the commit that added it)."
+  return line + "\n"
 
 
 def render(text: str, results: str = RESULTS) -> str:
-  """`text` with every generated block rendered afresh from its results file."""
+  """`text` with every generated block rendered afresh from its newest record."""
 
   def block(m):
     name = m.group(2)
-    path = os.path.join(results, f"{name}.json")
-    if name not in RENDERERS or not os.path.exists(path):
-      raise ValueError(f"tables:{name} needs a renderer and {path}")
-    with open(path) as f:
-      return m.group(1) + RENDERERS[name](json.load(f)) + m.group(4)
+    if name not in RENDERERS:
+      raise ValueError(f"tables:{name} has no renderer in benchmarks/tables.py")
+    try:
+      rec = results_io.latest(name, results)
+    except FileNotFoundError as e:
+      raise ValueError(f"tables:{name} needs a record: {e}") from None
+    body = RENDERERS[name](rec["result"])
+    return m.group(1) + body + "\n" + source_line(name, rec) + m.group(4)
 
   return BLOCK.sub(block, text)
 

@@ -1,5 +1,6 @@
 """docs/performance.md's generated tables equal what benchmarks/tables.py renders from the
-results under benchmarks/results/ (rerun `python benchmarks/tables.py` after a new result)."""
+newest records under benchmarks/results/NAME/ (rerun `python benchmarks/tables.py` after a
+benchmark's `--save`)."""
 
 import importlib.util
 import os
@@ -26,16 +27,50 @@ def test_performance_doc_equals_the_rendered_results():
   assert tables.render(text) == text, "run: python benchmarks/tables.py"
 
 
-def test_every_results_file_with_a_renderer_has_a_block():
+def test_every_renderer_has_a_block_and_a_record():
   tables = _tables()
   with open(tables.DOC) as f:
     text = f.read()
   for name in tables.RENDERERS:
     assert f"<!-- tables:{name} -->" in text, name
-    assert os.path.exists(os.path.join(tables.RESULTS, f"{name}.json")), name
+    record = tables.results_io.latest(name)
+    assert record["name"] == name and "result" in record, name
+    assert record["date"] and record["commit"], name
+    source = tables.source_line(name, record)
+    assert source in text, f"{name}: the doc does not name its record ({source.strip()})"
 
 
-def test_a_block_without_a_results_file_is_an_error(tmp_path):
+def test_a_block_without_a_record_is_an_error(tmp_path):
   tables = _tables()
   with pytest.raises(ValueError, match="missing_bench"):
     tables.render("<!-- tables:missing_bench -->\n<!-- /tables:missing_bench -->", str(tmp_path))
+  # A renderer without any record of its name is an error too, not an empty table.
+  with pytest.raises(ValueError, match="traces"):
+    tables.render("<!-- tables:traces -->\n<!-- /tables:traces -->", str(tmp_path))
+
+
+def test_the_newest_record_is_rendered_with_its_source(tmp_path):
+  tables = _tables()
+  result = {
+    "calls": 2,
+    "statuses": {"ok": 2},
+    "seconds": 0.5,
+    "traces_per_s": 4.0,
+    "frames_mean": 3.0,
+    "frames_max": 4,
+    "trace_bytes_mean": 1234,
+    "run_python_empty_s": 0.02,
+    "namespaces": True,
+  }
+  old = {"name": "traces", "date": "2026-01-01T00:00:00Z", "machine": None, "commit": "a" * 40}
+  new = dict(old, date="2026-02-01T00:00:00Z", commit="b" * 40, dirty=False)
+  new["machine"] = {"cpu": "Some CPU", "cpu_count": 2, "python": "3.11", "system": "Linux"}
+  for rec, rate in ((old, 1.0), (new, 4.0)):
+    tables.results_io.write(dict(rec, result=dict(result, traces_per_s=rate)), str(tmp_path))
+  out = tables.render("<!-- tables:traces -->\n<!-- /tables:traces -->", str(tmp_path))
+  assert "| 4.0 |" in out and "| 1.0 |" not in out
+  assert "`benchmarks/results/traces/2026-02-01T000000Z.json`" in out
+  assert "commit `bbbbbbbbbb`" in out and "Some CPU, 2 cores" in out
+  migrated = dict(old, migrated_from="benchmarks/results/traces.json", result=result)
+  line = tables.source_line("traces", migrated)
+  assert "machine: not recorded" in line and "benchmarks/results/traces.json" in line
