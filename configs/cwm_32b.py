@@ -67,13 +67,26 @@ SLICES = {
     pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
     midtrain=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), grad_accum=4),
     sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
-    rl=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), batch_size=32),
+    # RL: half of every host's chips train (fsdp x sequence), half decode in 32 replicas of
+    # 4 chips; 128 rollouts of 131k tokens per update (16M tokens), 16 per micro-batch.
+    rl=dict(
+      mesh=dict(data=1, fsdp=16, tensor=1, sequence=8),
+      batch_size=128,
+      grad_accum=8,
+      rl=dict(rollout_devices=128, rollout_tensor=4),
+    ),
   ),
   "v6e-256": dict(  # 256 v6e chips, 32 GiB HBM each
     pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
     midtrain=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), grad_accum=8),
     sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
-    rl=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), batch_size=16),
+    # RL: 128 chips train, 128 decode in 16 replicas of 8 chips; 128 rollouts per update.
+    rl=dict(
+      mesh=dict(data=1, fsdp=8, tensor=1, sequence=16),
+      batch_size=128,
+      grad_accum=16,
+      rl=dict(rollout_devices=128, rollout_tensor=8),
+    ),
   ),
 }
 RULES_OVERRIDES = {"embed": ["fsdp", "sequence"]}  # ZeRO-3 over every device of the slice
@@ -157,8 +170,11 @@ def _rl(root: str) -> ml_collections.ConfigDict:
       eps_high=0.25,
       temperature=1.0,
       top_p=1.0,
+      # Rollouts on chips of their own (rollout_devices, per slice), sampled up to 8 policy
+      # versions ahead of the update that uses them, from bfloat16 replicas.
       async_rollouts=True,
-      max_staleness=1,  # (default) staleness bound
+      max_staleness=8,
+      rollout_dtype="bfloat16",
       max_turns=32,
       episode_tokens=131072,
       episode_seconds=1800.0,  # (default)

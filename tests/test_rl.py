@@ -226,3 +226,40 @@ def test_smoke_rl_stage_config():
   plan = stages.plan_stages(c, "/nonexistent")
   assert [st.name for st, _ in plan] == ["rl"] and plan[0][0].trainer == "rl"
   trainer.validate(plan[0][1])
+
+
+def test_accumulated_grpo_update_equals_the_whole_batch():
+  """grad_accum micro-batches add up to the whole batch's loss, metrics and update (the
+  loss divisors are the whole batch's)."""
+  import optax
+  from flax import nnx
+
+  from cwm_jax.model import init_model, tiny
+
+  cfg = tiny(vocab_size=32)
+  params = nnx.to_pure_dict(nnx.state(init_model(cfg, seed=0), nnx.Param))
+  tx = optax.sgd(0.1)
+  rng = np.random.default_rng(0)
+  b, t = 4, 8
+  mask = (rng.random((b, t)) < 0.6).astype(np.float32)
+  mask[3] = 0  # a skipped row: not among the loss's sequences
+  batch = {
+    "inputs": rng.integers(1, 32, (b, t)).astype(np.int32),
+    "targets": rng.integers(1, 32, (b, t)).astype(np.int32),
+    "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+    "segment_ids": np.ones((b, t), np.int32),
+    "loss_mask": mask,
+    "old_logp": rng.normal(-3.5, 0.3, (b, t)).astype(np.float32),
+    "advantages": np.array([1.0, -0.5, 0.25, 0.0], np.float32),
+  }
+  out = {}
+  for k in (1, 2):
+    step = jax.jit(grpo.make_rl_step(cfg, tx, lambda s: 0.1, max_len=t, grad_accum=k))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": 0}
+    out[k] = step(state, batch)
+  (s1, m1), (s2, m2) = out[1], out[2]
+  assert float(m1["loss_sequences"]) == 3 == float(m2["loss_sequences"])
+  for key in ("loss", "grad_norm", "clip_fraction", "ratio_mean", "approx_kl"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-7, err_msg=key)
+  for a, c in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)

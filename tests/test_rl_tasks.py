@@ -7,6 +7,7 @@ import signal
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -292,10 +293,22 @@ def test_cwm_32b_rl_stage_validates_with_the_trainers_schema():
 
   config = grids.parse_config("configs/cwm_32b.py:stage=rl")
   sc = stages.stage_config(config, 3, "/runs")  # pretrain, midtrain, sft, rl
-  mesh = dict(sc.mesh)
-  devices = mesh["data"] * mesh["fsdp"] * mesh["tensor"] * mesh["sequence"]
-  trainer.validate(sc, n_devices=devices)  # every field is one the RL trainer reads
+  # The slice's 256 chips on its 64 hosts: half train, half decode in 4-chip replicas.
+  trainer.validate(sc, n_devices=256, n_processes=64)  # every field is one the RL trainer reads
   assert sc.seq_len == 131072 and sc.rl.loss_max_len == 131072 and sc.rl.group_size == 8
+  assert sc.batch_size * sc.seq_len == 128 * 131072 and sc.rl.max_staleness == 8
+  assert sc.rl.rollout_devices == 128 and sc.grad_accum == 8
+  bad = ml_collections.ConfigDict(sc.to_dict())  # 64 chips train, 192 decode in 8-chip replicas
+  bad.rl.rollout_devices, bad.rl.rollout_tensor, bad.mesh.fsdp = 192, 8, 8
+  with pytest.raises(ConfigError, match="do not divide over the 24 rollout replicas"):
+    trainer.validate(bad, n_devices=256, n_processes=64)
+  colocated = ml_collections.ConfigDict(sc.to_dict())
+  colocated.rl.rollout_devices = 0
+  colocated.mesh.update(fsdp=32)
+  colocated.grad_accum = 4
+  with pytest.raises(ConfigError, match="do not split over 64 processes"):
+    trainer.validate(colocated, n_devices=256, n_processes=64)
+  devices = 256
   sc.rl.kl_coef = 0.1  # a field CWM's recipe names but no code reads
   with pytest.raises(ConfigError, match=r"unknown rl fields \['kl_coef'\]"):
     trainer.validate(sc, n_devices=devices)

@@ -47,6 +47,7 @@ class Stage:
   optimizer: dict = dataclasses.field(default_factory=dict)  # LR schedule (first stage of a chain)
   data: dict = dataclasses.field(default_factory=dict)  # data mixture / format
   loss: dict = dataclasses.field(default_factory=dict)
+  rl: dict = dataclasses.field(default_factory=dict)  # the `rl` section's fields (RL stages)
   remat: str = ""  # remat policy ('' keeps the model's)
   grad_accum: int = 0  # micro-batches per step (0 keeps the base config's)
   start_from: str = PREVIOUS  # 'scratch', 'previous' or a checkpoint directory
@@ -149,8 +150,10 @@ def stage_config(config, i: int, workdir: str) -> ml_collections.ConfigDict:
     ("optimizer", _chain_head(stages, i).optimizer),
     ("data", st.data),
     ("loss", st.loss),
+    ("rl", st.rl),
   ):
-    c[section].update(values)
+    if values:
+      c[section].update(values)
   if not c.optimizer.get("decay_steps"):
     c.optimizer.decay_steps = chain_end
   gw = st.global_window or base_model.global_window

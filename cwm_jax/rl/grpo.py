@@ -54,17 +54,19 @@ def grpo_loss(
   max_len: int,
   eps_low: float = EPS_LOW,
   eps_high: float = EPS_HIGH,
+  divisors=None,
 ):
-  """(loss, metrics) of the CWM GRPO objective; see the module docstring."""
+  """(loss, metrics) of the CWM GRPO objective; see the module docstring. `divisors`
+  (`loss_divisors` of the whole batch) make the loss and metrics of a micro-batch its
+  share of the whole batch's, so micro-batches add up (gradient accumulation)."""
   mask_BT = mask_BT.astype(jnp.float32)
   adv_BT = advantages_B[:, None].astype(jnp.float32)
   ratio_BT = jnp.exp(logp_BT - old_logp_BT)
   unclipped_BT = ratio_BT * adv_BT
   clipped_BT = jnp.clip(ratio_BT, 1.0 - eps_low, 1.0 + eps_high) * adv_BT
   token_loss_BT = -jnp.minimum(unclipped_BT, clipped_BT)
-  n_seqs = jnp.maximum(jnp.sum(jnp.any(mask_BT > 0, axis=1)), 1)
+  n_seqs, n_tokens = loss_divisors(mask_BT) if divisors is None else divisors
   loss = jnp.sum(mask_BT * token_loss_BT) / (n_seqs * max_len)
-  n_tokens = jnp.maximum(jnp.sum(mask_BT), 1.0)
   blocked_BT = clipped_BT < unclipped_BT  # the clip is active: no gradient through the token
   metrics = {
     "clip_fraction": jnp.sum(mask_BT * blocked_BT) / n_tokens,
@@ -73,6 +75,14 @@ def grpo_loss(
     "loss_sequences": n_seqs.astype(jnp.float32),
   }
   return loss, metrics
+
+
+def loss_divisors(mask_BT):
+  """(sequences with a policy token, policy tokens), each at least 1: what the loss and
+  the token metrics divide by."""
+  mask_BT = mask_BT.astype(jnp.float32)
+  n_seqs = jnp.maximum(jnp.sum(jnp.any(mask_BT > 0, axis=1)), 1)
+  return n_seqs, jnp.maximum(jnp.sum(mask_BT), 1.0)
 
 
 def make_rl_step(
@@ -85,12 +95,14 @@ def make_rl_step(
   eps_high: float = EPS_HIGH,
   rules=None,
   execution: Execution = Execution(),
+  grad_accum: int = 1,
 ):
   """The pure `rl_step(state, batch) -> (state, metrics)` on the train state of
-  `cwm_jax.train.state`; jit it with `jit_rl_step`."""
+  `cwm_jax.train.state`; jit it with `jit_rl_step`. `grad_accum` micro-batches of
+  B / grad_accum rows each add their share of the whole batch's loss and gradient."""
   graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
 
-  def objective(params, batch):
+  def objective(params, batch, divisors):
     model = nnx.merge(graphdef, params)
     inputs = {k: constrain(batch[k], ("batch", "seq")) for k in BATCH_KEYS}
     logits_BTV = model(inputs["inputs"], inputs["positions"], inputs["segment_ids"])
@@ -103,12 +115,32 @@ def make_rl_step(
       max_len=max_len,
       eps_low=eps_low,
       eps_high=eps_high,
+      divisors=divisors,
     )
+
+  value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
   def rl_step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
     with nnx.logical_axis_rules(rules or ()):
       params = state["params"]
-      (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+      divisors = loss_divisors(batch["loss_mask"])
+      if grad_accum == 1:
+        (loss, aux), grads = value_and_grad(params, batch, divisors)
+      else:
+
+        def accumulate(carry, micro):
+          out = value_and_grad(params, micro, divisors)
+          return jax.tree.map(jnp.add, carry, out), None
+
+        zeros = jax.tree.map(
+          jnp.zeros_like, jax.eval_shape(value_and_grad, params, batch, divisors)
+        )
+        micro = {
+          k: jnp.swapaxes(v.reshape(v.shape[0] // grad_accum, grad_accum, *v.shape[1:]), 0, 1)
+          for k, v in batch.items()
+        }
+        ((loss, aux), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        aux = dict(aux, loss_sequences=divisors[0].astype(jnp.float32))
       updates, opt_state = tx.update(grads, state["opt_state"], params)
       new_state = {
         "params": optax.apply_updates(params, updates),

@@ -25,22 +25,26 @@ from cwm_jax.infer import cache as kv
 from cwm_jax.infer import sampler
 from cwm_jax.model.layers import dtype_of
 from cwm_jax.model.transformer import abstract_model
-from cwm_jax.parallel import sharding
+from cwm_jax.parallel import sharding, transfer
 from cwm_jax.rl import grpo
+from cwm_jax.rl import trainer as trainer_lib
 from cwm_jax.train import state as state_lib
-from cwm_jax.train.planning import GIB, Program, Steps, device_bytes
+from cwm_jax.train.planning import GIB, Program, Steps, Target, device_bytes
 
 _FLOAT_KEYS = ("loss_mask", "old_logp", "advantages")
 
 
-def sampler_programs(config, cfg, parts: state_lib.Parts, params: dict, resident) -> dict:
+def sampler_programs(
+  config, cfg, parts: state_lib.Parts, params: dict, resident, mesh=None
+) -> dict:
   """{'prefill', 'decode', 'extend'}: the sampler's steps for `config.batch_size` rows, jitted with
-  the sharded abstract training `params` in their shardings, the cache donated, traced
-  under the config's logical rules.
+  the sharded abstract `params` in their shardings, the cache donated, traced under the
+  config's logical rules, on `mesh` (default: the training mesh).
 
   `resident` is what the devices hold beside the steps' arguments while sampling.
   """
-  mesh, rules = parts.batch_sharding.mesh, sharding.normalize_rules(config.rules)
+  mesh = mesh or parts.batch_sharding.mesh
+  rules = sharding.normalize_rules(config.rules)
   graphdef = nnx.split(abstract_model(cfg, parts.execution), nnx.Param)[0]
   rows = NamedSharding(mesh, P(parts.batch_sharding.spec[0]))
   b, cache_len = config.batch_size, config.seq_len
@@ -67,7 +71,7 @@ def sampler_programs(config, cfg, parts: state_lib.Parts, params: dict, resident
       donate_argnums=1,
     )
     info = dict(info, rows=b, cache_len=cache_len, cache_gb_per_device=device_bytes(cache) / GIB)
-    return Program(jitted, args, resident, info), out
+    return Program(jitted, args, resident, info, mesh), out
 
   with jax.set_mesh(mesh):  # the cache's layout follows the mesh's platform
     empty = jax.eval_shape(
@@ -86,7 +90,21 @@ def sampler_programs(config, cfg, parts: state_lib.Parts, params: dict, resident
   return {"prefill": prefill, "decode": decode, "extend": extend}
 
 
-def rl_step_builder(config, cfg, mesh) -> Steps:
+def rollout_params(config, cfg, parts: state_lib.Parts, rollout_mesh) -> dict:
+  """The abstract params the rollout replicas hold: the rollout specs
+  (`transfer.rollout_specs`) on their mesh, in `rl.rollout_dtype`."""
+  dtype = config.rl.rollout_dtype or None
+  specs = transfer.rollout_specs(sharding.param_specs(cfg, sharding.normalize_rules(config.rules)))
+  return jax.tree.map(
+    lambda a, spec: jax.ShapeDtypeStruct(
+      a.shape, dtype or a.dtype, sharding=NamedSharding(rollout_mesh, spec)
+    ),
+    parts.abstract["params"],
+    specs,
+  )
+
+
+def rl_step_builder(config, cfg, mesh, target: Target | None = None) -> Steps:
   """The RL update step (args: sharded abstract train state, abstract batch) and the
   sampler's prefill, decode and extend steps ({'sampler': ...}) on `mesh`.
 
@@ -106,6 +124,7 @@ def rl_step_builder(config, cfg, mesh) -> Steps:
     eps_high=rl.eps_high,
     rules=sharding.normalize_rules(config.rules),
     execution=run,
+    grad_accum=config.grad_accum,
   )
   jitted = grpo.jit_rl_step(fn, shardings, batch_sh)
   row = NamedSharding(mesh, P(batch_sh.spec[0]))
@@ -118,6 +137,36 @@ def rl_step_builder(config, cfg, mesh) -> Steps:
   }
   batch.update({k: jax.ShapeDtypeStruct((b,), jnp.float32, sharding=row) for k in grpo.ROW_KEYS})
   state = state_lib.with_shardings(abstract, shardings)
+  if target is not None:  # the planner: validated for the slice's hosts and devices
+    trainer_lib.validate(config, target.devices, target.processes)
+  if target is not None and target.rollout_mesh is not None:
+    rmesh = target.rollout_mesh
+    replica_params = rollout_params(config, cfg, parts, rmesh)
+    sync = transfer.sync_bytes(
+      parts.abstract["params"],
+      transfer.rollout_specs(sharding.param_specs(cfg, sharding.normalize_rules(config.rules))),
+      dict(rmesh.shape),
+      rl.rollout_dtype or None,
+    )
+    return Steps(
+      Program(jitted, (state, batch)),
+      {"rollout": sampler_programs(config, cfg, parts, replica_params, (), rmesh)},
+      {
+        "rollout": {
+          "mesh": dict(rmesh.shape),
+          "devices": rmesh.size,
+          "replicas": rmesh.shape["data"],
+          "param_dtype": str(jnp.dtype(rl.rollout_dtype or jnp.float32))
+          if rl.rollout_dtype
+          else "trainer's",
+          "pipeline_depth": trainer_lib.pipeline_depth(rl),
+        },
+        "": {
+          "weight_sync_gb": sync / 1e9,
+          "weight_sync_bytes_per_rollout_device": sync // rmesh.size,
+        },
+      },
+    )
   if rl.async_rollouts:
     update_resident, sampling_resident = state["params"], state
   else:

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from cwm_jax import storage
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, unknown_fields
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import isolation
 from cwm_jax.data.traces.sandbox import Limits
@@ -124,9 +124,8 @@ def validate(config, n_devices: int | None = None, n_processes: int | None = Non
   config_lib.validate(
     config, cfg, n_devices - rl.rollout_devices if disagg else n_devices, processes
   )
-  unknown = sorted(set(rl.keys()) - set(rl_config().keys()))
-  if unknown:
-    errors.append(f"unknown rl fields {unknown}; known: {sorted(rl_config().keys())}")
+  if message := unknown_fields(rl.keys(), rl_config().keys(), what="rl fields"):
+    errors.append(message)
   if rl.group_size < 2:
     errors.append(f"rl.group_size={rl.group_size} must be >= 2 (advantages compare samples)")
   elif config.batch_size % rl.group_size:
@@ -586,6 +585,7 @@ class RLTrainer:
           eps_low=rl.eps_low,
           eps_high=rl.eps_high,
           execution=rt.execution,
+          grad_accum=config.grad_accum,
         ),
         rt.shardings,
         rt.batch_sharding,

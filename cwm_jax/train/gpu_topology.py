@@ -187,7 +187,8 @@ def gpu_plan(
   with cudnn.compiling_for(spec.gpu.capability):
     return planning._plan_stages(  # pylint: disable=protected-access
       configs,
-      lambda c: mesh_lib.make_mesh(dict(c.mesh), devs),
+      devs,
+      lambda c, d: mesh_lib.make_mesh(dict(c.mesh), d),
       spec.gpu.peak_tflops,
       limit,
       mesh_text,

@@ -45,6 +45,7 @@ from cwm_jax import kernels
 from cwm_jax.base import ConfigError
 from cwm_jax.model import abstract_model
 from cwm_jax.parallel import mesh as mesh_lib
+from cwm_jax.parallel import transfer
 from cwm_jax.train import cost_model, flops, topology
 from cwm_jax.train import state as state_lib
 from cwm_jax.train import step as step_lib
@@ -122,7 +123,10 @@ def slice_mesh(sizes: dict, devices, num_slices: int = 1) -> Mesh:
   if num_slices > 1:  # the runtime's mesh over the same devices (mesh_lib.make_mesh)
     return mesh_lib.multislice_mesh(sizes, devices, num_slices)
   shape = mesh_lib.mesh_shape(sizes, len(devices))
-  grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):  # a share of a slice's devices
+    grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(
     np.asarray(grid), mesh_lib.MESH_AXES, axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES)
   )
@@ -138,6 +142,7 @@ class Program:
   args: tuple
   resident: Any = ()
   info: dict = dataclasses.field(default_factory=dict)
+  mesh: Mesh | None = None  # the mesh it runs on, when not the stage's (rollout replicas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +153,25 @@ class Steps:
 
   step: Program
   extra: dict[str, dict[str, Program]] = dataclasses.field(default_factory=dict)
+  # JSON-able facts: a group's under its name (beside its programs), the stage's under ''.
+  info: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
-# (training config, ModelConfig, mesh) -> Steps
-StepBuilder = Callable[[Any, Any, Mesh], Steps]
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where a stage runs beyond its mesh: the slice's process (host) count and devices, and
+  the rollout replicas' mesh when the stage's rollouts have devices of their own."""
+
+  processes: int = 1
+  devices: int = 0
+  rollout_mesh: Mesh | None = None
 
 
-def lm_step(config, cfg, mesh) -> Steps:
+# (training config, ModelConfig, mesh, Target) -> Steps
+StepBuilder = Callable[[Any, Any, Mesh, Target], Steps]
+
+
+def lm_step(config, cfg, mesh, target: Target | None = None) -> Steps:
   """The jitted train step of an LM training config on `mesh`, with its abstract arguments."""
   _, abstract, shardings, batch_sh, jitted = step_parts(config, cfg, mesh)
   shape = (config.batch_size, config.seq_len)
@@ -226,7 +243,7 @@ def _compile(program: Program, mesh: Mesh) -> tuple[Any, dict]:
   t0 = time.perf_counter()
   resident = device_bytes(program.resident)
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(program.mesh or mesh):
       compiled = program.jitted.lower(*program.args).compile()
   except jax.errors.JaxRuntimeError as e:
     found = _HBM_EXHAUSTED.search(str(e))
@@ -258,6 +275,7 @@ def plan_one(
   peak_tflops_per_device: float,
   step_builders: dict[str, StepBuilder] | None = None,
   estimate: bool = False,
+  target: Target = Target(),
 ) -> dict:
   """Compiles one training config's programs on `mesh` and measures them: the builder
   of the stage's trainer from `step_builders` ({'rl': ...}), else the LM train step.
@@ -271,9 +289,9 @@ def plan_one(
   trainer = config.get("stage", {}).get("trainer", "lm")
   cfg = model_config(config)
   run = execution_config(config)
-  sizes = validate(config, cfg, mesh.size, 1)
+  sizes = validate(config, cfg, mesh.size, target.processes)
   build = (step_builders or {}).get(trainer, lm_step)
-  steps = build(config, cfg, mesh)
+  steps = build(config, cfg, mesh, target)
   compiled, mem = _compile(steps.step, mesh)
   state = steps.step.args[0]
   tokens = config.batch_size * config.seq_len
@@ -284,6 +302,7 @@ def plan_one(
   plan = {
     "device_kind": mesh.devices.flat[0].device_kind,
     "devices": mesh.size,
+    "processes": target.processes,
     "mesh": sizes,
     "step": step_name,
     "seq_len": config.seq_len,
@@ -322,10 +341,11 @@ def plan_one(
     plan["estimate_compile_seconds"] = round(time.perf_counter() - t0, 2)
   peaks = {step_name: mem["total_with_resident_gb_per_device"]}
   for group, programs in steps.extra.items():
-    plan[group] = {}
+    plan[group] = dict(steps.info.get(group, {}))
     for name, program in programs.items():
       plan[group][name] = {**program.info, **_compile(program, mesh)[1]}
       peaks[f"{group}.{name}"] = plan[group][name]["total_with_resident_gb_per_device"]
+  plan.update(steps.info.get("", {}))
   plan["peak_program"] = max(peaks, key=peaks.get)
   plan["peak_gb_per_device"] = peaks[plan["peak_program"]]
   return plan
@@ -355,8 +375,27 @@ def _figures(name: str, p: dict) -> str:
   )
 
 
+def split_meshes(config, devices, make_mesh) -> tuple[Mesh, Target]:
+  """The stage's mesh over `devices` (`make_mesh(config, devices)`) and its Target: with
+  `rl.rollout_devices`, the trainer's share of every host's devices and the rollout
+  replicas' mesh over the rest (`parallel.transfer`)."""
+  processes = len({getattr(d, "process_index", 0) for d in devices})
+  rollout = config.get("rl", {}).get("rollout_devices", 0)
+  if not rollout or config.get("stage", {}).get("trainer", "lm") != "rl":
+    return make_mesh(config, devices), Target(processes, len(devices))
+  errors = transfer.split_errors(
+    len(devices), processes, rollout, config.rl.rollout_tensor, config.batch_size
+  )
+  if errors:
+    raise ConfigError("invalid RL config: " + "; ".join(errors))
+  trainer, by_process = transfer.split_devices(rollout, devices)
+  lay = transfer.layout(trainer, by_process, config.rl.rollout_tensor)
+  return make_mesh(config, trainer), Target(processes, len(devices), lay.mesh)
+
+
 def _plan_stages(
   configs,
+  devices,
   make_mesh,
   peak: float,
   hbm_gb: float | None,
@@ -371,7 +410,8 @@ def _plan_stages(
     c = c.copy_and_resolve_references()
     c.mesh.update(parse_mesh(mesh_text))
     try:
-      plans[name] = plan_one(c, make_mesh(c), peak, step_builders, estimate)
+      mesh, target = split_meshes(c, devices, make_mesh)
+      plans[name] = plan_one(c, mesh, peak, step_builders, estimate, target)
     except ConfigError as e:
       raise ConfigError(f"{name}: {e}") from e
     plans[name].update(extra or {})
@@ -412,7 +452,8 @@ def host_plan(
   devs = jax.devices()[:n_devices]
   return _plan_stages(
     configs,
-    lambda c: mesh_lib.make_mesh(dict(c.mesh), devs),
+    devs,
+    lambda c, d: mesh_lib.make_mesh(dict(c.mesh), d),
     peak_tflops,
     hbm_gb,
     mesh_text,
@@ -455,7 +496,8 @@ def tpu_plan(
   )
   return _plan_stages(
     configs,
-    lambda c: slice_mesh(dict(c.mesh), devs, num_slices),
+    devs,
+    lambda c, d: slice_mesh(dict(c.mesh), d, num_slices),
     spec.chip.peak_tflops / per_chip,
     limit,
     mesh_text,

@@ -1,0 +1,130 @@
+"""Disaggregated RL on CPU: 2 processes x 4 devices, 2 of each process's devices training
+and 2 sampling, against the colocated run on the same 8 devices; prints one JSON object.
+
+  python benchmarks/rl_disagg.py [--steps 8] [--rounds 2] [--save]
+
+Each round runs the colocated loop, then the disaggregated loop with rollouts one policy
+version ahead (`rl.async_rollouts`, `rl.max_staleness=1`: sampled on the rollout devices
+while the update runs), alternating so machine load falls on both alike. Per mode: rollout
+tokens/s (tokens sampled over sampling time), updates/s (steps over the loop's wall time
+after its first, compiling, step), and the overlap: wall time per update against sampling
+time + update time per update (below 1: sampling and updating overlapped).
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+DRIVER = r"""
+import json, sys
+from cwm_jax.parallel.mesh import initialize_distributed
+initialize_distributed()
+import jax
+from cwm_jax.rl import trainer
+mode, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = trainer.toy_config(steps)
+# A model whose sampling and update dominate dispatch: 4 layers of width 256.
+c.model.overrides.update(n_layers=4, dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=1024)
+c.seq_len, c.batch_size = 24, 64
+c.rl.update(group_size=8, max_new_tokens=16, temperature=1.0)
+c.log_every = 1
+if mode == "disagg":
+  c.rl.update(rollout_devices=jax.device_count() // 2, async_rollouts=True, max_staleness=1)
+trainer.run(c, out)
+"""
+
+
+def _run(mode: str, steps: int, out: str) -> None:
+  port = str(random.randint(20000, 40000))
+  procs = []
+  for i in range(2):
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i),
+    )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, "-c", DRIVER, mode, str(steps), out],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
+  logs = [p.communicate(timeout=3000)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    if p.returncode:
+      raise SystemExit(f"{mode} failed:\n{log[-3000:]}")
+
+
+def _summary(workdir: str) -> dict:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  timed = records[1:]  # the first step compiles
+  wall = sum(r["step_time"] for r in timed)
+  sampling = sum(r["rollout_time"] for r in timed)
+  update = sum(r.get("update_time", 0.0) for r in timed)
+  tokens = sum(r["rollout_tokens_per_sec"] * r["rollout_time"] for r in timed)
+  return {
+    "updates": len(timed),
+    "updates_per_s": len(timed) / wall,
+    "rollout_tokens_per_s": tokens / sampling,
+    "wall_per_update_s": wall / len(timed),
+    "sampling_per_update_s": sampling / len(timed),
+    "update_per_update_s": update / len(timed),
+    "overlap_ratio": wall / (sampling + update),
+    "staleness_max": max(r["staleness"] for r in records),
+    "reward_mean_last": records[-1]["reward_mean"],
+  }
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--steps", type=int, default=8)
+  ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--save", action="store_true")
+  args = ap.parse_args()
+  rounds: dict[str, list] = {"colocated": [], "disagg": []}
+  t0 = time.perf_counter()
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(args.rounds):
+      for mode in ("colocated", "disagg"):
+        out = os.path.join(tmp, f"{mode}{r}")
+        _run(mode, args.steps, out)
+        rounds[mode].append(_summary(out))
+
+  def mean(mode, key):
+    return sum(x[key] for x in rounds[mode]) / len(rounds[mode])
+
+  keys = list(rounds["colocated"][0])
+  result = {
+    "setup": "2 processes x 4 CPU devices; disaggregated: 4 train (2 per process), 4 sample",
+    "steps": args.steps,
+    "rounds": args.rounds,
+    "cpu_count": os.cpu_count(),
+    **{m: {k: round(mean(m, k), 4) for k in keys} for m in rounds},
+    "per_round": rounds,
+    "seconds": round(time.perf_counter() - t0, 1),
+  }
+  print(json.dumps(result))
+  if args.save:
+    import results_io
+
+    results_io.save("rl_disagg", result)
+
+
+if __name__ == "__main__":
+  main()
