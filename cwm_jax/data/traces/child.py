@@ -1,7 +1,7 @@
 """Entry script of the sandbox's child process: `python -s [-S] child.py SOCKET_FD RECORD_FD`.
 
 Reads the request (4-byte length + marshal) from the caller's socket: the run's parameters and
-the compiled code of supervisor.py, worker.py, channel.py and tracer.py (compiled once by the
+the compiled code of supervisor.py, worker.py, channel_writer.py and tracer.py (compiled once by the
 caller, so no start pays for compiling them), then hands over to supervisor.py. With `--probe`
 the request comes on stdin and the supervisor only checks what the kernel allows.
 """

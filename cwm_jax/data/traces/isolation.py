@@ -29,7 +29,8 @@ from cwm_jax.base import ConfigError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(_HERE, "child.py")
-CHILD_MODULES = ("supervisor", "worker", "channel", "tracer")  # stdlib-only, run in the child
+# Stdlib-only, run in the child (channel.py, the records' reading end, stays in the caller).
+CHILD_MODULES = ("supervisor", "worker", "channel_writer", "tracer")
 # A root caller's program runs as UID_BASE + its supervisor's pid (supervisor.run_uid): a uid
 # of its own, which no host file or other run has.
 UID_BASE = 2_000_000_000

@@ -9,7 +9,7 @@ filter denies new namespaces, mounts and memfd, and a root caller's program runs
 its own without capabilities (docs/security.md). The supervisor gets its request over a
 private socket that is also its lifeline (the run ends when the caller dies) and reports the
 program's wait status on it; records (traces, test verdicts) come over a pipe, tagged with a
-per-run nonce (channel.py). Hitting a limit gives a status, never an exception in the caller.
+per-run nonce (channel.py, channel_writer.py). Hitting a limit gives a status, never an exception in the caller.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def _compile(text, mode):
 def main(request, record_fd, load):
   writer = None
   if request["mode"] != "run":  # before the program: it may replace json, os.write, ...
-    writer = load("channel").Writer(record_fd, bytes.fromhex(request["nonce"]))
+    writer = load("channel_writer").Writer(record_fd, bytes.fromhex(request["nonce"]))
   if not os.path.exists(sys.executable):  # a virtualenv's link, outside the minimal root
     sys.executable = request["executable"]
   if not hasattr(builtins, "exit"):  # `python -S` skips site, which defines these
