@@ -107,7 +107,8 @@ def test_one_query_row_in_the_cpu_cache_layout_matches_numpy():
 def test_cpu_schedule_and_block_rows():
   """On CPU short sequences take the row schedule with blocks of T/16 rows (global) or
   max(T/16, W/2) (local; W/4 for heads of at most 32 dims), a power of two in [64, 512]
-  ([32, 512] for those thin local layers); long ones, or any accelerator, the pair scan."""
+  ([32, 512] for those thin local layers); long ones (more than 16 query blocks, or runs
+  of more than 1024 keys on average), or any accelerator, the pair scan."""
   assert [
     kernels.resolve_chunk(0, t, "cpu", w)
     for t, w in [
@@ -134,9 +135,15 @@ def test_cpu_schedule_and_block_rows():
   assert kernels.resolve_chunk(24, 1024, "cpu", 256) == 24
   ranges = lambda t, c, w: chunked.row_ranges(chunked.block_pairs(t // c, t // c, c, w), t // c)
   assert ranges(256, 64, 100) == ((0, 1), (0, 2), (0, 3), (1, 4))
-  assert chunked.use_rows(ranges(1024, 64, 1024), "cpu")  # 16 query blocks
-  assert not chunked.use_rows(ranges(2048, 64, 1024), "cpu")  # 32: the pair scan
-  assert not chunked.use_rows(ranges(1024, 64, 1024), "gpu")
+  assert chunked.use_rows(ranges(1024, 64, 1024), 64, "cpu")  # 16 query blocks
+  assert not chunked.use_rows(ranges(2048, 64, 1024), 64, "cpu")  # 32: the pair scan
+  assert not chunked.use_rows(ranges(1024, 64, 1024), 64, "gpu")
+  # Runs of 1088 keys on average (global, 16 blocks of 128): the pair scan; a local
+  # layer's runs at the same length hold 864.
+  assert not chunked.use_rows(ranges(2048, 128, 2048), 128, "cpu")
+  assert chunked.use_rows(ranges(2048, 128, 1024), 128, "cpu")
+  assert chunked.use_rows(ranges(1024, 512, 1024), 512, "cpu")  # 768 keys on average
+  assert not chunked.use_rows(ranges(2048, 512, 2048), 512, "cpu")  # 1280
   assert chunked.row_ranges([(0, 0), (1, 0), (1, 2)], 2) is None  # not one run of keys
   with pytest.raises(ValueError, match="contiguous"):
     chunked.flash_attention(

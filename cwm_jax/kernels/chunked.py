@@ -290,20 +290,29 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 ROWS_MAX_BLOCKS = 16  # `use_rows`: the most query blocks the unrolled row schedule takes
+ROWS_MAX_MEAN_KEYS = 1024  # `use_rows`: the most keys a query row's run holds on average
 
 
-def use_rows(ranges, platform: str | None = None) -> bool:
+def use_rows(ranges, block: int, platform: str | None = None) -> bool:
   """The row schedule on CPU (`backend.Forms.row_schedule`) when every query block's key
-  blocks are one run and there are at most `ROWS_MAX_BLOCKS` query blocks (it unrolls
-  them); else the pair scan.
+  blocks are one run, there are at most `ROWS_MAX_BLOCKS` query blocks (it unrolls
+  them), and the runs hold at most `ROWS_MAX_MEAN_KEYS` keys on average (`block` rows a
+  key block); else the pair scan.
   On CPU a query block's scores against all its keys at once is one wider product
   (XLA:CPU runs [C*G, H] x [H, R] at a higher rate for wider R) and one softmax, where
   the scan pays per pair, so the kernel is faster in every layer kind at the shapes of
   benchmarks/train_step.py. Elsewhere the pair scan keeps one [C*G, C] block of
-  scores alive."""
-  return (
-    ranges is not None and len(ranges) <= ROWS_MAX_BLOCKS and backend.forms(platform).row_schedule
-  )
+  scores alive.
+  The cap on the mean run bounds the row schedule's memory: its blocks are unrolled and
+  XLA keeps much of every block's [B, K, C*G, R] scores alive at once, so a global
+  layer's scores grow as T^2, and a longer sequence on the pair scan compiled to fewer
+  temporaries than a shorter one on the rows (benchmarks/attention_memory.py). Capped,
+  they take at most 4 KiB per query row and head, and memory grows linearly in T on
+  either side of the switch."""
+  if ranges is None or len(ranges) > ROWS_MAX_BLOCKS:
+    return False
+  mean_keys = block * sum(end - first for first, end in ranges) / len(ranges)
+  return mean_keys <= ROWS_MAX_MEAN_KEYS and backend.forms(platform).row_schedule
 
 
 def row_ranges(pairs, n_q: int):
@@ -503,7 +512,7 @@ def flash_attention(
   )
   ranges = row_ranges(pairs, tp // c)
   if rows is None:
-    rows = use_rows(ranges)
+    rows = use_rows(ranges, c)
   elif rows and ranges is None:
     raise ValueError("rows=True needs each query block's key blocks to be one contiguous run")
   sched = Schedule(c, g, window, tuple(pairs), ranges, skip_empty, unroll, keep_probs)
