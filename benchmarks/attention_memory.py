@@ -17,6 +17,7 @@ writes it under benchmarks/results/attention_memory/ (`results_io`).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -26,12 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import results_io  # noqa: E402
-
-from cwm_jax.model import Execution, tiny  # noqa: E402
-from cwm_jax.train.state import abstract_state  # noqa: E402
-from cwm_jax.train.step import make_train_step  # noqa: E402
+from cwm_jax.model import Execution, tiny
+from cwm_jax.train.state import abstract_state
+from cwm_jax.train.step import make_train_step
 
 # Most that the chunked step's temporaries per token may grow from one length to the next.
 JUMP_FACTOR = 1.25
@@ -65,6 +63,16 @@ def jumps(temp_by_t: dict[int, int], factor: float = JUMP_FACTOR) -> list[str]:
     if grow > factor:
       out.append(f"T={lo} -> {hi}: bytes per token grow {grow:.2f}x (> {factor}x)")
   return out
+
+
+def _results_io():
+  """benchmarks/results_io.py by path (as tables.py loads it): benchmarks/ on sys.path
+  would shadow modules such as `tables` for whatever imports after."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_io.py")
+  spec = importlib.util.spec_from_file_location("results_io", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def main():
@@ -104,7 +112,7 @@ def main():
   }
   print(json.dumps(result))
   if a.save:
-    print("saved", results_io.save("attention_memory", result), file=sys.stderr)
+    print("saved", _results_io().save("attention_memory", result), file=sys.stderr)
   for line in bad:
     print(f"attention_memory: {line}", file=sys.stderr)
   return 1 if bad else 0
