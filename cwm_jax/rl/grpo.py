@@ -21,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain
 from cwm_jax.model.logprobs import token_logprobs
-from cwm_jax.model.transformer import abstract_model
+from cwm_jax.train import step as step_lib
 
 EPS_LOW, EPS_HIGH = 0.2, 0.25
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask", "old_logp")
@@ -98,16 +97,15 @@ def make_rl_step(
   grad_accum: int = 1,
 ):
   """The pure `rl_step(state, batch) -> (state, metrics)` on the train state of
-  `cwm_jax.train.state`; jit it with `jit_rl_step`. `grad_accum` micro-batches of
+  `cwm_jax.train.state` (the shared update step, `train.step.make_update_step`, with the
+  GRPO objective); jit it with `jit_rl_step`. `grad_accum` micro-batches of
   B / grad_accum rows each add their share of the whole batch's loss and gradient."""
-  graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
 
-  def objective(params, batch, divisors):
-    model = nnx.merge(graphdef, params)
+  def objective(model, batch, divisors):
     inputs = {k: constrain(batch[k], ("batch", "seq")) for k in BATCH_KEYS}
     logits_BTV = model(inputs["inputs"], inputs["positions"], inputs["segment_ids"])
     logp_BT = token_logprobs(logits_BTV, inputs["targets"])
-    return grpo_loss(
+    loss, metrics = grpo_loss(
       logp_BT,
       inputs["old_logp"],
       batch["advantages"],
@@ -117,43 +115,24 @@ def make_rl_step(
       eps_high=eps_high,
       divisors=divisors,
     )
+    metrics.pop("loss_sequences")  # the whole batch's, not a share: set below
+    return loss, dict(metrics, loss=loss)
 
-  value_and_grad = jax.value_and_grad(objective, has_aux=True)
+  step = step_lib.make_update_step(
+    cfg,
+    tx,
+    schedule,
+    objective,
+    divisors=lambda batch: loss_divisors(batch["loss_mask"]),
+    grad_accum=grad_accum,
+    rules=rules,
+    execution=execution,
+  )
 
   def rl_step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
-    with nnx.logical_axis_rules(rules or ()):
-      params = state["params"]
-      divisors = loss_divisors(batch["loss_mask"])
-      if grad_accum == 1:
-        (loss, aux), grads = value_and_grad(params, batch, divisors)
-      else:
-
-        def accumulate(carry, micro):
-          out = value_and_grad(params, micro, divisors)
-          return jax.tree.map(jnp.add, carry, out), None
-
-        zeros = jax.tree.map(
-          jnp.zeros_like, jax.eval_shape(value_and_grad, params, batch, divisors)
-        )
-        micro = {
-          k: jnp.swapaxes(v.reshape(v.shape[0] // grad_accum, grad_accum, *v.shape[1:]), 0, 1)
-          for k, v in batch.items()
-        }
-        ((loss, aux), grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        aux = dict(aux, loss_sequences=divisors[0].astype(jnp.float32))
-      updates, opt_state = tx.update(grads, state["opt_state"], params)
-      new_state = {
-        "params": optax.apply_updates(params, updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-      }
-    return new_state, {
-      "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
-      "lr": schedule(state["step"]),
-      **aux,
-    }
+    new_state, metrics = step(state, batch)
+    n_seqs = loss_divisors(batch["loss_mask"])[0]
+    return new_state, dict(metrics, loss_sequences=n_seqs.astype(jnp.float32))
 
   return rl_step
 
@@ -163,11 +142,4 @@ def jit_rl_step(step_fn, state_shardings, batch_sharding, compiler_options=None)
   mesh = batch_sharding.mesh
   row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_sharding.spec[0]))
   in_batch = {**{k: batch_sharding for k in BATCH_KEYS}, **{k: row for k in ROW_KEYS}}
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(
-    step_fn,
-    in_shardings=(state_shardings, in_batch),
-    out_shardings=(state_shardings, replicated),
-    donate_argnums=0,
-    compiler_options=compiler_options or None,
-  )
+  return step_lib.jit_update_step(step_fn, state_shardings, in_batch, compiler_options)

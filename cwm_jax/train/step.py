@@ -174,14 +174,80 @@ def _fused_backward(z_loss, rows, res, cotangents):
 _fused_head_loss.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)
 
 
-def _micro_batches(batch: dict, k: int) -> dict:
-  """[B, T] -> [M, B/M, T] taking rows i::M, so each shard's rows stay local."""
+def micro_batches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [M, B/M, ...] taking rows i::M, so each shard's rows stay local."""
 
   def split(x):
     b = x.shape[0]
     return jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
 
-  return {key: split(batch[key]) for key in BATCH_KEYS}
+  return {key: split(x) for key, x in batch.items()}
+
+
+def make_update_step(
+  cfg: ModelConfig,
+  tx: optax.GradientTransformation,
+  schedule,
+  objective,
+  *,
+  divisors,
+  grad_accum: int = 1,
+  rules=None,
+  execution: Execution = Execution(),
+):
+  """The pure `step(state, batch) -> (state, metrics)` of any objective: the LM loss
+  (`make_train_step`) and GRPO (`rl.grpo.make_rl_step`) are this step with their own
+  `objective` and `divisors`.
+
+  `divisors(batch)` is computed once from the whole batch (what the loss divides by);
+  `objective(model, micro, divisors) -> (value, sums)` gives a micro-batch's share of the
+  whole batch's loss (the differentiated value) and a dict of metric shares, so with
+  `grad_accum` micro-batches (B / grad_accum rows each) values, sums and gradients add
+  up to the whole batch's and no pass over the gradients rescales them. The metrics are
+  the sums plus `grad_norm` and `lr`.
+  """
+  graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
+  value_and_grad = jax.value_and_grad(
+    lambda params, micro, div: objective(nnx.merge(graphdef, params), micro, div), has_aux=True
+  )
+
+  def step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
+    with nnx.logical_axis_rules(rules or ()):
+      params = state["params"]
+      div = divisors(batch)
+      if grad_accum == 1:  # no zero-filled accumulator, no extra pass over the gradients
+        (_, sums), grads = value_and_grad(params, batch, div)
+      else:
+
+        def accumulate(carry, micro):
+          return jax.tree.map(jnp.add, carry, value_and_grad(params, micro, div)), None
+
+        shapes = jax.eval_shape(value_and_grad, params, batch, div)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        ((_, sums), grads), _ = jax.lax.scan(accumulate, zeros, micro_batches(batch, grad_accum))
+      updates, opt_state = tx.update(grads, state["opt_state"], params)
+      new_state = {
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+      }
+    return new_state, {**sums, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+
+  return step
+
+
+def jit_update_step(step_fn, state_shardings, batch_shardings: dict, compiler_options=None):
+  """jit with explicit shardings ({key: sharding} of the batch) and the state donated."""
+  mesh = next(iter(batch_shardings.values())).mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+    compiler_options=compiler_options or None,
+  )
 
 
 def make_train_step(
@@ -195,59 +261,38 @@ def make_train_step(
   rules=None,
   execution: Execution = Execution(),
 ):
-  """The pure train step; jit it with `jit_train_step`."""
-  graphdef = nnx.split(abstract_model(cfg, execution), nnx.Param)[0]
+  """The pure LM train step; jit it with `jit_train_step`. The batch's total weight
+  divides the loss, so gradients come out normalised."""
 
-  def objective(params, micro, total_w):
-    model = nnx.merge(graphdef, params)
-    micro = {k: constrain(v, ("batch", "seq")) for k, v in micro.items()}
-    total, aux = loss_total(model, micro, z_loss, loss_chunk)
-    return total / total_w, aux
+  def objective(model, micro, total_w):
+    micro = {k: constrain(micro[k], ("batch", "seq")) for k in BATCH_KEYS}
+    total, (ce, z) = loss_total(model, micro, z_loss, loss_chunk)
+    return total / total_w, {"loss": ce / total_w, "z_loss": z / total_w}
 
-  grad_fn = jax.grad(objective, has_aux=True)
+  def divisors(batch):
+    return jnp.maximum(jnp.sum(batch["weights"]), 1e-9)
+
+  step = make_update_step(
+    cfg,
+    tx,
+    schedule,
+    objective,
+    divisors=divisors,
+    grad_accum=grad_accum,
+    rules=rules,
+    execution=execution,
+  )
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
-    with nnx.logical_axis_rules(rules or ()):
-      params = state["params"]
-      # The batch's total weight divides the loss, so gradients come out normalised.
-      total_w = jnp.maximum(jnp.sum(batch["weights"]), 1e-9)
-      if grad_accum == 1:  # no zero-filled accumulator, no extra pass over the gradients
-        grads, (ce, z) = grad_fn(params, {k: batch[k] for k in BATCH_KEYS}, total_w)
-      else:
-
-        def accumulate(carry, micro):
-          grads, (ce, z) = grad_fn(params, micro, total_w)
-          return jax.tree.map(jnp.add, carry, (grads, ce, z)), None
-
-        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-        (grads, ce, z), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, grad_accum))
-      updates, opt_state = tx.update(grads, state["opt_state"], params)
-      new_state = {
-        "params": optax.apply_updates(params, updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-      }
-    metrics = {
-      "loss": ce / total_w,
-      "z_loss": z / total_w,
-      "grad_norm": optax.tree.norm(grads),
-      "lr": schedule(state["step"]),
-      "weight_sum": total_w,
-    }
-    return new_state, metrics
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    new_state, metrics = step(state, batch)
+    return new_state, dict(metrics, weight_sum=divisors(batch))
 
   return train_step
 
 
 def jit_train_step(step_fn, state_shardings, batch_sharding, compiler_options=None):
   """jit with explicit shardings and the state donated."""
-  batch_sh = {k: batch_sharding for k in BATCH_KEYS}
-  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(
-    step_fn,
-    in_shardings=(state_shardings, batch_sh),
-    out_shardings=(state_shardings, replicated),
-    donate_argnums=0,
-    compiler_options=compiler_options or None,
+  return jit_update_step(
+    step_fn, state_shardings, {k: batch_sharding for k in BATCH_KEYS}, compiler_options
   )
