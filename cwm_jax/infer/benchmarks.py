@@ -25,6 +25,11 @@ never scored.
 Scores are pass@k with the unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k),
 averaged over the tasks with at least k samples; a run reports how many tasks, samples and
 passes it scored, and a metric over no task is left out with the reason, never reported as 0.
+
+In-loop during training: `SuiteConfig` is a training config's `suites` section and `SuiteEval`
+runs it on the current (sharded) params: every process samples the same rows over the training
+mesh's row sharding and gets all completions back, each process judges its share of them in
+the sandbox, and the verdicts are gathered so that every process reports the same metrics.
 """
 
 from __future__ import annotations
@@ -38,13 +43,19 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
 from cwm_jax import storage
-from cwm_jax.base import ConfigError
-from cwm_jax.data.traces import harness, sandbox
+from cwm_jax.base import ConfigError, check_fields
+from cwm_jax.data.traces import harness, isolation, sandbox
 from cwm_jax.infer import sampler
+from cwm_jax.parallel import rows as rows_lib
 from cwm_jax.rl import rewards
 
 SUITES = ("humaneval", "mbpp", "cruxeval_o", "cruxeval_i", "livecodebench")
@@ -221,16 +232,17 @@ def read_jsonl(path: str, what: str) -> Iterable[tuple[str, dict]]:
     yield f"{path}:{n}", record
 
 
-def load_tasks(suite: str, path: str) -> list[Task]:
-  """The tasks of a local (or gs://) JSONL file in `suite`'s published format."""
+def load_tasks(suite: str, path: str, what: str = "--data") -> list[Task]:
+  """The tasks of a local (or gs://) JSONL file in `suite`'s published format (`what` names
+  where the path came from in errors)."""
   check_suite(suite)
-  tasks = [_LOADERS[suite](record, where) for where, record in read_jsonl(path, "--data")]
+  tasks = [_LOADERS[suite](record, where) for where, record in read_jsonl(path, what)]
   if not tasks:
-    raise ConfigError(f"--data {path} holds no task")
+    raise ConfigError(f"{what} {path} holds no task")
   seen = collections.Counter(t.task_id for t in tasks)
   dupes = sorted(k for k, v in seen.items() if v > 1)
   if dupes:
-    raise ConfigError(f"--data {path}: task ids {dupes[:5]} appear more than once")
+    raise ConfigError(f"{what} {path}: task ids {dupes[:5]} appear more than once")
   return tasks
 
 
@@ -378,6 +390,34 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def _allgather_json(value) -> list:
+  """Every process's JSON-able `value`, in process order (each process calls this alike)."""
+  blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int64(blob.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: blob.size] = blob
+  table = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(table[q, : sizes[q]])) for q in range(len(sizes))]
+
+
+def _judge(suite: str, jobs: list, limits: sandbox.Limits, workers: int, shared: bool) -> list:
+  """The verdict of each (task, index, completion) job. `shared`: every process holds the
+  same jobs, judges every process_count-th of them and gets all verdicts back, so each
+  program runs once and all processes agree."""
+  count, index = (jax.process_count(), jax.process_index()) if shared else (1, 0)
+  mine = jobs[index::count]
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    local = list(pool.map(lambda j: score_one(suite, j[0], j[2], limits), mine))
+  if count == 1:
+    return local
+  verdicts: list = [None] * len(jobs)
+  parts = _allgather_json([[v.passed, v.status, v.message] for v in local])
+  for q, part in enumerate(parts):
+    for j, (passed, status, message) in zip(range(q, len(jobs), count), part):
+      verdicts[j] = Verdict(bool(passed), status, message)
+  return verdicts
+
+
 def score(
   suite: str,
   tasks: list[Task],
@@ -385,17 +425,19 @@ def score(
   ks=(1,),
   limits: sandbox.Limits = rewards.DEFAULT_LIMITS,
   workers: int = 2,
+  shared: bool = False,
 ) -> tuple[dict[str, Any], list[dict]]:
   """(summary, per-sample rows) for `samples` {task_id: [completion, ...]}.
 
   Runs go to `workers` threads (each run is a sandboxed process). The summary counts tasks,
   bad tasks, tasks without samples, samples and passes, status counts, and pass@k for each k
   some task has k samples for (averaged over those tasks; `pass@k_tasks` says how many).
+  `shared`: every process calls this with the same samples and judges its share of them
+  (multi-process training); all get the same summary and rows.
   """
   check_suite(suite)
   jobs = [(t, i, c) for t in tasks for i, c in enumerate(samples.get(t.task_id, []))]
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    verdicts = list(pool.map(lambda j: score_one(suite, j[0], j[2], limits), jobs))
+  verdicts = _judge(suite, jobs, limits, workers, shared)
   rows = [
     {
       "task_id": t.task_id,
@@ -465,20 +507,40 @@ def generate(
   max_new_tokens: int,
   batch_size: int = 8,
   seed: int = 0,
+  row_sharding: NamedSharding | None = None,
 ) -> dict[str, list[str]]:
   """`n` completions per task from the project's sampler (prompt = BOS + the task's prompt;
-  greedy at temperature 0), each cut where its answer ends (`truncate`)."""
+  greedy at temperature 0), each cut where its answer ends (`truncate`).
+
+  `row_sharding` (a row sharding over a mesh, e.g. the training mesh's batch axes) spreads
+  the rows over its devices; the params stay as they are sharded. Every process then passes
+  all rows alike and gets all completions back; each call holds a multiple of the row blocks
+  (filler rows, dropped) and every prompt is padded to the longest one, so one shape serves
+  the whole suite."""
   rows = [(t, tokenizer.encode(t.prompt, bos=True)) for t in tasks if not t.bad for _ in range(n)]
   out: dict[str, list[str]] = collections.defaultdict(list)
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start : start + batch_size]
+  if not rows:
+    return {}
+  per_call, pad = batch_size, 32
+  if row_sharding is not None:
+    blocks = rows_lib.row_blocks(row_sharding)
+    per_call = -(-min(batch_size, len(rows)) // blocks) * blocks
+    pad = max(len(ids) for _, ids in rows)
+  for start in range(0, len(rows), per_call):
+    chunk = rows[start : start + per_call]
+    prompts = [ids for _, ids in chunk]
+    if row_sharding is not None:
+      prompts += [prompts[0]] * (per_call - len(prompts))
     result = sampler.generate(
       model,
-      [ids for _, ids in chunk],
+      prompts,
       max_new_tokens=max_new_tokens,
       temperature=temperature,
       stop_ids=tokenizer.stop_ids,
       seed=seed + start,
+      pad_multiple=pad,
+      row_sharding=row_sharding,
+      global_rows=row_sharding is not None,
     )
     for (task, _), ids in zip(chunk, result.tokens):
       ids = [i for i in ids if not tokenizer.is_special(i)]
@@ -488,3 +550,175 @@ def generate(
 
 def write_results(path: str, rows: list[dict]) -> None:
   storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _ks_of(value) -> tuple[int, ...] | None:
+  """pass@k's k from '1,10', 1 or [1, 10]; None when they are not positive integers."""
+  parts = (
+    value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else value
+  )
+  try:
+    ks = tuple(int(p) for p in parts if not isinstance(p, (bool, float)))
+  except (TypeError, ValueError):
+    return None
+  if len(ks) != len(parts) or not ks or min(ks) < 1:
+    return None
+  return ks
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+  """The `suites` section of a training config: these benchmarks in-loop every `every` steps.
+
+  Each suite field is a local (or gs://) data file in that suite's published format ('': the
+  suite is not run). Every check is made here and in `SuiteEval` before anything compiles.
+  """
+
+  every: int = 0  # steps between evaluations (0: off)
+  humaneval: str = ""
+  mbpp: str = ""
+  cruxeval_o: str = ""
+  cruxeval_i: str = ""
+  livecodebench: str = ""
+  n: int = 1  # completions sampled per task
+  k: str = "1"  # pass@k for these k, comma-separated; each at most n
+  max_new_tokens: int = 256
+  temperature: float = 0.0  # 0: greedy (then n must be 1)
+  limit: int = 0  # the first `limit` tasks of each file (0: all)
+  batch_size: int = 8  # rows per sampling call (rounded up to a multiple of the row blocks)
+  workers: int = 2  # sandboxed runs at a time, on each process
+
+  @classmethod
+  def from_mapping(cls, m) -> SuiteConfig:
+    """From a dict or ml_collections ConfigDict; unknown fields are an error."""
+    d = dict(m.to_dict() if hasattr(m, "to_dict") else m)
+    check_fields(d, (f.name for f in dataclasses.fields(cls)), "suites", "fields")
+    return cls(**d)
+
+  @property
+  def data(self) -> dict[str, str]:
+    """{suite: data file} of the suites to run."""
+    return {s: getattr(self, s) for s in SUITES if getattr(self, s)}
+
+  @property
+  def ks(self) -> tuple[int, ...]:
+    return tuple(sorted(set(_ks_of(self.k) or ())))
+
+  def __post_init__(self):
+    errors = []
+    for name in ("every", "n", "max_new_tokens", "limit", "batch_size", "workers"):
+      value, least = getattr(self, name), 0 if name in ("every", "limit") else 1
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        errors.append(f"suites.{name}={value!r} must be an integer >= {least}")
+    errors += [
+      f"suites.{s}={getattr(self, s)!r} must be a data file path (or '')"
+      for s in SUITES
+      if not isinstance(getattr(self, s), str)
+    ]
+    t = self.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t >= 0):
+      errors.append(f"suites.temperature={t!r} must be a finite number >= 0")
+    elif isinstance(self.n, int) and self.n > 1 and t == 0:
+      errors.append(
+        f"suites.n={self.n} greedy completions would all be the same; set "
+        "suites.temperature (e.g. 0.8) or suites.n=1"
+      )
+    ks = _ks_of(self.k)
+    if ks is None:
+      errors.append(f"suites.k={self.k!r} must be positive integers, e.g. '1' or '1,10'")
+    elif isinstance(self.n, int) and max(ks) > self.n:
+      errors.append(
+        f"suites.k={self.k!r}: pass@{max(ks)} needs at least {max(ks)} samples per task; "
+        f"raise suites.n (it is {self.n}) or lower k"
+      )
+    if not errors and self.every and not self.data:
+      errors.append(
+        f"suites.every={self.every} but no suite names a data file; set one of "
+        + ", ".join(f"suites.{s}" for s in SUITES)
+      )
+    if not errors and not self.every and self.data:
+      errors.append(
+        f"{', '.join(f'suites.{s}' for s in self.data)} set but suites.every=0; set "
+        "suites.every=N to run them every N steps (or clear the data files)"
+      )
+    if errors:
+      raise ConfigError("; ".join(errors))
+
+
+class SuiteEval:
+  """The suites of a `SuiteConfig`, loaded and checked against the model and tokenizer
+  (ConfigError: a missing or malformed file, no task that can be judged, prompts that do not
+  fit `max_seq_len` with `max_new_tokens`, a tokenizer the model cannot read, no sandbox
+  isolation); calling it samples and scores them all on a model at a step."""
+
+  def __init__(self, config: SuiteConfig, tokenizer, model_cfg):
+    self.config, self.tokenizer = config, tokenizer
+    self.tasks: dict[str, list[Task]] = {}
+    for suite, path in config.data.items():
+      try:
+        tasks = load_tasks(suite, path, f"suites.{suite}")
+      except ConfigError as e:
+        where = f"suites.{suite}"
+        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+      tasks = tasks[: config.limit] if config.limit else tasks
+      good = [t for t in tasks if not t.bad]
+      if not good:
+        raise ConfigError(
+          f"suites.{suite}: none of the {len(tasks)} tasks of {path} can be judged "
+          f"({tasks[0].bad}); fix the file or raise suites.limit"
+        )
+      longest = max(len(tokenizer.encode(t.prompt, bos=True)) for t in good)
+      if longest + config.max_new_tokens > model_cfg.max_seq_len:
+        raise ConfigError(
+          f"suites.{suite}: the longest prompt of {path} ({longest} tokens) + "
+          f"suites.max_new_tokens={config.max_new_tokens} exceeds the model's max_seq_len="
+          f"{model_cfg.max_seq_len}; lower max_new_tokens or suites.limit"
+        )
+      self.tasks[suite] = tasks
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+      raise ConfigError(
+        f"suites: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+        f"{model_cfg.vocab_size}; set model.overrides.vocab_size >= {tokenizer.vocab_size} "
+        "(or data.tokenizer to the model's rank file)"
+      )
+    limits = rewards.DEFAULT_LIMITS  # refused now rather than at the first evaluation
+    isolation.check(limits.namespaces, limits.allow_no_isolation)
+
+  def __call__(
+    self,
+    model,
+    step: int,
+    row_sharding: NamedSharding | None = None,
+    results_dir: str | None = None,
+  ) -> dict[str, float]:
+    """Samples and scores every suite with `model` (every process calls this alike);
+    returns `eval/SUITE/...` metrics (counts, pass@k) and, on process 0, writes each suite's
+    per-sample rows to `results_dir/SUITE/step_STEP.jsonl`."""
+    c, metrics = self.config, {}
+    for suite, tasks in self.tasks.items():
+      samples = generate(
+        model,
+        self.tokenizer,
+        suite,
+        tasks,
+        n=c.n,
+        temperature=c.temperature,
+        max_new_tokens=c.max_new_tokens,
+        batch_size=c.batch_size,
+        seed=step * 1_000_003,
+        row_sharding=row_sharding,
+      )
+      summary, rows = score(suite, tasks, samples, c.ks, workers=c.workers, shared=True)
+      if results_dir is not None and jax.process_index() == 0:
+        write_results(storage.join(results_dir, suite, f"step_{step}.jsonl"), rows)
+      metrics.update(suite_metrics(summary))
+    return metrics
+
+
+def suite_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+  """A `score` summary as `eval/SUITE/NAME` floats: its counts and each pass@k it scored."""
+  return {
+    f"eval/{summary['suite']}/{k}": float(v)
+    for k, v in summary.items()
+    if isinstance(v, (int, float)) and not isinstance(v, bool)
+  }

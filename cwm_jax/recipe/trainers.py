@@ -6,7 +6,8 @@ pre-train, mid-train and SFT (`cwm_jax.train.lm`), 'rl' for the RL stage
 (`cwm_jax.train.runtime`); `validate(config)` makes every check `run` would
 make before compiling, so a whole schedule is checked before any stage runs. The LM trainer
 adds two hooks of its own: evaluation every `eval_every` steps and a Hugging Face export every
-`export.every` steps (`ExportHook`, in a background thread).
+`export.every` steps (`ExportHook`, in a background thread). Both trainers run the standard
+code benchmarks of the `suites` section every `suites.every` steps (`suite_hook`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ from cwm_jax.base import ConfigError
 from cwm_jax.checkpoint import manager
 from cwm_jax.checkpoint.conversion import convert
 from cwm_jax.data.tokenizer import Tokenizer
+from cwm_jax.infer import benchmarks
 from cwm_jax.infer.evaluation import EvalConfig, evaluate
 from cwm_jax.model.transformer import model_from_params
+from cwm_jax.parallel import rows
 from cwm_jax.rl import trainer as rl_trainer
 from cwm_jax.train import lm, runtime
+from cwm_jax.train.config import model_config
+
+
+def _tokenizer(config) -> Tokenizer:
+  path = config.data.get("tokenizer", "")
+  return Tokenizer.from_rank_file(path) if path else Tokenizer.default()
 
 
 def evaluation_hook(config) -> runtime.Hook | None:
@@ -37,8 +46,7 @@ def evaluation_hook(config) -> runtime.Hook | None:
   logged as `eval/*` records (None when `eval_every` is 0)."""
   if not config.get("eval_every", 0):
     return None
-  path = config.data.get("tokenizer", "")
-  tokenizer = Tokenizer.from_rank_file(path) if path else Tokenizer.default()
+  tokenizer = _tokenizer(config)
 
   def hook(ctx: runtime.HookContext) -> dict[str, float] | None:
     if ctx.step % config.eval_every:
@@ -48,6 +56,44 @@ def evaluation_hook(config) -> runtime.Hook | None:
       model = model_from_params(rt.cfg, ctx.state["params"], rt.execution)
       metrics = evaluate(model, tokenizer, config.eval)
     return {f"eval/{k}": v for k, v in metrics.items()}
+
+  return hook
+
+
+def suite_eval(config) -> benchmarks.SuiteEval | None:
+  """The `suites` section checked and loaded (ConfigError naming the field, before anything
+  compiles); None when it is off."""
+  section = config.get("suites")
+  if section is None:
+    return None
+  try:
+    suites = benchmarks.SuiteConfig.from_mapping(section)
+    return (
+      benchmarks.SuiteEval(suites, _tokenizer(config), model_config(config))
+      if suites.every
+      else None
+    )
+  except ConfigError as e:
+    raise ConfigError(f"invalid training config: {e}") from e
+
+
+def suite_hook(config, workdir: str) -> runtime.Hook | None:
+  """Every `suites.every` steps: the standard benchmarks of the `suites` section sampled with
+  the current params, as they are sharded (rows split over the training mesh's batch axes),
+  and scored in the sandbox; `eval/SUITE/*` metrics, per-sample rows in
+  WORKDIR/suites/SUITE/step_N.jsonl (None when the section is off)."""
+  suites = suite_eval(config)
+  if suites is None:
+    return None
+  results = storage.join(workdir, "suites")
+
+  def hook(ctx: runtime.HookContext) -> dict[str, float] | None:
+    if ctx.step % suites.config.every:
+      return None
+    rt = ctx.runtime
+    with nnx.logical_axis_rules(rt.rules):
+      model = model_from_params(rt.cfg, ctx.state["params"], rt.execution)
+      return suites(model, ctx.step, rows.row_sharding(rt.batch_sharding), results)
 
   return hook
 
@@ -133,11 +179,16 @@ def _validate_lm(config) -> None:
       EvalConfig.from_mapping(config.eval)
     except (ConfigError, TypeError) as e:
       raise ConfigError(f"invalid training config: eval: {e}") from e
+  suite_eval(config)
 
 
 def _train_lm(config, workdir: str, hooks: Sequence[runtime.Hook] = ()) -> dict:
   _validate_lm(config)
-  own = [h for h in (evaluation_hook(config), export_hook(config, workdir)) if h is not None]
+  own = [
+    h
+    for h in (evaluation_hook(config), suite_hook(config, workdir), export_hook(config, workdir))
+    if h is not None
+  ]
   exporter = next((h for h in own if isinstance(h, ExportHook)), None)
   try:
     out = lm.train(config, workdir, hooks=[*hooks, *own])
@@ -152,7 +203,18 @@ class Trainer:
   run: Callable[..., dict]  # (config, workdir, hooks=()) -> {'step', 'records', 'preempted'}
 
 
+def _validate_rl(config) -> None:
+  rl_trainer.validate(config)
+  suite_eval(config)
+
+
+def _train_rl(config, workdir: str, hooks: Sequence[runtime.Hook] = ()) -> dict:
+  _validate_rl(config)
+  own = suite_hook(config, workdir)
+  return rl_trainer.run(config, workdir, [*hooks, *([own] if own else [])])
+
+
 TRAINERS: dict[str, Trainer] = {
   "lm": Trainer(_validate_lm, _train_lm),
-  "rl": Trainer(rl_trainer.validate, rl_trainer.run),
+  "rl": Trainer(_validate_rl, _train_rl),
 }

@@ -89,6 +89,28 @@ def base_config() -> ml_collections.ConfigDict:
       perplexity=True,
     )
   )
+  # The standard code benchmarks in-loop (docs/evaluation.md; a hook of
+  # cwm_jax.recipe.trainers, fields of cwm_jax.infer.benchmarks.SuiteConfig): every
+  # `suites.every` steps (0 = off) each suite given a local (or gs://) data file in its
+  # published format is sampled with the current params and scored in the sandbox; logged as
+  # `eval/SUITE/*`, per-sample results in WORKDIR/suites/SUITE/step_N.jsonl.
+  c.suites = ml_collections.ConfigDict(
+    dict(
+      every=0,
+      humaneval="",
+      mbpp="",
+      cruxeval_o="",
+      cruxeval_i="",
+      livecodebench="",
+      n=1,  # completions per task
+      k="1",  # pass@k for these k ('1,10'), each <= n
+      max_new_tokens=256,
+      temperature=0.0,  # 0: greedy (n must then be 1)
+      limit=0,  # the first N tasks of each file (0: all)
+      batch_size=8,  # rows per sampling call
+      workers=2,  # sandboxed runs at a time on each process
+    )
+  )
   # Hugging Face exports during training (a hook of cwm_jax.recipe.trainers): every
   # `export.every` steps (0 = off; a multiple of checkpoint_every) that step's checkpoint is
   # converted, in a background thread, into WORKDIR/hf/step_N.
