@@ -12,6 +12,7 @@ in one task, wrong in the other), so the scores mix passes and failures.
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -248,3 +249,46 @@ def test_verdicts_split_over_processes_equal_one_process(tmp_path, monkeypatch):
   assert len(parts[1]) == 2  # samples 1 and 3 of the 5
   assert as_process(0) == want
   assert want[0]["passed"] == 2 and want[0]["pass@1"] == pytest.approx((0.5 + 0 + 0.5) / 3)
+
+
+def test_two_processes_sample_and_judge_together(tmp_path):
+  """2 processes x 4 devices (gloo on localhost), a 2-step run evaluating HumanEval at step 2:
+  both take part in every sampling program and judge half of the samples each; both log the
+  same metrics with counts equal to the items, and process 0 writes all rows."""
+  c = _config(tmp_path)
+  suites = {k: c.suites[k] for k in ("every", "humaneval", "n", "k", "max_new_tokens")}
+  suites.update(temperature=c.suites.temperature)
+  out, port = tmp_path / "run", str(random.randint(20000, 40000))
+  procs = []
+  for i in range(2):
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i),
+    )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "multiprocess_suites.py")]
+        + [str(out), "2", json.dumps(suites)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
+  logs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-4000:]
+  first, second = (json.load(open(f"{out}.{i}.json")) for i in range(2))
+  assert first == second
+  (ev,) = _evals(first, "humaneval")
+  assert ev["step"] == 2 and ev["eval/humaneval/samples"] == N * len(HUMANEVAL)
+  assert ev["eval/humaneval/scored_tasks"] == len(HUMANEVAL) and "eval/humaneval/pass@2" in ev
+  rows = [json.loads(line) for line in open(out / "suites" / "humaneval" / "step_2.jsonl")]
+  assert len(rows) == N * len(HUMANEVAL)
+  assert sum(r["passed"] for r in rows) == ev["eval/humaneval/passed"]
+  assert {r["task_id"] for r in rows if r["passed"]} == {"Tiny/add"}, rows
