@@ -5,6 +5,7 @@ format_prompt / format_frames / format_trace / parse_frames / resolve_locals
 run_python(source, stdin=, limits=) -> SandboxResult(status, stdout, stderr, returncode)
 run_tests(source, tests, limits=) -> TestsResult(passed, status, message, run)
 SandboxRefused: no network isolation here and no Limits(allow_no_isolation=True)
+CgroupUnavailable: Limits(cgroup='v2' / 'v1') where the host does not offer that hierarchy
 trace_examples / program_calls / doctest_calls: real functions with real inputs.
 """
 
@@ -28,11 +29,18 @@ from cwm_jax.data.traces.format import (
   resolve_locals,
 )
 from cwm_jax.data.traces.harness import TestsResult, run_tests
-from cwm_jax.data.traces.sandbox import Limits, SandboxRefused, SandboxResult, run_python
+from cwm_jax.data.traces.sandbox import (
+  CgroupUnavailable,
+  Limits,
+  SandboxRefused,
+  SandboxResult,
+  run_python,
+)
 from cwm_jax.data.traces.tracer import TRUNCATION_MARKER, encode_value
 
 __all__ = [
   "Call",
+  "CgroupUnavailable",
   "DOCTEST_MODULES",
   "Limits",
   "PROGRAMS_DIR",

@@ -16,14 +16,20 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def read_request(fd):
-  """The marshalled request behind a 4-byte big-endian length on `fd`."""
+  """The marshalled request behind a 4-byte big-endian length on `fd`; reads no byte past it
+  (the caller's next message on the socket is the supervisor's)."""
+  size = int.from_bytes(_read_exactly(fd, 4), "big")
+  return marshal.loads(_read_exactly(fd, size))
+
+
+def _read_exactly(fd, size):
   data = b""
-  while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
-    chunk = os.read(fd, 1 << 20)
+  while len(data) < size:
+    chunk = os.read(fd, min(size - len(data), 1 << 20))
     if not chunk:
       raise SystemExit("the caller closed the sandbox channel mid-request")
     data += chunk
-  return marshal.loads(data[4:])
+  return data
 
 
 def loader(codes):

@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 from cwm_jax.base import ConfigError
+from cwm_jax.data.traces import cgroups
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(_HERE, "child.py")
@@ -61,6 +62,7 @@ class Isolation:
       "network_isolated": self.namespaces,
       "reason": self.reason,
       **self.details,
+      "cgroup": cgroups.detect(),
     }
 
 

@@ -6,7 +6,9 @@ IPC namespaces where the kernel allows (isolation.py; otherwise the run is refus
 starts dies with the run, its filesystem is a minimal read-only root (system directories and
 the interpreter) plus a size-capped tmpfs scratch that vanishes with the namespace, a seccomp
 filter denies new namespaces, mounts and memfd, and a root caller's program runs as a uid of
-its own without capabilities (docs/security.md). The supervisor gets its request over a
+its own without capabilities (docs/security.md). Where the host offers cgroups (cgroups.py),
+each run also gets its own, which bounds the memory and processes of the whole run; a run the
+kernel's OOM killer ended has status 'memory'. The supervisor gets its request over a
 private socket that is also its lifeline (the run ends when the caller dies) and reports the
 program's wait status on it; records (traces, test verdicts) come over a pipe, tagged with a
 per-run nonce (channel.py, channel_writer.py). Hitting a limit gives a status, never an exception in the caller.
@@ -28,7 +30,8 @@ import sys
 import threading
 import time
 
-from cwm_jax.data.traces import channel, isolation
+from cwm_jax.data.traces import cgroups, channel, isolation
+from cwm_jax.data.traces.cgroups import CgroupUnavailable
 from cwm_jax.data.traces.isolation import CHILD, SandboxRefused
 
 STATUSES = ("ok", "error", "timeout", "memory", "output_limit")
@@ -38,6 +41,7 @@ _UNREAPED_LOCK = threading.Lock()
 
 __all__ = [
   "CHILD",
+  "CgroupUnavailable",
   "Limits",
   "STATUSES",
   "SandboxRefused",
@@ -57,12 +61,14 @@ class Limits:
 
   timeout_s: float = 10.0  # wall clock
   cpu_s: float | None = None  # CPU time; None: timeout_s + 1
-  memory_mb: int = 1024  # address space (RLIMIT_AS)
+  memory_mb: int = 1024  # address space of each process (RLIMIT_AS); with a cgroup, also all
+  # memory of the run together (its processes, scratch tmpfs, kernel buffers): cgroups.py
   output_bytes: int = 1_000_000  # stdout + stderr
   file_bytes: int = 64 << 20  # largest file the program may write
   disk_bytes: int = 128 << 20  # all files the program may write (the scratch tmpfs)
   disk_inodes: int = 4096  # files and directories in the scratch tmpfs
-  max_processes: int = 256  # processes of the program's uid, which is the run's own
+  max_processes: int = 256  # processes of the program's uid, which is the run's own; with a
+  # cgroup, also every process and thread of the run (pids.max)
   max_events: int = 10_000  # traces with more line events are dropped ('too_long')
   max_trace_bytes: int = 1_000_000  # formatted trace text; larger ones are dropped
   max_value_chars: int = 1000  # longer value encodings are truncated
@@ -72,8 +78,13 @@ class Limits:
   # Let the program import installed packages. Off by default: every start then runs `site`,
   # which reads the virtualenv's .pth files and imports what they name, for each run.
   site_packages: bool = False
+  # The run's own cgroup: 'auto' (v2, else v1, else none), 'v2', 'v1' (CgroupUnavailable where
+  # the host does not offer it), 'off' (per-process limits only). See cgroups.py.
+  cgroup: str = "auto"
 
   def __post_init__(self):
+    if self.cgroup not in cgroups.MODES:
+      raise ValueError(f"Limits.cgroup must be one of {cgroups.MODES}, got {self.cgroup!r}")
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -116,6 +127,18 @@ def run_child(
   iso = isolation.check(limits.namespaces, limits.allow_no_isolation)
   if not iso.namespaces:
     _sweep_once()
+  # The supervisor is in the cgroup too (it forks the worker there): one more process.
+  cgroup = cgroups.create(limits.cgroup, limits.memory_mb << 20, limits.max_processes + 1)
+  try:
+    result, records = _run(request, source, stdin, limits, record_bytes, iso, cgroup)
+  finally:  # also when the run raised: its processes killed, its cgroup removed
+    oom = cgroup is not None and cgroup.finish()
+  if oom and result.status != "output_limit":  # the kernel's OOM killer ended a process of it
+    result = dataclasses.replace(result, status="memory")
+  return result, records
+
+
+def _run(request, source, stdin, limits, record_bytes, iso, cgroup):
   nonce = os.urandom(channel.NONCE_BYTES)
   request = dict(
     request,
@@ -131,6 +154,7 @@ def run_child(
     modules=isolation.child_modules(),
     site_packages=limits.site_packages,
     executable=_executable(),
+    cgroup=cgroup is not None,
   )
   ours, theirs = socket.socketpair()
   record_r, record_w = os.pipe()
@@ -170,6 +194,11 @@ def run_child(
     out = None
     try:
       _send(ours, request)
+      # With a cgroup the supervisor forks the worker only once told that it is inside (so
+      # is every process of the program): the move waits for the kernel while the supervisor
+      # starts and builds the run's root. One gone already is told nothing.
+      if cgroup is not None and cgroup.add(proc.pid):
+        _send_bytes(ours, b"1")
       out = _communicate(proc, ours, records, stdin.encode("utf-8"), limits, record_bytes)
     finally:  # without namespaces, a supervisor that did not report may still be cleaning up
       _end(proc, ours, wait=not iso.namespaces and not (out and out["report"]))
@@ -208,8 +237,12 @@ def _limit_spec(limits: Limits) -> str:
 
 def _send(sock: socket.socket, request: dict) -> None:
   data = marshal.dumps(request)
+  _send_bytes(sock, len(data).to_bytes(4, "big") + data)
+
+
+def _send_bytes(sock: socket.socket, data: bytes) -> None:
   try:
-    sock.sendall(len(data).to_bytes(4, "big") + data)
+    sock.sendall(data)
   except OSError:
     pass  # the child died before reading: its stderr and exit status say why
 

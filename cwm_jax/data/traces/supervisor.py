@@ -13,16 +13,20 @@ package is not importable here. Steps:
      devices, a size-capped scratch tmpfs on /tmp, also bound on /dev/shm and /var/tmp; no
      checkout, task files, home directories or host sockets);
      otherwise (an explicit opt-in) a scratch directory in the host's temp dir;
-  3. fork the worker: killed if this process dies, its own session, a private /proc, capped
+  3. where the caller made the run's cgroups (cgroups.py: the memory and processes of the
+     whole run bounded by the kernel), wait until it says it has moved this process into them
+     (one byte on the socket; without it, no worker), so that everything forked from here on
+     is born inside;
+  4. fork the worker: killed if this process dies, its own session, a private /proc, capped
      SysV shared memory and message queues in its own IPC namespace, no capabilities,
      no_new_privs, a uid of its own for root callers (run_uid), a seccomp filter (no new
      namespaces, no mounts, no memfd), setrlimit limits, the network blocked, then worker.py
      runs the program;
-  4. wait for it, the deadline or the caller's end; kill every process of the run (with
+  5. wait for it, the deadline or the caller's end; kill every process of the run (with
      namespaces: the worker, PID 1; without: as subreaper, everything it left);
      report 'exit WAIT_STATUS' or 'timeout' on the socket and exit.
 As PID 1 the program ignores signals it sends itself without a handler, so its CPU limit
-ends it with the hard limit's SIGKILL. `child.py --probe` checks steps 2-3 (JSON on stdout).
+ends it with the hard limit's SIGKILL. `child.py --probe` checks steps 2 and 4 (JSON on stdout).
 """
 
 import ctypes
@@ -44,7 +48,8 @@ _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 _libc = ctypes.CDLL(None, use_errno=True)
 # Denied to the program by its seccomp filter: new namespaces (a nested user namespace would
 # give it mount rights: its own tmpfs outside the disk cap), entering others, any mount
-# operation, and memfd (memory outside the per-process limit where no cgroup counts it).
+# operation, and memfd (memory outside the per-process limit; a run's cgroup, where there is
+# one, counts it, but without one nothing would).
 # {machine: (audit arch, {syscall: number}, clone, clone3)}
 _SYSCALLS = {
   "x86_64": (
@@ -464,6 +469,14 @@ def run_uid(base):
   return None if base is None else base + os.getpid()
 
 
+def _remove_scratch(request, scratch):
+  """Without namespaces the scratch is a host folder (with them it ends with the namespace)."""
+  if not request["namespaces"]:
+    import shutil  # pylint: disable=g-import-not-at-top
+
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def supervise(request, sock, record_fd, load):
   """Runs the request's program in a worker (see the module docstring); reports on `sock`."""
   _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # the worker may not read this process's memory
@@ -471,6 +484,11 @@ def supervise(request, sock, record_fd, load):
   if not request["namespaces"]:
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us, to be killed
   scratch = _prepare(request)
+  # Where the caller made the run's cgroups it moves this process into them meanwhile, then
+  # says so: the worker (and every process of the program) must be born inside.
+  if request.get("cgroup") and os.read(sock, 1) != b"1":
+    _remove_scratch(request, scratch)  # the move failed or the caller is gone: no worker
+    return
   pid = _start_worker(request, sock, record_fd, scratch, load)
   status, timed_out, gone = _wait(pid, sock, request["timeout_s"])
   if request["namespaces"]:  # the worker is PID 1: its end is the end of every process
@@ -479,9 +497,7 @@ def supervise(request, sock, record_fd, load):
       status = os.waitpid(pid, 0)[1]
   else:
     _kill_all(pid)
-    import shutil  # pylint: disable=g-import-not-at-top
-
-    shutil.rmtree(scratch, ignore_errors=True)
+    _remove_scratch(request, scratch)
   if not gone:
     os.write(sock, b"timeout" if timed_out else b"exit %d" % status)
 
