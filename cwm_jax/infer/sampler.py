@@ -41,6 +41,7 @@ from cwm_jax.infer import cache as kv
 from cwm_jax.kernels import backend
 from cwm_jax.model.layers import dtype_of
 from cwm_jax.model.logprobs import token_logprobs
+from cwm_jax.parallel import rows as rows_lib
 
 PAD_ID = 0
 # Columns of one appended block (`extend`): its attention scores span the whole cache,
@@ -265,19 +266,10 @@ class _Rows:
     """The largest of every process's `value` (a padded width all must use)."""
     return int(multihost_utils.process_allgather(np.int32(value)).max()) if self.multi else value
 
-  def _rows_of(self, ndim: int) -> NamedSharding:
-    return NamedSharding(self.sharding.mesh, P(self.sharding.spec[0], *([None] * (ndim - 1))))
-
   def put(self, local: np.ndarray):
     if self.sharding is None:
       return jnp.asarray(local)
-    if self.all:
-      return jax.make_array_from_callback(local.shape, self._rows_of(local.ndim), local.__getitem__)
-    if self.multi:
-      return jax.make_array_from_process_local_data(
-        self._rows_of(local.ndim), local, (self.rows,) + local.shape[1:]
-      )
-    return jax.device_put(local, self._rows_of(local.ndim))
+    return rows_lib.global_array(local, rows_lib.row_sharding(self.sharding), self.rows)
 
   def get(self, *arrays) -> list[np.ndarray]:
     if self.all and not self.sharding.is_fully_addressable:
@@ -285,14 +277,7 @@ class _Rows:
       return [np.asarray(jax.device_put(a, everywhere).addressable_shards[0].data) for a in arrays]
     if not self.multi:
       return [np.asarray(a) for a in jax.device_get(arrays)]
-    out = []
-    for a in arrays:  # resharded by rows only, this process's shards are its own rows
-      shards = {
-        s.index[0].start or 0: s
-        for s in jax.device_put(a, self._rows_of(a.ndim)).addressable_shards
-      }
-      out.append(np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)]))
-    return out
+    return [rows_lib.local_rows(a, self.sharding) for a in arrays]
 
 
 class Turns:

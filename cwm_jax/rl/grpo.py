@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -26,6 +25,7 @@ from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain
 from cwm_jax.model.logprobs import token_logprobs
+from cwm_jax.parallel import rows as rows_lib
 from cwm_jax.train import step as step_lib
 
 EPS_LOW, EPS_HIGH = 0.2, 0.25
@@ -139,7 +139,6 @@ def make_rl_step(
 
 def jit_rl_step(step_fn, state_shardings, batch_sharding, compiler_options=None):
   """jit with explicit shardings and the state donated ([B] rows follow the batch axis)."""
-  mesh = batch_sharding.mesh
-  row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_sharding.spec[0]))
+  row = rows_lib.row_sharding(batch_sharding)
   in_batch = {**{k: batch_sharding for k in BATCH_KEYS}, **{k: row for k in ROW_KEYS}}
   return step_lib.jit_update_step(step_fn, state_shardings, in_batch, compiler_options)

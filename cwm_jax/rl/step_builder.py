@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cwm_jax.infer import cache as kv
 from cwm_jax.infer import sampler
 from cwm_jax.model.layers import dtype_of
 from cwm_jax.model.transformer import abstract_model
+from cwm_jax.parallel import rows as rows_lib
 from cwm_jax.parallel import sharding, transfer
 from cwm_jax.rl import grpo
 from cwm_jax.rl import trainer as trainer_lib
@@ -46,7 +46,7 @@ def sampler_programs(
   mesh = mesh or parts.batch_sharding.mesh
   rules = sharding.normalize_rules(config.rules)
   graphdef = nnx.split(abstract_model(cfg, parts.execution), nnx.Param)[0]
-  rows = NamedSharding(mesh, P(parts.batch_sharding.spec[0]))
+  rows = rows_lib.row_sharding(NamedSharding(mesh, parts.batch_sharding.spec))
   b, cache_len = config.batch_size, config.seq_len
   prompt_len = cache_len - config.rl.max_new_tokens
 
@@ -77,9 +77,7 @@ def sampler_programs(
     empty = jax.eval_shape(
       lambda: kv.init_cache(cfg, b, cache_len, dtype_of(parts.execution.compute_dtype))
     )
-  prompt = jax.ShapeDtypeStruct(
-    (b, prompt_len), jnp.int32, sharding=NamedSharding(mesh, P(rows.spec[0], None))
-  )
+  prompt = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32, sharding=rows)
   prefill, filled = program(sampler.prefill, empty, prompt, prompt_len=prompt_len)
   decode, _ = program(
     sampler.decode_step, filled, jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)
@@ -127,7 +125,7 @@ def rl_step_builder(config, cfg, mesh, target: Target | None = None) -> Steps:
     grad_accum=config.grad_accum,
   )
   jitted = grpo.jit_rl_step(fn, shardings, batch_sh)
-  row = NamedSharding(mesh, P(batch_sh.spec[0]))
+  row = rows_lib.row_sharding(batch_sh)
   b, t = config.batch_size, config.seq_len
   batch = {
     k: jax.ShapeDtypeStruct(

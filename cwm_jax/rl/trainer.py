@@ -14,7 +14,8 @@ restored params.
 
 Each logged step carries loss, grad_norm, lr, reward_mean, pass_rate,
 clip_fraction, response_length, groups_kept (and reward_<kind>, ratio_mean,
-approx_kl, stale_dropped, rollout_time, update_time). An iteration whose groups
+approx_kl, stale_dropped, rollout_time, and update_time: the previous update's seconds from
+dispatch to done, measured without blocking the loop). An iteration whose groups
 all have zero advantage skips the optimizer (`skipped` 1) but counts as a step.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 import time
 from typing import NamedTuple
 
@@ -41,7 +43,7 @@ from cwm_jax.data.traces import isolation
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.sampler import Turns
 from cwm_jax.model.transformer import abstract_model
-from cwm_jax.parallel import mesh as mesh_lib
+from cwm_jax.parallel import rows as rows_lib
 from cwm_jax.parallel import sharding, transfer
 from cwm_jax.rl import datasets, episodes, grpo, rollout
 from cwm_jax.rl import tasks as tasks_lib
@@ -471,13 +473,13 @@ class _Sampler:
   def _replica_multiple(self) -> int:
     """Tasks per sampling call must be a multiple of this for their rows to divide over
     the rollout replicas."""
-    size = mesh_lib.axis_size(dict(self.rows.mesh.shape), sharding.spec_axes(self.rows.spec[0]))
+    size = rows_lib.row_blocks(self.rows)
     return size // math.gcd(size, self.config.rl.group_size)
 
   def _rows(self, n: int) -> NamedSharding | None:
     """The row sharding when this process's `n` rows (as many on every process) divide
     evenly over it; else None (one process only: sampled unsharded)."""
-    size = mesh_lib.axis_size(dict(self.rows.mesh.shape), sharding.spec_axes(self.rows.spec[0]))
+    size = rows_lib.row_blocks(self.rows)
     if (n * (1 if self.everywhere else jax.process_count())) % size == 0:
       return self.rows
     if jax.process_count() > 1:
@@ -555,6 +557,31 @@ class _Rollouts:
     return version, self.sampler(params, version, step)
 
 
+class _UpdateClock:
+  """Update times measured off the loop: a watcher thread waits for an update's outputs
+  (waiting issues no collective, so it is safe beside the loop on every process) and notes
+  the seconds from its dispatch; `last()` gives the previous update's (0.0 before any)."""
+
+  def __init__(self):
+    self._thread, self._seconds = None, 0.0
+
+  def start(self, outputs, t0: float) -> None:
+    self.last()
+
+    def wait():
+      jax.block_until_ready(outputs)
+      self._seconds = time.perf_counter() - t0
+
+    self._thread = threading.Thread(target=wait, daemon=True, name="rl-update-clock")
+    self._thread.start()
+
+  def last(self) -> float:
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    return self._seconds
+
+
 class RLTrainer:
   """Supervised warmup steps, then rollout batches and their GRPO steps.
 
@@ -607,9 +634,7 @@ class RLTrainer:
     self.scorer = rollout.Scorer(rl.verifier_workers, _limits(rl))
     self.rollouts, self.feed = None, None
     if rollout_layout is not None:  # rollouts on a mesh of their own
-      rows = NamedSharding(
-        rollout_layout.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0])
-      )
+      rows = rows_lib.row_sharding(NamedSharding(rollout_layout.mesh, rt.batch_sharding.spec))
       sampler = _Sampler(
         config, graphdef, tokenizer, tasks, self.scorer, rows, rt.rules, everywhere=True
       )
@@ -619,11 +644,12 @@ class RLTrainer:
       sync = transfer.WeightSync(rollout_layout, specs, rl.rollout_dtype or None)
       self.rollouts = _Rollouts(sampler, sync, pipeline_depth(rl), config.total_steps)
     else:
-      rows = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
+      rows = rows_lib.row_sharding(rt.batch_sharding)
       self.feed = _Feed(
         config, _Sampler(config, graphdef, tokenizer, tasks, self.scorer, rows, rt.rules)
       )
     self.published = None
+    self.clock = _UpdateClock()
 
   def iterate(self, state: dict, step: int):
     if self.feed is not None and self.published is None:
@@ -673,35 +699,22 @@ class RLTrainer:
       return
     device_batch = self._put(batch)
     for _ in range(min(config.rl.updates_per_rollout, config.total_steps - step)):
-      t0 = time.perf_counter()
+      t0, previous = time.perf_counter(), self.clock.last()
       state, metrics = self.rl_step(state, device_batch)
+      self.clock.start(metrics, t0)
       if self.rollouts is not None:  # the update runs on the trainer's devices meanwhile
         self.rollouts.after(step)
       step += 1
       if self.feed is not None:
         self.feed.publish(state["params"], step)
-      yield runtime.Update(
-        state, step, dict(stats, **metrics, skipped=0.0, update_time=time.perf_counter() - t0)
-      )
+      yield runtime.Update(state, step, dict(stats, **metrics, skipped=0.0, update_time=previous))
 
   def _put(self, local: dict[str, np.ndarray]) -> dict:
     """This process's rows of a global batch as sharded arrays ([B, T] over the batch
     axes, [B] over their first)."""
-    rt, n = self.rt, self.config.batch_size
-    row = NamedSharding(rt.mesh, jax.sharding.PartitionSpec(rt.batch_sharding.spec[0]))
-    if self.rollouts is not None:  # every process holds every row
-      return {
-        k: jax.make_array_from_callback(
-          v.shape, rt.batch_sharding if v.ndim == 2 else row, v.__getitem__
-        )
-        for k, v in local.items()
-      }
-    return {
-      k: jax.make_array_from_process_local_data(
-        rt.batch_sharding if v.ndim == 2 else row, v, (n,) + v.shape[1:]
-      )
-      for k, v in local.items()
-    }
+    # Disaggregated, every process holds every row: its arrays are the global batch.
+    rows = len(next(iter(local.values()))) if self.rollouts is not None else self.config.batch_size
+    return rows_lib.global_batch(local, self.rt.batch_sharding, rows)
 
   def close(self) -> None:
     if self.feed is not None:
