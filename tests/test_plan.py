@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from test_launch import ROOT
 
+from cwm_jax.base import ConfigError
 from cwm_jax.kernels.masks import allowed
 from cwm_jax.model import abstract_model
 from cwm_jax.model.config import cwm_32b, meta_layer_windows, tiny
@@ -214,3 +215,51 @@ def test_cwm_32b_long_context_stages_compile(stage, devices, mesh, accum, seq_le
   assert abs(plan["argument_gb_per_device"] - 12 * 32_581_097_472 / devices / GIB) < 0.1
   assert plan["attention_impl"] == "chunked"  # 'auto' on CPU devices
   assert plan["temp_gb_per_device"] > 0
+
+
+def disaggregated_rl_stage(rollout_devices: int = 4, tensor: int = 2):
+  """configs/smoke.py's RL stage with rollouts on devices of their own: the trainer's 4
+  devices (fsdp) and `rollout_devices` in `tensor`-way replicas."""
+  from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
+
+  ((name, c),) = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
+  c.mesh.update(data=1, fsdp=4)
+  c.rl.update(rollout_devices=rollout_devices, rollout_tensor=tensor, rollout_dtype="bfloat16")
+  return [(name, c)]
+
+
+def check_disaggregated_plan(plan: dict, processes: int) -> None:
+  """The update step on the trainer's share, prefill / decode / extend on the replicas'
+  mesh with its own memory, and the weight-sync bytes (bfloat16 params, each replica device
+  its tensor shard)."""
+  assert plan["step"] == "rl_update" and plan["devices"] == 4 and plan["processes"] == processes
+  rollout = plan["rollout"]
+  assert rollout["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}
+  assert rollout["devices"] == 4 and rollout["replicas"] == 2
+  assert rollout["param_dtype"] == "bfloat16"
+  for name in ("prefill", "decode", "extend"):
+    p = rollout[name]
+    assert p["rows"] == plan["batch_size"] and p["resident_gb_per_device"] == 0
+    assert p["total_gb_per_device"] > 0
+  # Every rollout device receives its tensor shard of every param in bfloat16: at least a
+  # quarter (bf16 / 2 tensor ways ... of f32) and at most all of the params' bytes.
+  per_device = plan["weight_sync_bytes_per_rollout_device"]
+  assert plan["params"] * 2 / 2 <= per_device <= plan["params"] * 2
+  assert plan["weight_sync_gb"] == pytest.approx(per_device * 4 / 1e9)
+  assert "sampler" not in plan
+
+
+def test_disaggregated_rl_stage_plans_both_meshes_on_host_devices():
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+
+  plan = planning.host_plan(disaggregated_rl_stage(), 8, step_builders={"rl": rl_step_builder})
+  check_disaggregated_plan(plan["stages"]["rl"], processes=1)
+
+
+def test_disaggregated_rl_stage_that_cannot_split_exits_before_compiling():
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ConfigError, match="multiple of the 4 trainer devices"):
+    planning.host_plan(
+      disaggregated_rl_stage(rollout_devices=2), 6, step_builders={"rl": rl_step_builder}
+    )
