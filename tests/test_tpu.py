@@ -154,7 +154,8 @@ def test_cwm_32b_slice_variants():
   assert dict(c.mesh) == dict(data=1, fsdp=16, tensor=1, sequence=16)
   assert c.execution.attention_impl == "auto" and c.execution.context_parallel == "allgather"
   ((_, rl),) = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=rl,slice=v6e-256"))
-  assert rl.stage.trainer == "rl" and rl.batch_size == 16
+  assert rl.stage.trainer == "rl" and rl.batch_size == 128 and rl.grad_accum == 16
+  assert rl.rl.rollout_devices == 128 and rl.rl.rollout_tensor == 8
   ((_, pre),) = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=pretrain"))
   assert pre.grad_accum == 8 and dict(pre.mesh)["fsdp"] == 256  # default slice: v5p-512
   with pytest.raises(ConfigError, match="slice=v5p-512|v6e-256"):
@@ -238,3 +239,17 @@ def test_runtime_mesh_over_two_slices_is_the_planners():
   with pytest.raises(ConfigError, match="multiple of --num_slices=2"):
     mesh_lib.make_mesh({"data": 1, "fsdp": -1}, devs)
   assert mesh_lib.num_slices(jax.devices()) == 1  # CPU devices: one slice, the plain mesh
+
+
+def test_disaggregated_rl_stage_plans_both_meshes_for_two_v5p_hosts():
+  """On v5p-16 (8 chips, 2 hosts) the stage validates for 2 processes; each host gives 2
+  chips to the trainer and 2 to the rollout replicas, and libtpu compiles both sides."""
+  from test_plan import check_disaggregated_plan, disaggregated_rl_stage
+
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+
+  plan = planning.tpu_plan(
+    disaggregated_rl_stage(), "v5p-16", step_builders={"rl": rl_step_builder}, estimate=False
+  )["stages"]["rl"]
+  check_disaggregated_plan(plan, processes=2)
+  assert plan["device_kind"] == "TPU v5" and plan["fits"]
