@@ -29,8 +29,11 @@ from cwm_jax.parallel.mesh import initialize_distributed
 initialize_distributed()
 import jax
 from cwm_jax.rl import trainer
+import cwm_jax
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(cwm_jax.__file__)), "configs"))
+import rl_digits
 mode, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-c = trainer.toy_config(steps)
+c = rl_digits.get_config(f"steps={steps}")
 # A model whose sampling and update dominate dispatch: 4 layers of width 256.
 c.model.overrides.update(n_layers=4, dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=1024)
 c.seq_len, c.batch_size = 24, 64

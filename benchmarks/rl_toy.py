@@ -19,7 +19,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+)
 import results_io
+import rl_digits
 
 from cwm_jax.checkpoint.manager import restore_params
 from cwm_jax.infer.sampler import generate
@@ -50,7 +54,7 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
   args = parser.parse_args()
-  config = trainer.toy_config(args.steps, args.seed)
+  config = rl_digits.get_config(f"steps={args.steps},seed={args.seed}")
   cfg = model_config(config)
   before = greedy_eval(init_model(cfg, args.seed), args.seed)  # the RL run's initial params
   with tempfile.TemporaryDirectory() as workdir:

@@ -3,7 +3,7 @@
   JAX_COORDINATOR_ADDRESS=... JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i \\
   XLA_FLAGS=--xla_force_host_platform_device_count=D python tests/multiprocess_rl.py MODE OUT
 
-MODE `rl`: the toy GRPO run (`trainer.toy_config(3)`, rows over every device) with
+MODE `rl`: the toy GRPO run (`configs/rl_digits.py:steps=3`, rows over every device) with
 workdir OUT (process 0 writes OUT/metrics.jsonl). MODE `mixed`: 2 RL steps on a task
 file whose even records (process 0's shard of 2) are math tasks and odd ones tool
 tasks, so the processes hold different numbers of single- and multi-turn tasks.
@@ -15,11 +15,17 @@ tokens appended between turns; writes this process's rows to OUT.<process id>.js
 """
 
 import json
+import os
 import sys
 
 import jax
 
 from cwm_jax.parallel.mesh import initialize_distributed
+
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+)
+import rl_digits  # noqa: E402
 
 
 def _turns(out: str) -> None:
@@ -85,7 +91,7 @@ def _mixed_config(out: str):
   path = f"{out}.{jax.process_index()}.jsonl"  # the same file for every process
   with open(path, "w") as f:
     f.write("\n".join(records) + "\n")
-  c = trainer.toy_config(2)
+  c = rl_digits.get_config("steps=2")
   c.model.overrides.update(
     vocab_size=Tokenizer.default().vocab_size, global_window=256, local_window=32
   )
@@ -110,7 +116,7 @@ def main(mode: str, out: str) -> None:
     return
   from cwm_jax.rl import trainer
 
-  config = _mixed_config(out) if mode == "mixed" else trainer.toy_config(3)
+  config = _mixed_config(out) if mode == "mixed" else rl_digits.get_config("steps=3")
   if mode == "disagg":
     config.rl.rollout_devices = jax.device_count() // 2
   result = trainer.run(config, out)

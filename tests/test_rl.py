@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import rl_digits
 
 from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
@@ -179,7 +180,7 @@ def test_async_rollouts_drop_stale_batches():
 
 def test_toy_task_reward_rises(tmp_path):
   """From random init, 'output the digit in the prompt' (1/16 by chance) is learned by RL."""
-  out = trainer.run(trainer.toy_config(30), str(tmp_path))
+  out = trainer.run(rl_digits.get_config("steps=30"), str(tmp_path))
   rewards_ = [r["reward_mean"] for r in out["records"]]
   before, after = np.mean(rewards_[:5]), np.mean(rewards_[-5:])
   assert before < -0.5 and after > before + 0.6, (before, after, rewards_)
@@ -195,15 +196,17 @@ def test_toy_task_reward_rises(tmp_path):
 
 
 def test_bad_rl_configs():
-  c = trainer.toy_config(2)
+  c = rl_digits.get_config("steps=2")
   c.rl.group_size = 3  # 128 rollouts do not split into groups of 3
   with pytest.raises(ConfigError, match="group_size"):
     trainer.validate(c)
-  c = trainer.toy_config(2)
+  c = rl_digits.get_config("steps=2")
   c.rl.temperature = 0.0
   with pytest.raises(ConfigError, match="temperature"):
     trainer.validate(c)
-  c = trainer.toy_config(2)  # 16 prompts of 8 samples: whole groups on each of 2 processes
+  c = rl_digits.get_config(
+    "steps=2"
+  )  # 16 prompts of 8 samples: whole groups on each of 2 processes
   trainer.validate(c, n_processes=2)
   with pytest.raises(ConfigError, match="do not split over 32 processes"):
     trainer.validate(c, n_processes=32)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import rl_digits
 
 from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
@@ -196,7 +197,7 @@ def test_sampled_logprobs_equal_the_trainers():
 
 
 def _rl_config(tmp_path, steps, **rl):
-  c = trainer.toy_config(steps)
+  c = rl_digits.get_config(f"steps={steps}")
   c.model.overrides.update(vocab_size=TOK.vocab_size, global_window=256, local_window=32)
   c.seq_len, c.batch_size = 96, 8  # 4 prompts x 2 samples, rows over 8 devices
   c.checkpoint_every, c.log_every = 1, 1
@@ -234,7 +235,7 @@ def _task_file_config(tmp_path):
 
 def _digits_config(tmp_path):
   """The from-scratch toy task: every step is a real GRPO update (rewards vary)."""
-  c = trainer.toy_config(4)
+  c = rl_digits.get_config("steps=4")
   c.checkpoint_every = 1
   return c
 

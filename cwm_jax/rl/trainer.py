@@ -89,32 +89,6 @@ def rl_config() -> ml_collections.ConfigDict:
   )  # run code where namespaces are unavailable
 
 
-def toy_config(steps: int, seed: int = 0) -> ml_collections.ConfigDict:
-  """The learnable-from-scratch toy RL run: 16-token vocab, 'which digit' task."""
-  c = config_lib.base_config()
-  c.seed = seed
-  c.model.overrides.update(
-    dict(
-      n_layers=1,
-      dim=32,
-      n_heads=2,
-      n_kv_heads=1,
-      head_dim=16,
-      ffn_dim=64,
-      vocab_size=16,
-      local_window=8,
-      global_window=32,
-    )
-  )
-  c.seq_len, c.batch_size, c.total_steps = 8, 128, steps
-  c.checkpoint_every, c.checkpoint.async_save, c.metrics.tensorboard = 0, False, False
-  c.optimizer.update(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0)
-  c.mesh.update(data=-1, fsdp=1)
-  c.rl = rl_config()
-  c.rl.update(tasks="digits", group_size=8, max_new_tokens=1)
-  return c
-
-
 def validate(config, n_devices: int | None = None, n_processes: int | None = None) -> None:
   """Every check `run` makes before compiling: the training config, then the `rl` section
   (unknown `rl` fields are errors); devices and processes default to this job's."""
