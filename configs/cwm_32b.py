@@ -64,7 +64,10 @@ def _mixture(weights: dict, root: str) -> list[dict]:
 # sequence axis does not replicate the 391 GB train state. 256 chips each.
 SLICES = {
   "v5p-512": dict(  # 256 v5p chips, 95 GiB HBM each
-    pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8),
+    # Pretrain keeps the matmul outputs (remat 'dots'): the forward's projections are not
+    # recomputed in the backward, and the saved activations still fit a v5p chip's HBM
+    # (TPU cost model estimate and memory: benchmarks/results/tpu_plan/).
+    pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8, remat="dots"),
     midtrain=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), grad_accum=4),
     sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
     # RL: half of every host's chips train (fsdp x sequence), half decode in 32 replicas of
