@@ -13,6 +13,7 @@ times (1 - `margin`) into `floor`.
 import json
 import os
 import sys
+import types
 
 import jax
 import pytest
@@ -151,6 +152,28 @@ def test_a_cost_model_that_does_not_grow_with_depth_gives_no_estimate(monkeypatc
   est = cost_model.estimate(c, None, planning.lm_step, 459.0, 1.0, "splash", layers=1)
   assert "estimated_mfu" not in est and "does not grow" in est["estimate_error"]
   assert est["estimate_points"] == {1: 2e-3, 2: 1e-3}
+
+
+def test_a_cost_model_that_does_not_grow_falls_back_to_the_roofline(monkeypatch):
+  """Where the chip's HBM bandwidth is known, the same compiles' FLOPs and bytes give
+  max(flops / peak, bytes / bandwidth) per depth, extrapolated as the cost model's
+  seconds would be, and the method says so."""
+  costs = iter(
+    [
+      {"optimal_seconds": -12.0, "flops": 459e12, "bytes accessed": 1e12},
+      {"optimal_seconds": -17.0, "flops": 2 * 459e12, "bytes accessed": 4e12},
+    ]
+  )
+  monkeypatch.setattr(cost_model, "compile_cost", lambda *a: next(costs))
+  monkeypatch.setattr(cost_model, "hbm_bytes_per_second", lambda mesh: 1e12)
+  c = _config()
+  mesh = types.SimpleNamespace(shape={"fsdp": 1}, size=1)
+  est = cost_model.estimate(c, mesh, planning.lm_step, 459.0, 459e12, "chunked", layers=1)
+  # 1 layer: 1 s (compute-bound); 2 layers: 4 s (bytes-bound); 4 layers: 1 + 3 * 3 = 10 s.
+  assert est["estimated_step_seconds"] == pytest.approx(10.0)
+  assert est["estimate_points"] == {1: -12.0, 2: -17.0}
+  assert "roofline" in est["estimate_method"]
+  assert est["estimated_seconds_by_kind"]["matmul"] == pytest.approx(4.0)
 
 
 def test_bad_accumulation_is_a_config_error(small):

@@ -39,6 +39,7 @@ import jax
 
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import splash
+from cwm_jax.train import topology
 from cwm_jax.train.config import execution_config, model_config
 
 # Splash attention's share of the bf16 peak. No public per-kernel measurement is cited
@@ -47,6 +48,15 @@ KERNEL_EFFICIENCY = 0.5
 # Matmuls per (query, key) tile pair and head: forward QK^T, PV; backward dkv kernel QK^T,
 # dV, dP, dK; dq kernel QK^T, dP, dQ. A rematerialised forward adds QK^T, PV again.
 FWD_MATMULS, BWD_MATMULS = 2, 7
+# HBM bandwidth per chip in GB/s (Google Cloud TPU system architecture pages), by the
+# device_kind words naming the generation, first match wins (v5p's kind is "TPU v5", v5e's
+# "TPU v5 lite"); only the roofline fallback uses it.
+HBM_GBPS = (
+  (("v6 lite", "v6e"), 1640.0),
+  (("v5 lite", "v5e"), 819.0),
+  (("v5",), 2765.0),
+  (("v4",), 1228.0),
+)
 
 
 def window_period(windows: tuple[int, ...]) -> int:
@@ -92,6 +102,28 @@ def kernel_flops_per_device(cfg, seq_len: int, batch: int, mesh_sizes: dict, rem
   return per_head_seq * batch * cfg.n_heads / others
 
 
+def hbm_bytes_per_second(mesh) -> float | None:
+  """HBM bandwidth per device of the mesh's TPU generation (None when unknown)."""
+  if mesh is None:
+    return None
+  devs = list(mesh.devices.flat)
+  if devs[0].platform != "tpu":
+    return None
+  kind = devs[0].device_kind.lower()
+  for names, gbps in HBM_GBPS:
+    if any(n in kind for n in names):
+      return gbps * 1e9 / topology.devices_per_chip(devs)
+  return None
+
+
+def roofline_seconds(cost: dict, peak: float, bandwidth: float) -> float:
+  """A compiled program's time if it ran at the chip's peak or its HBM bandwidth,
+  whichever binds (collectives only as the bytes they move through HBM)."""
+  return max(
+    float(cost.get("flops", 0.0)) / peak, float(cost.get("bytes accessed", 0.0)) / bandwidth
+  )
+
+
 def _variant(config, n_layers: int, windows: tuple[int, ...]):
   """The config at one micro-batch, grad_accum 1, `n_layers` unrolled layers."""
   c = config.copy_and_resolve_references()
@@ -131,7 +163,10 @@ def estimate(
   is the step's model FLOPs (the MFU numerator); `attention_impl` the resolved
   backend (only 'splash' runs uncosted kernels). `layers` forces the depth of the
   smaller compile (the larger is twice it); default: the window pattern's period.
-  A cost model whose time does not grow with depth gives `estimate_error` instead.
+  A cost model whose time does not grow with depth is replaced by the roofline of the
+  same compiles (`roofline_seconds`, stated in `estimate_method`, the cost model's
+  figures in `estimate_points`), or gives `estimate_error` where the chip's HBM
+  bandwidth is unknown.
   """
   if config.batch_size % config.grad_accum:
     raise ConfigError(
@@ -147,24 +182,38 @@ def estimate(
     lo = compile_cost(_variant(config, p, windows), mesh, build)
     hi = compile_cost(_variant(config, 2 * p, windows), mesh, build)
     points = {n: float(c.get("optimal_seconds", 0.0)) for n, c in ((p, lo), (2 * p, hi))}
-    if not 0 < points[p] < points[2 * p]:
-      # More layers must cost more; a cost model that says otherwise gives no estimate,
-      # reported rather than extrapolated into a negative time.
+    costs = [lo, hi]
+    method = f"unrolled {p} and {2 * p} layers, linear in layers to {cfg.n_layers}"
+  else:  # shallow enough to compile every layer unrolled
+    costs = [compile_cost(_variant(config, cfg.n_layers, windows), mesh, build)]
+    points = {cfg.n_layers: float(costs[0].get("optimal_seconds", 0.0))}
+    method = f"unrolled {cfg.n_layers} layers (full depth)"
+  fallback = None
+  lo_s, hi_s = points[min(points)], points[max(points)]
+  if not (0 < lo_s < hi_s if len(points) == 2 else lo_s > 0):
+    # More layers must cost more. A cost model that says otherwise (libtpu's for v6e
+    # scores some 32B steps negative) is replaced by a roofline of the same compile's
+    # FLOPs and bytes, when the chip's HBM bandwidth is known, rather than extrapolated
+    # into a negative time; else the plan reports the points and no estimate.
+    bandwidth = hbm_bytes_per_second(mesh)
+    if bandwidth is None:
       return {
         "estimate_error": f"cost model optimal_seconds by unrolled layers {points} does "
         "not grow with depth: no estimate",
         "estimate_points": points,
       }
+    for c in costs:
+      c["optimal_seconds"] = roofline_seconds(c, peak, bandwidth)
+    fallback = points
+  if len(costs) == 2:
+    lo, hi = costs
     scale = (cfg.n_layers - p) / p
     xla = {
       k: float(lo.get(k, 0.0)) + (float(hi.get(k, 0.0)) - float(lo.get(k, 0.0))) * scale
       for k in ("optimal_seconds", "flops", "bytes accessed")
     }
-    method = f"unrolled {p} and {2 * p} layers, linear in layers to {cfg.n_layers}"
-  else:  # shallow enough to compile every layer unrolled
-    full = compile_cost(_variant(config, cfg.n_layers, windows), mesh, build)
-    xla = {k: float(full.get(k, 0.0)) for k in ("optimal_seconds", "flops", "bytes accessed")}
-    method = f"unrolled {cfg.n_layers} layers (full depth)"
+  else:
+    xla = {k: float(costs[0].get(k, 0.0)) for k in ("optimal_seconds", "flops", "bytes accessed")}
   if not xla["optimal_seconds"] > 0:
     return {"estimate_error": f"cost model optimal_seconds {xla['optimal_seconds']}: no estimate"}
   accum = config.grad_accum
@@ -179,6 +228,13 @@ def estimate(
   matmul = min(xla["flops"] * accum / peak, xla_seconds)
   seconds = xla_seconds + kernel * accum
   devices = mesh.size
+  source = "TPU cost model (optimal_seconds)"
+  if fallback is not None:
+    source = (
+      f"roofline max(flops / peak, bytes accessed / HBM bandwidth) per compile (the cost "
+      f"model's optimal_seconds {fallback} did not grow with depth)"
+    )
+  extra = {"estimate_points": fallback} if fallback is not None else {}
   return {
     "estimated_step_seconds": seconds,
     "estimated_mfu": step_flops / (devices * peak * seconds),
@@ -188,10 +244,11 @@ def estimate(
       "other": xla_seconds - matmul,
     },
     "estimate_method": (
-      f"TPU cost model (optimal_seconds) of the step {method}, x grad_accum "
+      f"{source} of the step {method}, x grad_accum "
       f"{accum}; splash kernels analytic at {KERNEL_EFFICIENCY:.0%} of peak"
     ),
     "estimated_xla_flops_per_device": xla["flops"] * accum,
     "estimated_bytes_accessed_per_device": xla["bytes accessed"] * accum,
     "kernel_efficiency": KERNEL_EFFICIENCY if attention_impl == "splash" else None,
+    **extra,
   }
