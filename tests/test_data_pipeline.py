@@ -112,7 +112,10 @@ def test_packing_epoch_invariants(corpus, packing):
     assert all(v.shape == (3, SEQ) for v in batch.values())
     pad = batch["segment_ids"] == 0
     assert not batch["weights"][pad].any()
-    mask = np.asarray(masks.self_mask_BTS(batch["segment_ids"], SEQ))
+    seg, idx = batch["segment_ids"], np.arange(SEQ)
+    mask = np.asarray(
+      masks.allowed(idx[:, None], idx[None, :], seg[:, :, None], seg[:, None, :], SEQ)
+    )
     for b, idx, doc in _segments(batch):
       assert (np.diff(idx) == 1).all()  # one contiguous span per segment
       np.testing.assert_array_equal(batch["targets"][b, idx[:-1]], batch["inputs"][b, idx[1:]])

@@ -29,12 +29,3 @@ def allowed(q_idx, k_idx, q_seg, k_seg, window):
   """Boolean mask, broadcasting `[..., T, 1]` queries against `[..., 1, S]` keys."""
   delta = q_idx - k_idx
   return (q_seg == k_seg) & (delta >= 0) & (delta < window)
-
-
-def self_mask_BTS(segment_ids_BT, window):
-  """[B, T, T] mask for self-attention over one packed row."""
-  t = segment_ids_BT.shape[1]
-  idx = jnp.arange(t)
-  return allowed(
-    idx[:, None], idx[None, :], segment_ids_BT[:, :, None], segment_ids_BT[:, None, :], window
-  )

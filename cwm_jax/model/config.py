@@ -9,10 +9,9 @@ It is hashable so it can be a static argument of jitted functions.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.model import execution
 
 
@@ -119,9 +118,7 @@ class ModelConfig:
     the architecture/execution split are dropped, anything else unknown is an error."""
     d = {k: v for k, v in d.items() if k not in execution.FIELDS}
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ConfigError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+    check_fields(d, known, what="ModelConfig fields")
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
@@ -138,12 +135,6 @@ class ModelConfig:
   def effective_windows(self, seq_len: int) -> tuple[int, ...]:
     """Per-layer windows clipped to a sequence length."""
     return tuple(min(w, seq_len) for w in self.layer_windows)
-
-
-def ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float, ffn_exp: float = 4.0) -> int:
-  """Meta's FFN size rule (shared/SPEC.md)."""
-  hidden = int(2 * ffn_exp * dim / 3)
-  return multiple_of * math.ceil(ffn_dim_multiplier * hidden / multiple_of)
 
 
 def cwm_32b(**overrides: Any) -> ModelConfig:

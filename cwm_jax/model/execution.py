@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from cwm_jax.base import ConfigError
+from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.kernels.cudnn import check_gpu_dtypes
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
@@ -85,9 +85,7 @@ class Execution:
     """From a config section; unknown fields are a ConfigError naming them."""
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"execution: unknown fields {unknown}; known: {sorted(known)}")
+    check_fields(values, known, "execution")
     return cls(**values)
 
 

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
-from cwm_jax.kernels.backend import target_platform
+from cwm_jax.kernels import backend
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import constrain
@@ -69,7 +69,7 @@ def loss_total(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
   no [B, T, V] logits are kept for the backward pass. Elsewhere it is
   `loss_sums` (with its `chunk` remat).
   """
-  if target_platform() != "cpu":
+  if not backend.forms().fused_loss_head:
     ce, z = loss_sums(model, batch, chunk)
     return ce + z_loss * z, (ce, z)
   h_BTD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
