@@ -569,3 +569,27 @@ def test_turns_feed_only_new_tokens_and_equal_a_fresh_prefill(hf_pair, block, mo
     assert all(h <= len(c) for h, c in zip(turns.held, contexts))
   with pytest.raises(ValueError, match="cache's 60 columns"):
     turns([c + [5] * (57 - len(c)) for c in contexts], 5, [True, True, False])
+
+
+def test_slots_serve_every_prompt_as_generate_does(hf_pair):
+  """Continuous batching: 3 cache rows serve 7 prompts (some longer than the local window,
+  so refilled rows hold stale ring-buffer columns), rows stopping at a stop id or the
+  budget free their slot; every prompt's greedy tokens and log-probs equal `generate`'s
+  on all prompts at once."""
+  model = hf_pair[3]
+  rng = np.random.RandomState(11)
+  prompts = [rng.randint(3, 96, n).tolist() for n in (3, 14, 5, 9, 4, 12, 7)]
+  want = sampler.generate(model, prompts, max_new_tokens=10, pad_multiple=8)
+  # a stop id the greedy rows do emit, so some rows end early and others run to the budget
+  stop = [want.tokens[1][3]]
+  want = sampler.generate(model, prompts, max_new_tokens=10, stop_ids=stop, pad_multiple=8)
+  lengths = sorted({len(t) for t in want.tokens})
+  assert len(lengths) > 1 and lengths[-1] == 10
+  got = sampler.generate_slots(
+    model, prompts, slots=3, max_new_tokens=10, round_tokens=4, stop_ids=stop, pad_multiple=8
+  )
+  assert got.tokens == want.tokens
+  for g, w in zip(got.logprobs, want.logprobs):
+    np.testing.assert_allclose(g, w, atol=2e-5)
+  with pytest.raises(ValueError, match="slots=0"):
+    sampler.generate_slots(model, prompts, slots=0, max_new_tokens=4)

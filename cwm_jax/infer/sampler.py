@@ -207,6 +207,11 @@ def _decode(
   return out + (kv.by_window(cache),)
 
 
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _empty_rows(cache, rows_B):
+  return cache.replace(length_B=jnp.where(rows_B, 0, cache.length_B))
+
+
 def right_pad(rows, multiple: int = 1, width: int | None = None):
   """[B, P] int32 right-padded rows and [B] lengths; P is `width` or the longest row,
   rounded up to `multiple`."""
@@ -374,6 +379,15 @@ class Turns:
       logprobs=[row[:c].tolist() for row, c in zip(logps_BN, count_B)],
     )
 
+  def reset(self, rows) -> None:
+    """Empties the cache rows where `rows` (a [rows] bool mask) is set: their next context
+    starts afresh (a new prompt in a freed slot). What they held is never read again: a
+    row attends only to the columns its count says it holds."""
+    rows = np.asarray(rows, bool)
+    self.held = np.where(rows, 0, self.held)
+    if self.cache is not None and rows.any():
+      self.cache = _empty_rows(self.cache, self.io.put(rows))
+
   def _extend(self, tokens: np.ndarray, n: np.ndarray):
     """Feeds a [B, W] block in slices of at most EXTEND_BLOCK columns; the logits at each
     row's last token come from the last slice holding any of its tokens."""
@@ -422,3 +436,76 @@ def generate(
     row_sharding=row_sharding,
     global_rows=global_rows,
   )(prompts, max_new_tokens)
+
+
+def generate_slots(
+  model,
+  prompts: list[list[int]],
+  *,
+  slots: int,
+  max_new_tokens: int,
+  round_tokens: int = 16,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  stop_ids=(),
+  seed: int = 0,
+  pad_multiple: int = 32,
+  row_sharding: NamedSharding | None = None,
+  global_rows: bool = False,
+) -> GenerateResult:
+  """`generate` with continuous batching: `slots` cache rows serve every prompt, and a
+  row that finishes (a stop id, or `max_new_tokens`) frees its slot for the next prompt,
+  so decoding never waits on the longest row with rows left to start.
+
+  Each round feeds every busy slot what its cache lacks (a new prompt, or the token it
+  sampled last) and samples up to `round_tokens` more (`Turns`: one extend, one decode
+  loop); a finished row's slot is emptied (`Turns.reset`) and refilled. Greedy results
+  equal `generate`'s. Sampled results follow the slot a prompt lands in (one key per
+  round), deterministically. `row_sharding` / `global_rows` as in `generate` (`slots`
+  rows per call, as `generate` takes its prompts).
+  """
+  if slots < 1:
+    raise ValueError(f"slots={slots} must be >= 1")
+  if round_tokens < 1:
+    raise ValueError(f"round_tokens={round_tokens} must be >= 1")
+  _check(model, prompts, max_new_tokens, temperature, top_p)
+  cache_len = max(len(p) for p in prompts) + max_new_tokens + round_tokens
+  turns = Turns(
+    model,
+    slots,
+    min(cache_len, model.cfg.max_seq_len),
+    temperature=temperature,
+    top_p=top_p,
+    stop_ids=stop_ids,
+    seed=seed,
+    pad_multiple=pad_multiple,
+    row_sharding=row_sharding,
+    global_rows=global_rows,
+  )
+  stops = set(stop_ids)
+  queue = list(range(len(prompts)))[::-1]
+  owner: list[int | None] = [None] * slots  # the prompt each slot serves
+  contexts: list[list[int]] = [[] for _ in range(slots)]
+  tokens: list[list[int]] = [[] for _ in prompts]
+  logprobs: list[list[float]] = [[] for _ in prompts]
+  # Over processes that each pass their own rows, rounds go on while any has work (collectives).
+  while turns.io.agree(int(bool(queue) or any(o is not None for o in owner))):
+    fresh = np.zeros(slots, bool)
+    for s in range(slots):
+      if owner[s] is None and queue:
+        owner[s], fresh[s] = queue.pop(), True
+        contexts[s] = list(prompts[owner[s]])
+    turns.reset(fresh)
+    active = [o is not None for o in owner]
+    left = [max_new_tokens - len(tokens[o]) if o is not None else 0 for o in owner]
+    out = turns(contexts, round_tokens, active)  # one decode program for every round
+    for s, o in enumerate(owner):
+      if o is None:
+        continue
+      new, logps = out.tokens[s][: left[s]], out.logprobs[s][: left[s]]
+      tokens[o] += new
+      logprobs[o] += logps
+      contexts[s] += new
+      if len(tokens[o]) >= max_new_tokens or (new and new[-1] in stops):
+        owner[s] = None
+  return GenerateResult(tokens, logprobs)

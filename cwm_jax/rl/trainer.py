@@ -21,6 +21,7 @@ all have zero advantage skips the optimizer (`skipped` 1) but counts as a step.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -41,7 +42,7 @@ from cwm_jax.base import ConfigError, unknown_fields
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import isolation
 from cwm_jax.data.traces.sandbox import Limits
-from cwm_jax.infer.sampler import Turns
+from cwm_jax.infer.sampler import Turns, generate_slots
 from cwm_jax.model.transformer import abstract_model
 from cwm_jax.parallel import rows as rows_lib
 from cwm_jax.parallel import sharding, transfer
@@ -81,6 +82,10 @@ def rl_config() -> ml_collections.ConfigDict:
       rollout_devices=0,
       rollout_tensor=1,  # tensor-parallel devices per rollout replica
       rollout_dtype="",  # the replicas' param dtype ('bfloat16'); '': the trainer's
+      # Continuous batching: this many cache rows serve a step's rollout rows, a finished row's
+      # slot taking the next prompt (rounds of rollout_round_tokens); 0: every row at once.
+      rollout_slots=0,
+      rollout_round_tokens=16,
       verifier_workers=2,
       sandbox_timeout_s=3.0,
       sandbox_memory_mb=512,
@@ -120,6 +125,15 @@ def validate(config, n_devices: int | None = None, n_processes: int | None = Non
   for name in ("updates_per_rollout", "verifier_workers"):
     if rl[name] < 1:
       errors.append(f"rl.{name}={rl[name]} must be >= 1")
+  if rl.get("rollout_slots", 0) < 0 or rl.get("rollout_round_tokens", 1) < 1:
+    errors.append(
+      "need rl.rollout_slots >= 0 (0: every row at once) and rl.rollout_round_tokens >= 1"
+    )
+  elif disagg and rl.rollout_slots % max(rl.rollout_devices // max(rl.rollout_tensor, 1), 1):
+    errors.append(
+      f"rl.rollout_slots={rl.rollout_slots} must be a multiple of the "
+      f"{rl.rollout_devices // rl.rollout_tensor} rollout replicas"
+    )
   if rl.warmup_steps < 0 or rl.max_staleness < 0 or rl.loss_max_len < 0:
     errors.append("rl.warmup_steps, rl.max_staleness and rl.loss_max_len must be >= 0")
   if rl.max_turns < 1 or not 0 <= rl.episode_tokens <= config.seq_len or rl.episode_seconds <= 0:
@@ -394,8 +408,9 @@ class _Sampler:
         seed=seed,
         version=version,
         pad_multiple=self.pad,
-        row_sharding=self._rows(len(single.tasks) * rl.group_size),
+        row_sharding=self._rows(rl.rollout_slots or len(single.tasks) * rl.group_size),
         global_rows=self.everywhere,
+        **self._slots(),
       )[: single.real]
       if single.tasks
       else []
@@ -443,6 +458,17 @@ class _Sampler:
     return batch, dict(
       stats, rollout_time=dt, rollout_tokens_per_sec=stats.pop("sampled_tokens") / max(dt, 1e-9)
     )
+
+  def _slots(self) -> dict:
+    """Continuous batching (`rl.rollout_slots` cache rows serve a step's rollouts)."""
+    rl = self.config.rl
+    if not rl.rollout_slots:
+      return {}
+    return {
+      "generate_fn": functools.partial(
+        generate_slots, slots=rl.rollout_slots, round_tokens=rl.rollout_round_tokens
+      )
+    }
 
   def _replica_multiple(self) -> int:
     """Tasks per sampling call must be a multiple of this for their rows to divide over
