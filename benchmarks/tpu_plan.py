@@ -15,11 +15,15 @@ the TPU cost model's estimated step seconds, MFU, breakdown by kind and days
 keeps each raw plan as STAGE@SLICE.json; `--from_dir` prints the same summary
 from such kept plans without compiling again. `--save` also writes the summary under
 benchmarks/results/tpu_plan/ (`results_io`), with the raw plans it was made from in the
-record's "plans" ({STAGE@SLICE: the plan's JSON, or null if it was not JSON}).
+record's "plans" ({STAGE@SLICE: the plan's JSON, or null if it was not JSON}) and
+"analytic_bounds" (`analytic_bounds`: per STAGE@SLICE of --stages x --slices, the splash
+kernels' time and the model's matmuls at peak, and the MFU those alone allow; no compile;
+`--bounds_only` prints just these).
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,6 +114,50 @@ def plan(
   return row, out.stdout
 
 
+def analytic_bounds(stages: list[str], slices: list[str]) -> dict:
+  """Per STAGE@SLICE, without compiling: the splash kernels' time as the estimate costs it
+  (`cost_model.kernel_flops_per_device` at KERNEL_EFFICIENCY), the model's matmul FLOPs at
+  peak (the forward again under remat 'full'), and the MFU bound those two alone allow
+  (everything else at zero time). What a stage can reach whatever the XLA part does."""
+  sys.path.insert(0, ROOT)
+  from cwm_jax.recipe import grids  # pylint: disable=g-import-not-at-top
+  from cwm_jax.recipe import stages as stages_lib  # pylint: disable=g-import-not-at-top
+  from cwm_jax.train import cost_model, flops, topology  # pylint: disable=g-import-not-at-top
+  from cwm_jax.train.config import execution_config, model_config  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  for sl in slices:
+    peak = topology.slice_spec(sl).chip.peak_tflops * 1e12
+    for st in stages:
+      ((_, c),) = stages_lib.stage_configs(
+        grids.parse_config(f"configs/cwm_32b.py:stage={st},slice={sl}")
+      )
+      cfg, run = model_config(c), execution_config(c)
+      mesh = {k: int(v) for k, v in dict(c.mesh).items()}
+      devices = math.prod(mesh.values())
+      tokens = c.batch_size * c.seq_len
+      step_flops = flops.flops_per_token(cfg, c.seq_len) * tokens
+      kernel_flops = cost_model.kernel_flops_per_device(
+        cfg, c.seq_len, c.batch_size // c.grad_accum, mesh, run.remat_policy != "none"
+      )
+      kernel = kernel_flops * c.grad_accum / (peak * cost_model.KERNEL_EFFICIENCY)
+      recompute = 4 / 3 if run.remat_policy == "full" else 1.0
+      matmul = 6 * flops.matmul_params(cfg) * tokens * recompute / (devices * peak)
+      out[f"{st}@{sl}"] = {
+        "mesh": mesh,
+        "grad_accum": c.grad_accum,
+        "remat": run.remat_policy,
+        "attention_flops_share": flops.attention_flops_per_token(cfg, c.seq_len)
+        / flops.flops_per_token(cfg, c.seq_len),
+        "step_seconds_at_100pct_mfu": step_flops / (devices * peak),
+        "attention_kernel_seconds": kernel,
+        "matmul_seconds_at_peak": matmul,
+        "mfu_bound_kernels_and_matmuls": step_flops / (devices * peak * (kernel + matmul)),
+        "kernel_efficiency": cost_model.KERNEL_EFFICIENCY,
+      }
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--stages", default="pretrain,midtrain,sft,rl")
@@ -126,7 +174,16 @@ def main():
     help="summarize the STAGE@SLICE.json plans kept there by --out instead",
   )
   ap.add_argument("--save", action="store_true", help="also write it under benchmarks/results/")
+  ap.add_argument(
+    "--bounds_only",
+    action="store_true",
+    help="print the analytic kernel + matmul MFU bounds (no compiles) and exit",
+  )
   args = ap.parse_args()
+  bounds = analytic_bounds(args.stages.split(","), args.slices.split(","))
+  if args.bounds_only:
+    print(json.dumps(bounds, indent=1))
+    return
   result, raw = {}, {}
   if args.from_dir:
     for name in sorted(os.listdir(args.from_dir)):
@@ -143,7 +200,8 @@ def main():
   print(json.dumps(result, indent=1))
   if args.save:
     plans = {key: _json_or_none(text) for key, text in raw.items()}
-    print("saved", results_io.save("tpu_plan", result, extra={"plans": plans}), file=sys.stderr)
+    extra = {"plans": plans, "analytic_bounds": bounds}
+    print("saved", results_io.save("tpu_plan", result, extra=extra), file=sys.stderr)
 
 
 if __name__ == "__main__":
