@@ -23,6 +23,10 @@ Pallas kernels (splash attention) out. So the estimate is built from pieces:
   'save_attention_out' reruns it to rebuild them), at `KERNEL_EFFICIENCY` of the
   chip's bf16 peak.
 
+Where the cost model's time does not grow with depth (libtpu's for v6e scores the 32B
+steps negative, whatever the depth pair), the same compiles' FLOPs and bytes give a
+roofline time instead (`roofline_seconds`), named in `estimate_method`.
+
 `estimated_seconds_by_kind`: `matmul` is the cost model's FLOPs (measured) at
 peak; `attention_kernels` the derived kernel time; `other` the cost model's
 seconds minus the matmul time (memory-bound fusions, collectives not hidden,
