@@ -7,8 +7,13 @@ Each round runs the colocated loop, then the disaggregated loop with rollouts on
 version ahead (`rl.async_rollouts`, `rl.max_staleness=1`: sampled on the rollout devices
 while the update runs), alternating so machine load falls on both alike. Per mode: rollout
 tokens/s (tokens sampled over sampling time), updates/s (steps over the loop's wall time
-after its first two steps: compiles), and the overlap: wall time per update against sampling
-time + update time per update (below 1: sampling and updating overlapped).
+after its first two steps: compiles), and the overlap. Colocated, each sampling waits for the
+update that makes its params and each update for its batch: its wall time per update is
+sampling + update in series. `overlap_ratio` is the disaggregated wall time per update over
+that (below 1: sampling and updating overlapped), and `hidden_update` says whether the
+disaggregated wall per update stays within its own sampling time (the update hidden behind
+it). `update_done_s` (the trainer's `update_time`: dispatch to done as a watcher thread sees
+it) is an upper bound: under host load the thread waits for the interpreter lock.
 """
 
 import argparse
@@ -95,10 +100,33 @@ def _summary(workdir: str) -> dict:
     "rollout_tokens_per_s": tokens / sampling,
     "wall_per_update_s": wall / len(timed),
     "sampling_per_update_s": sampling / len(timed),
-    "update_per_update_s": update / len(timed),
-    "overlap_ratio": wall / (sampling + update),
+    "update_done_s": update / len(timed),
     "staleness_max": max(r["staleness"] for r in records),
     "reward_mean_last": records[-1]["reward_mean"],
+  }
+
+
+def summarize(rounds: dict, steps: int, seconds: float) -> dict:
+  """The result from each round's per-mode figures (`_summary`)."""
+
+  def mean(mode, key):
+    return sum(x[key] for x in rounds[mode]) / len(rounds[mode])
+
+  keys = [k for k in rounds["colocated"][0] if k != "overlap_ratio"]
+  wall = {m: mean(m, "wall_per_update_s") for m in rounds}
+  return {
+    "setup": "2 processes x 4 CPU devices; disaggregated: 4 train (2 per process), 4 sample",
+    "steps": steps,
+    "rounds": len(rounds["colocated"]),
+    "cpu_count": os.cpu_count(),
+    **{m: {k: round(mean(m, k), 4) for k in keys} for m in rounds},
+    "overlap_ratio": round(wall["disagg"] / wall["colocated"], 4),
+    "hidden_update": wall["disagg"] <= 1.05 * mean("disagg", "sampling_per_update_s"),
+    "updates_per_s_ratio": round(
+      mean("disagg", "updates_per_s") / mean("colocated", "updates_per_s"), 4
+    ),
+    "per_round": rounds,
+    "seconds": seconds,
   }
 
 
@@ -107,29 +135,31 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=8)
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--save", action="store_true")
+  ap.add_argument(
+    "--from_json", default="", help="summarize the per_round figures of an earlier run's JSON"
+  )
   args = ap.parse_args()
-  rounds: dict[str, list] = {"colocated": [], "disagg": []}
   t0 = time.perf_counter()
-  with tempfile.TemporaryDirectory() as tmp:
-    for r in range(args.rounds):
-      for mode in ("colocated", "disagg"):
-        out = os.path.join(tmp, f"{mode}{r}")
-        _run(mode, args.steps, out)
-        rounds[mode].append(_summary(out))
-
-  def mean(mode, key):
-    return sum(x[key] for x in rounds[mode]) / len(rounds[mode])
-
-  keys = list(rounds["colocated"][0])
-  result = {
-    "setup": "2 processes x 4 CPU devices; disaggregated: 4 train (2 per process), 4 sample",
-    "steps": args.steps,
-    "rounds": args.rounds,
-    "cpu_count": os.cpu_count(),
-    **{m: {k: round(mean(m, k), 4) for k in keys} for m in rounds},
-    "per_round": rounds,
-    "seconds": round(time.perf_counter() - t0, 1),
-  }
+  if args.from_json:
+    with open(args.from_json) as f:
+      earlier = json.load(f)
+    earlier = earlier.get("result", earlier)
+    for mode_rounds in earlier["per_round"].values():  # the figure's earlier name
+      for r in mode_rounds:
+        r.pop("overlap_ratio", None)
+        if "update_per_update_s" in r:
+          r["update_done_s"] = r.pop("update_per_update_s")
+    result = summarize(earlier["per_round"], earlier["steps"], earlier["seconds"])
+    result["summarized_from"] = os.path.basename(args.from_json)
+  else:
+    rounds: dict[str, list] = {"colocated": [], "disagg": []}
+    with tempfile.TemporaryDirectory() as tmp:
+      for r in range(args.rounds):
+        for mode in ("colocated", "disagg"):
+          out = os.path.join(tmp, f"{mode}{r}")
+          _run(mode, args.steps, out)
+          rounds[mode].append(_summary(out))
+    result = summarize(rounds, args.steps, round(time.perf_counter() - t0, 1))
   print(json.dumps(result))
   if args.save:
     import results_io
