@@ -74,3 +74,46 @@ def test_the_newest_record_is_rendered_with_its_source(tmp_path):
   migrated = dict(old, migrated_from="benchmarks/results/traces.json", result=result)
   line = tables.source_line("traces", migrated)
   assert "machine: not recorded" in line and "benchmarks/results/traces.json" in line
+
+
+def test_a_series_block_renders_the_newest_record_of_each_configuration(tmp_path):
+  tables = _tables()
+  base = {
+    "mesh": "fsdp=1",
+    "devices": 1,
+    "tokens_per_sec": 1.0,
+    "step_time_ms": 2.0,
+    "mfu": 0.01,
+    "first_step_s": 3.0,
+    "batch_size": 8,
+    "seq_len": 64,
+    "steps": 30,
+    "load_avg_1m": 1.0,
+  }
+  runs = [
+    ("2026-01-01T00:00:00Z", dict(base, tokens_per_sec=111.0)),
+    ("2026-01-02T00:00:00Z", dict(base, devices=8, mesh="fsdp=8", tokens_per_sec=888.0)),
+    ("2026-01-03T00:00:00Z", dict(base, tokens_per_sec=222.0)),
+  ]
+  for date, result in runs:
+    rec = {"name": "train_loop", "date": date, "machine": None, "commit": "c" * 40}
+    tables.results_io.write(dict(rec, result=result), str(tmp_path))
+  out = tables.render("<!-- tables:train_loop -->\n<!-- /tables:train_loop -->", str(tmp_path))
+  assert "| 222.0 |" in out and "| 888.0 |" in out and "| 111.0 |" not in out
+  assert "2026-01-02T000000Z.json" in out and "2026-01-03T000000Z.json" in out
+  assert "2026-01-01T000000Z.json" not in out
+
+
+def test_a_figure_migrated_from_the_doc_names_the_machine_it_described():
+  tables = _tables()
+  rec = {
+    "name": "gpu_mfu",
+    "date": "2026-01-01T00:00:00Z",
+    "machine": None,
+    "commit": "d" * 40,
+    "migrated_from": "docs/performance.md",
+    "machine_described": "1 x NVIDIA H200",
+  }
+  line = tables.source_line("gpu_mfu", rec)
+  assert "described it as 1 x NVIDIA H200" in line
+  assert "Migrated from `docs/performance.md`" in line and "wrote the figures" in line
