@@ -1,10 +1,12 @@
-"""Renders docs/performance.md's tables from the latest benchmark records.
+"""Renders the docs' generated tables (`DOCS`: docs/performance.md, docs/planning.md) from the
+latest benchmark records.
 
-  python benchmarks/tables.py            # rewrite the generated blocks of docs/performance.md
-  python benchmarks/tables.py --check    # exit 1 if the committed file differs from its output
+  python benchmarks/tables.py            # rewrite the generated blocks of every doc in DOCS
+  python benchmarks/tables.py --check    # exit 1 if a committed doc differs from its output
 
-Each generated block sits between `<!-- tables:NAME -->` and `<!-- /tables:NAME -->` in the
-doc and is rendered from the newest record under `benchmarks/results/NAME/`
+Each generated block sits between `<!-- tables:NAME -->` and `<!-- /tables:NAME -->` in a
+doc and is rendered from the newest record under `benchmarks/results/NAME/` (`FROM_RECORD`:
+a block that reads another benchmark's record, and which field)
 (`results_io.latest(NAME)["result"]`, what `python benchmarks/NAME.py --save` wrote), followed
 by a line naming that record: its file, date, commit and machine. A block of `SERIES`
 (`train_loop`: one row per device count) renders the newest record of each configuration and
@@ -26,6 +28,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DOC = os.path.join(ROOT, "docs", "performance.md")
+# Every guide may hold generated blocks; performance.md holds most.
+DOCS = (DOC, os.path.join(ROOT, "docs", "planning.md"))
 BLOCK = re.compile(r"(<!-- tables:(\w+) -->\n)(.*?)(<!-- /tables:\2 -->)", re.S)
 
 
@@ -381,7 +385,67 @@ def gpu_plan(r: dict) -> str:
   )
 
 
+TARGETS = {"pretrain": 0.70, "sft": 0.65, "midtrain": 0.60, "rl": 0.55}  # issue 43's MFU targets
+PLAN_STAGES = ("pretrain", "midtrain", "sft", "rl")
+
+
+def _layout(mesh: dict, accum: int, remat: str, extra: str = "") -> str:
+  axes = ", ".join(f"{a}={n}" for a, n in mesh.items() if n > 1)
+  return f"{axes}{extra}; accum {accum} ({remat})"
+
+
+def _plan_key(key: str) -> tuple:
+  stage, _, rest = key.partition("@")
+  slice_name, _, variant = rest.partition(",")
+  return PLAN_STAGES.index(stage) if stage in PLAN_STAGES else 9, slice_name, variant
+
+
+def tpu_plan(r: dict) -> str:
+  """The cost-model estimates of each planned stage x slice (and layout variant)."""
+  rows = [
+    "| stage | slice | layout (remat) | est. MFU | est. step s | tokens/step | days (stage budget) "
+    "| GiB/chip | matmul / attention kernels / other (s) | method |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for key in sorted(r, key=_plan_key):
+    p = r[key]
+    if "estimated_mfu" not in p:
+      continue
+    stage, slice_name, variant = _plan_key(key)
+    kinds = p["estimated_seconds_by_kind"]
+    split = " / ".join(f"{kinds.get(k, 0.0):.1f}" for k in ("matmul", "attention_kernels", "other"))
+    method = "roofline fallback" if p["estimate_method"].startswith("roofline") else "cost model"
+    rows.append(
+      f"| {key.split('@')[0]} ({p['seq_len'] // 1024}k) | {slice_name} | "
+      f"{_layout(p['mesh'], p['grad_accum'], p['remat'])} | {p['estimated_mfu']:.3f} | "
+      f"{p['estimated_step_seconds']:.1f} | {p['tokens_per_step'] / 1e6:.1f}M | "
+      f"{p['days_at_estimated_mfu']:.0f} | {p['peak_gb_per_device']:.1f} | {split} | {method} |"
+    )
+  return "\n".join(rows) + "\n"
+
+
+def tpu_bounds(bounds: dict) -> str:
+  """What the splash kernels and the matmuls alone allow, per stage x slice (no compile)."""
+  rows = [
+    "| stage | slice | layout (remat) | target | attention FLOPs share | kernels s "
+    "| matmuls at peak s | MFU bound |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for key in sorted(bounds, key=_plan_key):
+    b = bounds[key]
+    stage, slice_name = key.split("@")[0], key.split("@")[1]
+    rows.append(
+      f"| {stage} | {slice_name} | {_layout(b['mesh'], b['grad_accum'], b['remat'])} | "
+      f"{TARGETS.get(stage, 0):.2f} | {b['attention_flops_share']:.0%} | "
+      f"{b['attention_kernel_seconds']:.1f} | {b['matmul_seconds_at_peak']:.1f} | "
+      f"{b['mfu_bound_kernels_and_matmuls']:.2f} |"
+    )
+  return "\n".join(rows) + "\n"
+
+
 RENDERERS = {
+  "tpu_plan": tpu_plan,
+  "tpu_bounds": tpu_bounds,
   "attention_memory": attention_memory,
   "checkpoint_io": checkpoint_io,
   "traces": traces,
@@ -405,6 +469,8 @@ RENDERERS = {
 # Blocks rendered from the newest record of each configuration (key of the result), not
 # only the newest record: their renderer takes the list of results.
 SERIES = {"train_loop": lambda r: (r["devices"], r["mesh"])}
+# Blocks rendered from another benchmark's record, and the record's field they read.
+FROM_RECORD = {"tpu_bounds": ("tpu_plan", "analytic_bounds")}
 
 
 def source_line(name: str, rec: dict) -> str:
@@ -445,9 +511,10 @@ def render(text: str, results: str = RESULTS) -> str:
   """`text` with every generated block rendered afresh from its newest record."""
 
   def block(m):
-    name = m.group(2)
-    if name not in RENDERERS:
-      raise ValueError(f"tables:{name} has no renderer in benchmarks/tables.py")
+    block_name = m.group(2)
+    if block_name not in RENDERERS:
+      raise ValueError(f"tables:{block_name} has no renderer in benchmarks/tables.py")
+    name, field = FROM_RECORD.get(block_name, (block_name, "result"))
     try:
       rec = results_io.latest(name, results)
     except FileNotFoundError as e:
@@ -456,7 +523,7 @@ def render(text: str, results: str = RESULTS) -> str:
       recs = series(name, results)
       body = RENDERERS[name]([r["result"] for r in recs])
       return m.group(1) + body + "\n" + "".join(source_line(name, r) for r in recs) + m.group(4)
-    body = RENDERERS[name](rec["result"])
+    body = RENDERERS[block_name](rec[field])
     return m.group(1) + body + "\n" + source_line(name, rec) + m.group(4)
 
   return BLOCK.sub(block, text)
@@ -466,17 +533,19 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--check", action="store_true", help="compare, do not write")
   args = parser.parse_args()
-  with open(DOC) as f:
-    text = f.read()
-  out = render(text)
-  if args.check:
-    if out != text:
-      print(f"{DOC} differs from `python benchmarks/tables.py`", file=sys.stderr)
-      return 1
-    return 0
-  with open(DOC, "w") as f:
-    f.write(out)
-  return 0
+  differs = []
+  for doc in DOCS:
+    with open(doc) as f:
+      text = f.read()
+    out = render(text)
+    if args.check:
+      if out != text:
+        print(f"{doc} differs from `python benchmarks/tables.py`", file=sys.stderr)
+        differs.append(doc)
+      continue
+    with open(doc, "w") as f:
+      f.write(out)
+  return 1 if differs else 0
 
 
 if __name__ == "__main__":
