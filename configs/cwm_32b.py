@@ -1,4 +1,4 @@
-"""The CWM 32B recipe (shared/SPEC.md): pre-train -> mid-train -> SFT (-> RL).
+"""The CWM 32B recipe (CWM technical report): pre-train -> mid-train -> SFT (-> RL).
 
 Every stage runs in WORKDIR/STAGE/ of one schedule root, so each launch below
 starts from the previous stage's final checkpoint (GCS paths work as workdirs):

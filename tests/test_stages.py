@@ -95,7 +95,7 @@ def test_cwm_32b_recipe():
   all_stages = stages.stages_from_config(c)
   assert [s.name for s in all_stages] == ["pretrain", "midtrain", "sft"]
   pre, mid, sft = (stages.stage_config(c, i, "/w") for i in range(3))
-  # Token budgets (shared/SPEC.md) become steps at the configured batch.
+  # Token budgets (CWM technical report) become steps at the configured batch.
   assert pre.total_steps == math.ceil(8e12 / (2048 * 8192))
   assert mid.total_steps == pre.total_steps + math.ceil(5e12 / (128 * 131072))
   assert sft.total_steps == math.ceil(100e9 / (256 * 32768))

@@ -1,4 +1,4 @@
-"""Tokenizer, chat/trace token layouts (shared/SPEC.md) and the BPE trainer."""
+"""Tokenizer, chat/trace token layouts (CWM technical report) and the BPE trainer."""
 
 import base64
 import os
@@ -12,7 +12,7 @@ from cwm_jax.data import bpe
 from cwm_jax.data import tokenizer as tokenizer_lib
 from cwm_jax.data.tokenizer import Tokenizer
 
-# Ids of shared/SPEC.md for the release's 128000-rank file.
+# Ids of the CWM technical report for the release's 128000-rank file.
 SPEC_IDS = {
   "<|begin_of_text|>": 128000,
   "<|end_of_text|>": 128001,

@@ -7,7 +7,7 @@ TFDS or JSONL files). The `format` field picks the layout:
       Plain text (code): `<|begin_of_text|>TEXT<|end_of_text|>`, all weight 1.
       `format` may be omitted for plain text.
   {"format": "trace", "text": STR}
-      A CWM trace document (shared/SPEC.md): the prompt
+      A CWM trace document (CWM technical report): the prompt
       `<|begin_of_text|><|trace_context_start|>SOURCE<|frame_sep|>` then the
       frames; its marker strings become special tokens. All weight 1.
   {"format": "chat", "messages": [{"role": R, "content": STR,

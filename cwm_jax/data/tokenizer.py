@@ -2,7 +2,7 @@
 
 A rank file (the release's `tokenizer.model`, or the project's small BPE)
 holds `n_ranks` byte sequences. The 256 special tokens follow the ranks:
-special id = n_ranks + offset, with the offsets of shared/SPEC.md (the
+special id = n_ranks + offset, with the offsets of the CWM technical report (the
 release file has 128000 ranks, so `<|eot_id|>` is 128009 there). Unnamed
 offsets are `<|reserved_special_token_OFFSET|>`.
 

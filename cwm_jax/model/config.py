@@ -31,7 +31,7 @@ def meta_layer_windows(
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """llama3-style RoPE frequency scaling (shared/SPEC.md)."""
+  """llama3-style RoPE frequency scaling (CWM technical report)."""
 
   factor: float = 16.0
   low_freq_factor: float = 1.0

@@ -1,6 +1,6 @@
 """Multi-turn episodes with tools: the policy runs Python or bash in the sandbox, then answers.
 
-Chat format (shared/SPEC.md): the policy writes an assistant message. To call a
+Chat format (CWM technical report): the policy writes an assistant message. To call a
 tool it ends the message with `<|eom_id|>` after a fenced block ```python or
 ```bash; the block runs in the sandbox and its output comes back as an
 environment message `<|start_header_id|>tool: NAME<|end_header_id|>\\n\\nOUTPUT<|eot_id|>`
