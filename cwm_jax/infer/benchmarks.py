@@ -53,7 +53,7 @@ from jax.sharding import NamedSharding
 
 from cwm_jax import storage
 from cwm_jax.base import ConfigError, check_fields
-from cwm_jax.data.traces import harness, isolation, sandbox
+from cwm_jax.data.traces import harness, isolation, pyast, sandbox
 from cwm_jax.infer import sampler
 from cwm_jax.parallel import rows as rows_lib
 from cwm_jax.rl import rewards
@@ -275,8 +275,10 @@ def _strip_answer(text: str) -> str:
 
 
 def _expression(text: str) -> ast.expr | None:
+  # pyast's parse holds a lock: completions are scored in threads, and CPython 3.11's parser
+  # fails when two threads build an AST at once.
   try:
-    return ast.parse(text, mode="eval").body
+    return pyast.parse(text, mode="eval").body
   except (SyntaxError, ValueError, MemoryError, RecursionError):
     return None
 

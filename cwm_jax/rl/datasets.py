@@ -3,7 +3,7 @@
 A task file is JSONL (or ArrayRecord) with one task record per line; files, folders and globs
 may be local or object-store URLs (`gs://...`, read through `cwm_jax.data.sources`):
 
-  {"id": STR, "kind": "code" | "math" | "trace" | "agentic",
+  {"id": STR, "kind": "code" | "math" | "trace" | "output" | "agentic",
    "prompt": STR  or  "messages": [{"role": R, "content": STR}, ...],
    ...the kind's verifier fields..., "reference": STR (optional, for a supervised warmup)}
 
@@ -12,6 +12,9 @@ may be local or object-store URLs (`gs://...`, read through `cwm_jax.data.source
   trace    "source", "function", "args" (list), "kwargs" (dict), optional "frames": the
            interpreter's frames (traced in the sandbox when absent); the prompt is the
            trace prompt plus the call frame, the reward checks the final event and value
+  output   "code" (defines `f`) and "input" (the call's argument text): predict the value of
+           `f(INPUT)`, judged by `assert f(INPUT) == PREDICTION` in the sandbox's harness
+           (`rl.output_tasks`, which also generates such records); the prompt is built here
   agentic  "answer" and "tools" (["python"] and/or ["bash"]): a multi-turn episode in
            which the policy may run code in the sandbox (`cwm_jax.rl.episodes`)
 
@@ -38,9 +41,10 @@ from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces.sandbox import Limits
 from cwm_jax.infer.trace_predict import TraceError, prompt_text, real_trace
 from cwm_jax.rl import rewards
+from cwm_jax.rl import tasks as tasks_lib
 from cwm_jax.rl.tasks import Task
 
-RECORD_KINDS = ("code", "math", "trace", "agentic")
+RECORD_KINDS = ("code", "math", "trace", "output", "agentic")
 TOOLS = ("python", "bash")
 
 
@@ -115,6 +119,16 @@ def _trace_task(record: dict, tokenizer, limits: Limits) -> Task:
   )
 
 
+def _output_task(record: dict, tokenizer, limits: Limits) -> Task:
+  code, arg = _text(record, "code"), _text(record, "input")
+  try:
+    compile(code, "<task>", "exec", dont_inherit=True)  # builds a code object, runs nothing
+    rewards.check_tests(f"assert f({arg}) == None")  # the call is judged outside the program
+  except (SyntaxError, ValueError) as e:
+    raise BadTask("bad_code", str(e)[:200]) from None
+  return tasks_lib.output_task(record, tokenizer, limits)
+
+
 def task_from_record(record: Any, tokenizer, limits: Limits = rewards.DEFAULT_LIMITS) -> Task:
   """The Task of one record (a dict, or JSON bytes/str); BadTask if it is not one."""
   try:
@@ -128,6 +142,8 @@ def task_from_record(record: Any, tokenizer, limits: Limits = rewards.DEFAULT_LI
     raise BadTask("unknown_kind", f"kind={kind!r}; choose one of {RECORD_KINDS}")
   if kind == "trace":
     return _trace_task(record, tokenizer, limits)
+  if kind == "output":
+    return _output_task(record, tokenizer, limits)
   prompt, name = _prompt_ids(record, tokenizer), str(record["id"])
   if kind == "code":
     tests = _text(record, "tests")

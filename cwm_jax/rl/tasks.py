@@ -5,6 +5,8 @@ Kinds (`build_tasks(kinds, ...)`):
   math   arithmetic with an exact answer (rewards.exact_answer_reward)
   trace  predict a shipped program's execution trace from its call frame; the final
          return/exception must equal the interpreter's (rewards.trace_reward)
+  output the value a generated short function's call returns (rl.output_tasks: CRUXEval-O
+         style, judged by `assert f(INPUT) == PREDICTION` through the sandbox's harness)
   toy    name the digit hidden in a short string (rewards.choice_reward): learnable by a
          tiny model in a few dozen RL updates
 Chat tasks are `<|begin_of_text|>` + a user message + an open assistant header; the
@@ -28,9 +30,10 @@ from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces import program_calls
 from cwm_jax.infer.trace_predict import TraceError, prompt_text, real_trace
+from cwm_jax.rl import output_tasks as output_lib
 from cwm_jax.rl import rewards
 
-KINDS = ("code", "math", "trace", "toy")
+KINDS = ("code", "math", "trace", "output", "toy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +192,28 @@ def trace_tasks(tokenizer, max_prompt_len: int, limit: int = 0) -> list[Task]:
   return out
 
 
+def output_task(record: dict, tokenizer, limits=rewards.DEFAULT_LIMITS) -> Task:
+  """The Task of an output-prediction record ({id, code, input, reference}, see
+  rl.output_tasks.records); its reference is the interpreter's value."""
+  code, arg = record["code"], record["input"]
+  reference = record.get("reference")
+  return Task(
+    str(record["id"]),
+    "output",
+    _chat(tokenizer, output_lib.prompt(code, arg)),
+    functools.partial(output_lib.output_reward, code=code, arg=arg, limits=limits),
+    _answer(tokenizer, reference) if isinstance(reference, str) else (),
+  )
+
+
+def output_tasks(
+  tokenizer, n: int = 64, seed: int = 0, limits=rewards.DEFAULT_LIMITS
+) -> list[Task]:
+  """Output prediction on `n` generated training-split programs (their values computed in the
+  sandbox); the held-out split is for evaluation."""
+  return [output_task(r, tokenizer, limits) for r in output_lib.records(n, "train", seed)]
+
+
 def toy_tasks(tokenizer) -> list[Task]:
   """'Which digit is in "ab7c"?' for every digit and a few placements."""
   out = []
@@ -253,6 +278,7 @@ def build_tasks(
     "code": lambda: code_tasks(tokenizer, limits),
     "math": lambda: math_tasks(tokenizer, seed=seed),
     "trace": lambda: trace_tasks(tokenizer, max_prompt_len),
+    "output": lambda: output_tasks(tokenizer, seed=seed, limits=limits),
     "toy": lambda: toy_tasks(tokenizer),
   }
   tasks = [t for name in names for t in makers[name]() if len(t.prompt_ids) <= max_prompt_len]
