@@ -211,3 +211,10 @@ def test_bad_inputs_are_clear_errors(tmp_path):
   (item,) = repo_traces.repo_test_items(str(tmp_path))
   candidates, counts = repo_traces.trace_test_module(item)
   assert candidates == [] and not counts["tests_passed"]
+
+
+def test_a_repository_url_is_refused_by_name():
+  from cwm_jax.data import repo_traces
+
+  with pytest.raises(ValueError, match="must be a local checkout, not a URL"):
+    repo_traces.repo_test_items("gs://bucket/repo")

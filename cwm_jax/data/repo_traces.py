@@ -26,6 +26,7 @@ import sysconfig
 
 from absl import logging
 
+from cwm_jax import storage
 from cwm_jax.data import traces
 from cwm_jax.data.sources_functions import Candidate
 from cwm_jax.data.traces import sandbox
@@ -115,6 +116,8 @@ def stdlib_test_items(names=STDLIB_EXAMPLE) -> list[TestModuleItem]:
 
 def repo_test_items(root: str, exclude=()) -> list[TestModuleItem]:
   """Every test_*.py / *_test.py file under `root` (hidden, virtualenv and site dirs skipped)."""
+  if storage.is_url(root):  # its tests run in the sandbox, from files on this machine
+    raise ValueError(f"--repo {root}: a repository to trace must be a local checkout, not a URL")
   root = os.path.abspath(root)
   if not os.path.isdir(root):
     raise ValueError(f"--repo {root}: not a directory; give the root of a Python project")
