@@ -169,6 +169,12 @@ class WeightSync:
     self.target = sharding.named(lay.mesh, specs)
     self._cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(self.dtype), p))
     self.version = -1
+    # Each staging device of this process and the group devices its shard is copied to.
+    self._paired = [
+      (t, [group[idx] for group in lay.groups])
+      for idx, t in np.ndenumerate(lay.staging.devices)
+      if t.process_index == jax.process_index()
+    ]
 
   def __call__(self, params, version: int):
     """The rollout copy of `params` (the trainer's, left as they are) as `version`."""
@@ -179,13 +185,7 @@ class WeightSync:
 
   def _copy(self, staged: jax.Array, target: NamedSharding) -> jax.Array:
     by_device = {s.device: s.data for s in staged.addressable_shards}
-    staging = self.layout.staging.devices
-    pairs = [
-      (by_device[t], group[idx])
-      for idx, t in np.ndenumerate(staging)
-      if t in by_device
-      for group in self.layout.groups
-    ]
+    pairs = [(by_device[t], dev) for t, devices in self._paired for dev in devices]
     moved = jax.device_put([data for data, _ in pairs], [dev for _, dev in pairs])
     return jax.make_array_from_single_device_arrays(staged.shape, target, moved)
 
