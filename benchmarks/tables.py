@@ -328,6 +328,49 @@ def rl_toy(r: dict) -> str:
   )
 
 
+def rl_chain(r: dict) -> str:
+  """Held-out pass rates before and after RL on output prediction, with their SE."""
+  rows = [
+    "| held-out tasks | pass@1 | before | after | improvement | SE | improvement / SE |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for label, pre in (("sampled, T=" + str(r["temperature"]), ""), ("greedy", "greedy_")):
+    gain, se = r[f"{pre}improvement"], r[f"{pre}improvement_se"]
+    rows.append(
+      f"| {r['held_out_tasks']:,} | {label} | {r[f'{pre}held_out_before']:.3f} | "
+      f"{r[f'{pre}held_out_after']:.3f} | {gain:+.3f} | {se:.4f} | {gain / se:.1f} |"
+    )
+  a, b = r["greedy_answers_before"], r["greedy_answers_after"]
+  return (
+    "\n".join(rows)
+    + f"\n\n{r['rl_steps']} RL updates (group {r['group_size']}, batch {r['batch_size']}) on "
+    f"{r['train_tasks']:,} training tasks after {r['warmup_steps']} warm-up steps; "
+    f"{r['updates_skipped']} updates skipped (no reward spread); wall {r['wall_s']} s. Distinct "
+    f"greedy answers over the held-out set: {a['distinct']} before, {b['distinct']} after.\n"
+  )
+
+
+def rl_disagg(r: dict) -> str:
+  """Colocated against disaggregated RL: throughput and the overlap of sampling and update."""
+  rows = [
+    "| mode | updates/s | rollout tokens/s | wall per update (s) | sampling per update (s) |",
+    "|---|---|---|---|---|",
+  ]
+  for mode in ("colocated", "disagg"):
+    m = r[mode]
+    rows.append(
+      f"| {mode} | {m['updates_per_s']:.4f} | {m['rollout_tokens_per_s']:.1f} | "
+      f"{m['wall_per_update_s']:.2f} | {m['sampling_per_update_s']:.2f} |"
+    )
+  return (
+    "\n".join(rows)
+    + f"\n\n{r['setup']}; means of {r['rounds']} alternating rounds of {r['steps']} steps. "
+    f"Updates/s ratio {r['updates_per_s_ratio']:.2f}; overlap ratio (disaggregated wall per "
+    f"update over colocated) {r['overlap_ratio']:.3f}; "
+    f"update hidden behind sampling: {str(r['hidden_update']).lower()}.\n"
+  )
+
+
 def gpu_mfu(r: dict) -> str:
   """MFU per layout on one GPU, and where a step's kernel time goes."""
   rows = ["| layout | MFU | step (ms) | tokens/s | peak GiB |", "|---|---|---|---|---|"]
@@ -462,6 +505,8 @@ RENDERERS = {
   "data_pipeline": data_pipeline,
   "trace_sources": trace_sources,
   "rl_toy": rl_toy,
+  "rl_chain": rl_chain,
+  "rl_disagg": rl_disagg,
   "gpu_mfu": gpu_mfu,
   "gpu_parity": gpu_parity,
   "gpu_plan": gpu_plan,
