@@ -217,25 +217,26 @@ def test_cwm_32b_long_context_stages_compile(stage, devices, mesh, accum, seq_le
   assert plan["temp_gb_per_device"] > 0
 
 
-def disaggregated_rl_stage(rollout_devices: int = 4, tensor: int = 2):
-  """configs/smoke.py's RL stage with rollouts on devices of their own: the trainer's 4
-  devices (fsdp) and `rollout_devices` in `tensor`-way replicas."""
+def disaggregated_rl_stage(rollout_devices: int = 4, tensor: int = 2, trainer: int = 4):
+  """configs/smoke.py's RL stage with rollouts on devices of their own: the trainer's
+  `trainer` devices (fsdp) and `rollout_devices` in `tensor`-way replicas."""
   from cwm_jax.recipe import grids, stages  # pylint: disable=g-import-not-at-top
 
   ((name, c),) = stages.stage_configs(grids.parse_config("configs/smoke.py:stage=rl"))
-  c.mesh.update(data=1, fsdp=4)
+  c.mesh.update(data=1, fsdp=trainer)
   c.rl.update(rollout_devices=rollout_devices, rollout_tensor=tensor, rollout_dtype="bfloat16")
   return [(name, c)]
 
 
-def check_disaggregated_plan(plan: dict, processes: int) -> None:
+def check_disaggregated_plan(plan: dict, processes: int, devices: int = 4) -> None:
   """The update step on the trainer's share, prefill / decode / extend on the replicas'
   mesh with its own memory, and the weight-sync bytes (bfloat16 params, each replica device
   its tensor shard)."""
-  assert plan["step"] == "rl_update" and plan["devices"] == 4 and plan["processes"] == processes
+  assert plan["step"] == "rl_update" and plan["devices"] == devices
+  assert plan["processes"] == processes
   rollout = plan["rollout"]
-  assert rollout["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}
-  assert rollout["devices"] == 4 and rollout["replicas"] == 2
+  assert rollout["mesh"] == {"data": devices // 2, "fsdp": 1, "tensor": 2, "sequence": 1}
+  assert rollout["devices"] == devices and rollout["replicas"] == devices // 2
   assert rollout["param_dtype"] == "bfloat16"
   for name in ("prefill", "decode", "extend"):
     p = rollout[name]
@@ -245,7 +246,7 @@ def check_disaggregated_plan(plan: dict, processes: int) -> None:
   # quarter (bf16 / 2 tensor ways ... of f32) and at most all of the params' bytes.
   per_device = plan["weight_sync_bytes_per_rollout_device"]
   assert plan["params"] * 2 / 2 <= per_device <= plan["params"] * 2
-  assert plan["weight_sync_gb"] == pytest.approx(per_device * 4 / 1e9)
+  assert plan["weight_sync_gb"] == pytest.approx(per_device * devices / 1e9)
   assert "sampler" not in plan
 
 

@@ -241,15 +241,22 @@ def test_runtime_mesh_over_two_slices_is_the_planners():
   assert mesh_lib.num_slices(jax.devices()) == 1  # CPU devices: one slice, the plain mesh
 
 
-def test_disaggregated_rl_stage_plans_both_meshes_for_two_v5p_hosts():
-  """On v5p-16 (8 chips, 2 hosts) the stage validates for 2 processes; each host gives 2
-  chips to the trainer and 2 to the rollout replicas, and libtpu compiles both sides."""
+@pytest.mark.parametrize(
+  "slice_name,hosts,kind", [("v5p-16", 2, "TPU v5"), ("v6e-16", 4, "TPU v6 lite")]
+)
+def test_disaggregated_rl_stage_plans_both_meshes_on_several_hosts(slice_name, hosts, kind):
+  """Each host gives 2 of its 4 chips to the trainer and 2 to the rollout replicas; the
+  stage validates for the slice's host count and libtpu compiles both sides. On v6e the
+  halves must be checkerboards of the torus: libtpu refuses collectives over every other
+  row (the first two chips of each 2x2 host)."""
   from test_plan import check_disaggregated_plan, disaggregated_rl_stage
 
   from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
 
+  n = 2 * hosts
+  stage = disaggregated_rl_stage(rollout_devices=n, trainer=n)
   plan = planning.tpu_plan(
-    disaggregated_rl_stage(), "v5p-16", step_builders={"rl": rl_step_builder}, estimate=False
+    stage, slice_name, step_builders={"rl": rl_step_builder}, estimate=False
   )["stages"]["rl"]
-  check_disaggregated_plan(plan, processes=2)
-  assert plan["device_kind"] == "TPU v5" and plan["fits"]
+  check_disaggregated_plan(plan, processes=hosts, devices=n)
+  assert plan["device_kind"] == kind and plan["fits"]

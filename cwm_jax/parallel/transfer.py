@@ -74,16 +74,24 @@ def split_errors(
   return errors
 
 
+def _host_order(d: jax.Device) -> tuple[int, int]:
+  """A host's chips checkerboard-first (by the parity of their torus coordinates), then by
+  id. Halving a host then gives each side a checkerboard of the slice: libtpu refuses any
+  collective over a v6e subset made of every other row or column of the torus (the first
+  two chips of each 2x2 host), and compiles a checkerboard. Devices without coordinates
+  (CPU, GPU) keep their id order."""
+  coords = getattr(d, "coords", None)
+  return (sum(coords) % 2 if coords is not None else 0, d.id)
+
+
 def split_devices(
   rollout_devices: int, devices: Sequence[jax.Device] | None = None
 ) -> tuple[list[jax.Device], list[list[jax.Device]]]:
-  """(trainer devices, rollout devices per process): each process's devices (by id) give
-  their first share to the trainer and the rest to rollouts."""
+  """(trainer devices, rollout devices per process): each process's devices, in
+  `_host_order`, give their first share to the trainer and the rest to rollouts."""
   devices = list(devices if devices is not None else jax.devices())
   procs = sorted({d.process_index for d in devices})
-  local = {
-    p: sorted((d for d in devices if d.process_index == p), key=lambda d: d.id) for p in procs
-  }
+  local = {p: sorted((d for d in devices if d.process_index == p), key=_host_order) for p in procs}
   per = rollout_devices // len(procs)
   trainer = [d for p in procs for d in local[p][: len(local[p]) - per]]
   return trainer, [local[p][len(local[p]) - per :] for p in procs]
