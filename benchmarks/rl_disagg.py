@@ -19,8 +19,6 @@ it) is an upper bound: under host load the thread waits for the interpreter lock
 import argparse
 import json
 import os
-import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,31 +53,13 @@ if jax.process_index() == 0:
 
 
 def _run(mode: str, steps: int, out: str) -> None:
-  port = str(random.randint(20000, 40000))
-  procs = []
-  for i in range(2):
-    env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=4",
-      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-      JAX_NUM_PROCESSES="2",
-      JAX_PROCESS_ID=str(i),
-    )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, "-c", DRIVER, mode, str(steps), out],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-    )
-  logs = [p.communicate(timeout=3000)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    if p.returncode:
-      raise SystemExit(f"{mode} failed:\n{log[-3000:]}")
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import localhost  # pylint: disable=g-import-not-at-top
+
+  try:
+    localhost.run(["-c", DRIVER, mode, str(steps), out], processes=2, devices=4, timeout=3000)
+  except RuntimeError as e:
+    raise SystemExit(f"{mode} failed: {e}") from None
 
 
 def _summary(workdir: str) -> dict:

@@ -3,10 +3,8 @@ process with 8 devices gives, for the whole GRPO loop and for multi-turn samplin
 
 import json
 import os
-import random
-import subprocess
-import sys
 
+import localhost
 import numpy as np
 import pytest
 
@@ -15,33 +13,7 @@ DRIVER = os.path.join(ROOT, "tests", "multiprocess_rl.py")
 
 
 def _run(mode: str, out: str, processes: int) -> None:
-  port = str(random.randint(20000, 40000))
-  procs = []
-  for i in range(processes):
-    env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}",
-      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    if processes > 1:
-      env.update(
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-        JAX_NUM_PROCESSES=str(processes),
-        JAX_PROCESS_ID=str(i),
-      )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, DRIVER, mode, out],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-    )
-  logs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-4000:]
+  localhost.run([DRIVER, mode, out], processes, 8 // processes, timeout=900)
 
 
 def _metrics(workdir):

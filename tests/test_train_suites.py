@@ -12,10 +12,10 @@ in one task, wrong in the other), so the scores mix passes and failures.
 
 import json
 import os
-import random
 import subprocess
 import sys
 
+import localhost
 import pytest
 
 from cwm_jax.base import ConfigError
@@ -258,31 +258,9 @@ def test_two_processes_sample_and_judge_together(tmp_path):
   c = _config(tmp_path)
   suites = {k: c.suites[k] for k in ("every", "humaneval", "n", "k", "max_new_tokens")}
   suites.update(temperature=c.suites.temperature)
-  out, port = tmp_path / "run", str(random.randint(20000, 40000))
-  procs = []
-  for i in range(2):
-    env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=4",
-      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-      JAX_NUM_PROCESSES="2",
-      JAX_PROCESS_ID=str(i),
-    )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "multiprocess_suites.py")]
-        + [str(out), "2", json.dumps(suites)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-    )
-  logs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-4000:]
+  out = tmp_path / "run"
+  argv = [os.path.join(ROOT, "tests", "multiprocess_suites.py"), str(out), "2", json.dumps(suites)]
+  localhost.run(argv, processes=2, devices=4, timeout=900)
   first, second = (json.load(open(f"{out}.{i}.json")) for i in range(2))
   assert first == second
   (ev,) = _evals(first, "humaneval")
