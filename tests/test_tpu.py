@@ -10,7 +10,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_launch import ROOT
 from test_plan import check_sampler_plan, rl_sampler_stage
 
@@ -239,6 +242,23 @@ def test_runtime_mesh_over_two_slices_is_the_planners():
   with pytest.raises(ConfigError, match="multiple of --num_slices=2"):
     mesh_lib.make_mesh({"data": 1, "fsdp": -1}, devs)
   assert mesh_lib.num_slices(jax.devices()) == 1  # CPU devices: one slice, the plain mesh
+
+
+def test_half_of_every_v6e_host_compiles_collectives_over_each_mesh_axis():
+  """The trainer's half of each 2x2 host is a checkerboard of the torus; laid along its
+  diagonals (`mesh.share_order`), a reduction over either mesh axis or both compiles."""
+  from cwm_jax.parallel import transfer  # pylint: disable=g-import-not-at-top
+
+  devs = topology.devices(topology.slice_spec("v6e-64"))
+  trainer, _ = transfer.split_devices(32, devs)
+  assert {sum(d.coords) % 2 for d in trainer} == {0}
+  for sizes in (dict(data=1, fsdp=4, tensor=1, sequence=8), dict(data=2, fsdp=4, sequence=4)):
+    mesh = mesh_lib.make_mesh(sizes, trainer)
+    x = jax.ShapeDtypeStruct(
+      (256, 512), jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp"), "sequence"))
+    )
+    for axis in (0, 1, None):
+      jax.jit(lambda a, axis=axis: a.sum(axis=axis)).lower(x).compile()
 
 
 @pytest.mark.parametrize(

@@ -57,10 +57,47 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   slices = num_slices(devices)
   if slices > 1:
     return multislice_mesh(sizes, devices, slices)
-  shape = mesh_shape(sizes, len(devices))
-  return jax.make_mesh(
-    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-  )
+  grid = device_grid(mesh_shape(sizes, len(devices)), devices)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+  """`devices` laid out in `shape`: a whole TPU slice on its torus (`mesh_utils`), a share
+  of one (the trainer's or the rollouts' chips of every host) in `share_order`, other
+  devices (CPU, GPU) in their order. The runtime and the planner lay meshes out here."""
+  try:
+    grid = mesh_utils.create_device_mesh(
+      tuple(shape), list(devices), allow_split_physical_axes=True
+    )
+  except (ValueError, NotImplementedError, AssertionError):  # not a whole slice
+    grid = np.asarray(share_order(devices), dtype=object).reshape(tuple(shape))
+  return np.asarray(grid)
+
+
+def share_order(devices: Sequence[jax.Device]) -> list[jax.Device]:
+  """A share of a 2-D torus that is one colour of its checkerboard (each 2x2 host halved
+  by `transfer.split_devices`) runs along the torus's diagonals: device `j * side + i` sits
+  at `((i + j + c) % side, (i - j) % side)`, so the mesh's minor axis follows a diagonal
+  and the next one steps across them. libtpu compiles collectives along such lines and
+  refuses them over every other row or column of the torus. Any other share keeps its
+  order."""
+  devices = list(devices)
+  coords = [tuple(getattr(d, "coords", ()) or ()) for d in devices]
+  if not coords or any(len(c) < 2 or any(c[2:]) for c in coords):
+    return devices
+  side = max(c[0] for c in coords) + 1
+  colour = {(c[0] + c[1]) % 2 for c in coords}
+  at = {c[:2]: d for c, d in zip(coords, devices)}
+  if (
+    len(colour) != 1
+    or side % 2
+    or max(c[1] for c in coords) + 1 != side
+    or len(at) != len(devices)
+    or len(devices) != side * side // 2
+  ):
+    return devices
+  (c,) = colour
+  return [at[((i + j + c) % side, (i - j) % side)] for j in range(side // 2) for i in range(side)]
 
 
 def num_slices(devices: Sequence[jax.Device]) -> int:

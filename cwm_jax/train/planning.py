@@ -38,8 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax._src import xla_bridge  # whether a backend exists yet (no public API says so)
-from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
 from cwm_jax import kernels
 from cwm_jax.base import ConfigError
@@ -122,14 +121,7 @@ def slice_mesh(sizes: dict, devices, num_slices: int = 1) -> Mesh:
   (the only axis crossing the data-centre network)."""
   if num_slices > 1:  # the runtime's mesh over the same devices (mesh_lib.make_mesh)
     return mesh_lib.multislice_mesh(sizes, devices, num_slices)
-  shape = mesh_lib.mesh_shape(sizes, len(devices))
-  try:
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  except (ValueError, NotImplementedError, AssertionError):  # a share of a slice's devices
-    grid = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(
-    np.asarray(grid), mesh_lib.MESH_AXES, axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES)
-  )
+  return mesh_lib.make_mesh(sizes, devices)
 
 
 @dataclasses.dataclass(frozen=True)
