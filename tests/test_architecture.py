@@ -1,7 +1,7 @@
 """The package reads as its architecture: layers, one-way imports, no cycles.
 
 Layers, bottom to top (README "Layout"): base -> kernels -> model -> parallel ->
-data, checkpoint -> train -> infer, rl -> recipe -> programs. A module imports
+data, checkpoint -> train -> infer -> rl -> recipe -> programs. A module imports
 only from its own layer or below, never in a circle, and at module top, except
 optional heavy dependencies, which are imported where used.
 """
@@ -25,10 +25,10 @@ LAYERS = {
   "checkpoint": 4,
   "train": 5,
   "infer": 6,
-  "rl": 6,
-  "recipe": 7,
+  "rl": 7,
+  "recipe": 8,
 }
-PROGRAM_LAYER = 8
+PROGRAM_LAYER = 9
 # Command-line programs: `python -m cwm_jax.<name>` (plus the training and corpus-build
 # programs, which live beside their packages) and their shared runner.
 PROGRAMS = {

@@ -17,9 +17,10 @@ from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import PROGRAMS_DIR, format_frames
 from cwm_jax.data.traces.sandbox import Limits
+from cwm_jax.infer import rewards
 from cwm_jax.infer.sampler import GenerateResult
 from cwm_jax.infer.trace_predict import real_trace
-from cwm_jax.rl import grpo, rewards, rollout, tasks, trainer
+from cwm_jax.rl import grpo, rollout, tasks, trainer
 
 # Runaway loops stop at 2 s of CPU time; the wall-clock limit is generous so that a busy
 # machine (slow interpreter starts) cannot turn a passing or memory-bound run into a timeout.

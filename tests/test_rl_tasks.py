@@ -14,11 +14,11 @@ import rl_digits
 
 from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
+from cwm_jax.infer.rewards import Reward, exact_answer_reward
 from cwm_jax.infer.sampler import GenerateResult
 from cwm_jax.model import init_model, tiny
 from cwm_jax.model.logprobs import token_logprobs
 from cwm_jax.rl import datasets, episodes, rollout, trainer
-from cwm_jax.rl.rewards import Reward, exact_answer_reward
 from cwm_jax.rl.tasks import Task
 
 TOK = Tokenizer.default()

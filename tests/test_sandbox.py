@@ -45,7 +45,7 @@ _CALLER = textwrap.dedent("""
       if kind == 'run':
         result = traces.run_python(source, limits=limits)
       elif kind == 'reward':
-        from cwm_jax.rl import rewards
+        from cwm_jax.infer import rewards
         result = rewards.code_reward(source, extra, limits)
       else:
         result = traces.trace_call(source, 'f', limits=limits)

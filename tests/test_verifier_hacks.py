@@ -13,7 +13,8 @@ import pytest
 
 from cwm_jax.data import traces
 from cwm_jax.data.traces import harness, isolation
-from cwm_jax.rl import rewards, tasks
+from cwm_jax.infer import rewards
+from cwm_jax.rl import tasks
 
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
 LEN_TESTS = "assert len(add([1], [2])) == 2\nassert add([], []) == []"

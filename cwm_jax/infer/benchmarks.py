@@ -54,9 +54,8 @@ from jax.sharding import NamedSharding
 from cwm_jax import storage
 from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.data.traces import harness, isolation, pyast, sandbox
-from cwm_jax.infer import sampler
+from cwm_jax.infer import rewards, sampler
 from cwm_jax.parallel import rows as rows_lib
-from cwm_jax.rl import rewards
 
 SUITES = ("humaneval", "mbpp", "cruxeval_o", "cruxeval_i", "livecodebench")
 # Where a completion of a code prompt ends when the model writes on (human-eval's and

@@ -39,8 +39,8 @@ from cwm_jax.base import ConfigError
 from cwm_jax.data import formats, sources
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces.sandbox import Limits
+from cwm_jax.infer import rewards
 from cwm_jax.infer.trace_predict import TraceError, prompt_text, real_trace
-from cwm_jax.rl import rewards
 from cwm_jax.rl import tasks as tasks_lib
 from cwm_jax.rl.tasks import Task
 

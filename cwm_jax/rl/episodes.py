@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from cwm_jax.data.traces.sandbox import Limits, run_python
-from cwm_jax.rl import rewards
+from cwm_jax.infer import rewards
 from cwm_jax.rl.rollout import Episode, Group, episode
 from cwm_jax.rl.tasks import Task
 

@@ -26,8 +26,7 @@ from collections.abc import Callable
 
 from cwm_jax.base import ConfigError
 from cwm_jax.data.traces import harness, pyast, sandbox
-from cwm_jax.infer import benchmarks
-from cwm_jax.rl import rewards
+from cwm_jax.infer import benchmarks, rewards
 
 SPLITS = ("train", "held_out")
 HOLD_OUT_MODULUS = 4

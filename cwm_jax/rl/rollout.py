@@ -22,9 +22,9 @@ import numpy as np
 
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces.sandbox import Limits
+from cwm_jax.infer.rewards import DEFAULT_LIMITS, Reward
 from cwm_jax.infer.sampler import generate
 from cwm_jax.rl import grpo
-from cwm_jax.rl.rewards import DEFAULT_LIMITS, Reward
 from cwm_jax.rl.tasks import KINDS, Task
 
 

@@ -29,9 +29,9 @@ from cwm_jax.base import ConfigError
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import format as trace_format
 from cwm_jax.data.traces import program_calls
+from cwm_jax.infer import rewards
 from cwm_jax.infer.trace_predict import TraceError, prompt_text, real_trace
 from cwm_jax.rl import output_tasks as output_lib
-from cwm_jax.rl import rewards
 
 KINDS = ("code", "math", "trace", "output", "toy")
 

@@ -42,13 +42,13 @@ from cwm_jax.base import ConfigError, unknown_fields
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.data.traces import isolation
 from cwm_jax.data.traces.sandbox import Limits
+from cwm_jax.infer.rewards import Reward
 from cwm_jax.infer.sampler import Turns, generate_slots
 from cwm_jax.model.transformer import abstract_model
 from cwm_jax.parallel import rows as rows_lib
 from cwm_jax.parallel import sharding, transfer
 from cwm_jax.rl import datasets, episodes, grpo, rollout
 from cwm_jax.rl import tasks as tasks_lib
-from cwm_jax.rl.rewards import Reward
 from cwm_jax.train import config as config_lib
 from cwm_jax.train import runtime
 from cwm_jax.train import step as step_lib
