@@ -78,8 +78,8 @@ def _host_order(d: jax.Device) -> tuple[int, int]:
   """A host's chips checkerboard-first (by the parity of their torus coordinates), then by
   id. Halving a host then gives each side a checkerboard of the slice: libtpu refuses any
   collective over a v6e subset made of every other row or column of the torus (the first
-  two chips of each 2x2 host), and compiles a checkerboard. Devices without coordinates
-  (CPU, GPU) keep their id order."""
+  two chips of each 2x2 host), and compiles a checkerboard's (laid out by
+  `mesh.share_order`). Devices without coordinates (CPU, GPU) keep their id order."""
   coords = getattr(d, "coords", None)
   return (sum(coords) % 2 if coords is not None else 0, d.id)
 
