@@ -84,11 +84,13 @@ SLICES = {
     midtrain=dict(mesh=dict(data=1, fsdp=16, tensor=1, sequence=16), grad_accum=8),
     sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
     # RL: 128 chips train, 128 decode in 16 replicas of 8 chips; 128 rollouts per update.
+    # A replica prefilling 8 prompts of 98k tokens at once outgrows a v6e chip's HBM, so
+    # the replicas sample 2 rows at a time each (continuous batching, 32 slots).
     rl=dict(
       mesh=dict(data=1, fsdp=8, tensor=1, sequence=16),
       batch_size=128,
       grad_accum=16,
-      rl=dict(rollout_devices=128, rollout_tensor=8),
+      rl=dict(rollout_devices=128, rollout_tensor=8, rollout_slots=32),
     ),
   ),
 }

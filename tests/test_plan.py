@@ -257,6 +257,23 @@ def test_disaggregated_rl_stage_plans_both_meshes_on_host_devices():
   check_disaggregated_plan(plan["stages"]["rl"], processes=1)
 
 
+def test_continuous_batching_plans_the_rollout_programs_for_its_slots():
+  """With `rl.rollout_slots` the replicas sample that many rows at once, so their programs
+  (and KV cache) are compiled for the slots, not the whole batch."""
+  from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
+
+  ((name, c),) = disaggregated_rl_stage()
+  whole = planning.host_plan([(name, c)], 8, step_builders={"rl": rl_step_builder})
+  c.rl.rollout_slots = 2  # one row per replica
+  slots = planning.host_plan([(name, c)], 8, step_builders={"rl": rl_step_builder})
+  before, after = whole["stages"]["rl"]["rollout"], slots["stages"]["rl"]["rollout"]
+  assert before["prefill"]["rows"] == c.batch_size > 2
+  for program in ("prefill", "decode", "extend"):
+    assert after[program]["rows"] == 2
+    ratio = after[program]["cache_gb_per_device"] / before[program]["cache_gb_per_device"]
+    assert ratio == pytest.approx(2 / c.batch_size)
+
+
 def test_disaggregated_rl_stage_that_cannot_split_exits_before_compiling():
   from cwm_jax.rl.step_builder import rl_step_builder  # pylint: disable=g-import-not-at-top
 

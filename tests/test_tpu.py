@@ -158,7 +158,7 @@ def test_cwm_32b_slice_variants():
   assert c.execution.attention_impl == "auto" and c.execution.context_parallel == "allgather"
   ((_, rl),) = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=rl,slice=v6e-256"))
   assert rl.stage.trainer == "rl" and rl.batch_size == 128 and rl.grad_accum == 16
-  assert rl.rl.rollout_devices == 128 and rl.rl.rollout_tensor == 8
+  assert rl.rl.rollout_devices == 128 and rl.rl.rollout_tensor == 8 and rl.rl.rollout_slots == 32
   ((_, pre),) = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=pretrain"))
   assert pre.grad_accum == 8 and dict(pre.mesh)["fsdp"] == 256  # default slice: v5p-512
   with pytest.raises(ConfigError, match="slice=v5p-512|v6e-256"):

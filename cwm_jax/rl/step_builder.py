@@ -37,7 +37,8 @@ _FLOAT_KEYS = ("loss_mask", "old_logp", "advantages")
 def sampler_programs(
   config, cfg, parts: state_lib.Parts, params: dict, resident, mesh=None
 ) -> dict:
-  """{'prefill', 'decode', 'extend'}: the sampler's steps for `config.batch_size` rows, jitted with
+  """{'prefill', 'decode', 'extend'}: the sampler's steps for the rows sampled at once
+  (`rl.rollout_slots` with continuous batching, else `config.batch_size`), jitted with
   the sharded abstract `params` in their shardings, the cache donated, traced under the
   config's logical rules, on `mesh` (default: the training mesh).
 
@@ -47,7 +48,7 @@ def sampler_programs(
   rules = sharding.normalize_rules(config.rules)
   graphdef = nnx.split(abstract_model(cfg, parts.execution), nnx.Param)[0]
   rows = rows_lib.row_sharding(NamedSharding(mesh, parts.batch_sharding.spec))
-  b, cache_len = config.batch_size, config.seq_len
+  b, cache_len = config.rl.get("rollout_slots", 0) or config.batch_size, config.seq_len
   prompt_len = cache_len - config.rl.max_new_tokens
 
   def under_rules(step):
