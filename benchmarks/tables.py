@@ -467,6 +467,52 @@ def tpu_plan(r: dict) -> str:
   return "\n".join(rows) + "\n"
 
 
+def tpu_memory(r: dict) -> str:
+  """Memory per chip, step time at 50% MFU and compile time of each planned stage x slice."""
+  rows = [
+    "| stage | slice | layout (remat) | GiB per chip: args + temp = total | peak program (GiB) "
+    "| tokens/step | step @50% MFU (s) | days @50% MFU | compile (s) |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for key in sorted(r, key=_plan_key):
+    p = r[key]
+    if "total_gb_per_device" not in p:
+      continue
+    _, slice_name, _ = _plan_key(key)
+    rows.append(
+      f"| {key.split('@')[0]} ({p['seq_len'] // 1024}k) | {slice_name} | "
+      f"{_layout(p['mesh'], p['grad_accum'], p['remat'])} | {p['argument_gb_per_device']:.2f} + "
+      f"{p['temp_gb_per_device']:.2f} = **{p['total_gb_per_device']:.1f}** of {p['hbm_gb']:.0f} | "
+      f"{p['peak_program']} ({p['peak_gb_per_device']:.1f}) | {p['tokens_per_step'] / 1e6:.1f}M | "
+      f"{p['step_seconds_at_50pct_mfu']:.1f} | {p['days_at_50pct_mfu']:.1f} | "
+      f"{p['compile_seconds']:.0f} |"
+    )
+  return "\n".join(rows) + "\n"
+
+
+def tpu_rollout(plans: dict) -> str:
+  """The rollout replicas of each disaggregated RL plan: mesh, GiB per chip, weight sync."""
+  rows = [
+    "| slice | processes | trainer chips | rollout mesh (rows at once) | prefill / decode / extend "
+    "GiB per chip | KV cache GiB per chip | weight sync GB (per rollout chip) |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for key in sorted(plans, key=_plan_key):
+    _, slice_name, _ = _plan_key(key)
+    p = ((plans[key] or {}).get("stages") or {}).get(key.partition("@")[0], {})
+    ro = p.get("rollout")
+    if not ro:
+      continue
+    mesh = ", ".join(f"{a}={n}" for a, n in ro["mesh"].items() if n > 1)
+    gib = " / ".join(f"{ro[k]['total_gb_per_device']:.1f}" for k in ("prefill", "decode", "extend"))
+    rows.append(
+      f"| {slice_name} | {p['processes']} | {p['devices']} | {mesh} ({ro['prefill']['rows']}) | "
+      f"{gib} | {ro['prefill']['cache_gb_per_device']:.2f} | {p['weight_sync_gb']:.0f} "
+      f"({p['weight_sync_bytes_per_rollout_device'] / 1e9:.2f}) |"
+    )
+  return "\n".join(rows) + "\n"
+
+
 def tpu_bounds(bounds: dict) -> str:
   """What the splash kernels and the matmuls alone allow, per stage x slice (no compile)."""
   rows = [
@@ -489,6 +535,8 @@ def tpu_bounds(bounds: dict) -> str:
 RENDERERS = {
   "tpu_plan": tpu_plan,
   "tpu_bounds": tpu_bounds,
+  "tpu_memory": tpu_memory,
+  "tpu_rollout": tpu_rollout,
   "attention_memory": attention_memory,
   "checkpoint_io": checkpoint_io,
   "traces": traces,
@@ -515,7 +563,11 @@ RENDERERS = {
 # only the newest record: their renderer takes the list of results.
 SERIES = {"train_loop": lambda r: (r["devices"], r["mesh"])}
 # Blocks rendered from another benchmark's record, and the record's field they read.
-FROM_RECORD = {"tpu_bounds": ("tpu_plan", "analytic_bounds")}
+FROM_RECORD = {
+  "tpu_bounds": ("tpu_plan", "analytic_bounds"),
+  "tpu_memory": ("tpu_plan", "result"),
+  "tpu_rollout": ("tpu_plan", "plans"),
+}
 
 
 def source_line(name: str, rec: dict) -> str:
