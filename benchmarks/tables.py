@@ -443,6 +443,19 @@ def _plan_key(key: str) -> tuple:
   return PLAN_STAGES.index(stage) if stage in PLAN_STAGES else 9, slice_name, variant
 
 
+def _plans_with(r: dict, field: str):
+  """(plan, its first three cells: stage (context), slice, layout) of each plan in `r` with
+  `field`, in stage order."""
+  for key in sorted(r, key=_plan_key):
+    p = r[key]
+    if field in p:
+      lead = (
+        f"| {key.split('@')[0]} ({p['seq_len'] // 1024}k) | {_plan_key(key)[1]} | "
+        f"{_layout(p['mesh'], p['grad_accum'], p['remat'])} | "
+      )
+      yield p, lead
+
+
 def tpu_plan(r: dict) -> str:
   """The cost-model estimates of each planned stage x slice (and layout variant)."""
   rows = [
@@ -450,17 +463,12 @@ def tpu_plan(r: dict) -> str:
     "| GiB/chip | matmul / attention kernels / other (s) | method |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for key in sorted(r, key=_plan_key):
-    p = r[key]
-    if "estimated_mfu" not in p:
-      continue
-    stage, slice_name, variant = _plan_key(key)
+  for p, lead in _plans_with(r, "estimated_mfu"):
     kinds = p["estimated_seconds_by_kind"]
     split = " / ".join(f"{kinds.get(k, 0.0):.1f}" for k in ("matmul", "attention_kernels", "other"))
     method = "roofline fallback" if p["estimate_method"].startswith("roofline") else "cost model"
     rows.append(
-      f"| {key.split('@')[0]} ({p['seq_len'] // 1024}k) | {slice_name} | "
-      f"{_layout(p['mesh'], p['grad_accum'], p['remat'])} | {p['estimated_mfu']:.3f} | "
+      f"{lead}{p['estimated_mfu']:.3f} | "
       f"{p['estimated_step_seconds']:.1f} | {p['tokens_per_step'] / 1e6:.1f}M | "
       f"{p['days_at_estimated_mfu']:.0f} | {p['peak_gb_per_device']:.1f} | {split} | {method} |"
     )
@@ -474,14 +482,9 @@ def tpu_memory(r: dict) -> str:
     "| tokens/step | step @50% MFU (s) | days @50% MFU | compile (s) |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
-  for key in sorted(r, key=_plan_key):
-    p = r[key]
-    if "total_gb_per_device" not in p:
-      continue
-    _, slice_name, _ = _plan_key(key)
+  for p, lead in _plans_with(r, "total_gb_per_device"):
     rows.append(
-      f"| {key.split('@')[0]} ({p['seq_len'] // 1024}k) | {slice_name} | "
-      f"{_layout(p['mesh'], p['grad_accum'], p['remat'])} | {p['argument_gb_per_device']:.2f} + "
+      f"{lead}{p['argument_gb_per_device']:.2f} + "
       f"{p['temp_gb_per_device']:.2f} = **{p['total_gb_per_device']:.1f}** of {p['hbm_gb']:.0f} | "
       f"{p['peak_program']} ({p['peak_gb_per_device']:.1f}) | {p['tokens_per_step'] / 1e6:.1f}M | "
       f"{p['step_seconds_at_50pct_mfu']:.1f} | {p['days_at_50pct_mfu']:.1f} | "
