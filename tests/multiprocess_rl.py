@@ -6,12 +6,17 @@
 MODE `rl`: the toy GRPO run (`configs/rl_digits.py:steps=3`, rows over every device) with
 workdir OUT (process 0 writes OUT/metrics.jsonl). MODE `mixed`: 2 RL steps on a task
 file whose even records (process 0's shard of 2) are math tasks and odd ones tool
-tasks, so the processes hold different numbers of single- and multi-turn tasks.
+tasks, so the processes hold different numbers of single- and multi-turn tasks
+(`mixed_disagg`: the same with disaggregated rollouts).
 MODE `disagg`: the toy run of MODE `rl` with disaggregated rollouts, half of every
 process's devices sampling (`rl.rollout_devices`) and rollouts of the policy being
 updated (staleness 0). MODE `turns`: two sampling turns of
 8 rows (each process its share) on a tiny model sharded over every device, environment
 tokens appended between turns; writes this process's rows to OUT.<process id>.json.
+MODE `tools`: multi-turn episodes of 4 shipped tool tasks, every process holding every row
+(as disaggregated rollouts do), a scripted policy calling python twice per row before it
+answers; the tool calls are shared over the processes (`trainer._SharedTools`); writes the
+episodes' tokens, the rewards and the calls this process ran to OUT.<process id>.json.
 """
 
 import json
@@ -74,6 +79,55 @@ def _turns(out: str) -> None:
     json.dump(results, f)
 
 
+def _tools(out: str) -> None:
+  from cwm_jax.data.tokenizer import Tokenizer
+  from cwm_jax.infer.sampler import GenerateResult
+  from cwm_jax.parallel.mesh import make_mesh
+  from cwm_jax.rl import datasets, episodes, rollout, trainer
+
+  tok = Tokenizer.default()
+  stream = datasets.TaskStream(trainer.task_paths("tool_compute"), tok, max_prompt_len=4096, seed=0)
+  tasks = stream.take(4)
+  eom, eot = tok.special_id("<|eom_id|>"), tok.special_id("<|eot_id|>")
+
+  def turns(contexts, n, active):  # each row's calls print what only that row computes
+    out = []
+    for ctx, live in zip(contexts, active):
+      calls = ctx.count(eom)
+      if not live:
+        out.append([])
+      elif calls < 2:
+        out.append(tok.encode(f"```python\nprint({len(ctx)} * {calls + 3})\n```") + [eom])
+      else:
+        out.append(tok.encode("Answer: 0") + [eot])
+    return GenerateResult(out, [[-0.5] * len(ids) for ids in out])
+
+  class Counted(episodes.ToolPool):
+    ran = 0
+
+    def __call__(self, calls):
+      Counted.ran += sum(c is not None for c in calls)
+      return super().__call__(calls)
+
+  pool = Counted(workers=2)
+  mesh = make_mesh({"data": jax.device_count()})
+  shared = trainer._SharedTools(pool, mesh)  # pylint: disable=protected-access
+  scorer = rollout.Scorer(1)
+  eps, texts, rewards = episodes.run_episodes(
+    turns, tasks, tok, scorer=scorer, any_process=shared.any_process, run_tools=shared
+  )
+  scorer.close()
+  pool.close()
+  result = {
+    "tokens": [e.tokens for e in eps],
+    "rewards": [r.value for r in rewards],
+    "texts": texts,
+    "ran": Counted.ran,
+  }
+  with open(f"{out}.{jax.process_index()}.json", "w") as f:
+    json.dump(result, f)
+
+
 def _mixed_config(out: str):
   import os
 
@@ -111,13 +165,14 @@ def _mixed_config(out: str):
 
 def main(mode: str, out: str) -> None:
   initialize_distributed()
-  if mode == "turns":
-    _turns(out)
+  if mode in ("turns", "tools"):
+    (_turns if mode == "turns" else _tools)(out)
     return
   from cwm_jax.rl import trainer
 
-  config = _mixed_config(out) if mode == "mixed" else rl_digits.get_config("steps=3")
-  if mode == "disagg":
+  mixed = mode.startswith("mixed")
+  config = _mixed_config(out) if mixed else rl_digits.get_config("steps=3")
+  if mode in ("disagg", "mixed_disagg"):
     config.rl.rollout_devices = jax.device_count() // 2
   result = trainer.run(config, out)
   assert result["step"] == config.total_steps, result

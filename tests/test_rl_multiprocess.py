@@ -75,11 +75,33 @@ def test_multi_turn_sampling_on_two_processes_matches_one(tmp_path):
     )
 
 
-def test_processes_with_different_task_kinds_sample_together(tmp_path):
+def test_tool_calls_of_rows_every_process_holds_run_once_and_reach_every_process(tmp_path):
+  """Disaggregated tool episodes over 2 processes: each process runs half of a turn's tool
+  calls, and both see every row's output, as one process running all of them does."""
+  _run("tools", str(tmp_path / "one"), 1)
+  _run("tools", str(tmp_path / "two"), 2)
+  want = json.load(open(tmp_path / "one.0.json"))
+  got = [json.load(open(tmp_path / f"two.{i}.json")) for i in range(2)]
+  assert want["ran"] == 8  # 4 rows x 2 calls
+  assert [g["ran"] for g in got] == [4, 4]
+  for g in got:
+    assert g["tokens"] == want["tokens"] and g["texts"] == want["texts"]
+    assert g["rewards"] == want["rewards"]
+  from cwm_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  tok = Tokenizer.default()
+  for ids in want["tokens"]:  # two tool outputs (a number each) in every episode
+    episode = tok.decode(ids)
+    assert episode.count("tool: python<|end_header_id|>\n\n") == 2, episode
+
+
+@pytest.mark.parametrize("mode", ["mixed", "mixed_disagg"])
+def test_processes_with_different_task_kinds_sample_together(tmp_path, mode):
   """Process 0 holds only math tasks, process 1 only tool tasks: each pads its share of
-  single- and multi-turn sampling to the other's count, so both run the same programs."""
-  _run("mixed", str(tmp_path / "mixed"), 2)
-  records = _metrics(tmp_path / "mixed")
+  single- and multi-turn sampling to the other's count, so both run the same programs.
+  Disaggregated, every process holds every row and the tool calls are shared."""
+  _run(mode, str(tmp_path / mode), 2)
+  records = _metrics(tmp_path / mode)
   assert [r["step"] for r in records] == [1, 2]
   for r in records:  # statistics over both processes' groups
     assert {"reward_math", "reward_agentic"} <= set(r) and r["rollout_tokens_per_sec"] > 0

@@ -16,9 +16,10 @@ Episodes of a batch advance together: each turn samples the next message of
 every unfinished episode in one call of a `sampler.Turns`, which keeps the KV
 cache between turns and feeds each episode only what it lacks (its last
 sampled token, the tool output, the next header), then runs their tool calls
-in a thread pool (each in its own sandboxed child). Over several processes
-every process plays its own episodes and `any_process` makes the turn loop's
-stop decisions collective, so all processes sample the same number of turns.
+in a thread pool (each in its own sandboxed child; `run_tools` replaces it). Over
+several processes every process plays its own episodes (or, disaggregated, all of
+them, sharing out the tool calls) and `any_process` makes the turn loop's stop
+decisions collective, so all processes sample the same number of turns.
 """
 
 from __future__ import annotations
@@ -94,6 +95,22 @@ def _local(flags: np.ndarray) -> np.ndarray:
   return flags
 
 
+class ToolPool:
+  """Runs a turn's tool calls in a pool of threads, each call in its own sandboxed child."""
+
+  def __init__(self, limits: Limits = rewards.DEFAULT_LIMITS, workers: int = 2):
+    self.limits = limits
+    self.pool = concurrent.futures.ThreadPoolExecutor(max(workers, 1))
+
+  def __call__(self, calls: Sequence[tuple[str, str] | None]) -> list[str]:
+    """The output of each (tool, code) call; "" where there is no call."""
+    futures = [self.pool.submit(run_tool, *c, self.limits) if c else None for c in calls]
+    return [f.result() if f else "" for f in futures]
+
+  def close(self) -> None:
+    self.pool.shutdown()
+
+
 def run_episodes(
   turns: Callable,
   tasks: Sequence[Task],
@@ -104,50 +121,67 @@ def run_episodes(
   tool_limits: Limits = rewards.DEFAULT_LIMITS,
   workers: int = 2,
   any_process: Callable[[np.ndarray], np.ndarray] = _local,
+  run_tools: Callable[[list], list[str]] | None = None,
 ) -> tuple[list[Episode], list[str], list]:
   """Plays every task once; returns (episodes, final texts, rewards).
 
   `turns(contexts, max_new_tokens, active) -> GenerateResult` samples one message for
   each active row (a `sampler.Turns` over `len(tasks)` rows); `any_process` ORs boolean
-  flags over processes.
+  flags over processes; `run_tools(calls)` gives the output of each row's (tool, code)
+  call, or "" for None (default: a `ToolPool` of `workers` threads with `tool_limits`).
   """
+  if run_tools is None:
+    tools = ToolPool(tool_limits, workers)
+    try:
+      return run_episodes(
+        turns,
+        tasks,
+        tokenizer,
+        scorer=scorer,
+        limits=limits,
+        any_process=any_process,
+        run_tools=tools,
+      )
+    finally:
+      tools.close()
   eom, eot = tokenizer.special_id("<|eom_id|>"), tokenizer.special_id("<|eot_id|>")
   states = [_State(t, [(list(t.prompt_ids), None)], tokens=len(t.prompt_ids)) for t in tasks]
   deadline = time.monotonic() + limits.max_seconds
-  with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
-    while True:
-      for s in states:  # a message must fit: prompt + message <= max_tokens
-        s.done = s.done or s.tokens + limits.message_tokens > limits.max_tokens
-      mask = [not s.done for s in states]
-      live, late = any_process(np.array([any(mask), time.monotonic() > deadline]))
-      if not live or late:
-        break
-      result = turns([s.context for s in states], limits.message_tokens, mask)
-      calls = {}
-      for s, ids, logps in zip(states, result.tokens, result.logprobs):
-        if s.done:
-          continue
-        s.turns.append((ids, logps))
-        s.tokens += len(ids)
-        s.messages += 1
-        body = tokenizer.decode([t for t in ids if t not in (eom, eot)])
-        s.text += body
-        call = tool_call(body, s.task.tools) if ids and ids[-1] == eom else None
-        if call is None or s.messages >= limits.max_turns:
-          s.done = True
-        else:
-          calls[id(s)] = (s, pool.submit(run_tool, *call, tool_limits), call[0])
-      for s, future, tool in calls.values():
-        head = tokenizer.header(f"tool: {tool}")
-        tail = [eot] + tokenizer.header("assistant")
-        room = limits.max_tokens - s.tokens - len(head) - len(tail) - limits.message_tokens
-        output = tokenizer.encode(future.result())
-        if room < 1:  # no room for the output and another message: the episode ends here
-          s.done = True
-          continue
-        env = head + output[-room:] + tail  # the end of long output (errors come last)
-        s.turns.append((env, None))
-        s.tokens += len(env)
+  while True:
+    for s in states:  # a message must fit: prompt + message <= max_tokens
+      s.done = s.done or s.tokens + limits.message_tokens > limits.max_tokens
+    mask = [not s.done for s in states]
+    live, late = any_process(np.array([any(mask), time.monotonic() > deadline]))
+    if not live or late:
+      break
+    result = turns([s.context for s in states], limits.message_tokens, mask)
+    calls = [None] * len(states)
+    for i, (s, ids, logps) in enumerate(zip(states, result.tokens, result.logprobs)):
+      if s.done:
+        continue
+      s.turns.append((ids, logps))
+      s.tokens += len(ids)
+      s.messages += 1
+      body = tokenizer.decode([t for t in ids if t not in (eom, eot)])
+      s.text += body
+      call = tool_call(body, s.task.tools) if ids and ids[-1] == eom else None
+      if call is None or s.messages >= limits.max_turns:
+        s.done = True
+      else:
+        calls[i] = call
+    for s, call, text in zip(states, calls, run_tools(calls)):
+      if call is None:
+        continue
+      head = tokenizer.header(f"tool: {call[0]}")
+      tail = [eot] + tokenizer.header("assistant")
+      room = limits.max_tokens - s.tokens - len(head) - len(tail) - limits.message_tokens
+      output = tokenizer.encode(text)
+      if room < 1:  # no room for the output and another message: the episode ends here
+        s.done = True
+        continue
+      env = head + output[-room:] + tail  # the end of long output (errors come last)
+      s.turns.append((env, None))
+      s.tokens += len(env)
   texts = [s.text for s in states]
   return [episode(s.turns) for s in states], texts, scorer([s.task for s in states], texts)
 
@@ -163,6 +197,7 @@ def collect_groups(
   limits: EpisodeLimits = EpisodeLimits(),
   tool_limits: Limits = rewards.DEFAULT_LIMITS,
   any_process: Callable[[np.ndarray], np.ndarray] = _local,
+  run_tools: Callable[[list], list[str]] | None = None,
 ) -> list[Group]:
   """`group_size` episodes of each task, as rollout Groups; `make_turns(rows)` gives the
   `run_episodes` sampler for that many rows."""
@@ -175,6 +210,7 @@ def collect_groups(
     limits=limits,
     tool_limits=tool_limits,
     any_process=any_process,
+    run_tools=run_tools,
   )
   groups = []
   for i, task in enumerate(tasks):

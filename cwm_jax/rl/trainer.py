@@ -251,7 +251,7 @@ class _Tasks:
   def __init__(self, config, tasks=None, stream: datasets.TaskStream | None = None):
     self.config, self.tasks, self.stream = config, tasks, stream
     # Disaggregated rollouts: every process draws all `n` (the rollout replicas, not the
-    # processes, split them); the stream then reads every shard on every process.
+    # processes, split them); the stream is then the whole task files on every process.
     self.everywhere = config.rl.get("rollout_devices", 0) > 0
 
   def draw(self, step: int, n: int, salt: int = 0) -> list:
@@ -263,6 +263,11 @@ class _Tasks:
     rng = np.random.default_rng([self.config.seed, step, salt])
     picked = rng.choice(len(self.tasks), size=n, replace=n > len(self.tasks))
     return [self.tasks[i] for i in picked[index * local : (index + 1) * local]]
+
+
+def _local_or_any(everywhere: bool):
+  """The turn loop's OR over processes: none needed where one process holds every row."""
+  return (lambda flags: flags) if everywhere else _any_process
 
 
 def _any_process(flags: np.ndarray) -> np.ndarray:
@@ -326,6 +331,31 @@ class _SharedScorer:
     self.scorer.close()
 
 
+class _SharedTools:
+  """Runs this process's share of a turn's tool calls (every process holds every row) and
+  gathers their outputs over the rollout mesh: each call runs once, and every process
+  feeds the same tokens next turn."""
+
+  def __init__(self, tools: episodes.ToolPool, mesh):
+    self.tools, self.mesh = tools, mesh
+
+  def __call__(self, calls) -> list[str]:
+    n, p = jax.process_count(), jax.process_index()
+    mine = [c if c and i % n == p else None for i, c in enumerate(calls)]
+    data = [text.encode() for text in self.tools(mine)]
+    lengths = transfer.host_allgather(np.array([len(b) for b in data], np.int64), self.mesh)
+    lengths = lengths.sum(axis=0)  # each row's from the one process that ran it
+    table = np.zeros((len(calls), max(int(lengths.max(initial=0)), 1)), np.uint8)
+    for i, b in enumerate(data):
+      table[i, : len(b)] = np.frombuffer(b, np.uint8)
+    table = transfer.host_allgather(table, self.mesh).max(axis=0)
+    return [bytes(row[:k]).decode() for row, k in zip(table, lengths)]
+
+  def any_process(self, flags: np.ndarray) -> np.ndarray:
+    """Element-wise OR of boolean flags over the processes (the turn loop's decisions)."""
+    return transfer.host_allgather(flags.astype(np.int32), self.mesh).any(axis=0)
+
+
 def _global_stats(groups, sampled: float) -> dict:
   """Rollout statistics over every process's groups (`rollout.group_stats`), and the
   tokens sampled in all."""
@@ -384,11 +414,6 @@ class _Sampler:
     tasks = self.tasks.draw(step, self.config.batch_size // rl.group_size)
     single_own, multi_own = [t for t in tasks if not t.tools], [t for t in tasks if t.tools]
     if self.everywhere:
-      if multi_own and jax.process_count() > 1:
-        raise ConfigError(
-          "multi-turn (tool) tasks with rl.rollout_devices run on one process only: their "
-          "tools would run on every process; use colocated rollouts (rl.rollout_devices=0)"
-        )
       single, multi = (
         _pad_to(own, self._replica_multiple(), tasks) for own in (single_own, multi_own)
       )
@@ -437,17 +462,24 @@ class _Sampler:
           global_rows=self.everywhere,
         )
 
-      groups += episodes.collect_groups(
-        make_turns,
-        multi.tasks,
-        self.tokenizer,
-        group_size=rl.group_size,
-        scorer=self.scorer,
-        version=version,
-        limits=limits,
-        tool_limits=self.scorer.limits,
-        any_process=(lambda flags: flags) if self.everywhere else _any_process,
-      )[: multi.real]
+      tools = episodes.ToolPool(self.scorer.limits, rl.verifier_workers)
+      shared = None
+      if self.everywhere and jax.process_count() > 1:
+        shared = _SharedTools(tools, self.rows.mesh)
+      try:
+        groups += episodes.collect_groups(
+          make_turns,
+          multi.tasks,
+          self.tokenizer,
+          group_size=rl.group_size,
+          scorer=self.scorer,
+          version=version,
+          limits=limits,
+          any_process=(shared.any_process if shared else _local_or_any(self.everywhere)),
+          run_tools=shared or tools,
+        )[: multi.real]
+      finally:
+        tools.close()
     batch, _ = rollout.make_batch(groups, self.config.seq_len)
     sampled = float(sum(sum(e.policy) for g in groups for e in g.episodes))
     if self.everywhere:  # every process holds every group
@@ -742,13 +774,15 @@ def task_source(config) -> tuple[object, _Tasks]:
         f"globs, or a shipped set name ({', '.join(shipped_sets())})"
       )
     tokenizer = Tokenizer.default()
+    # Disaggregated, every process draws every task (`_Tasks`): one stream, read whole.
+    everywhere = rl.get("rollout_devices", 0) > 0
     stream = datasets.TaskStream(
       task_paths(rl.task_files),
       tokenizer,
       max_prompt_len=max_prompt,
       seed=config.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+      process_index=0 if everywhere else jax.process_index(),
+      process_count=1 if everywhere else jax.process_count(),
       limits=_limits(rl),
     )
     return tokenizer, _Tasks(config, stream=stream)
