@@ -117,9 +117,10 @@ def plan(
 def analytic_bounds(stages: list[str], slices: list[str]) -> dict:
   """Per STAGE@SLICE, without compiling: the splash kernels' time as the estimate costs it
   (`cost_model.kernel_flops_per_device` at KERNEL_EFFICIENCY), the model's matmul FLOPs at
-  peak (the forward again under remat 'full'), and the MFU bound those two alone allow
+  peak (the forward again under remat 'full' or 'attention'), and the MFU bound those two alone allow
   (everything else at zero time). What a stage can reach whatever the XLA part does."""
   sys.path.insert(0, ROOT)
+  from cwm_jax.model.execution import reruns_attention_forward  # pylint: disable=g-import-not-at-top
   from cwm_jax.recipe import grids  # pylint: disable=g-import-not-at-top
   from cwm_jax.recipe import stages as stages_lib  # pylint: disable=g-import-not-at-top
   from cwm_jax.train import cost_model, flops, topology  # pylint: disable=g-import-not-at-top
@@ -138,10 +139,15 @@ def analytic_bounds(stages: list[str], slices: list[str]) -> dict:
       tokens = c.batch_size * c.seq_len
       step_flops = flops.flops_per_token(cfg, c.seq_len) * tokens
       kernel_flops = cost_model.kernel_flops_per_device(
-        cfg, c.seq_len, c.batch_size // c.grad_accum, mesh, run.remat_policy != "none"
+        cfg,
+        c.seq_len,
+        c.batch_size // c.grad_accum,
+        mesh,
+        reruns_attention_forward(run.remat_policy),
+        run.context_parallel,
       )
       kernel = kernel_flops * c.grad_accum / (peak * cost_model.KERNEL_EFFICIENCY)
-      recompute = 4 / 3 if run.remat_policy == "full" else 1.0
+      recompute = 4 / 3 if run.remat_policy in ("full", "attention") else 1.0
       matmul = 6 * flops.matmul_params(cfg) * tokens * recompute / (devices * peak)
       out[f"{st}@{sl}"] = {
         "mesh": mesh,

@@ -65,7 +65,9 @@ def _mixture(weights: dict, root: str) -> list[dict]:
 SLICES = {
   "v5p-512": dict(  # 256 v5p chips, 95 GiB HBM each
     # Pretrain keeps the matmul outputs (remat 'dots'): the forward's projections are not
-    # recomputed in the backward, and the saved activations still fit a v5p chip's HBM
+    # recomputed in the backward, and the saved activations still fit a v5p chip's HBM. The
+    # other stages keep only the attention kernels' outputs (remat 'attention', the stage
+    # default): the backward reruns the projections but not the attention forward
     # (TPU cost model estimate and memory: benchmarks/results/tpu_plan/).
     pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8, remat="dots"),
     midtrain=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), grad_accum=4),
@@ -85,11 +87,14 @@ SLICES = {
     sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
     # RL: 128 chips train, 128 decode in 16 replicas of 8 chips; 128 rollouts per update.
     # A replica prefilling 8 prompts of 98k tokens at once outgrows a v6e chip's HBM, so
-    # the replicas sample 2 rows at a time each (continuous batching, 32 slots).
+    # the replicas sample 2 rows at a time each (continuous batching, 32 slots). The update
+    # recomputes the attention kernels too (remat 'full'): their saved outputs at 131k
+    # tokens would not fit next to the trainer's share of the state.
     rl=dict(
       mesh=dict(data=1, fsdp=8, tensor=1, sequence=16),
       batch_size=128,
       grad_accum=16,
+      remat="full",
       rl=dict(rollout_devices=128, rollout_tensor=8, rollout_slots=32),
     ),
   ),
@@ -114,7 +119,7 @@ def _stages(root: str, slice_name: str) -> dict:
         weight_decay=0.1,
       ),
       data=dict(mixture=_mixture(PRETRAIN_MIX, root)),
-      remat="full",
+      remat="attention",
       start_from="scratch",
     ),
     midtrain=dict(
@@ -124,7 +129,7 @@ def _stages(root: str, slice_name: str) -> dict:
       rope_scaling=True,
       batch_size=128,  # (default) 16.8M tok/step
       data=dict(mixture=_mixture(MIDTRAIN_MIX, root)),
-      remat="full",
+      remat="attention",
       carry_optimizer=True,
     ),
     sft=dict(
@@ -141,7 +146,7 @@ def _stages(root: str, slice_name: str) -> dict:
         weight_decay=0.1,
       ),
       data=dict(mixture=_mixture(SFT_MIX, root)),
-      remat="full",
+      remat="attention",
     ),
     rl=dict(
       tokens=172 * B,
@@ -149,7 +154,7 @@ def _stages(root: str, slice_name: str) -> dict:
       global_window=131072,
       rope_scaling=True,
       optimizer=dict(lr=1e-6, warmup_steps=0, schedule="constant"),  # (default)
-      remat="full",
+      remat="attention",
       trainer="rl",
     ),
   )
@@ -209,8 +214,9 @@ def get_config(arg: str | None = None):
     )
   c = base_config()
   c.model.preset = "cwm_32b"
-  # 'auto': splash on TPU, cuDNN on GPU, chunked on CPU; K/V all-gathered over `sequence`
-  # for global layers, a window-sized halo for local ones.
+  # 'auto': splash on TPU, cuDNN on GPU, chunked on CPU. Sequence shards hold the zigzag
+  # layout (chunks r and 2n - 1 - r), so causal attention costs the same on every shard;
+  # K/V are all-gathered over `sequence` for every layer.
   c.execution.update(
     dict(
       param_dtype="float32",
@@ -219,7 +225,7 @@ def get_config(arg: str | None = None):
       attention_chunk=512,
       scan_layers=True,
       remat_policy="full",
-      context_parallel="allgather",
+      context_parallel="zigzag",
     )
   )
   c.rules = [[name, RULES_OVERRIDES.get(name, axes)] for name, axes in c.rules]

@@ -1,6 +1,7 @@
 """Sequence-sharded attention (8 simulated devices) equals the unsharded model:
 halo exchange for local layers (a halo spanning two shards), all-gather and ring
-for global layers, packed documents crossing shard boundaries."""
+for global layers, the zigzag layout for both, packed documents crossing shard
+boundaries."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from cwm_jax import kernels
+from cwm_jax.kernels import context_parallel as cp
 from cwm_jax.kernels.context_parallel import halo_rows, sharded_attention
 from cwm_jax.model import Execution, init_model, tiny
 from cwm_jax.parallel.mesh import make_mesh
@@ -38,7 +40,24 @@ def test_halo_rows():
   assert halo_rows(100, 8, 4) == 24  # capped by the preceding shards
 
 
-def test_model_with_sequence_parallelism_matches_unsharded():
+def test_zigzag_order_and_its_collectives():
+  """Shard r holds chunks r and 2n - 1 - r (hand-derived for 2 shards of 8 rows); the
+  ppermute form of the reorder equals indexing by that order, and inverts."""
+  np.testing.assert_array_equal(cp.zigzag_order(8, 2), [0, 1, 6, 7, 2, 3, 4, 5])
+  with pytest.raises(ValueError, match="multiple of twice"):
+    cp.zigzag_order(12, 4)
+  mesh = make_mesh({"data": 2, "sequence": 4})
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 64, 3)), jnp.float32)
+  spec = P("data", "sequence", None)
+  with jax.set_mesh(mesh):
+    zig = jax.jit(lambda x: cp.to_zigzag(x, spec))(x)
+    back = jax.jit(lambda x: cp.from_zigzag(x, spec))(zig)
+  np.testing.assert_array_equal(np.asarray(zig), np.asarray(x)[:, cp.zigzag_order(64, 4)])
+  np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
+
+
+@pytest.mark.parametrize("mode", ["allgather", "zigzag"])
+def test_model_with_sequence_parallelism_matches_unsharded(mode):
   # One global and one local layer (window 16 > 8 rows per shard: a two-hop halo).
   cfg = tiny(n_layers=2, layer_windows=(4096, 16))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, SEGMENTS.shape))
@@ -53,13 +72,18 @@ def test_model_with_sequence_parallelism_matches_unsharded():
   (_, want_logits), want_grads = step(init_model(cfg, 0, Execution(attention_impl="reference")))
   mesh = make_mesh({"sequence": 8})
   model = init_model(
-    cfg, 0, Execution(attention_impl="chunked", attention_chunk=8, context_parallel="allgather")
+    cfg, 0, Execution(attention_impl="chunked", attention_chunk=8, context_parallel=mode)
   )
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
     (_, logits), grads = step(model)
     graphdef, state = nnx.split(model)
     jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, pos, seg))(state))
-  assert "shard_map" in jaxpr and "ppermute" in jaxpr and "all_gather" in jaxpr
+  # allgather: the local layer's two-hop halo of k, v and segment ids (6 ppermutes), the
+  # global layer's all-gathers (3). zigzag: tokens, positions, segment ids in and the
+  # hidden states out, two ppermutes each (8); both layers all-gather (6).
+  want = {"allgather": (6, 3), "zigzag": (8, 6)}[mode]
+  assert "shard_map" in jaxpr
+  assert (jaxpr.count("ppermute["), jaxpr.count("all_gather[")) == want
   _assert_trees_close(logits, want_logits, 1e-5)
   _assert_trees_close(nnx.state(grads), nnx.state(want_grads), 1e-5)
 
@@ -102,6 +126,14 @@ def test_ring_and_halo_kernels_with_data_and_sequence_axes():
   _assert_trees_close(got, want, 1e-5)
 
 
+def _zigzag_or_not(mode, attn, q, k, v, seg, spec, seg_spec):
+  """`attn` on rows in the order `mode` expects: zigzag moves them in and the output back."""
+  if mode != "zigzag":
+    return attn(q, k, v, seg)
+  z = lambda x: cp.to_zigzag(x, spec)
+  return cp.from_zigzag(attn(z(q), z(k), z(v), cp.to_zigzag(seg, seg_spec)), spec)
+
+
 @pytest.mark.parametrize(
   "docs",
   [
@@ -109,10 +141,13 @@ def test_ring_and_halo_kernels_with_data_and_sequence_axes():
     ([150, 100, 48, 22], [10, 200, 110]),  # 80 rows per shard: splash pads them
   ],
 )
-def test_splash_inner_kernel_halo_and_allgather_match_reference(docs):
+@pytest.mark.parametrize("mode", ["allgather", "zigzag"])
+def test_splash_inner_kernel_halo_and_allgather_match_reference(docs, mode):
   """Splash (interpret mode) as the context-parallel kernel: a local layer on the
   halo-extended block (window 200 > the rows per shard: a two- or three-hop halo) and a
-  global layer over all-gathered K/V, documents crossing the shard edges."""
+  global layer over all-gathered K/V, documents crossing the shard edges; in zigzag
+  mode both layers over all-gathered K/V, each half of a shard's rows at its offset
+  (rows moved into zigzag order and the output back)."""
   mesh = make_mesh({"data": 2, "sequence": 4})
   rng = np.random.default_rng(2)
   t = sum(docs[0])
@@ -133,18 +168,27 @@ def test_splash_inner_kernel_halo_and_allgather_match_reference(docs):
     got = jax.jit(
       lambda: [
         outputs(
-          lambda q, k, v: sharded_attention(
+          lambda q, k, v: _zigzag_or_not(
+            mode,
+            lambda q, k, v, s: sharded_attention(
+              q,
+              k,
+              v,
+              s,
+              window=w,
+              chunk=128,
+              mode=mode,
+              q_spec=spec,
+              kv_spec=spec,
+              seg_spec=seg_spec,
+              impl="splash",
+            ),
             q,
             k,
             v,
             seg,
-            window=w,
-            chunk=128,
-            mode="allgather",
-            q_spec=spec,
-            kv_spec=spec,
-            seg_spec=seg_spec,
-            impl="splash",
+            spec,
+            seg_spec,
           )
         )
         for w in windows

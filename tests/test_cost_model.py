@@ -10,8 +10,10 @@ locking in), run `python tests/test_cost_model.py` and copy its `estimated_mfu`
 times (1 - `margin`) into `floor`.
 """
 
+import functools
 import json
 import os
+import re
 import sys
 import types
 
@@ -20,6 +22,7 @@ import pytest
 from test_launch import ROOT
 
 from cwm_jax.base import ConfigError
+from cwm_jax.model import execution
 from cwm_jax.train import cost_model, flops, planning, topology
 
 pytest.importorskip(
@@ -96,16 +99,75 @@ def test_kernel_flops_follow_the_busiest_sequence_shard():
   c = _config()
   c.model.overrides.update(dict(layer_windows=[2048] * 4, global_window=2048, max_seq_len=2048))
   cfg = planning.model_config(c)
-  one = cost_model.kernel_flops_per_device(cfg, 2048, 8, {"fsdp": 4}, remat=True)
-  two = cost_model.kernel_flops_per_device(cfg, 2048, 8, {"fsdp": 2, "sequence": 2}, remat=True)
+  one = cost_model.kernel_flops_per_device(cfg, 2048, 8, {"fsdp": 4}, rerun_forward=True)
+  two = cost_model.kernel_flops_per_device(
+    cfg, 2048, 8, {"fsdp": 2, "sequence": 2}, rerun_forward=True
+  )
   # 512-tiles: the last shard computes 7 over 2 devices' rows; unsplit, 10 over 4.
   assert two / one == pytest.approx((7 / 2) / (10 / 4))
   # Full remat reruns the forward kernel: 11 matmuls per tile pair instead of 9.
-  assert one / cost_model.kernel_flops_per_device(cfg, 2048, 8, {"fsdp": 4}, remat=False) == (
-    pytest.approx(11 / 9)
+  assert one / cost_model.kernel_flops_per_device(
+    cfg, 2048, 8, {"fsdp": 4}, rerun_forward=False
+  ) == (pytest.approx(11 / 9))
+  # Zigzag: 4 chunks of 512 rows; shard 0 runs chunks 0 and 3 (1 + 4 tiles), shard 1
+  # chunks 1 and 2 (2 + 3): 5 tiles on either shard instead of 7 on the last.
+  zig = cost_model.kernel_flops_per_device(
+    cfg, 2048, 8, {"fsdp": 2, "sequence": 2}, rerun_forward=True, context_parallel="zigzag"
   )
+  assert zig / two == pytest.approx(5 / 7)
+  with pytest.raises(ConfigError, match="twice for zigzag"):
+    cost_model.kernel_flops_per_device(
+      cfg, 2048 + 2, 8, {"sequence": 2}, rerun_forward=True, context_parallel="zigzag"
+    )
   with pytest.raises(ConfigError, match="sequence axis"):
-    cost_model.kernel_flops_per_device(cfg, 2048, 8, {"sequence": 3}, remat=True)
+    cost_model.kernel_flops_per_device(cfg, 2048, 8, {"sequence": 3}, rerun_forward=True)
+
+
+def _kernel_calls(stablehlo: str, kernel: str) -> int:
+  """Pallas kernels named `kernel*` that `main` runs, following the calls (the lowering
+  outlines a function once and calls it from every layer that uses it)."""
+  bodies = dict(re.findall(r"func\.func \w+ @(\w+)\((.*?)\n  }", stablehlo, re.S))
+
+  @functools.cache
+  def runs(name):
+    body = bodies[name]
+    direct = len(re.findall(f'kernel_name = "{kernel}', body))
+    return direct + sum(runs(c) for c in re.findall(r"(?<!_)call @(\w+)\(", body))
+
+  return runs("main")
+
+
+@pytest.mark.parametrize("policy", ["full", "attention", "dots", "dots_no_batch", "none"])
+def test_compiled_step_reruns_the_attention_forward_only_under_full_remat(policy):
+  """The estimate's kernel count (`execution.reruns_attention_forward`) against the
+  program: splash forward kernels in the lowered TPU step of 4 unrolled layers, one per
+  layer, plus one per layer again where the backward rebuilds the kernels' residuals."""
+  c = _config()
+  c.execution.remat_policy = policy
+  c.execution.scan_layers = False
+  mesh = _mesh(c)
+  program = planning.lm_step(c, planning.model_config(c), mesh).step
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    text = program.jitted.lower(*program.args).as_text()
+  assert _kernel_calls(text, "splash_mha_dq") == 4
+  forward = _kernel_calls(text, "splash_mha_fwd")
+  assert forward == 4 * (2 if execution.reruns_attention_forward(policy) else 1)
+
+
+def test_zigzag_step_compiles_for_tpu_with_its_kernels_per_half():
+  """The zigzag layout on a sequence axis of 2 compiled by libtpu: each shard's lax.switch
+  branch runs one splash kernel per half of its rows (2 shards x 2 halves per layer)."""
+  c = _config()
+  c.execution.update(dict(context_parallel="zigzag", scan_layers=False, remat_policy="attention"))
+  c.mesh.update(fsdp=2, sequence=2)
+  mesh = _mesh(c)
+  program = planning.lm_step(c, planning.model_config(c), mesh).step
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    lowered = program.jitted.lower(*program.args)
+    text = lowered.as_text()
+    lowered.compile()
+  assert _kernel_calls(text, "splash_mha_fwd") == 4 * 2 * 2
+  assert "collective_permute" in text or "ppermute" in text
 
 
 def test_extrapolated_estimate_matches_a_full_unrolled_compile(small):

@@ -277,7 +277,7 @@ def test_execution_variants_agree():
   )
   variants = [
     dict(remat_policy="full"),
-    dict(attention_impl="chunked", remat_policy="save_attention_out"),
+    dict(attention_impl="chunked", remat_policy="attention"),
     dict(attention_impl="chunked", scan_layers=False, remat_policy="dots"),
   ]
   for v in variants:

@@ -155,9 +155,11 @@ def test_cwm_32b_slice_variants():
   )
   assert name == "midtrain" and c.seq_len == 131072 and c.grad_accum == 8
   assert dict(c.mesh) == dict(data=1, fsdp=16, tensor=1, sequence=16)
-  assert c.execution.attention_impl == "auto" and c.execution.context_parallel == "allgather"
+  assert c.execution.attention_impl == "auto" and c.execution.context_parallel == "zigzag"
+  assert c.execution.remat_policy == "attention"
   ((_, rl),) = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=rl,slice=v6e-256"))
   assert rl.stage.trainer == "rl" and rl.batch_size == 128 and rl.grad_accum == 16
+  assert rl.execution.remat_policy == "full"
   assert rl.rl.rollout_devices == 128 and rl.rl.rollout_tensor == 8 and rl.rl.rollout_slots == 32
   ((_, pre),) = stages.stage_configs(grids.parse_config("configs/cwm_32b.py:stage=pretrain"))
   assert pre.grad_accum == 8 and dict(pre.mesh)["fsdp"] == 256  # default slice: v5p-512

@@ -21,6 +21,10 @@ import jax.numpy as jnp
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn"}
 FALLBACK = "chunked"
 GPU_DTYPES = ("bfloat16", "float16")  # what cuDNN flash attention computes in
+# `jax.ad_checkpoint.checkpoint_name` of what the splash and chunked kernels' backward
+# passes read besides q, k and v (the output and its log-sum-exp): a remat policy that
+# saves this name keeps the attention forward from running again in the backward pass.
+RESIDUALS = "attention_residuals"
 
 
 def target_platform() -> str:

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from cwm_jax.kernels import backend
 from cwm_jax.kernels.masks import allowed, pad_rows, pad_segments
@@ -275,9 +276,14 @@ def _flash(sched: Schedule, x: Operands):
   return out.astype(x.q.dtype), lse
 
 
+def _named(out, lse):
+  """The residuals a remat policy may keep (`backend.RESIDUALS`)."""
+  return checkpoint_name(out, backend.RESIDUALS), checkpoint_name(lse, backend.RESIDUALS)
+
+
 def _flash_fwd(sched: Schedule, x: Operands):
   out, lse = _forward(sched, x)
-  out = out.astype(x.q.dtype)
+  out, lse = _named(out.astype(x.q.dtype), lse)
   return (out, lse), (x, out, lse)
 
 
@@ -441,7 +447,7 @@ def _rowwise(sched: Schedule, x: Operands):
 
 def _rowwise_fwd(sched: Schedule, x: Operands):
   out, lse, kept = _rows_forward(sched, x)
-  out = out.astype(x.q.dtype)
+  out, lse = _named(out.astype(x.q.dtype), lse)
   if not sched.keep_probs or _probs_bytes(sched, x.q) > KEEP_PROBS_BYTES:
     kept = None
   return (out, lse), (x, out, lse, kept)

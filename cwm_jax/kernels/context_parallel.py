@@ -15,6 +15,15 @@ them under a causal mask offset by r * T (one static kernel per shard, chosen
 by `lax.switch`). Ring mode always uses the chunked kernel, which returns the
 log-sum-exp the merge needs.
 
+Causal work over contiguous shards is uneven: the last shard's queries see every
+key, the first shard's only its own. 'zigzag' balances it: the sequence is cut
+into 2n chunks and shard r holds chunks r and 2n - 1 - r (`zigzag_order`), so
+every shard does the same work. The model moves its inputs into that order and
+its output back (`to_zigzag` / `from_zigzag`: two `ppermute`s each, one per
+half of a shard); inside, every layer all-gathers K/V, restores their natural
+order, and runs each half of its queries at that half's offset (local layers
+too: a halo would have to come from two directions).
+
 Legend: B batch, T local length, N query heads, K kv heads, H head dim.
 """
 
@@ -33,7 +42,7 @@ from cwm_jax.kernels.chunked import NEG_INF, flash_attention
 from cwm_jax.kernels.masks import PAD_K_SEGMENT
 
 AXIS = "sequence"
-MODES = ("allgather", "ring")
+MODES = ("allgather", "ring", "zigzag")
 INNER = ("chunked", "splash")
 
 
@@ -153,6 +162,121 @@ def _ring(q, k, v, seg, window, chunk, axis, n):
   return out.astype(q.dtype)
 
 
+def zigzag_order(length: int, n: int) -> np.ndarray:
+  """The natural positions in zigzag order: shard r's rows are chunks r and
+  2n - 1 - r of 2n equal chunks (`x[:, zigzag_order(T, n)]` is the zigzag layout)."""
+  if length % (2 * n):
+    raise ValueError(
+      f"context_parallel='zigzag': sequence length {length} is not a multiple of twice "
+      f"the {AXIS!r} mesh axis ({2 * n}); pad the batch to a multiple of {2 * n} or use "
+      "'allgather'"
+    )
+  c = length // (2 * n)
+  chunks = [j for r in range(n) for j in (r, 2 * n - 1 - r)]
+  return np.concatenate([np.arange(j * c, (j + 1) * c) for j in chunks])
+
+
+def _zigzag_shard(j: int, n: int) -> int:
+  """The shard holding chunk j of 2n in zigzag order."""
+  return j if j < n else 2 * n - 1 - j
+
+
+def _swap_halves(x, axis, n, inverse):
+  """Inside shard_map: natural rows (chunks 2s, 2s + 1 on shard s) to zigzag (chunks r
+  and 2n - 1 - r on shard r), or back. Each shard sends one even and one odd chunk and
+  receives one of each (r and 2n - 1 - r differ in parity), so two ppermutes suffice."""
+  c = x.shape[1] // 2
+  first, second = x[:, :c], x[:, c:]
+  even_pairs = [(s, _zigzag_shard(2 * s, n)) for s in range(n)]
+  odd_pairs = [(s, _zigzag_shard(2 * s + 1, n)) for s in range(n)]
+  flip = lambda pairs: [(b, a) for a, b in pairs]
+  r_even = jax.lax.axis_index(axis) % 2 == 0
+  if not inverse:
+    even = jax.lax.ppermute(first, axis, even_pairs)
+    odd = jax.lax.ppermute(second, axis, odd_pairs)
+    # Shard r's first chunk, r, is its even one when r is even.
+    return jnp.concatenate([jnp.where(r_even, even, odd), jnp.where(r_even, odd, even)], axis=1)
+  even = jnp.where(r_even, first, second)
+  odd = jnp.where(r_even, second, first)
+  return jnp.concatenate(
+    [jax.lax.ppermute(even, axis, flip(even_pairs)), jax.lax.ppermute(odd, axis, flip(odd_pairs))],
+    axis=1,
+  )
+
+
+def _reorder(x, spec: P, axis: str, inverse: bool):
+  mesh = jax.sharding.get_abstract_mesh()
+  n = mesh.shape[axis]
+  zigzag_order(x.shape[1], n)  # checks the length
+  fn = functools.partial(_swap_halves, axis=axis, n=n, inverse=inverse)
+  return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=False)(x)
+
+
+def to_zigzag(x, spec: P, axis: str = AXIS):
+  """A global array [B, T, ...] (dim 1 on `axis`, per `spec`) in zigzag order:
+  `x[:, zigzag_order(T, n)]`, by two ppermutes over `axis` (current mesh)."""
+  return _reorder(x, spec, axis, inverse=False)
+
+
+def from_zigzag(x, spec: P, axis: str = AXIS):
+  """The inverse of `to_zigzag`."""
+  return _reorder(x, spec, axis, inverse=True)
+
+
+def _natural(x, n):
+  """All-gathered zigzag rows [B, n * 2c, ...] back in natural order: the first halves
+  are chunks 0..n-1, the second halves chunks 2n-1..n."""
+  b, length = x.shape[:2]
+  parts = x.reshape(b, n, 2, length // (2 * n), *x.shape[2:])
+  ordered = jnp.concatenate([parts[:, :, 0], jnp.flip(parts[:, :, 1], axis=1)], axis=1)
+  return ordered.reshape(x.shape)
+
+
+def _zigzag(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
+  """Shard r's queries (chunks r and 2n - 1 - r) against all K/V in natural order."""
+  t = q.shape[1]
+  c = t // 2
+  r = jax.lax.axis_index(axis)
+  gather = lambda x: _natural(jax.lax.all_gather(x, axis, axis=1, tiled=True), n)
+  k_all, v_all, s_all = gather(k), gather(v), gather(seg)
+  if impl == "splash":  # one static pair of kernels per shard
+
+    def branch(i):
+      def run(q, k_all, v_all, seg, s_all):
+        halves = [
+          splash.attend_local(
+            q[:, h * c : (h + 1) * c],
+            k_all,
+            v_all,
+            seg[:, h * c : (h + 1) * c],
+            s_all,
+            window=window,
+            offset=j * c,
+            block=chunk,
+          )
+          for h, j in enumerate((i, 2 * n - 1 - i))
+        ]
+        return jnp.concatenate(halves, axis=1)
+
+      return run
+
+    return jax.lax.switch(r, [branch(i) for i in range(n)], q, k_all, v_all, seg, s_all)
+  q_idx = jnp.concatenate([r * c + jnp.arange(c), (2 * n - 1 - r) * c + jnp.arange(c)])
+  out, _ = flash_attention(
+    q,
+    k_all,
+    v_all,
+    seg,
+    s_all,
+    q_idx,
+    jnp.arange(n * t),
+    window=window,
+    chunk=chunk,
+    q_offset=None,
+  )
+  return out
+
+
 def sharded_attention(
   q_BTNH,
   k_BTKH,
@@ -172,8 +296,9 @@ def sharded_attention(
 
   Specs name the mesh axes of each operand (the sequence dimension must be
   `axis`); the mesh comes from `jax.set_mesh`. `impl` is the inner kernel
-  ('chunked' or 'splash'; ring mode uses 'chunked'). Returns [B, T, N, H]
-  sharded like q.
+  ('chunked' or 'splash'; ring mode uses 'chunked'). In 'zigzag' mode the
+  operands' rows are in zigzag order (`to_zigzag`), and so is the output.
+  Returns [B, T, N, H] sharded like q.
   """
   if mode not in MODES:
     raise ValueError(f"context_parallel={mode!r}: use one of {MODES} (or 'none' to disable)")
@@ -187,7 +312,10 @@ def sharded_attention(
       f"sequence length {t} is not divisible by the {axis!r} mesh axis "
       f"size {n}; pad the batch to a multiple of {n}"
     )
-  if window < t:
+  if mode == "zigzag":
+    zigzag_order(t, n)  # checks the length
+    body = lambda q, k, v, s: _zigzag(q, k, v, s, window, chunk, axis, n, impl)
+  elif window < t:
     body = lambda q, k, v, s: _local(q, k, v, s, window, chunk, axis, n, impl)
   elif mode == "allgather":
     body = lambda q, k, v, s: _allgather(q, k, v, s, window, chunk, axis, n, impl)

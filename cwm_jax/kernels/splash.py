@@ -84,7 +84,10 @@ def _kernel(t: int, s: int, n: int, window: int, offset: int, block: int | None,
   else:
     head_mask = sa.LocalMask((t, s), window_size=(window - 1, 0), offset=offset)
   return sa.make_splash_mha_single_device(
-    sa.MultiHeadMask([head_mask] * n), block_sizes=block_sizes(t, s, block), interpret=interpret
+    sa.MultiHeadMask([head_mask] * n),
+    block_sizes=block_sizes(t, s, block),
+    interpret=interpret,
+    residual_checkpoint_name=backend.RESIDUALS,
   )
 
 

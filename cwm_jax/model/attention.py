@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
-from jax.ad_checkpoint import checkpoint_name
 
 from cwm_jax import kernels
 from cwm_jax.kernels import context_parallel
@@ -65,7 +64,9 @@ class Attention(nnx.Module):
         o_BTNH, cache = kv_cache.attend(cache, q, k, v, n_B)
         return self.project_out(o_BTNH), cache
       cache = kv_cache.write(cache, k, v, n_B)
-    kernel_for = functools.partial(attention_kernel, self.cfg, self.execution)
+    kernel_for = functools.partial(
+      attention_kernel, self.cfg, self.execution, cached=cache is not None
+    )
     if windows is None:
       o_BTNH = kernel_for(window)(q, k, v, segment_ids_BT)
     elif len(windows) == 1:
@@ -73,23 +74,24 @@ class Attention(nnx.Module):
     else:
       kernels_W = [kernel_for(w) for w in windows]
       o_BTNH = jax.lax.switch(window, kernels_W, q, k, v, segment_ids_BT)
-    o_BTNH = checkpoint_name(o_BTNH, "attention_out")
     return self.project_out(o_BTNH), cache
 
 
-def attention_kernel(cfg: ModelConfig, execution: Execution, window: int):
+def attention_kernel(cfg: ModelConfig, execution: Execution, window: int, cached: bool = False):
   """`f(q, k, v, segment_ids) -> o` for one static window: backend by layer kind,
-  through sequence-sharded context parallelism when the mesh and config ask."""
+  through sequence-sharded context parallelism when the mesh and config ask.
+  `cached` (a prefill into a KV cache) runs 'zigzag' as 'allgather': only
+  `Transformer.hidden` moves its rows into zigzag order."""
   impl = execution.attention_impl
   if window >= cfg.global_window:
     impl = execution.global_attention_impl or impl
   # 'auto' -> the target devices' backend
   impl = kernels.resolve(impl, dtype=execution.compute_dtype)
-  axis = context_parallel.AXIS
-  if execution.context_parallel != "none" and mesh_splits(axis):
+  axis, mode = context_parallel.AXIS, execution.context_parallel
+  if mode != "none" and mesh_splits(axis):
     mesh = jax.sharding.get_abstract_mesh()
     specs = [
-      _manual_spec(names, mesh, axis)
+      manual_spec(names, mesh, axis)
       for names in (
         ("batch", "seq", "act_heads", None),
         ("batch", "seq", "act_kv_heads", None),
@@ -100,7 +102,7 @@ def attention_kernel(cfg: ModelConfig, execution: Execution, window: int):
       context_parallel.sharded_attention,
       window=window,
       chunk=kernels.resolve_chunk(execution.attention_chunk, cfg.max_seq_len),
-      mode=execution.context_parallel,
+      mode="allgather" if cached and mode == "zigzag" else mode,
       q_spec=specs[0],
       kv_spec=specs[1],
       seg_spec=specs[2],
@@ -122,7 +124,20 @@ def attention_kernel(cfg: ModelConfig, execution: Execution, window: int):
   )
 
 
-def _manual_spec(names, mesh, seq_axis):
+def zigzag_specs(execution: Execution):
+  """(rows [B, T] spec, activations [B, T, D] spec) when the model runs in zigzag order
+  (`context_parallel='zigzag'` on a mesh splitting the sequence axis), else None."""
+  axis = context_parallel.AXIS
+  if execution.context_parallel != "zigzag" or not mesh_splits(axis):
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  return (
+    manual_spec(("batch", "seq"), mesh, axis),
+    manual_spec(("batch", "seq", "act_embed"), mesh, axis),
+  )
+
+
+def manual_spec(names, mesh, seq_axis):
   """PartitionSpec from the logical rules, with the sequence dim on `seq_axis`."""
   rules = flax_spmd.get_logical_axis_rules()
   spec = list(logical_to_spec(names, rules)) if rules else [None] * len(names)

@@ -16,10 +16,13 @@ from typing import Any
 from cwm_jax.base import ConfigError, check_fields
 from cwm_jax.kernels.cudnn import check_gpu_dtypes
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+# 'full' recomputes the whole layer in the backward pass; 'attention' everything but the
+# attention kernels' forward (their output and log-sum-exp are kept); 'dots' and
+# 'dots_no_batch' keep matmul outputs too (jax.checkpoint_policies of those names).
+REMAT_POLICIES = ("none", "full", "attention", "dots", "dots_no_batch")
 # 'auto': splash on TPU, cuDNN on GPU, chunked on CPU, from the devices compiled for.
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
-CONTEXT_PARALLEL = ("none", "allgather", "ring")
+CONTEXT_PARALLEL = ("none", "allgather", "ring", "zigzag")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -38,7 +41,10 @@ class Execution:
   slots of a row, so a smaller M is faster (benchmarks/gpu_mfu.py).
   `context_parallel` shards global layers' attention over the mesh's
   `sequence` axis ('allgather' or 'ring'; local layers then exchange only a
-  window-sized K/V halo); it is active only when that axis has size > 1.
+  window-sized K/V halo); 'zigzag' holds chunks r and 2n - 1 - r of the sequence
+  on shard r so that causal work is even over the shards, and every layer
+  all-gathers K/V (`kernels.context_parallel`). It is active only when that axis
+  has size > 1.
   """
 
   param_dtype: str = "float32"
@@ -90,3 +96,10 @@ class Execution:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Execution))
+
+
+def reruns_attention_forward(remat_policy: str) -> bool:
+  """Whether a step under `remat_policy` runs the attention kernels' forward twice:
+  only 'full' drops their residuals (`kernels.backend.RESIDUALS`), and 'none' has no
+  recompute at all."""
+  return remat_policy == "full"

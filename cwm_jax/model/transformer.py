@@ -16,17 +16,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cwm_jax.kernels import backend as kernels_backend
+from cwm_jax.kernels import context_parallel as cp
 from cwm_jax.model import cache as kv_cache
-from cwm_jax.model.attention import Attention
+from cwm_jax.model.attention import Attention, zigzag_specs
 from cwm_jax.model.config import ModelConfig
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.layers import MLP, Embed, RMSNorm, constrain, dense, dtype_of, param
 
+_KERNEL_RESIDUALS = jax.checkpoint_policies.save_only_these_names(kernels_backend.RESIDUALS)
+# Every policy but 'full' keeps the attention kernels' residuals (output, log-sum-exp),
+# so the backward pass never reruns the attention forward to rebuild them.
 _POLICIES = {
   "full": None,
-  "dots": jax.checkpoint_policies.checkpoint_dots,
-  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+  "attention": _KERNEL_RESIDUALS,
+  "dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.checkpoint_dots, _KERNEL_RESIDUALS
+  ),
+  "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KERNEL_RESIDUALS
+  ),
 }
 
 
@@ -83,7 +92,13 @@ class Transformer(nnx.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.zeros((b, t), jnp.int32)
+    zigzag = zigzag_specs(self.execution)
+    if zigzag:  # balanced causal work over sequence shards: rows in, hidden states out
+      rows = (tokens_BT, positions_BT, segment_ids_BT)
+      tokens_BT, positions_BT, segment_ids_BT = (cp.to_zigzag(a, zigzag[0]) for a in rows)
     x_BTD, _ = self._stack(self._embed(tokens_BT), positions_BT, segment_ids_BT, None)
+    if zigzag:
+      x_BTD = cp.from_zigzag(x_BTD, zigzag[1])
     return self.norm(x_BTD)
 
   def hidden_cached(self, tokens_BT, cache: kv_cache.KVCache, n_B=None, layers=None):

@@ -18,10 +18,10 @@ Pallas kernels (splash attention) out. So the estimate is built from pieces:
 * Attention kernels, derived: splash's FLOPs from its block-sparse schedule
   (every (q-block, kv-block) tile the mask touches, as the kernel computes
   them), on the busiest sequence shard, forward + backward (separate dq and
-  dkv kernels, each recomputing the scores) + the forward again under any remat
-  policy but 'none' (assumed: the kernel's residuals are not named, so even
-  'save_attention_out' reruns it to rebuild them), at `KERNEL_EFFICIENCY` of the
-  chip's bf16 peak.
+  dkv kernels, each recomputing the scores) + the forward again under remat
+  'full' (`execution.reruns_attention_forward`: every other policy keeps the
+  kernel's named residuals; `tests/test_cost_model.py` counts the forward kernels
+  in the compiled step), at `KERNEL_EFFICIENCY` of the chip's bf16 peak.
 
 Where the cost model's time does not grow with depth (libtpu's for v6e scores the 32B
 steps negative, whatever the depth pair), the same compiles' FLOPs and bytes give a
@@ -43,6 +43,7 @@ import jax
 
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels import splash
+from cwm_jax.model.execution import reruns_attention_forward
 from cwm_jax.train import topology
 from cwm_jax.train.config import execution_config, model_config
 
@@ -85,21 +86,36 @@ def tiles_touched(t: int, s: int, window: int, offset: int, bq: int, bkv: int) -
   return total
 
 
-def kernel_flops_per_device(cfg, seq_len: int, batch: int, mesh_sizes: dict, remat: bool) -> float:
+def kernel_flops_per_device(
+  cfg,
+  seq_len: int,
+  batch: int,
+  mesh_sizes: dict,
+  rerun_forward: bool,
+  context_parallel: str = "allgather",
+) -> float:
   """Splash FLOPs per device for one micro-batch's forward + backward, every layer at its
-  window, sized by the busiest sequence shard (each shard's queries against all earlier
-  keys: causal work is uneven over shards and the slowest one sets the step)."""
+  window, sized by the busiest sequence shard: with contiguous shards each shard's
+  queries see all earlier keys, so causal work is uneven and the last shard sets the
+  step; `context_parallel='zigzag'` gives shard r chunks r and 2n - 1 - r of 2n, each
+  run at its own offset, which evens it out."""
   shards = int(mesh_sizes.get("sequence", 1))
-  if seq_len % shards:
-    raise ConfigError(f"seq_len={seq_len} is not a multiple of the sequence axis ({shards})")
-  t = seq_len // shards
+  zigzag = context_parallel == "zigzag" and shards > 1
+  parts = 2 * shards if zigzag else shards
+  if seq_len % parts:
+    raise ConfigError(
+      f"seq_len={seq_len} is not a multiple of the sequence axis ({shards}"
+      f"{', twice for zigzag' if zigzag else ''})"
+    )
+  t = seq_len // parts  # rows per kernel call
   pad = splash.MIN_BLOCK  # the kernel runs on lengths padded to its smallest tile
   bq = splash.fit_block(-(-t // pad) * pad, splash.MAX_BLOCK, pad)
   bkv = splash.fit_block(-(-seq_len // pad) * pad, splash.MAX_BLOCK, pad)
-  matmuls = BWD_MATMULS + FWD_MATMULS * (2 if remat else 1)
+  matmuls = BWD_MATMULS + FWD_MATMULS * (2 if rerun_forward else 1)
+  chunks = [(r, 2 * shards - 1 - r) if zigzag else (r,) for r in range(shards)]
   per_head_seq = 0.0
   for w in cfg.effective_windows(seq_len):
-    busiest = max(tiles_touched(t, seq_len, w, k * t, bq, bkv) for k in range(shards))
+    busiest = max(sum(tiles_touched(t, seq_len, w, j * t, bq, bkv) for j in js) for js in chunks)
     per_head_seq += busiest * bq * bkv * 2 * cfg.head_dim * matmuls
   # Batch rows and heads split over the other axes; the sequence split is in `busiest`.
   others = math.prod(int(v) for k, v in mesh_sizes.items() if k != "sequence")
@@ -226,7 +242,12 @@ def estimate(
   kernel = 0.0
   if attention_impl == "splash":
     kernel = kernel_flops_per_device(
-      cfg, config.seq_len, micro, dict(mesh.shape), run.remat_policy != "none"
+      cfg,
+      config.seq_len,
+      micro,
+      dict(mesh.shape),
+      reruns_attention_forward(run.remat_policy),
+      run.context_parallel,
     ) / (peak * KERNEL_EFFICIENCY)
   xla_seconds = xla["optimal_seconds"] * accum
   matmul = min(xla["flops"] * accum / peak, xla_seconds)
