@@ -145,6 +145,7 @@ def analytic_bounds(stages: list[str], slices: list[str]) -> dict:
         mesh,
         reruns_attention_forward(run.remat_policy),
         run.context_parallel,
+        run.splash_fused_backward,
       )
       kernel = kernel_flops * c.grad_accum / (peak * cost_model.KERNEL_EFFICIENCY)
       recompute = 4 / 3 if run.remat_policy in ("full", "attention") else 1.0

@@ -120,6 +120,8 @@ def _stages(root: str, slice_name: str) -> dict:
       ),
       data=dict(mixture=_mixture(PRETRAIN_MIX, root)),
       remat="attention",
+      # 8k keys: splash's one-kernel backward keeps its partial dq per key block small.
+      execution=dict(splash_fused_backward=True),
       start_from="scratch",
     ),
     midtrain=dict(

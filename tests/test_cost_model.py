@@ -109,6 +109,11 @@ def test_kernel_flops_follow_the_busiest_sequence_shard():
   assert one / cost_model.kernel_flops_per_device(
     cfg, 2048, 8, {"fsdp": 4}, rerun_forward=False
   ) == (pytest.approx(11 / 9))
+  # The fused backward kernel: 5 matmuls per tile pair instead of 7 (+ 2 or 4 forward).
+  fused = cost_model.kernel_flops_per_device(
+    cfg, 2048, 8, {"fsdp": 4}, rerun_forward=True, fused_backward=True
+  )
+  assert fused / one == pytest.approx(9 / 11)
   # Zigzag: 4 chunks of 512 rows; shard 0 runs chunks 0 and 3 (1 + 4 tiles), shard 1
   # chunks 1 and 2 (2 + 3): 5 tiles on either shard instead of 7 on the last.
   zig = cost_model.kernel_flops_per_device(
@@ -168,6 +173,21 @@ def test_zigzag_step_compiles_for_tpu_with_its_kernels_per_half():
     lowered.compile()
   assert _kernel_calls(text, "splash_mha_fwd") == 4 * 2 * 2
   assert "collective_permute" in text or "ppermute" in text
+
+
+def test_fused_backward_compiles_for_tpu_as_one_kernel():
+  """`splash_fused_backward`: the lowered TPU step has no dq kernel, one dkv kernel per
+  layer (which the cost model counts at 5 matmuls per tile pair)."""
+  c = _config()
+  c.execution.update(dict(splash_fused_backward=True, scan_layers=False))
+  mesh = _mesh(c)
+  program = planning.lm_step(c, planning.model_config(c), mesh).step
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    lowered = program.jitted.lower(*program.args)
+    text = lowered.as_text()
+    lowered.compile()
+  assert _kernel_calls(text, "splash_mha_dq") == 0
+  assert _kernel_calls(text, "splash_mha_dkv") == 4
 
 
 def test_extrapolated_estimate_matches_a_full_unrolled_compile(small):

@@ -16,7 +16,7 @@ from cwm_jax.data.pipeline import DataConfig
 from cwm_jax.data.tokenizer import Tokenizer
 from cwm_jax.model.config import cwm_32b
 from cwm_jax.recipe import grids, schedule, stages
-from cwm_jax.train.config import model_config
+from cwm_jax.train.config import execution_config, model_config
 
 
 def smoke(arg="schedule=all,source=synthetic"):  # the 20-step plumbing schedule
@@ -85,6 +85,11 @@ def test_bad_stage_definitions_are_config_errors():
   with pytest.raises(ConfigError, match="no previous stage"):
     stages.stages_from_config(c)
   c = smoke()
+  with c.unlocked():
+    c.schedule.stages.sft.execution = {"remat": "dots"}  # the field is remat_policy
+  with pytest.raises(ConfigError, match="remat"):
+    execution_config(stages.stage_config(c, 2, "/w"))
+  c = smoke()
   c.schedule.order = "pretrain,typo"
   with pytest.raises(ConfigError, match="typo"):
     stages.stages_from_config(c)
@@ -107,6 +112,9 @@ def test_cwm_32b_recipe():
   assert m_sft.rope_scaling is not None and sft.seq_len == 32768
   assert m_mid.param_count() == 32_581_097_472
   assert not mid.init_from.params_only and sft.init_from.params_only
+  # A stage's `execution` section reaches its config (pretrain: splash's fused backward).
+  assert execution_config(pre).splash_fused_backward
+  assert not execution_config(mid).splash_fused_backward
   weights = {m["path"].rsplit("/", 1)[1]: m["weight"] for m in mid.data.mixture}
   assert abs(sum(weights.values()) - 1) < 1e-9 and weights["code"] == 0.4
   assert weights["rehearsal"] == 0.3 and mid.data.mixture[0]["path"].startswith("/data/cwm/")

@@ -43,11 +43,13 @@ def attend(
   chunk: int = 0,
   max_segments: int = 0,
   keep_probs: bool = True,
+  fused_bwd: bool = False,
 ):
   """Self-attention over a packed batch with the named backend ('auto': `resolve`);
   `chunk` block rows (0: `resolve_chunk`); `max_segments` documents per row of
   cuDNN's packed layout (0: `cudnn.default_max_segments`); `keep_probs`: whether the
-  chunked kernel's row schedule may keep its probabilities for the backward pass."""
+  chunked kernel's row schedule may keep its probabilities for the backward pass;
+  `fused_bwd`: splash's one-kernel backward (`splash.block_sizes`)."""
   impl = resolve(impl, dtype=q_BTNH.dtype)
   chunk = resolve_chunk(chunk, q_BTNH.shape[1], window=window, head_dim=q_BTNH.shape[-1])
   if impl == "reference":
@@ -69,5 +71,7 @@ def attend(
       max_segments=max_segments or None,
     )
   if impl == "splash":
-    return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, block=chunk)
+    return splash_attention(
+      q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, window=window, block=chunk, fused_bwd=fused_bwd
+    )
   raise ValueError(f"unknown attention impl {impl!r}; use one of {IMPLS}")

@@ -64,7 +64,7 @@ def _halo(x, rows, r, axis, n, fill):
   return jnp.concatenate(parts, axis=1)
 
 
-def _local(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
+def _local(q, k, v, seg, window, chunk, axis, n, impl="chunked", fused_bwd=False):
   t = q.shape[1]
   r = jax.lax.axis_index(axis)
   rows = halo_rows(window, t, n)
@@ -81,7 +81,7 @@ def _local(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
   offset = front + rows
   if impl == "splash":
     return splash.attend_local(
-      q, k_all, v_all, seg, s_all, window=window, offset=offset, block=chunk
+      q, k_all, v_all, seg, s_all, window=window, offset=offset, block=chunk, fused_bwd=fused_bwd
     )
   out, _ = flash_attention(
     q,
@@ -98,13 +98,15 @@ def _local(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
   return out
 
 
-def _allgather(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
+def _allgather(q, k, v, seg, window, chunk, axis, n, impl="chunked", fused_bwd=False):
   t = q.shape[1]
   r = jax.lax.axis_index(axis)
   gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
   if impl == "splash":  # shard r's queries sit at key rows r*T...: one causal kernel per r
     branches = [
-      functools.partial(splash.attend_local, window=window, offset=i * t, block=chunk)
+      functools.partial(
+        splash.attend_local, window=window, offset=i * t, block=chunk, fused_bwd=fused_bwd
+      )
       for i in range(n)
     ]
     return jax.lax.switch(r, branches, q, gather(k), gather(v), seg, gather(seg))
@@ -232,7 +234,7 @@ def _natural(x, n):
   return ordered.reshape(x.shape)
 
 
-def _zigzag(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
+def _zigzag(q, k, v, seg, window, chunk, axis, n, impl="chunked", fused_bwd=False):
   """Shard r's queries (chunks r and 2n - 1 - r) against all K/V in natural order."""
   t = q.shape[1]
   c = t // 2
@@ -253,6 +255,7 @@ def _zigzag(q, k, v, seg, window, chunk, axis, n, impl="chunked"):
             window=window,
             offset=j * c,
             block=chunk,
+            fused_bwd=fused_bwd,
           )
           for h, j in enumerate((i, 2 * n - 1 - i))
         ]
@@ -291,12 +294,14 @@ def sharded_attention(
   seg_spec: P,
   axis: str = AXIS,
   impl: str = "chunked",
+  fused_bwd: bool = False,
 ):
   """Self-attention of global arrays under the current mesh, sharded on `axis`.
 
   Specs name the mesh axes of each operand (the sequence dimension must be
   `axis`); the mesh comes from `jax.set_mesh`. `impl` is the inner kernel
-  ('chunked' or 'splash'; ring mode uses 'chunked'). In 'zigzag' mode the
+  ('chunked' or 'splash'; ring mode uses 'chunked'; `fused_bwd` as in
+  `splash.block_sizes`). In 'zigzag' mode the
   operands' rows are in zigzag order (`to_zigzag`), and so is the output.
   Returns [B, T, N, H] sharded like q.
   """
@@ -314,11 +319,11 @@ def sharded_attention(
     )
   if mode == "zigzag":
     zigzag_order(t, n)  # checks the length
-    body = lambda q, k, v, s: _zigzag(q, k, v, s, window, chunk, axis, n, impl)
+    body = lambda q, k, v, s: _zigzag(q, k, v, s, window, chunk, axis, n, impl, fused_bwd)
   elif window < t:
-    body = lambda q, k, v, s: _local(q, k, v, s, window, chunk, axis, n, impl)
+    body = lambda q, k, v, s: _local(q, k, v, s, window, chunk, axis, n, impl, fused_bwd)
   elif mode == "allgather":
-    body = lambda q, k, v, s: _allgather(q, k, v, s, window, chunk, axis, n, impl)
+    body = lambda q, k, v, s: _allgather(q, k, v, s, window, chunk, axis, n, impl, fused_bwd)
   else:
     body = lambda q, k, v, s: _ring(q, k, v, s, window, chunk, axis, n)
   fn = jax.shard_map(

@@ -56,11 +56,17 @@ def fit_block(length: int, block: int, min_block: int) -> int:
   )
 
 
-def block_sizes(t: int, s: int, block: int | None = None):
+def block_sizes(t: int, s: int, block: int | None = None, fused_bwd: bool = False):
   """Tile sizes for a [T, S] mask (lengths padded to multiples of MIN_BLOCK, as
-  `attend_local` pads them): `block` (default 512) fitted to each length."""
+  `attend_local` pads them): `block` (default 512) fitted to each length.
+
+  `fused_bwd`: one backward kernel computes dq with dk and dv (5 matmuls per tile
+  pair instead of 7 in separate dkv and dq kernels), writing a partial dq per key
+  block that is summed after: S / block_kv times the queries' size in temporaries,
+  so it suits short keys (pretraining lengths), not 131k."""
   bq = fit_block(t, max(block or MAX_BLOCK, MIN_BLOCK), MIN_BLOCK)
   bkv = fit_block(s, max(block or MAX_BLOCK, MIN_BLOCK), MIN_BLOCK)
+  dq = {} if fused_bwd else dict(block_q_dq=bq, block_kv_dq=bkv)
   return _sa().BlockSizes(
     block_q=bq,
     block_kv=bkv,
@@ -68,12 +74,21 @@ def block_sizes(t: int, s: int, block: int | None = None):
     block_q_dkv=bq,
     block_kv_dkv=bkv,
     block_kv_dkv_compute=bkv,
-    block_q_dq=bq,
-    block_kv_dq=bkv,
+    use_fused_bwd_kernel=fused_bwd,
+    **dq,
   )
 
 
-def _kernel(t: int, s: int, n: int, window: int, offset: int, block: int | None, interpret: bool):
+def _kernel(
+  t: int,
+  s: int,
+  n: int,
+  window: int,
+  offset: int,
+  block: int | None,
+  interpret: bool,
+  fused_bwd: bool = False,
+):
   """Kernel for n heads of a [T, S] mask: causal if `window` covers T + offset.
 
   Built per trace (its mask info becomes constants of that trace); the costly
@@ -85,7 +100,7 @@ def _kernel(t: int, s: int, n: int, window: int, offset: int, block: int | None,
     head_mask = sa.LocalMask((t, s), window_size=(window - 1, 0), offset=offset)
   return sa.make_splash_mha_single_device(
     sa.MultiHeadMask([head_mask] * n),
-    block_sizes=block_sizes(t, s, block),
+    block_sizes=block_sizes(t, s, block, fused_bwd),
     interpret=interpret,
     residual_checkpoint_name=backend.RESIDUALS,
   )
@@ -107,16 +122,20 @@ def attend_local(
   offset: int = 0,
   block: int | None = None,
   interpret: bool | None = None,
+  fused_bwd: bool = False,
 ):
   """Splash attention of unsharded (or per-shard) arrays; query row i sits at key
-  position `offset + i`. Returns [B, T, N, H] in q's dtype.
+  position `offset + i`; `fused_bwd` as in `block_sizes`. Returns [B, T, N, H] in
+  q's dtype.
 
   Tiles span multiples of MIN_BLOCK rows, so other lengths are padded at the end
   (queries and keys in segments no real row shares, their rows dropped after)."""
   b, t, n, h = q_BTNH.shape
   s = k_BSKH.shape[1]
   pad_t, pad_s = -t % MIN_BLOCK, -s % MIN_BLOCK
-  kernel = _kernel(t + pad_t, s + pad_s, n, int(window), int(offset), block, _interpret(interpret))
+  kernel = _kernel(
+    t + pad_t, s + pad_s, n, int(window), int(offset), block, _interpret(interpret), fused_bwd
+  )
   sa = _sa()
   heads_first = lambda x, rows: jnp.swapaxes(masks.pad_rows(x, rows, 0), 1, 2)
   q_BNTH = heads_first(q_BTNH * jnp.asarray(h**-0.5, q_BTNH.dtype), pad_t)
@@ -159,6 +178,7 @@ def splash_attention(
   window: int,
   block: int | None = None,
   interpret: bool | None = None,
+  fused_bwd: bool = False,
   mesh=None,
   batch_axes=BATCH_AXES,
   head_axis: str = HEAD_AXIS,
@@ -168,13 +188,16 @@ def splash_attention(
   Under a mesh (`mesh`, or the one set by `jax.set_mesh`) of more than one
   device it runs per shard in `jax.shard_map` (see `mesh_specs`); the sequence
   is whole on every shard (use `context_parallel` to split it). T is padded to a
-  multiple of 128 (`attend_local`); `block` caps the tile (default 512).
+  multiple of 128 (`attend_local`); `block` caps the tile (default 512); `fused_bwd`
+  as in `block_sizes`.
   """
   b, t, n, _ = q_BTNH.shape
   k = k_BTKH.shape[2]
   interpret = _interpret(interpret)
   mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-  local = functools.partial(attend_local, window=window, block=block, interpret=interpret)
+  local = functools.partial(
+    attend_local, window=window, block=block, interpret=interpret, fused_bwd=fused_bwd
+  )
   if mesh is None or mesh.empty or mesh.size == 1:
     return local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT)
   q_spec, kv_spec, seg_spec = mesh_specs(mesh, b, n, k, batch_axes, head_axis)

@@ -108,6 +108,7 @@ def attention_kernel(cfg: ModelConfig, execution: Execution, window: int, cached
       seg_spec=specs[2],
       axis=axis,
       impl="splash" if impl == "splash" else "chunked",
+      fused_bwd=execution.splash_fused_backward,
     )
   # The row schedule's kept probabilities cost memory only under scanned layers (see
   # `chunked.KEEP_PROBS_BYTES`).
@@ -121,6 +122,7 @@ def attention_kernel(cfg: ModelConfig, execution: Execution, window: int, cached
     chunk=execution.attention_chunk,
     max_segments=execution.attention_max_segments,
     keep_probs=not execution.scan_layers,
+    fused_bwd=execution.splash_fused_backward,
   )
 
 

@@ -44,7 +44,9 @@ class Execution:
   window-sized K/V halo); 'zigzag' holds chunks r and 2n - 1 - r of the sequence
   on shard r so that causal work is even over the shards, and every layer
   all-gathers K/V (`kernels.context_parallel`). It is active only when that axis
-  has size > 1.
+  has size > 1. `splash_fused_backward` runs splash's backward as one kernel
+  (dq with dk and dv: fewer matmuls, a partial dq per key block in temporaries;
+  `kernels.splash.block_sizes`), for short sequences.
   """
 
   param_dtype: str = "float32"
@@ -56,6 +58,7 @@ class Execution:
   scan_layers: bool = True
   remat_policy: str = "none"
   context_parallel: str = "none"
+  splash_fused_backward: bool = False
 
   def __post_init__(self):
     errors = []

@@ -49,6 +49,7 @@ class Stage:
   loss: dict = dataclasses.field(default_factory=dict)
   rl: dict = dataclasses.field(default_factory=dict)  # the `rl` section's fields (RL stages)
   remat: str = ""  # remat policy ('' keeps the model's)
+  execution: dict = dataclasses.field(default_factory=dict)  # other `execution` fields
   grad_accum: int = 0  # micro-batches per step (0 keeps the base config's)
   start_from: str = PREVIOUS  # 'scratch', 'previous' or a checkpoint directory
   carry_optimizer: bool = False  # keep optimizer state, step and LR schedule of the previous stage
@@ -172,6 +173,9 @@ def stage_config(config, i: int, workdir: str) -> ml_collections.ConfigDict:
   )
   if st.remat:
     c.execution.remat_policy = st.remat
+  for key, value in st.execution.items():  # unknown fields fail in `execution_config`
+    with c.execution.unlocked():
+      c.execution[key] = value
   if st.grad_accum:
     c.grad_accum = st.grad_accum
   c.init_from = ml_collections.ConfigDict(dict(path="", params_only=True, step=-1))

@@ -18,7 +18,8 @@ Pallas kernels (splash attention) out. So the estimate is built from pieces:
 * Attention kernels, derived: splash's FLOPs from its block-sparse schedule
   (every (q-block, kv-block) tile the mask touches, as the kernel computes
   them), on the busiest sequence shard, forward + backward (separate dq and
-  dkv kernels, each recomputing the scores) + the forward again under remat
+  dkv kernels, each recomputing the scores; one kernel with
+  `splash_fused_backward`) + the forward again under remat
   'full' (`execution.reruns_attention_forward`: every other policy keeps the
   kernel's named residuals; `tests/test_cost_model.py` counts the forward kernels
   in the compiled step), at `KERNEL_EFFICIENCY` of the chip's bf16 peak.
@@ -51,8 +52,9 @@ from cwm_jax.train.config import execution_config, model_config
 # here, so the issue's stated default stands: 50% of peak.
 KERNEL_EFFICIENCY = 0.5
 # Matmuls per (query, key) tile pair and head: forward QK^T, PV; backward dkv kernel QK^T,
-# dV, dP, dK; dq kernel QK^T, dP, dQ. A rematerialised forward adds QK^T, PV again.
-FWD_MATMULS, BWD_MATMULS = 2, 7
+# dV, dP, dK; dq kernel QK^T, dP, dQ (the fused backward kernel: QK^T, dV, dP, dK, dQ). A
+# rematerialised forward adds QK^T, PV again.
+FWD_MATMULS, BWD_MATMULS, FUSED_BWD_MATMULS = 2, 7, 5
 # HBM bandwidth per chip in GB/s (Google Cloud TPU system architecture pages), by the
 # device_kind words naming the generation, first match wins (v5p's kind is "TPU v5", v5e's
 # "TPU v5 lite"); only the roofline fallback uses it.
@@ -93,12 +95,14 @@ def kernel_flops_per_device(
   mesh_sizes: dict,
   rerun_forward: bool,
   context_parallel: str = "allgather",
+  fused_backward: bool = False,
 ) -> float:
   """Splash FLOPs per device for one micro-batch's forward + backward, every layer at its
   window, sized by the busiest sequence shard: with contiguous shards each shard's
   queries see all earlier keys, so causal work is uneven and the last shard sets the
   step; `context_parallel='zigzag'` gives shard r chunks r and 2n - 1 - r of 2n, each
-  run at its own offset, which evens it out."""
+  run at its own offset, which evens it out. `fused_backward`: splash's one-kernel
+  backward (`execution.splash_fused_backward`)."""
   shards = int(mesh_sizes.get("sequence", 1))
   zigzag = context_parallel == "zigzag" and shards > 1
   parts = 2 * shards if zigzag else shards
@@ -111,7 +115,8 @@ def kernel_flops_per_device(
   pad = splash.MIN_BLOCK  # the kernel runs on lengths padded to its smallest tile
   bq = splash.fit_block(-(-t // pad) * pad, splash.MAX_BLOCK, pad)
   bkv = splash.fit_block(-(-seq_len // pad) * pad, splash.MAX_BLOCK, pad)
-  matmuls = BWD_MATMULS + FWD_MATMULS * (2 if rerun_forward else 1)
+  bwd = FUSED_BWD_MATMULS if fused_backward else BWD_MATMULS
+  matmuls = bwd + FWD_MATMULS * (2 if rerun_forward else 1)
   chunks = [(r, 2 * shards - 1 - r) if zigzag else (r,) for r in range(shards)]
   per_head_seq = 0.0
   for w in cfg.effective_windows(seq_len):
@@ -248,6 +253,7 @@ def estimate(
       dict(mesh.shape),
       reruns_attention_forward(run.remat_policy),
       run.context_parallel,
+      run.splash_fused_backward,
     ) / (peak * KERNEL_EFFICIENCY)
   xla_seconds = xla["optimal_seconds"] * accum
   matmul = min(xla["flops"] * accum / peak, xla_seconds)
