@@ -159,6 +159,25 @@ def test_compiled_step_reruns_the_attention_forward_only_under_full_remat(policy
   assert forward == 4 * (2 if execution.reruns_attention_forward(policy) else 1)
 
 
+def test_unrolled_full_remat_compiles_the_recomputed_forward():
+  """Full remat reruns each layer's q, k, v, gate and up projections in the backward
+  (the matmuls whose outputs the backward reads; o and down feed only linear adds). In
+  unrolled layers XLA would merge that rerun with the forward unless the remat is a CSE
+  barrier, leaving the estimate (and the memory) without it."""
+  flops = {}
+  for policy in ("full", "dots"):
+    c = _config()
+    c.execution.update(dict(remat_policy=policy, scan_layers=False))
+    with jax.default_matmul_precision("default"):
+      flops[policy] = cost_model.compile_cost(c, _mesh(c), planning.lm_step)["flops"]
+  cfg = planning.model_config(c)
+  rerun_params = cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 2 * cfg.dim * (
+    cfg.ffn_dim
+  )
+  tokens_per_device = c.batch_size * c.seq_len / 4
+  assert flops["full"] - flops["dots"] >= 2 * rerun_params * cfg.n_layers * tokens_per_device
+
+
 def test_zigzag_step_compiles_for_tpu_with_its_kernels_per_half():
   """The zigzag layout on a sequence axis of 2 compiled by libtpu: each shard's lax.switch
   branch runs one splash kernel per half of its rows (2 shards x 2 halves per layer)."""

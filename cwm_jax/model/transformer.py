@@ -39,11 +39,14 @@ _POLICIES = {
 }
 
 
-def remat(fn, policy: str):
-  """Wraps `fn` in jax.checkpoint with a named policy ('none' leaves it)."""
+def remat(fn, policy: str, prevent_cse: bool):
+  """Wraps `fn` in jax.checkpoint with a named policy ('none' leaves it). A scan body
+  needs no CSE barrier (the backward loop cannot share the forward's values); unrolled
+  layers do, or XLA merges the recomputed forward with the original and keeps its
+  activations after all."""
   if policy == "none":
     return fn
-  return jax.checkpoint(fn, policy=_POLICIES[policy], prevent_cse=False)
+  return jax.checkpoint(fn, policy=_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 class Block(nnx.Module):
@@ -158,7 +161,11 @@ class Transformer(nnx.Module):
     windows = kv_cache.distinct_windows(cfg)
     index_L = jnp.asarray([windows.index(w) for w in cfg.layer_windows], jnp.int32)
     if layers is None and execution.scan_layers and cache is None:  # training: remat per layer
-      body = remat(lambda x, xs: (apply(x, xs[0], xs[1], windows)[0], None), execution.remat_policy)
+      body = remat(
+        lambda x, xs: (apply(x, xs[0], xs[1], windows)[0], None),
+        execution.remat_policy,
+        prevent_cse=False,
+      )
       x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, index_L))
     elif layers is None and execution.scan_layers:  # cached: the scan carries the whole cache
 
@@ -180,9 +187,9 @@ class Transformer(nnx.Module):
           else kv_cache.LayerCache(cache, cache.layout.slots[i], cache.layout.groups[i])
         )
         fn = functools.partial(apply, window=w, layer_cache=layer_cache)
-        x_BTD, layer_cache = (fn if cache is not None else remat(fn, execution.remat_policy))(
-          x_BTD, layers[i]
-        )
+        if cache is None:
+          fn = remat(fn, execution.remat_policy, prevent_cse=True)
+        x_BTD, layer_cache = fn(x_BTD, layers[i])
         cache = None if layer_cache is None else layer_cache.cache
     return x_BTD, cache
 
