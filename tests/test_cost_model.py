@@ -128,6 +128,18 @@ def test_kernel_flops_follow_the_busiest_sequence_shard():
     cost_model.kernel_flops_per_device(cfg, 2048, 8, {"sequence": 3}, rerun_forward=True)
 
 
+def _lowered_step(c, compile_it: bool = False) -> str:
+  """The StableHLO of the config's train step lowered for the TPU mesh (and compiled by
+  libtpu too if asked)."""
+  mesh = _mesh(c)
+  program = planning.lm_step(c, planning.model_config(c), mesh).step
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    lowered = program.jitted.lower(*program.args)
+    if compile_it:
+      lowered.compile()
+    return lowered.as_text()
+
+
 def _kernel_calls(stablehlo: str, kernel: str) -> int:
   """Pallas kernels named `kernel*` that `main` runs, following the calls (the lowering
   outlines a function once and calls it from every layer that uses it)."""
@@ -150,10 +162,7 @@ def test_compiled_step_reruns_the_attention_forward_only_under_full_remat(policy
   c = _config()
   c.execution.remat_policy = policy
   c.execution.scan_layers = False
-  mesh = _mesh(c)
-  program = planning.lm_step(c, planning.model_config(c), mesh).step
-  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
-    text = program.jitted.lower(*program.args).as_text()
+  text = _lowered_step(c)
   assert _kernel_calls(text, "splash_mha_dq") == 4
   forward = _kernel_calls(text, "splash_mha_fwd")
   assert forward == 4 * (2 if execution.reruns_attention_forward(policy) else 1)
@@ -184,12 +193,7 @@ def test_zigzag_step_compiles_for_tpu_with_its_kernels_per_half():
   c = _config()
   c.execution.update(dict(context_parallel="zigzag", scan_layers=False, remat_policy="attention"))
   c.mesh.update(fsdp=2, sequence=2)
-  mesh = _mesh(c)
-  program = planning.lm_step(c, planning.model_config(c), mesh).step
-  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
-    lowered = program.jitted.lower(*program.args)
-    text = lowered.as_text()
-    lowered.compile()
+  text = _lowered_step(c, compile_it=True)
   assert _kernel_calls(text, "splash_mha_fwd") == 4 * 2 * 2
   assert "collective_permute" in text or "ppermute" in text
 
@@ -199,12 +203,7 @@ def test_fused_backward_compiles_for_tpu_as_one_kernel():
   layer (which the cost model counts at 5 matmuls per tile pair)."""
   c = _config()
   c.execution.update(dict(splash_fused_backward=True, scan_layers=False))
-  mesh = _mesh(c)
-  program = planning.lm_step(c, planning.model_config(c), mesh).step
-  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
-    lowered = program.jitted.lower(*program.args)
-    text = lowered.as_text()
-    lowered.compile()
+  text = _lowered_step(c, compile_it=True)
   assert _kernel_calls(text, "splash_mha_dq") == 0
   assert _kernel_calls(text, "splash_mha_dkv") == 4
 

@@ -110,15 +110,21 @@ def _allgather(q, k, v, seg, window, chunk, axis, n, impl="chunked", fused_bwd=F
       for i in range(n)
     ]
     return jax.lax.switch(r, branches, q, gather(k), gather(v), seg, gather(seg))
-  q_idx = r * t + jnp.arange(t)
+  return _chunked_vs_all(
+    q, gather(k), gather(v), seg, gather(seg), r * t + jnp.arange(t), window, chunk
+  )
+
+
+def _chunked_vs_all(q, k_all, v_all, seg, s_all, q_idx, window, chunk):
+  """The chunked kernel of a shard's queries (at positions `q_idx`) against every key."""
   out, _ = flash_attention(
     q,
-    gather(k),
-    gather(v),
+    k_all,
+    v_all,
     seg,
-    gather(seg),
+    s_all,
     q_idx,
-    jnp.arange(n * t),
+    jnp.arange(k_all.shape[1]),
     window=window,
     chunk=chunk,
     q_offset=None,
@@ -265,19 +271,7 @@ def _zigzag(q, k, v, seg, window, chunk, axis, n, impl="chunked", fused_bwd=Fals
 
     return jax.lax.switch(r, [branch(i) for i in range(n)], q, k_all, v_all, seg, s_all)
   q_idx = jnp.concatenate([r * c + jnp.arange(c), (2 * n - 1 - r) * c + jnp.arange(c)])
-  out, _ = flash_attention(
-    q,
-    k_all,
-    v_all,
-    seg,
-    s_all,
-    q_idx,
-    jnp.arange(n * t),
-    window=window,
-    chunk=chunk,
-    q_offset=None,
-  )
-  return out
+  return _chunked_vs_all(q, k_all, v_all, seg, s_all, q_idx, window, chunk)
 
 
 def sharded_attention(
