@@ -11,7 +11,9 @@
 # 3. benchmarks/gpu_parity.py: cuDNN vs reference, forward + gradients, packed documents,
 #    local and global windows, GQA, the fallback, bf16 tolerance (JSON);
 # 4. benchmarks/gpu_mfu.py: cwm_1b at 8k, one document per row and 8 packed per row, with
-#    cuDNN; then one document per row with the portable `chunked` kernel, for comparison (JSON).
+#    cuDNN; the 8B-class cwm_8b at 8k (bf16 params and AdamW state, full remat, chunked loss:
+#    what fits one 80 GB GPU); then cwm_1b with the portable `chunked` kernel, for comparison
+#    (JSON).
 # Prints the versions it runs with, one JSON object per step and a summary object last; exits 1
 # if a step failed. Without a GPU it prints {"skipped": ...} and exits 0 before installing
 # anything. GPU_CHECK_BUDGET_S (default 530) caps the whole script, install included.
@@ -88,6 +90,8 @@ run pytest 100 "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu_attent
 run parity 100 "$PY" benchmarks/gpu_parity.py
 run mfu_1doc 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 1 --steps 20
 run mfu_8docs 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 8 --steps 20
+run mfu_8b 150 "$PY" benchmarks/gpu_mfu.py --config cwm_8b --param_dtype bfloat16 --remat full \
+  --seq 8192 --batch 1 --docs 1 --steps 10 --loss_chunk 1024 --measure_matmul 0
 run mfu_chunked 130 "$PY" benchmarks/gpu_mfu.py --seq 8192 --batch 1 --docs 1 --steps 10 \
   --impl chunked --measure_matmul 0
 

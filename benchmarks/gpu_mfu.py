@@ -1,11 +1,13 @@
-"""MFU of the ~1B config (`cwm_1b`) at 8k context with cuDNN attention, on one GPU.
+"""MFU of a CWM-shaped preset (default `cwm_1b`; `cwm_8b` for the 8B class) at 8k context
+with cuDNN attention, on one GPU.
 
-  python benchmarks/gpu_mfu.py [--seq 8192] [--batch 1] [--docs 1] [--steps 10]
+  python benchmarks/gpu_mfu.py [--config cwm_1b] [--param_dtype float32] [--seq 8192]
+      [--batch 1] [--docs 1] [--steps 10]
       [--impl cudnn] [--remat none] [--loss_chunk 0] [--max_segments 0] [--measure_matmul 1]
       [--profile_steps 0] [--save]
 
 Runs `cwm_jax.train.step` (forward + backward + AdamW, bfloat16 compute,
-float32 params) on rows of `--docs` packed documents (positions restart per
+`--param_dtype` params and optimizer state) on rows of `--docs` packed documents (positions restart per
 document) and reports model FLOPs utilisation: useful FLOPs from
 `cwm_jax.train.flops.batch_flops` (6 x matmul params per real token plus
 12*N*H per (query, key) pair at each layer's real window, per document,
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results_io
 
 from cwm_jax.kernels.cudnn import check_gpu_dtypes
-from cwm_jax.model.config import cwm_1b
+from cwm_jax.model.config import preset
 from cwm_jax.model.execution import Execution
 from cwm_jax.model.transformer import init_model
 from cwm_jax.train.flops import batch_flops, peak_flops
@@ -136,9 +138,9 @@ def kernel_profile(run_steps, n_steps: int, step_s: float, top: int = 30) -> dic
 
 
 def measure(a) -> dict:
-  cfg = cwm_1b()
+  cfg = preset(a.config)
   run = Execution(
-    param_dtype="float32",
+    param_dtype=a.param_dtype,
     compute_dtype="bfloat16",
     attention_impl=a.impl,
     remat_policy=a.remat,
@@ -203,7 +205,8 @@ def measure(a) -> dict:
     "device": dev.device_kind,
     "peak_flops": peak,
     "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-    "config": "cwm_1b",
+    "config": a.config,
+    "param_dtype": a.param_dtype,
     "params": cfg.param_count(),
     "seq": a.seq,
     "batch": a.batch,
@@ -219,6 +222,12 @@ def measure(a) -> dict:
 
 def main():
   p = argparse.ArgumentParser()
+  p.add_argument("--config", default="cwm_1b", help="model preset (cwm_1b, cwm_8b, ...)")
+  p.add_argument(
+    "--param_dtype",
+    default="float32",
+    help="params and AdamW state (bfloat16 lets an 8B model train on one 80 GB GPU)",
+  )
   p.add_argument("--seq", type=int, default=8192)
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--docs", type=int, default=1, help="documents packed per row")
@@ -254,7 +263,7 @@ def main():
         {
           "mfu": None,
           "skipped": f"needs an NVIDIA GPU; backend is {jax.default_backend()!r}",
-          "config": "cwm_1b",
+          "config": a.config,
           "seq": a.seq,
         }
       )

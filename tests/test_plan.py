@@ -13,7 +13,7 @@ from test_launch import ROOT
 from cwm_jax.base import ConfigError
 from cwm_jax.kernels.masks import allowed
 from cwm_jax.model import abstract_model
-from cwm_jax.model.config import cwm_32b, meta_layer_windows, tiny
+from cwm_jax.model.config import cwm_32b, meta_layer_windows, preset, tiny
 from cwm_jax.train import flops, planning
 
 GIB = 2**30
@@ -26,6 +26,14 @@ def test_cwm_32b_analytic_plan():
   assert len(plan["global_layers"]) == 17
   assert plan["param_bytes"] == 4 * 32_581_097_472  # float32 params
   assert plan["optimizer_state_bytes"] >= 2 * plan["param_bytes"]  # AdamW mu + nu in float32
+
+
+def test_cwm_8b_has_llama_3_8b_widths():
+  """The 8B-class preset takes Llama-3-8B's widths (untied head): Meta's published
+  parameter count, 8,030,261,248; CWM's window pattern, one global layer in four."""
+  cfg = preset("cwm_8b")
+  assert cfg.param_count() == 8_030_261_248
+  assert list(cfg.layer_windows) == list(meta_layer_windows(32, 8192, 131072))
 
 
 def test_flops_per_token_matches_brute_force_counts():

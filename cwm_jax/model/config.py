@@ -175,6 +175,24 @@ def cwm_1b(**overrides: Any) -> ModelConfig:
   return ModelConfig(**cfg)
 
 
+def cwm_8b(**overrides: Any) -> ModelConfig:
+  """An 8B-class CWM-shaped model (Llama-3-8B's widths, CWM's window pattern): the size
+  one GPU trains with bf16 state and remat."""
+  cfg = dict(
+    vocab_size=128256,
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    ffn_dim=14336,
+    global_window=131072,
+    layer_windows=meta_layer_windows(32, 8192, 131072),
+  )
+  cfg.update(overrides)
+  return ModelConfig(**cfg)
+
+
 def tiny(**overrides: Any) -> ModelConfig:
   """A CPU-sized CWM: 4 layers (global, local, local, global), window 16."""
   n_layers = overrides.pop("n_layers", 4)
@@ -197,7 +215,7 @@ def tiny(**overrides: Any) -> ModelConfig:
   return ModelConfig(**cfg)
 
 
-PRESETS = {"cwm_32b": cwm_32b, "cwm_1b": cwm_1b, "tiny": tiny}
+PRESETS = {"cwm_32b": cwm_32b, "cwm_8b": cwm_8b, "cwm_1b": cwm_1b, "tiny": tiny}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
