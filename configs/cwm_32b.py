@@ -71,14 +71,7 @@ SLICES = {
     # (TPU cost model estimate and memory: benchmarks/results/tpu_plan/).
     pretrain=dict(mesh=dict(data=1, fsdp=256, tensor=1, sequence=1), grad_accum=8, remat="dots"),
     midtrain=dict(mesh=dict(data=1, fsdp=32, tensor=1, sequence=8), grad_accum=4),
-    # SFT at 32k holds 8k tokens per chip, as pretrain does: the same kept matmul outputs
-    # and one-kernel backward fit.
-    sft=dict(
-      mesh=dict(data=1, fsdp=64, tensor=1, sequence=4),
-      grad_accum=4,
-      remat="dots",
-      execution=dict(splash_fused_backward=True),
-    ),
+    sft=dict(mesh=dict(data=1, fsdp=64, tensor=1, sequence=4), grad_accum=4),
     # RL: half of every host's chips train (fsdp x sequence), half decode in 32 replicas of
     # 4 chips; 128 rollouts of 131k tokens per update (16M tokens), 16 per micro-batch.
     rl=dict(

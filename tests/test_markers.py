@@ -7,7 +7,7 @@ import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # These compile for accelerators (libtpu's or CUDA's compiler), not for XLA:CPU.
-ACCELERATOR_MODULES = ("test_tpu.py", "test_gpu_attention.py")
+ACCELERATOR_MODULES = ("test_tpu.py", "test_gpu_attention.py", "test_cost_model.py")
 READS = ("as_text", "memory_analysis")
 
 
