@@ -158,39 +158,32 @@ def cwm_32b(**overrides: Any) -> ModelConfig:
   return ModelConfig(**cfg)
 
 
-def cwm_1b(**overrides: Any) -> ModelConfig:
-  """A ~1B CWM-shaped model for single-accelerator throughput work."""
+def _cwm_shaped(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int, overrides):
+  """A CWM-shaped config: the 32B's vocabulary, head size and window pattern at other widths."""
   cfg = dict(
     vocab_size=128256,
-    dim=2048,
-    n_layers=16,
-    n_heads=16,
-    n_kv_heads=4,
+    dim=dim,
+    n_layers=n_layers,
+    n_heads=n_heads,
+    n_kv_heads=n_kv_heads,
     head_dim=128,
-    ffn_dim=7168,
+    ffn_dim=ffn_dim,
     global_window=131072,
-    layer_windows=meta_layer_windows(16, 8192, 131072),
+    layer_windows=meta_layer_windows(n_layers, 8192, 131072),
   )
   cfg.update(overrides)
   return ModelConfig(**cfg)
+
+
+def cwm_1b(**overrides: Any) -> ModelConfig:
+  """A ~1B CWM-shaped model for single-accelerator throughput work."""
+  return _cwm_shaped(2048, 16, 16, 4, 7168, overrides)
 
 
 def cwm_8b(**overrides: Any) -> ModelConfig:
   """An 8B-class CWM-shaped model (Llama-3-8B's widths, CWM's window pattern): the size
   one GPU trains with bf16 state and remat."""
-  cfg = dict(
-    vocab_size=128256,
-    dim=4096,
-    n_layers=32,
-    n_heads=32,
-    n_kv_heads=8,
-    head_dim=128,
-    ffn_dim=14336,
-    global_window=131072,
-    layer_windows=meta_layer_windows(32, 8192, 131072),
-  )
-  cfg.update(overrides)
-  return ModelConfig(**cfg)
+  return _cwm_shaped(4096, 32, 32, 8, 14336, overrides)
 
 
 def tiny(**overrides: Any) -> ModelConfig:
